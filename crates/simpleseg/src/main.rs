@@ -1,0 +1,40 @@
+//! The `simpleseg` command line: a thin layer over the library crates.
+
+mod protocol_cmds;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// SimpleSeg: segmentation as text. Models answer with an object's outline as a list of
+/// [x, y] points normalized to [0, 1]; this tool turns such answers into masks, masks into
+/// training targets, and scores them.
+#[derive(Parser)]
+#[command(name = "simpleseg", version, about, long_about = None, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Decode(protocol_cmds::DecodeArgs),
+    Target(protocol_cmds::TargetArgs),
+    Iou(protocol_cmds::IouArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Decode(args) => protocol_cmds::decode(args),
+        Command::Target(args) => protocol_cmds::target(args),
+        Command::Iou(args) => protocol_cmds::iou(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! `decode`, `target` and `iou`: the point protocol on the command line.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use simpleseg_core::io::{read_mask_png, read_rle_json, write_mask_png, write_rle_json};
+use simpleseg_core::overlay::draw_overlay;
+use simpleseg_core::pyrepr::float_repr;
+use simpleseg_core::target::{target_from_rle, DEFAULT_EPSILON_RATIO};
+use simpleseg_core::{parse_answer, CoordMode, ParseMode, ParsedAnswer, RleMask};
+
+/// How answers are parsed (see `simpleseg decode --help`).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ModeArg {
+    /// Exactly the official decoder's grammar; where it would crash, skip with a warning.
+    Official,
+    /// Also signed numbers, exponents and an unterminated (truncated) last polygon.
+    Robust,
+}
+
+impl From<ModeArg> for ParseMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Official => ParseMode::Official,
+            ModeArg::Robust => ParseMode::Robust,
+        }
+    }
+}
+
+/// What the numbers in answers are measured in.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum CoordsArg {
+    /// Fractions of image width and height (SimpleSeg's convention).
+    Normalized,
+    /// Pixels of the original image.
+    Pixels,
+}
+
+impl From<CoordsArg> for CoordMode {
+    fn from(c: CoordsArg) -> Self {
+        match c {
+            CoordsArg::Normalized => CoordMode::Normalized,
+            CoordsArg::Pixels => CoordMode::Pixels,
+        }
+    }
+}
+
+/// Where decoded masks go; shared by `decode` and `segment`.
+#[derive(Args, Debug, Default)]
+pub struct MaskOutputs {
+    /// Write the mask as RLE JSON: {"size": [H, W], "counts": "..."}.
+    #[arg(long, value_name = "R.json")]
+    pub rle_out: Option<PathBuf>,
+    /// Write the mask as an 8-bit grey PNG (0 background, 255 foreground).
+    #[arg(long, value_name = "M.png")]
+    pub mask_out: Option<PathBuf>,
+    /// Write the image with the mask drawn over it (needs --image).
+    #[arg(long, value_name = "O.png")]
+    pub overlay_out: Option<PathBuf>,
+}
+
+/// Decode a model answer into a mask: the union of all polygons in it, rasterized exactly as
+/// pycocotools does. Boxes, points, \boxed{} and fenced blocks are reported with --json.
+#[derive(Args, Debug)]
+pub struct DecodeArgs {
+    /// File holding the model's answer ('-' reads standard input).
+    #[arg(long, value_name = "F")]
+    response_file: PathBuf,
+    /// Image width in pixels (or give --image).
+    #[arg(long, value_name = "W", requires = "height")]
+    width: Option<u32>,
+    /// Image height in pixels (or give --image).
+    #[arg(long, value_name = "H", requires = "width")]
+    height: Option<u32>,
+    /// The image the answer is about: gives the size, and the background of --overlay-out.
+    #[arg(long, value_name = "I")]
+    image: Option<PathBuf>,
+    /// Parse mode: `official` matches published numbers.
+    #[arg(long, value_enum, default_value = "official")]
+    mode: ModeArg,
+    /// Coordinate convention of the answer.
+    #[arg(long, value_enum, default_value = "normalized")]
+    coords: CoordsArg,
+    #[command(flatten)]
+    outputs: MaskOutputs,
+    /// Print one JSON object: polygons, boxes, points, warnings, area, bbox and the RLE.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Print the training target for a mask: its outline as the answer text the released data
+/// script writes (external contours, approxPolyDP, normalized, rounded to 3 decimals).
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["mask", "rle"])))]
+pub struct TargetArgs {
+    /// Mask image; any non-zero pixel is foreground.
+    #[arg(long, value_name = "M.png")]
+    mask: Option<PathBuf>,
+    /// Mask as RLE JSON.
+    #[arg(long, value_name = "R.json")]
+    rle: Option<PathBuf>,
+    /// approxPolyDP epsilon as a fraction of each contour's length.
+    #[arg(long, default_value_t = DEFAULT_EPSILON_RATIO, value_name = "RATIO")]
+    epsilon_ratio: f64,
+}
+
+/// Print the intersection over union of two RLE masks of the same size.
+#[derive(Args, Debug)]
+pub struct IouArgs {
+    #[arg(long, value_name = "A.json")]
+    rle_a: PathBuf,
+    #[arg(long, value_name = "B.json")]
+    rle_b: PathBuf,
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the answer from standard input")?;
+        return Ok(text);
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    // Model output is untrusted: keep going on invalid UTF-8, as the replacement characters
+    // cannot form numbers.
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+pub fn open_rgb(path: &Path) -> Result<image::RgbImage> {
+    Ok(image::open(path)
+        .with_context(|| format!("reading image {}", path.display()))?
+        .to_rgb8())
+}
+
+/// Writes the requested mask outputs; returns the paths written.
+pub fn write_outputs(
+    outputs: &MaskOutputs,
+    mask: &RleMask,
+    image: Option<&image::RgbImage>,
+) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    if let Some(path) = &outputs.rle_out {
+        write_rle_json(path, mask)?;
+        written.push(path.clone());
+    }
+    if let Some(path) = &outputs.mask_out {
+        write_mask_png(path, mask)?;
+        written.push(path.clone());
+    }
+    if let Some(path) = &outputs.overlay_out {
+        let Some(image) = image else {
+            bail!("--overlay-out needs --image (the picture to draw the mask on)");
+        };
+        draw_overlay(image, mask)
+            .save(path)
+            .with_context(|| format!("writing overlay {}", path.display()))?;
+        written.push(path.clone());
+    }
+    Ok(written)
+}
+
+/// The JSON report of a decoded answer, shared by `decode --json` and `segment --json`.
+pub fn answer_json(parsed: &ParsedAnswer, coords: CoordMode, mask: &RleMask) -> serde_json::Value {
+    json!({
+        "mode": parsed.mode,
+        "coords": coords,
+        "width": mask.width(),
+        "height": mask.height(),
+        "polygons": parsed.polygons.iter().map(|p| &p.points).collect::<Vec<_>>(),
+        "boxes": parsed.boxes,
+        "points": parsed.points,
+        "boxed": parsed.boxed,
+        "blocks": parsed.blocks,
+        "warnings": parsed.warnings,
+        "area": mask.area(),
+        "bbox": mask.bbox(),
+        "rle": mask.to_json_value(),
+    })
+}
+
+pub fn decode(args: DecodeArgs) -> Result<()> {
+    if args.outputs.overlay_out.is_some() && args.image.is_none() {
+        bail!("--overlay-out needs --image (the picture to draw the mask on)");
+    }
+    let text = read_text(&args.response_file)?;
+    let image = args.image.as_deref().map(open_rgb).transpose()?;
+    let (width, height) = match (&image, args.width, args.height) {
+        (_, Some(w), Some(h)) => (w, h),
+        (Some(img), _, _) => (img.width(), img.height()),
+        _ => bail!("give the image size with --width and --height, or --image"),
+    };
+    if let Some(img) = &image {
+        if (img.width(), img.height()) != (width, height) {
+            bail!(
+                "--width/--height {width}x{height} differ from the image's {}x{}",
+                img.width(),
+                img.height()
+            );
+        }
+    }
+    let mode = ParseMode::from(args.mode);
+    let coords = CoordMode::from(args.coords);
+    let parsed = parse_answer(&text, mode);
+    let mask = parsed.mask(width, height, coords)?;
+    let written = write_outputs(&args.outputs, &mask, image.as_ref())?;
+    if args.json {
+        println!("{}", answer_json(&parsed, coords, &mask));
+    } else {
+        for w in &parsed.warnings {
+            eprintln!("warning: {}", w.message);
+        }
+        println!(
+            "{} polygon{} ({} mode, {} coordinates), mask {}x{} with {} foreground pixels",
+            parsed.polygons.len(),
+            if parsed.polygons.len() == 1 { "" } else { "s" },
+            mode,
+            coords,
+            width,
+            height,
+            mask.area()
+        );
+        for path in written {
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn target(args: TargetArgs) -> Result<()> {
+    let mask = match (&args.mask, &args.rle) {
+        (Some(png), _) => read_mask_png(png)?,
+        (None, Some(rle)) => read_rle_json(rle)?,
+        (None, None) => unreachable!("clap requires one input"),
+    };
+    println!("{}", target_from_rle(&mask, args.epsilon_ratio)?);
+    Ok(())
+}
+
+pub fn iou(args: IouArgs) -> Result<()> {
+    let a = read_rle_json(&args.rle_a)?;
+    let b = read_rle_json(&args.rle_b)?;
+    let iou = a.iou(&b).with_context(|| {
+        format!(
+            "comparing {} with {}",
+            args.rle_a.display(),
+            args.rle_b.display()
+        )
+    })?;
+    println!("{}", float_repr(iou));
+    Ok(())
+}
