@@ -16,6 +16,8 @@
 /// A contour or polygon vertex in pixel coordinates.
 pub type Point = [i32; 2];
 
+use std::cell::RefCell;
+
 /// OpenCV's chain code directions: 0 is +x, counting counter-clockwise with y pointing down.
 const CHAIN_DELTAS: [(i32, i32); 8] = [
     (1, 0),
@@ -28,44 +30,65 @@ const CHAIN_DELTAS: [(i32, i32); 8] = [
     (1, 1),
 ];
 
-/// Border mark of a pixel on a contour's right edge (OpenCV's `MASK8_RIGHT | MASK8_NEW`).
-const MARK_RIGHT: i8 = (0x80u8 | 2) as i8;
+/// Border mark of a pixel on a contour's right edge (OpenCV's `MASK8_RIGHT | MASK8_NEW`; a
+/// negative `schar` there).
+const MARK_RIGHT: u8 = 0x80 | 2;
 /// Border mark of any other contour pixel (OpenCV's `MASK8_NEW`).
-const MARK_NEW: i8 = 2;
+const MARK_NEW: u8 = 2;
+
+thread_local! {
+    /// The padded copy of the mask, kept between calls: a fresh allocation of this size is
+    /// a fresh mapping whose page faults would cost more than the whole trace.
+    static PADDED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// External contours of a row-major mask (`mask[y * width + x]`, non-zero is foreground),
 /// compressed to direction changes, in OpenCV's output order.
+///
+/// # Panics
+/// If `mask.len() != width * height`.
 pub fn find_external_contours(mask: &[u8], width: usize, height: usize) -> Vec<Vec<Point>> {
     assert_eq!(
         mask.len(),
         width * height,
         "mask length must be width * height"
     );
-    let stride = width + 2;
-    let mut image = vec![0i8; stride * (height + 2)];
-    for (y, row) in mask.chunks_exact(width.max(1)).enumerate().take(height) {
-        let dst = &mut image[(y + 1) * stride + 1..(y + 1) * stride + 1 + width];
-        for (d, &s) in dst.iter_mut().zip(row) {
-            *d = i8::from(s != 0);
-        }
+    if width == 0 || height == 0 {
+        return Vec::new();
     }
-    let mut scanner = Scanner {
-        image,
-        stride,
-        width: stride as i32 - 1,
-        height: (height + 2) as i32 - 1,
-        x: 1,
-        y: 1,
-        last: (0, 1),
-        contours: Vec::new(),
-    };
-    while scanner.find_next() {}
-    scanner.contours.reverse();
-    scanner.contours
+    PADDED.with_borrow_mut(|image| {
+        // OpenCV's copyMakeBorder (one pixel of 0 all round) and threshold (non-zero -> 1).
+        let stride = width + 2;
+        image.resize(stride * (height + 2), 0);
+        image[..stride].fill(0);
+        image[(height + 1) * stride..].fill(0);
+        for (y, row) in mask.chunks_exact(width).enumerate() {
+            let dst = &mut image[(y + 1) * stride..(y + 2) * stride];
+            dst[0] = 0;
+            dst[stride - 1] = 0;
+            for (d, &s) in dst[1..=width].iter_mut().zip(row) {
+                *d = u8::from(s != 0);
+            }
+        }
+        let mut scanner = Scanner {
+            image,
+            stride,
+            width: stride as i32 - 1,
+            height: (height + 2) as i32 - 1,
+            x: 1,
+            y: 1,
+            last: (0, 1),
+            contours: Vec::new(),
+        };
+        while scanner.find_next() {}
+        scanner.contours.reverse();
+        scanner.contours
+    })
 }
 
-struct Scanner {
-    image: Vec<i8>,
+struct Scanner<'a> {
+    /// The padded mask: 0, 1, or a border mark. OpenCV reads these bytes as `schar`.
+    image: &'a mut [u8],
     stride: usize,
     /// Last column and row the raster scan visits, exclusive (padded image size - 1).
     width: i32,
@@ -77,16 +100,51 @@ struct Scanner {
     contours: Vec<Vec<Point>>,
 }
 
-impl Scanner {
+impl Scanner<'_> {
     #[inline]
     fn at(&self, x: i32, y: i32) -> i8 {
-        self.image[y as usize * self.stride + x as usize]
+        self.image[y as usize * self.stride + x as usize] as i8
     }
 
     #[inline]
     fn delta(&self, s: usize) -> isize {
         let (dx, dy) = CHAIN_DELTAS[s % 8];
         dx as isize + dy as isize * self.stride as isize
+    }
+
+    /// The first column from `x` on, before `self.width`, whose pixel in row `y` differs from
+    /// `prev` (or `self.width`). Compares eight pixels at a time, as OpenCV compares a SIMD
+    /// register's worth.
+    #[inline]
+    fn next_change(&self, mut x: i32, y: i32, prev: i32) -> i32 {
+        let row = &self.image[y as usize * self.stride..][..self.width as usize];
+        let prev = prev as i8 as u8;
+        let pattern = u64::from_ne_bytes([prev; 8]);
+        let start = x as usize;
+        let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes")) ^ pattern;
+        let mut at = start;
+        // Skip 32-pixel blocks that hold no change, one branch per block.
+        for block in row[start..].chunks_exact(32) {
+            let block: &[u8; 32] = block.try_into().expect("32 bytes");
+            if word(&block[..8]) | word(&block[8..16]) | word(&block[16..24]) | word(&block[24..])
+                != 0
+            {
+                break;
+            }
+            at += 32;
+        }
+        for chunk in row[at..].chunks_exact(8) {
+            let diff = word(chunk);
+            if diff != 0 {
+                return (at + (diff.trailing_zeros() / 8) as usize) as i32;
+            }
+            at += 8;
+        }
+        x = at as i32;
+        while x < self.width && row[x as usize] == prev {
+            x += 1;
+        }
+        x
     }
 
     /// Scans on from the current position for the start of the next external contour, traces
@@ -97,17 +155,11 @@ impl Scanner {
         let mut prev = i32::from(self.at(x - 1, y));
         while y < self.height {
             while x < self.width {
-                let mut p = prev;
-                while x < self.width {
-                    p = i32::from(self.at(x, y));
-                    if p != prev {
-                        break;
-                    }
-                    x += 1;
-                }
+                x = self.next_change(x, y, prev);
                 if x >= self.width {
                     break;
                 }
+                let p = i32::from(self.at(x, y));
                 if self.start_contour(prev, p, &mut last, x, y) {
                     self.last = last;
                     return true;

@@ -142,7 +142,7 @@ const OFFICIAL_NUMBER: &str = r"(?:[1-9]\d*\.\d+|0\.\d+|\d+)";
 const ROBUST_NUMBER: &str = r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?";
 
 struct Grammar {
-    number: Regex,
+    mode: ParseMode,
     point: Regex,
     bbox: Regex,
     polygon: Regex,
@@ -152,7 +152,11 @@ struct Grammar {
 }
 
 impl Grammar {
-    fn new(num: &str) -> Grammar {
+    fn new(mode: ParseMode) -> Grammar {
+        let num = match mode {
+            ParseMode::Official => OFFICIAL_NUMBER,
+            ParseMode::Robust => ROBUST_NUMBER,
+        };
         let point = format!(r"\[{WS}*{num}{WS}*,{WS}*{num}{WS}*\]");
         let bbox = format!(r"\[{WS}*{num}{WS}*,{WS}*{num}{WS}*,{WS}*{num}{WS}*,{WS}*{num}{WS}*\]");
         let polygon = format!(r"\[{WS}*{point}(?:{WS}*,{WS}*{point})*{WS}*\]");
@@ -160,7 +164,7 @@ impl Grammar {
             format!(r"\[{WS}*{point}(?:{WS}*,{WS}*{point})*{WS}*,?{WS}*(?:\[[^\[\]]*)?\z");
         let compile = |p: &str| Regex::new(p).expect("the answer grammar is a valid regex");
         Grammar {
-            number: compile(num),
+            mode,
             point: compile(&point),
             bbox: compile(&bbox),
             polygon: compile(&polygon),
@@ -169,19 +173,42 @@ impl Grammar {
     }
 
     fn for_mode(mode: ParseMode) -> &'static Grammar {
-        static OFFICIAL: LazyLock<Grammar> = LazyLock::new(|| Grammar::new(OFFICIAL_NUMBER));
-        static ROBUST: LazyLock<Grammar> = LazyLock::new(|| Grammar::new(ROBUST_NUMBER));
+        static OFFICIAL: LazyLock<Grammar> = LazyLock::new(|| Grammar::new(ParseMode::Official));
+        static ROBUST: LazyLock<Grammar> = LazyLock::new(|| Grammar::new(ParseMode::Robust));
         match mode {
             ParseMode::Official => &OFFICIAL,
             ParseMode::Robust => &ROBUST,
         }
     }
 
+    /// The numbers in a span this grammar matched, in order. Inside such a span every
+    /// maximal run of number characters is one number, so a byte scan finds them; `None` if
+    /// one does not parse (digits that are not ASCII).
     fn numbers(&self, text: &str) -> Option<Vec<f64>> {
-        self.number
-            .find_iter(text)
-            .map(|m| m.as_str().parse::<f64>().ok())
-            .collect()
+        let is_number_byte = |b: u8| match self.mode {
+            ParseMode::Official => b.is_ascii_digit() || b == b'.',
+            ParseMode::Robust => {
+                b.is_ascii_digit() || matches!(b, b'.' | b'+' | b'-' | b'e' | b'E')
+            }
+        };
+        if !text.is_ascii() {
+            return None;
+        }
+        let bytes = text.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len() / 6);
+        let mut i = 0;
+        while i < bytes.len() {
+            if is_number_byte(bytes[i]) {
+                let start = i;
+                while i < bytes.len() && is_number_byte(bytes[i]) {
+                    i += 1;
+                }
+                out.push(text[start..i].parse::<f64>().ok()?);
+            } else {
+                i += 1;
+            }
+        }
+        Some(out)
     }
 }
 
@@ -191,26 +218,32 @@ static BLOCK: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?ms)^```[A-Za-z0-9_+.-]*\r?\n(.*?)\r?\n```\r?$").expect("valid regex")
 });
 
-/// Why `json.loads` (which the official decoder runs on every polygon match) rejects `text`,
-/// if it does: whitespace JSON does not allow, digits that are not ASCII, or a leading zero.
-fn json_rejects(text: &str, grammar: &Grammar) -> Option<&'static str> {
-    if text
-        .chars()
-        .any(|c| c.is_whitespace() && !matches!(c, ' ' | '\t' | '\n' | '\r'))
-        || text.chars().any(|c| ('\u{1C}'..='\u{1F}').contains(&c))
+/// Why `json.loads` (which the official decoder runs on every polygon match) rejects a
+/// polygon match, if it does: whitespace JSON does not allow, digits that are not ASCII, or a
+/// number with a leading zero.
+fn json_rejects(text: &str) -> Option<&'static str> {
+    if !text.is_ascii() {
+        // Inside a match anything beyond ASCII is Unicode whitespace or a Unicode digit.
+        return Some(if text.chars().any(char::is_whitespace) {
+            "whitespace that JSON does not allow"
+        } else {
+            "digits that are not ASCII"
+        });
+    }
+    let bytes = text.as_bytes();
+    if bytes
+        .iter()
+        .any(|&b| matches!(b, 0x0B | 0x0C | 0x1C..=0x1F))
     {
         return Some("whitespace that JSON does not allow");
     }
-    if text.chars().any(|c| c.is_numeric() && !c.is_ascii_digit()) {
-        return Some("digits that are not ASCII");
-    }
-    if grammar.number.find_iter(text).any(|m| {
-        let b = m.as_str().as_bytes();
-        b.len() > 1 && b[0] == b'0' && b[1].is_ascii_digit()
-    }) {
-        return Some("a number with a leading zero");
-    }
-    None
+    // A '0' that starts a number and is followed by a digit.
+    let leading_zero = bytes.windows(2).enumerate().any(|(i, w)| {
+        w[0] == b'0'
+            && w[1].is_ascii_digit()
+            && (i == 0 || !(bytes[i - 1].is_ascii_digit() || bytes[i - 1] == b'.'))
+    });
+    leading_zero.then_some("a number with a leading zero")
 }
 
 fn to_points(numbers: &[f64]) -> Vec<[f64; 2]> {
@@ -235,7 +268,7 @@ pub fn parse_answer(text: &str, mode: ParseMode) -> ParsedAnswer {
         polygon_spans.push(span);
         let at = format!("polygon at bytes {}..{}", span[0], span[1]);
         if mode == ParseMode::Official {
-            if let Some(reason) = json_rejects(m.as_str(), grammar) {
+            if let Some(reason) = json_rejects(m.as_str()) {
                 warn(
                     WarningKind::NotJson,
                     format!("{at} has {reason}; the official decoder raises on it; skipped"),
@@ -293,29 +326,31 @@ pub fn parse_answer(text: &str, mode: ParseMode) -> ParsedAnswer {
     }
     out.polygons = polygons;
 
-    let outside =
-        |start: usize, end: usize| !polygon_spans.iter().any(|s| start < s[1] && s[0] < end);
-    let mut box_spans = Vec::new();
-    for m in grammar.bbox.find_iter(text) {
-        if outside(m.start(), m.end()) {
-            if let Some(n) = grammar
-                .numbers(m.as_str())
-                .filter(|n| n.iter().all(|v| v.is_finite()))
-            {
-                out.boxes.push([n[0], n[1], n[2], n[3]]);
-                box_spans.push([m.start(), m.end()]);
+    // Boxes and points stand outside polygons. A match of either holds one '[' and one ']',
+    // so none can straddle a polygon's edge: scanning the gaps between polygons finds exactly
+    // the matches of a whole-text scan that overlap no polygon.
+    polygon_spans.sort_unstable();
+    let mut gap_start = 0;
+    for span in polygon_spans
+        .iter()
+        .copied()
+        .chain([[text.len(), text.len()]])
+    {
+        if gap_start < span[0] {
+            let gap = &text[gap_start..span[0]];
+            let finite = |n: &Vec<f64>| n.iter().all(|v| v.is_finite());
+            for m in grammar.bbox.find_iter(gap) {
+                if let Some(n) = grammar.numbers(m.as_str()).filter(finite) {
+                    out.boxes.push([n[0], n[1], n[2], n[3]]);
+                }
+            }
+            for m in grammar.point.find_iter(gap) {
+                if let Some(n) = grammar.numbers(m.as_str()).filter(finite) {
+                    out.points.push([n[0], n[1]]);
+                }
             }
         }
-    }
-    for m in grammar.point.find_iter(text) {
-        if outside(m.start(), m.end()) {
-            if let Some(n) = grammar
-                .numbers(m.as_str())
-                .filter(|n| n.iter().all(|v| v.is_finite()))
-            {
-                out.points.push([n[0], n[1]]);
-            }
-        }
+        gap_start = gap_start.max(span[1]);
     }
     out.boxed = BOXED
         .captures_iter(text)

@@ -17,6 +17,49 @@ pub fn float_repr(x: f64) -> String {
 
 /// Appends `repr(x)` to `out`.
 pub fn write_float(out: &mut String, x: f64) {
+    if !write_thousandths(out, x) {
+        write_float_general(out, x);
+    }
+}
+
+/// The fast path for values that are a whole number of thousandths (what `np.round(x, 3)`
+/// produces) and below 1e6 in size: there distinct thousandths are distinct doubles far
+/// apart, so the shortest round-trip string is the decimal itself with trailing zeros
+/// removed. Returns false, writing nothing, for any other value.
+fn write_thousandths(out: &mut String, x: f64) -> bool {
+    if !x.is_finite() || x.abs() >= 1e6 || x == 0.0 {
+        return false;
+    }
+    let k = (x * 1000.0).round();
+    if k / 1000.0 != x {
+        return false;
+    }
+    let k = k as i64;
+    if k < 0 {
+        out.push('-');
+    }
+    let k = k.unsigned_abs();
+    let _ = write!(out, "{}.", k / 1000);
+    let frac = k % 1000;
+    if frac == 0 {
+        out.push('0');
+    } else {
+        let digits = [frac / 100, frac / 10 % 10, frac % 10];
+        let used = if frac % 100 == 0 {
+            1
+        } else if frac % 10 == 0 {
+            2
+        } else {
+            3
+        };
+        for d in &digits[..used] {
+            out.push(char::from(b'0' + *d as u8));
+        }
+    }
+    true
+}
+
+fn write_float_general(out: &mut String, x: f64) {
     if x.is_nan() {
         out.push_str("nan");
         return;
@@ -130,6 +173,17 @@ mod tests {
             (176827594336380.125, "176827594336380.12"),
         ] {
             assert_eq!(float_repr(x), expected, "repr({x:e})");
+        }
+    }
+
+    #[test]
+    fn thousandths_fast_path_agrees_with_the_general_one() {
+        for k in (-1_500_000i64..1_500_000).step_by(7).chain(999_999_000..999_999_999) {
+            let x = k as f64 / 1000.0;
+            let (mut fast, mut general) = (String::new(), String::new());
+            write_float(&mut fast, x);
+            write_float_general(&mut general, x);
+            assert_eq!(fast, general, "k = {k}");
         }
     }
 
