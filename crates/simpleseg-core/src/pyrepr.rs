@@ -178,7 +178,10 @@ mod tests {
 
     #[test]
     fn thousandths_fast_path_agrees_with_the_general_one() {
-        for k in (-1_500_000i64..1_500_000).step_by(7).chain(999_999_000..999_999_999) {
+        for k in (-1_500_000i64..1_500_000)
+            .step_by(7)
+            .chain(999_999_000..999_999_999)
+        {
             let x = k as f64 / 1000.0;
             let (mut fast, mut general) = (String::new(), String::new());
             write_float(&mut fast, x);

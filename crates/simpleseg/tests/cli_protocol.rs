@@ -43,7 +43,11 @@ fn decode_writes_every_output_and_json() {
         ],
         &dir,
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["mode"], "official");
     assert_eq!(report["coords"], "normalized");
@@ -54,7 +58,10 @@ fn decode_writes_every_output_and_json() {
     }
     // The decoded answer was made from the person's mask: the IoU is high but not 1.
     let gt = root().join("examples/voc.person.rle.json");
-    let out = simpleseg(&["iou", "--rle-a", "m.json", "--rle-b", gt.to_str().unwrap()], &dir);
+    let out = simpleseg(
+        &["iou", "--rle-a", "m.json", "--rle-b", gt.to_str().unwrap()],
+        &dir,
+    );
     assert!(out.status.success());
     let iou: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert!(iou > 0.95 && iou < 1.0, "iou {iou}");
@@ -71,7 +78,18 @@ fn decode_writes_every_output_and_json() {
 fn decode_reads_stdin_and_reports_warnings() {
     let dir = tempdir("stdin");
     let mut child = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
-        .args(["decode", "--response-file", "-", "--width", "10", "--height", "10", "--mode", "robust", "--json"])
+        .args([
+            "decode",
+            "--response-file",
+            "-",
+            "--width",
+            "10",
+            "--height",
+            "10",
+            "--mode",
+            "robust",
+            "--json",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .current_dir(&dir)
@@ -98,13 +116,58 @@ fn bad_input_gives_a_clear_error_and_non_zero_exit() {
     let dir = tempdir("errors");
     std::fs::write(dir.join("a.txt"), "[[0.1, 0.1], [0.5, 0.5], [0.1, 0.5]]").unwrap();
     std::fs::write(dir.join("bad.json"), "{\"size\": [2, 2], \"counts\": 5}").unwrap();
-    std::fs::write(dir.join("short.json"), "{\"size\": [4, 4], \"counts\": [3, 2]}").unwrap();
+    std::fs::write(
+        dir.join("short.json"),
+        "{\"size\": [4, 4], \"counts\": [3, 2]}",
+    )
+    .unwrap();
     for (args, needle) in [
-        (vec!["decode", "--response-file", "missing.txt", "--width", "4", "--height", "4"], "missing.txt"),
-        (vec!["decode", "--response-file", "a.txt"], "--width and --height, or --image"),
-        (vec!["decode", "--response-file", "a.txt", "--width", "4", "--height", "4", "--overlay-out", "o.png"], "needs --image"),
-        (vec!["decode", "--response-file", "a.txt", "--width", "0", "--height", "4"], "at least 1"),
-        (vec!["iou", "--rle-a", "bad.json", "--rle-b", "bad.json"], "counts"),
+        (
+            vec![
+                "decode",
+                "--response-file",
+                "missing.txt",
+                "--width",
+                "4",
+                "--height",
+                "4",
+            ],
+            "missing.txt",
+        ),
+        (
+            vec!["decode", "--response-file", "a.txt"],
+            "--width and --height, or --image",
+        ),
+        (
+            vec![
+                "decode",
+                "--response-file",
+                "a.txt",
+                "--width",
+                "4",
+                "--height",
+                "4",
+                "--overlay-out",
+                "o.png",
+            ],
+            "needs --image",
+        ),
+        (
+            vec![
+                "decode",
+                "--response-file",
+                "a.txt",
+                "--width",
+                "0",
+                "--height",
+                "4",
+            ],
+            "at least 1",
+        ),
+        (
+            vec!["iou", "--rle-a", "bad.json", "--rle-b", "bad.json"],
+            "counts",
+        ),
         (vec!["target", "--rle", "short.json"], "runs cover 5 pixels"),
         (vec!["target", "--mask", "nothing.png"], "nothing.png"),
     ] {

@@ -1,0 +1,246 @@
+//! Decoding settings and the next-token choice, as transformers' `generate()` applies them:
+//! repetition penalty over every previous token (prompt included), then, when sampling,
+//! temperature, top-k and top-p, and a draw from the resulting distribution.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+use crate::hf::HfFolder;
+
+/// Decoding settings. Defaults are transformers' when `generation_config.json` says nothing,
+/// except `max_new_tokens`, which follows the official SimpleSeg example (512).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationConfig {
+    pub do_sample: bool,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub repetition_penalty: f64,
+    pub max_new_tokens: usize,
+    /// Stop tokens; generation also stops on `<|im_end|>` when the tokenizer has it.
+    pub eos_token_ids: Vec<u32>,
+    pub seed: u64,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            max_new_tokens: 512,
+            eos_token_ids: Vec::new(),
+            seed: 0,
+        }
+    }
+}
+
+impl GenerationConfig {
+    /// Reads `generation_config.json` if the folder has one.
+    pub fn load(folder: &HfFolder) -> Result<Self> {
+        let mut config = GenerationConfig::default();
+        let Some(file) = folder.optional_json("generation_config.json")? else {
+            return Ok(config);
+        };
+        config.do_sample = file.bool_or(&["do_sample"], config.do_sample)?;
+        config.temperature = file.f64_or(&["temperature"], config.temperature)?;
+        config.top_k = file.usize_or(&["top_k"], config.top_k)?;
+        config.top_p = file.f64_or(&["top_p"], config.top_p)?;
+        config.repetition_penalty =
+            file.f64_or(&["repetition_penalty"], config.repetition_penalty)?;
+        config.max_new_tokens = file.usize_or(&["max_new_tokens"], config.max_new_tokens)?;
+        if let Some(ids) = file.usize_list(&["eos_token_id"])? {
+            config.eos_token_ids = ids.into_iter().map(|i| i as u32).collect();
+        }
+        config.validate().map_err(|m| file.error(m))?;
+        Ok(config)
+    }
+
+    /// Checks the values transformers would refuse.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.repetition_penalty.is_nan() || self.repetition_penalty <= 0.0 {
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        if self.do_sample && (self.temperature.is_nan() || self.temperature <= 0.0) {
+            return Err(format!(
+                "temperature must be > 0 when sampling, got {}",
+                self.temperature
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return Err(format!("top_p must be in [0, 1], got {}", self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// Chooses next tokens.
+pub struct Sampler {
+    config: GenerationConfig,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// A sampler seeded from `config.seed`.
+    pub fn new(config: GenerationConfig) -> Result<Self> {
+        config.validate().map_err(Error::Input)?;
+        let rng = StdRng::seed_from_u64(config.seed);
+        Ok(Sampler { config, rng })
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &GenerationConfig {
+        &self.config
+    }
+
+    /// Applies the logits processors to `logits` (one row of the vocabulary) given every
+    /// previous token, and picks the next token: the arg-max when not sampling (the first on
+    /// ties, as `torch.argmax`), a draw otherwise.
+    pub fn next_token(&mut self, logits: &mut [f32], previous: &[u32]) -> u32 {
+        let c = &self.config;
+        if c.repetition_penalty != 1.0 {
+            let penalty = c.repetition_penalty as f32;
+            let mut seen = vec![false; logits.len()];
+            for &t in previous {
+                let t = t as usize;
+                if t < logits.len() && !seen[t] {
+                    seen[t] = true;
+                    let s = logits[t];
+                    logits[t] = if s < 0.0 { s * penalty } else { s / penalty };
+                }
+            }
+        }
+        if !c.do_sample {
+            return argmax(logits);
+        }
+        if c.temperature != 1.0 {
+            let t = c.temperature as f32;
+            logits.iter_mut().for_each(|l| *l /= t);
+        }
+        if c.top_k != 0 && c.top_k < logits.len() {
+            let mut sorted: Vec<f32> = logits.to_vec();
+            sorted.select_nth_unstable_by(c.top_k - 1, |a, b| b.total_cmp(a));
+            let kth = sorted[c.top_k - 1];
+            logits
+                .iter_mut()
+                .filter(|l| **l < kth)
+                .for_each(|l| *l = f32::NEG_INFINITY);
+        }
+        if c.top_p < 1.0 {
+            top_p_filter(logits, c.top_p);
+        }
+        let probs = softmax(logits);
+        let draw: f64 = self.rng.random();
+        let mut acc = 0.0f64;
+        for (i, p) in probs.iter().enumerate() {
+            acc += f64::from(*p);
+            if draw < acc {
+                return i as u32;
+            }
+        }
+        // Rounding left the draw beyond the last cumulative sum: take the last candidate.
+        probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32
+    }
+}
+
+/// Index of the largest value, the first one on ties; NaN never wins.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] || values[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}
+
+/// transformers' `TopPLogitsWarper`: sort ascending, drop the tokens whose cumulative
+/// probability stays at or below `1 - top_p`, always keep the most likely one.
+fn top_p_filter(logits: &mut [f32], top_p: f64) {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[a].total_cmp(&logits[b]));
+    let sorted: Vec<f32> = order.iter().map(|&i| logits[i]).collect();
+    let probs = softmax(&sorted);
+    let mut cumulative = 0.0f32;
+    let threshold = (1.0 - top_p) as f32;
+    for (rank, &i) in order.iter().enumerate() {
+        cumulative += probs[rank];
+        if cumulative <= threshold && rank + 1 < order.len() {
+            logits[i] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(c: GenerationConfig) -> Sampler {
+        Sampler::new(c).unwrap()
+    }
+
+    #[test]
+    fn greedy_with_repetition_penalty() {
+        let mut s = sampler(GenerationConfig {
+            repetition_penalty: 2.0,
+            ..GenerationConfig::default()
+        });
+        // Token 0 wins unless penalized: 3.0 / 2 = 1.5 < 2.0.
+        assert_eq!(s.next_token(&mut [3.0, 2.0, -1.0], &[]), 0);
+        assert_eq!(s.next_token(&mut [3.0, 2.0, -1.0], &[0, 0]), 1);
+        // Negative logits are multiplied.
+        let mut l = [-1.0, -3.0];
+        s.next_token(&mut l, &[0]);
+        assert_eq!(l[0], -2.0);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_sampling_is_seeded() {
+        let mut s = sampler(GenerationConfig {
+            do_sample: true,
+            top_k: 1,
+            ..GenerationConfig::default()
+        });
+        for _ in 0..20 {
+            assert_eq!(s.next_token(&mut [0.1, 5.0, 4.9], &[]), 1);
+        }
+        let draws = |seed| {
+            let mut s = sampler(GenerationConfig {
+                do_sample: true,
+                seed,
+                ..GenerationConfig::default()
+            });
+            (0..30)
+                .map(|_| s.next_token(&mut [1.0, 1.0, 1.0, 1.0], &[]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draws(7), draws(7));
+        assert_ne!(draws(7), draws(8));
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        let mut l = [0.0f32, 1.0, 5.0, 4.0];
+        top_p_filter(&mut l, 0.5);
+        assert_eq!(l[0], f32::NEG_INFINITY);
+        assert_eq!(l[1], f32::NEG_INFINITY);
+        assert!(l[2].is_finite());
+        // A tiny top_p still keeps the best token.
+        let mut l = [0.0f32, 1.0];
+        top_p_filter(&mut l, 0.001);
+        assert!(l[1].is_finite() && l[0] == f32::NEG_INFINITY);
+    }
+}

@@ -1,0 +1,380 @@
+//! The Qwen2-VL image processor, exactly as transformers' PIL-based `Qwen2VLImageProcessor`
+//! (`use_fast=False`) prepares an image: convert to RGB (compositing transparency onto
+//! white), `smart_resize` to multiples of `patch_size * merge_size` within the pixel budget,
+//! Pillow bicubic resampling, rescale by 1/255 in double precision then f32, normalize in f32,
+//! repeat the frame `temporal_patch_size` times and flatten into patches in the model's order.
+
+use image::{DynamicImage, RgbImage, RgbaImage};
+
+use crate::error::{Error, Result};
+use crate::hf::JsonFile;
+use crate::pillow::{self, Filter};
+
+/// `preprocessor_config.json` of a Qwen2-VL-family model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageProcessorConfig {
+    pub min_pixels: usize,
+    pub max_pixels: usize,
+    pub patch_size: usize,
+    pub temporal_patch_size: usize,
+    pub merge_size: usize,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+    pub rescale_factor: f64,
+    pub do_resize: bool,
+    pub do_rescale: bool,
+    pub do_normalize: bool,
+}
+
+/// CLIP's normalization constants, the processor's defaults.
+const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+impl Default for ImageProcessorConfig {
+    fn default() -> Self {
+        ImageProcessorConfig {
+            min_pixels: 56 * 56,
+            max_pixels: 28 * 28 * 1280,
+            patch_size: 14,
+            temporal_patch_size: 2,
+            merge_size: 2,
+            image_mean: CLIP_MEAN.map(|v| v as f32),
+            image_std: CLIP_STD.map(|v| v as f32),
+            rescale_factor: 1.0 / 255.0,
+            do_resize: true,
+            do_rescale: true,
+            do_normalize: true,
+        }
+    }
+}
+
+impl ImageProcessorConfig {
+    /// Reads the image processor settings of a model folder: `preprocessor_config.json`
+    /// (transformers 4.x), or the `image_processor` object of `processor_config.json` (5.x).
+    pub fn load(folder: &crate::hf::HfFolder) -> Result<Self> {
+        if let Some(file) = folder.optional_json("preprocessor_config.json")? {
+            return Self::from_json(&file);
+        }
+        if let Some(file) = folder.optional_json("processor_config.json")? {
+            let root = file
+                .root
+                .get("image_processor")
+                .cloned()
+                .ok_or_else(|| file.error("missing the \"image_processor\" object"))?;
+            return Self::from_json(&JsonFile {
+                path: file.path,
+                root,
+            });
+        }
+        Err(Error::MissingFile {
+            path: folder.path("preprocessor_config.json"),
+            hint: "the image processor settings (min/max pixels, mean/std); transformers 5 writes them into processor_config.json".into(),
+        })
+    }
+
+    /// Reads `preprocessor_config.json`. As in transformers, top-level `min_pixels` /
+    /// `max_pixels` win over `size.shortest_edge` / `size.longest_edge`.
+    pub fn from_json(file: &JsonFile) -> Result<Self> {
+        let d = ImageProcessorConfig::default();
+        let triple =
+            |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
+                match file.find(&[key]) {
+                    None => Ok(default),
+                    Some(v) => {
+                        let values: Option<Vec<f64>> = match v {
+                            serde_json::Value::Array(a) => a.iter().map(|x| x.as_f64()).collect(),
+                            other => other.as_f64().map(|x| vec![x; 3]),
+                        };
+                        match values.as_deref() {
+                            Some([a, b, c]) => Ok([*a as f32, *b as f32, *c as f32]),
+                            _ => Err(file
+                                .error(format!("`{key}` must be a number or a list of 3 numbers"))),
+                        }
+                    }
+                }
+            };
+        let config = ImageProcessorConfig {
+            min_pixels: file.usize_or(
+                &["min_pixels", "size.shortest_edge", "size.min_pixels"],
+                d.min_pixels,
+            )?,
+            max_pixels: file.usize_or(
+                &["max_pixels", "size.longest_edge", "size.max_pixels"],
+                d.max_pixels,
+            )?,
+            patch_size: file.usize_or(&["patch_size"], d.patch_size)?,
+            temporal_patch_size: file.usize_or(&["temporal_patch_size"], d.temporal_patch_size)?,
+            merge_size: file.usize_or(&["merge_size"], d.merge_size)?,
+            image_mean: triple("image_mean", d.image_mean)?,
+            image_std: triple("image_std", d.image_std)?,
+            rescale_factor: file.f64_or(&["rescale_factor"], d.rescale_factor)?,
+            do_resize: file.bool_or(&["do_resize"], true)?,
+            do_rescale: file.bool_or(&["do_rescale"], true)?,
+            do_normalize: file.bool_or(&["do_normalize"], true)?,
+        };
+        match file.find(&["resample"]).and_then(serde_json::Value::as_u64) {
+            None | Some(3) => {}
+            Some(other) => {
+                return Err(file.error(format!(
+                    "`resample` {other} is not supported (only 3, PIL's BICUBIC, which the Qwen2-VL processors use)"
+                )))
+            }
+        }
+        if config.patch_size == 0 || config.merge_size == 0 || config.temporal_patch_size == 0 {
+            return Err(
+                file.error("patch_size, merge_size and temporal_patch_size must be positive")
+            );
+        }
+        if config.min_pixels > config.max_pixels {
+            return Err(file.error(format!(
+                "min_pixels {} is larger than max_pixels {}",
+                config.min_pixels, config.max_pixels
+            )));
+        }
+        Ok(config)
+    }
+
+    /// The resize factor: `patch_size * merge_size`.
+    pub fn factor(&self) -> usize {
+        self.patch_size * self.merge_size
+    }
+}
+
+/// Python's `round` (half to even) on a float.
+fn py_round(x: f64) -> f64 {
+    x.round_ties_even()
+}
+
+/// transformers' `smart_resize`: `(height, width)` rounded to multiples of `factor` with the
+/// pixel count within `[min_pixels, max_pixels]`, aspect ratio kept as closely as possible.
+pub fn smart_resize(
+    height: usize,
+    width: usize,
+    factor: usize,
+    min_pixels: usize,
+    max_pixels: usize,
+) -> Result<(usize, usize)> {
+    if height == 0 || width == 0 {
+        return Err(Error::Input(format!(
+            "image of {width}x{height} pixels is empty"
+        )));
+    }
+    let (h, w, f) = (height as f64, width as f64, factor as f64);
+    let ratio = h.max(w) / h.min(w);
+    if ratio > 200.0 {
+        return Err(Error::Input(format!(
+            "absolute aspect ratio must be smaller than 200, got {ratio}"
+        )));
+    }
+    let mut h_bar = py_round(h / f) * f;
+    let mut w_bar = py_round(w / f) * f;
+    if h_bar * w_bar > max_pixels as f64 {
+        let beta = ((height * width) as f64 / max_pixels as f64).sqrt();
+        h_bar = f.max((h / beta / f).floor() * f);
+        w_bar = f.max((w / beta / f).floor() * f);
+    } else if h_bar * w_bar < min_pixels as f64 {
+        let beta = (min_pixels as f64 / (height * width) as f64).sqrt();
+        h_bar = (h * beta / f).ceil() * f;
+        w_bar = (w * beta / f).ceil() * f;
+    }
+    Ok((h_bar as usize, w_bar as usize))
+}
+
+/// Pillow's `alpha_composite` of an image over opaque white, then `convert("RGB")`.
+fn composite_on_white(rgba: &RgbaImage) -> RgbImage {
+    const PRECISION_BITS: u32 = 7;
+    let shift_div_255 = |a: u32| (a + (a >> 8)) >> 8;
+    RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let p = rgba.get_pixel(x, y).0;
+        let src_a = u32::from(p[3]);
+        if src_a == 0 {
+            return image::Rgb([255, 255, 255]);
+        }
+        // dst is white and opaque: blend = 255 * (255 - a), outa255 = a * 255 + blend.
+        let blend = 255 * (255 - src_a);
+        let outa255 = src_a * 255 + blend;
+        let coef1 = src_a * 255 * 255 * (1 << PRECISION_BITS) / outa255;
+        let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
+        let channel = |c: u8| {
+            let tmp = u32::from(c) * coef1 + 255 * coef2;
+            (shift_div_255(tmp + (0x80 << PRECISION_BITS)) >> PRECISION_BITS) as u8
+        };
+        image::Rgb([channel(p[0]), channel(p[1]), channel(p[2])])
+    })
+}
+
+/// Opens an image file as RGB the way `PIL.Image.open(path).convert("RGB")` (with
+/// transformers' compositing of transparency onto white) reads it. JPEG files are decoded with
+/// libjpeg-turbo's algorithms (through mozjpeg), as Pillow decodes them; other decoders differ
+/// by several levels. EXIF orientation is not applied, as `Image.open` does not apply it.
+pub fn open_image(path: &std::path::Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        if let Some(rgb) = decode_jpeg(&bytes) {
+            return Ok(rgb);
+        }
+    }
+    let image = image::load_from_memory(&bytes).map_err(|e| Error::BadFile {
+        path: path.to_path_buf(),
+        message: format!("cannot decode the image: {e}"),
+    })?;
+    Ok(to_rgb(&image))
+}
+
+/// libjpeg's decoding to RGB (islow IDCT, fancy upsampling: Pillow's settings); `None` for
+/// files it cannot convert to RGB (CMYK) or cannot read.
+fn decode_jpeg(bytes: &[u8]) -> Option<RgbImage> {
+    let decode = || -> std::io::Result<RgbImage> {
+        let mut started = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
+        let (w, h) = (started.width() as u32, started.height() as u32);
+        let pixels = started.read_scanlines::<[u8; 3]>()?;
+        started.finish()?;
+        let flat: Vec<u8> = pixels.into_iter().flatten().collect();
+        RgbImage::from_raw(w, h, flat).ok_or_else(|| std::io::Error::other("short JPEG scanlines"))
+    };
+    // libjpeg reports fatal errors by unwinding.
+    std::panic::catch_unwind(decode).ok()?.ok()
+}
+
+/// transformers' `convert_to_rgb`: transparency is composited onto white.
+pub fn to_rgb(image: &DynamicImage) -> RgbImage {
+    if image.color().has_alpha() {
+        composite_on_white(&image.to_rgba8())
+    } else {
+        image.to_rgb8()
+    }
+}
+
+/// The processed image: patches in the order the vision tower reads them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProcessedImage {
+    /// `grid_t * grid_h * grid_w` rows of `3 * temporal_patch_size * patch_size^2` values.
+    pub pixel_values: Vec<f32>,
+    /// `[grid_t, grid_h, grid_w]` in patches.
+    pub grid_thw: [usize; 3],
+    /// Size after `smart_resize`, `(width, height)`.
+    pub resized: (usize, usize),
+}
+
+impl ProcessedImage {
+    /// Number of values per patch row.
+    pub fn patch_dim(&self) -> usize {
+        self.pixel_values.len() / (self.grid_thw[0] * self.grid_thw[1] * self.grid_thw[2])
+    }
+}
+
+/// Prepares an RGB image for the vision tower.
+pub fn preprocess(image: &RgbImage, config: &ImageProcessorConfig) -> Result<ProcessedImage> {
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let resized = if config.do_resize {
+        let (h, w) = smart_resize(
+            height,
+            width,
+            config.factor(),
+            config.min_pixels,
+            config.max_pixels,
+        )?;
+        pillow::resize(image, w as u32, h as u32, Filter::Bicubic)
+    } else {
+        image.clone()
+    };
+    let (w, h) = (resized.width() as usize, resized.height() as usize);
+    let (p, m, tp) = (
+        config.patch_size,
+        config.merge_size,
+        config.temporal_patch_size,
+    );
+    if h % (p * m) != 0 || w % (p * m) != 0 {
+        return Err(Error::Input(format!(
+            "image of {w}x{h} pixels is not a multiple of {} (patch size x merge size); enable do_resize",
+            p * m
+        )));
+    }
+    // Channel-first f32 planes: rescale in f64 then round to f32, normalize in f32.
+    let raw = resized.as_raw();
+    let mut planes = vec![0f32; 3 * h * w];
+    for (i, px) in raw.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            let mut v = if config.do_rescale {
+                (f64::from(px[c]) * config.rescale_factor) as f32
+            } else {
+                f32::from(px[c])
+            };
+            if config.do_normalize {
+                v = (v - config.image_mean[c]) / config.image_std[c];
+            }
+            planes[c * h * w + i] = v;
+        }
+    }
+    // patches[gh/m, gw/m, m, m, c, t, p, p]: the numpy transpose (1, 4, 2, 5, 0, 3, 6) with the
+    // frame repeated along t.
+    let (gh, gw) = (h / p, w / p);
+    let patch_dim = 3 * tp * p * p;
+    let mut out = Vec::with_capacity(gh * gw * patch_dim);
+    for bh in 0..gh / m {
+        for bw in 0..gw / m {
+            for mh in 0..m {
+                for mw in 0..m {
+                    let (py, px) = ((bh * m + mh) * p, (bw * m + mw) * p);
+                    for c in 0..3 {
+                        for _t in 0..tp {
+                            for y in 0..p {
+                                let row = c * h * w + (py + y) * w + px;
+                                out.extend_from_slice(&planes[row..row + p]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(ProcessedImage {
+        pixel_values: out,
+        grid_thw: [1, gh, gw],
+        resized: (w, h),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smart_resize_matches_reference_cases() {
+        // Values from transformers' smart_resize.
+        assert_eq!(
+            smart_resize(480, 640, 28, 3136, 12845056).unwrap(),
+            (476, 644)
+        );
+        assert_eq!(smart_resize(10, 10, 28, 3136, 12845056).unwrap(), (56, 56));
+        assert_eq!(
+            smart_resize(1000, 1000, 28, 3136, 28 * 28 * 16).unwrap(),
+            (112, 112)
+        );
+        assert!(smart_resize(1, 300, 28, 3136, 12845056).is_err());
+        assert!(smart_resize(0, 3, 28, 3136, 12845056).is_err());
+    }
+
+    #[test]
+    fn patch_layout() {
+        let config = ImageProcessorConfig {
+            do_resize: false,
+            do_normalize: false,
+            do_rescale: false,
+            patch_size: 1,
+            merge_size: 2,
+            temporal_patch_size: 1,
+            ..ImageProcessorConfig::default()
+        };
+        // 4x2 image, pixel value = x + 10 y in every channel.
+        let img = RgbImage::from_fn(4, 2, |x, y| image::Rgb([(x + 10 * y) as u8; 3]));
+        let out = preprocess(&img, &config).unwrap();
+        assert_eq!(out.grid_thw, [1, 2, 4]);
+        // First merge block (x 0..2, y 0..2) in row-major order, then the next block.
+        let firsts: Vec<f32> = out.pixel_values.chunks(3).map(|c| c[0]).collect();
+        assert_eq!(firsts, vec![0., 1., 10., 11., 2., 3., 12., 13.]);
+    }
+}

@@ -1,0 +1,203 @@
+//! Vision-language models for SimpleSeg, on candle.
+//!
+//! Point [`load`] at a Hugging Face model folder (config, safetensors weights, tokenizer, chat
+//! template, preprocessor and generation configs) and ask it about an image:
+//!
+//! ```no_run
+//! # fn main() -> simpleseg_engine::Result<()> {
+//! use simpleseg_engine::{load, generate, LoadOptions};
+//! let model = load("path/to/SimpleSeg-Qwen2.5-VL".as_ref(), &LoadOptions::default())?;
+//! let image = image::open("photo.jpg").unwrap();
+//! let prompt = model.prepare(&simpleseg_engine::image_processor::to_rgb(&image), "Output the polygon coordinates of the dog in the image.")?;
+//! let out = generate(model.as_ref(), &prompt, model.generation_config().clone(), |_| {})?;
+//! println!("{}", out.text);
+//! # Ok(()) }
+//! ```
+//!
+//! Every architecture implements [`VisionLanguageModel`]; [`generate`] drives any of them.
+
+pub mod chat;
+pub mod error;
+pub mod generation;
+pub mod hf;
+pub mod image_processor;
+pub mod models;
+pub mod nn;
+pub mod pillow;
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use serde::Serialize;
+
+pub use chat::{ChatTemplate, TextTokenizer};
+pub use error::{Error, Result};
+pub use generation::{GenerationConfig, Sampler};
+pub use hf::HfFolder;
+
+/// A prompt ready for a model: token ids with image placeholders, and the processed images.
+#[derive(Clone, Debug)]
+pub struct Prompt {
+    pub input_ids: Vec<u32>,
+    pub images: Vec<image_processor::ProcessedImage>,
+}
+
+/// Decoding state over a processed prompt: the KV cache and positions of one or more
+/// sequences that share the prompt.
+pub trait Session {
+    /// Logits of the last position of each sequence: `(batch, vocab)`.
+    fn logits(&self) -> &Tensor;
+    /// Appends one token to each sequence and computes the next logits.
+    fn feed(&mut self, tokens: &[u32]) -> Result<()>;
+    /// `n` copies of this (batch-1) session, decoded together as a batch.
+    fn fork(&self, n: usize) -> Result<Box<dyn Session + '_>>;
+    /// Number of sequences.
+    fn batch(&self) -> usize;
+}
+
+/// What every model architecture provides.
+pub trait VisionLanguageModel: Send + Sync {
+    /// The architecture name (`model_type`).
+    fn architecture(&self) -> &str;
+    /// The tokenizer.
+    fn tokenizer(&self) -> &TextTokenizer;
+    /// Chat template applied, image processed, placeholders expanded.
+    fn prepare(&self, image: &RgbImage, prompt: &str) -> Result<Prompt>;
+    /// Runs the prompt (vision tower and prefill) and opens a session on it.
+    fn start(&self, prompt: &Prompt) -> Result<Box<dyn Session + '_>>;
+    /// Decoding defaults from `generation_config.json`, with the stop tokens filled in.
+    fn generation_config(&self) -> &GenerationConfig;
+}
+
+/// Where and how to run a model.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype; `None` picks f32 when the weights fit comfortably, else bf16.
+    pub dtype: Option<DType>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: None,
+        }
+    }
+}
+
+/// Picks a device by name: `cpu`, `cuda` (with the `cuda` feature) or `metal` (with the
+/// `metal` feature).
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| {
+            Error::Unsupported(format!(
+                "cannot open the CUDA device ({e}); build with `--features cuda`"
+            ))
+        }),
+        "metal" => Device::new_metal(0).map_err(|e| {
+            Error::Unsupported(format!(
+                "cannot open the Metal device ({e}); build with `--features metal`"
+            ))
+        }),
+        other => Err(Error::Input(format!(
+            "unknown device '{other}' (expected cpu, cuda or metal)"
+        ))),
+    }
+}
+
+/// Loads the model in a Hugging Face folder, choosing the implementation from `model_type`.
+pub fn load(dir: &Path, options: &LoadOptions) -> Result<Box<dyn VisionLanguageModel>> {
+    let folder = HfFolder::open(dir)?;
+    let config = folder.json("config.json")?;
+    match config.str(&["model_type"]) {
+        Some("qwen2_5_vl") => Ok(Box::new(models::qwen2_5_vl::Qwen2_5VlModel::load(
+            &folder, options,
+        )?)),
+        Some(other) => Err(Error::Unsupported(format!(
+            "{}: model_type \"{other}\" is not supported (supported: qwen2_5_vl)",
+            config.path.display()
+        ))),
+        None => Err(config.error("missing `model_type`")),
+    }
+}
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// An end-of-sequence token (not included in the output).
+    Eos,
+    /// `max_new_tokens` reached.
+    MaxTokens,
+}
+
+/// Wall-clock timings of one generation.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    /// Vision tower and prompt prefill, to the first logits.
+    pub prefill_ms: f64,
+    /// Choosing the tokens and every decode step.
+    pub decode_ms: f64,
+    /// Generated tokens per second of `decode_ms`.
+    pub decode_tokens_per_s: f64,
+}
+
+/// The result of [`generate`].
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerationOutput {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub stop_reason: StopReason,
+    pub timings: Timings,
+}
+
+/// Generates one answer, calling `on_token` with each new token id as it is chosen.
+pub fn generate(
+    model: &dyn VisionLanguageModel,
+    prompt: &Prompt,
+    config: GenerationConfig,
+    mut on_token: impl FnMut(u32),
+) -> Result<GenerationOutput> {
+    let start = Instant::now();
+    let mut session = model.start(prompt)?;
+    let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
+    let stop = config.eos_token_ids.clone();
+    let max_new = config.max_new_tokens;
+    let mut sampler = Sampler::new(config)?;
+    let mut history = prompt.input_ids.clone();
+    let mut generated = Vec::new();
+    let mut stop_reason = StopReason::MaxTokens;
+    let decode_start = Instant::now();
+    for step in 0..max_new {
+        let mut logits: Vec<f32> = session.logits().get(0)?.to_dtype(DType::F32)?.to_vec1()?;
+        let token = sampler.next_token(&mut logits, &history);
+        if stop.contains(&token) {
+            stop_reason = StopReason::Eos;
+            break;
+        }
+        generated.push(token);
+        history.push(token);
+        on_token(token);
+        if step + 1 < max_new {
+            session.feed(&[token])?;
+        }
+    }
+    let decode_ms = decode_start.elapsed().as_secs_f64() * 1e3;
+    let decode_tokens_per_s = generated.len() as f64 / (decode_ms / 1e3).max(1e-9);
+    Ok(GenerationOutput {
+        text: model.tokenizer().decode(&generated)?,
+        token_ids: generated,
+        prompt_tokens: prompt.input_ids.len(),
+        stop_reason,
+        timings: Timings {
+            prefill_ms,
+            decode_ms,
+            decode_tokens_per_s,
+        },
+    })
+}

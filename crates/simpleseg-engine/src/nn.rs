@@ -1,0 +1,245 @@
+//! Building blocks shared by the models.
+//!
+//! Every op here has two implementations chosen by [`Mode`]: candle's fused kernels for
+//! inference, and compositions of differentiable primitives for training (candle's fused
+//! `rms_norm`, `softmax_last_dim` and rotary kernels have no backward pass, so gradients
+//! through them would silently vanish). Both compute the same function; tests check that.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// Whether a forward pass must carry gradients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Fused kernels where candle has them.
+    #[default]
+    Infer,
+    /// Only differentiable primitives.
+    Train,
+}
+
+/// A linear layer `y = x W^T + b`, mirroring `nn.Linear`'s `weight` and `bias` tensors.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `weight` (and `bias` if `bias`) under `vb`.
+    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight.t()?;
+        let y = match x.rank() {
+            2 => x.matmul(&w)?,
+            _ => {
+                // Fold leading dimensions into rows: one large matmul.
+                let dims = x.dims().to_vec();
+                let rows: usize = dims[..dims.len() - 1].iter().product();
+                let y = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&w)?;
+                let mut out_dims = dims;
+                *out_dims.last_mut().expect("rank > 0") = self.weight.dim(0)?;
+                y.reshape(out_dims)?
+            }
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// RMSNorm as transformers computes it: in f32, then scaled by the weight in the input's dtype.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let normed = match mode {
+            Mode::Infer => {
+                let ones = Tensor::ones(self.weight.dim(0)?, DType::F32, x.device())?;
+                candle_nn::ops::rms_norm(&x32.contiguous()?, &ones, self.eps as f32)?
+            }
+            Mode::Train => {
+                let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
+                x32.broadcast_div(&(variance + self.eps)?.sqrt()?)?
+            }
+        };
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Softmax over the last dimension, computed in f32.
+pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let y = match mode {
+        Mode::Infer => candle_nn::ops::softmax_last_dim(&x.contiguous()?)?,
+        Mode::Train => {
+            let max = x.max_keepdim(D::Minus1)?.detach();
+            let e = x.broadcast_sub(&max)?.exp()?;
+            e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        }
+    };
+    y.to_dtype(dtype)
+}
+
+/// `rotate_half`: `[x1, x2] -> [-x2, x1]` over the last dimension.
+pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// `x * cos + rotate_half(x) * sin`, with `cos`/`sin` broadcast against `x`.
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+}
+
+/// Scaled dot-product attention over `(batch, heads, seq, head_dim)` tensors with an optional
+/// additive mask broadcast to `(batch, heads, q_len, k_len)`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    mode: Mode,
+) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    softmax_last_dim(&scores, mode)?.matmul(v)
+}
+
+/// Repeats key/value heads for grouped-query attention: `(b, kv, s, d) -> (b, kv * n, s, d)`.
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, s, d))?
+        .reshape((b, kv * n_rep, s, d))
+}
+
+/// The additive causal mask for `q_len` new positions after `past` cached ones:
+/// `(q_len, past + q_len)`, 0 where attention is allowed and -inf elsewhere.
+pub fn causal_mask(
+    q_len: usize,
+    past: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let total = past + q_len;
+    let values: Vec<f32> = (0..q_len)
+        .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(values, (q_len, total), device)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn close(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn train_and_infer_ops_agree() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (3, 5, 16), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 16, &dev).unwrap();
+        let norm = RmsNorm {
+            weight: w,
+            eps: 1e-6,
+        };
+        assert!(
+            close(
+                &norm.forward(&x, Mode::Infer).unwrap(),
+                &norm.forward(&x, Mode::Train).unwrap()
+            ) < 1e-5
+        );
+        assert!(
+            close(
+                &softmax_last_dim(&x, Mode::Infer).unwrap(),
+                &softmax_last_dim(&x, Mode::Train).unwrap()
+            ) < 1e-6
+        );
+    }
+
+    #[test]
+    fn train_ops_carry_gradients() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 8), &dev).unwrap())
+            .unwrap();
+        let w = Tensor::ones(8, DType::F32, &dev).unwrap();
+        let norm = RmsNorm {
+            weight: w,
+            eps: 1e-6,
+        };
+        let y = softmax_last_dim(
+            &norm.forward(x.as_tensor(), Mode::Train).unwrap(),
+            Mode::Train,
+        )
+        .unwrap();
+        let loss = y.narrow(1, 0, 1).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .expect("gradient reaches the input");
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0);
+    }
+
+    #[test]
+    fn causal_mask_shape() {
+        let m = causal_mask(2, 3, DType::F32, &Device::Cpu).unwrap();
+        let v: Vec<Vec<f32>> = m.to_vec2().unwrap();
+        assert_eq!(v[0], vec![0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(v[1], vec![0.0; 5]);
+    }
+}
