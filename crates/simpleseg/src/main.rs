@@ -1,5 +1,6 @@
 //! The `simpleseg` command line: a thin layer over the library crates.
 
+mod model_cmds;
 mod protocol_cmds;
 
 use std::process::ExitCode;
@@ -18,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Chat(model_cmds::ChatArgs),
+    Segment(model_cmds::SegmentArgs),
     Decode(protocol_cmds::DecodeArgs),
     Target(protocol_cmds::TargetArgs),
     Iou(protocol_cmds::IouArgs),
@@ -26,6 +29,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Chat(args) => model_cmds::chat(args),
+        Command::Segment(args) => model_cmds::segment(args),
         Command::Decode(args) => protocol_cmds::decode(args),
         Command::Target(args) => protocol_cmds::target(args),
         Command::Iou(args) => protocol_cmds::iou(args),

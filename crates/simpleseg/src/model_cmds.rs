@@ -1,0 +1,254 @@
+//! `chat` and `segment`: running a vision-language model on an image.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use simpleseg_core::templates::{fill_prompt, DEFAULT_PROMPT};
+use simpleseg_core::{parse_answer, CoordMode, ParseMode};
+use simpleseg_engine::image_processor::open_image;
+use simpleseg_engine::{generate, GenerationConfig, GenerationOutput, LoadOptions, VisionLanguageModel};
+
+use crate::protocol_cmds::{answer_json, write_outputs, CoordsArg, MaskOutputs, ModeArg};
+
+/// Compute precision.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DtypeArg {
+    /// f32 when the weights fit in 8 GiB as f32, else bf16.
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+/// Where and how to load a model.
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json, ...).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Device to run on: cpu, cuda or metal (the last two need a build with that feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute precision.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: DtypeArg,
+}
+
+impl ModelArgs {
+    /// Loads the model named by `--model`.
+    pub fn load(&self) -> Result<Box<dyn VisionLanguageModel>> {
+        let Some(dir) = &self.model else {
+            bail!("no --model given: pass a Hugging Face model folder");
+        };
+        let options = LoadOptions {
+            device: simpleseg_engine::device(&self.device)?,
+            dtype: match self.dtype {
+                DtypeArg::Auto => None,
+                DtypeArg::F32 => Some(candle_core::DType::F32),
+                DtypeArg::Bf16 => Some(candle_core::DType::BF16),
+                DtypeArg::F16 => Some(candle_core::DType::F16),
+            },
+        };
+        simpleseg_engine::load(dir, &options).with_context(|| format!("loading the model in {}", dir.display()))
+    }
+}
+
+/// Decoding options; defaults come from the model's generation_config.json.
+#[derive(Args, Debug)]
+pub struct GenerationArgs {
+    /// Most tokens to generate.
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// Always take the most likely token (keeps the repetition penalty).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k", "seed"])]
+    pub greedy: bool,
+    /// Sample with this temperature.
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f64>,
+    /// Sample from the smallest set of tokens whose probability reaches P.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f64>,
+    /// Sample from the K most likely tokens (0 disables).
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Penalty on tokens already present (1.0 disables).
+    #[arg(long, value_name = "R")]
+    pub repetition_penalty: Option<f64>,
+    /// Seed of the sampler.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+}
+
+impl GenerationArgs {
+    /// The model's defaults with these options applied.
+    pub fn apply(&self, defaults: &GenerationConfig) -> Result<GenerationConfig> {
+        let mut c = defaults.clone();
+        if let Some(n) = self.max_new_tokens {
+            c.max_new_tokens = n;
+        }
+        if self.greedy {
+            c.do_sample = false;
+        }
+        if self.temperature.is_some() || self.top_p.is_some() || self.top_k.is_some() || self.seed.is_some() {
+            c.do_sample = true;
+        }
+        if let Some(t) = self.temperature {
+            c.temperature = t;
+        }
+        if let Some(p) = self.top_p {
+            c.top_p = p;
+        }
+        if let Some(k) = self.top_k {
+            c.top_k = k;
+        }
+        if let Some(r) = self.repetition_penalty {
+            c.repetition_penalty = r;
+        }
+        if let Some(s) = self.seed {
+            c.seed = s;
+        }
+        c.validate().map_err(anyhow::Error::msg)?;
+        Ok(c)
+    }
+}
+
+/// Ask a model about an image and print its answer (streamed as it is generated).
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The image.
+    #[arg(long, value_name = "IMG")]
+    image: PathBuf,
+    /// The question.
+    #[arg(long, value_name = "TEXT")]
+    prompt: String,
+    #[command(flatten)]
+    generation: GenerationArgs,
+    /// Print one JSON line: text, token_ids, prompt_tokens, timings.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Segment an object: ask the model for its outline, decode the answer into a mask, write it.
+/// With no output flag, writes <image stem>.mask.png and <image stem>.overlay.png here.
+#[derive(Args, Debug)]
+pub struct SegmentArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The image.
+    #[arg(long, value_name = "IMG")]
+    image: PathBuf,
+    /// What to segment, e.g. "the man in red".
+    #[arg(long, value_name = "TEXT")]
+    query: String,
+    /// The prompt; {query} is replaced by the query.
+    #[arg(long, default_value = DEFAULT_PROMPT)]
+    prompt_template: String,
+    /// Parse mode for the answer.
+    #[arg(long, value_enum, default_value = "robust")]
+    mode: ModeArg,
+    /// Coordinate convention of the answer.
+    #[arg(long, value_enum, default_value = "normalized")]
+    coords: CoordsArg,
+    #[command(flatten)]
+    outputs: MaskOutputs,
+    #[command(flatten)]
+    generation: GenerationArgs,
+    /// Print one JSON line: the answer, its polygons, the mask and timings.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs generation, streaming text to stdout when `stream`.
+fn run(
+    model: &dyn VisionLanguageModel,
+    image: &Path,
+    prompt: &str,
+    config: GenerationConfig,
+    stream: bool,
+) -> Result<(image::RgbImage, GenerationOutput)> {
+    let rgb = open_image(image).with_context(|| format!("reading image {}", image.display()))?;
+    let prepared = model.prepare(&rgb, prompt)?;
+    let mut decoder = model.tokenizer().inner().decode_stream(true);
+    let mut stdout = std::io::stdout().lock();
+    let out = generate(model, &prepared, config, |token| {
+        if stream {
+            if let Ok(Some(chunk)) = decoder.step(token) {
+                let _ = stdout.write_all(chunk.as_bytes());
+                let _ = stdout.flush();
+            }
+        }
+    })?;
+    if stream {
+        let _ = writeln!(stdout);
+    }
+    Ok((rgb, out))
+}
+
+pub fn chat(args: ChatArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let config = args.generation.apply(model.generation_config())?;
+    let (_, out) = run(model.as_ref(), &args.image, &args.prompt, config, !args.json)?;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "text": out.text,
+                "token_ids": out.token_ids,
+                "prompt_tokens": out.prompt_tokens,
+                "stop_reason": out.stop_reason,
+                "timings": out.timings,
+            })
+        );
+    }
+    Ok(())
+}
+
+pub fn segment(args: SegmentArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let config = args.generation.apply(model.generation_config())?;
+    let prompt = fill_prompt(&args.prompt_template, &args.query);
+    let (rgb, out) = run(model.as_ref(), &args.image, &prompt, config, false)?;
+    let mode = ParseMode::from(args.mode);
+    let coords = CoordMode::from(args.coords);
+    let parsed = parse_answer(&out.text, mode);
+    let mask = parsed.mask(rgb.width(), rgb.height(), coords)?;
+    let mut outputs = args.outputs;
+    if outputs.rle_out.is_none() && outputs.mask_out.is_none() && outputs.overlay_out.is_none() {
+        let stem = args
+            .image
+            .file_stem()
+            .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
+        outputs.mask_out = Some(PathBuf::from(format!("{stem}.mask.png")));
+        outputs.overlay_out = Some(PathBuf::from(format!("{stem}.overlay.png")));
+    }
+    let written = write_outputs(&outputs, &mask, Some(&rgb))?;
+    if args.json {
+        let mut report = answer_json(&parsed, coords, &mask);
+        report["answer"] = json!(out.text);
+        report["prompt"] = json!(prompt);
+        report["token_ids"] = json!(out.token_ids);
+        report["timings"] = json!(out.timings);
+        report["written"] = json!(written);
+        println!("{report}");
+    } else {
+        println!("{}", out.text);
+        for w in &parsed.warnings {
+            eprintln!("warning: {}", w.message);
+        }
+        println!(
+            "{} polygon{}, {} foreground pixels",
+            parsed.polygons.len(),
+            if parsed.polygons.len() == 1 { "" } else { "s" },
+            mask.area()
+        );
+        for path in written {
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
