@@ -23,8 +23,8 @@ pub enum Error {
     /// A run-length encoding that does not describe a mask of its stated size.
     #[error("invalid RLE: {0}")]
     InvalidRle(String),
-    /// A coordinate that is NaN or infinite.
-    #[error("non-finite coordinate {0} in polygon")]
+    /// A coordinate that is NaN.
+    #[error("coordinate {0} in polygon is not a number")]
     NonFiniteCoordinate(f64),
     /// A malformed file.
     #[error("{path}: {message}")]

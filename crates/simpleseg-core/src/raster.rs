@@ -12,8 +12,8 @@
 //! image are skipped altogether, so a vertex far outside the image costs nothing.
 //!
 //! Exactness holds wherever pycocotools' own arithmetic is defined: while `5 * coordinate`
-//! fits in a C `int` (|coordinate| < 4.29e8 pixels). Beyond that the reference has undefined
-//! behaviour; here the upsampled coordinate saturates.
+//! fits in a C `int` (|coordinate| < 4.29e8 pixels). Beyond that (infinity included) the
+//! reference has undefined behaviour; here the upsampled coordinate saturates.
 
 use crate::error::{Error, Result};
 use crate::rle::{check_size, RleMask};
@@ -277,8 +277,8 @@ struct Scratch {
 /// `frPyObjects([[x0, y0, x1, y1, ...]], height, width)` followed by `decode` does.
 ///
 /// Polygons of fewer than 3 vertices are rasterized as `rleFrPoly` would (to an empty mask);
-/// pycocotools' Python layer refuses them, which callers decide how to report. Non-finite
-/// coordinates are an error.
+/// pycocotools' Python layer refuses them, which callers decide how to report. NaN
+/// coordinates are an error; infinite ones saturate like other out-of-range values.
 pub fn rasterize_polygon(points: &[[f64; 2]], height: u32, width: u32) -> Result<RleMask> {
     check_size(height, width)?;
     rasterize_with(points, height, width, &mut Scratch::default())
@@ -331,7 +331,9 @@ fn rasterize_with(
     width: u32,
     scratch: &mut Scratch,
 ) -> Result<RleMask> {
-    if let Some(bad) = points.iter().flatten().find(|c| !c.is_finite()) {
+    // Infinite coordinates saturate like any coordinate beyond the `int` range; NaN has no
+    // place on the boundary.
+    if let Some(bad) = points.iter().flatten().find(|c| c.is_nan()) {
         return Err(Error::NonFiniteCoordinate(*bad));
     }
     scratch.columns.clear();

@@ -109,8 +109,23 @@ pub fn device(name: &str) -> Result<Device> {
     }
 }
 
+/// Fixes the CPU thread count once. Without `RAYON_NUM_THREADS`, candle re-derives the core
+/// count from `/proc` on every matrix product, which costs more than a small model's whole
+/// decode step; setting the variable (to the available parallelism, unless the user set it)
+/// makes that a lookup. Called by [`load`] before any computation starts.
+pub fn init_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    });
+}
+
 /// Loads the model in a Hugging Face folder, choosing the implementation from `model_type`.
 pub fn load(dir: &Path, options: &LoadOptions) -> Result<Box<dyn VisionLanguageModel>> {
+    init_threads();
     let folder = HfFolder::open(dir)?;
     let config = folder.json("config.json")?;
     match config.str(&["model_type"]) {

@@ -120,41 +120,56 @@ fn horizontal_pass(
 ) -> Vec<u8> {
     let out_w = coeffs.bounds.len();
     let mut out = vec![0u8; rows * out_w * 3];
-    for yy in 0..rows {
-        let line = &src[(yy + first_row) * in_w * 3..(yy + first_row + 1) * in_w * 3];
-        let dst = &mut out[yy * out_w * 3..(yy + 1) * out_w * 3];
-        for (xx, &(xmin, taps)) in coeffs.bounds.iter().enumerate() {
-            let k = &coeffs.weights[xx * coeffs.ksize..][..taps];
+    for (line, dst) in src[first_row * in_w * 3..]
+        .chunks_exact(in_w * 3)
+        .zip(out.chunks_exact_mut(out_w * 3))
+    {
+        for ((&(xmin, taps), k), px) in coeffs
+            .bounds
+            .iter()
+            .zip(coeffs.weights.chunks_exact(coeffs.ksize))
+            .zip(dst.chunks_exact_mut(3))
+        {
             let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
-            for (x, &w) in k.iter().enumerate() {
-                let p = &line[(x + xmin) * 3..(x + xmin) * 3 + 3];
-                for c in 0..3 {
-                    ss[c] = ss[c].wrapping_add(i32::from(p[c]).wrapping_mul(w));
-                }
+            for (p, &w) in line[xmin * 3..(xmin + taps) * 3]
+                .chunks_exact(3)
+                .zip(&k[..taps])
+            {
+                ss[0] = ss[0].wrapping_add(i32::from(p[0]).wrapping_mul(w));
+                ss[1] = ss[1].wrapping_add(i32::from(p[1]).wrapping_mul(w));
+                ss[2] = ss[2].wrapping_add(i32::from(p[2]).wrapping_mul(w));
             }
-            for c in 0..3 {
-                dst[xx * 3 + c] = clip8(ss[c]);
-            }
+            px[0] = clip8(ss[0]);
+            px[1] = clip8(ss[1]);
+            px[2] = clip8(ss[2]);
         }
     }
     out
 }
 
 /// One vertical pass over a `w`-wide image whose first row is source row `row_offset`,
-/// resampled to the height of `coeffs`.
+/// resampled to the height of `coeffs`. Accumulates whole rows at a time (the same sums in the
+/// same order as Pillow's per-pixel loop, since integer addition is exact).
 fn vertical_pass(src: &[u8], w: usize, row_offset: usize, coeffs: &Coefficients) -> Vec<u8> {
     let out_h = coeffs.bounds.len();
-    let mut out = vec![0u8; w * out_h * 3];
-    for (yy, &(ymin, taps)) in coeffs.bounds.iter().enumerate() {
-        let k = &coeffs.weights[yy * coeffs.ksize..][..taps];
-        let dst = &mut out[yy * w * 3..(yy + 1) * w * 3];
-        for (xx, d) in dst.iter_mut().enumerate() {
-            let mut ss = 1i32 << (PRECISION_BITS - 1);
-            for (y, &wgt) in k.iter().enumerate() {
-                let value = src[(y + ymin - row_offset) * w * 3 + xx];
-                ss = ss.wrapping_add(i32::from(value).wrapping_mul(wgt));
+    let stride = w * 3;
+    let mut out = vec![0u8; stride * out_h];
+    let mut acc = vec![0i32; stride];
+    for ((&(ymin, taps), k), dst) in coeffs
+        .bounds
+        .iter()
+        .zip(coeffs.weights.chunks_exact(coeffs.ksize))
+        .zip(out.chunks_exact_mut(stride))
+    {
+        acc.fill(1i32 << (PRECISION_BITS - 1));
+        for (y, &wgt) in k[..taps].iter().enumerate() {
+            let row = &src[(y + ymin - row_offset) * stride..][..stride];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a = a.wrapping_add(i32::from(v).wrapping_mul(wgt));
             }
-            *d = clip8(ss);
+        }
+        for (d, &a) in dst.iter_mut().zip(&acc) {
+            *d = clip8(a);
         }
     }
     out

@@ -28,7 +28,8 @@ fn error_of(dir: &Path) -> String {
 }
 
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     edit(&mut value);
     std::fs::write(path, value.to_string()).unwrap();
 }
@@ -37,7 +38,10 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 fn missing_files_are_named() {
     for (file, needle) in [
         ("tokenizer.json", "tokenizer.json"),
-        ("model-00002-of-00003.safetensors", "model-00002-of-00003.safetensors"),
+        (
+            "model-00002-of-00003.safetensors",
+            "model-00002-of-00003.safetensors",
+        ),
         ("chat_template.jinja", "chat template"),
         ("processor_config.json", "preprocessor_config.json"),
         ("config.json", "config.json"),
@@ -53,13 +57,55 @@ fn missing_files_are_named() {
 #[test]
 fn bad_keys_are_named() {
     let cases: Vec<(&str, &str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
-        ("config.json", "hidden", Box::new(|v| { v["text_config"].as_object_mut().unwrap().remove("hidden_size"); }), "`text_config.hidden_size` or `hidden_size`"),
-        ("config.json", "mrope", Box::new(|v| v["text_config"]["rope_parameters"]["mrope_section"] = serde_json::json!([1, 2, 3])), "mrope_section"),
-        ("config.json", "type", Box::new(|v| v["model_type"] = serde_json::json!("llama")), "llama"),
-        ("config.json", "vocab", Box::new(|v| v["text_config"]["vocab_size"] = serde_json::json!("big")), "vocab_size"),
-        ("config.json", "layers", Box::new(|v| v["text_config"]["num_hidden_layers"] = serde_json::json!(5)), "weights do not fit config.json"),
-        ("processor_config.json", "patch", Box::new(|v| v["image_processor"]["patch_size"] = serde_json::json!(16)), "patch_size"),
-        ("generation_config.json", "penalty", Box::new(|v| v["repetition_penalty"] = serde_json::json!(0.0)), "repetition_penalty"),
+        (
+            "config.json",
+            "hidden",
+            Box::new(|v| {
+                v["text_config"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("hidden_size");
+            }),
+            "`text_config.hidden_size` or `hidden_size`",
+        ),
+        (
+            "config.json",
+            "mrope",
+            Box::new(|v| {
+                v["text_config"]["rope_parameters"]["mrope_section"] = serde_json::json!([1, 2, 3])
+            }),
+            "mrope_section",
+        ),
+        (
+            "config.json",
+            "type",
+            Box::new(|v| v["model_type"] = serde_json::json!("llama")),
+            "llama",
+        ),
+        (
+            "config.json",
+            "vocab",
+            Box::new(|v| v["text_config"]["vocab_size"] = serde_json::json!("big")),
+            "vocab_size",
+        ),
+        (
+            "config.json",
+            "layers",
+            Box::new(|v| v["text_config"]["num_hidden_layers"] = serde_json::json!(5)),
+            "weights do not fit config.json",
+        ),
+        (
+            "processor_config.json",
+            "patch",
+            Box::new(|v| v["image_processor"]["patch_size"] = serde_json::json!(16)),
+            "patch_size",
+        ),
+        (
+            "generation_config.json",
+            "penalty",
+            Box::new(|v| v["repetition_penalty"] = serde_json::json!(0.0)),
+            "repetition_penalty",
+        ),
     ];
     for (file, tag, edit, needle) in cases {
         let dir = copy(&format!("bad-{tag}"));

@@ -9,7 +9,9 @@ use serde_json::json;
 use simpleseg_core::templates::{fill_prompt, DEFAULT_PROMPT};
 use simpleseg_core::{parse_answer, CoordMode, ParseMode};
 use simpleseg_engine::image_processor::open_image;
-use simpleseg_engine::{generate, GenerationConfig, GenerationOutput, LoadOptions, VisionLanguageModel};
+use simpleseg_engine::{
+    generate, GenerationConfig, GenerationOutput, LoadOptions, VisionLanguageModel,
+};
 
 use crate::protocol_cmds::{answer_json, write_outputs, CoordsArg, MaskOutputs, ModeArg};
 
@@ -52,7 +54,8 @@ impl ModelArgs {
                 DtypeArg::F16 => Some(candle_core::DType::F16),
             },
         };
-        simpleseg_engine::load(dir, &options).with_context(|| format!("loading the model in {}", dir.display()))
+        simpleseg_engine::load(dir, &options)
+            .with_context(|| format!("loading the model in {}", dir.display()))
     }
 }
 
@@ -92,7 +95,11 @@ impl GenerationArgs {
         if self.greedy {
             c.do_sample = false;
         }
-        if self.temperature.is_some() || self.top_p.is_some() || self.top_k.is_some() || self.seed.is_some() {
+        if self.temperature.is_some()
+            || self.top_p.is_some()
+            || self.top_k.is_some()
+            || self.seed.is_some()
+        {
             c.do_sample = true;
         }
         if let Some(t) = self.temperature {
@@ -192,7 +199,13 @@ fn run(
 pub fn chat(args: ChatArgs) -> Result<()> {
     let model = args.model.load()?;
     let config = args.generation.apply(model.generation_config())?;
-    let (_, out) = run(model.as_ref(), &args.image, &args.prompt, config, !args.json)?;
+    let (_, out) = run(
+        model.as_ref(),
+        &args.image,
+        &args.prompt,
+        config,
+        !args.json,
+    )?;
     if args.json {
         println!(
             "{}",

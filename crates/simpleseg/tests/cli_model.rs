@@ -8,7 +8,8 @@ fn root() -> PathBuf {
 }
 
 fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("simpleseg-cli-model-{name}-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("simpleseg-cli-model-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -18,7 +19,8 @@ fn tempdir(name: &str) -> PathBuf {
 fn chat_json_gives_transformers_greedy_tokens() {
     let case = root().join("fixtures/qwen/flat-window112-tied");
     let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("fixtures/qwen/flat-window112-tied.expected.json")).unwrap(),
+        &std::fs::read_to_string(root().join("fixtures/qwen/flat-window112-tied.expected.json"))
+            .unwrap(),
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
@@ -26,10 +28,21 @@ fn chat_json_gives_transformers_greedy_tokens() {
         .arg(&case)
         .arg("--image")
         .arg(case.join("image.png"))
-        .args(["--prompt", meta["prompt"].as_str().unwrap(), "--greedy", "--max-new-tokens", "24", "--json"])
+        .args([
+            "--prompt",
+            meta["prompt"].as_str().unwrap(),
+            "--greedy",
+            "--max-new-tokens",
+            "24",
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["text"], meta["greedy_text"]);
     assert_eq!(line["token_ids"].as_array().unwrap().len(), 24);
@@ -49,10 +62,17 @@ fn segment_writes_default_outputs_in_the_current_directory() {
         .current_dir(&dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["mode"], "robust");
-    assert_eq!(report["prompt"], "Output the polygon coordinates of the man in the image.");
+    assert_eq!(
+        report["prompt"],
+        "Output the polygon coordinates of the man in the image."
+    );
     assert_eq!(report["width"], 500);
     assert!(dir.join("voc.mask.png").exists() && dir.join("voc.overlay.png").exists());
     std::fs::remove_dir_all(&dir).unwrap();
@@ -62,13 +82,33 @@ fn segment_writes_default_outputs_in_the_current_directory() {
 fn model_errors_are_clear() {
     let dir = tempdir("errors");
     for (args, needle) in [
-        (vec!["chat", "--model", ".", "--image", "x.png", "--prompt", "p"], "config.json"),
-        (vec!["chat", "--model", "nowhere", "--image", "x.png", "--prompt", "p"], "nowhere"),
-        (vec!["chat", "--image", "x.png", "--prompt", "p", "--device", "tpu", "--model", "."], "unknown device"),
+        (
+            vec!["chat", "--model", ".", "--image", "x.png", "--prompt", "p"],
+            "config.json",
+        ),
+        (
+            vec![
+                "chat", "--model", "nowhere", "--image", "x.png", "--prompt", "p",
+            ],
+            "nowhere",
+        ),
+        (
+            vec![
+                "chat", "--image", "x.png", "--prompt", "p", "--device", "tpu", "--model", ".",
+            ],
+            "unknown device",
+        ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_simpleseg")).args(&args).current_dir(&dir).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(
+            !out.status.success() && stderr.contains(needle),
+            "{args:?}: {stderr}"
+        );
     }
     // A missing image with a valid model.
     let out = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
