@@ -54,9 +54,13 @@ fn missing_files_are_named() {
     }
 }
 
+/// A file of the folder, a name for the case, an edit of its JSON, and the text the error must
+/// contain.
+type Case = (&'static str, &'static str, Box<dyn Fn(&mut serde_json::Value)>, &'static str);
+
 #[test]
 fn bad_keys_are_named() {
-    let cases: Vec<(&str, &str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "config.json",
             "hidden",

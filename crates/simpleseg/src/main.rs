@@ -1,5 +1,7 @@
 //! The `simpleseg` command line: a thin layer over the library crates.
 
+mod data_cmds;
+mod eval_cmds;
 mod model_cmds;
 mod protocol_cmds;
 
@@ -22,6 +24,10 @@ enum Command {
     Chat(model_cmds::ChatArgs),
     Segment(model_cmds::SegmentArgs),
     Decode(protocol_cmds::DecodeArgs),
+    Eval(eval_cmds::EvalArgs),
+    /// Make training and evaluation data.
+    #[command(subcommand)]
+    Data(data_cmds::DataCommand),
     Target(protocol_cmds::TargetArgs),
     Iou(protocol_cmds::IouArgs),
 }
@@ -32,6 +38,8 @@ fn main() -> ExitCode {
         Command::Chat(args) => model_cmds::chat(args),
         Command::Segment(args) => model_cmds::segment(args),
         Command::Decode(args) => protocol_cmds::decode(args),
+        Command::Data(command) => data_cmds::run(command),
+        Command::Eval(args) => eval_cmds::eval(args),
         Command::Target(args) => protocol_cmds::target(args),
         Command::Iou(args) => protocol_cmds::iou(args),
     };

@@ -40,6 +40,13 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// How the model is named in reports.
+    pub fn model_name(&self) -> String {
+        self.model
+            .as_ref()
+            .map_or_else(|| "embedded".into(), |p| p.display().to_string())
+    }
+
     /// Loads the model named by `--model`.
     pub fn load(&self) -> Result<Box<dyn VisionLanguageModel>> {
         let Some(dir) = &self.model else {

@@ -1,0 +1,10 @@
+//! SimpleSeg evaluation: per-sample IoU on RLE masks, cIoU, gIoU and Acc@0.5 over referring
+//! datasets, answers from a local model, an OpenAI-compatible server or a file, streamed to a
+//! resumable predictions file, and reports laid out like the paper's tables.
+
+pub mod backends;
+pub mod error;
+pub mod metrics;
+pub mod runner;
+
+pub use error::{Error, Result};

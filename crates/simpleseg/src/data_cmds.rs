@@ -1,0 +1,201 @@
+//! `data synth`, `data sft`, `data rl`: making training and evaluation data.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use simpleseg_core::templates::DEFAULT_PROMPT;
+use simpleseg_data::builders::{
+    rl_records, sft_records, write_records, BuildStats, SftOptions, Task,
+};
+use simpleseg_data::items::{by_image, coco_items, mask_folder_items, refer_items, Item};
+use simpleseg_data::synth::{generate, SynthOptions};
+use simpleseg_data::ReferDataset;
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    Synth(SynthArgs),
+    Sft(SftArgs),
+    Rl(RlArgs),
+}
+
+/// Generate synthetic referring-segmentation scenes in the refer layout (dataset `synth`).
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// Random seed; training, validation and test sets should use different seeds.
+    #[arg(long)]
+    seed: u64,
+    /// Number of images.
+    #[arg(long)]
+    count: usize,
+    /// Refer root to write (or add a split to).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Split name.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 112)]
+    size: u32,
+}
+
+/// Where objects come from: refer-format datasets, a COCO instances file, or a mask folder.
+#[derive(Args, Debug)]
+pub struct SourceArgs {
+    /// Root of refer-format datasets (NAME/refs(SPLITBY).p, NAME/instances.json, images/...).
+    #[arg(long, value_name = "DIR")]
+    refer_root: Option<PathBuf>,
+    /// Comma-separated dataset names under --refer-root.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "refcoco,refcoco+,refcocog,refclef"
+    )]
+    datasets: Vec<String>,
+    /// Split to use.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Override the split-by of every dataset (unc, umd, google, berkeley).
+    #[arg(long)]
+    split_by: Option<String>,
+    /// Folder holding the images (default: the dataset's usual folder under --refer-root).
+    #[arg(long, value_name = "DIR")]
+    image_root: Option<PathBuf>,
+    /// A plain COCO instances_*.json instead: one object per annotation, named by category.
+    #[arg(
+        long,
+        value_name = "F",
+        conflicts_with = "refer_root",
+        requires = "image_root"
+    )]
+    coco_instances: Option<PathBuf>,
+    /// A folder of images and mask PNGs with queries.jsonl instead.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["refer_root", "coco_instances"])]
+    mask_folder: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    /// The objects of the chosen split, dataset after dataset, grouped by image.
+    pub fn items(&self) -> Result<Vec<Item>> {
+        if let Some(instances) = &self.coco_instances {
+            let root = self
+                .image_root
+                .as_ref()
+                .expect("clap requires --image-root");
+            return Ok(coco_items(instances, root)?);
+        }
+        if let Some(dir) = &self.mask_folder {
+            return Ok(mask_folder_items(dir, Some(&self.split))?);
+        }
+        let Some(root) = &self.refer_root else {
+            bail!("give --refer-root (or --coco-instances, or --mask-folder)");
+        };
+        let mut items = Vec::new();
+        for name in &self.datasets {
+            let ds = ReferDataset::load(
+                root,
+                name,
+                self.split_by.as_deref(),
+                self.image_root.as_deref(),
+            )
+            .with_context(|| format!("loading dataset {name}"))?;
+            let split: Vec<Item> = refer_items(&ds, &self.split)?;
+            if split.is_empty() {
+                eprintln!("warning: {name} has no refs in split {:?}", self.split);
+            }
+            items.extend(by_image(&split).into_iter().cloned());
+        }
+        Ok(items)
+    }
+}
+
+/// Build SFT data as the released data script does (two passes, random templates).
+#[derive(Args, Debug)]
+pub struct SftArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Output: .json (indented like the original) or .jsonl.
+    #[arg(long, value_name = "F")]
+    out: PathBuf,
+    /// Seed of the template choices.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Passes over the data (the script makes 2).
+    #[arg(long, default_value_t = 2)]
+    passes: usize,
+    /// approxPolyDP epsilon as a fraction of each contour's length.
+    #[arg(long, default_value_t = simpleseg_core::target::DEFAULT_EPSILON_RATIO)]
+    epsilon_ratio: f64,
+    /// Pairs to build: text-mask (the script's), point-mask, box-mask, text-box.
+    #[arg(long, value_delimiter = ',', default_value = "text-mask")]
+    tasks: Vec<Task>,
+}
+
+/// Build RL data: one JSON line per expression with the ground-truth mask as RLE.
+#[derive(Args, Debug)]
+pub struct RlArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Output JSON lines file.
+    #[arg(long, value_name = "F.jsonl")]
+    out: PathBuf,
+    /// The prompt; {query} is replaced by the expression.
+    #[arg(long, default_value = DEFAULT_PROMPT)]
+    prompt_template: String,
+}
+
+fn report(stats: &BuildStats, out: &std::path::Path) {
+    eprintln!(
+        "{} objects -> {} records in {:.1}s ({:.0} objects/s), wrote {}",
+        stats.objects,
+        stats.records,
+        stats.seconds,
+        stats.objects_per_second,
+        out.display()
+    );
+}
+
+pub fn run(command: DataCommand) -> Result<()> {
+    match command {
+        DataCommand::Synth(a) => {
+            let stats = generate(
+                &a.out,
+                &SynthOptions {
+                    seed: a.seed,
+                    count: a.count,
+                    split: a.split.clone(),
+                    size: a.size,
+                },
+            )?;
+            println!(
+                "{} images, {} objects, {} expressions written as split {:?} of {}",
+                stats.images,
+                stats.refs,
+                stats.sentences,
+                a.split,
+                a.out.join("synth").display()
+            );
+        }
+        DataCommand::Sft(a) => {
+            let items = a.source.items()?;
+            let refs: Vec<&Item> = items.iter().collect();
+            let options = SftOptions {
+                seed: a.seed,
+                passes: a.passes,
+                epsilon_ratio: a.epsilon_ratio,
+                tasks: a.tasks.clone(),
+            };
+            let (records, stats) = sft_records(&refs, &options)?;
+            write_records(&a.out, &records)?;
+            report(&stats, &a.out);
+        }
+        DataCommand::Rl(a) => {
+            let items = a.source.items()?;
+            let refs: Vec<&Item> = items.iter().collect();
+            let (records, stats) = rl_records(&refs, &a.prompt_template)?;
+            write_records(&a.out, &records)?;
+            report(&stats, &a.out);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! `eval`: scores a model on a referring dataset split (or the paper's eight splits).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use simpleseg_core::templates::DEFAULT_PROMPT;
+use simpleseg_core::{CoordMode, ParseMode};
+use simpleseg_data::items::refer_items;
+use simpleseg_data::ReferDataset;
+use simpleseg_eval::backends::{Backend, FileBackend, LocalBackend, OpenAiBackend};
+use simpleseg_eval::metrics::BoxSource;
+use simpleseg_eval::runner::{self, default_out, markdown, EvalConfig, Report, Task, PAPER_SPLITS};
+
+use crate::model_cmds::{GenerationArgs, ModelArgs};
+use crate::protocol_cmds::{CoordsArg, ModeArg};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BackendArg {
+    /// A model folder run in this process (--model).
+    Local,
+    /// An OpenAI-compatible server (--base-url, --model NAME): vLLM, SGLang, `simpleseg serve`.
+    Openai,
+    /// Answers already produced, from --predictions F.jsonl.
+    File,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TaskArg {
+    /// Referring expression segmentation: cIoU leads.
+    Res,
+    /// Referring expression comprehension: Acc@0.5 leads.
+    Rec,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BoxFromArg {
+    /// The extent of the predicted mask.
+    Mask,
+    /// The first box in the answer.
+    Answer,
+}
+
+/// Score a model on a referring dataset split: cIoU, gIoU and Acc@0.5, one sample per
+/// expression. Predictions stream to OUT/predictions.jsonl; rerunning with the same --out
+/// resumes. Writes OUT/report.json and OUT/report.md.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Root of the refer-format datasets.
+    #[arg(long, value_name = "DIR")]
+    refer_root: PathBuf,
+    /// Dataset name under --refer-root.
+    #[arg(long, default_value = "refcoco")]
+    dataset: String,
+    #[arg(long, default_value = "val")]
+    split: String,
+    /// Run the eight splits of the paper's table (refCOCO, refCOCO+, refCOCOg).
+    #[arg(long)]
+    all: bool,
+    #[arg(long)]
+    split_by: Option<String>,
+    #[arg(long, value_name = "DIR")]
+    image_root: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "res")]
+    task: TaskArg,
+    #[arg(long, value_enum, default_value = "local")]
+    backend: BackendArg,
+    /// Model folder (local backend; the embedded model when omitted) or served model name
+    /// (openai backend).
+    #[arg(long, value_name = "DIR|NAME")]
+    model: Option<String>,
+    /// API root of the server, e.g. http://localhost:8000/v1 (openai backend).
+    #[arg(long, value_name = "URL")]
+    base_url: Option<String>,
+    /// Environment variable holding the API key, if the server wants one.
+    #[arg(long, value_name = "VAR", default_value = "OPENAI_API_KEY")]
+    api_key_env: String,
+    /// Seconds before a request to the server is abandoned.
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+    /// Retries after a failed request (with backoff).
+    #[arg(long, default_value_t = 3)]
+    retries: usize,
+    /// Answers to re-score: {"ref_id", "sent_id", "answer"} per line (file backend).
+    #[arg(long, value_name = "F.jsonl")]
+    predictions: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "official")]
+    mode: ModeArg,
+    #[arg(long, value_enum, default_value = "normalized")]
+    coords: CoordsArg,
+    /// Where Acc@0.5's predicted box comes from.
+    #[arg(long, value_enum)]
+    box_from: Option<BoxFromArg>,
+    /// The prompt; {query} (or {sent}) is replaced by the expression.
+    #[arg(long)]
+    prompt_template: Option<String>,
+    /// Sample answers instead of greedy decoding, seeded from --seed and the sentence id.
+    #[arg(long)]
+    sample: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Questions answered at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Only the first N samples.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Output folder (default runs/<dataset>-<split>; with --all, the parent of those).
+    #[arg(long, value_name = "RUN_DIR")]
+    out: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[command(flatten)]
+    generation: GenerationArgs,
+}
+
+fn backend(args: &EvalArgs) -> Result<Box<dyn Backend>> {
+    Ok(match args.backend {
+        BackendArg::Local => {
+            let model_args = ModelArgs {
+                model: args.model.as_ref().map(PathBuf::from),
+                device: args.device.clone(),
+                dtype: crate::model_cmds::DtypeArg::Auto,
+            };
+            let model = model_args.load()?;
+            let config = args.generation.apply(model.generation_config())?;
+            let name = model_args.model_name();
+            Box::new(LocalBackend::new(model, config, name))
+        }
+        BackendArg::Openai => {
+            let Some(url) = &args.base_url else {
+                bail!("--backend openai needs --base-url")
+            };
+            let Some(model) = &args.model else {
+                bail!("--backend openai needs --model NAME (the served model)")
+            };
+            let max_tokens = args.generation.max_new_tokens.unwrap_or(512);
+            Box::new(OpenAiBackend::new(
+                url,
+                model,
+                std::env::var(&args.api_key_env).ok(),
+                max_tokens,
+                args.generation.temperature.unwrap_or(1.0),
+                Duration::from_secs(args.timeout_s),
+                args.retries,
+            ))
+        }
+        BackendArg::File => {
+            let Some(path) = &args.predictions else {
+                bail!("--backend file needs --predictions F.jsonl")
+            };
+            Box::new(FileBackend::open(path)?)
+        }
+    })
+}
+
+fn one_split(
+    args: &EvalArgs,
+    backend: &dyn Backend,
+    dataset: &str,
+    split: &str,
+    out: &Path,
+) -> Result<Report> {
+    let ds = ReferDataset::load(
+        &args.refer_root,
+        dataset,
+        args.split_by.as_deref(),
+        args.image_root.as_deref(),
+    )
+    .with_context(|| format!("loading {dataset}"))?;
+    let items = refer_items(&ds, split)?;
+    if items.is_empty() {
+        bail!("{dataset} has no refs in split {split:?}");
+    }
+    let box_source = match (args.box_from, args.task) {
+        (Some(BoxFromArg::Answer), _) => BoxSource::Answer,
+        (Some(BoxFromArg::Mask), _) | (None, _) => BoxSource::Mask,
+    };
+    let prompt_template = args.prompt_template.clone().unwrap_or_else(|| {
+        if box_source == BoxSource::Answer {
+            "Output the bounding box of {query} in the image.".into()
+        } else {
+            DEFAULT_PROMPT.into()
+        }
+    });
+    let config = EvalConfig {
+        dataset: dataset.into(),
+        split: split.into(),
+        task: match args.task {
+            TaskArg::Res => Task::Res,
+            TaskArg::Rec => Task::Rec,
+        },
+        mode: ParseMode::from(args.mode),
+        coords: CoordMode::from(args.coords),
+        box_source,
+        prompt_template: prompt_template.replace("{sent}", "{query}"),
+        sample: args.sample,
+        seed: args.seed,
+        limit: args.limit,
+    };
+    let report = runner::run(&items, backend, &config, args.concurrency, out, true)?;
+    eprintln!(
+        "{dataset} {split}: cIoU {:.1}, gIoU {:.1}, Acc@0.5 {:.1} over {} samples ({} unparseable) -> {}",
+        100.0 * report.ciou,
+        100.0 * report.giou,
+        100.0 * report.acc50,
+        report.n,
+        report.parse_failures,
+        out.display()
+    );
+    Ok(report)
+}
+
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let backend = backend(&args)?;
+    if args.all {
+        let root = args.out.clone().unwrap_or_else(|| PathBuf::from("runs"));
+        let mut reports = Vec::new();
+        for (dataset, split) in PAPER_SPLITS {
+            let out = root.join(format!("{dataset}-{split}"));
+            reports.push(one_split(&args, backend.as_ref(), dataset, split, &out)?);
+        }
+        let table = markdown(&reports);
+        std::fs::write(root.join("summary.md"), &table)?;
+        std::fs::write(
+            root.join("summary.json"),
+            serde_json::to_string_pretty(&runner::summary_json(&reports))? + "\n",
+        )?;
+        println!("{table}");
+    } else {
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| default_out(&args.dataset, &args.split));
+        let report = one_split(&args, backend.as_ref(), &args.dataset, &args.split, &out)?;
+        print!("{}", markdown(&[report]));
+    }
+    Ok(())
+}
