@@ -116,7 +116,7 @@ fn processor_and_prompt_match_transformers() {
         let model = Qwen2_5VlModel::load(&folder, &f32_options()).unwrap();
         let exp = expected(case);
         let image = to_rgb(&image::open(folder.path("image.png")).unwrap());
-        let processed = preprocess(&image, &model.image_config).unwrap();
+        let processed = preprocess(&image, &model.prompts.image_config).unwrap();
         let grid: Vec<i64> = exp["image_grid_thw"]
             .flatten_all()
             .unwrap()

@@ -4,6 +4,7 @@ mod data_cmds;
 mod eval_cmds;
 mod model_cmds;
 mod protocol_cmds;
+mod train_cmds;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,9 @@ enum Command {
     Segment(model_cmds::SegmentArgs),
     Decode(protocol_cmds::DecodeArgs),
     Eval(eval_cmds::EvalArgs),
+    /// Train a model: SFT, then RL with an IoU reward.
+    #[command(subcommand)]
+    Train(train_cmds::TrainCommand),
     /// Make training and evaluation data.
     #[command(subcommand)]
     Data(data_cmds::DataCommand),
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
         Command::Decode(args) => protocol_cmds::decode(args),
         Command::Data(command) => data_cmds::run(command),
         Command::Eval(args) => eval_cmds::eval(args),
+        Command::Train(command) => train_cmds::run(command),
         Command::Target(args) => protocol_cmds::target(args),
         Command::Iou(args) => protocol_cmds::iou(args),
     };

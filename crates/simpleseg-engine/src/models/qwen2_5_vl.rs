@@ -242,6 +242,63 @@ impl Config {
     pub fn head_dim(&self) -> usize {
         self.text.hidden_size / self.text.num_attention_heads
     }
+
+    /// `config.json` as transformers 5 writes it (language model under `text_config`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let t = &self.text;
+        let v = &self.vision;
+        let eos = match self.eos_token_ids.as_slice() {
+            [one] => serde_json::json!(one),
+            many => serde_json::json!(many),
+        };
+        serde_json::json!({
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": "qwen2_5_vl",
+            "dtype": "float32",
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "eos_token_id": eos,
+            "text_config": {
+                "model_type": "qwen2_5_vl_text",
+                "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size,
+                "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads,
+                "num_key_value_heads": t.num_key_value_heads,
+                "hidden_act": "silu",
+                "rms_norm_eps": t.rms_norm_eps,
+                "max_position_embeddings": t.max_position_embeddings,
+                "use_sliding_window": false,
+                "eos_token_id": eos,
+                "tie_word_embeddings": self.tie_word_embeddings,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": t.rope_theta,
+                    "mrope_section": t.mrope_section,
+                },
+            },
+            "vision_config": {
+                "model_type": "qwen2_5_vl_vision",
+                "depth": v.depth,
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_heads": v.num_heads,
+                "in_channels": v.in_channels,
+                "out_hidden_size": v.out_hidden_size,
+                "patch_size": v.patch_size,
+                "spatial_merge_size": v.spatial_merge_size,
+                "temporal_patch_size": v.temporal_patch_size,
+                "window_size": v.window_size,
+                "fullatt_block_indexes": v.fullatt_block_indexes,
+                "hidden_act": "silu",
+                "tokens_per_second": 2,
+            },
+        })
+    }
 }
 
 /// Where the checkpoint keeps its tensors.
@@ -1049,14 +1106,128 @@ impl Qwen2_5Vl {
 // ---------------------------------------------------------------------------------------------
 // Pipeline: folder loading, prompts and sessions
 
-/// A Qwen2.5-VL folder loaded for inference: model, tokenizer, template, processor settings.
-pub struct Qwen2_5VlModel {
-    pub model: Qwen2_5Vl,
+/// Builds model inputs: chat template, image processing, placeholder expansion, tokens.
+#[derive(Clone)]
+pub struct PromptBuilder {
     pub tokenizer: TextTokenizer,
     pub template: ChatTemplate,
     pub image_config: ImageProcessorConfig,
-    pub generation: GenerationConfig,
     image_token: String,
+    merge_size: usize,
+}
+
+impl PromptBuilder {
+    /// Checks that the pieces fit the model configuration.
+    pub fn new(
+        tokenizer: TextTokenizer,
+        template: ChatTemplate,
+        image_config: ImageProcessorConfig,
+        config: &Config,
+    ) -> Result<Self> {
+        if image_config.patch_size != config.vision.patch_size
+            || image_config.merge_size != config.vision.spatial_merge_size
+            || image_config.temporal_patch_size != config.vision.temporal_patch_size
+        {
+            return Err(Error::Input(format!(
+                "the image processor's patch_size/merge_size/temporal_patch_size {}/{}/{} differ from config.json's vision_config {}/{}/{}",
+                image_config.patch_size,
+                image_config.merge_size,
+                image_config.temporal_patch_size,
+                config.vision.patch_size,
+                config.vision.spatial_merge_size,
+                config.vision.temporal_patch_size
+            )));
+        }
+        let image_token = tokenizer.inner().id_to_token(config.image_token_id).ok_or_else(|| {
+            Error::Input(format!(
+                "config.json's `image_token_id` {} is not in the tokenizer's vocabulary",
+                config.image_token_id
+            ))
+        })?;
+        Ok(PromptBuilder {
+            tokenizer,
+            template,
+            image_config,
+            image_token,
+            merge_size: config.vision.spatial_merge_size,
+        })
+    }
+
+    /// Prompt text with the image placeholder expanded to one token per merged patch, as the
+    /// processor does before tokenizing.
+    pub fn expand_placeholders(&self, text: &str, grids: &[[usize; 3]]) -> Result<String> {
+        let m2 = self.merge_size.pow(2);
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        let mut grids = grids.iter();
+        while let Some(at) = rest.find(&self.image_token) {
+            let g = grids.next().ok_or_else(|| {
+                Error::Input("the chat template produced more image placeholders than images".into())
+            })?;
+            out.push_str(&rest[..at]);
+            for _ in 0..g[0] * g[1] * g[2] / m2 {
+                out.push_str(&self.image_token);
+            }
+            rest = &rest[at + self.image_token.len()..];
+        }
+        out.push_str(rest);
+        if grids.next().is_some() {
+            return Err(Error::Template(format!(
+                "the chat template did not place the image token {}",
+                self.image_token
+            )));
+        }
+        Ok(out)
+    }
+
+    /// One user turn with the image and the prompt, ready for generation.
+    pub fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
+        let processed = preprocess(image, &self.image_config)?;
+        let text = self.template.image_prompt(prompt)?;
+        let text = self.expand_placeholders(&text, &[processed.grid_thw])?;
+        Ok(Prompt {
+            input_ids: self.tokenizer.encode(&text)?,
+            images: vec![processed],
+        })
+    }
+}
+
+/// Pixel values of processed images as one `(patches, patch_dim)` tensor.
+pub fn pixel_tensor(images: &[crate::image_processor::ProcessedImage], device: &Device) -> Result<Tensor> {
+    let rows: usize = images.iter().map(|i| i.grid_thw.iter().product::<usize>()).sum();
+    let values: Vec<f32> = images.iter().flat_map(|i| i.pixel_values.iter().copied()).collect();
+    let dim = values.len() / rows.max(1);
+    Ok(Tensor::from_vec(values, (rows, dim), device)?)
+}
+
+/// Runs a prompt through `model` (vision tower, prefill) and opens a decoding session on it.
+pub fn start_session<'a>(model: &'a Qwen2_5Vl, prompt: &Prompt, device: &Device) -> Result<Box<dyn Session + 'a>> {
+    let grids: Vec<[usize; 3]> = prompt.images.iter().map(|i| i.grid_thw).collect();
+    let features = if prompt.images.is_empty() {
+        None
+    } else {
+        Some(model.visual.forward(&pixel_tensor(&prompt.images, device)?, &grids, Mode::Infer)?)
+    };
+    let ids = Tensor::new(prompt.input_ids.as_slice(), device)?.unsqueeze(0)?;
+    let embeds = model.embed_with_images(&ids, features.as_ref())?;
+    let (positions, delta) = rope_index(
+        &prompt.input_ids,
+        model.config.image_token_id,
+        &grids,
+        model.config.vision.spatial_merge_size,
+    )?;
+    let mut cache = KvCache::default();
+    let hidden = model.text.forward(&embeds, &[positions], Some(&mut cache), Mode::Infer)?;
+    let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
+    let logits = model.text.logits(&last)?;
+    Ok(Box::new(QwenSession { model, cache, delta, logits }))
+}
+
+/// A Qwen2.5-VL folder loaded for inference: model, prompt builder, decoding defaults.
+pub struct Qwen2_5VlModel {
+    pub model: Qwen2_5Vl,
+    pub prompts: PromptBuilder,
+    pub generation: GenerationConfig,
     device: Device,
 }
 
@@ -1069,10 +1240,31 @@ fn auto_dtype(folder: &HfFolder) -> Result<DType> {
         .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
         .sum();
     // Stored weights are at least 2 bytes per value; assume the worst (bf16) for the estimate.
-    Ok(if bytes * 2 <= 8 << 30 {
-        DType::F32
-    } else {
-        DType::BF16
+    Ok(if bytes * 2 <= 8 << 30 { DType::F32 } else { DType::BF16 })
+}
+
+/// Decoding defaults of a folder, with the config's and `<|im_end|>` stop tokens added.
+pub fn generation_defaults(folder: &HfFolder, config: &Config, tokenizer: &TextTokenizer) -> Result<GenerationConfig> {
+    let mut generation = GenerationConfig::load(folder)?;
+    if generation.eos_token_ids.is_empty() {
+        generation.eos_token_ids = config.eos_token_ids.clone();
+    }
+    if let Some(im_end) = tokenizer.token_id("<|im_end|>") {
+        if !generation.eos_token_ids.contains(&im_end) {
+            generation.eos_token_ids.push(im_end);
+        }
+    }
+    Ok(generation)
+}
+
+/// The tokenizer, template and processor settings of a folder.
+pub fn prompt_builder(folder: &HfFolder, config: &Config) -> Result<PromptBuilder> {
+    let tokenizer = TextTokenizer::from_file(&folder.path("tokenizer.json"))?;
+    let template = ChatTemplate::load(folder)?;
+    let image_config = ImageProcessorConfig::load(folder)?;
+    PromptBuilder::new(tokenizer, template, image_config, config).map_err(|e| Error::BadConfig {
+        path: folder.dir().to_path_buf(),
+        message: e.to_string(),
     })
 }
 
@@ -1091,105 +1283,14 @@ impl Qwen2_5VlModel {
             path: folder.dir().to_path_buf(),
             message: format!("weights do not fit config.json: {e}"),
         })?;
-        let tokenizer = TextTokenizer::from_file(&folder.path("tokenizer.json"))?;
-        let template = ChatTemplate::load(folder)?;
-        let image_config = ImageProcessorConfig::load(folder)?;
-        if image_config.patch_size != config.vision.patch_size
-            || image_config.merge_size != config.vision.spatial_merge_size
-            || image_config.temporal_patch_size != config.vision.temporal_patch_size
-        {
-            return Err(Error::BadConfig {
-                path: folder.path("preprocessor_config.json"),
-                message: format!(
-                    "patch_size/merge_size/temporal_patch_size {}/{}/{} differ from config.json's vision_config {}/{}/{}",
-                    image_config.patch_size,
-                    image_config.merge_size,
-                    image_config.temporal_patch_size,
-                    config.vision.patch_size,
-                    config.vision.spatial_merge_size,
-                    config.vision.temporal_patch_size
-                ),
-            });
-        }
-        let image_token = tokenizer
-            .inner()
-            .id_to_token(config.image_token_id)
-            .ok_or_else(|| Error::BadConfig {
-                path: folder.path("config.json"),
-                message: format!(
-                    "`image_token_id` {} is not in tokenizer.json's vocabulary",
-                    config.image_token_id
-                ),
-            })?;
-        let mut generation = GenerationConfig::load(folder)?;
-        if generation.eos_token_ids.is_empty() {
-            generation.eos_token_ids = config.eos_token_ids.clone();
-        }
-        if let Some(im_end) = tokenizer.token_id("<|im_end|>") {
-            if !generation.eos_token_ids.contains(&im_end) {
-                generation.eos_token_ids.push(im_end);
-            }
-        }
-        Ok(Qwen2_5VlModel {
-            model,
-            tokenizer,
-            template,
-            image_config,
-            generation,
-            image_token,
-            device: options.device.clone(),
-        })
-    }
-
-    /// Prompt text with the image placeholder expanded to one token per merged patch, as the
-    /// processor does before tokenizing.
-    pub fn expand_placeholders(&self, text: &str, grids: &[[usize; 3]]) -> Result<String> {
-        let m2 = self.config().vision.spatial_merge_size.pow(2);
-        let mut out = String::with_capacity(text.len());
-        let mut rest = text;
-        let mut grids = grids.iter();
-        while let Some(at) = rest.find(&self.image_token) {
-            let g = grids.next().ok_or_else(|| {
-                Error::Input(
-                    "the chat template produced more image placeholders than images".into(),
-                )
-            })?;
-            out.push_str(&rest[..at]);
-            for _ in 0..g[0] * g[1] * g[2] / m2 {
-                out.push_str(&self.image_token);
-            }
-            rest = &rest[at + self.image_token.len()..];
-        }
-        out.push_str(rest);
-        if grids.next().is_some() {
-            return Err(Error::Template(format!(
-                "the chat template did not place the image token {}",
-                self.image_token
-            )));
-        }
-        Ok(out)
+        let prompts = prompt_builder(folder, &config)?;
+        let generation = generation_defaults(folder, &config, &prompts.tokenizer)?;
+        Ok(Qwen2_5VlModel { model, prompts, generation, device: options.device.clone() })
     }
 
     /// The model configuration.
     pub fn config(&self) -> &Config {
         &self.model.config
-    }
-
-    /// Pixel values of processed images as one `(patches, patch_dim)` tensor.
-    pub fn pixel_tensor(
-        &self,
-        images: &[crate::image_processor::ProcessedImage],
-    ) -> Result<Tensor> {
-        let rows: usize = images
-            .iter()
-            .map(|i| i.grid_thw.iter().product::<usize>())
-            .sum();
-        let values: Vec<f32> = images
-            .iter()
-            .flat_map(|i| i.pixel_values.iter().copied())
-            .collect();
-        let dim = values.len() / rows.max(1);
-        Ok(Tensor::from_vec(values, (rows, dim), &self.device)?)
     }
 }
 
@@ -1199,51 +1300,15 @@ impl VisionLanguageModel for Qwen2_5VlModel {
     }
 
     fn tokenizer(&self) -> &TextTokenizer {
-        &self.tokenizer
+        &self.prompts.tokenizer
     }
 
     fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
-        let processed = preprocess(image, &self.image_config)?;
-        let text = self.template.image_prompt(prompt)?;
-        let text = self.expand_placeholders(&text, &[processed.grid_thw])?;
-        Ok(Prompt {
-            input_ids: self.tokenizer.encode(&text)?,
-            images: vec![processed],
-        })
+        self.prompts.prepare(image, prompt)
     }
 
     fn start(&self, prompt: &Prompt) -> Result<Box<dyn Session + '_>> {
-        let grids: Vec<[usize; 3]> = prompt.images.iter().map(|i| i.grid_thw).collect();
-        let features = if prompt.images.is_empty() {
-            None
-        } else {
-            Some(self.model.visual.forward(
-                &self.pixel_tensor(&prompt.images)?,
-                &grids,
-                Mode::Infer,
-            )?)
-        };
-        let ids = Tensor::new(prompt.input_ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        let embeds = self.model.embed_with_images(&ids, features.as_ref())?;
-        let (positions, delta) = rope_index(
-            &prompt.input_ids,
-            self.config().image_token_id,
-            &grids,
-            self.config().vision.spatial_merge_size,
-        )?;
-        let mut cache = KvCache::default();
-        let hidden =
-            self.model
-                .text
-                .forward(&embeds, &[positions], Some(&mut cache), Mode::Infer)?;
-        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
-        let logits = self.model.text.logits(&last)?;
-        Ok(Box::new(QwenSession {
-            model: &self.model,
-            cache,
-            delta,
-            logits,
-        }))
+        start_session(&self.model, prompt, &self.device)
     }
 
     fn generation_config(&self) -> &GenerationConfig {
@@ -1336,6 +1401,21 @@ mod tests {
             vec![0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13, 4, 9, 14]
         );
         assert_eq!(cu, vec![0, 48, 60]);
+    }
+
+    #[test]
+    fn config_json_round_trips() {
+        let folder = crate::hf::HfFolder::open(
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen/flat-window112-tied"),
+        )
+        .unwrap();
+        let config = Config::from_json(&folder.json("config.json").unwrap()).unwrap();
+        let again = Config::from_json(&JsonFile {
+            path: "config.json".into(),
+            root: config.to_json(),
+        })
+        .unwrap();
+        assert_eq!(config, again);
     }
 
     #[test]

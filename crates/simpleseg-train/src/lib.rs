@@ -1,0 +1,15 @@
+//! SimpleSeg training in Rust: a tokenizer trained on the data, supervised fine-tuning on
+//! mask-derived polygons, then reinforcement learning (GSPO or GRPO) with an IoU reward, for
+//! models of the Qwen2.5-VL architecture. The model is the engine's own implementation, built
+//! over trainable variables.
+
+pub mod data;
+pub mod error;
+pub mod folder;
+pub mod optim;
+pub mod params;
+pub mod run;
+pub mod sft;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,242 @@
+//! What SFT and RL runs share: the output folder layout, checkpoints that resume exactly,
+//! the JSON lines log, the loss curve, and evaluation of the current weights.
+//!
+//! ```text
+//! OUT/                      a complete Hugging Face model folder (the latest weights)
+//! OUT/training/state.json   step, settings and data the run was started with
+//! OUT/training/optimizer.safetensors
+//! OUT/training/log.jsonl    one line per logged step
+//! OUT/training/loss.png     the loss curve
+//! OUT/training/checkpoints/step-NNNNNN/model.safetensors
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use simpleseg_core::templates::DEFAULT_PROMPT;
+use simpleseg_core::{CoordMode, ParseMode};
+use simpleseg_data::items::refer_items;
+use simpleseg_data::ReferDataset;
+use simpleseg_engine::{load, LoadOptions};
+use simpleseg_eval::backends::LocalBackend;
+use simpleseg_eval::metrics::BoxSource;
+use simpleseg_eval::runner::{self, EvalConfig, Report, Task};
+
+use crate::error::{io, Error, Result};
+use crate::folder::write_weights;
+use crate::optim::AdamW;
+use crate::params::{load_safetensors, save_safetensors, Trainable};
+
+/// Paths of a run's output folder.
+#[derive(Clone, Debug)]
+pub struct RunDir {
+    pub out: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(out: &Path) -> Self {
+        RunDir { out: out.to_path_buf() }
+    }
+    pub fn training(&self) -> PathBuf {
+        self.out.join("training")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.training().join("state.json")
+    }
+    pub fn optimizer(&self) -> PathBuf {
+        self.training().join("optimizer.safetensors")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.training().join("log.jsonl")
+    }
+    pub fn plot(&self) -> PathBuf {
+        self.training().join("loss.png")
+    }
+    /// True when a resumable run is there.
+    pub fn has_state(&self) -> bool {
+        self.state().is_file() && self.out.join("model.safetensors").is_file()
+    }
+}
+
+/// Progress a checkpoint records.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct State<C> {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// The settings the run started with; a resumed run keeps them.
+    pub settings: C,
+}
+
+/// Saves weights, optimizer moments and progress. The state file is written last, so a run
+/// killed while saving resumes from the previous checkpoint's state... and weights of the
+/// same step, since weights are written to a temporary file and renamed in one step.
+pub fn save_checkpoint<C: Serialize>(run: &RunDir, model: &Trainable, optimizer: &AdamW, state: &State<C>, keep: bool) -> Result<()> {
+    std::fs::create_dir_all(run.training()).map_err(io(&run.training()))?;
+    // Everything of step N first goes to step-N files, then the pointer (state.json) moves.
+    write_weights(&run.out, model)?;
+    save_safetensors(&run.optimizer(), &optimizer.state())?;
+    if keep {
+        let dir = run.training().join(format!("checkpoints/step-{:06}", state.step));
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        save_safetensors(&dir.join("model.safetensors"), &model.tensors())?;
+    }
+    let tmp = run.state().with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(state).expect("JSON")).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, run.state()).map_err(io(&run.state()))
+}
+
+/// Reads a run's state.
+pub fn read_state<C: for<'de> Deserialize<'de>>(run: &RunDir) -> Result<State<C>> {
+    let path = run.state();
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    serde_json::from_str(&text).map_err(|e| Error::BadFile { path, message: e.to_string() })
+}
+
+/// Restores weights and optimizer moments of the last checkpoint.
+pub fn restore(run: &RunDir, model: &Trainable, optimizer: &mut AdamW, step: usize, device: &Device) -> Result<()> {
+    model.set_all(&load_safetensors(&run.out.join("model.safetensors"), device)?)?;
+    optimizer.load_state(&load_safetensors(&run.optimizer(), device)?, step)
+}
+
+/// Appends log lines; on resume, drops lines past the resumed step.
+pub struct Log {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Log {
+    pub fn open(run: &RunDir, resumed_step: usize) -> Result<Self> {
+        let path = run.log();
+        std::fs::create_dir_all(run.training()).map_err(io(&run.training()))?;
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= resumed_step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(&path, kept).map_err(io(&path))?;
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+        Ok(Log { file, path })
+    }
+
+    pub fn write(&mut self, line: &Value) -> Result<()> {
+        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(io(&self.path))
+    }
+
+    /// `(step, value)` of a key over the whole log.
+    pub fn series(&self, key: &str) -> Result<Vec<(f64, f64)>> {
+        let text = std::fs::read_to_string(&self.path).map_err(io(&self.path))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| Some((v["step"].as_f64()?, v[key].as_f64()?)))
+            .collect())
+    }
+}
+
+/// Mean cross-entropy of `logits` `(n, vocab)` against `targets` `(n,)`, differentiable.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax(logits)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
+    Ok(picked.neg()?.mean_all()?)
+}
+
+/// `log_softmax` over the last dimension from differentiable primitives.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Where and how to evaluate during training.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalSpec {
+    pub refer_root: PathBuf,
+    pub dataset: String,
+    pub split: String,
+    pub limit: Option<usize>,
+    pub max_new_tokens: usize,
+}
+
+/// Scores the weights saved in `run.out` with the evaluation runner (greedy, robust parsing).
+pub fn evaluate(run: &RunDir, spec: &EvalSpec, step: usize) -> Result<Report> {
+    let ds = ReferDataset::load(&spec.refer_root, &spec.dataset, None, None)?;
+    let items = refer_items(&ds, &spec.split)?;
+    let model = load(&run.out, &LoadOptions::default())?;
+    let mut config = model.generation_config().clone();
+    config.max_new_tokens = spec.max_new_tokens;
+    config.do_sample = false;
+    let backend = LocalBackend::new(model, config, run.out.display().to_string());
+    let eval = EvalConfig {
+        dataset: spec.dataset.clone(),
+        split: spec.split.clone(),
+        task: Task::Res,
+        mode: ParseMode::Robust,
+        coords: CoordMode::Normalized,
+        box_source: BoxSource::Mask,
+        prompt_template: DEFAULT_PROMPT.into(),
+        sample: false,
+        seed: 0,
+        limit: spec.limit,
+    };
+    let out = run.training().join(format!("eval-{}-{}-step-{step:06}", spec.dataset, spec.split));
+    Ok(runner::run(&items, &backend, &eval, 1, &out, true)?)
+}
+
+/// Draws the loss curve (raw and smoothed) as a PNG: white background, grey axes, light raw
+/// line, dark smoothed line. The values themselves are in the log.
+pub fn plot_curve(path: &Path, points: &[(f64, f64)]) -> Result<()> {
+    use image::{Rgb, RgbImage};
+    let (w, h, pad) = (800u32, 400u32, 30u32);
+    let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
+    if points.len() >= 2 {
+        let (x0, x1) = (points[0].0, points[points.len() - 1].0.max(points[0].0 + 1.0));
+        let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min).min(0.0);
+        let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max).max(lo + 1e-9);
+        let px = |x: f64| pad as f64 + (x - x0) / (x1 - x0) * (w - 2 * pad) as f64;
+        let py = |y: f64| (h - pad) as f64 - (y - lo) / (hi - lo) * (h - 2 * pad) as f64;
+        let mut line = |a: (f64, f64), b: (f64, f64), colour: [u8; 3]| {
+            let n = ((b.0 - a.0).abs().max((b.1 - a.1).abs()) as usize).max(1);
+            for k in 0..=n {
+                let t = k as f64 / n as f64;
+                let (x, y) = (a.0 + t * (b.0 - a.0), a.1 + t * (b.1 - a.1));
+                if x >= 0.0 && y >= 0.0 && (x as u32) < w && (y as u32) < h {
+                    img.put_pixel(x as u32, y as u32, Rgb(colour));
+                }
+            }
+        };
+        let grey = [150, 150, 150];
+        line((pad as f64, (h - pad) as f64), ((w - pad) as f64, (h - pad) as f64), grey);
+        line((pad as f64, pad as f64), (pad as f64, (h - pad) as f64), grey);
+        for q in 1..4 {
+            let y = pad as f64 + q as f64 * (h - 2 * pad) as f64 / 4.0;
+            line((pad as f64, y), ((w - pad) as f64, y), [230, 230, 230]);
+        }
+        for pair in points.windows(2) {
+            line((px(pair[0].0), py(pair[0].1)), (px(pair[1].0), py(pair[1].1)), [170, 200, 240]);
+        }
+        let mut smooth = points[0].1;
+        let mut prev = (px(points[0].0), py(smooth));
+        for p in &points[1..] {
+            smooth = 0.9 * smooth + 0.1 * p.1;
+            let next = (px(p.0), py(smooth));
+            line(prev, next, [20, 60, 160]);
+            prev = next;
+        }
+    }
+    img.save(path).map_err(|e| Error::BadFile {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}

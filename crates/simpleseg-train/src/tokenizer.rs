@@ -1,0 +1,79 @@
+//! A small byte-level BPE tokenizer trained on the training text, with the Qwen2.5-VL chat
+//! tokens, saved as a standard `tokenizer.json`.
+//!
+//! The pre-tokenizer keeps decimal numbers whole (`0.786` is one pre-token, so BPE can give
+//! frequent coordinates a token of their own), splits words with their leading space, and
+//! groups punctuation, so answers such as `[[[0.786, 0.643], ...]]` take few tokens.
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::error::{Error, Result};
+
+/// The Qwen2.5-VL special tokens, in id order (they take ids 0..8).
+pub const SPECIAL_TOKENS: [&str; 8] = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+];
+
+/// Pre-tokenizer split: numbers with their decimals, words with a leading space,
+/// punctuation runs with a trailing space (`", "`, `"], "`), newlines, other whitespace.
+const SPLIT: &str = r"[0-9]+(?:\.[0-9]+)?| ?[A-Za-z]+|[^\sA-Za-z0-9]+ ?|\s*[\r\n]+|\s+";
+
+/// Trains a tokenizer of at most `vocab_size` tokens on `texts`.
+pub fn train_tokenizer<'a>(texts: impl Iterator<Item = &'a str> + Send, vocab_size: usize) -> Result<Tokenizer> {
+    let err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+    let split = Split::new(SplitPattern::Regex(SPLIT.into()), SplitDelimiterBehavior::Isolated, false).map_err(err)?;
+    let mut tokenizer = Tokenizer::new(BPE::default());
+    tokenizer.with_normalizer(Some(NFC));
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .special_tokens(specials.clone())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .show_progress(false)
+        .build()
+        .into();
+    tokenizer.train(&mut trainer, texts).map_err(err)?;
+    tokenizer.add_special_tokens(&specials);
+    Ok(tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coordinates_become_few_tokens() {
+        let mut corpus = Vec::new();
+        for i in 0..300 {
+            corpus.push(format!(
+                "<|im_start|>user\nIt is at [[[0.{:03}, 0.{:03}], [0.5, 0.25]]]. Output the polygon coordinates of the red star.",
+                (i * 7) % 1000,
+                (i * 13) % 1000
+            ));
+        }
+        let tok = train_tokenizer(corpus.iter().map(String::as_str), 400).unwrap();
+        for (i, t) in SPECIAL_TOKENS.iter().enumerate() {
+            assert_eq!(tok.token_to_id(t), Some(i as u32), "{t}");
+        }
+        let enc = tok.encode("<|im_start|>user\n[[[0.5, 0.25]]]<|im_end|>", false).unwrap();
+        assert!(enc.get_ids().len() <= 10, "{:?}", enc.get_tokens());
+        assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), "<|im_start|>user\n[[[0.5, 0.25]]]<|im_end|>");
+    }
+}

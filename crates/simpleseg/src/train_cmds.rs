@@ -1,0 +1,155 @@
+//! `train sft` and `train rl`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use simpleseg_train::optim::AdamWConfig;
+use simpleseg_train::run::EvalSpec;
+use simpleseg_train::sft::{train_sft, SftSettings, Start};
+
+#[derive(Subcommand, Debug)]
+pub enum TrainCommand {
+    Sft(SftArgs),
+}
+
+/// Evaluation during training: greedy answers on a split, scored by the eval runner.
+#[derive(Args, Debug)]
+pub struct EvalDuringArgs {
+    /// Refer root of the evaluation split (enables evaluation).
+    #[arg(long, value_name = "DIR")]
+    eval_refer_root: Option<PathBuf>,
+    #[arg(long, default_value = "synth")]
+    eval_dataset: String,
+    #[arg(long, default_value = "val")]
+    eval_split: String,
+    /// Evaluate on the first N samples only.
+    #[arg(long)]
+    eval_limit: Option<usize>,
+    /// Evaluate every N steps (and at the end).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    #[arg(long, default_value_t = 256)]
+    eval_max_new_tokens: usize,
+}
+
+impl EvalDuringArgs {
+    fn spec(&self) -> Option<EvalSpec> {
+        self.eval_refer_root.as_ref().map(|root| EvalSpec {
+            refer_root: root.clone(),
+            dataset: self.eval_dataset.clone(),
+            split: self.eval_split.clone(),
+            limit: self.eval_limit,
+            max_new_tokens: self.eval_max_new_tokens,
+        })
+    }
+}
+
+/// Supervised fine-tuning on `data sft` output: cross-entropy on answer tokens, AdamW, warmup
+/// and cosine decay, gradient clipping, length-grouped batches, resumable checkpoints. Writes a
+/// complete model folder to --out (training state under OUT/training).
+#[derive(Args, Debug)]
+pub struct SftArgs {
+    /// SFT data (.json or .jsonl) as `simpleseg data sft` writes it.
+    #[arg(long, value_name = "SFT.json[l]")]
+    data: PathBuf,
+    /// Model configuration for a fresh model (see configs/); a tokenizer is trained on the
+    /// data unless --tokenizer is given.
+    #[arg(long, value_name = "MODEL_CONFIG.json", conflicts_with = "init", required_unless_present_any = ["init", "resume"])]
+    config: Option<PathBuf>,
+    /// Start from an existing model folder instead.
+    #[arg(long, value_name = "DIR")]
+    init: Option<PathBuf>,
+    /// An existing tokenizer.json for a fresh model.
+    #[arg(long, value_name = "F")]
+    tokenizer: Option<PathBuf>,
+    /// Vocabulary size of a trained tokenizer.
+    #[arg(long, default_value_t = 1024)]
+    vocab_size: usize,
+    /// Output model folder.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Relative image paths resolve against this (default: the data file's folder).
+    #[arg(long, value_name = "DIR")]
+    refer_root: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value_t = 2000)]
+    steps: usize,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    /// Final learning rate as a fraction of --lr.
+    #[arg(long, default_value_t = 0.05)]
+    min_lr_ratio: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Standard deviation of fresh weights.
+    #[arg(long, default_value_t = 0.02)]
+    init_std: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 100)]
+    save_every: usize,
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    #[command(flatten)]
+    eval: EvalDuringArgs,
+}
+
+pub fn run(command: TrainCommand) -> Result<()> {
+    match command {
+        TrainCommand::Sft(a) => {
+            if a.steps == 0 || a.batch_size == 0 || a.save_every == 0 || a.log_every == 0 {
+                bail!("--steps, --batch-size, --save-every and --log-every must be at least 1");
+            }
+            let start = match (&a.init, &a.config) {
+                (Some(dir), _) => Start::Init { dir: dir.clone() },
+                (None, Some(path)) => Start::Config {
+                    path: path.clone(),
+                    tokenizer: a.tokenizer.clone(),
+                    vocab_size: a.vocab_size,
+                    init_std: a.init_std,
+                },
+                // Resuming: the settings come from the run's state.
+                (None, None) => Start::Init { dir: a.out.clone() },
+            };
+            let settings = SftSettings {
+                data: a.data.clone(),
+                refer_root: a.refer_root.clone(),
+                start,
+                steps: a.steps,
+                batch_size: a.batch_size,
+                warmup: a.warmup,
+                min_lr_ratio: a.min_lr_ratio,
+                optimizer: AdamWConfig {
+                    lr: a.lr,
+                    weight_decay: a.weight_decay,
+                    max_grad_norm: a.max_grad_norm,
+                    ..AdamWConfig::default()
+                },
+                seed: a.seed,
+                save_every: a.save_every,
+                log_every: a.log_every,
+                eval: a.eval.spec(),
+                eval_every: a.eval.eval_every,
+            };
+            let summary = train_sft(settings, &a.out, a.resume)?;
+            println!(
+                "trained {} steps on {} examples in {:.0}s; final loss {:.4}; model in {}",
+                summary.steps,
+                summary.examples,
+                summary.seconds,
+                summary.final_loss,
+                a.out.display()
+            );
+        }
+    }
+    Ok(())
+}
