@@ -56,7 +56,12 @@ fn missing_files_are_named() {
 
 /// A file of the folder, a name for the case, an edit of its JSON, and the text the error must
 /// contain.
-type Case = (&'static str, &'static str, Box<dyn Fn(&mut serde_json::Value)>, &'static str);
+type Case = (
+    &'static str,
+    &'static str,
+    Box<dyn Fn(&mut serde_json::Value)>,
+    &'static str,
+);
 
 #[test]
 fn bad_keys_are_named() {

@@ -15,7 +15,9 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::Value;
 use simpleseg_engine::image_processor::{open_image, preprocess, smart_resize, ProcessedImage};
-use simpleseg_engine::models::qwen2_5_vl::{pixel_tensor, rope_index, MropePosition, PromptBuilder};
+use simpleseg_engine::models::qwen2_5_vl::{
+    pixel_tensor, rope_index, MropePosition, PromptBuilder,
+};
 
 use crate::error::{io, Error, Result};
 
@@ -50,7 +52,10 @@ pub fn read_sft(path: &Path, root: Option<&Path>) -> Result<Vec<SftExample>> {
             .map(|(i, l)| serde_json::from_str(l).map_err(|e| bad(format!("line {}: {e}", i + 1))))
             .collect::<Result<_>>()?
     };
-    let root = root.map_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf(), Path::to_path_buf);
+    let root = root.map_or_else(
+        || path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        Path::to_path_buf,
+    );
     records
         .iter()
         .enumerate()
@@ -59,17 +64,28 @@ pub fn read_sft(path: &Path, root: Option<&Path>) -> Result<Vec<SftExample>> {
                 .as_array()
                 .ok_or_else(|| bad(format!("record {i}: no \"conversations\" list")))?;
             let value = |k: usize, from: &str| -> Result<&str> {
-                let t = turns.get(k).ok_or_else(|| bad(format!("record {i}: missing turn {k}")))?;
+                let t = turns
+                    .get(k)
+                    .ok_or_else(|| bad(format!("record {i}: missing turn {k}")))?;
                 if t["from"].as_str() != Some(from) {
                     return Err(bad(format!("record {i}: turn {k} should be from {from:?}")));
                 }
-                t["value"].as_str().ok_or_else(|| bad(format!("record {i}: turn {k} has no \"value\"")))
+                t["value"]
+                    .as_str()
+                    .ok_or_else(|| bad(format!("record {i}: turn {k} has no \"value\"")))
             };
-            let (image, question) = split_user(value(0, "user")?)
-                .ok_or_else(|| bad(format!("record {i}: the user turn must start with <img>PATH</img>")))?;
+            let (image, question) = split_user(value(0, "user")?).ok_or_else(|| {
+                bad(format!(
+                    "record {i}: the user turn must start with <img>PATH</img>"
+                ))
+            })?;
             let image = Path::new(image);
             Ok(SftExample {
-                image: if image.is_absolute() { image.to_path_buf() } else { root.join(image) },
+                image: if image.is_absolute() {
+                    image.to_path_buf()
+                } else {
+                    root.join(image)
+                },
                 question: question.to_string(),
                 answer: value(1, "assistant")?.to_string(),
             })
@@ -87,7 +103,11 @@ pub struct Encoded {
 }
 
 /// Tokenizes examples. Image sizes (hence grids) are read once per distinct image.
-pub fn encode_all(examples: &[SftExample], prompts: &PromptBuilder, im_end: u32) -> Result<Vec<Encoded>> {
+pub fn encode_all(
+    examples: &[SftExample],
+    prompts: &PromptBuilder,
+    im_end: u32,
+) -> Result<Vec<Encoded>> {
     let mut grids: HashMap<&Path, [usize; 3]> = HashMap::new();
     let c = &prompts.image_config;
     examples
@@ -96,11 +116,18 @@ pub fn encode_all(examples: &[SftExample], prompts: &PromptBuilder, im_end: u32)
             let grid = match grids.get(ex.image.as_path()) {
                 Some(g) => *g,
                 None => {
-                    let (w, h) = image::image_dimensions(&ex.image).map_err(|e| Error::BadFile {
-                        path: ex.image.clone(),
-                        message: format!("cannot read the image: {e}"),
-                    })?;
-                    let (rh, rw) = smart_resize(h as usize, w as usize, c.factor(), c.min_pixels, c.max_pixels)?;
+                    let (w, h) =
+                        image::image_dimensions(&ex.image).map_err(|e| Error::BadFile {
+                            path: ex.image.clone(),
+                            message: format!("cannot read the image: {e}"),
+                        })?;
+                    let (rh, rw) = smart_resize(
+                        h as usize,
+                        w as usize,
+                        c.factor(),
+                        c.min_pixels,
+                        c.max_pixels,
+                    )?;
                     let g = [1, rh / c.patch_size, rw / c.patch_size];
                     grids.insert(ex.image.as_path(), g);
                     g
@@ -124,7 +151,12 @@ pub fn encode_all(examples: &[SftExample], prompts: &PromptBuilder, im_end: u32)
 
 /// The batches of one epoch: a shuffle, then examples of similar length grouped (sorted within
 /// windows of 64 batches), then the batches shuffled. A pure function of seed and epoch.
-pub fn epoch_batches(lengths: &[usize], batch_size: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+pub fn epoch_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+) -> Vec<Vec<usize>> {
     let mut rng = StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.shuffle(&mut rng);
@@ -170,7 +202,10 @@ pub fn make_batch(
         let rgb = open_image(&e.image)?;
         let processed = preprocess(&rgb, &prompts.image_config)?;
         if processed.grid_thw != e.grid {
-            return Err(Error::Invalid(format!("{} changed size during training", e.image.display())));
+            return Err(Error::Invalid(format!(
+                "{} changed size during training",
+                e.image.display()
+            )));
         }
         images.push(processed);
         let (mut pos, _) = rope_index(&e.ids, image_token_id, &[e.grid], merge_size)?;
@@ -212,16 +247,23 @@ mod tests {
         assert_eq!(a, epoch_batches(&lengths, 8, 3, 0));
         assert_ne!(a, epoch_batches(&lengths, 8, 3, 1));
         // Lengths within a batch are close.
-        let spread: usize = a.iter().map(|b| {
-            let l: Vec<usize> = b.iter().map(|&i| lengths[i]).collect();
-            l.iter().max().unwrap() - l.iter().min().unwrap()
-        }).max().unwrap();
+        let spread: usize = a
+            .iter()
+            .map(|b| {
+                let l: Vec<usize> = b.iter().map(|&i| lengths[i]).collect();
+                l.iter().max().unwrap() - l.iter().min().unwrap()
+            })
+            .max()
+            .unwrap();
         assert!(spread < 20, "{spread}");
     }
 
     #[test]
     fn user_turns() {
-        assert_eq!(split_user("<img>a/b.png</img>Locate x."), Some(("a/b.png", "Locate x.")));
+        assert_eq!(
+            split_user("<img>a/b.png</img>Locate x."),
+            Some(("a/b.png", "Locate x."))
+        );
         assert_eq!(split_user("no image"), None);
     }
 }

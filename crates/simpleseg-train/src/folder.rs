@@ -66,7 +66,10 @@ pub fn write_metadata(
         &dir.join("processor_config.json"),
         &json!({"processor_class": "Qwen2_5_VLProcessor", "image_processor": image_processor, "video_processor": video_processor}),
     )?;
-    let eos: Vec<u32> = [id("<|im_end|>"), id("<|endoftext|>")].into_iter().flatten().collect();
+    let eos: Vec<u32> = [id("<|im_end|>"), id("<|endoftext|>")]
+        .into_iter()
+        .flatten()
+        .collect();
     write_json(
         &dir.join("generation_config.json"),
         &json!({

@@ -65,16 +65,32 @@ pub struct StepInfo {
 impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
         let zeros = |v: &Var| Tensor::zeros(v.shape(), DType::F32, v.device());
-        let m = vars.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = vars.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(AdamW { config, vars, m, v, step: 0 })
+        let m = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(AdamW {
+            config,
+            vars,
+            m,
+            v,
+            step: 0,
+        })
     }
 
     /// Clips the gradients to the global norm and applies one update at learning rate `lr`.
     /// Variables without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepInfo> {
         let mut sq = 0f64;
-        let gs: Vec<Option<Tensor>> = self.vars.iter().map(|(_, v)| grads.get(v.as_tensor()).cloned()).collect();
+        let gs: Vec<Option<Tensor>> = self
+            .vars
+            .iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).cloned())
+            .collect();
         for g in gs.iter().flatten() {
             sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
         }
@@ -106,7 +122,10 @@ impl AdamW {
             let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
             var.set(&(decayed - (update * lr)?)?)?;
         }
-        Ok(StepInfo { grad_norm: norm, lr })
+        Ok(StepInfo {
+            grad_norm: norm,
+            lr,
+        })
     }
 
     /// The moments, named `m.<var>` and `v.<var>`, for a checkpoint.
@@ -152,7 +171,15 @@ mod tests {
     #[test]
     fn minimizes_a_quadratic() {
         let x = Var::new(&[3.0f32, -2.0], &Device::Cpu).unwrap();
-        let mut opt = AdamW::new(vec![("x".into(), x.clone())], AdamWConfig { lr: 0.1, weight_decay: 0.0, ..Default::default() }).unwrap();
+        let mut opt = AdamW::new(
+            vec![("x".into(), x.clone())],
+            AdamWConfig {
+                lr: 0.1,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         for _ in 0..300 {
             let loss = x.as_tensor().sqr().unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();

@@ -50,13 +50,21 @@ impl Trainable {
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         let data = self.varmap.data().lock().expect("var map lock");
         let sorted: BTreeMap<&String, &Var> = data.iter().collect();
-        sorted.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        sorted
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Fresh weights: normal(0, `std`) matrices, zero biases, unit norm scales.
     pub fn init(config: &Config, seed: u64, std: f32, device: &Device) -> Result<Self> {
         let (varmap, model) = Self::build(config, device)?;
-        let this = Trainable { varmap, model, config: config.clone(), device: device.clone() };
+        let this = Trainable {
+            varmap,
+            model,
+            config: config.clone(),
+            device: device.clone(),
+        };
         let mut rng = StdRng::seed_from_u64(seed);
         for (name, var) in this.named_vars() {
             let shape = var.shape().clone();
@@ -75,7 +83,12 @@ impl Trainable {
     /// Weights from a model folder of either tensor layout.
     pub fn from_folder(folder: &HfFolder, config: &Config, device: &Device) -> Result<Self> {
         let (varmap, model) = Self::build(config, device)?;
-        let this = Trainable { varmap, model, config: config.clone(), device: device.clone() };
+        let this = Trainable {
+            varmap,
+            model,
+            config: config.clone(),
+            device: device.clone(),
+        };
         let layout = TensorLayout::detect(&folder.tensor_names()?)?;
         let source = folder.var_builder(DType::F32, device)?;
         for (name, var) in this.named_vars() {
@@ -85,10 +98,12 @@ impl Trainable {
                     .replacen("model.language_model.", "model.", 1)
                     .replacen("model.visual.", "visual.", 1),
             };
-            let value = source.get(var.shape(), &source_name).map_err(|e| Error::BadFile {
-                path: folder.dir().to_path_buf(),
-                message: format!("cannot initialize {name} from {source_name}: {e}"),
-            })?;
+            let value = source
+                .get(var.shape(), &source_name)
+                .map_err(|e| Error::BadFile {
+                    path: folder.dir().to_path_buf(),
+                    message: format!("cannot initialize {name} from {source_name}: {e}"),
+                })?;
             var.set(&value)?;
         }
         Ok(this)
@@ -96,7 +111,10 @@ impl Trainable {
 
     /// Current values of all variables.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        self.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()
+        self.named_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect()
     }
 
     /// Replaces all variables with `values` (name -> tensor).
@@ -118,7 +136,11 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
     safetensors_write(path, views, metadata)
 }
 
-fn safetensors_write(path: &Path, views: Vec<(&str, &Tensor)>, metadata: HashMap<String, String>) -> Result<()> {
+fn safetensors_write(
+    path: &Path,
+    views: Vec<(&str, &Tensor)>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
     safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| Error::BadFile {
         path: tmp.clone(),

@@ -4,7 +4,7 @@
 //! ```text
 //! OUT/                      a complete Hugging Face model folder (the latest weights)
 //! OUT/training/state.json   step, settings and data the run was started with
-//! OUT/training/optimizer.safetensors
+//! OUT/training/resume-NNNNNN.{model,optimizer}.safetensors   what that step resumes from
 //! OUT/training/log.jsonl    one line per logged step
 //! OUT/training/loss.png     the loss curve
 //! OUT/training/checkpoints/step-NNNNNN/model.safetensors
@@ -38,16 +38,15 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn new(out: &Path) -> Self {
-        RunDir { out: out.to_path_buf() }
+        RunDir {
+            out: out.to_path_buf(),
+        }
     }
     pub fn training(&self) -> PathBuf {
         self.out.join("training")
     }
     pub fn state(&self) -> PathBuf {
         self.training().join("state.json")
-    }
-    pub fn optimizer(&self) -> PathBuf {
-        self.training().join("optimizer.safetensors")
     }
     pub fn log(&self) -> PathBuf {
         self.training().join("log.jsonl")
@@ -57,7 +56,7 @@ impl RunDir {
     }
     /// True when a resumable run is there.
     pub fn has_state(&self) -> bool {
-        self.state().is_file() && self.out.join("model.safetensors").is_file()
+        self.state().is_file()
     }
 }
 
@@ -70,35 +69,72 @@ pub struct State<C> {
     pub settings: C,
 }
 
-/// Saves weights, optimizer moments and progress. The state file is written last, so a run
-/// killed while saving resumes from the previous checkpoint's state... and weights of the
-/// same step, since weights are written to a temporary file and renamed in one step.
-pub fn save_checkpoint<C: Serialize>(run: &RunDir, model: &Trainable, optimizer: &AdamW, state: &State<C>, keep: bool) -> Result<()> {
+/// The weights and optimizer moments a checkpoint of `step` resumes from.
+fn resume_files(run: &RunDir, step: usize) -> (PathBuf, PathBuf) {
+    let t = run.training();
+    (
+        t.join(format!("resume-{step:06}.model.safetensors")),
+        t.join(format!("resume-{step:06}.optimizer.safetensors")),
+    )
+}
+
+/// Saves a checkpoint. The resume files of step N are written completely before `state.json`
+/// names step N, and older ones are removed only after, so a run killed at any moment resumes
+/// from a consistent checkpoint. Then the folder's `model.safetensors` is updated for users.
+pub fn save_checkpoint<C: Serialize>(
+    run: &RunDir,
+    model: &Trainable,
+    optimizer: &AdamW,
+    state: &State<C>,
+    keep: bool,
+) -> Result<()> {
     std::fs::create_dir_all(run.training()).map_err(io(&run.training()))?;
-    // Everything of step N first goes to step-N files, then the pointer (state.json) moves.
-    write_weights(&run.out, model)?;
-    save_safetensors(&run.optimizer(), &optimizer.state())?;
+    let (weights, moments) = resume_files(run, state.step);
+    save_safetensors(&weights, &model.tensors())?;
+    save_safetensors(&moments, &optimizer.state())?;
+    let tmp = run.state().with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(state).expect("JSON")).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, run.state()).map_err(io(&run.state()))?;
+    for entry in std::fs::read_dir(run.training())
+        .map_err(io(&run.training()))?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("resume-") && !name.starts_with(&format!("resume-{:06}.", state.step)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     if keep {
-        let dir = run.training().join(format!("checkpoints/step-{:06}", state.step));
+        let dir = run
+            .training()
+            .join(format!("checkpoints/step-{:06}", state.step));
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         save_safetensors(&dir.join("model.safetensors"), &model.tensors())?;
     }
-    let tmp = run.state().with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(state).expect("JSON")).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, run.state()).map_err(io(&run.state()))
+    write_weights(&run.out, model)
 }
 
 /// Reads a run's state.
 pub fn read_state<C: for<'de> Deserialize<'de>>(run: &RunDir) -> Result<State<C>> {
     let path = run.state();
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-    serde_json::from_str(&text).map_err(|e| Error::BadFile { path, message: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| Error::BadFile {
+        path,
+        message: e.to_string(),
+    })
 }
 
-/// Restores weights and optimizer moments of the last checkpoint.
-pub fn restore(run: &RunDir, model: &Trainable, optimizer: &mut AdamW, step: usize, device: &Device) -> Result<()> {
-    model.set_all(&load_safetensors(&run.out.join("model.safetensors"), device)?)?;
-    optimizer.load_state(&load_safetensors(&run.optimizer(), device)?, step)
+/// Restores weights and optimizer moments of the checkpoint of `step`.
+pub fn restore(
+    run: &RunDir,
+    model: &Trainable,
+    optimizer: &mut AdamW,
+    step: usize,
+    device: &Device,
+) -> Result<()> {
+    let (weights, moments) = resume_files(run, step);
+    model.set_all(&load_safetensors(&weights, device)?)?;
+    optimizer.load_state(&load_safetensors(&moments, device)?, step)
 }
 
 /// Appends log lines; on resume, drops lines past the resumed step.
@@ -125,12 +161,18 @@ impl Log {
                 .collect();
             std::fs::write(&path, kept).map_err(io(&path))?;
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
         Ok(Log { file, path })
     }
 
     pub fn write(&mut self, line: &Value) -> Result<()> {
-        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(io(&self.path))
+        writeln!(self.file, "{line}")
+            .and_then(|_| self.file.flush())
+            .map_err(io(&self.path))
     }
 
     /// `(step, value)` of a key over the whole log.
@@ -190,7 +232,10 @@ pub fn evaluate(run: &RunDir, spec: &EvalSpec, step: usize) -> Result<Report> {
         seed: 0,
         limit: spec.limit,
     };
-    let out = run.training().join(format!("eval-{}-{}-step-{step:06}", spec.dataset, spec.split));
+    let out = run.training().join(format!(
+        "eval-{}-{}-step-{step:06}",
+        spec.dataset, spec.split
+    ));
     Ok(runner::run(&items, &backend, &eval, 1, &out, true)?)
 }
 
@@ -201,9 +246,20 @@ pub fn plot_curve(path: &Path, points: &[(f64, f64)]) -> Result<()> {
     let (w, h, pad) = (800u32, 400u32, 30u32);
     let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
     if points.len() >= 2 {
-        let (x0, x1) = (points[0].0, points[points.len() - 1].0.max(points[0].0 + 1.0));
-        let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min).min(0.0);
-        let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max).max(lo + 1e-9);
+        let (x0, x1) = (
+            points[0].0,
+            points[points.len() - 1].0.max(points[0].0 + 1.0),
+        );
+        let lo = points
+            .iter()
+            .map(|p| p.1)
+            .fold(f64::INFINITY, f64::min)
+            .min(0.0);
+        let hi = points
+            .iter()
+            .map(|p| p.1)
+            .fold(f64::NEG_INFINITY, f64::max)
+            .max(lo + 1e-9);
         let px = |x: f64| pad as f64 + (x - x0) / (x1 - x0) * (w - 2 * pad) as f64;
         let py = |y: f64| (h - pad) as f64 - (y - lo) / (hi - lo) * (h - 2 * pad) as f64;
         let mut line = |a: (f64, f64), b: (f64, f64), colour: [u8; 3]| {
@@ -217,14 +273,26 @@ pub fn plot_curve(path: &Path, points: &[(f64, f64)]) -> Result<()> {
             }
         };
         let grey = [150, 150, 150];
-        line((pad as f64, (h - pad) as f64), ((w - pad) as f64, (h - pad) as f64), grey);
-        line((pad as f64, pad as f64), (pad as f64, (h - pad) as f64), grey);
+        line(
+            (pad as f64, (h - pad) as f64),
+            ((w - pad) as f64, (h - pad) as f64),
+            grey,
+        );
+        line(
+            (pad as f64, pad as f64),
+            (pad as f64, (h - pad) as f64),
+            grey,
+        );
         for q in 1..4 {
             let y = pad as f64 + q as f64 * (h - 2 * pad) as f64 / 4.0;
             line((pad as f64, y), ((w - pad) as f64, y), [230, 230, 230]);
         }
         for pair in points.windows(2) {
-            line((px(pair[0].0), py(pair[0].1)), (px(pair[1].0), py(pair[1].1)), [170, 200, 240]);
+            line(
+                (px(pair[0].0), py(pair[0].1)),
+                (px(pair[1].0), py(pair[1].1)),
+                [170, 200, 240],
+            );
         }
         let mut smooth = points[0].1;
         let mut prev = (px(points[0].0), py(smooth));

@@ -19,7 +19,10 @@ use crate::error::{io, Error, Result};
 use crate::folder::{write_metadata, QWEN_CHAT_TEMPLATE};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::params::Trainable;
-use crate::run::{cross_entropy, evaluate, plot_curve, read_state, restore, save_checkpoint, EvalSpec, Log, RunDir, State};
+use crate::run::{
+    cross_entropy, evaluate, plot_curve, read_state, restore, save_checkpoint, EvalSpec, Log,
+    RunDir, State,
+};
 use crate::tokenizer::{train_tokenizer, SPECIAL_TOKENS};
 
 /// Where the starting model comes from.
@@ -29,7 +32,12 @@ pub enum Start {
     /// A model configuration file: a Qwen2.5-VL `config.json` (vocabulary size and special
     /// token ids are filled in from the tokenizer), optionally with `"image_processor"`
     /// settings (`min_pixels`, `max_pixels`).
-    Config { path: PathBuf, tokenizer: Option<PathBuf>, vocab_size: usize, init_std: f32 },
+    Config {
+        path: PathBuf,
+        tokenizer: Option<PathBuf>,
+        vocab_size: usize,
+        init_std: f32,
+    },
     /// An existing model folder (the path a GPU user takes with a released checkpoint).
     Init { dir: PathBuf },
 }
@@ -62,33 +70,57 @@ pub struct SftSummary {
 }
 
 /// Builds the starting model and writes the folder's metadata.
-fn start_model(settings: &SftSettings, texts: &[String], out: &Path, device: &Device) -> Result<(Trainable, PromptBuilder)> {
+fn start_model(
+    settings: &SftSettings,
+    texts: &[String],
+    out: &Path,
+    device: &Device,
+) -> Result<(Trainable, PromptBuilder)> {
     match &settings.start {
         Start::Init { dir } => {
             let folder = HfFolder::open(dir)?;
             let config = Config::from_json(&folder.json("config.json")?)?;
             let prompts = prompt_builder(&folder, &config)?;
             let model = Trainable::from_folder(&folder, &config, device)?;
-            write_metadata(out, &config, prompts.tokenizer.inner(), prompts.template.source(), &prompts.image_config, 512)?;
+            write_metadata(
+                out,
+                &config,
+                prompts.tokenizer.inner(),
+                prompts.template.source(),
+                &prompts.image_config,
+                512,
+            )?;
             Ok((model, prompts))
         }
-        Start::Config { path, tokenizer, vocab_size, init_std } => {
+        Start::Config {
+            path,
+            tokenizer,
+            vocab_size,
+            init_std,
+        } => {
             let tokenizer = match tokenizer {
                 Some(p) => TextTokenizer::from_file(p)?.inner().clone(),
                 None => {
                     let template_text: Vec<&str> = vec![QWEN_CHAT_TEMPLATE];
-                    train_tokenizer(texts.iter().map(String::as_str).chain(template_text), *vocab_size)?
+                    train_tokenizer(
+                        texts.iter().map(String::as_str).chain(template_text),
+                        *vocab_size,
+                    )?
                 }
             };
             let id = |t: &str| {
-                tokenizer
-                    .token_to_id(t)
-                    .ok_or_else(|| Error::Invalid(format!("the tokenizer lacks the special token {t}")))
+                tokenizer.token_to_id(t).ok_or_else(|| {
+                    Error::Invalid(format!("the tokenizer lacks the special token {t}"))
+                })
             };
             let mut file = JsonFile::read(path)?;
             let vocab = tokenizer.get_vocab_size(true);
             let root = &mut file.root;
-            let text = if root.get("text_config").is_some() { &mut root["text_config"] } else { &mut *root };
+            let text = if root.get("text_config").is_some() {
+                &mut root["text_config"]
+            } else {
+                &mut *root
+            };
             text["vocab_size"] = json!(vocab);
             text["eos_token_id"] = json!(id("<|im_end|>")?);
             root["image_token_id"] = json!(id("<|image_pad|>")?);
@@ -98,7 +130,10 @@ fn start_model(settings: &SftSettings, texts: &[String], out: &Path, device: &De
             root["eos_token_id"] = json!(id("<|im_end|>")?);
             let config = Config::from_json(&file)?;
             let image_config = match file.root.get("image_processor") {
-                Some(v) => ImageProcessorConfig::from_json(&JsonFile { path: path.clone(), root: v.clone() })?,
+                Some(v) => ImageProcessorConfig::from_json(&JsonFile {
+                    path: path.clone(),
+                    root: v.clone(),
+                })?,
                 None => ImageProcessorConfig::default(),
             };
             let prompts = PromptBuilder::new(
@@ -108,7 +143,14 @@ fn start_model(settings: &SftSettings, texts: &[String], out: &Path, device: &De
                 &config,
             )?;
             let model = Trainable::init(&config, settings.seed, *init_std, device)?;
-            write_metadata(out, &config, &tokenizer, QWEN_CHAT_TEMPLATE, &image_config, 512)?;
+            write_metadata(
+                out,
+                &config,
+                &tokenizer,
+                QWEN_CHAT_TEMPLATE,
+                &image_config,
+                512,
+            )?;
             Ok((model, prompts))
         }
     }
@@ -122,7 +164,10 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
         let state: State<SftSettings> = read_state(&run)?;
         (state.settings, state.step)
     } else if resume {
-        return Err(Error::Invalid(format!("{} holds no run to resume", out.display())));
+        return Err(Error::Invalid(format!(
+            "{} holds no run to resume",
+            out.display()
+        )));
     } else {
         if run.has_state() {
             return Err(Error::Invalid(format!(
@@ -134,13 +179,19 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
     };
     let examples = read_sft(&settings.data, settings.refer_root.as_deref())?;
     if examples.is_empty() {
-        return Err(Error::Invalid(format!("{} holds no examples", settings.data.display())));
+        return Err(Error::Invalid(format!(
+            "{} holds no examples",
+            settings.data.display()
+        )));
     }
     let (model, prompts) = if start_step > 0 {
         let folder = HfFolder::open(out)?;
         let config = Config::from_json(&folder.json("config.json")?)?;
         let prompts = prompt_builder(&folder, &config)?;
-        (Trainable::init(&config, settings.seed, 0.02, &device)?, prompts)
+        (
+            Trainable::init(&config, settings.seed, 0.02, &device)?,
+            prompts,
+        )
     } else {
         let texts: Vec<String> = examples
             .iter()
@@ -154,7 +205,10 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
         .tokenizer
         .token_id("<|im_end|>")
         .ok_or_else(|| Error::Invalid("the tokenizer lacks <|im_end|>".into()))?;
-    let pad = prompts.tokenizer.token_id("<|endoftext|>").unwrap_or(im_end);
+    let pad = prompts
+        .tokenizer
+        .token_id("<|endoftext|>")
+        .unwrap_or(im_end);
     let encoded = encode_all(&examples, &prompts, im_end)?;
     let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
     let mut optimizer = AdamW::new(model.named_vars(), settings.optimizer.clone())?;
@@ -177,20 +231,42 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
     for step in start_step..settings.steps {
         let epoch = (step / batches_per_epoch) as u64;
         if epoch_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            epoch_cache = Some((epoch, epoch_batches(&lengths, settings.batch_size, settings.seed, epoch)));
+            epoch_cache = Some((
+                epoch,
+                epoch_batches(&lengths, settings.batch_size, settings.seed, epoch),
+            ));
         }
         let batch_ids = &epoch_cache.as_ref().expect("set above").1[step % batches_per_epoch];
         let members: Vec<&Encoded> = batch_ids.iter().map(|&i| &encoded[i]).collect();
-        let batch = make_batch(&members, &prompts, config.image_token_id, config.vision.spatial_merge_size, pad, &device)?;
-        let features = model.model.visual.forward(&batch.pixels, &batch.grids, Mode::Train)?;
+        let batch = make_batch(
+            &members,
+            &prompts,
+            config.image_token_id,
+            config.vision.spatial_merge_size,
+            pad,
+            &device,
+        )?;
+        let features = model
+            .model
+            .visual
+            .forward(&batch.pixels, &batch.grids, Mode::Train)?;
         let embeds = model.model.embed_with_images(&batch.ids, Some(&features))?;
-        let hidden = model.model.text.forward(&embeds, &batch.positions, None, Mode::Train)?;
+        let hidden = model
+            .model
+            .text
+            .forward(&embeds, &batch.positions, None, Mode::Train)?;
         let (b, t, d) = hidden.dims3()?;
         let selected = hidden.reshape((b * t, d))?.index_select(&batch.rows, 0)?;
         let logits = model.model.text.logits(&selected)?;
         let loss = cross_entropy(&logits, &batch.targets)?;
         let grads = loss.backward()?;
-        let lr = lr_at(step, settings.optimizer.lr, settings.warmup, settings.steps, settings.min_lr_ratio);
+        let lr = lr_at(
+            step,
+            settings.optimizer.lr,
+            settings.warmup,
+            settings.steps,
+            settings.min_lr_ratio,
+        );
         let info = optimizer.step(&grads, lr)?;
         let loss_value = f64::from(loss.to_scalar::<f32>()?);
         last_loss = loss_value;
@@ -213,12 +289,23 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
             (loss_sum, loss_n, tokens) = (0.0, 0, 0);
         }
         if done % settings.save_every == 0 || done == settings.steps {
-            let state = State { step: done, settings: settings.clone() };
-            save_checkpoint(&run, &model, &optimizer, &state, done == settings.steps || done % (settings.save_every * 10) == 0)?;
+            let state = State {
+                step: done,
+                settings: settings.clone(),
+            };
+            save_checkpoint(
+                &run,
+                &model,
+                &optimizer,
+                &state,
+                done == settings.steps || done % (settings.save_every * 10) == 0,
+            )?;
             plot_curve(&run.plot(), &log.series("loss")?)?;
         }
         if let Some(spec) = &settings.eval {
-            if settings.eval_every > 0 && (done % settings.eval_every == 0 || done == settings.steps) {
+            if settings.eval_every > 0
+                && (done % settings.eval_every == 0 || done == settings.steps)
+            {
                 bar.suspend(|| -> Result<()> {
                     let report = evaluate(&run, spec, done)?;
                     log.write(&json!({"step": done, "eval_split": spec.split, "giou": report.giou, "ciou": report.ciou, "parse_failures": report.parse_failures, "n": report.n}))?;

@@ -33,14 +33,28 @@ pub const SPECIAL_TOKENS: [&str; 8] = [
 const SPLIT: &str = r"[0-9]+(?:\.[0-9]+)?| ?[A-Za-z]+|[^\sA-Za-z0-9]+ ?|\s*[\r\n]+|\s+";
 
 /// Trains a tokenizer of at most `vocab_size` tokens on `texts`.
-pub fn train_tokenizer<'a>(texts: impl Iterator<Item = &'a str> + Send, vocab_size: usize) -> Result<Tokenizer> {
+pub fn train_tokenizer<'a>(
+    texts: impl Iterator<Item = &'a str> + Send,
+    vocab_size: usize,
+) -> Result<Tokenizer> {
     let err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
-    let split = Split::new(SplitPattern::Regex(SPLIT.into()), SplitDelimiterBehavior::Isolated, false).map_err(err)?;
+    let split = Split::new(
+        SplitPattern::Regex(SPLIT.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(err)?;
     let mut tokenizer = Tokenizer::new(BPE::default());
     tokenizer.with_normalizer(Some(NFC));
-    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, false).into(),
+    ])));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-    let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
+    let specials: Vec<AddedToken> = SPECIAL_TOKENS
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)
@@ -72,8 +86,13 @@ mod tests {
         for (i, t) in SPECIAL_TOKENS.iter().enumerate() {
             assert_eq!(tok.token_to_id(t), Some(i as u32), "{t}");
         }
-        let enc = tok.encode("<|im_start|>user\n[[[0.5, 0.25]]]<|im_end|>", false).unwrap();
+        let enc = tok
+            .encode("<|im_start|>user\n[[[0.5, 0.25]]]<|im_end|>", false)
+            .unwrap();
         assert!(enc.get_ids().len() <= 10, "{:?}", enc.get_tokens());
-        assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), "<|im_start|>user\n[[[0.5, 0.25]]]<|im_end|>");
+        assert_eq!(
+            tok.decode(enc.get_ids(), false).unwrap(),
+            "<|im_start|>user\n[[[0.5, 0.25]]]<|im_end|>"
+        );
     }
 }

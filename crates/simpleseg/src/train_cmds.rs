@@ -5,12 +5,75 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use simpleseg_train::optim::AdamWConfig;
+use simpleseg_train::rl::{train_rl, Algorithm, RlSettings};
 use simpleseg_train::run::EvalSpec;
 use simpleseg_train::sft::{train_sft, SftSettings, Start};
 
 #[derive(Subcommand, Debug)]
 pub enum TrainCommand {
     Sft(SftArgs),
+    Rl(RlArgs),
+}
+
+/// Reinforcement learning from an SFT model with an IoU reward: G sampled answers per prompt,
+/// group-normalized advantages, GSPO (default) or GRPO, optional KL to the starting model.
+#[derive(Args, Debug)]
+pub struct RlArgs {
+    /// RL data (`simpleseg data rl` output).
+    #[arg(long, value_name = "RL.jsonl")]
+    data: PathBuf,
+    /// Starting model folder (usually the SFT output).
+    #[arg(long, value_name = "DIR", required_unless_present = "resume")]
+    init: Option<PathBuf>,
+    /// Output model folder.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Relative image paths resolve against this (default: the data file's folder).
+    #[arg(long, value_name = "DIR")]
+    refer_root: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// gspo (sequence-level ratio) or grpo (token-level ratios).
+    #[arg(long, default_value = "gspo")]
+    algorithm: String,
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    /// Prompts per optimizer step.
+    #[arg(long, default_value_t = 8)]
+    prompts_per_step: usize,
+    /// Answers sampled per prompt.
+    #[arg(long, default_value_t = 8)]
+    group_size: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    #[arg(long, default_value_t = 1.0)]
+    min_lr_ratio: f64,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Clip range of the importance ratio (default: 0.0004 for GSPO, 0.2 for GRPO).
+    #[arg(long)]
+    clip_eps: Option<f64>,
+    /// Weight of the KL penalty to the starting model.
+    #[arg(long, default_value_t = 0.0)]
+    kl_coef: f64,
+    /// Weight of the squared centroid distance subtracted from the IoU reward.
+    #[arg(long, default_value_t = 0.0)]
+    centroid_weight: f64,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 10)]
+    save_every: usize,
+    #[arg(long, default_value_t = 5)]
+    log_every: usize,
+    #[command(flatten)]
+    eval: EvalDuringArgs,
 }
 
 /// Evaluation during training: greedy answers on a split, scored by the eval runner.
@@ -147,6 +210,56 @@ pub fn run(command: TrainCommand) -> Result<()> {
                 summary.examples,
                 summary.seconds,
                 summary.final_loss,
+                a.out.display()
+            );
+        }
+        TrainCommand::Rl(a) => {
+            let algorithm = match a.algorithm.as_str() {
+                "gspo" => Algorithm::Gspo,
+                "grpo" => Algorithm::Grpo,
+                other => bail!("unknown --algorithm {other:?} (expected gspo or grpo)"),
+            };
+            if a.steps == 0 || a.prompts_per_step == 0 || a.save_every == 0 || a.log_every == 0 {
+                bail!(
+                    "--steps, --prompts-per-step, --save-every and --log-every must be at least 1"
+                );
+            }
+            let settings = RlSettings {
+                data: a.data.clone(),
+                refer_root: a.refer_root.clone(),
+                init: a.init.clone().unwrap_or_else(|| a.out.clone()),
+                algorithm,
+                steps: a.steps,
+                prompts_per_step: a.prompts_per_step,
+                group_size: a.group_size,
+                warmup: a.warmup,
+                min_lr_ratio: a.min_lr_ratio,
+                optimizer: AdamWConfig {
+                    lr: a.lr,
+                    weight_decay: 0.0,
+                    max_grad_norm: a.max_grad_norm,
+                    ..AdamWConfig::default()
+                },
+                clip_eps: a.clip_eps.unwrap_or(match algorithm {
+                    Algorithm::Gspo => 4e-4,
+                    Algorithm::Grpo => 0.2,
+                }),
+                kl_coef: a.kl_coef,
+                centroid_weight: a.centroid_weight,
+                temperature: a.temperature,
+                max_new_tokens: a.max_new_tokens,
+                seed: a.seed,
+                save_every: a.save_every,
+                log_every: a.log_every,
+                eval: a.eval.spec(),
+                eval_every: a.eval.eval_every,
+            };
+            let summary = train_rl(settings, &a.out, a.resume)?;
+            println!(
+                "trained {} RL steps in {:.0}s; mean reward of the last step {:.3}; model in {}",
+                summary.steps,
+                summary.seconds,
+                summary.mean_reward_last,
                 a.out.display()
             );
         }

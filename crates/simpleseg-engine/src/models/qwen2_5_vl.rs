@@ -1138,12 +1138,15 @@ impl PromptBuilder {
                 config.vision.temporal_patch_size
             )));
         }
-        let image_token = tokenizer.inner().id_to_token(config.image_token_id).ok_or_else(|| {
-            Error::Input(format!(
-                "config.json's `image_token_id` {} is not in the tokenizer's vocabulary",
-                config.image_token_id
-            ))
-        })?;
+        let image_token = tokenizer
+            .inner()
+            .id_to_token(config.image_token_id)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "config.json's `image_token_id` {} is not in the tokenizer's vocabulary",
+                    config.image_token_id
+                ))
+            })?;
         Ok(PromptBuilder {
             tokenizer,
             template,
@@ -1162,7 +1165,9 @@ impl PromptBuilder {
         let mut grids = grids.iter();
         while let Some(at) = rest.find(&self.image_token) {
             let g = grids.next().ok_or_else(|| {
-                Error::Input("the chat template produced more image placeholders than images".into())
+                Error::Input(
+                    "the chat template produced more image placeholders than images".into(),
+                )
             })?;
             out.push_str(&rest[..at]);
             for _ in 0..g[0] * g[1] * g[2] / m2 {
@@ -1193,20 +1198,37 @@ impl PromptBuilder {
 }
 
 /// Pixel values of processed images as one `(patches, patch_dim)` tensor.
-pub fn pixel_tensor(images: &[crate::image_processor::ProcessedImage], device: &Device) -> Result<Tensor> {
-    let rows: usize = images.iter().map(|i| i.grid_thw.iter().product::<usize>()).sum();
-    let values: Vec<f32> = images.iter().flat_map(|i| i.pixel_values.iter().copied()).collect();
+pub fn pixel_tensor(
+    images: &[crate::image_processor::ProcessedImage],
+    device: &Device,
+) -> Result<Tensor> {
+    let rows: usize = images
+        .iter()
+        .map(|i| i.grid_thw.iter().product::<usize>())
+        .sum();
+    let values: Vec<f32> = images
+        .iter()
+        .flat_map(|i| i.pixel_values.iter().copied())
+        .collect();
     let dim = values.len() / rows.max(1);
     Ok(Tensor::from_vec(values, (rows, dim), device)?)
 }
 
 /// Runs a prompt through `model` (vision tower, prefill) and opens a decoding session on it.
-pub fn start_session<'a>(model: &'a Qwen2_5Vl, prompt: &Prompt, device: &Device) -> Result<Box<dyn Session + 'a>> {
+pub fn start_session<'a>(
+    model: &'a Qwen2_5Vl,
+    prompt: &Prompt,
+    device: &Device,
+) -> Result<Box<dyn Session + 'a>> {
     let grids: Vec<[usize; 3]> = prompt.images.iter().map(|i| i.grid_thw).collect();
     let features = if prompt.images.is_empty() {
         None
     } else {
-        Some(model.visual.forward(&pixel_tensor(&prompt.images, device)?, &grids, Mode::Infer)?)
+        Some(
+            model
+                .visual
+                .forward(&pixel_tensor(&prompt.images, device)?, &grids, Mode::Infer)?,
+        )
     };
     let ids = Tensor::new(prompt.input_ids.as_slice(), device)?.unsqueeze(0)?;
     let embeds = model.embed_with_images(&ids, features.as_ref())?;
@@ -1217,10 +1239,17 @@ pub fn start_session<'a>(model: &'a Qwen2_5Vl, prompt: &Prompt, device: &Device)
         model.config.vision.spatial_merge_size,
     )?;
     let mut cache = KvCache::default();
-    let hidden = model.text.forward(&embeds, &[positions], Some(&mut cache), Mode::Infer)?;
+    let hidden = model
+        .text
+        .forward(&embeds, &[positions], Some(&mut cache), Mode::Infer)?;
     let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
     let logits = model.text.logits(&last)?;
-    Ok(Box::new(QwenSession { model, cache, delta, logits }))
+    Ok(Box::new(QwenSession {
+        model,
+        cache,
+        delta,
+        logits,
+    }))
 }
 
 /// A Qwen2.5-VL folder loaded for inference: model, prompt builder, decoding defaults.
@@ -1240,11 +1269,19 @@ fn auto_dtype(folder: &HfFolder) -> Result<DType> {
         .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
         .sum();
     // Stored weights are at least 2 bytes per value; assume the worst (bf16) for the estimate.
-    Ok(if bytes * 2 <= 8 << 30 { DType::F32 } else { DType::BF16 })
+    Ok(if bytes * 2 <= 8 << 30 {
+        DType::F32
+    } else {
+        DType::BF16
+    })
 }
 
 /// Decoding defaults of a folder, with the config's and `<|im_end|>` stop tokens added.
-pub fn generation_defaults(folder: &HfFolder, config: &Config, tokenizer: &TextTokenizer) -> Result<GenerationConfig> {
+pub fn generation_defaults(
+    folder: &HfFolder,
+    config: &Config,
+    tokenizer: &TextTokenizer,
+) -> Result<GenerationConfig> {
     let mut generation = GenerationConfig::load(folder)?;
     if generation.eos_token_ids.is_empty() {
         generation.eos_token_ids = config.eos_token_ids.clone();
@@ -1285,7 +1322,12 @@ impl Qwen2_5VlModel {
         })?;
         let prompts = prompt_builder(folder, &config)?;
         let generation = generation_defaults(folder, &config, &prompts.tokenizer)?;
-        Ok(Qwen2_5VlModel { model, prompts, generation, device: options.device.clone() })
+        Ok(Qwen2_5VlModel {
+            model,
+            prompts,
+            generation,
+            device: options.device.clone(),
+        })
     }
 
     /// The model configuration.
@@ -1406,7 +1448,8 @@ mod tests {
     #[test]
     fn config_json_round_trips() {
         let folder = crate::hf::HfFolder::open(
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen/flat-window112-tied"),
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../fixtures/qwen/flat-window112-tied"),
         )
         .unwrap();
         let config = Config::from_json(&folder.json("config.json").unwrap()).unwrap();

@@ -1,0 +1,593 @@
+//! Reinforcement learning with an IoU reward.
+//!
+//! Each step takes a few prompts, samples a group of G answers for each from the current model
+//! (one prefill, then the group decoded together through the engine's KV-cached session), and
+//! rewards every answer with the IoU between the union mask of its polygons (robust parsing)
+//! and the ground truth: 0 for an answer without a usable polygon, optionally minus a weighted
+//! squared distance between the predicted and true mask centroids. Advantages are the rewards
+//! normalized within their group. The policy gradient is GSPO's (a clipped sequence-level
+//! importance ratio, the geometric mean of the token ratios) or GRPO's (clipped token-level
+//! ratios), with an optional KL penalty to the starting model (the k3 estimator).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use simpleseg_core::{parse_answer, CoordMode, ParseMode, RleMask};
+use simpleseg_engine::hf::HfFolder;
+use simpleseg_engine::image_processor::open_image;
+use simpleseg_engine::models::qwen2_5_vl::{
+    pixel_tensor, prompt_builder, rope_index, start_session, Config, MropePosition, PromptBuilder,
+    Qwen2_5Vl, TensorLayout,
+};
+use simpleseg_engine::nn::Mode;
+use simpleseg_engine::{GenerationConfig, Prompt, Sampler};
+
+use crate::error::{io, Error, Result};
+use crate::folder::write_metadata;
+use crate::optim::{lr_at, AdamW, AdamWConfig};
+use crate::params::Trainable;
+use crate::run::{
+    evaluate, log_softmax, plot_curve, read_state, restore, save_checkpoint, EvalSpec, Log, RunDir,
+    State,
+};
+
+/// The policy-gradient objective.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Group Sequence Policy Optimization: sequence-level ratio, clipped.
+    Gspo,
+    /// Group Relative Policy Optimization: token-level ratios, clipped.
+    Grpo,
+}
+
+/// Settings of an RL run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RlSettings {
+    pub data: PathBuf,
+    pub refer_root: Option<PathBuf>,
+    pub init: PathBuf,
+    pub algorithm: Algorithm,
+    pub steps: usize,
+    /// Prompts per step.
+    pub prompts_per_step: usize,
+    /// Answers sampled per prompt.
+    pub group_size: usize,
+    pub warmup: usize,
+    pub min_lr_ratio: f64,
+    pub optimizer: AdamWConfig,
+    /// Clip range of the importance ratio (GSPO uses a small one, GRPO about 0.2).
+    pub clip_eps: f64,
+    /// Weight of the KL penalty to the starting model (0 disables it).
+    pub kl_coef: f64,
+    /// Weight of the centroid-distance term (0 disables it).
+    pub centroid_weight: f64,
+    pub temperature: f64,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+    pub save_every: usize,
+    pub log_every: usize,
+    pub eval: Option<EvalSpec>,
+    pub eval_every: usize,
+}
+
+/// One RL prompt: a line of `data rl` output.
+#[derive(Clone, Debug)]
+pub struct RlExample {
+    pub image: PathBuf,
+    pub prompt: String,
+    pub gt: RleMask,
+}
+
+/// Reads `data rl` output; relative image paths resolve against `root` (default: the file's
+/// folder).
+pub fn read_rl(path: &Path, root: Option<&Path>) -> Result<Vec<RlExample>> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let root = root.map_or_else(
+        || path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        Path::to_path_buf,
+    );
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, line)| {
+            let bad = |m: String| Error::BadFile {
+                path: path.to_path_buf(),
+                message: format!("line {}: {m}", i + 1),
+            };
+            let v: Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+            let image = v["image"]
+                .as_str()
+                .ok_or_else(|| bad("missing \"image\"".into()))?;
+            let image = Path::new(image);
+            Ok(RlExample {
+                image: if image.is_absolute() {
+                    image.to_path_buf()
+                } else {
+                    root.join(image)
+                },
+                prompt: v["prompt"]
+                    .as_str()
+                    .ok_or_else(|| bad("missing \"prompt\"".into()))?
+                    .to_string(),
+                gt: RleMask::from_json_value(&v["rle"])
+                    .map_err(|m| bad(format!("bad \"rle\": {m}")))?,
+            })
+        })
+        .collect()
+}
+
+/// Centroid of a mask in normalized coordinates.
+fn centroid(mask: &RleMask) -> Option<(f64, f64)> {
+    let (w, h) = (mask.width() as usize, mask.height() as usize);
+    let (mut sx, mut sy, mut n) = (0f64, 0f64, 0f64);
+    let mut pos = 0usize;
+    for (i, &run) in mask.counts().iter().enumerate() {
+        if i % 2 == 1 {
+            for p in pos..pos + run as usize {
+                sx += (p / h) as f64 + 0.5;
+                sy += (p % h) as f64 + 0.5;
+                n += 1.0;
+            }
+        }
+        pos += run as usize;
+    }
+    (n > 0.0).then(|| (sx / n / w as f64, sy / n / h as f64))
+}
+
+/// The reward of an answer and whether it parsed: IoU of its union mask with the ground truth
+/// (robust parsing, normalized coordinates), minus `centroid_weight` times the squared
+/// distance between centroids; 0 for an answer with no usable polygon.
+pub fn reward(answer: &str, gt: &RleMask, centroid_weight: f64) -> (f64, f64, bool) {
+    let parsed = parse_answer(answer, ParseMode::Robust);
+    if parsed.polygons.is_empty() {
+        return (0.0, 0.0, false);
+    }
+    let Ok(mask) = parsed.mask(gt.width(), gt.height(), CoordMode::Normalized) else {
+        return (0.0, 0.0, false);
+    };
+    let (inter, union) = mask.intersection_union(gt).unwrap_or((0, 0));
+    let iou = if union == 0 {
+        1.0
+    } else {
+        inter as f64 / union as f64
+    };
+    let penalty = match (centroid_weight > 0.0, centroid(&mask), centroid(gt)) {
+        (true, Some(a), Some(b)) => centroid_weight * ((a.0 - b.0).powi(2) + (a.1 - b.1).powi(2)),
+        (true, _, _) => centroid_weight,
+        _ => 0.0,
+    };
+    (iou - penalty, iou, true)
+}
+
+/// Group-normalized advantages: `(r - mean) / (std + 1e-4)`; all zero for a constant group.
+pub fn advantages(rewards: &[f64]) -> Vec<f64> {
+    let n = rewards.len() as f64;
+    let mean = rewards.iter().sum::<f64>() / n;
+    let std = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
+    if std < 1e-8 {
+        return vec![0.0; rewards.len()];
+    }
+    rewards.iter().map(|r| (r - mean) / (std + 1e-4)).collect()
+}
+
+/// Samples `g` answers to one prompt from `model`, decoded together; returns the token ids of
+/// each answer (end token included when generated).
+fn sample_group(
+    model: &Qwen2_5Vl,
+    prompt: &Prompt,
+    g: usize,
+    config: &GenerationConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
+    let session = start_session(model, prompt, device)?;
+    let mut group = session.fork(g)?;
+    let mut samplers: Vec<Sampler> = (0..g)
+        .map(|i| {
+            Sampler::new(GenerationConfig {
+                seed: seed.wrapping_mul(31).wrapping_add(i as u64),
+                ..config.clone()
+            })
+        })
+        .collect::<simpleseg_engine::Result<_>>()?;
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); g];
+    let mut finished = vec![false; g];
+    for _ in 0..config.max_new_tokens {
+        let logits = group.logits().to_dtype(DType::F32)?;
+        let mut next = Vec::with_capacity(g);
+        for i in 0..g {
+            if finished[i] {
+                next.push(config.eos_token_ids[0]);
+                continue;
+            }
+            let mut row: Vec<f32> = logits.get(i)?.to_vec1()?;
+            let history: Vec<u32> = prompt.input_ids.iter().chain(&out[i]).copied().collect();
+            let t = samplers[i].next_token(&mut row, &history);
+            out[i].push(t);
+            finished[i] = config.eos_token_ids.contains(&t);
+            next.push(t);
+        }
+        if finished.iter().all(|&f| f) {
+            break;
+        }
+        group.feed(&next)?;
+    }
+    Ok(out)
+}
+
+/// Log-probabilities of each answer's tokens under `model`, teacher-forced: a `(g, max_len)`
+/// tensor and the mask of real (non-padding) answer tokens.
+fn answer_logprobs(
+    model: &Qwen2_5Vl,
+    prompt: &Prompt,
+    answers: &[Vec<u32>],
+    pad: u32,
+    mode: Mode,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let g = answers.len();
+    let p = prompt.input_ids.len();
+    let max_len = answers.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let t = p + max_len;
+    let config = &model.config;
+    let grids: Vec<[usize; 3]> = prompt.images.iter().map(|i| i.grid_thw).collect();
+    let mut ids = Vec::with_capacity(g * t);
+    let mut positions: Vec<Vec<MropePosition>> = Vec::with_capacity(g);
+    let mut mask = Vec::with_capacity(g * max_len);
+    let mut targets = Vec::with_capacity(g * max_len);
+    for a in answers {
+        let mut seq: Vec<u32> = prompt.input_ids.clone();
+        seq.extend(a);
+        let (mut pos, _) = rope_index(
+            &seq,
+            config.image_token_id,
+            &grids,
+            config.vision.spatial_merge_size,
+        )?;
+        let last = pos.last().map_or(0, |q| q[0]);
+        for k in seq.len()..t {
+            pos.push([last + (k - seq.len()) as i64 + 1; 3]);
+        }
+        positions.push(pos);
+        ids.extend(&seq);
+        ids.extend(std::iter::repeat_n(pad, t - seq.len()));
+        for k in 0..max_len {
+            targets.push(a.get(k).copied().unwrap_or(pad));
+            mask.push(if k < a.len() { 1f32 } else { 0.0 });
+        }
+    }
+    // One vision pass, its features repeated for every answer (gradients add up).
+    let features = model
+        .visual
+        .forward(&pixel_tensor(&prompt.images, device)?, &grids, mode)?;
+    let features = Tensor::cat(&vec![features; g], 0)?;
+    let ids = Tensor::from_vec(ids, (g, t), device)?;
+    let embeds = model.embed_with_images(&ids, Some(&features))?;
+    let hidden = model.text.forward(&embeds, &positions, None, mode)?;
+    // Positions p-1 .. p+max_len-2 predict the answer tokens.
+    let hidden = hidden.narrow(1, p - 1, max_len)?;
+    let logits = model.text.logits(&hidden)?;
+    let logp = log_softmax(&logits)?;
+    let targets = Tensor::from_vec(targets, (g, max_len, 1), device)?;
+    let picked = logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?;
+    Ok((picked, Tensor::from_vec(mask, (g, max_len), device)?))
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct RlSummary {
+    pub steps: usize,
+    pub mean_reward_last: f64,
+    pub seconds: f64,
+}
+
+/// A frozen copy of the starting model for the KL penalty.
+fn reference_model(dir: &Path, device: &Device) -> Result<Qwen2_5Vl> {
+    let folder = HfFolder::open(dir)?;
+    let config = Config::from_json(&folder.json("config.json")?)?;
+    let layout = TensorLayout::detect(&folder.tensor_names()?)?;
+    let vb = folder.var_builder(DType::F32, device)?;
+    Ok(Qwen2_5Vl::load(&vb, &config, layout)?)
+}
+
+/// Runs (or, with `resume`, continues) RL into `out`.
+pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSummary> {
+    let device = Device::Cpu;
+    let run = RunDir::new(out);
+    let (settings, start_step) = if resume && run.has_state() {
+        let state: State<RlSettings> = read_state(&run)?;
+        (state.settings, state.step)
+    } else if resume {
+        return Err(Error::Invalid(format!(
+            "{} holds no run to resume",
+            out.display()
+        )));
+    } else {
+        if run.has_state() {
+            return Err(Error::Invalid(format!(
+                "{} already holds a run; pass --resume to continue it or choose another --out",
+                out.display()
+            )));
+        }
+        (settings, 0)
+    };
+    if settings.group_size < 2 {
+        return Err(Error::Invalid(
+            "--group-size must be at least 2 (advantages compare answers within a group)".into(),
+        ));
+    }
+    let examples = read_rl(&settings.data, settings.refer_root.as_deref())?;
+    if examples.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{} holds no examples",
+            settings.data.display()
+        )));
+    }
+    let init = HfFolder::open(&settings.init)?;
+    let config = Config::from_json(&init.json("config.json")?)?;
+    let prompts: PromptBuilder = prompt_builder(&init, &config)?;
+    let model = Trainable::from_folder(&init, &config, &device)?;
+    if start_step == 0 {
+        write_metadata(
+            out,
+            &config,
+            prompts.tokenizer.inner(),
+            prompts.template.source(),
+            &prompts.image_config,
+            512,
+        )?;
+    }
+    let reference = if settings.kl_coef > 0.0 {
+        Some(reference_model(&settings.init, &device)?)
+    } else {
+        None
+    };
+    let mut optimizer = AdamW::new(model.named_vars(), settings.optimizer.clone())?;
+    if start_step > 0 {
+        restore(&run, &model, &mut optimizer, start_step, &device)?;
+    }
+    let im_end = prompts
+        .tokenizer
+        .token_id("<|im_end|>")
+        .ok_or_else(|| Error::Invalid("the tokenizer lacks <|im_end|>".into()))?;
+    let pad = prompts
+        .tokenizer
+        .token_id("<|endoftext|>")
+        .unwrap_or(im_end);
+    let sampling = GenerationConfig {
+        do_sample: true,
+        temperature: settings.temperature,
+        top_k: 0,
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        max_new_tokens: settings.max_new_tokens,
+        eos_token_ids: vec![im_end],
+        seed: 0,
+    };
+    let mut log = Log::open(&run, start_step)?;
+    let per_epoch = examples.len() / settings.prompts_per_step;
+    if per_epoch == 0 {
+        return Err(Error::Invalid(
+            "fewer examples than --prompts-per-step".into(),
+        ));
+    }
+    let bar = ProgressBar::new(settings.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} rl [{bar:40}] {pos}/{len} {msg} (eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(start_step as u64);
+    let started = Instant::now();
+    let mut order_cache: Option<(usize, Vec<usize>)> = None;
+    let mut stats = Stats::default();
+    let mut last_reward = f64::NAN;
+    for step in start_step..settings.steps {
+        let epoch = step / per_epoch;
+        if order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            let mut order: Vec<usize> = (0..examples.len()).collect();
+            order.shuffle(&mut StdRng::seed_from_u64(
+                settings.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ));
+            order_cache = Some((epoch, order));
+        }
+        let order = &order_cache.as_ref().expect("set above").1;
+        let at = (step % per_epoch) * settings.prompts_per_step;
+        let mut losses = Vec::new();
+        let mut step_rewards = Vec::new();
+        for (k, &idx) in order[at..at + settings.prompts_per_step].iter().enumerate() {
+            let ex = &examples[idx];
+            let prompt = prompts.prepare(&open_image(&ex.image)?, &ex.prompt)?;
+            let seed = settings
+                .seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add((step * 1000 + k) as u64);
+            let answers = sample_group(
+                &model.model,
+                &prompt,
+                settings.group_size,
+                &sampling,
+                seed,
+                &device,
+            )?;
+            let mut rewards = Vec::with_capacity(answers.len());
+            for a in &answers {
+                let text = prompts.tokenizer.decode(a)?;
+                let (r, iou, parsed) = reward(&text, &ex.gt, settings.centroid_weight);
+                rewards.push(r);
+                stats.add(r, iou, parsed, a.len());
+            }
+            step_rewards.extend(&rewards);
+            let adv = advantages(&rewards);
+            if adv.iter().all(|a| *a == 0.0) {
+                continue;
+            }
+            let (logp, mask) =
+                answer_logprobs(&model.model, &prompt, &answers, pad, Mode::Train, &device)?;
+            let old = logp.detach();
+            let lengths = mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
+            let adv_t = Tensor::from_vec(
+                adv.iter().map(|&a| a as f32).collect::<Vec<_>>(),
+                answers.len(),
+                &device,
+            )?;
+            let (lo, hi) = (1.0 - settings.clip_eps, 1.0 + settings.clip_eps);
+            let objective = match settings.algorithm {
+                Algorithm::Gspo => {
+                    let log_ratio = ((&logp - &old)? * &mask)?.sum(1)?.div(&lengths)?;
+                    let ratio = log_ratio.exp()?;
+                    let unclipped = (&ratio * &adv_t)?;
+                    let clipped = (ratio.clamp(lo, hi)? * &adv_t)?;
+                    unclipped.minimum(&clipped)?
+                }
+                Algorithm::Grpo => {
+                    let ratio = (&logp - &old)?.exp()?;
+                    let a = adv_t.unsqueeze(1)?.broadcast_as(ratio.shape())?;
+                    let unclipped = (&ratio * &a)?;
+                    let clipped = (ratio.clamp(lo, hi)? * &a)?;
+                    (unclipped.minimum(&clipped)? * &mask)?
+                        .sum(1)?
+                        .div(&lengths)?
+                }
+            };
+            let mut loss = objective.mean_all()?.neg()?;
+            if let Some(reference) = &reference {
+                let (ref_logp, _) =
+                    answer_logprobs(reference, &prompt, &answers, pad, Mode::Infer, &device)?;
+                let diff = (ref_logp.detach() - &logp)?;
+                let k3 = ((diff.exp()? - &diff)? - 1.0)?;
+                let kl = (k3 * &mask)?.sum(1)?.div(&lengths)?.mean_all()?;
+                stats.kl += f64::from(kl.to_scalar::<f32>()?);
+                loss = (loss + (kl * settings.kl_coef)?)?;
+            }
+            losses.push(loss);
+        }
+        let lr = lr_at(
+            step,
+            settings.optimizer.lr,
+            settings.warmup,
+            settings.steps,
+            settings.min_lr_ratio,
+        );
+        let grad_norm = if losses.is_empty() {
+            0.0
+        } else {
+            let total = Tensor::stack(&losses, 0)?.sum_all()?;
+            let grads = total.backward()?;
+            optimizer.step(&grads, lr)?.grad_norm
+        };
+        stats.grad_norm += grad_norm;
+        stats.steps += 1;
+        last_reward = step_rewards.iter().sum::<f64>() / step_rewards.len().max(1) as f64;
+        let done = step + 1;
+        bar.set_position(done as u64);
+        bar.set_message(format!("reward {last_reward:.3}"));
+        if done % settings.log_every == 0 || done == settings.steps {
+            log.write(&stats.line(done, lr, started.elapsed().as_secs_f64()))?;
+            stats = Stats::default();
+        }
+        if done % settings.save_every == 0 || done == settings.steps {
+            let state = State {
+                step: done,
+                settings: settings.clone(),
+            };
+            save_checkpoint(
+                &run,
+                &model,
+                &optimizer,
+                &state,
+                done == settings.steps || done % (settings.save_every * 10) == 0,
+            )?;
+            plot_curve(&run.plot(), &log.series("reward")?)?;
+        }
+        if let Some(spec) = &settings.eval {
+            if settings.eval_every > 0
+                && (done % settings.eval_every == 0 || done == settings.steps)
+            {
+                bar.suspend(|| -> Result<()> {
+                    let report = evaluate(&run, spec, done)?;
+                    log.write(&json!({"step": done, "eval_split": spec.split, "giou": report.giou, "ciou": report.ciou, "parse_failures": report.parse_failures, "n": report.n}))?;
+                    eprintln!("step {done}: {} {} gIoU {:.3} cIoU {:.3} ({} of {} unparseable)", spec.dataset, spec.split, report.giou, report.ciou, report.parse_failures, report.n);
+                    Ok(())
+                })?;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(RlSummary {
+        steps: settings.steps,
+        mean_reward_last: last_reward,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Running sums between log lines.
+#[derive(Default)]
+struct Stats {
+    answers: usize,
+    reward: f64,
+    iou: f64,
+    failures: usize,
+    length: usize,
+    kl: f64,
+    grad_norm: f64,
+    steps: usize,
+}
+
+impl Stats {
+    fn add(&mut self, reward: f64, iou: f64, parsed: bool, length: usize) {
+        self.answers += 1;
+        self.reward += reward;
+        self.iou += iou;
+        self.failures += usize::from(!parsed);
+        self.length += length;
+    }
+
+    fn line(&self, step: usize, lr: f64, seconds: f64) -> Value {
+        let n = self.answers.max(1) as f64;
+        let s = self.steps.max(1) as f64;
+        json!({
+            "step": step,
+            "reward": self.reward / n,
+            "iou": self.iou / n,
+            "parse_failure_rate": self.failures as f64 / n,
+            "answer_tokens": self.length as f64 / n,
+            "kl": self.kl / s,
+            "grad_norm": self.grad_norm / s,
+            "lr": lr,
+            "seconds": seconds,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewards_and_advantages() {
+        let gt = RleMask::from_row_major(&[1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 4, 4)
+            .unwrap();
+        let (r, iou, ok) = reward(
+            "[[[0.0, 0.0], [0.5, 0.0], [0.5, 0.5], [0.0, 0.5]]]",
+            &gt,
+            0.0,
+        );
+        assert!(ok && iou > 0.0 && r == iou);
+        assert_eq!(reward("nothing", &gt, 0.0), (0.0, 0.0, false));
+        // Truncated answers still score in robust mode.
+        assert!(reward("[[[0.0, 0.0], [0.5, 0.0], [0.5, 0.5], [0.0", &gt, 0.0).2);
+        let a = advantages(&[1.0, 0.0, 0.5, 0.5]);
+        assert!(a[0] > 0.0 && a[1] < 0.0 && a[2].abs() < 1e-12);
+        assert_eq!(advantages(&[0.3, 0.3]), vec![0.0, 0.0]);
+        assert_eq!(centroid(&gt), Some((0.25, 0.25)));
+    }
+}
