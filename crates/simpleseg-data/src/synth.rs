@@ -8,7 +8,7 @@
 //! relation to another shape ("the triangle above the blue square").
 //!
 //! A set is written in the refer layout under the name `synth`: `ROOT/synth/instances.json`,
-//! `ROOT/synth/refs(unc).p` and `ROOT/images/synth/*.png`, so the SFT/RL builders and the
+//! `ROOT/synth/refs(unc).p` and `ROOT/images/synth/*.png` (another `name` is possible), so the SFT/RL builders and the
 //! evaluator read it like refCOCO. Writing another split into the same root adds to it with
 //! fresh ids.
 
@@ -51,6 +51,9 @@ pub struct SynthOptions {
     pub split: String,
     /// Image side in pixels.
     pub size: u32,
+    /// Dataset name under the root (`synth` by default; another name makes a stand-in for a
+    /// real dataset's layout, images in that dataset's usual folder).
+    pub name: String,
 }
 
 /// One drawn shape.
@@ -378,8 +381,8 @@ pub struct SynthStats {
 
 /// Writes `options.count` scenes as split `options.split` of the `synth` dataset under `root`.
 pub fn generate(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
-    let dir = root.join("synth");
-    let image_dir = root.join("images/synth");
+    let dir = root.join(&options.name);
+    let image_dir = crate::refer::default_image_root(root, &options.name);
     for d in [&dir, &image_dir] {
         std::fs::create_dir_all(d).map_err(|source| Error::Io {
             path: d.clone(),
@@ -387,7 +390,10 @@ pub fn generate(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
         })?;
     }
     let instances_path = dir.join("instances.json");
-    let refs_path = dir.join("refs(unc).p");
+    let refs_path = dir.join(format!(
+        "refs({}).p",
+        crate::refer::default_split_by(&options.name)
+    ));
     // Existing content, to append to with fresh ids.
     let mut instances: Value = if instances_path.is_file() {
         let text = std::fs::read_to_string(&instances_path).map_err(|source| Error::Io {

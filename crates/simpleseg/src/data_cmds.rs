@@ -37,6 +37,9 @@ pub struct SynthArgs {
     /// Image side in pixels.
     #[arg(long, default_value_t = 112)]
     size: u32,
+    /// Dataset name (another name than `synth` lays the set out as that dataset would be).
+    #[arg(long, default_value = "synth")]
+    name: String,
 }
 
 /// Where objects come from: refer-format datasets, a COCO instances file, or a mask folder.
@@ -165,6 +168,7 @@ pub fn run(command: DataCommand) -> Result<()> {
                     count: a.count,
                     split: a.split.clone(),
                     size: a.size,
+                    name: a.name.clone(),
                 },
             )?;
             println!(
@@ -173,7 +177,7 @@ pub fn run(command: DataCommand) -> Result<()> {
                 stats.refs,
                 stats.sentences,
                 a.split,
-                a.out.join("synth").display()
+                a.out.join(&a.name).display()
             );
         }
         DataCommand::Sft(a) => {
