@@ -39,6 +39,9 @@ pub enum Task {
     BoxToMask,
     /// Expression -> box.
     TextToBox,
+    /// Expression -> a point on the object: a short answer that depends only on where the
+    /// object is, which helps a small model learn to locate before it learns outlines.
+    TextToPoint,
 }
 
 impl std::str::FromStr for Task {
@@ -49,8 +52,9 @@ impl std::str::FromStr for Task {
             "point-mask" => Ok(Task::PointToMask),
             "box-mask" => Ok(Task::BoxToMask),
             "text-box" => Ok(Task::TextToBox),
+            "text-point" => Ok(Task::TextToPoint),
             other => Err(format!(
-                "unknown task '{other}' (expected text-mask, point-mask, box-mask or text-box)"
+                "unknown task '{other}' (expected text-mask, point-mask, box-mask, text-box or text-point)"
             )),
         }
     }
@@ -239,6 +243,16 @@ pub fn sft_records(
                                 &list_repr(&p.bbox),
                             ),
                         ),
+                        Task::TextToPoint => {
+                            let Some(point) = p.point else { continue };
+                            (
+                                format!("Point to {} in the image.", sentence.sent),
+                                templates::answer(
+                                    rng.random_range(0..templates::ANSWER_TEMPLATES.len()),
+                                    &list_repr(&point),
+                                ),
+                            )
+                        }
                     };
                     records.push(json!({
                         "conversations": [

@@ -54,6 +54,9 @@ pub struct SynthOptions {
     /// Dataset name under the root (`synth` by default; another name makes a stand-in for a
     /// real dataset's layout, images in that dataset's usual folder).
     pub name: String,
+    /// Most shapes per scene (1 to 6); fewer make an easier set, e.g. for a first stage of
+    /// training.
+    pub max_objects: usize,
 }
 
 /// One drawn shape.
@@ -120,10 +123,13 @@ fn dense(polygon: &[[f64; 2]], size: u32) -> Result<Vec<u8>> {
     Ok(rasterize_polygon(polygon, size, size)?.to_row_major())
 }
 
-/// A textured background: a two-colour gradient with soft blotches and pixel noise.
+/// A textured background: a two-colour gradient with soft blotches and pixel noise. Its colours
+/// stay muted (a grey level with a slight cast) so that a shape's colour name stays unambiguous:
+/// "the purple ellipse" on a purple background would be a riddle, not a referring expression.
 fn background(rng: &mut StdRng, size: u32) -> RgbImage {
-    let base: [f64; 3] = [0, 1, 2].map(|_| rng.random_range(90.0..180.0));
-    let tint: [f64; 3] = [0, 1, 2].map(|_| rng.random_range(-50.0..50.0));
+    let grey: f64 = rng.random_range(90.0..180.0);
+    let base: [f64; 3] = [0, 1, 2].map(|_| grey + rng.random_range(-12.0..12.0));
+    let tint: [f64; 3] = [0, 1, 2].map(|_| rng.random_range(-20.0..20.0));
     let blotches: Vec<(f64, f64, f64, f64)> = (0..4)
         .map(|_| {
             (
@@ -166,9 +172,9 @@ fn centre_and_area(mask: &[u8], size: u32) -> (f64, f64, usize) {
 }
 
 /// Draws a scene: the image and its shapes with visible masks.
-fn draw_scene(rng: &mut StdRng, size: u32) -> Result<(RgbImage, Vec<Shape>)> {
+fn draw_scene(rng: &mut StdRng, size: u32, max_objects: usize) -> Result<(RgbImage, Vec<Shape>)> {
     let mut img = background(rng, size);
-    let n = rng.random_range(1..=6);
+    let n = rng.random_range(1..=max_objects);
     let s = f64::from(size);
     let mut shapes: Vec<Shape> = Vec::new();
     for _ in 0..n {
@@ -381,6 +387,12 @@ pub struct SynthStats {
 
 /// Writes `options.count` scenes as split `options.split` of the `synth` dataset under `root`.
 pub fn generate(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
+    if !(1..=6).contains(&options.max_objects) {
+        return Err(Error::Invalid(format!(
+            "scenes hold 1 to 6 shapes; --max-objects {} is out of range",
+            options.max_objects
+        )));
+    }
     let dir = root.join(&options.name);
     let image_dir = crate::refer::default_image_root(root, &options.name);
     for d in [&dir, &image_dir] {
@@ -469,7 +481,7 @@ pub fn generate(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
     };
     let min_area = (options.size as usize * options.size as usize) / 150;
     while stats.images < options.count {
-        let (img, shapes) = draw_scene(&mut rng, options.size)?;
+        let (img, shapes) = draw_scene(&mut rng, options.size, options.max_objects)?;
         let visible: Vec<usize> = (0..shapes.len())
             .filter(|&i| shapes[i].area >= min_area)
             .collect();
@@ -602,6 +614,8 @@ mod tests {
                 count: 12,
                 split: "train".into(),
                 size: 112,
+                name: "synth".into(),
+                max_objects: 6,
             },
         )
         .unwrap();
@@ -613,6 +627,8 @@ mod tests {
                 count: 5,
                 split: "test".into(),
                 size: 112,
+                name: "synth".into(),
+                max_objects: 6,
             },
         )
         .unwrap();
@@ -635,7 +651,9 @@ mod tests {
                 seed: 3,
                 count: 1,
                 split: "train".into(),
-                size: 112
+                size: 112,
+                name: "synth".into(),
+                max_objects: 6,
             }
         )
         .is_err());

@@ -21,8 +21,8 @@ use crate::backends::{Backend, Question};
 use crate::error::{Error, Result};
 use crate::metrics::{aggregate, score_answer, BoxSource, Metrics, Score};
 
-/// The task an evaluation reports on. Both compute every metric; the task picks the default
-/// prompt and box source and which metric leads the report.
+/// The task an evaluation reports on. Both compute every metric; the task picks which metric
+/// leads the report (the prompt and box source are set separately).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {

@@ -40,6 +40,9 @@ pub struct SynthArgs {
     /// Dataset name (another name than `synth` lays the set out as that dataset would be).
     #[arg(long, default_value = "synth")]
     name: String,
+    /// Most shapes per scene (1 to 6).
+    #[arg(long, default_value_t = 6)]
+    max_objects: usize,
 }
 
 /// Where objects come from: refer-format datasets, a COCO instances file, or a mask folder.
@@ -129,7 +132,7 @@ pub struct SftArgs {
     /// approxPolyDP epsilon as a fraction of each contour's length.
     #[arg(long, default_value_t = simpleseg_core::target::DEFAULT_EPSILON_RATIO)]
     epsilon_ratio: f64,
-    /// Pairs to build: text-mask (the script's), point-mask, box-mask, text-box.
+    /// Pairs to build: text-mask (the script's), point-mask, box-mask, text-box, text-point.
     #[arg(long, value_delimiter = ',', default_value = "text-mask")]
     tasks: Vec<Task>,
 }
@@ -169,6 +172,7 @@ pub fn run(command: DataCommand) -> Result<()> {
                     split: a.split.clone(),
                     size: a.size,
                     name: a.name.clone(),
+                    max_objects: a.max_objects,
                 },
             )?;
             println!(

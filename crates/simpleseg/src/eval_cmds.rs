@@ -20,7 +20,7 @@ use crate::protocol_cmds::{CoordsArg, ModeArg};
 pub enum BackendArg {
     /// A model folder run in this process (--model).
     Local,
-    /// An OpenAI-compatible server (--base-url, --model NAME): vLLM, SGLang, `simpleseg serve`.
+    /// An OpenAI-compatible server (--base-url, --model NAME): e.g. vLLM or SGLang.
     Openai,
     /// Answers already produced, from --predictions F.jsonl.
     File,
@@ -53,13 +53,17 @@ pub struct EvalArgs {
     /// Dataset name under --refer-root.
     #[arg(long, default_value = "refcoco")]
     dataset: String,
+    /// Split to score (val, test, testA, testB, ...).
     #[arg(long, default_value = "val")]
     split: String,
     /// Run the eight splits of the paper's table (refCOCO, refCOCO+, refCOCOg).
     #[arg(long)]
     all: bool,
+    /// Which refs(SPLIT_BY).p to read (unc, umd, google, berkeley); default: the dataset's
+    /// usual one (refcocog: umd, others: unc).
     #[arg(long)]
     split_by: Option<String>,
+    /// Folder holding the images (default: the dataset's usual folder under --refer-root).
     #[arg(long, value_name = "DIR")]
     image_root: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "res")]
@@ -89,17 +93,17 @@ pub struct EvalArgs {
     mode: ModeArg,
     #[arg(long, value_enum, default_value = "normalized")]
     coords: CoordsArg,
-    /// Where Acc@0.5's predicted box comes from.
+    /// Where Acc@0.5's predicted box comes from (default: the predicted mask's extent;
+    /// `answer` also asks for a box with "Output the bounding box of {query} in the image.").
     #[arg(long, value_enum)]
     box_from: Option<BoxFromArg>,
     /// The prompt; {query} (or {sent}) is replaced by the expression.
     #[arg(long)]
     prompt_template: Option<String>,
-    /// Sample answers instead of greedy decoding, seeded from --seed and the sentence id.
+    /// Sample answers instead of greedy decoding, seeded from --seed (default 0) and the
+    /// sentence id.
     #[arg(long)]
     sample: bool,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Questions answered at once.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
@@ -173,9 +177,9 @@ fn one_split(
     if items.is_empty() {
         bail!("{dataset} has no refs in split {split:?}");
     }
-    let box_source = match (args.box_from, args.task) {
-        (Some(BoxFromArg::Answer), _) => BoxSource::Answer,
-        (Some(BoxFromArg::Mask), _) | (None, _) => BoxSource::Mask,
+    let box_source = match args.box_from {
+        Some(BoxFromArg::Answer) => BoxSource::Answer,
+        Some(BoxFromArg::Mask) | None => BoxSource::Mask,
     };
     let prompt_template = args.prompt_template.clone().unwrap_or_else(|| {
         if box_source == BoxSource::Answer {
@@ -196,7 +200,7 @@ fn one_split(
         box_source,
         prompt_template: prompt_template.replace("{sent}", "{query}"),
         sample: args.sample,
-        seed: args.seed,
+        seed: args.generation.seed.unwrap_or(0),
         limit: args.limit,
     };
     let report = runner::run(&items, backend, &config, args.concurrency, out, true)?;
