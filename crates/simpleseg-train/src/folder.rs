@@ -62,6 +62,12 @@ pub fn write_metadata(
         "temporal_patch_size": image.temporal_patch_size,
         "size": {"shortest_edge": image.min_pixels, "longest_edge": image.max_pixels},
     });
+    // The flat file older transformers (4.x) and other loaders read; same settings.
+    let mut flat = image_processor.clone();
+    flat["min_pixels"] = json!(image.min_pixels);
+    flat["max_pixels"] = json!(image.max_pixels);
+    flat["processor_class"] = json!("Qwen2_5_VLProcessor");
+    write_json(&dir.join("preprocessor_config.json"), &flat)?;
     write_json(
         &dir.join("processor_config.json"),
         &json!({"processor_class": "Qwen2_5_VLProcessor", "image_processor": image_processor, "video_processor": video_processor}),

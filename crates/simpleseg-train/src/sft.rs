@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 use simpleseg_engine::chat::{ChatTemplate, TextTokenizer};
 use simpleseg_engine::hf::{HfFolder, JsonFile};
 use simpleseg_engine::image_processor::ImageProcessorConfig;
@@ -31,7 +31,8 @@ use crate::tokenizer::{train_tokenizer, SPECIAL_TOKENS};
 pub enum Start {
     /// A model configuration file: a Qwen2.5-VL `config.json` (vocabulary size and special
     /// token ids are filled in from the tokenizer), optionally with `"image_processor"`
-    /// settings (`min_pixels`, `max_pixels`).
+    /// settings (`min_pixels`, `max_pixels`) and a `"chat_template_file"` (a Jinja file,
+    /// relative to the configuration; default: the template Qwen2.5-VL-Instruct ships).
     Config {
         path: PathBuf,
         tokenizer: Option<PathBuf>,
@@ -98,22 +99,31 @@ fn start_model(
             vocab_size,
             init_std,
         } => {
+            let mut file = JsonFile::read(path)?;
+            let template = match file.root.get("chat_template_file") {
+                None => QWEN_CHAT_TEMPLATE.to_string(),
+                Some(Value::String(name)) => {
+                    let jinja = path.parent().unwrap_or(Path::new(".")).join(name);
+                    std::fs::read_to_string(&jinja).map_err(io(&jinja))?
+                }
+                Some(_) => {
+                    return Err(file
+                        .error("\"chat_template_file\" must be a file name")
+                        .into())
+                }
+            };
             let tokenizer = match tokenizer {
                 Some(p) => TextTokenizer::from_file(p)?.inner().clone(),
-                None => {
-                    let template_text: Vec<&str> = vec![QWEN_CHAT_TEMPLATE];
-                    train_tokenizer(
-                        texts.iter().map(String::as_str).chain(template_text),
-                        *vocab_size,
-                    )?
-                }
+                None => train_tokenizer(
+                    texts.iter().map(String::as_str).chain([template.as_str()]),
+                    *vocab_size,
+                )?,
             };
             let id = |t: &str| {
                 tokenizer.token_to_id(t).ok_or_else(|| {
                     Error::Invalid(format!("the tokenizer lacks the special token {t}"))
                 })
             };
-            let mut file = JsonFile::read(path)?;
             let vocab = tokenizer.get_vocab_size(true);
             let root = &mut file.root;
             let text = if root.get("text_config").is_some() {
@@ -138,19 +148,12 @@ fn start_model(
             };
             let prompts = PromptBuilder::new(
                 TextTokenizer::new(tokenizer.clone()),
-                ChatTemplate::from_source(QWEN_CHAT_TEMPLATE),
+                ChatTemplate::from_source(template.clone()),
                 image_config.clone(),
                 &config,
             )?;
             let model = Trainable::init(&config, settings.seed, *init_std, device)?;
-            write_metadata(
-                out,
-                &config,
-                &tokenizer,
-                QWEN_CHAT_TEMPLATE,
-                &image_config,
-                512,
-            )?;
+            write_metadata(out, &config, &tokenizer, &template, &image_config, 512)?;
             Ok((model, prompts))
         }
     }
