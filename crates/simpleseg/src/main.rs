@@ -1,6 +1,7 @@
 //! The `simpleseg` command line: a thin layer over the library crates.
 
 mod data_cmds;
+mod embedded;
 mod eval_cmds;
 mod model_cmds;
 mod protocol_cmds;
@@ -34,6 +35,16 @@ enum Command {
     Data(data_cmds::DataCommand),
     Target(protocol_cmds::TargetArgs),
     Iou(protocol_cmds::IouArgs),
+    ExportModel(ExportModelArgs),
+}
+
+/// Write the built-in default model (used when --model is omitted) as a Hugging Face folder,
+/// e.g. to load it in transformers or to fine-tune it with `train sft --init`.
+#[derive(clap::Args)]
+struct ExportModelArgs {
+    /// Folder to write (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: std::path::PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +58,7 @@ fn main() -> ExitCode {
         Command::Train(command) => train_cmds::run(command),
         Command::Target(args) => protocol_cmds::target(args),
         Command::Iou(args) => protocol_cmds::iou(args),
+        Command::ExportModel(args) => embedded::export(&args.out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use simpleseg_core::templates::{fill_prompt, DEFAULT_PROMPT};
@@ -28,7 +28,8 @@ pub enum DtypeArg {
 /// Where and how to load a model.
 #[derive(Args, Debug)]
 pub struct ModelArgs {
-    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json, ...).
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json, ...). Without
+    /// it, the built-in simpleseg-tiny model (trained on synthetic scenes only) is used.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// Device to run on: cpu, cuda or metal (the last two need a build with that feature).
@@ -44,13 +45,14 @@ impl ModelArgs {
     pub fn model_name(&self) -> String {
         self.model
             .as_ref()
-            .map_or_else(|| "embedded".into(), |p| p.display().to_string())
+            .map_or_else(|| crate::embedded::NAME.into(), |p| p.display().to_string())
     }
 
     /// Loads the model named by `--model`.
     pub fn load(&self) -> Result<Box<dyn VisionLanguageModel>> {
-        let Some(dir) = &self.model else {
-            bail!("no --model given: pass a Hugging Face model folder");
+        let dir = match &self.model {
+            Some(dir) => dir.clone(),
+            None => crate::embedded::folder()?,
         };
         let options = LoadOptions {
             device: simpleseg_engine::device(&self.device)?,
@@ -61,7 +63,7 @@ impl ModelArgs {
                 DtypeArg::F16 => Some(candle_core::DType::F16),
             },
         };
-        simpleseg_engine::load(dir, &options)
+        simpleseg_engine::load(&dir, &options)
             .with_context(|| format!("loading the model in {}", dir.display()))
     }
 }
@@ -142,7 +144,7 @@ pub struct ChatArgs {
     prompt: String,
     #[command(flatten)]
     generation: GenerationArgs,
-    /// Print one JSON line: text, token_ids, prompt_tokens, timings.
+    /// Print one JSON line: text, token_ids, prompt_tokens, stop_reason, timings.
     #[arg(long)]
     json: bool,
 }
