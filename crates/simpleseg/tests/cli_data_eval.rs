@@ -1,11 +1,10 @@
 //! `data sft`, `data rl` and `eval --all` as scripts call them.
 
+mod common;
+use common::root;
+
 use std::path::PathBuf;
 use std::process::Command;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn run(args: &[&str], dir: &std::path::Path) -> std::process::Output {
     let out = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
@@ -22,11 +21,7 @@ fn run(args: &[&str], dir: &std::path::Path) -> std::process::Output {
 }
 
 fn tempdir(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("simpleseg-cli-data-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::fresh_dir("cli-data", name)
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! folder gives transformers' greedy answers (fixtures/tiny-model, from
 //! scripts/gen_tiny_model_fixture.py).
 
+mod common;
+use common::root;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -9,16 +12,8 @@ use simpleseg_core::RleMask;
 use simpleseg_data::items::refer_items;
 use simpleseg_data::ReferDataset;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn tempdir(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("simpleseg-embedded-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::fresh_dir("embedded", name)
 }
 
 /// The command with the model cache inside `dir`, so tests never touch the user's cache.
@@ -73,11 +68,7 @@ fn readme_main_command_segments_the_bundled_example() {
         .args(["--query", &query])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let stem = Path::new(&image).file_stem().unwrap().to_str().unwrap();
     let mask = image::open(dir.join(format!("{stem}.mask.png")))
         .unwrap()
@@ -113,11 +104,7 @@ fn shipped_model_gives_transformers_greedy_answers() {
             )
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_success(&out);
         let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(
             line["prompt_tokens"].as_u64(),
