@@ -4,7 +4,7 @@ tokens (end-of-sequence ignored), both on this machine's CPU, one after the othe
 
     .venv-ml/bin/python scripts/bench_engine.py --model fixtures/qwen/nested-window56-untied \
         --image examples/voc.jpg --tokens 64 --runs 3
-    .venv-ml/bin/python scripts/bench_engine.py --big7b   # writes, times and deletes a random 7B
+    .venv-ml/bin/python scripts/bench_engine.py --big7b --tokens 32   # writes, times, deletes a random 7B
 
 Reports time to first token (preprocessing + vision tower + prefill), decode tokens/s, load
 time and peak RSS of each engine, and the ratios. Each engine runs in its own process so that
@@ -37,6 +37,22 @@ def transformers_run(model_dir, image, tokens, runs, dtype):
     load_ms = (time.perf_counter() - t0) * 1e3
     messages = [{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "Output the polygon coordinates of the object in the image."}]}]
+    class FirstTokenClock:
+        """Streamer that notes when generate() hands over the first new token: time to first
+        token and decode speed come from one generation, so the prompt is prefilled once."""
+
+        def __init__(self):
+            self.calls, self.first = 0, None
+
+        def put(self, _ids):
+            # The first call carries the prompt, the second the first generated token.
+            self.calls += 1
+            if self.calls == 2:
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
     result = None
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -44,24 +60,24 @@ def transformers_run(model_dir, image, tokens, runs, dtype):
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = processor(images=img, text=text, return_tensors="pt")
         preprocess_ms = (time.perf_counter() - t0) * 1e3
+        clock = FirstTokenClock()
         t1 = time.perf_counter()
         with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-        first_ms = (time.perf_counter() - t1) * 1e3
-        ttft_ms = preprocess_ms + first_ms
+            out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                 streamer=clock)
         t2 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        total_ms = (time.perf_counter() - t2) * 1e3
         n = out.shape[1] - inputs["input_ids"].shape[1]
-        # The full generation minus the one-token generation: the n - 1 decode steps.
-        decode_ms = max(total_ms - first_ms, 1e-6)
+        first_ms = (clock.first - t1) * 1e3
+        decode_ms = max((t2 - clock.first) * 1e3, 1e-6)
         result = {
             "engine": "transformers",
             "load_ms": load_ms,
             "preprocess_ms": preprocess_ms,
-            "time_to_first_token_ms": ttft_ms,
+            "prefill_ms": first_ms,
+            "time_to_first_token_ms": preprocess_ms + first_ms,
             "decode_tokens": int(n),
+            "decode_ms": decode_ms,
+            # The n - 1 tokens after the first one.
             "decode_tokens_per_s": (n - 1) / (decode_ms / 1e3),
             "prompt_tokens": int(inputs["input_ids"].shape[1]),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -72,7 +88,8 @@ def transformers_run(model_dir, image, tokens, runs, dtype):
 def simpleseg_run(model_dir, image, tokens, runs, dtype):
     cmd = ["cargo", "run", "--release", "-q", "-p", "simpleseg-engine", "--example", "bench_generate", "--",
            str(model_dir), str(image), str(tokens), dtype, str(runs)]
-    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    # stderr passes through, so a failure shows its message.
+    out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -105,8 +122,11 @@ def write_random_7b(folder):
                                           "mrope_section": [16, 24, 24]}),
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                            out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-        vision_end_token_id=151653, tie_word_embeddings=False,
+        # The tokenizer is the tiny fixture's (a Qwen-size one is not needed to time the model),
+        # so the special token ids are its ids; the embedding still has Qwen's 152064 rows.
+        **{k: v for k, v in json.loads((src / "config.json").read_text()).items()
+           if k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
+        tie_word_embeddings=False,
     )
     with torch.device("meta"):
         shapes = {k: (v.shape, v.dtype) for k, v in Qwen2_5_VLForConditionalGeneration(config).state_dict().items()}
@@ -132,9 +152,8 @@ def write_random_7b(folder):
             flush()
     flush()
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    # The tiny fixture's processor files would not match the 7B vocabulary, so use a
-    # Qwen-size vocabulary only for the ids; the tokenizer stays the tiny one, whose ids are all
-    # smaller than 152064: prompts still tokenize and run.
+    # The tiny fixture's tokenizer and template: all its ids are smaller than 152064, so prompts
+    # tokenize and run; the processor gets Qwen2.5-VL's pixel limits.
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"]:
         shutil.copy(src / f, folder / f)
     pc = json.loads((folder / "processor_config.json").read_text())
@@ -158,6 +177,12 @@ def main():
             sys.exit(f"need ~17 GiB free disk for the 7B weights, have {free / 2**30:.1f} GiB")
         if not args.big_dir.exists():
             write_random_7b(args.big_dir)
+        # The 7B figures are for a 640x480 image: the chosen one, resized to that size.
+        from PIL import Image
+
+        image = args.big_dir / "image-640x480.png"
+        Image.open(args.image).convert("RGB").resize((640, 480), Image.BICUBIC).save(image)
+        args.image = image
         model, dtype, runs = args.big_dir, "bf16", 1
     else:
         model, dtype, runs = args.model, "f32", args.runs

@@ -8,6 +8,7 @@ pub mod error;
 pub mod folder;
 pub mod optim;
 pub mod params;
+pub mod plot;
 pub mod rl;
 pub mod run;
 pub mod sft;

@@ -33,9 +33,9 @@ use crate::error::{io, Error, Result};
 use crate::folder::write_metadata;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::params::Trainable;
+use crate::plot::plot_curve;
 use crate::run::{
-    evaluate, log_softmax, plot_curve, read_state, restore, save_checkpoint, EvalSpec, Log, RunDir,
-    State,
+    evaluate, log_softmax, read_state, restore, save_checkpoint, EvalSpec, Log, RunDir, State,
 };
 
 /// The policy-gradient objective.
@@ -506,7 +506,11 @@ pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSumm
                 &state,
                 done == settings.steps || done % (settings.save_every * 10) == 0,
             )?;
-            plot_curve(&run.plot(), &log.series("reward")?)?;
+            plot_curve(
+                &run.plot(),
+                "reward (mean IoU of the sampled answers)",
+                &log.series("reward")?,
+            )?;
         }
         if let Some(spec) = &settings.eval {
             if settings.eval_every > 0

@@ -19,9 +19,9 @@ use crate::error::{io, Error, Result};
 use crate::folder::{write_metadata, QWEN_CHAT_TEMPLATE};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::params::Trainable;
+use crate::plot::plot_curve;
 use crate::run::{
-    cross_entropy, evaluate, plot_curve, read_state, restore, save_checkpoint, EvalSpec, Log,
-    RunDir, State,
+    cross_entropy, evaluate, read_state, restore, save_checkpoint, EvalSpec, Log, RunDir, State,
 };
 use crate::tokenizer::{train_tokenizer, SPECIAL_TOKENS};
 
@@ -303,7 +303,7 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
                 &state,
                 done == settings.steps || done % (settings.save_every * 10) == 0,
             )?;
-            plot_curve(&run.plot(), &log.series("loss")?)?;
+            plot_curve(&run.plot(), "loss", &log.series("loss")?)?;
         }
         if let Some(spec) = &settings.eval {
             if settings.eval_every > 0
