@@ -210,6 +210,13 @@ fn glyph(c: char) -> Option<[u8; 5]> {
 mod tests {
     use super::*;
 
+    /// A fresh scratch folder for one test.
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("simpleseg-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
     fn tick_labels_are_short_and_exact_enough() {
         assert_eq!(tick_label(12000.0), "12000");
@@ -223,8 +230,7 @@ mod tests {
 
     #[test]
     fn curve_png_has_labels_and_both_lines() {
-        let dir = std::env::temp_dir().join(format!("simpleseg-plot-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("plot");
         let path = dir.join("loss.png");
         let points: Vec<(f64, f64)> = (0..100)
             .map(|i| {
@@ -252,8 +258,7 @@ mod tests {
 
     #[test]
     fn empty_and_non_finite_series_still_draw() {
-        let dir = std::env::temp_dir().join(format!("simpleseg-plot-nan-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("plot-nan");
         let path = dir.join("loss.png");
         plot_curve(&path, "loss", &[]).unwrap();
         plot_curve(
