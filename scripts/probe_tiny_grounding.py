@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Where does simpleseg-tiny lose the query's colour? Two probes with transformers.
+
+    .venv-ml/bin/python scripts/probe_tiny_grounding.py ROOT [MODEL]
+
+ROOT is a `simpleseg data synth` folder with train and val splits; MODEL defaults to
+models/simpleseg-tiny.
+
+1. Vision side: a linear probe (trained on train-split images, scored on the others) reads the
+   colour of an object, named by a colour-only query such as "the red shape", from the image
+   token under the centre of its box.
+2. Language side: for colour-only queries in validation scenes with several objects, the
+   attention of the last prompt position (the one that writes the first coordinate), per layer and
+   head: its weight on the colour word, its total weight on image tokens, and the share of that
+   image attention on the named object's centre token (uniform: 1/16).
+"""
+
+import collections
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+
+
+def colour_only(sentence):
+    words = sentence.split()
+    return words[1] if len(words) == 3 and words[2] == "shape" and words[1] in COLOURS else None
+
+
+def centre_token(bbox, grid=4, cell=28):
+    x, y, w, h = bbox
+    return min(int((y + h / 2) // cell), grid - 1) * grid + min(int((x + w / 2) // cell), grid - 1)
+
+
+def main(root, model_dir):
+    processor = AutoProcessor.from_pretrained(model_dir, use_fast=False)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    refs = pickle.load(open(root / "synth" / "refs(unc).p", "rb"))
+    instances = json.loads((root / "synth" / "instances.json").read_text())
+    images = {i["id"]: i for i in instances["images"]}
+    anns = {a["id"]: a for a in instances["annotations"]}
+    objects_in = collections.Counter(a["image_id"] for a in instances["annotations"])
+    image_path = lambda image_id: root / "images" / "synth" / images[image_id]["file_name"]
+
+    # 1. Vision probe.
+    labelled = collections.defaultdict(list)
+    for r in refs:
+        for s in r["sentences"]:
+            if colour_only(s["sent"]):
+                labelled[r["image_id"]].append((r["ann_id"], COLOURS.index(colour_only(s["sent"])), r["split"]))
+    train = [i for i in labelled.items() if i[1][0][2] == "train"][:1200]
+    other = [i for i in labelled.items() if i[1][0][2] != "train"]
+    feats, labels, is_train = [], [], []
+    for image_id, objs in train + other:
+        inputs = processor.image_processor(images=Image.open(image_path(image_id)).convert("RGB"),
+                                           return_tensors="pt")
+        with torch.no_grad():
+            out = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        tokens = getattr(out, "pooler_output", out)
+        for ann_id, colour, split in objs:
+            feats.append(tokens[centre_token(anns[ann_id]["bbox"])])
+            labels.append(colour)
+            is_train.append(split == "train")
+    x, y, tr = torch.stack(feats), torch.tensor(labels), torch.tensor(is_train)
+    x = (x - x[tr].mean(0)) / (x[tr].std(0) + 1e-6)
+    probe = torch.nn.Linear(x.shape[1], len(COLOURS))
+    opt = torch.optim.Adam(probe.parameters(), 1e-2)
+    for _ in range(500):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(probe(x[tr]), y[tr]).backward()
+        opt.step()
+    held = ~tr
+    acc = (probe(x[held]).argmax(1) == y[held]).float().mean().item()
+    majority = np.bincount(y[held].numpy()).max() / int(held.sum())
+    print(f"vision probe: colour read from the object's centre token, {acc:.3f} on {int(held.sum())} "
+          f"held-out objects (majority class {majority:.3f})")
+
+    # 2. Attention of the position that writes the first coordinate.
+    total, n = None, 0
+    for r in refs:
+        if r["split"] != "val" or objects_in[r["image_id"]] < 2:
+            continue
+        for s in r["sentences"]:
+            colour = colour_only(s["sent"])
+            if not colour:
+                continue
+            messages = [{"role": "user", "content": [
+                {"type": "image"},
+                {"type": "text", "text": f"Output the polygon coordinates of {s['sent']} in the image."}]}]
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            inputs = processor(images=Image.open(image_path(r["image_id"])), text=text, return_tensors="pt")
+            ids = inputs["input_ids"][0].tolist()
+            word = processor.tokenizer.encode(" " + colour)
+            if len(word) != 1 or word[0] not in ids:
+                continue
+            j = ids.index(word[0])
+            image_pos = [k for k, t in enumerate(ids) if t == model.config.image_token_id]
+            with torch.no_grad():
+                att = torch.stack([a[0, :, -1] for a in model(**inputs, output_attentions=True).attentions])
+            to_image = att[:, :, image_pos].sum(-1)
+            named = att[:, :, image_pos[centre_token(anns[r["ann_id"]]["bbox"])]] / to_image.clamp(min=1e-9)
+            v = torch.stack([att[:, :, j], to_image, named], -1)
+            total = v if total is None else total + v
+            n += 1
+    mean = total / n
+    print(f"attention of the last prompt position, mean over {n} colour-only queries in scenes with several objects")
+    for layer in range(mean.shape[0]):
+        row = lambda k: " ".join(f"{float(v):.3f}" for v in mean[layer, :, k])
+        print(f"layer {layer}: colour word [{row(0)}]  image tokens [{row(1)}]  "
+              f"named object's share of image attention [{row(2)}]")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit(__doc__)
+    here = Path(__file__).resolve().parent.parent
+    main(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) == 3 else here / "models" / "simpleseg-tiny")
