@@ -26,12 +26,14 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from synth_error_breakdown import query_kind
+
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 
 
 def colour_only(sentence):
-    words = sentence.split()
-    return words[1] if len(words) == 3 and words[2] == "shape" and words[1] in COLOURS else None
+    """The colour of a colour-only query ("the red shape"), else None."""
+    return sentence.split()[1] if query_kind(sentence) == "colour only" else None
 
 
 def centre_token(bbox, grid=4, cell=28):

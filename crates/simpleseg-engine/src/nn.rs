@@ -36,9 +36,8 @@ impl Linear {
         };
         Ok(Linear { weight, bias })
     }
-}
 
-impl Linear {
+    /// `x W^T` for a rank-2 `x`.
     fn matmul_rows(&self, x: &Tensor) -> Result<Tensor> {
         match bf16_few_rows_matmul(x, &self.weight)? {
             Some(y) => Ok(y),
