@@ -104,7 +104,13 @@ fn start_model(
                 None => QWEN_CHAT_TEMPLATE.to_string(),
                 Some(Value::String(name)) => {
                     let jinja = path.parent().unwrap_or(Path::new(".")).join(name);
-                    std::fs::read_to_string(&jinja).map_err(io(&jinja))?
+                    std::fs::read_to_string(&jinja).map_err(|e| {
+                        file.error(format!(
+                            "its \"chat_template_file\" {} cannot be read ({e}); \
+                             the template belongs next to the configuration",
+                            jinja.display()
+                        ))
+                    })?
                 }
                 Some(_) => {
                     return Err(file
