@@ -42,6 +42,11 @@ pub enum Task {
     /// Expression -> a point on the object: a short answer that depends only on where the
     /// object is, which helps a small model learn to locate before it learns outlines.
     TextToPoint,
+    /// A point on the object -> its expression (region captioning). The answer's words must
+    /// come from what the image shows there, which ties the vocabulary of colours and shapes
+    /// to image features: a model trained only on the other tasks can learn to place answers
+    /// by position words and salience without ever reading a colour word.
+    PointToText,
 }
 
 impl std::str::FromStr for Task {
@@ -53,8 +58,9 @@ impl std::str::FromStr for Task {
             "box-mask" => Ok(Task::BoxToMask),
             "text-box" => Ok(Task::TextToBox),
             "text-point" => Ok(Task::TextToPoint),
+            "point-text" => Ok(Task::PointToText),
             other => Err(format!(
-                "unknown task '{other}' (expected text-mask, point-mask, box-mask, text-box or text-point)"
+                "unknown task '{other}' (expected text-mask, point-mask, box-mask, text-box, text-point or point-text)"
             )),
         }
     }
@@ -251,6 +257,16 @@ pub fn sft_records(
                                     rng.random_range(0..templates::ANSWER_TEMPLATES.len()),
                                     &list_repr(&point),
                                 ),
+                            )
+                        }
+                        Task::PointToText => {
+                            let Some(point) = p.point else { continue };
+                            (
+                                format!(
+                                    "What is the object at point {}? Answer with a short description.",
+                                    list_repr(&point)
+                                ),
+                                sentence.sent.clone(),
                             )
                         }
                     };

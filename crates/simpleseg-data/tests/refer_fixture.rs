@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use simpleseg_data::builders::{rl_records, sft_records, SftOptions};
+use simpleseg_data::builders::{rl_records, sft_records, SftOptions, Task};
 use simpleseg_data::items::{by_image, refer_items};
 use simpleseg_data::ReferDataset;
 
@@ -100,4 +100,54 @@ fn sft_records_two_passes_and_rl_lines() {
     assert_eq!(first["width"], 500);
     let rle = simpleseg_core::RleMask::from_json_value(&first["rle"]).unwrap();
     assert_eq!(rle.area(), items[0].mask().unwrap().area());
+}
+
+#[test]
+fn point_tasks_name_a_point_on_the_object() {
+    let ds = ReferDataset::load(&root(), "refcoco", None, None).unwrap();
+    let items: Vec<_> = ["train", "val", "testA"]
+        .into_iter()
+        .flat_map(|split| refer_items(&ds, split).unwrap())
+        .collect();
+    let point_of = |text: &str| -> [f64; 2] {
+        let open = text.rfind('[').unwrap();
+        let close = open + text[open..].find(']').unwrap();
+        let v: Vec<f64> = text[open + 1..close]
+            .split(", ")
+            .map(|x| x.parse().unwrap())
+            .collect();
+        [v[0], v[1]]
+    };
+    let mut checked = 0;
+    for item in &items {
+        let (records, _) = sft_records(
+            &[item],
+            &SftOptions {
+                passes: 1,
+                tasks: vec![Task::TextToPoint, Task::PointToText],
+                ..SftOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(records.len(), 2 * item.sentences.len());
+        let mask = item.mask().unwrap().to_row_major();
+        let on_mask = |[x, y]: [f64; 2]| {
+            let (px, py) = (
+                (x * f64::from(item.width)) as usize,
+                (y * f64::from(item.height)) as usize,
+            );
+            mask[py * item.width as usize + px] == 1
+        };
+        for (pair, sentence) in records.chunks(2).zip(&item.sentences) {
+            let point_answer = pair[0]["conversations"][1]["value"].as_str().unwrap();
+            let caption_question = pair[1]["conversations"][0]["value"].as_str().unwrap();
+            let caption = pair[1]["conversations"][1]["value"].as_str().unwrap();
+            assert!(on_mask(point_of(point_answer)), "ref {}", item.ref_id);
+            assert_eq!(point_of(caption_question), point_of(point_answer));
+            assert!(caption_question.contains("What is the object at point ["));
+            assert_eq!(caption, sentence.sent);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "{checked}");
 }

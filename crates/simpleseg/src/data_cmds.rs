@@ -132,7 +132,8 @@ pub struct SftArgs {
     /// approxPolyDP epsilon as a fraction of each contour's length.
     #[arg(long, default_value_t = simpleseg_core::target::DEFAULT_EPSILON_RATIO)]
     epsilon_ratio: f64,
-    /// Pairs to build: text-mask (the script's), point-mask, box-mask, text-box, text-point.
+    /// Pairs to build: text-mask (the script's), point-mask, box-mask, text-box, text-point,
+    /// point-text (region captioning: a point on the object -> its expression).
     #[arg(long, value_delimiter = ',', default_value = "text-mask")]
     tasks: Vec<Task>,
 }
