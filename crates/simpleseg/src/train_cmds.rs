@@ -165,8 +165,27 @@ pub struct SftArgs {
     save_every: usize,
     #[arg(long, default_value_t = 10)]
     log_every: usize,
+    /// Threads: each batch is split into this many shards computed side by side, one thread
+    /// each (default: RAYON_NUM_THREADS, else the number of cores). A resumed run keeps the
+    /// count it started with, so that it reaches the same weights.
+    #[arg(long)]
+    threads: Option<usize>,
     #[command(flatten)]
     eval: EvalDuringArgs,
+}
+
+/// The thread count for `--threads`, after which candle's own ops are kept to one thread: the
+/// shards are the parallelism, and nested parallel ops slowed them down.
+fn take_threads(requested: Option<usize>) -> usize {
+    let threads = requested
+        .or_else(|| std::env::var("RAYON_NUM_THREADS").ok()?.parse().ok())
+        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+        .unwrap_or(1)
+        .max(1);
+    // Read by candle before each parallel op and by rayon when its pool starts; no other
+    // thread exists yet.
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    threads
 }
 
 pub fn run(command: TrainCommand) -> Result<()> {
@@ -205,6 +224,7 @@ pub fn run(command: TrainCommand) -> Result<()> {
                 log_every: a.log_every,
                 eval: a.eval.spec(),
                 eval_every: a.eval.eval_every,
+                shards: take_threads(a.threads),
             };
             let summary = train_sft(settings, &a.out, a.resume)?;
             println!(

@@ -59,6 +59,8 @@ fn train_args(out: &str) -> Vec<String> {
         "300",
         "--warmup",
         "3",
+        "--threads",
+        "2",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -171,6 +173,38 @@ fn killed_and_resumed_sft_matches_an_uninterrupted_run() {
     let (killed_at, worst) = kill_and_resume(&dir, train_args, 12);
     eprintln!("SFT killed at step {killed_at}; max weight difference after resuming: {worst:e}");
     assert!(worst <= 1e-6, "resumed run differs by {worst}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_batch_split_over_threads_trains_like_one_batch() {
+    let dir = setup("shards");
+    let args = |out: &str, threads: &str, steps: &str| {
+        let mut a = train_args(out);
+        let at = a.iter().position(|x| x == "--threads").unwrap();
+        a[at + 1] = threads.into();
+        let at = a.iter().position(|x| x == "12").unwrap();
+        a[at] = steps.into();
+        a
+    };
+    run_ok(bin().current_dir(&dir).args(args("one", "1", "4")));
+    run_ok(bin().current_dir(&dir).args(args("three", "3", "4")));
+    run_ok(bin().current_dir(&dir).args(args("first", "1", "1")));
+    let (a, b) = (
+        weights(&dir.join("one/model.safetensors")),
+        weights(&dir.join("three/model.safetensors")),
+    );
+    let (mut worst, mut moved) = (0f32, 0f32);
+    let start = weights(&dir.join("first/model.safetensors"));
+    for (((_, va), (_, vb)), (_, v0)) in a.iter().zip(&b).zip(&start) {
+        for ((x, y), z) in va.iter().zip(vb).zip(v0) {
+            worst = worst.max((x - y).abs());
+            moved = moved.max((x - z).abs());
+        }
+    }
+    eprintln!("one batch vs shards: max weight difference {worst:e} (steps 2-4 moved weights by up to {moved:e})");
+    assert!(moved > 1e-3, "the weights did not move: {moved}");
+    assert!(worst <= 1e-5, "sharded training differs by {worst}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
