@@ -57,7 +57,15 @@ impl Trainable {
     }
 
     /// Fresh weights: normal(0, `std`) matrices, zero biases, unit norm scales.
-    pub fn init(config: &Config, seed: u64, std: f32, device: &Device) -> Result<Self> {
+    /// Fresh weights: norms 1, biases 0, every other tensor normal with standard deviation
+    /// `std`, or `vision_std` in the vision tower (`model.visual.*`).
+    pub fn init(
+        config: &Config,
+        seed: u64,
+        std: f32,
+        vision_std: f32,
+        device: &Device,
+    ) -> Result<Self> {
         let (varmap, model) = Self::build(config, device)?;
         let this = Trainable {
             varmap,
@@ -73,6 +81,11 @@ impl Trainable {
             } else if name.ends_with(".bias") {
                 Tensor::zeros(&shape, DType::F32, device)?
             } else {
+                let std = if name.starts_with("model.visual.") {
+                    vision_std
+                } else {
+                    std
+                };
                 Tensor::from_vec(normal(&mut rng, shape.elem_count(), std), &shape, device)?
             };
             var.set(&value)?;

@@ -39,6 +39,9 @@ pub enum Start {
         tokenizer: Option<PathBuf>,
         vocab_size: usize,
         init_std: f32,
+        /// The vision tower's (default: `init_std`).
+        #[serde(default)]
+        vision_init_std: Option<f32>,
     },
     /// An existing model folder (the path a GPU user takes with a released checkpoint).
     Init { dir: PathBuf },
@@ -109,6 +112,7 @@ fn start_model(
             tokenizer,
             vocab_size,
             init_std,
+            vision_init_std,
         } => {
             let mut file = JsonFile::read(path)?;
             let template = match file.root.get("chat_template_file") {
@@ -169,7 +173,13 @@ fn start_model(
                 image_config.clone(),
                 &config,
             )?;
-            let model = Trainable::init(&config, settings.seed, *init_std, device)?;
+            let model = Trainable::init(
+                &config,
+                settings.seed,
+                *init_std,
+                vision_init_std.unwrap_or(*init_std),
+                device,
+            )?;
             write_metadata(out, &config, &tokenizer, &template, &image_config, 512)?;
             Ok((model, prompts))
         }
@@ -209,7 +219,7 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
         let config = Config::from_json(&folder.json("config.json")?)?;
         let prompts = prompt_builder(&folder, &config)?;
         (
-            Trainable::init(&config, settings.seed, 0.02, &device)?,
+            Trainable::init(&config, settings.seed, 0.02, 0.02, &device)?,
             prompts,
         )
     } else {

@@ -45,7 +45,7 @@ fn autograd_matches_finite_differences() {
     let device = Device::Cpu;
     let config = tiny_config();
     // Larger than usual weights so that every gradient is well above f32 noise.
-    let model = Trainable::init(&config, 3, 0.2, &device).unwrap();
+    let model = Trainable::init(&config, 3, 0.2, 0.2, &device).unwrap();
     // One 4x6-patch image (2x3 merged tokens) between text tokens, then an answer.
     let grid = [1, 4, 6];
     let mut ids = vec![1, 3];

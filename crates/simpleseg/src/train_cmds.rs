@@ -159,6 +159,9 @@ pub struct SftArgs {
     /// uniform and a left/right question stays at chance.
     #[arg(long, default_value_t = 0.08)]
     init_std: f32,
+    /// Standard deviation of the fresh vision tower's weights (default: --init-std).
+    #[arg(long)]
+    vision_init_std: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value_t = 100)]
@@ -201,6 +204,7 @@ pub fn run(command: TrainCommand) -> Result<()> {
                     tokenizer: a.tokenizer.clone(),
                     vocab_size: a.vocab_size,
                     init_std: a.init_std,
+                    vision_init_std: a.vision_init_std,
                 },
                 // Resuming: the settings come from the run's state.
                 (None, None) => Start::Init { dir: a.out.clone() },
