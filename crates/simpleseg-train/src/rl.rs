@@ -35,7 +35,8 @@ use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::params::Trainable;
 use crate::plot::plot_curve;
 use crate::run::{
-    evaluate, log_softmax, read_state, restore, save_checkpoint, EvalSpec, Log, RunDir, State,
+    add_gradients, evaluate, log_softmax, read_state, restore, run_shards, save_checkpoint,
+    shard_pools, EvalSpec, Log, RunDir, State,
 };
 
 /// The policy-gradient objective.
@@ -76,6 +77,14 @@ pub struct RlSettings {
     pub log_every: usize,
     pub eval: Option<EvalSpec>,
     pub eval_every: usize,
+    /// Each step's prompts are split into this many shards, run at once on one thread each;
+    /// as for SFT, a resumed run keeps the count it started with.
+    #[serde(default = "one_shard")]
+    pub shards: usize,
+}
+
+fn one_shard() -> usize {
+    1
 }
 
 /// One RL prompt: a line of `data rl` output.
@@ -299,6 +308,94 @@ fn reference_model(dir: &Path, device: &Device) -> Result<Qwen2_5Vl> {
 }
 
 /// Runs (or, with `resume`, continues) RL into `out`.
+/// What one prompt's part of an RL step reads.
+struct PromptContext<'a> {
+    model: &'a Qwen2_5Vl,
+    reference: Option<&'a Qwen2_5Vl>,
+    prompts: &'a PromptBuilder,
+    sampling: &'a GenerationConfig,
+    settings: &'a RlSettings,
+    pad: u32,
+    device: &'a Device,
+}
+
+/// One prompt's answers: `(reward, iou, parsed, length)` each, and the KL to the reference.
+struct PromptOutcome {
+    answers: Vec<(f64, f64, bool, usize)>,
+    kl: f64,
+}
+
+impl PromptContext<'_> {
+    /// Samples a group of answers to `ex`, scores them, and returns the prompt's loss (`None`
+    /// when every answer scored the same: no advantage, nothing to learn).
+    fn run(&self, ex: &RlExample, seed: u64) -> Result<(PromptOutcome, Option<Tensor>)> {
+        let (settings, device, pad) = (self.settings, self.device, self.pad);
+        let prompt = self.prompts.prepare(&open_image(&ex.image)?, &ex.prompt)?;
+        let answers = sample_group(
+            self.model,
+            &prompt,
+            settings.group_size,
+            self.sampling,
+            seed,
+            device,
+        )?;
+        let mut outcome = PromptOutcome {
+            answers: Vec::with_capacity(answers.len()),
+            kl: 0.0,
+        };
+        let mut rewards = Vec::with_capacity(answers.len());
+        for a in &answers {
+            let text = self.prompts.tokenizer.decode(a)?;
+            let (r, iou, parsed) = reward(&text, &ex.gt, settings.centroid_weight);
+            rewards.push(r);
+            outcome.answers.push((r, iou, parsed, a.len()));
+        }
+        let adv = advantages(&rewards);
+        if adv.iter().all(|a| *a == 0.0) {
+            return Ok((outcome, None));
+        }
+        let (logp, mask) =
+            answer_logprobs(self.model, &prompt, &answers, pad, Mode::Train, device)?;
+        let old = logp.detach();
+        let lengths = mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
+        let adv_t = Tensor::from_vec(
+            adv.iter().map(|&a| a as f32).collect::<Vec<_>>(),
+            answers.len(),
+            device,
+        )?;
+        let (lo, hi) = (1.0 - settings.clip_eps, 1.0 + settings.clip_eps);
+        let objective = match settings.algorithm {
+            Algorithm::Gspo => {
+                let log_ratio = ((&logp - &old)? * &mask)?.sum(1)?.div(&lengths)?;
+                let ratio = log_ratio.exp()?;
+                let unclipped = (&ratio * &adv_t)?;
+                let clipped = (ratio.clamp(lo, hi)? * &adv_t)?;
+                unclipped.minimum(&clipped)?
+            }
+            Algorithm::Grpo => {
+                let ratio = (&logp - &old)?.exp()?;
+                let a = adv_t.unsqueeze(1)?.broadcast_as(ratio.shape())?;
+                let unclipped = (&ratio * &a)?;
+                let clipped = (ratio.clamp(lo, hi)? * &a)?;
+                (unclipped.minimum(&clipped)? * &mask)?
+                    .sum(1)?
+                    .div(&lengths)?
+            }
+        };
+        let mut loss = objective.mean_all()?.neg()?;
+        if let Some(reference) = self.reference {
+            let (ref_logp, _) =
+                answer_logprobs(reference, &prompt, &answers, pad, Mode::Infer, device)?;
+            let diff = (ref_logp.detach() - &logp)?;
+            let k3 = ((diff.exp()? - &diff)? - 1.0)?;
+            let kl = (k3 * &mask)?.sum(1)?.div(&lengths)?.mean_all()?;
+            outcome.kl = f64::from(kl.to_scalar::<f32>()?);
+            loss = (loss + (kl * settings.kl_coef)?)?;
+        }
+        Ok((outcome, Some(loss)))
+    }
+}
+
 pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSummary> {
     let device = Device::Cpu;
     let run = RunDir::new(out);
@@ -373,6 +470,7 @@ pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSumm
         seed: 0,
     };
     let mut log = Log::open(&run, start_step)?;
+    let shard_pools = shard_pools(settings.shards)?;
     let per_epoch = examples.len() / settings.prompts_per_step;
     if per_epoch == 0 {
         return Err(Error::Invalid(
@@ -401,74 +499,55 @@ pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSumm
         }
         let order = &order_cache.as_ref().expect("set above").1;
         let at = (step % per_epoch) * settings.prompts_per_step;
-        let mut losses = Vec::new();
-        let mut step_rewards = Vec::new();
-        for (k, &idx) in order[at..at + settings.prompts_per_step].iter().enumerate() {
-            let ex = &examples[idx];
-            let prompt = prompts.prepare(&open_image(&ex.image)?, &ex.prompt)?;
-            let seed = settings
-                .seed
-                .wrapping_mul(1_000_003)
-                .wrapping_add((step * 1000 + k) as u64);
-            let answers = sample_group(
-                &model.model,
-                &prompt,
-                settings.group_size,
-                &sampling,
-                seed,
-                &device,
-            )?;
-            let mut rewards = Vec::with_capacity(answers.len());
-            for a in &answers {
-                let text = prompts.tokenizer.decode(a)?;
-                let (r, iou, parsed) = reward(&text, &ex.gt, settings.centroid_weight);
-                rewards.push(r);
-                stats.add(r, iou, parsed, a.len());
+        let picked: Vec<(usize, usize)> = order[at..at + settings.prompts_per_step]
+            .iter()
+            .copied()
+            .enumerate()
+            .collect();
+        let chunks: Vec<&[(usize, usize)]> = picked
+            .chunks(picked.len().div_ceil(shard_pools.len()))
+            .collect();
+        let context = PromptContext {
+            model: &model.model,
+            reference: reference.as_ref(),
+            prompts: &prompts,
+            sampling: &sampling,
+            settings: &settings,
+            pad,
+            device: &device,
+        };
+        let shards = run_shards(&shard_pools, &chunks, |chunk| {
+            let mut outcomes = Vec::with_capacity(chunk.len());
+            let mut losses = Vec::new();
+            for &(k, idx) in chunk.iter() {
+                let seed = settings
+                    .seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add((step * 1000 + k) as u64);
+                let (outcome, loss) = context.run(&examples[idx], seed)?;
+                outcomes.push(outcome);
+                losses.extend(loss);
             }
-            step_rewards.extend(&rewards);
-            let adv = advantages(&rewards);
-            if adv.iter().all(|a| *a == 0.0) {
-                continue;
-            }
-            let (logp, mask) =
-                answer_logprobs(&model.model, &prompt, &answers, pad, Mode::Train, &device)?;
-            let old = logp.detach();
-            let lengths = mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
-            let adv_t = Tensor::from_vec(
-                adv.iter().map(|&a| a as f32).collect::<Vec<_>>(),
-                answers.len(),
-                &device,
-            )?;
-            let (lo, hi) = (1.0 - settings.clip_eps, 1.0 + settings.clip_eps);
-            let objective = match settings.algorithm {
-                Algorithm::Gspo => {
-                    let log_ratio = ((&logp - &old)? * &mask)?.sum(1)?.div(&lengths)?;
-                    let ratio = log_ratio.exp()?;
-                    let unclipped = (&ratio * &adv_t)?;
-                    let clipped = (ratio.clamp(lo, hi)? * &adv_t)?;
-                    unclipped.minimum(&clipped)?
-                }
-                Algorithm::Grpo => {
-                    let ratio = (&logp - &old)?.exp()?;
-                    let a = adv_t.unsqueeze(1)?.broadcast_as(ratio.shape())?;
-                    let unclipped = (&ratio * &a)?;
-                    let clipped = (ratio.clamp(lo, hi)? * &a)?;
-                    (unclipped.minimum(&clipped)? * &mask)?
-                        .sum(1)?
-                        .div(&lengths)?
-                }
+            let grads = if losses.is_empty() {
+                None
+            } else {
+                Some(Tensor::stack(&losses, 0)?.sum_all()?.backward()?)
             };
-            let mut loss = objective.mean_all()?.neg()?;
-            if let Some(reference) = &reference {
-                let (ref_logp, _) =
-                    answer_logprobs(reference, &prompt, &answers, pad, Mode::Infer, &device)?;
-                let diff = (ref_logp.detach() - &logp)?;
-                let k3 = ((diff.exp()? - &diff)? - 1.0)?;
-                let kl = (k3 * &mask)?.sum(1)?.div(&lengths)?.mean_all()?;
-                stats.kl += f64::from(kl.to_scalar::<f32>()?);
-                loss = (loss + (kl * settings.kl_coef)?)?;
+            Ok((outcomes, grads))
+        })?;
+        let mut step_rewards = Vec::new();
+        let mut grads = None;
+        for (outcomes, shard_grads) in shards {
+            for outcome in outcomes {
+                for &(r, iou, parsed, length) in &outcome.answers {
+                    stats.add(r, iou, parsed, length);
+                    step_rewards.push(r);
+                }
+                stats.kl += outcome.kl;
             }
-            losses.push(loss);
+            if let Some(g) = shard_grads {
+                grads = Some(add_gradients(&model, grads, g)?);
+            }
         }
         let lr = lr_at(
             step,
@@ -477,12 +556,9 @@ pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSumm
             settings.steps,
             settings.min_lr_ratio,
         );
-        let grad_norm = if losses.is_empty() {
-            0.0
-        } else {
-            let total = Tensor::stack(&losses, 0)?.sum_all()?;
-            let grads = total.backward()?;
-            optimizer.step(&grads, lr)?.grad_norm
+        let grad_norm = match grads {
+            None => 0.0,
+            Some(grads) => optimizer.step(&grads, lr)?.grad_norm,
         };
         stats.grad_norm += grad_norm;
         stats.steps += 1;

@@ -13,6 +13,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -237,4 +238,63 @@ pub fn evaluate(run: &RunDir, spec: &EvalSpec, step: usize) -> Result<Report> {
         spec.dataset, spec.split
     ));
     Ok(runner::run(&items, &backend, &eval, 1, &out, true)?)
+}
+
+/// One single-thread pool per shard of a step's work. A tiny model's ops are too small for
+/// candle to spread one pass over several cores (with two threads an SFT step took as long as
+/// with one), while shards side by side, each on one thread, ran it 1.9 times as fast.
+pub fn shard_pools(shards: usize) -> Result<Vec<rayon::ThreadPool>> {
+    (0..shards.max(1))
+        .map(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Invalid(format!("cannot start the training threads: {e}")))
+}
+
+/// `work` on every shard at once, shard `i` on `pools[i]` (at most `pools.len()` shards);
+/// the results in shard order.
+pub fn run_shards<T: Sync, R: Send>(
+    pools: &[rayon::ThreadPool],
+    shards: &[T],
+    work: impl Fn(&T) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    assert!(shards.len() <= pools.len(), "more shards than threads");
+    std::thread::scope(|scope| {
+        let running: Vec<_> = shards
+            .iter()
+            .zip(pools)
+            .map(|(shard, pool)| {
+                let work = &work;
+                scope.spawn(move || pool.install(|| work(shard)))
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
+/// `acc + more`, variable by variable (`more` alone when `acc` is `None`).
+pub fn add_gradients(
+    model: &Trainable,
+    acc: Option<GradStore>,
+    more: GradStore,
+) -> Result<GradStore> {
+    let Some(mut acc) = acc else {
+        return Ok(more);
+    };
+    for (_, var) in model.named_vars() {
+        let Some(g) = more.get(var.as_tensor()) else {
+            continue;
+        };
+        let sum = match acc.get(var.as_tensor()) {
+            Some(a) => (a + g)?,
+            None => g.clone(),
+        };
+        acc.insert(var.as_tensor(), sum);
+    }
+    Ok(acc)
 }

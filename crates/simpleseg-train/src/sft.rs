@@ -22,7 +22,8 @@ use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::params::Trainable;
 use crate::plot::plot_curve;
 use crate::run::{
-    cross_entropy, evaluate, read_state, restore, save_checkpoint, EvalSpec, Log, RunDir, State,
+    add_gradients, cross_entropy, evaluate, read_state, restore, run_shards, save_checkpoint,
+    shard_pools, EvalSpec, Log, RunDir, State,
 };
 use crate::tokenizer::{train_tokenizer, SPECIAL_TOKENS};
 
@@ -246,13 +247,7 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
         restore(&run, &model, &mut optimizer, start_step, &device)?;
     }
     let mut log = Log::open(&run, start_step)?;
-    // One single-thread pool per shard: a tiny model's ops are too small for candle to spread
-    // one pass over several cores (with two threads a step took as long as with one), while
-    // two shards side by side ran a step 1.9 times as fast.
-    let shard_pools = (0..settings.shards.max(1))
-        .map(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Invalid(format!("cannot start the training threads: {e}")))?;
+    let shard_pools = shard_pools(settings.shards)?;
     let batches_per_epoch = encoded.len().div_ceil(settings.batch_size);
     let bar = ProgressBar::new(settings.steps as u64);
     bar.set_style(
@@ -289,33 +284,15 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
             })
             .collect::<Result<Vec<_>>>()?;
         let answer_tokens: usize = shards.iter().map(|b| b.answer_tokens).sum();
-        let (loss_value, grads) = std::thread::scope(|scope| {
-            let running: Vec<_> = shards
-                .iter()
-                .zip(&shard_pools)
-                .map(|(shard, pool)| {
-                    let model = &model;
-                    scope.spawn(move || {
-                        pool.install(|| shard_gradients(model, shard, answer_tokens))
-                    })
-                })
-                .collect();
-            running
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-                .collect::<Result<Vec<_>>>()
-        })?
-        .into_iter()
-        .try_fold(None, |total: Option<(f64, GradStore)>, (loss, grads)| {
-            Ok::<_, Error>(Some(match total {
-                None => (loss, grads),
-                Some((sum, acc)) => (sum + loss, add_gradients(&model, acc, grads)?),
-            }))
-        })?
-        .expect("a batch has at least one example");
+        let mut loss_value = 0.0;
+        let mut grads = None;
+        for (loss, shard_grads) in run_shards(&shard_pools, &shards, |shard| {
+            shard_gradients(&model, shard, answer_tokens)
+        })? {
+            loss_value += loss;
+            grads = Some(add_gradients(&model, grads, shard_grads)?);
+        }
+        let grads = grads.expect("a batch has at least one example");
         let lr = lr_at(
             step,
             settings.optimizer.lr,
@@ -406,19 +383,4 @@ fn shard_gradients(
     let loss = (cross_entropy(&logits, &batch.targets)? * share)?;
     let grads = loss.backward()?;
     Ok((f64::from(loss.to_scalar::<f32>()?), grads))
-}
-
-/// `acc + more`, variable by variable.
-fn add_gradients(model: &Trainable, mut acc: GradStore, more: GradStore) -> Result<GradStore> {
-    for (_, var) in model.named_vars() {
-        let Some(g) = more.get(var.as_tensor()) else {
-            continue;
-        };
-        let sum = match acc.get(var.as_tensor()) {
-            Some(a) => (a + g)?,
-            None => g.clone(),
-        };
-        acc.insert(var.as_tensor(), sum);
-    }
-    Ok(acc)
 }

@@ -72,6 +72,11 @@ pub struct RlArgs {
     save_every: usize,
     #[arg(long, default_value_t = 5)]
     log_every: usize,
+    /// Threads: each step's prompts are split into this many shards run side by side, one
+    /// thread each (default: RAYON_NUM_THREADS, else the number of cores). A resumed run keeps
+    /// the count it started with.
+    #[arg(long)]
+    threads: Option<usize>,
     #[command(flatten)]
     eval: EvalDuringArgs,
 }
@@ -280,6 +285,7 @@ pub fn run(command: TrainCommand) -> Result<()> {
                 log_every: a.log_every,
                 eval: a.eval.spec(),
                 eval_every: a.eval.eval_every,
+                shards: take_threads(a.threads),
             };
             let summary = train_rl(settings, &a.out, a.resume)?;
             println!(

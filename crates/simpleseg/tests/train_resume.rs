@@ -233,6 +233,8 @@ fn killed_and_resumed_rl_matches_an_uninterrupted_run() {
             "2",
             "--group-size",
             "3",
+            "--threads",
+            "2",
             "--max-new-tokens",
             "12",
             "--save-every",
