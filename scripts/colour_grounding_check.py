@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Does a model pick the object a colour-only query names?
 
-    python3 scripts/colour_grounding_check.py ROOT MODEL [LIMIT]
+    python3 scripts/colour_grounding_check.py ROOT MODEL [LIMIT [SPLIT]]
 
-For each colour-only query ("the red shape") in a validation scene of a `simpleseg data synth`
-folder with several objects, asks MODEL (with `simpleseg chat`, greedy) to "Point to the red
+For each colour-only query ("the red shape") in a scene of SPLIT (default val) of a
+`simpleseg data synth` folder with several objects (the first LIMIT of them; 0: all), asks MODEL (with `simpleseg chat`, greedy) to "Point to the red
 shape in the image." and counts how often the answered point falls on the named object (the
 object whose box holds the point, else the nearest box centre), against the rate of picking an
 object at random. A short answer whose only content is the choice of object: the purest test
@@ -21,8 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from synth_error_breakdown import query_kind
 
-def main(root, model, limit):
+
+def main(root, model, limit, split):
     here = Path(__file__).resolve().parent.parent
     binary = os.environ.get("SIMPLESEG", str(here / "target" / "release" / "simpleseg"))
     instances = json.loads((root / "synth" / "instances.json").read_text())
@@ -36,11 +38,10 @@ def main(root, model, limit):
     chance = 0.0
     for ref in refs:
         anns = objects[ref["image_id"]]
-        if ref["split"] != "val" or len(anns) < 2:
+        if ref["split"] != split or len(anns) < 2:
             continue
         for sentence in ref["sentences"]:
-            words = sentence["sent"].split()
-            if len(words) != 3 or words[2] != "shape":
+            if query_kind(sentence["sent"]) != "colour only":
                 continue
             image = images[ref["image_id"]]
             answer = subprocess.run(
@@ -62,16 +63,18 @@ def main(root, model, limit):
                     return (not inside, (bx + bw / 2 - x) ** 2 + (by + bh / 2 - y) ** 2)
 
                 right += min(anns, key=distance)["id"] == ref["ann_id"]
-            if asked == limit:
+            if limit and asked == limit:
                 break
-        if asked == limit:
+        if limit and asked == limit:
             break
-    print(f"{model}: colour-only queries in validation scenes with several objects: "
+    print(f"{model}: colour-only queries in {split} scenes with several objects: "
           f"the point is on the named object {right}/{asked} = {right / asked:.2f} "
           f"(an object at random: {chance / asked:.2f})")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4):
+    if len(sys.argv) not in (3, 4, 5):
         sys.exit(__doc__)
-    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) == 4 else 0)
+    main(Path(sys.argv[1]), Path(sys.argv[2]),
+         int(sys.argv[3]) if len(sys.argv) > 3 else 0,
+         sys.argv[4] if len(sys.argv) > 4 else "val")
