@@ -174,8 +174,9 @@ pub struct SftArgs {
     #[arg(long, default_value_t = 10)]
     log_every: usize,
     /// Threads: each batch is split into this many shards computed side by side, one thread
-    /// each (default: RAYON_NUM_THREADS, else the number of cores). A resumed run keeps the
-    /// count it started with, so that it reaches the same weights.
+    /// each (default: RAYON_NUM_THREADS, else the number of cores); a batch of fewer examples
+    /// uses fewer threads. A resumed run keeps the count it started with, so that it reaches
+    /// the same weights.
     #[arg(long)]
     threads: Option<usize>,
     #[command(flatten)]
