@@ -307,7 +307,6 @@ fn reference_model(dir: &Path, device: &Device) -> Result<Qwen2_5Vl> {
     Ok(Qwen2_5Vl::load(&vb, &config, layout)?)
 }
 
-/// Runs (or, with `resume`, continues) RL into `out`.
 /// What one prompt's part of an RL step reads.
 struct PromptContext<'a> {
     model: &'a Qwen2_5Vl,
@@ -396,6 +395,7 @@ impl PromptContext<'_> {
     }
 }
 
+/// Runs (or, with `resume`, continues) RL into `out`.
 pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSummary> {
     let device = Device::Cpu;
     let run = RunDir::new(out);
