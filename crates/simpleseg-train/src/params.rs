@@ -56,7 +56,6 @@ impl Trainable {
             .collect()
     }
 
-    /// Fresh weights: normal(0, `std`) matrices, zero biases, unit norm scales.
     /// Fresh weights: norms 1, biases 0, every other tensor normal with standard deviation
     /// `std`, or `vision_std` in the vision tower (`model.visual.*`).
     pub fn init(

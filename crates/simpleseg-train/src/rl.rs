@@ -79,12 +79,8 @@ pub struct RlSettings {
     pub eval_every: usize,
     /// Each step's prompts are split into this many shards, run at once on one thread each;
     /// as for SFT, a resumed run keeps the count it started with.
-    #[serde(default = "one_shard")]
+    #[serde(default = "crate::run::one_shard")]
     pub shards: usize,
-}
-
-fn one_shard() -> usize {
-    1
 }
 
 /// One RL prompt: a line of `data rl` output.

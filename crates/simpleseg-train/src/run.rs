@@ -240,6 +240,11 @@ pub fn evaluate(run: &RunDir, spec: &EvalSpec, step: usize) -> Result<Report> {
     Ok(runner::run(&items, &backend, &eval, 1, &out, true)?)
 }
 
+/// The shard count of a run saved before runs had one: one shard, as those runs computed.
+pub(crate) fn one_shard() -> usize {
+    1
+}
+
 /// One single-thread pool per shard of a step's work. A tiny model's ops are too small for
 /// candle to spread one pass over several cores (with two threads an SFT step took as long as
 /// with one), while shards side by side, each on one thread, ran it 1.9 times as fast.

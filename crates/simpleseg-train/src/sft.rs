@@ -68,12 +68,8 @@ pub struct SftSettings {
     /// losses and gradients add up to the batch's. The count changes the order of the sums,
     /// so a resumed run keeps the count it started with. Candle's own ops should run on one
     /// thread meanwhile (`RAYON_NUM_THREADS=1`): nested, they slowed the shards down.
-    #[serde(default = "one_shard")]
+    #[serde(default = "crate::run::one_shard")]
     pub shards: usize,
-}
-
-fn one_shard() -> usize {
-    1
 }
 
 /// What a finished run reports.
