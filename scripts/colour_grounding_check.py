@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Does a model pick the object a colour-only query names?
+"""Does a model pick the object a colour-only (or other) query names?
 
-    python3 scripts/colour_grounding_check.py ROOT MODEL [LIMIT [SPLIT]]
+    python3 scripts/colour_grounding_check.py ROOT MODEL [LIMIT [SPLIT [KIND]]]
 
-For each colour-only query ("the red shape") in a scene of SPLIT (default val) of a
+For each colour-only query ("the red shape"; or each query of KIND, a kind from
+`synth_error_breakdown.query_kind` such as "shape only") in a scene of SPLIT (default val) of a
 `simpleseg data synth` folder with several objects (the first LIMIT of them; 0: all), asks
 MODEL (with `simpleseg chat`, greedy) to "Point to the red shape in the image." and counts how often the answered point falls on the named object (the
 object whose box holds the point, else the nearest box centre), against the rate of picking an
@@ -24,7 +25,7 @@ from pathlib import Path
 from synth_error_breakdown import query_kind
 
 
-def main(root, model, limit, split):
+def main(root, model, limit, split, kind):
     here = Path(__file__).resolve().parent.parent
     binary = os.environ.get("SIMPLESEG", str(here / "target" / "release" / "simpleseg"))
     instances = json.loads((root / "synth" / "instances.json").read_text())
@@ -41,7 +42,7 @@ def main(root, model, limit, split):
         if ref["split"] != split or len(anns) < 2:
             continue
         for sentence in ref["sentences"]:
-            if query_kind(sentence["sent"]) != "colour only":
+            if query_kind(sentence["sent"]) != kind:
                 continue
             image = images[ref["image_id"]]
             answer = subprocess.run(
@@ -67,14 +68,15 @@ def main(root, model, limit, split):
                 break
         if limit and asked == limit:
             break
-    print(f"{model}: colour-only queries in {split} scenes with several objects: "
+    print(f"{model}: {kind} queries in {split} scenes with several objects: "
           f"the point is on the named object {right}/{asked} = {right / asked:.2f} "
           f"(an object at random: {chance / asked:.2f})")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4, 5):
+    if len(sys.argv) not in (3, 4, 5, 6):
         sys.exit(__doc__)
     main(Path(sys.argv[1]), Path(sys.argv[2]),
          int(sys.argv[3]) if len(sys.argv) > 3 else 0,
-         sys.argv[4] if len(sys.argv) > 4 else "val")
+         sys.argv[4] if len(sys.argv) > 4 else "val",
+         sys.argv[5] if len(sys.argv) > 5 else "colour only")
