@@ -9,8 +9,9 @@ For each colour-only query ("the red shape"; or each query of KIND, a kind from
 MODEL (with `simpleseg chat`, greedy) to "Point to {query} in the image." and counts how often
 the answered point falls on the named object (the object whose box holds the point, else the
 nearest box centre), against the rate of picking an object at random. A short answer whose only
-content is the choice of object: the purest test of whether the model reads the query's words. Needs only the Python standard library and a built
-`simpleseg` (target/release/simpleseg, or the path in $SIMPLESEG).
+content is the choice of object: the purest test of whether the model reads the query's words.
+Needs only the Python standard library and a built `simpleseg` (target/release/simpleseg, or the
+path in $SIMPLESEG).
 """
 
 import collections
