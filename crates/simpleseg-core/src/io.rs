@@ -3,14 +3,22 @@
 //! - RLE JSON: `{"size": [height, width], "counts": "<pycocotools compressed string>"}`.
 //!   Reading also accepts pycocotools' uncompressed form, where `counts` is a list of runs.
 //! - Mask PNG: written as 8-bit grey, 0 for background and 255 for foreground; read from any
-//!   PNG (or other image) with any non-zero colour value as foreground.
+//!   PNG (or JPEG) with any non-zero colour value as foreground.
+//!
+//! Files are written atomically ([`Outputs`]): a temporary file beside the target, renamed
+//! over it once complete.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufWriter, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::images::{decode_image, read_image_file};
+use crate::limits::{read_text_file_bounded, Limit};
 use crate::rle::RleMask;
 
 /// The JSON form of an RLE mask.
@@ -62,16 +70,13 @@ impl RleMask {
 
     /// The JSON value `{"size": [h, w], "counts": "..."}`.
     pub fn to_json_value(&self) -> Value {
-        serde_json::to_value(RleJson::from(self)).expect("RLE JSON serializes")
+        serde_json::json!({"size": [self.height(), self.width()], "counts": self.to_compressed()})
     }
 }
 
-/// Reads an RLE JSON file.
+/// Reads an RLE JSON file (at most the data byte limit).
 pub fn read_rle_json(path: &Path) -> Result<RleMask> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.into(),
-        source,
-    })?;
+    let text = read_text_file_bounded(path, Limit::DataBytes)?;
     let value: Value = serde_json::from_str(&text).map_err(|e| Error::BadFile {
         path: path.into(),
         message: format!("not JSON: {e}"),
@@ -82,22 +87,19 @@ pub fn read_rle_json(path: &Path) -> Result<RleMask> {
     })
 }
 
-/// Writes an RLE JSON file (one line, newline-terminated).
+/// Writes an RLE JSON file (one line, newline-terminated), atomically.
 pub fn write_rle_json(path: &Path, mask: &RleMask) -> Result<()> {
-    let mut text = mask.to_json_value().to_string();
-    text.push('\n');
-    std::fs::write(path, text).map_err(|source| Error::Io {
-        path: path.into(),
-        source,
+    write_atomic(path, |w| {
+        writeln!(w, "{}", mask.to_json_value()).map_err(|e| e.to_string())
     })
 }
 
-/// Reads a mask image: any pixel with a non-zero colour value is foreground.
+/// Reads a mask image (PNG, or JPEG) through [`crate::images`]: any pixel with a non-zero
+/// colour value is foreground.
 pub fn read_mask_png(path: &Path) -> Result<RleMask> {
-    let image = image::open(path).map_err(|source| Error::Image {
-        path: path.into(),
-        source,
-    })?;
+    let bytes = read_image_file(path)?;
+    let image = decode_image(&bytes, path)?;
+    drop(bytes);
     let (width, height) = (image.width(), image.height());
     let bytes: Vec<u8> = match image {
         image::DynamicImage::ImageLuma8(g) => g.into_raw(),
@@ -110,17 +112,200 @@ pub fn read_mask_png(path: &Path) -> Result<RleMask> {
     RleMask::from_row_major(&bytes, height, width)
 }
 
-/// Writes a mask as an 8-bit grey PNG, 0 for background and 255 for foreground.
-pub fn write_mask_png(path: &Path, mask: &RleMask) -> Result<()> {
-    let pixels: Vec<u8> = mask.to_row_major().into_iter().map(|v| v * 255).collect();
+/// Encodes a mask as an 8-bit grey PNG, 0 for background and 255 for foreground.
+pub fn encode_mask_png(mask: &RleMask, out: &mut (impl Write + Seek)) -> Result<()> {
+    let mut pixels = mask.to_row_major()?;
+    for v in &mut pixels {
+        *v *= 255;
+    }
     let image = image::GrayImage::from_raw(mask.width(), mask.height(), pixels)
-        .expect("row-major mask has width * height pixels");
+        .ok_or_else(|| Error::InvalidRle("a row-major mask has width * height pixels".into()))?;
     image
-        .save_with_format(path, image::ImageFormat::Png)
+        .write_to(out, image::ImageFormat::Png)
         .map_err(|source| Error::Image {
-            path: path.into(),
+            path: "mask.png".into(),
             source,
         })
+}
+
+/// Writes a mask as an 8-bit grey PNG (see [`encode_mask_png`]), atomically.
+pub fn write_mask_png(path: &Path, mask: &RleMask) -> Result<()> {
+    // Checked first so that a mask too large to draw fails before any file is made.
+    crate::limits::Limit::check_picture(mask.width().into(), mask.height().into(), || {
+        "a PNG mask".into()
+    })?;
+    write_atomic(path, |w| {
+        encode_mask_png(mask, w).map_err(|e| e.to_string())
+    })
+}
+
+/// A digest of a file's content for telling whether it changed between two runs (not
+/// cryptographic): `{"bytes": length, "digest": "16 hex digits"}`. Files over 256 MiB (model
+/// weights) are sampled: their length and 64 blocks of 64 KiB spread over them.
+pub fn fingerprint(path: &Path) -> Result<Value> {
+    use std::io::{Read, SeekFrom};
+    const SAMPLED_ABOVE: u64 = 256 << 20;
+    const BLOCK: u64 = 64 << 10;
+    let io = |source| Error::Io {
+        path: path.into(),
+        source,
+    };
+    let mut file = File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut digest = Digest::default();
+    digest.add(&len.to_le_bytes());
+    let mut buffer = vec![0u8; 1 << 20];
+    if len <= SAMPLED_ABOVE {
+        loop {
+            let n = file.read(&mut buffer).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            digest.add(&buffer[..n]);
+        }
+    } else {
+        let block = &mut buffer[..BLOCK as usize];
+        for i in 0..64u64 {
+            file.seek(SeekFrom::Start((len - BLOCK) / 63 * i))
+                .map_err(io)?;
+            file.read_exact(block).map_err(io)?;
+            digest.add(block);
+        }
+    }
+    Ok(serde_json::json!({"bytes": len, "digest": format!("{:016x}", digest.finish())}))
+}
+
+/// A 64-bit multiply-xorshift hash over little-endian words.
+#[derive(Default)]
+struct Digest {
+    state: u64,
+    pending: Vec<u8>,
+}
+
+impl Digest {
+    fn mix(&mut self, word: u64) {
+        self.state = (self.state ^ word).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.state ^= self.state >> 29;
+    }
+
+    fn add(&mut self, bytes: &[u8]) {
+        let mut bytes = bytes;
+        if !self.pending.is_empty() {
+            let need = 8 - self.pending.len();
+            let take = need.min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() < 8 {
+                return;
+            }
+            let word = u64::from_le_bytes(
+                std::mem::take(&mut self.pending)
+                    .try_into()
+                    .unwrap_or([0; 8]),
+            );
+            self.mix(word);
+        }
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
+        }
+        self.pending.extend_from_slice(chunks.remainder());
+    }
+
+    fn finish(mut self) -> u64 {
+        let mut last = [0u8; 8];
+        last[..self.pending.len()].copy_from_slice(&self.pending);
+        let tail = self.pending.len() as u64;
+        self.mix(u64::from_le_bytes(last));
+        self.mix(tail);
+        self.state
+    }
+}
+
+/// Writes `path` completely or not at all (see [`Outputs`]).
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> std::result::Result<(), String>,
+) -> Result<()> {
+    let mut outputs = Outputs::default();
+    outputs.add(path, write)?;
+    outputs.commit().map(|_| ())
+}
+
+/// Output files that appear together or not at all.
+///
+/// Each is written to a temporary file in its own folder (so a reader never sees half a
+/// file, and a process killed while writing leaves the old file, if any, untouched);
+/// [`Outputs::commit`] then renames them into place, after all were written. Temporary
+/// files of outputs never committed are removed.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    /// `(temporary, final)` paths.
+    staged: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Outputs {
+    /// Writes one output to a temporary file beside `path`. The temporary name keeps the
+    /// extension, so that writers choosing a format by extension still can.
+    pub fn add(
+        &mut self,
+        path: &Path,
+        write: impl FnOnce(&mut BufWriter<File>) -> std::result::Result<(), String>,
+    ) -> Result<()> {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let name = path.file_name().ok_or_else(|| Error::BadFile {
+            path: path.into(),
+            message: "is not a file name".into(),
+        })?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut tmp_name = format!(".{}.tmp{}-{n}", name.to_string_lossy(), std::process::id());
+        if let Some(ext) = path.extension() {
+            tmp_name.push('.');
+            tmp_name.push_str(&ext.to_string_lossy());
+        }
+        let tmp = path.with_file_name(tmp_name);
+        let file = File::create(&tmp).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })?;
+        // Registered before writing, so that a failure removes it.
+        self.staged.push((tmp, path.to_path_buf()));
+        let mut w = BufWriter::new(file);
+        write(&mut w)
+            .and_then(|()| w.flush().map_err(|e| e.to_string()))
+            .map_err(|message| Error::BadFile {
+                path: path.into(),
+                message: format!("cannot write: {message}"),
+            })
+    }
+
+    /// Moves every output into place; returns their paths.
+    pub fn commit(mut self) -> Result<Vec<PathBuf>> {
+        let staged = std::mem::take(&mut self.staged);
+        let mut done = Vec::with_capacity(staged.len());
+        let mut rest = staged.into_iter();
+        for (tmp, path) in rest.by_ref() {
+            if let Err(source) = std::fs::rename(&tmp, &path) {
+                let _ = std::fs::remove_file(&tmp);
+                for (tmp, _) in rest {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                return Err(Error::Io { path, source });
+            }
+            done.push(path);
+        }
+        Ok(done)
+    }
+}
+
+impl Drop for Outputs {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -139,6 +324,34 @@ mod tests {
         assert!(
             RleMask::from_json_value(&serde_json::json!({"size": [2, 3], "counts": [7]})).is_err()
         );
+    }
+
+    #[test]
+    fn outputs_appear_together_or_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("simpleseg-outputs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut outputs = Outputs::default();
+        outputs
+            .add(&dir.join("a.txt"), |w| {
+                w.write_all(b"a").map_err(|e| e.to_string())
+            })
+            .unwrap();
+        let failed = outputs.add(&dir.join("b.txt"), |_| Err("no".into()));
+        assert!(failed.unwrap_err().to_string().contains("b.txt"));
+        drop(outputs);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing left");
+        let mut outputs = Outputs::default();
+        for name in ["a.txt", "b.txt"] {
+            outputs
+                .add(&dir.join(name), |w| {
+                    w.write_all(name.as_bytes()).map_err(|e| e.to_string())
+                })
+                .unwrap();
+        }
+        assert_eq!(outputs.commit().unwrap().len(), 2);
+        assert_eq!(std::fs::read(dir.join("b.txt")).unwrap(), b"b.txt");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

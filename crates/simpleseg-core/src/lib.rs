@@ -13,14 +13,19 @@
 //!   exactly as OpenCV 4.12 and the released data script produce it;
 //! - [`pyrepr`]: Python's `repr` of floats, which the training targets are written in;
 //! - [`io`] and [`overlay`]: the file formats every command shares (RLE JSON, 0/255 PNG
-//!   masks) and a visual overlay.
+//!   masks), written atomically, and a visual overlay;
+//! - [`images`] and [`limits`]: the one image-opening path (Pillow's pixels, decompression
+//!   bombs and truncated files refused from the header) and the bounds every reader of
+//!   untrusted input checks before it allocates.
 //!
 //! The crate has no machine-learning dependencies, so data builders, rewards and bindings can
 //! use it on its own.
 
 pub mod contour;
 pub mod error;
+pub mod images;
 pub mod io;
+pub mod limits;
 pub mod overlay;
 pub mod parse;
 pub mod pyrepr;

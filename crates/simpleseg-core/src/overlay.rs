@@ -2,6 +2,7 @@
 
 use image::{Rgb, RgbImage};
 
+use crate::error::{Error, Result};
 use crate::rle::RleMask;
 
 /// Tint colour of the foreground.
@@ -10,11 +11,18 @@ const TINT: [u8; 3] = [255, 48, 48];
 const EDGE: [u8; 3] = [255, 255, 0];
 
 /// Draws `mask` over `image` (same size): foreground blended at 45% with red, boundary
-/// pixels (foreground with a background 4-neighbour) in yellow.
-pub fn draw_overlay(image: &RgbImage, mask: &RleMask) -> RgbImage {
+/// pixels (foreground with a background 4-neighbour) in yellow. Errors when the sizes differ.
+pub fn draw_overlay(image: &RgbImage, mask: &RleMask) -> Result<RgbImage> {
     let (w, h) = (image.width() as usize, image.height() as usize);
-    debug_assert_eq!((w, h), (mask.width() as usize, mask.height() as usize));
-    let fg = mask.to_row_major();
+    if (image.width(), image.height()) != (mask.width(), mask.height()) {
+        return Err(Error::SizeMismatch {
+            a_height: image.height(),
+            a_width: image.width(),
+            b_height: mask.height(),
+            b_width: mask.width(),
+        });
+    }
+    let fg = mask.to_row_major()?;
     let at = |x: isize, y: isize| {
         x >= 0
             && y >= 0
@@ -41,5 +49,5 @@ pub fn draw_overlay(image: &RgbImage, mask: &RleMask) -> RgbImage {
             ])
         };
     }
-    out
+    Ok(out)
 }

@@ -99,16 +99,56 @@ impl Edge {
     }
 }
 
-/// Collects the column crossings of the boundary walk as run boundaries.
-struct Crossings {
-    height: i64,
-    width: i64,
-    /// Column and row of each crossing, in the order the walk meets them.
+/// Where the walk's crossings go.
+trait Sink {
+    /// The boundary crosses the centre of `column` at `row` (a run boundary at pixel
+    /// `column * height + row`, column-major).
+    fn add(&mut self, column: u32, row: u32);
+}
+
+/// Every crossing, in walking order: the exact list `rleFrPoly` sorts.
+#[derive(Default)]
+struct CrossingList {
     columns: Vec<u32>,
     rows: Vec<u32>,
 }
 
-impl Crossings {
+impl Sink for CrossingList {
+    #[inline]
+    fn add(&mut self, column: u32, row: u32) {
+        self.columns.push(column);
+        self.rows.push(row);
+    }
+}
+
+/// The parity of the crossings at each pixel position, one bit per position (`0..=h*w`).
+///
+/// `rleFrPoly` turns the sorted positions into runs by differencing them, and a zero
+/// difference (a repeated position) cancels together with the next one: a position that
+/// occurs an even number of times toggles nothing, an odd number of times toggles once. The
+/// mask is therefore fixed by these parities, and a bit set of the image's size holds them
+/// in bounded memory however many crossings an answer makes.
+struct Toggles {
+    height: u64,
+    bits: Vec<u64>,
+}
+
+impl Sink for Toggles {
+    #[inline]
+    fn add(&mut self, column: u32, row: u32) {
+        let p = u64::from(column) * self.height + u64::from(row);
+        self.bits[(p >> 6) as usize] ^= 1 << (p & 63);
+    }
+}
+
+/// Walks the boundary and hands its column crossings to a sink.
+struct Crossings<S> {
+    height: i64,
+    width: i64,
+    sink: S,
+}
+
+impl<S: Sink> Crossings<S> {
     /// `rleFrPoly`'s second stage for consecutive points `(u0, v0) -> (u1, v1)`.
     #[inline]
     fn pair(&mut self, (u0, v0): (i64, i64), (u1, v1): (i64, i64)) {
@@ -135,51 +175,33 @@ impl Crossings {
         // rounding that never crosses an integer, so in integers this is the clamped ceiling
         // of (v - 2) / 5.
         let y = (v + 2).div_euclid(5).clamp(0, self.height);
-        self.columns.push(x as u32);
-        self.rows.push(y as u32);
+        self.sink.add(x as u32, y as u32);
     }
 
     /// Every crossing inside one edge's walk. Within an edge consecutive points differ by at
     /// most one upsampled column, so a crossing of column `c` is the step from upsampled
     /// column `5c + 2` to `5c + 3`, in either direction, at the lower of the two rows.
     fn edge(&mut self, e: &Edge) {
-        if e.len == 0 {
+        let Some(span) = EdgeColumns::of(e, self.width) else {
             return;
-        }
-        // Image columns c whose boundary 5c + 2 the walk can cross.
-        let c_lo = 0i64;
-        let c_hi = self.width - 1;
+        };
         if e.x_major {
             // The column advances by one at every step: u(t) = xs + t for t in 0..=len.
             // Crossing of boundary B between t = B - xs and t + 1.
-            let first = (e.xs - 2).div_euclid(5) + i64::from((e.xs - 2).rem_euclid(5) != 0);
-            let last = (e.xs + e.len - 1 - 2).div_euclid(5);
-            for c in first.max(c_lo)..=last.min(c_hi) {
+            for c in span.columns {
                 let t = 5 * c + 2 - e.xs;
                 let (_, v0) = e.point(t);
                 let (_, v1) = e.point(t + 1);
                 self.crossing(c, v0.min(v1));
             }
-        } else if e.slope != 0.0 {
-            // The column is a monotone function of t; find where it passes each boundary.
-            let (u_start, _) = e.point(0);
-            let (u_end, _) = e.point(e.len);
-            let rising = u_end > u_start;
-            let (lo_u, hi_u) = if rising {
-                (u_start, u_end)
-            } else {
-                (u_end, u_start)
-            };
-            // Boundaries B = 5c + 2 with lo_u <= B < hi_u.
-            let first = (lo_u - 2).div_euclid(5) + i64::from((lo_u - 2).rem_euclid(5) != 0);
-            let last = (hi_u - 1 - 2).div_euclid(5);
-            for c in first.max(c_lo)..=last.min(c_hi) {
+        } else {
+            for c in span.columns {
                 let b = 5 * c + 2;
                 // First t where the walk is past B: u(t) >= B + 1 when rising, u(t) <= B
                 // when falling. The predicate is monotone in t.
                 let past = |t: i64| {
                     let (u, _) = e.point(t);
-                    if rising {
+                    if span.rising {
                         u > b
                     } else {
                         u <= b
@@ -190,6 +212,47 @@ impl Crossings {
                 self.crossing(c, e.ys + t - 1);
             }
         }
+    }
+}
+
+/// The image columns whose centre boundary (`5c + 2` upsampled) one edge's walk crosses.
+struct EdgeColumns {
+    columns: std::ops::RangeInclusive<i64>,
+    /// For an edge longer in y: whether its column grows along the walk.
+    rising: bool,
+}
+
+impl EdgeColumns {
+    /// `None` when the walk crosses no column of a `width`-column image.
+    fn of(e: &Edge, width: i64) -> Option<EdgeColumns> {
+        if e.len == 0 {
+            return None;
+        }
+        // Boundaries B = 5c + 2 with lo <= B <= hi.
+        let (lo, hi, rising) = if e.x_major {
+            (e.xs, e.xs + e.len - 1, true)
+        } else if e.slope != 0.0 {
+            // The column is a monotone function of t; it passes each boundary once.
+            let (u_start, _) = e.point(0);
+            let (u_end, _) = e.point(e.len);
+            let rising = u_end > u_start;
+            let (lo_u, hi_u) = if rising {
+                (u_start, u_end)
+            } else {
+                (u_end, u_start)
+            };
+            (lo_u, hi_u - 1, rising)
+        } else {
+            return None;
+        };
+        let first = (lo - 2).div_euclid(5) + i64::from((lo - 2).rem_euclid(5) != 0);
+        let last = (hi - 2).div_euclid(5);
+        let columns = first.max(0)..=last.min(width - 1);
+        (!columns.is_empty()).then_some(EdgeColumns { columns, rising })
+    }
+
+    fn len(&self) -> u64 {
+        (self.columns.end() - self.columns.start() + 1) as u64
     }
 }
 
@@ -227,12 +290,24 @@ fn first_true(e: &Edge, b: i64, past: impl Fn(i64) -> bool) -> i64 {
     hi
 }
 
-impl Crossings {
-    /// The crossings as column-major pixel positions (`x * height + y`), sorted. A counting
-    /// sort by column, then an insertion sort of the few rows within each column: the same
-    /// order as `rleFrPoly`'s `qsort`, for a fraction of its comparisons.
-    fn sorted_positions(&self, bucket: &mut Vec<u32>, out: &mut Vec<u32>) {
-        let width = self.width as usize;
+impl CrossingList {
+    /// The crossings as column-major pixel positions (`x * height + y`), sorted: the order
+    /// of `rleFrPoly`'s `qsort`. A counting sort by column, then a sort of the rows within
+    /// each column (usually a handful); for an image far wider than the crossings are many,
+    /// one sort of all positions instead.
+    fn sorted_positions(&self, height: u32, width: u32, bucket: &mut Vec<u32>, out: &mut Vec<u32>) {
+        let width = width as usize;
+        out.clear();
+        if width > 4 * self.rows.len() + 1024 {
+            out.extend(
+                self.columns
+                    .iter()
+                    .zip(&self.rows)
+                    .map(|(&c, &r)| c * height + r),
+            );
+            out.sort_unstable();
+            return;
+        }
         bucket.clear();
         bucket.resize(width + 1, 0);
         for &c in &self.columns {
@@ -241,24 +316,16 @@ impl Crossings {
         for c in 0..width {
             bucket[c + 1] += bucket[c];
         }
-        out.clear();
         out.resize(self.rows.len(), 0);
         for (&c, &r) in self.columns.iter().zip(&self.rows) {
             let slot = &mut bucket[c as usize];
-            out[*slot as usize] = c * self.height as u32 + r;
+            out[*slot as usize] = c * height + r;
             *slot += 1;
         }
-        // `bucket[c]` now ends column c; runs of one column are short.
+        // `bucket[c]` now ends column c.
         let mut start = 0;
         for &end in &bucket[..width] {
-            let column = &mut out[start..end as usize];
-            for i in 1..column.len() {
-                let mut j = i;
-                while j > 0 && column[j - 1] > column[j] {
-                    column.swap(j - 1, j);
-                    j -= 1;
-                }
-            }
+            out[start..end as usize].sort_unstable();
             start = end as usize;
         }
     }
@@ -267,8 +334,7 @@ impl Crossings {
 /// Reusable buffers for rasterizing many polygons.
 #[derive(Default)]
 struct Scratch {
-    columns: Vec<u32>,
-    rows: Vec<u32>,
+    crossings: CrossingList,
     bucket: Vec<u32>,
     positions: Vec<u32>,
 }
@@ -279,6 +345,11 @@ struct Scratch {
 /// Polygons of fewer than 3 vertices are rasterized as `rleFrPoly` would (to an empty mask);
 /// pycocotools' Python layer refuses them, which callers decide how to report. NaN
 /// coordinates are an error; infinite ones saturate like other out-of-range values.
+///
+/// Time is linear in the number of column crossings (an edge crosses at most the image's
+/// width) and memory is bounded by the smaller of 12 bytes per crossing and one bit per
+/// pixel, so no answer, however long, can exhaust memory; where even that cannot be had, the
+/// result is [`Error::OutOfMemory`].
 pub fn rasterize_polygon(points: &[[f64; 2]], height: u32, width: u32) -> Result<RleMask> {
     check_size(height, width)?;
     rasterize_with(points, height, width, &mut Scratch::default())
@@ -292,30 +363,37 @@ pub fn rasterize_polygons<'a>(
 ) -> Result<RleMask> {
     check_size(height, width)?;
     let mut scratch = Scratch::default();
-    let masks = polygons
+    let mut masks = polygons
         .into_iter()
         .map(|p| rasterize_with(p, height, width, &mut scratch))
         .collect::<Result<Vec<_>>>()?;
     match masks.len() {
         0 => RleMask::empty(height, width),
-        1 => Ok(masks.into_iter().next().expect("one mask")),
+        1 => Ok(masks.swap_remove(0)),
         _ => RleMask::union_all(&masks),
     }
 }
 
-/// Walks the polygon's edges and collects its column crossings.
-fn walk(points: &[[f64; 2]], crossings: &mut Crossings) {
+/// The polygon's edges in `rleFrPoly`'s order, with the last point of the previous edge's
+/// walk (the walks of consecutive edges meet through one more crossing check).
+fn edges(points: &[[f64; 2]]) -> impl Iterator<Item = Edge> + '_ {
     let upsample = |c: f64| (SCALE * c + 0.5) as i32 as i64;
     let k = points.len();
-    let vertex = |j: usize| {
+    let vertex = move |j: usize| {
         let p = points[j % k];
         (upsample(p[0]), upsample(p[1]))
     };
-    let mut previous_end: Option<(i64, i64)> = None;
-    for j in 0..k {
+    (0..k).map(move |j| {
         let (x0, y0) = vertex(j);
         let (x1, y1) = vertex(j + 1);
-        let edge = Edge::new(x0, y0, x1, y1);
+        Edge::new(x0, y0, x1, y1)
+    })
+}
+
+/// Walks the polygon's edges and hands their column crossings to the sink.
+fn walk<S: Sink>(points: &[[f64; 2]], crossings: &mut Crossings<S>) {
+    let mut previous_end: Option<(i64, i64)> = None;
+    for edge in edges(points) {
         let (start, end) = edge.ends();
         if let Some(prev) = previous_end {
             crossings.pair(prev, start);
@@ -323,6 +401,17 @@ fn walk(points: &[[f64; 2]], crossings: &mut Crossings) {
         crossings.edge(&edge);
         previous_end = Some(end);
     }
+}
+
+/// An upper bound on the crossings [`walk`] produces, in time linear in the vertices.
+fn crossing_bound(points: &[[f64; 2]], width: i64) -> u64 {
+    edges(points)
+        .map(|e| EdgeColumns::of(&e, width).map_or(0, |c| c.len()) + 1)
+        .fold(0u64, u64::saturating_add)
+}
+
+fn out_of_memory(height: u32, width: u32) -> Error {
+    Error::OutOfMemory(format!("rasterizing a polygon on a {width}x{height} mask"))
 }
 
 fn rasterize_with(
@@ -336,19 +425,31 @@ fn rasterize_with(
     if let Some(bad) = points.iter().flatten().find(|c| c.is_nan()) {
         return Err(Error::NonFiniteCoordinate(*bad));
     }
-    scratch.columns.clear();
-    scratch.rows.clear();
+    let pixels = u64::from(height) * u64::from(width);
+    let bound = crossing_bound(points, i64::from(width));
+    // The list costs 12 bytes a crossing (two coordinates and a position), the parity bits
+    // one bit a pixel position: take the smaller.
+    if bound.saturating_mul(12) > pixels / 8 + 4096 {
+        return rasterize_by_parity(points, height, width);
+    }
+    let list = &mut scratch.crossings;
+    list.columns.clear();
+    list.rows.clear();
+    let n = bound as usize;
+    list.columns
+        .try_reserve(n)
+        .and_then(|()| list.rows.try_reserve(n))
+        .and_then(|()| scratch.positions.try_reserve(n + 1))
+        .map_err(|_| out_of_memory(height, width))?;
     let mut crossings = Crossings {
         height: i64::from(height),
         width: i64::from(width),
-        columns: std::mem::take(&mut scratch.columns),
-        rows: std::mem::take(&mut scratch.rows),
+        sink: std::mem::take(list),
     };
     walk(points, &mut crossings);
+    *list = crossings.sink;
     let a = &mut scratch.positions;
-    crossings.sorted_positions(&mut scratch.bucket, a);
-    scratch.columns = crossings.columns;
-    scratch.rows = crossings.rows;
+    list.sorted_positions(height, width, &mut scratch.bucket, a);
 
     // From here on this is `rleFrPoly`'s final stage: the sorted positions, then the total,
     // as differences; a zero difference (two crossings at one pixel) cancels, joining the
@@ -380,9 +481,48 @@ fn rasterize_with(
     Ok(RleMask::from_counts_unchecked(height, width, counts))
 }
 
+/// The same runs as [`rasterize_with`] from the crossings' parities (see [`Toggles`]).
+fn rasterize_by_parity(points: &[[f64; 2]], height: u32, width: u32) -> Result<RleMask> {
+    let pixels = u64::from(height) * u64::from(width);
+    // Positions run from 0 to h * w inclusive: a crossing at the bottom of the last column.
+    let words = (pixels / 64 + 1) as usize;
+    let mut bits = Vec::new();
+    bits.try_reserve_exact(words)
+        .map_err(|_| out_of_memory(height, width))?;
+    bits.resize(words, 0u64);
+    let mut crossings = Crossings {
+        height: i64::from(height),
+        width: i64::from(width),
+        sink: Toggles {
+            height: u64::from(height),
+            bits,
+        },
+    };
+    walk(points, &mut crossings);
+    let mut counts = Vec::new();
+    let mut previous = 0u64;
+    'words: for (i, &word) in crossings.sink.bits.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            let p = (i as u64) * 64 + u64::from(word.trailing_zeros());
+            if p >= pixels {
+                // A toggle at the very end changes no pixel.
+                break 'words;
+            }
+            counts.push((p - previous) as u32);
+            previous = p;
+            word &= word - 1;
+        }
+    }
+    counts.push((pixels - previous) as u32);
+    Ok(RleMask::from_counts_unchecked(height, width, counts))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     /// `rleFrPoly`'s first two stages verbatim: every upsampled boundary point, then the
     /// column crossings. The test oracle for the fast walk.
@@ -425,30 +565,42 @@ mod tests {
             c.pair((u[j - 1], v[j - 1]), (u[j], v[j]));
         }
         let mut p: Vec<u32> = c
+            .sink
             .columns
             .iter()
-            .zip(&c.rows)
+            .zip(&c.sink.rows)
             .map(|(x, y)| x * h + y)
             .collect();
         p.sort_unstable();
         p
     }
 
-    fn crossings(h: u32, w: u32) -> Crossings {
+    fn crossings(h: u32, w: u32) -> Crossings<CrossingList> {
         Crossings {
             height: h.into(),
             width: w.into(),
-            columns: Vec::new(),
-            rows: Vec::new(),
+            sink: CrossingList::default(),
         }
     }
 
     fn fast_positions(points: &[[f64; 2]], h: u32, w: u32) -> Vec<u32> {
         let mut c = crossings(h, w);
         walk(points, &mut c);
+        assert!(c.sink.rows.len() as u64 <= crossing_bound(points, w.into()));
         let mut out = Vec::new();
-        c.sorted_positions(&mut Vec::new(), &mut out);
+        c.sink.sorted_positions(h, w, &mut Vec::new(), &mut out);
         out
+    }
+
+    fn random_polygon(rng: &mut StdRng, n: usize, h: u32, w: u32) -> Vec<[f64; 2]> {
+        (0..n)
+            .map(|_| {
+                [
+                    rng.random_range(-0.2..1.2) * f64::from(w),
+                    rng.random_range(-0.2..1.2) * f64::from(h),
+                ]
+            })
+            .collect()
     }
 
     #[test]
@@ -465,5 +617,55 @@ mod tests {
                 "{pts:?}"
             );
         }
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let (h, w) = (rng.random_range(1..40), rng.random_range(1..40));
+            let n = rng.random_range(3..30);
+            let pts = random_polygon(&mut rng, n, h, w);
+            assert_eq!(fast_positions(&pts, h, w), naive_positions(&pts, h, w));
+        }
+        // Few crossings over a very wide image take the plain sort.
+        let pts = [[5.0, 1.0], [40.0, 3.0], [7.0, 9.0]];
+        assert_eq!(
+            fast_positions(&pts, 10, 100_000),
+            naive_positions(&pts, 10, 100_000)
+        );
+    }
+
+    #[test]
+    fn parity_path_gives_the_same_runs_as_the_list() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for round in 0..300 {
+            let (h, w) = (rng.random_range(1..50), rng.random_range(1..50));
+            // Many points make repeated positions (even and odd multiplicities) common.
+            let n = if round % 3 == 0 {
+                400
+            } else {
+                rng.random_range(3..20)
+            };
+            let pts = random_polygon(&mut rng, n, h, w);
+            let list = rasterize_with(&pts, h, w, &mut Scratch::default()).unwrap();
+            let parity = rasterize_by_parity(&pts, h, w).unwrap();
+            assert_eq!(list, parity, "{h}x{w} {pts:?}");
+        }
+    }
+
+    #[test]
+    fn answers_with_very_many_crossings_stay_small() {
+        // 200,000 edges spanning a 10-pixel-wide image: the list would need millions of
+        // entries and the old insertion sort quadratic time; the parity bits need 2 words.
+        let pts: Vec<[f64; 2]> = (0..200_000)
+            .map(|i| [if i % 2 == 0 { -1.0 } else { 11.0 }, (i % 97) as f64 / 9.7])
+            .collect();
+        assert!(crossing_bound(&pts, 10) > 1_000_000);
+        let mask = rasterize_polygon(&pts, 10, 10).unwrap();
+        assert_eq!(
+            mask.counts().iter().map(|&c| u64::from(c)).sum::<u64>(),
+            100
+        );
+        // A polygon on the widest possible mask allocates nothing per column.
+        let tri = [[1e8, 0.0], [1e8 + 1000.0, 2.0], [1e8 + 500.0, 4.0]];
+        let mask = rasterize_polygon(&tri, 4, 1_000_000_000).unwrap();
+        assert!(mask.area() > 1000, "{}", mask.area());
     }
 }

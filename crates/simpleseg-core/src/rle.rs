@@ -106,10 +106,11 @@ impl RleMask {
         Ok(Self::from_counts_unchecked(height, width, counts))
     }
 
-    /// The mask as row-major bytes, 1 for foreground and 0 for background.
-    pub fn to_row_major(&self) -> Vec<u8> {
+    /// The mask as row-major bytes, 1 for foreground and 0 for background. Errors, before
+    /// allocating, when the mask is over the pixel limit of [`crate::limits`].
+    pub fn to_row_major(&self) -> Result<Vec<u8>> {
         let (h, w) = (self.height() as usize, self.width() as usize);
-        let mut out = vec![0u8; h * w];
+        let mut out = crate::limits::dense_buffer(w as u64, h as u64, || "a dense mask".into())?;
         let mut pos = 0usize;
         for (i, &run) in self.counts().iter().enumerate() {
             let end = pos + run as usize;
@@ -120,7 +121,7 @@ impl RleMask {
             }
             pos = end;
         }
-        out
+        Ok(out)
     }
 
     /// Mask height in pixels.
@@ -241,7 +242,7 @@ mod tests {
         let rle = RleMask::from_row_major(&mask, 3, 4).unwrap();
         // Column-major: col0 = [0,0,0], col1 = [1,1,0], col2 = [1,1,0], col3 = [0,1,1].
         assert_eq!(rle.counts(), &[3, 2, 1, 2, 2, 2]);
-        assert_eq!(rle.to_row_major(), mask.to_vec());
+        assert_eq!(rle.to_row_major().unwrap(), mask.to_vec());
         assert_eq!(rle.area(), 6);
     }
 

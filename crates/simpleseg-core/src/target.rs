@@ -75,7 +75,7 @@ pub fn target_from_mask(
 /// The target string for an RLE mask.
 pub fn target_from_rle(rle: &RleMask, epsilon_ratio: f64) -> Result<String> {
     let (w, h) = (rle.width() as usize, rle.height() as usize);
-    target_from_mask(&rle.to_row_major(), w, h, epsilon_ratio)
+    target_from_mask(&rle.to_row_major()?, w, h, epsilon_ratio)
 }
 
 fn check_epsilon_ratio(ratio: f64) -> Result<()> {

@@ -10,7 +10,7 @@
 //! - RL: one JSON line per expression with the image, its size, the prompt and the
 //!   ground-truth mask as RLE.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -22,9 +22,8 @@ use serde_json::json;
 use simpleseg_core::pyrepr::polygons_repr;
 use simpleseg_core::target::{mask_polygons, normalize_polygons, round3};
 use simpleseg_core::templates::{self, fill_prompt};
-use simpleseg_core::RleMask;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::items::Item;
 use crate::pyjson::{to_json_line, write_python_json};
 
@@ -117,9 +116,7 @@ fn progress(len: usize, what: &str) -> ProgressBar {
 
 /// The mask pixel nearest the mask's centroid, normalized and rounded like targets: a point
 /// that lies on the object even when its centroid does not.
-fn inner_point(mask: &RleMask) -> Option<[f64; 2]> {
-    let (w, h) = (mask.width() as usize, mask.height() as usize);
-    let dense = mask.to_row_major();
+fn inner_point(dense: &[u8], w: usize, h: usize) -> Option<[f64; 2]> {
     let (mut sx, mut sy, mut n) = (0f64, 0f64, 0f64);
     for (i, &v) in dense.iter().enumerate() {
         if v != 0 {
@@ -153,13 +150,14 @@ fn inner_point(mask: &RleMask) -> Option<[f64; 2]> {
 fn prepare(item: &Item, epsilon_ratio: f64) -> Result<Prepared> {
     let mask = item.mask()?;
     let (w, h) = (item.width as usize, item.height as usize);
-    let polygons = mask_polygons(&mask.to_row_major(), w, h, epsilon_ratio);
+    let dense = mask.to_row_major()?;
+    let polygons = mask_polygons(&dense, w, h, epsilon_ratio);
     let target = polygons_repr(&normalize_polygons(&polygons, w, h));
     let [x, y, bw, bh] = item.bbox;
     let (fw, fh) = (f64::from(item.width), f64::from(item.height));
     Ok(Prepared {
         target,
-        point: inner_point(&mask),
+        point: inner_point(&dense, w, h),
         bbox: [
             round3(x / fw),
             round3(y / fh),
@@ -290,25 +288,21 @@ pub fn sft_records(
     Ok((records, stats))
 }
 
-/// Writes records as indented JSON (like the data script) or JSON lines, by extension.
+/// Writes records as indented JSON (like the data script) or JSON lines, by extension;
+/// atomically.
 pub fn write_records(path: &Path, records: &[serde_json::Value]) -> Result<()> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = std::fs::File::create(path).map_err(io)?;
-    let mut w = BufWriter::new(file);
-    if path.extension().is_some_and(|e| e == "jsonl") {
-        for r in records {
-            writeln!(w, "{}", to_json_line(r)).map_err(io)?;
+    let lines = path.extension().is_some_and(|e| e == "jsonl");
+    simpleseg_core::io::write_atomic(path, |w| {
+        if lines {
+            for r in records {
+                writeln!(w, "{}", to_json_line(r)).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        } else {
+            write_python_json(w, records).map_err(|e| e.to_string())
         }
-    } else {
-        write_python_json(&mut w, records).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: e.into(),
-        })?;
-    }
-    w.flush().map_err(io)
+    })?;
+    Ok(())
 }
 
 /// One RL training line per expression:
@@ -369,8 +363,7 @@ mod tests {
                 }
             }
         }
-        let mask = RleMask::from_row_major(&dense, h as u32, w as u32).unwrap();
-        let [px, py] = inner_point(&mask).unwrap();
+        let [px, py] = inner_point(&dense, w, h).unwrap();
         let (x, y) = ((px * w as f64) as usize, (py * h as f64) as usize);
         assert_eq!(dense[y * w + x], 1);
     }

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use simpleseg_core::images::image_dimensions;
 use simpleseg_core::io::read_mask_png;
+use simpleseg_core::limits::{read_text_file_bounded, Limit};
 use simpleseg_core::RleMask;
 
 use crate::error::{Error, Result};
@@ -150,10 +152,7 @@ struct QueryLine {
 /// ids are `line * 1000 + index`.
 pub fn mask_folder_items(dir: &Path, split: Option<&str>) -> Result<Vec<Item>> {
     let path = dir.join("queries.jsonl");
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-        path: path.clone(),
-        source,
-    })?;
+    let text = read_text_file_bounded(&path, Limit::DataBytes)?;
     let mut items = Vec::new();
     for (n, line) in text
         .lines()
@@ -170,10 +169,7 @@ pub fn mask_folder_items(dir: &Path, split: Option<&str>) -> Result<Vec<Item>> {
             }
         }
         let image = dir.join(&q.image);
-        let (width, height) = image::image_dimensions(&image).map_err(|e| Error::BadFile {
-            path: image.clone(),
-            message: format!("cannot read the image: {e}"),
-        })?;
+        let (width, height) = image_dimensions(&image)?;
         let mut texts = q.queries;
         texts.extend(q.query);
         if texts.is_empty() {

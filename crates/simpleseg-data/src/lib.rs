@@ -5,6 +5,7 @@
 pub mod builders;
 pub mod error;
 pub mod items;
+pub mod pickle_shape;
 pub mod pyjson;
 pub mod refer;
 pub mod synth;
@@ -12,3 +13,21 @@ pub mod synth;
 pub use error::{Error, Result};
 pub use items::Item;
 pub use refer::ReferDataset;
+
+/// Refuses a dataset or split name that is not a plain file name: names become folder and
+/// file names, so `..`, separators and the like could write outside the output folder.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '+' | '.'));
+    if plain {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{what} {name:?} is not a plain name (letters, digits, '_', '-', '+', '.'; not '.' or '..')"
+        )))
+    }
+}

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value as Json;
 use serde_pickle::{HashableValue, Value};
+use simpleseg_core::limits::{read_file_bounded, read_text_file_bounded, Limit};
 use simpleseg_core::raster::rasterize_polygons;
 use simpleseg_core::RleMask;
 
@@ -136,21 +137,39 @@ pub fn parse_segmentation(
     };
     match value {
         Json::Object(_) => Ok(Segmentation::Rles(vec![rle(value)?])),
-        Json::Array(items) if items.iter().all(Json::is_object) => Ok(Segmentation::Rles(
-            items
+        Json::Array(items) if !items.is_empty() && items.iter().all(Json::is_object) => {
+            Ok(Segmentation::Rles(
+                items
+                    .iter()
+                    .map(rle)
+                    .collect::<std::result::Result<_, _>>()?,
+            ))
+        }
+        Json::Array(items) => {
+            let polygons = items
                 .iter()
-                .map(rle)
-                .collect::<std::result::Result<_, _>>()?,
-        )),
-        Json::Array(items) => items
-            .iter()
-            .map(|p| {
-                p.as_array()
-                    .and_then(|coords| coords.iter().map(Json::as_f64).collect::<Option<Vec<_>>>())
-                    .ok_or_else(|| "a polygon must be a list of numbers".to_string())
-            })
-            .collect::<std::result::Result<_, _>>()
-            .map(Segmentation::Polygons),
+                .map(|p| {
+                    p.as_array()
+                        .and_then(|coords| {
+                            coords.iter().map(Json::as_f64).collect::<Option<Vec<_>>>()
+                        })
+                        .ok_or_else(|| "a polygon must be a list of numbers".to_string())
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            // pycocotools' frPyObjects chooses its reading from the first entry alone.
+            match polygons.first().map(Vec::len) {
+                None => Err("the segmentation is an empty list (pycocotools raises on it)".into()),
+                Some(4) => Err(
+                    "the first polygon has 4 numbers, which pycocotools reads as a box \
+                     [x, y, w, h] and then refuses for a list; write boxes as 4-point polygons"
+                        .into(),
+                ),
+                Some(n) if n < 4 => Err(format!(
+                    "the first polygon has {n} numbers; pycocotools needs more than 4"
+                )),
+                Some(_) => Ok(Segmentation::Polygons(polygons)),
+            }
+        }
         _ => Err("segmentation must be a list of polygons or an RLE".into()),
     }
 }
@@ -220,15 +239,12 @@ pub fn read_refs(path: &Path) -> Result<Vec<Ref>> {
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let value = serde_pickle::value_from_reader(
-        std::io::BufReader::new(file),
-        serde_pickle::DeOptions::new(),
-    )
-    .map_err(|e| bad(format!("not a readable pickle: {e}")))?;
+    let bytes = read_file_bounded(path, Limit::DataBytes)?;
+    // Measured first: unpickling recurses and copies memoized values.
+    crate::pickle_shape::check(&bytes).map_err(|e| bad(e.to_string()))?;
+    let value = serde_pickle::value_from_slice(&bytes, serde_pickle::DeOptions::new())
+        .map_err(|e| bad(format!("not a readable pickle: {e}")))?;
+    drop(bytes);
     let items = list(&value).ok_or_else(|| bad("expected a list of refs".into()))?;
     items
         .iter()
@@ -289,11 +305,9 @@ pub fn read_instances(path: &Path) -> Result<Instances> {
         path: path.to_path_buf(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = read_text_file_bounded(path, Limit::DataBytes)?;
     let root: Json = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    drop(text);
     let images: HashMap<u64, ImageInfo> = root
         .get("images")
         .and_then(Json::as_array)
@@ -416,6 +430,35 @@ impl ReferDataset {
             annotations: instances.annotations,
             categories: instances.categories,
         })
+    }
+
+    /// The refs pickle and the instances file this dataset was read from.
+    pub fn files(&self) -> [PathBuf; 2] {
+        let dir = self.root.join(&self.name);
+        [
+            dir.join(format!("refs({}).p", self.split_by)),
+            dir.join("instances.json"),
+        ]
+    }
+
+    /// What identifies the dataset's content, for runs that resume: its folders (absolute)
+    /// and the fingerprints of its files ([`simpleseg_core::io::fingerprint`]).
+    pub fn identity(&self) -> Result<Json> {
+        let absolute = |p: &Path| {
+            std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.to_path_buf())
+                .display()
+                .to_string()
+        };
+        let [refs, instances] = self.files();
+        Ok(serde_json::json!({
+            "refer_root": absolute(&self.root),
+            "dataset": self.name,
+            "split_by": self.split_by,
+            "image_root": absolute(&self.image_root),
+            "refs": simpleseg_core::io::fingerprint(&refs)?,
+            "instances": simpleseg_core::io::fingerprint(&instances)?,
+        }))
     }
 
     /// The refs of a split, in file order.

@@ -23,6 +23,10 @@ use serde_json::{json, Value};
 use simpleseg_core::raster::rasterize_polygon;
 use simpleseg_core::RleMask;
 
+use simpleseg_core::io::Outputs;
+use simpleseg_core::limits::{read_text_file_bounded, Limit};
+
+use crate::check_name;
 use crate::error::{Error, Result};
 use crate::refer::{read_instances, read_refs};
 
@@ -120,7 +124,7 @@ fn shape_polygon(rng: &mut StdRng, kind: usize, cx: f64, cy: f64, r: f64) -> Vec
 }
 
 fn dense(polygon: &[[f64; 2]], size: u32) -> Result<Vec<u8>> {
-    Ok(rasterize_polygon(polygon, size, size)?.to_row_major())
+    Ok(rasterize_polygon(polygon, size, size)?.to_row_major()?)
 }
 
 /// A textured background: a two-colour gradient with soft blotches and pixel noise. Its colours
@@ -385,7 +389,12 @@ pub struct SynthStats {
     pub sentences: usize,
 }
 
+/// Smallest and largest image side accepted.
+pub const SIZES: std::ops::RangeInclusive<u32> = 32..=4096;
+
 /// Writes `options.count` scenes as split `options.split` of the `synth` dataset under `root`.
+/// All or nothing: on failure, no image of this run remains and the dataset's index files
+/// are as they were.
 pub fn generate(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
     if !(1..=6).contains(&options.max_objects) {
         return Err(Error::Invalid(format!(
@@ -393,6 +402,41 @@ pub fn generate(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
             options.max_objects
         )));
     }
+    if !SIZES.contains(&options.size) {
+        return Err(Error::Invalid(format!(
+            "--size {} is out of range: images are {} to {} pixels a side",
+            options.size,
+            SIZES.start(),
+            SIZES.end()
+        )));
+    }
+    if options.count == 0 {
+        return Err(Error::Invalid("--count must be at least 1".into()));
+    }
+    check_name("dataset name", &options.name)?;
+    check_name("split", &options.split)?;
+    let mut written = WrittenImages(Vec::new());
+    let stats = generate_into(root, options, &mut written)?;
+    written.0.clear();
+    Ok(stats)
+}
+
+/// Images written by a run, removed unless the run completes.
+struct WrittenImages(Vec<PathBuf>);
+
+impl Drop for WrittenImages {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn generate_into(
+    root: &Path,
+    options: &SynthOptions,
+    written: &mut WrittenImages,
+) -> Result<SynthStats> {
     let dir = root.join(&options.name);
     let image_dir = crate::refer::default_image_root(root, &options.name);
     for d in [&dir, &image_dir] {
@@ -408,10 +452,7 @@ pub fn generate(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
     ));
     // Existing content, to append to with fresh ids.
     let mut instances: Value = if instances_path.is_file() {
-        let text = std::fs::read_to_string(&instances_path).map_err(|source| Error::Io {
-            path: instances_path.clone(),
-            source,
-        })?;
+        let text = read_text_file_bounded(&instances_path, Limit::DataBytes)?;
         read_instances(&instances_path)?; // validates
         serde_json::from_str(&text).map_err(|e| Error::BadFile {
             path: instances_path.clone(),
@@ -499,6 +540,7 @@ pub fn generate(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
         next_image += 1;
         let file_name = format!("{}_{image_id:07}.png", options.split);
         let path: PathBuf = image_dir.join(&file_name);
+        written.0.push(path.clone());
         img.save(&path).map_err(|e| Error::BadFile {
             path: path.clone(),
             message: e.to_string(),
@@ -546,26 +588,15 @@ pub fn generate(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
         }
         stats.images += 1;
     }
-    let text = serde_json::to_string(&instances).expect("JSON");
-    std::fs::write(&instances_path, text).map_err(|source| Error::Io {
-        path: instances_path.clone(),
-        source,
+    let mut outputs = Outputs::default();
+    outputs.add(&instances_path, |w| {
+        serde_json::to_writer(w, &instances).map_err(|e| e.to_string())
     })?;
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&refs_path).map_err(
-        |source| Error::Io {
-            path: refs_path.clone(),
-            source,
-        },
-    )?);
-    serde_pickle::to_writer(
-        &mut file,
-        &pickle_refs,
-        serde_pickle::SerOptions::new().proto_v2(),
-    )
-    .map_err(|e| Error::BadFile {
-        path: refs_path.clone(),
-        message: e.to_string(),
+    outputs.add(&refs_path, |w| {
+        serde_pickle::to_writer(w, &pickle_refs, serde_pickle::SerOptions::new().proto_v2())
+            .map_err(|e| e.to_string())
     })?;
+    outputs.commit()?;
     Ok(stats)
 }
 

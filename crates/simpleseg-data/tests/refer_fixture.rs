@@ -130,7 +130,7 @@ fn point_tasks_name_a_point_on_the_object() {
         )
         .unwrap();
         assert_eq!(records.len(), 2 * item.sentences.len());
-        let mask = item.mask().unwrap().to_row_major();
+        let mask = item.mask().unwrap().to_row_major().unwrap();
         let on_mask = |[x, y]: [f64; 2]| {
             let (px, py) = (
                 (x * f64::from(item.width)) as usize,
@@ -150,4 +150,42 @@ fn point_tasks_name_a_point_on_the_object() {
         }
     }
     assert!(checked >= 10, "{checked}");
+}
+
+/// COCO segmentation lists against pycocotools' `frPyObjects` + `merge`
+/// (`scripts/gen_segmentation_fixtures.py`): the same masks, and an error wherever
+/// pycocotools raises.
+#[test]
+fn segmentations_read_as_pycocotools_reads_them() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/data/coco_segmentations.json");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = cases.as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let (h, w) = (
+            case["height"].as_u64().unwrap() as u32,
+            case["width"].as_u64().unwrap() as u32,
+        );
+        let parsed = simpleseg_data::refer::parse_segmentation(&case["segmentation"], w, h);
+        match case.get("rle") {
+            Some(rle) => {
+                let want = simpleseg_core::RleMask::from_json_value(rle).unwrap();
+                let annotation = simpleseg_data::refer::Annotation {
+                    id: 1,
+                    image_id: 1,
+                    category_id: 1,
+                    bbox: [0.0; 4],
+                    segmentation: parsed.unwrap_or_else(|e| panic!("{name}: {e}")),
+                };
+                assert_eq!(annotation.mask(w, h).unwrap(), want, "{name}");
+            }
+            None => assert!(
+                parsed.is_err(),
+                "{name}: pycocotools raises, we accepted it"
+            ),
+        }
+    }
 }

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use candle_core::DType;
-use simpleseg_engine::image_processor::open_image;
+use simpleseg_core::images::open_image;
 use simpleseg_engine::{generate, load, LoadOptions};
 
 /// Peak resident set size of this process in MiB (Linux), or 0 when unknown.

@@ -29,6 +29,9 @@ pub enum Error {
     /// Tensor library failures.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Input refused by the protocol crate: images over the limits, unreadable images.
+    #[error(transparent)]
+    Core(#[from] simpleseg_core::Error),
     /// I/O failures with the path involved.
     #[error("{path}: {source}")]
     Io {

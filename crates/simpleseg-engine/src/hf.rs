@@ -112,6 +112,30 @@ impl HfFolder {
         Ok(names)
     }
 
+    /// The identity of every file of the folder ([`simpleseg_core::io::fingerprint`]), by
+    /// name: what tells one model from another when a run is resumed.
+    pub fn fingerprint(&self) -> Result<Value> {
+        let io = |source| Error::Io {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut files = serde_json::Map::new();
+        let mut entries: Vec<_> = std::fs::read_dir(&self.dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if let Some(name) = name {
+                files.insert(name, simpleseg_core::io::fingerprint(&path)?);
+            }
+        }
+        Ok(Value::Object(files))
+    }
+
     /// Memory-maps the weights; tensors are converted to `dtype` as they are read.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         let files = self.safetensors_files()?;

@@ -1,10 +1,11 @@
 //! The Qwen2-VL image processor, exactly as transformers' PIL-based `Qwen2VLImageProcessor`
 //! (`use_fast=False`) prepares an image: convert to RGB (compositing transparency onto
-//! white), `smart_resize` to multiples of `patch_size * merge_size` within the pixel budget,
+//! white; [`simpleseg_core::images`] opens files that way), `smart_resize` to multiples of `patch_size * merge_size` within the pixel budget,
 //! Pillow bicubic resampling, rescale by 1/255 in double precision then f32, normalize in f32,
 //! repeat the frame `temporal_patch_size` times and flatten into patches in the model's order.
 
-use image::{DynamicImage, RgbImage, RgbaImage};
+use image::RgbImage;
+use simpleseg_core::limits::Limit;
 
 use crate::error::{Error, Result};
 use crate::hf::JsonFile;
@@ -120,11 +121,20 @@ impl ImageProcessorConfig {
                 )))
             }
         }
-        if config.patch_size == 0 || config.merge_size == 0 || config.temporal_patch_size == 0 {
-            return Err(
-                file.error("patch_size, merge_size and temporal_patch_size must be positive")
-            );
+        for (name, value, max) in [
+            ("patch_size", config.patch_size, 1024),
+            ("merge_size", config.merge_size, 64),
+            ("temporal_patch_size", config.temporal_patch_size, 64),
+        ] {
+            if value == 0 || value > max {
+                return Err(file.error(format!("`{name}` {value} is not in 1..={max}")));
+            }
         }
+        Limit::Pixels
+            .check(config.min_pixels as u64, || {
+                format!("`min_pixels` of {}", file.path.display())
+            })
+            .map_err(|e| file.error(e.to_string()))?;
         if config.min_pixels > config.max_pixels {
             return Err(file.error(format!(
                 "min_pixels {} is larger than max_pixels {}",
@@ -180,74 +190,6 @@ pub fn smart_resize(
     Ok((h_bar as usize, w_bar as usize))
 }
 
-/// Pillow's `alpha_composite` of an image over opaque white, then `convert("RGB")`.
-fn composite_on_white(rgba: &RgbaImage) -> RgbImage {
-    const PRECISION_BITS: u32 = 7;
-    let shift_div_255 = |a: u32| (a + (a >> 8)) >> 8;
-    RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
-        let p = rgba.get_pixel(x, y).0;
-        let src_a = u32::from(p[3]);
-        if src_a == 0 {
-            return image::Rgb([255, 255, 255]);
-        }
-        // dst is white and opaque: blend = 255 * (255 - a), outa255 = a * 255 + blend.
-        let blend = 255 * (255 - src_a);
-        let outa255 = src_a * 255 + blend;
-        let coef1 = src_a * 255 * 255 * (1 << PRECISION_BITS) / outa255;
-        let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
-        let channel = |c: u8| {
-            let tmp = u32::from(c) * coef1 + 255 * coef2;
-            (shift_div_255(tmp + (0x80 << PRECISION_BITS)) >> PRECISION_BITS) as u8
-        };
-        image::Rgb([channel(p[0]), channel(p[1]), channel(p[2])])
-    })
-}
-
-/// Opens an image file as RGB the way `PIL.Image.open(path).convert("RGB")` (with
-/// transformers' compositing of transparency onto white) reads it. JPEG files are decoded with
-/// libjpeg-turbo's algorithms (through mozjpeg), as Pillow decodes them; other decoders differ
-/// by several levels. EXIF orientation is not applied, as `Image.open` does not apply it.
-pub fn open_image(path: &std::path::Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        if let Some(rgb) = decode_jpeg(&bytes) {
-            return Ok(rgb);
-        }
-    }
-    let image = image::load_from_memory(&bytes).map_err(|e| Error::BadFile {
-        path: path.to_path_buf(),
-        message: format!("cannot decode the image: {e}"),
-    })?;
-    Ok(to_rgb(&image))
-}
-
-/// libjpeg's decoding to RGB (islow IDCT, fancy upsampling: Pillow's settings); `None` for
-/// files it cannot convert to RGB (CMYK) or cannot read.
-fn decode_jpeg(bytes: &[u8]) -> Option<RgbImage> {
-    let decode = || -> std::io::Result<RgbImage> {
-        let mut started = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
-        let (w, h) = (started.width() as u32, started.height() as u32);
-        let pixels = started.read_scanlines::<[u8; 3]>()?;
-        started.finish()?;
-        let flat: Vec<u8> = pixels.into_iter().flatten().collect();
-        RgbImage::from_raw(w, h, flat).ok_or_else(|| std::io::Error::other("short JPEG scanlines"))
-    };
-    // libjpeg reports fatal errors by unwinding.
-    std::panic::catch_unwind(decode).ok()?.ok()
-}
-
-/// transformers' `convert_to_rgb`: transparency is composited onto white.
-pub fn to_rgb(image: &DynamicImage) -> RgbImage {
-    if image.color().has_alpha() {
-        composite_on_white(&image.to_rgba8())
-    } else {
-        image.to_rgb8()
-    }
-}
-
 /// The processed image: patches in the order the vision tower reads them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProcessedImage {
@@ -277,6 +219,9 @@ pub fn preprocess(image: &RgbImage, config: &ImageProcessorConfig) -> Result<Pro
             config.min_pixels,
             config.max_pixels,
         )?;
+        Limit::check_picture(w as u64, h as u64, || {
+            "the image resized for the model (min_pixels/max_pixels)".into()
+        })?;
         pillow::resize(image, w as u32, h as u32, Filter::Bicubic)
     } else {
         image.clone()
@@ -295,7 +240,7 @@ pub fn preprocess(image: &RgbImage, config: &ImageProcessorConfig) -> Result<Pro
     }
     // Channel-first f32 planes: rescale in f64 then round to f32, normalize in f32.
     let raw = resized.as_raw();
-    let mut planes = vec![0f32; 3 * h * w];
+    let mut planes = zeroed(3 * h * w)?;
     for (i, px) in raw.chunks_exact(3).enumerate() {
         for c in 0..3 {
             let mut v = if config.do_rescale {
@@ -313,7 +258,12 @@ pub fn preprocess(image: &RgbImage, config: &ImageProcessorConfig) -> Result<Pro
     // frame repeated along t.
     let (gh, gw) = (h / p, w / p);
     let patch_dim = 3 * tp * p * p;
-    let mut out = Vec::with_capacity(gh * gw * patch_dim);
+    let mut out = Vec::new();
+    out.try_reserve_exact(gh * gw * patch_dim).map_err(|_| {
+        Error::Input(format!(
+            "not enough memory for the patches of a {w}x{h} image"
+        ))
+    })?;
     for bh in 0..gh / m {
         for bw in 0..gw / m {
             for mh in 0..m {
@@ -336,6 +286,15 @@ pub fn preprocess(image: &RgbImage, config: &ImageProcessorConfig) -> Result<Pro
         grid_thw: [1, gh, gw],
         resized: (w, h),
     })
+}
+
+/// `len` zeroed floats, or an error when the memory cannot be had.
+fn zeroed(len: usize) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| Error::Input(format!("not enough memory for {len} pixel values")))?;
+    v.resize(len, 0.0);
+    Ok(v)
 }
 
 #[cfg(test)]

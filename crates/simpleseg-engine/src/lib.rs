@@ -7,8 +7,8 @@
 //! # fn main() -> simpleseg_engine::Result<()> {
 //! use simpleseg_engine::{load, generate, LoadOptions};
 //! let model = load("path/to/SimpleSeg-Qwen2.5-VL".as_ref(), &LoadOptions::default())?;
-//! let image = image::open("photo.jpg").unwrap();
-//! let prompt = model.prepare(&simpleseg_engine::image_processor::to_rgb(&image), "Output the polygon coordinates of the dog in the image.")?;
+//! let image = simpleseg_core::images::open_image("photo.jpg".as_ref())?;
+//! let prompt = model.prepare(&image, "Output the polygon coordinates of the dog in the image.")?;
 //! let out = generate(model.as_ref(), &prompt, model.generation_config().clone(), |_| {})?;
 //! println!("{}", out.text);
 //! # Ok(()) }
@@ -69,6 +69,8 @@ pub trait VisionLanguageModel: Send + Sync {
     fn start(&self, prompt: &Prompt) -> Result<Box<dyn Session + '_>>;
     /// Decoding defaults from `generation_config.json`, with the stop tokens filled in.
     fn generation_config(&self) -> &GenerationConfig;
+    /// The dtype the model computes in.
+    fn dtype(&self) -> DType;
 }
 
 /// Where and how to run a model.

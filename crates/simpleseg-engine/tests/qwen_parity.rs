@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use simpleseg_engine::image_processor::{preprocess, to_rgb};
+use simpleseg_core::images::to_rgb;
+use simpleseg_engine::image_processor::preprocess;
 use simpleseg_engine::models::qwen2_5_vl::{rope_index, Qwen2_5VlModel};
 use simpleseg_engine::nn::Mode;
 use simpleseg_engine::pillow::{resize, Filter};
@@ -93,8 +94,7 @@ fn transparency_is_composited_on_white_like_transformers() {
 #[test]
 fn jpeg_decoding_is_exactly_pillows() {
     let ours =
-        simpleseg_engine::image_processor::open_image(&fixtures().join("../../examples/voc.jpg"))
-            .unwrap();
+        simpleseg_core::images::open_image(&fixtures().join("../../examples/voc.jpg")).unwrap();
     let pillow = image::open(fixtures().join("resize/voc.png"))
         .unwrap()
         .to_rgb8();

@@ -2,13 +2,13 @@
 //! server), or a file of answers produced elsewhere.
 
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::{json, Value};
-use simpleseg_engine::image_processor::open_image;
+use simpleseg_core::images::open_image;
+use simpleseg_core::limits::{read_text_file_bounded, Limit};
 use simpleseg_engine::{generate, GenerationConfig, VisionLanguageModel};
 
 use crate::error::{Error, Result};
@@ -29,6 +29,10 @@ pub trait Backend: Send + Sync {
     fn answer(&self, q: &Question) -> Result<String>;
     /// What to record about the backend in reports.
     fn describe(&self) -> Value;
+    /// What about the backend changes answers; a resumed evaluation must have the same.
+    fn identity(&self) -> Value {
+        self.describe()
+    }
 }
 
 /// A model run in this process.
@@ -36,19 +40,24 @@ pub struct LocalBackend {
     model: Box<dyn VisionLanguageModel>,
     config: GenerationConfig,
     name: String,
+    files: Value,
 }
 
 impl LocalBackend {
     /// `config` is used as given, except that `do_sample`/`seed` follow each question.
+    /// `name` is how reports name the model; `files` identifies its weights and settings
+    /// (e.g. `HfFolder::fingerprint`), so that a resumed evaluation can tell another model.
     pub fn new(
         model: Box<dyn VisionLanguageModel>,
         config: GenerationConfig,
         name: impl Into<String>,
+        files: Value,
     ) -> Self {
         LocalBackend {
             model,
             config,
             name: name.into(),
+            files,
         }
     }
 }
@@ -69,12 +78,24 @@ impl Backend for LocalBackend {
     }
 
     fn describe(&self) -> Value {
+        let mut description = self.identity();
+        description["model"] = json!(self.name);
+        description
+    }
+
+    fn identity(&self) -> Value {
+        let c = &self.config;
         json!({
             "backend": "local",
-            "model": self.name,
             "architecture": self.model.architecture(),
-            "max_new_tokens": self.config.max_new_tokens,
-            "repetition_penalty": self.config.repetition_penalty,
+            "dtype": self.model.dtype().as_str(),
+            "model_files": self.files,
+            "max_new_tokens": c.max_new_tokens,
+            "repetition_penalty": c.repetition_penalty,
+            "temperature": c.temperature,
+            "top_p": c.top_p,
+            "top_k": c.top_k,
+            "eos_token_ids": c.eos_token_ids,
         })
     }
 }
@@ -177,12 +198,11 @@ fn mime_of(bytes: &[u8]) -> &'static str {
     }
 }
 
-/// The image as a `data:` URL.
+/// The image as a `data:` URL, after the checks every image read passes (file size, the
+/// dimensions in its header).
 pub fn data_url(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    simpleseg_core::images::image_dimensions(path)?;
+    let bytes = simpleseg_core::images::read_image_file(path)?;
     Ok(format!(
         "data:{};base64,{}",
         mime_of(&bytes),
@@ -224,28 +244,29 @@ impl Backend for OpenAiBackend {
     }
 
     fn describe(&self) -> Value {
-        json!({"backend": "openai", "url": self.url, "model": self.model, "max_tokens": self.max_tokens})
+        json!({
+            "backend": "openai",
+            "url": self.url,
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        })
     }
 }
 
 /// Answers read from a JSON lines file of `{"ref_id", "sent_id", "answer"}`.
 pub struct FileBackend {
     path: PathBuf,
+    /// The file's identity when it was read.
+    digest: Value,
     answers: HashMap<(u64, u64), String>,
 }
 
 impl FileBackend {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read_text_file_bounded(path, Limit::DataBytes)?;
         let mut answers = HashMap::new();
-        for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-            let line = line.map_err(|source| Error::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        for (n, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
@@ -253,7 +274,7 @@ impl FileBackend {
                 path: path.to_path_buf(),
                 message: format!("line {}: {m}", n + 1),
             };
-            let v: Value = serde_json::from_str(&line).map_err(|e| bad(&e.to_string()))?;
+            let v: Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
             let id = |k: &str| {
                 v[k].as_u64()
                     .ok_or_else(|| bad(&format!("missing integer `{k}`")))
@@ -265,6 +286,7 @@ impl FileBackend {
         }
         Ok(FileBackend {
             path: path.to_path_buf(),
+            digest: simpleseg_core::io::fingerprint(path)?,
             answers,
         })
     }
@@ -286,6 +308,10 @@ impl Backend for FileBackend {
     }
 
     fn describe(&self) -> Value {
-        json!({"backend": "file", "predictions": self.path})
+        json!({"backend": "file", "predictions": self.path, "file": self.digest})
+    }
+
+    fn identity(&self) -> Value {
+        json!({"backend": "file", "file": self.digest})
     }
 }

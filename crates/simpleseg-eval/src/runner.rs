@@ -13,6 +13,8 @@ use std::sync::{mpsc, OnceLock};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use simpleseg_core::io::{write_atomic, Outputs};
+use simpleseg_core::limits::{read_text_file_bounded, Limit};
 use simpleseg_core::templates::fill_prompt;
 use simpleseg_core::{CoordMode, ParseMode, RleMask};
 use simpleseg_data::Item;
@@ -48,6 +50,9 @@ pub struct EvalConfig {
     pub sample: bool,
     pub seed: u64,
     pub limit: Option<usize>,
+    /// What the samples come from, as far as it changes them: the dataset's folder and the
+    /// identity of its files (see `ReferDataset::identity`).
+    pub data: Value,
 }
 
 /// One line of `predictions.jsonl`.
@@ -158,7 +163,7 @@ fn read_predictions(path: &Path) -> Result<Vec<Prediction>> {
     if !path.is_file() {
         return Ok(Vec::new());
     }
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let text = read_text_file_bounded(path, Limit::DataBytes)?;
     let mut out = Vec::new();
     let mut good_bytes = 0usize;
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
@@ -207,32 +212,43 @@ pub fn run(
     out_dir: &Path,
     show_progress: bool,
 ) -> Result<Report> {
+    if config.limit == Some(0) {
+        return Err(Error::Invalid(
+            "a limit of 0 samples leaves nothing to score".into(),
+        ));
+    }
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let run_path = out_dir.join("run.json");
+    // Everything that changes answers or scores; a resumed run must match it exactly.
+    let record = json!({"config": config, "backend": backend.identity()});
     if run_path.is_file() {
-        let text = std::fs::read_to_string(&run_path).map_err(io(&run_path))?;
-        let previous: EvalConfig = serde_json::from_str(&text).map_err(|e| Error::BadFile {
+        let text = read_text_file_bounded(&run_path, Limit::DataBytes)?;
+        let previous: Value = serde_json::from_str(&text).map_err(|e| Error::BadFile {
             path: run_path.clone(),
             message: e.to_string(),
         })?;
-        if &previous != config {
+        let mut changes = Vec::new();
+        differences(&previous, &record, "", &mut changes);
+        if !changes.is_empty() {
             return Err(Error::Invalid(format!(
-                "{} holds a run with other settings ({}); use another --out or remove it",
+                "{} holds a run with other settings: {}; use another --out or remove it",
                 out_dir.display(),
-                serde_json::to_string(&previous).unwrap_or_default()
+                changes.join("; ")
             )));
         }
     } else {
-        std::fs::write(
-            &run_path,
-            serde_json::to_string_pretty(config).expect("JSON"),
-        )
-        .map_err(io(&run_path))?;
+        write_atomic(&run_path, |w| {
+            serde_json::to_writer_pretty(&mut *w, &record).map_err(|e| e.to_string())?;
+            writeln!(w).map_err(|e| e.to_string())
+        })?;
     }
     let pred_path = out_dir.join("predictions.jsonl");
-    let mut predictions = read_predictions(&pred_path)?;
-    let done: HashSet<(u64, u64)> = predictions.iter().map(|p| (p.ref_id, p.sent_id)).collect();
     let all = samples(items, config.limit);
+    // Only the current split's samples count, whatever else the file holds.
+    let wanted: HashSet<(u64, u64)> = all.iter().map(|s| (s.ref_id, s.sent_id)).collect();
+    let mut predictions = read_predictions(&pred_path)?;
+    predictions.retain(|p| wanted.contains(&(p.ref_id, p.sent_id)));
+    let done: HashSet<(u64, u64)> = predictions.iter().map(|p| (p.ref_id, p.sent_id)).collect();
     let todo: Vec<&Sample> = all
         .iter()
         .filter(|s| !done.contains(&(s.ref_id, s.sent_id)))
@@ -360,16 +376,56 @@ pub fn run(
     Ok(report)
 }
 
-/// Writes `report.json` and `report.md`.
+/// Writes `report.json` and `report.md`, both or neither.
 pub fn write_report(out_dir: &Path, report: &Report) -> Result<()> {
-    let json_path = out_dir.join("report.json");
-    std::fs::write(
-        &json_path,
-        serde_json::to_string_pretty(report).expect("JSON") + "\n",
-    )
-    .map_err(io(&json_path))?;
-    let md_path = out_dir.join("report.md");
-    std::fs::write(&md_path, markdown(std::slice::from_ref(report))).map_err(io(&md_path))
+    let mut outputs = Outputs::default();
+    outputs.add(&out_dir.join("report.json"), |w| {
+        serde_json::to_writer_pretty(&mut *w, report).map_err(|e| e.to_string())?;
+        writeln!(w).map_err(|e| e.to_string())
+    })?;
+    outputs.add(&out_dir.join("report.md"), |w| {
+        w.write_all(markdown(std::slice::from_ref(report)).as_bytes())
+            .map_err(|e| e.to_string())
+    })?;
+    outputs.commit()?;
+    Ok(())
+}
+
+/// The places where two records differ, as `path: before -> now` lines.
+fn differences(before: &Value, now: &Value, path: &str, out: &mut Vec<String>) {
+    let show = |v: Option<&Value>| match v {
+        None => "(not recorded)".to_string(),
+        Some(v) => {
+            let text = v.to_string();
+            if text.chars().count() > 80 {
+                format!("{}...", text.chars().take(77).collect::<String>())
+            } else {
+                text
+            }
+        }
+    };
+    match (before, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for key in keys {
+                let sub = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match (a.get(key), b.get(key)) {
+                    (Some(x), Some(y)) => differences(x, y, &sub, out),
+                    (x, y) => out.push(format!("{sub} was {} and is now {}", show(x), show(y))),
+                }
+            }
+        }
+        _ if before != now => out.push(format!(
+            "{path} was {} and is now {}",
+            show(Some(before)),
+            show(Some(now))
+        )),
+        _ => {}
+    }
 }
 
 fn pct(x: f64) -> String {
@@ -449,7 +505,7 @@ pub const PAPER_SPLITS: [(&str, &str); 8] = [
 
 /// Parses `report.json`.
 pub fn read_report(path: &Path) -> Result<Report> {
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let text = read_text_file_bounded(path, Limit::DataBytes)?;
     serde_json::from_str(&text).map_err(|e| Error::BadFile {
         path: path.to_path_buf(),
         message: e.to_string(),

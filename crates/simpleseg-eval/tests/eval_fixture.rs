@@ -125,7 +125,7 @@ fn serve(
             std::fs::create_dir_all(&dir).unwrap();
             let path = dir.join("img.jpg");
             std::fs::write(&path, bytes).unwrap();
-            let image = simpleseg_engine::image_processor::open_image(&path).unwrap();
+            let image = simpleseg_core::images::open_image(&path).unwrap();
             let prompt = model.prepare(&image, text).unwrap();
             let mut config = model.generation_config().clone();
             config.max_new_tokens = v["max_tokens"]

@@ -14,7 +14,8 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::Value;
-use simpleseg_engine::image_processor::{open_image, preprocess, smart_resize, ProcessedImage};
+use simpleseg_core::images::open_image;
+use simpleseg_engine::image_processor::{preprocess, smart_resize, ProcessedImage};
 use simpleseg_engine::models::qwen2_5_vl::{
     pixel_tensor, rope_index, MropePosition, PromptBuilder,
 };

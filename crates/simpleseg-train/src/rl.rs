@@ -19,9 +19,9 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use simpleseg_core::images::open_image;
 use simpleseg_core::{parse_answer, CoordMode, ParseMode, RleMask};
 use simpleseg_engine::hf::HfFolder;
-use simpleseg_engine::image_processor::open_image;
 use simpleseg_engine::models::qwen2_5_vl::{
     pixel_tensor, prompt_builder, rope_index, start_session, Config, MropePosition, PromptBuilder,
     Qwen2_5Vl, TensorLayout,

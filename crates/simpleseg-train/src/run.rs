@@ -21,7 +21,7 @@ use simpleseg_core::templates::DEFAULT_PROMPT;
 use simpleseg_core::{CoordMode, ParseMode};
 use simpleseg_data::items::refer_items;
 use simpleseg_data::ReferDataset;
-use simpleseg_engine::{load, LoadOptions};
+use simpleseg_engine::{load, HfFolder, LoadOptions};
 use simpleseg_eval::backends::LocalBackend;
 use simpleseg_eval::metrics::BoxSource;
 use simpleseg_eval::runner::{self, EvalConfig, Report, Task};
@@ -220,7 +220,8 @@ pub fn evaluate(run: &RunDir, spec: &EvalSpec, step: usize) -> Result<Report> {
     let mut config = model.generation_config().clone();
     config.max_new_tokens = spec.max_new_tokens;
     config.do_sample = false;
-    let backend = LocalBackend::new(model, config, run.out.display().to_string());
+    let files = HfFolder::open(&run.out)?.fingerprint()?;
+    let backend = LocalBackend::new(model, config, run.out.display().to_string(), files);
     let eval = EvalConfig {
         dataset: spec.dataset.clone(),
         split: spec.split.clone(),
@@ -232,6 +233,7 @@ pub fn evaluate(run: &RunDir, spec: &EvalSpec, step: usize) -> Result<Report> {
         sample: false,
         seed: 0,
         limit: spec.limit,
+        data: ds.identity()?,
     };
     let out = run.training().join(format!(
         "eval-{}-{}-step-{step:06}",

@@ -127,7 +127,7 @@ pub struct SftArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Passes over the data (the script makes 2).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::model_cmds::at_least_one)]
     passes: usize,
     /// approxPolyDP epsilon as a fraction of each contour's length.
     #[arg(long, default_value_t = simpleseg_core::target::DEFAULT_EPSILON_RATIO)]

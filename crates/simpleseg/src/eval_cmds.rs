@@ -9,11 +9,12 @@ use simpleseg_core::templates::DEFAULT_PROMPT;
 use simpleseg_core::{CoordMode, ParseMode};
 use simpleseg_data::items::refer_items;
 use simpleseg_data::ReferDataset;
+use simpleseg_engine::HfFolder;
 use simpleseg_eval::backends::{Backend, FileBackend, LocalBackend, OpenAiBackend};
 use simpleseg_eval::metrics::BoxSource;
 use simpleseg_eval::runner::{self, default_out, markdown, EvalConfig, Report, Task, PAPER_SPLITS};
 
-use crate::model_cmds::{GenerationArgs, ModelArgs};
+use crate::model_cmds::{at_least_one, GenerationArgs, ModelArgs};
 use crate::protocol_cmds::{CoordsArg, ModeArg};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -81,7 +82,7 @@ pub struct EvalArgs {
     #[arg(long, value_name = "VAR", default_value = "OPENAI_API_KEY")]
     api_key_env: String,
     /// Seconds before a request to the server is abandoned.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_s: u64,
     /// Retries after a failed request (with backoff).
     #[arg(long, default_value_t = 3)]
@@ -105,10 +106,10 @@ pub struct EvalArgs {
     #[arg(long)]
     sample: bool,
     /// Questions answered at once.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     concurrency: usize,
     /// Only the first N samples.
-    #[arg(long)]
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
     limit: Option<usize>,
     /// Output folder (default runs/<dataset>-<split>; with --all, the parent of those).
     #[arg(long, value_name = "RUN_DIR")]
@@ -127,10 +128,11 @@ fn backend(args: &EvalArgs) -> Result<Box<dyn Backend>> {
                 device: args.device.clone(),
                 dtype: crate::model_cmds::DtypeArg::Auto,
             };
+            let files = HfFolder::open(model_args.dir()?)?.fingerprint()?;
             let model = model_args.load()?;
             let config = args.generation.apply(model.generation_config())?;
             let name = model_args.model_name();
-            Box::new(LocalBackend::new(model, config, name))
+            Box::new(LocalBackend::new(model, config, name, files))
         }
         BackendArg::Openai => {
             let Some(url) = &args.base_url else {
@@ -174,6 +176,7 @@ fn one_split(
     )
     .with_context(|| format!("loading {dataset}"))?;
     let items = refer_items(&ds, split)?;
+    let data = ds.identity()?;
     if items.is_empty() {
         bail!("{dataset} has no refs in split {split:?}");
     }
@@ -202,6 +205,7 @@ fn one_split(
         sample: args.sample,
         seed: args.generation.seed.unwrap_or(0),
         limit: args.limit,
+        data,
     };
     let report = runner::run(&items, backend, &config, args.concurrency, out, true)?;
     eprintln!(
@@ -217,6 +221,8 @@ fn one_split(
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
+    simpleseg_data::check_name("--dataset", &args.dataset)?;
+    simpleseg_data::check_name("--split", &args.split)?;
     let backend = backend(&args)?;
     if args.all {
         let root = args.out.clone().unwrap_or_else(|| PathBuf::from("runs"));

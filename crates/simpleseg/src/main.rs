@@ -10,6 +10,7 @@ mod train_cmds;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use simpleseg_core::limits::Limits;
 
 // Training and inference allocate and free many short-lived tensors of the same few sizes.
 // glibc's allocator spent a fifth of a tiny-model training step in malloc/free, and mimalloc
@@ -25,6 +26,45 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Bounds on untrusted input, checked before anything is allocated; every command takes them.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Input limits (raise them only for trusted input)")]
+struct LimitArgs {
+    /// Most pixels of a decoded image, a dense mask or a resized model input [default:
+    /// 178956970, the size at which Pillow refuses a decompression bomb].
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_image_pixels: Option<u64>,
+    /// Longest side of a decoded image in pixels [default: 65535].
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_image_side: Option<u32>,
+    /// Largest image file read, in bytes [default: 536870912 (512 MiB)].
+    #[arg(long, global = true, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    max_image_bytes: Option<u64>,
+    /// Largest answer or text read from a file or standard input, in bytes [default: 16777216
+    /// (16 MiB)].
+    #[arg(long, global = true, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    max_text_bytes: Option<u64>,
+    /// Largest data file read whole (JSON, JSON lines, pickles), in bytes [default:
+    /// 2147483648 (2 GiB)].
+    #[arg(long, global = true, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    max_data_bytes: Option<u64>,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        let d = Limits::DEFAULT;
+        Limits {
+            max_pixels: self.max_image_pixels.unwrap_or(d.max_pixels),
+            max_side: self.max_image_side.unwrap_or(d.max_side),
+            max_image_bytes: self.max_image_bytes.unwrap_or(d.max_image_bytes),
+            max_text_bytes: self.max_text_bytes.unwrap_or(d.max_text_bytes),
+            max_data_bytes: self.max_data_bytes.unwrap_or(d.max_data_bytes),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -62,6 +102,7 @@ fn main() -> ExitCode {
     // SAFETY: sets a process-wide allocator option before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
+    simpleseg_core::limits::set_limits(cli.limits.limits());
     let result = match cli.command {
         Command::Chat(args) => model_cmds::chat(args),
         Command::Segment(args) => model_cmds::segment(args),

@@ -6,14 +6,23 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
+use simpleseg_core::images::open_image;
 use simpleseg_core::templates::{fill_prompt, DEFAULT_PROMPT};
 use simpleseg_core::{parse_answer, CoordMode, ParseMode};
-use simpleseg_engine::image_processor::open_image;
 use simpleseg_engine::{
     generate, GenerationConfig, GenerationOutput, LoadOptions, VisionLanguageModel,
 };
 
 use crate::protocol_cmds::{answer_json, write_outputs, CoordsArg, MaskOutputs, ModeArg};
+
+/// Parses a count that must be at least 1 (a clap value parser).
+pub fn at_least_one(text: &str) -> std::result::Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 /// Compute precision.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -48,12 +57,17 @@ impl ModelArgs {
             .map_or_else(|| crate::embedded::NAME.into(), |p| p.display().to_string())
     }
 
+    /// The model folder: `--model`, or the embedded model's cached copy.
+    pub fn dir(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(dir) => Ok(dir.clone()),
+            None => crate::embedded::folder(),
+        }
+    }
+
     /// Loads the model named by `--model`.
     pub fn load(&self) -> Result<Box<dyn VisionLanguageModel>> {
-        let dir = match &self.model {
-            Some(dir) => dir.clone(),
-            None => crate::embedded::folder()?,
-        };
+        let dir = self.dir()?;
         let options = LoadOptions {
             device: simpleseg_engine::device(&self.device)?,
             dtype: match self.dtype {
@@ -72,7 +86,7 @@ impl ModelArgs {
 #[derive(Args, Debug)]
 pub struct GenerationArgs {
     /// Most tokens to generate.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub max_new_tokens: Option<usize>,
     /// Always take the most likely token (keeps the repetition penalty).
     #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k", "seed"])]
@@ -187,7 +201,7 @@ fn run(
     config: GenerationConfig,
     stream: bool,
 ) -> Result<(image::RgbImage, GenerationOutput)> {
-    let rgb = open_image(image).with_context(|| format!("reading image {}", image.display()))?;
+    let rgb = open_image(image)?;
     let prepared = model.prepare(&rgb, prompt)?;
     let mut decoder = model.tokenizer().inner().decode_stream(true);
     let mut stdout = std::io::stdout().lock();

@@ -1,12 +1,14 @@
 //! `decode`, `target` and `iou`: the point protocol on the command line.
 
-use std::io::Read;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use simpleseg_core::io::{read_mask_png, read_rle_json, write_mask_png, write_rle_json};
+use simpleseg_core::images::open_image;
+use simpleseg_core::io::{encode_mask_png, read_mask_png, read_rle_json, Outputs};
+use simpleseg_core::limits::{read_file_bounded, read_to_end_bounded, Limit};
 use simpleseg_core::overlay::draw_overlay;
 use simpleseg_core::pyrepr::float_repr;
 use simpleseg_core::target::{target_from_rle, DEFAULT_EPSILON_RATIO};
@@ -116,51 +118,51 @@ pub struct IouArgs {
     rle_b: PathBuf,
 }
 
-fn read_text(path: &Path) -> Result<String> {
-    if path == Path::new("-") {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("reading the answer from standard input")?;
-        return Ok(text);
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+/// Reads an answer from a file or standard input (`-`), at most the text byte limit.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = if path == Path::new("-") {
+        read_to_end_bounded(
+            std::io::stdin().lock(),
+            Limit::TextBytes,
+            Path::new("standard input"),
+        )?
+    } else {
+        read_file_bounded(path, Limit::TextBytes)?
+    };
     // Model output is untrusted: keep going on invalid UTF-8, as the replacement characters
     // cannot form numbers.
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-pub fn open_rgb(path: &Path) -> Result<image::RgbImage> {
-    Ok(image::open(path)
-        .with_context(|| format!("reading image {}", path.display()))?
-        .to_rgb8())
-}
-
-/// Writes the requested mask outputs; returns the paths written.
+/// Writes the requested mask outputs, all or none; returns the paths written.
 pub fn write_outputs(
     outputs: &MaskOutputs,
     mask: &RleMask,
     image: Option<&image::RgbImage>,
 ) -> Result<Vec<PathBuf>> {
-    let mut written = Vec::new();
+    let mut staged = Outputs::default();
     if let Some(path) = &outputs.rle_out {
-        write_rle_json(path, mask)?;
-        written.push(path.clone());
+        staged.add(path, |w| {
+            writeln!(w, "{}", mask.to_json_value()).map_err(|e| e.to_string())
+        })?;
     }
     if let Some(path) = &outputs.mask_out {
-        write_mask_png(path, mask)?;
-        written.push(path.clone());
+        staged.add(path, |w| {
+            encode_mask_png(mask, w).map_err(|e| e.to_string())
+        })?;
     }
     if let Some(path) = &outputs.overlay_out {
         let Some(image) = image else {
             bail!("--overlay-out needs --image (the picture to draw the mask on)");
         };
-        draw_overlay(image, mask)
-            .save(path)
-            .with_context(|| format!("writing overlay {}", path.display()))?;
-        written.push(path.clone());
+        let format = image::ImageFormat::from_path(path)
+            .with_context(|| format!("{}: name the overlay .png or .jpg", path.display()))?;
+        let overlay = draw_overlay(image, mask)?;
+        staged.add(path, |w| {
+            overlay.write_to(w, format).map_err(|e| e.to_string())
+        })?;
     }
-    Ok(written)
+    Ok(staged.commit()?)
 }
 
 /// The JSON report of a decoded answer, shared by `decode --json` and `segment --json`.
@@ -187,7 +189,7 @@ pub fn decode(args: DecodeArgs) -> Result<()> {
         bail!("--overlay-out needs --image (the picture to draw the mask on)");
     }
     let text = read_text(&args.response_file)?;
-    let image = args.image.as_deref().map(open_rgb).transpose()?;
+    let image = args.image.as_deref().map(open_image).transpose()?;
     let (width, height) = match (&image, args.width, args.height) {
         (_, Some(w), Some(h)) => (w, h),
         (Some(img), _, _) => (img.width(), img.height()),

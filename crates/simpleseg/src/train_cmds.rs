@@ -9,6 +9,8 @@ use simpleseg_train::rl::{train_rl, Algorithm, RlSettings};
 use simpleseg_train::run::EvalSpec;
 use simpleseg_train::sft::{train_sft, SftSettings, Start};
 
+use crate::model_cmds::at_least_one;
+
 #[derive(Subcommand, Debug)]
 pub enum TrainCommand {
     Sft(SftArgs),
@@ -37,45 +39,45 @@ pub struct RlArgs {
     /// gspo (sequence-level ratio) or grpo (token-level ratios).
     #[arg(long, default_value = "gspo")]
     algorithm: String,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = at_least_one)]
     steps: usize,
     /// Prompts per optimizer step.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     prompts_per_step: usize,
     /// Answers sampled per prompt.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     group_size: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = positive)]
     lr: f64,
     #[arg(long, default_value_t = 10)]
     warmup: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = fraction)]
     min_lr_ratio: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
     max_grad_norm: f64,
     /// Clip range of the importance ratio (default: 0.0004 for GSPO, 0.2 for GRPO).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     clip_eps: Option<f64>,
     /// Weight of the KL penalty to the starting model.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     kl_coef: f64,
     /// Weight of the squared centroid distance subtracted from the IoU reward.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     centroid_weight: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
     temperature: f64,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     save_every: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     log_every: usize,
     /// Threads: each step's prompts are split into this many shards run side by side, one
     /// thread each (default: RAYON_NUM_THREADS, else the number of cores). A resumed run keeps
     /// the count it started with.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     threads: Option<usize>,
     #[command(flatten)]
     eval: EvalDuringArgs,
@@ -92,12 +94,12 @@ pub struct EvalDuringArgs {
     #[arg(long, default_value = "val")]
     eval_split: String,
     /// Evaluate on the first N samples only.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     eval_limit: Option<usize>,
     /// Evaluate every N steps (and at the end).
     #[arg(long, default_value_t = 0)]
     eval_every: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     eval_max_new_tokens: usize,
 }
 
@@ -132,7 +134,7 @@ pub struct SftArgs {
     #[arg(long, value_name = "F")]
     tokenizer: Option<PathBuf>,
     /// Vocabulary size of a trained tokenizer.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = at_least_one)]
     vocab_size: usize,
     /// Output model folder.
     #[arg(long, value_name = "DIR")]
@@ -143,44 +145,76 @@ pub struct SftArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = at_least_one)]
     steps: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     batch_size: usize,
     /// Peak learning rate (2e-3 and more did not learn the tiny configuration's text prior).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = positive)]
     lr: f64,
     #[arg(long, default_value_t = 100)]
     warmup: usize,
     /// Final learning rate as a fraction of --lr.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = fraction)]
     min_lr_ratio: f64,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = non_negative)]
     weight_decay: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
     max_grad_norm: f64,
     /// Standard deviation of fresh weights. The tiny configuration learns to read positions
     /// from the image only from a larger-than-usual start: with 0.02 its attention stays
     /// uniform and a left/right question stays at chance.
-    #[arg(long, default_value_t = 0.08)]
+    #[arg(long, default_value_t = 0.08, value_parser = non_negative_f32)]
     init_std: f32,
     /// Standard deviation of the fresh vision tower's weights (default: --init-std).
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative_f32)]
     vision_init_std: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
     save_every: usize,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     log_every: usize,
     /// Threads: each batch is split into this many shards computed side by side, one thread
     /// each (default: RAYON_NUM_THREADS, else the number of cores); a batch of fewer examples
     /// uses fewer threads. A resumed run keeps the count it started with, so that it reaches
     /// the same weights.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     threads: Option<usize>,
     #[command(flatten)]
     eval: EvalDuringArgs,
+}
+
+/// Parses a finite number above 0 (a clap value parser).
+fn positive(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(_) => Err("must be a finite number above 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Parses a finite number of at least 0 (a clap value parser).
+fn non_negative(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(_) => Err("must be a finite number of at least 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// [`non_negative`] for f32 settings.
+fn non_negative_f32(text: &str) -> std::result::Result<f32, String> {
+    non_negative(text).map(|v| v as f32)
+}
+
+/// Parses a number from 0 to 1 (a clap value parser).
+fn fraction(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        Ok(_) => Err("must be a number from 0 to 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The thread count for `--threads`, after which candle's own ops are kept to one thread: the

@@ -1258,6 +1258,7 @@ pub struct Qwen2_5VlModel {
     pub prompts: PromptBuilder,
     pub generation: GenerationConfig,
     device: Device,
+    dtype: DType,
 }
 
 /// The compute dtype to use when none is asked for: f32 while the weights would take at most
@@ -1327,6 +1328,7 @@ impl Qwen2_5VlModel {
             prompts,
             generation,
             device: options.device.clone(),
+            dtype,
         })
     }
 
@@ -1355,6 +1357,10 @@ impl VisionLanguageModel for Qwen2_5VlModel {
 
     fn generation_config(&self) -> &GenerationConfig {
         &self.generation
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
     }
 }
 
