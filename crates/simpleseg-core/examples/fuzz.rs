@@ -1,7 +1,8 @@
 //! A mutation fuzzer for the untrusted-input paths: model answers (both parse modes, then
-//! rasterization) and RLE `counts` strings. Seeds are the answers in `fixtures/answers.json`;
-//! each execution applies a few random byte-level and grammar-level mutations. Any panic is a
-//! finding. Prints how many executions ran.
+//! rasterization), RLE `counts` strings and image files (headers included). Seeds are the
+//! answers in `fixtures/answers.json` and the bundled example images; each execution applies
+//! a few random byte-level and grammar-level mutations. Any panic is a finding, and so is a
+//! decoded image over the limits. Prints how many executions ran.
 //!
 //! Run: `cargo run --release -p simpleseg-core --example fuzz -- [SECONDS] [SEED]`
 
@@ -96,6 +97,14 @@ fn exercise_rle(text: &str) {
     }
 }
 
+fn exercise_image(bytes: &[u8]) {
+    if let Ok(image) = simpleseg_core::images::decode_image(bytes, std::path::Path::new("fuzz")) {
+        let l = simpleseg_core::limits::limits();
+        assert!(image.width().max(image.height()) <= l.max_side);
+        assert!(u64::from(image.width()) * u64::from(image.height()) <= l.max_pixels);
+    }
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let seconds: u64 = args
@@ -116,9 +125,16 @@ fn main() {
         .iter()
         .map(|c| c["answer"].as_str().expect("answer").to_string())
         .collect();
+    let images: Vec<Vec<u8>> = [
+        "examples/voc.jpg",
+        "examples/synth/images/synth/demo_0000008.png",
+    ]
+    .iter()
+    .map(|name| std::fs::read(format!("{}/../../{name}", env!("CARGO_MANIFEST_DIR"))).expect(name))
+    .collect();
     let mut rng = StdRng::seed_from_u64(seed);
     let deadline = Instant::now() + Duration::from_secs(seconds);
-    let (mut answers, mut rles) = (0u64, 0u64);
+    let (mut answers, mut rles, mut image_runs) = (0u64, 0u64, 0u64);
     while Instant::now() < deadline {
         for _ in 0..256 {
             let seed = seeds[rng.random_range(0..seeds.len())].as_bytes();
@@ -132,6 +148,26 @@ fn main() {
             exercise_rle(&rle);
             rles += 1;
         }
+        // Images cost more to decode: a few per round, mutated without the answer pieces.
+        for _ in 0..4 {
+            let mut bytes = images[rng.random_range(0..images.len())].clone();
+            for _ in 0..rng.random_range(1..6) {
+                let at = rng.random_range(0..bytes.len());
+                match rng.random_range(0..3) {
+                    0 => bytes[at] = rng.random(),
+                    1 => bytes.truncate(at.max(1)),
+                    // Header fields are in the first few hundred bytes.
+                    _ => {
+                        let at = rng.random_range(0..bytes.len().min(400).saturating_sub(4).max(1));
+                        let value: [u8; 4] = rng.random();
+                        let end = (at + 4).min(bytes.len());
+                        bytes[at..end].copy_from_slice(&value[..end - at]);
+                    }
+                }
+            }
+            exercise_image(&bytes);
+            image_runs += 1;
+        }
     }
-    println!("{{\"answer_executions\": {answers}, \"rle_executions\": {rles}, \"seconds\": {seconds}, \"seed\": {seed}}}");
+    println!("{{\"answer_executions\": {answers}, \"rle_executions\": {rles}, \"image_executions\": {image_runs}, \"seconds\": {seconds}, \"seed\": {seed}}}");
 }

@@ -121,10 +121,12 @@ impl Scanner<'_> {
         let prev = prev as i8 as u8;
         let pattern = u64::from_ne_bytes([prev; 8]);
         let start = x as usize;
+        #[expect(clippy::expect_used, reason = "called on 8-byte chunks only")]
         let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes")) ^ pattern;
         let mut at = start;
         // Skip 32-pixel blocks that hold no change, one branch per block.
         for block in row[start..].chunks_exact(32) {
+            #[expect(clippy::expect_used, reason = "chunks_exact(32) yields 32 bytes")]
             let block: &[u8; 32] = block.try_into().expect("32 bytes");
             if word(&block[..8]) | word(&block[8..16]) | word(&block[16..24]) | word(&block[24..])
                 != 0

@@ -14,18 +14,36 @@
 //!
 //! PNG and JPEG are read; other formats are refused.
 
-use std::io::Cursor;
+use std::io::{Cursor, Read};
 use std::os::raw::c_int;
 use std::path::Path;
 
 use image::{DynamicImage, ImageReader, RgbImage, RgbaImage};
 
 use crate::error::{Error, Result};
-use crate::limits::{self, read_file_bounded, Limit};
+use crate::limits::{self, Limit};
 
-/// Reads an image file's bytes, refusing files over the image byte limit.
+/// Reads an image file's bytes, refusing a file over the image byte limit (from its length,
+/// or while reading), and one that does not start like a PNG or JPEG before reading on
+/// (`/dev/zero` is refused at once).
 pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
-    read_file_bounded(path, Limit::ImageBytes)
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if meta.is_dir() {
+        return Err(bad(path, "is a folder, not an image".into()));
+    }
+    Limit::ImageBytes.check(meta.len(), || path.display().to_string())?;
+    let mut head = Vec::with_capacity(16);
+    (&mut file).take(16).read_to_end(&mut head).map_err(io)?;
+    check_format(image::guess_format(&head).ok(), path)?;
+    let rest = limits::read_to_end_bounded(file, Limit::ImageBytes, path)?;
+    head.extend_from_slice(&rest);
+    Limit::ImageBytes.check(head.len() as u64, || path.display().to_string())?;
+    Ok(head)
 }
 
 /// Opens an image file as Pillow's RGB. See the module documentation.

@@ -21,6 +21,9 @@
 //! The crate has no machine-learning dependencies, so data builders, rewards and bindings can
 //! use it on its own.
 
+// Every unwrap or expect outside tests is a decision: a panic reachable from input is a bug.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod contour;
 pub mod error;
 pub mod images;

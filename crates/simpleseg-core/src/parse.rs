@@ -162,6 +162,7 @@ impl Grammar {
         let polygon = format!(r"\[{WS}*{point}(?:{WS}*,{WS}*{point})*{WS}*\]");
         let open_polygon =
             format!(r"\[{WS}*{point}(?:{WS}*,{WS}*{point})*{WS}*,?{WS}*(?:\[[^\[\]]*)?\z");
+        #[expect(clippy::expect_used, reason = "the grammar is fixed; tests compile it")]
         let compile = |p: &str| Regex::new(p).expect("the answer grammar is a valid regex");
         Grammar {
             mode,
@@ -212,8 +213,10 @@ impl Grammar {
     }
 }
 
+#[expect(clippy::expect_used, reason = "a fixed pattern; tests compile it")]
 static BOXED: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\\boxed\{([^}]*)\}").expect("valid regex"));
+#[expect(clippy::expect_used, reason = "a fixed pattern; tests compile it")]
 static BLOCK: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?ms)^```[A-Za-z0-9_+.-]*\r?\n(.*?)\r?\n```\r?$").expect("valid regex")
 });

@@ -80,7 +80,15 @@ fn write_float_general(out: &mut String, x: f64) {
     // ...and the closest decimal of that length, ties to even as CPython's dtoa breaks them
     // (the shortest formatter may pick the other of two equally close candidates).
     let sci = format!("{:.*e}", n - 1, x.abs());
+    #[expect(
+        clippy::expect_used,
+        reason = "`{:e}` output always has an integer exponent"
+    )]
     let (mantissa, exponent) = sci.split_once('e').expect("{:e} always has an exponent");
+    #[expect(
+        clippy::expect_used,
+        reason = "`{:e}` output always has an integer exponent"
+    )]
     let exponent: i32 = exponent.parse().expect("{:e} exponent is an integer");
     let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
     if x < 0.0 {

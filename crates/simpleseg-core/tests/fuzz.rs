@@ -2,6 +2,8 @@
 //! version of these checks is `cargo run --release -p simpleseg-core --example fuzz`.
 
 use proptest::prelude::*;
+use simpleseg_core::images::decode_image;
+use simpleseg_core::limits::limits;
 use simpleseg_core::raster::rasterize_polygon;
 use simpleseg_core::{parse_answer, CoordMode, ParseMode, RleMask};
 
@@ -65,8 +67,50 @@ fn check_answer(text: &str) {
     }
 }
 
+/// A small PNG and JPEG to mutate.
+fn image_seeds() -> [Vec<u8>; 2] {
+    let image = image::RgbImage::from_fn(24, 16, |x, y| {
+        image::Rgb([(x * 11) as u8, (y * 15) as u8, ((x * y) % 256) as u8])
+    });
+    [image::ImageFormat::Png, image::ImageFormat::Jpeg].map(|format| {
+        let mut bytes = Vec::new();
+        image
+            .write_to(&mut std::io::Cursor::new(&mut bytes), format)
+            .unwrap();
+        bytes
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// Flipped bytes anywhere (headers included), cuts and header fields set to extremes:
+    /// the decoder errs or returns an image within the limits, and never panics.
+    #[test]
+    fn image_decoder_survives_mutated_files(
+        which in 0usize..2,
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+        size_at in any::<prop::sample::Index>(),
+        size in prop_oneof![Just([0u8; 4]), Just([0xFF; 4]), any::<[u8; 4]>()],
+        cut in prop::option::of(any::<prop::sample::Index>()),
+    ) {
+        let mut bytes = image_seeds()[which].clone();
+        // Header fields live in the first 200 bytes of both seeds.
+        let at = size_at.index(200.min(bytes.len() - 4));
+        bytes[at..at + 4].copy_from_slice(&size);
+        for (i, b) in flips {
+            let i = i.index(bytes.len());
+            bytes[i] = b;
+        }
+        if let Some(cut) = cut {
+            bytes.truncate(cut.index(bytes.len()));
+        }
+        if let Ok(image) = decode_image(&bytes, std::path::Path::new("fuzz")) {
+            let l = limits();
+            prop_assert!(image.width().max(image.height()) <= l.max_side);
+            prop_assert!(u64::from(image.width()) * u64::from(image.height()) <= l.max_pixels);
+        }
+    }
 
     #[test]
     fn parser_survives_answer_like_text(text in answer_like()) {

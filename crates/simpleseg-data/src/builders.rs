@@ -108,7 +108,7 @@ fn progress(len: usize, what: &str) -> ProgressBar {
         ProgressStyle::with_template(&format!(
             "{{spinner}} {what} [{{bar:40}}] {{pos}}/{{len}} ({{per_sec}}, eta {{eta}})"
         ))
-        .expect("valid template")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
     bar

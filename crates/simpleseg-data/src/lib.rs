@@ -2,6 +2,9 @@
 //! refCOCO+, refCOCOg and refCLEF; plain COCO instances; folders of mask PNGs), the SFT and RL
 //! training-data builders, and a generator of synthetic referring scenes.
 
+// Every unwrap or expect outside tests is a decision: a panic reachable from input is a bug.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod builders;
 pub mod error;
 pub mod items;

@@ -80,6 +80,10 @@ pub fn write_python_json<W: Write, T: Serialize + ?Sized>(
 
 /// One record as a compact JSON line with non-ASCII escaped as `\uXXXX`.
 pub fn to_json_line<T: Serialize + ?Sized>(value: &T) -> String {
+    #[expect(
+        clippy::expect_used,
+        reason = "records are JSON values, which always serialize"
+    )]
     let text = serde_json::to_string(value).expect("records serialize");
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {

@@ -235,16 +235,21 @@ fn list(v: &Value) -> Option<&Vec<Value>> {
 
 /// Reads `refs(SPLITBY).p`.
 pub fn read_refs(path: &Path) -> Result<Vec<Ref>> {
+    parse_refs(&read_file_bounded(path, Limit::DataBytes)?, path)
+}
+
+/// The refs in a pickle's bytes (`path` names it in messages). Malformed or hostile pickles
+/// are errors, never panics: the pickle is measured before it is unpickled
+/// ([`crate::pickle_shape`]).
+pub fn parse_refs(bytes: &[u8], path: &Path) -> Result<Vec<Ref>> {
     let bad = |message: String| Error::BadFile {
         path: path.to_path_buf(),
         message,
     };
-    let bytes = read_file_bounded(path, Limit::DataBytes)?;
     // Measured first: unpickling recurses and copies memoized values.
-    crate::pickle_shape::check(&bytes).map_err(|e| bad(e.to_string()))?;
-    let value = serde_pickle::value_from_slice(&bytes, serde_pickle::DeOptions::new())
+    crate::pickle_shape::check(bytes).map_err(|e| bad(e.to_string()))?;
+    let value = serde_pickle::value_from_slice(bytes, serde_pickle::DeOptions::new())
         .map_err(|e| bad(format!("not a readable pickle: {e}")))?;
-    drop(bytes);
     let items = list(&value).ok_or_else(|| bad("expected a list of refs".into()))?;
     items
         .iter()
@@ -301,13 +306,16 @@ pub struct Instances {
 
 /// Reads a COCO `instances*.json`.
 pub fn read_instances(path: &Path) -> Result<Instances> {
+    parse_instances(&read_text_file_bounded(path, Limit::DataBytes)?, path)
+}
+
+/// The content of a COCO instances file (`path` names it in messages).
+pub fn parse_instances(text: &str, path: &Path) -> Result<Instances> {
     let bad = |message: String| Error::BadFile {
         path: path.to_path_buf(),
         message,
     };
-    let text = read_text_file_bounded(path, Limit::DataBytes)?;
-    let root: Json = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    drop(text);
+    let root: Json = serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
     let images: HashMap<u64, ImageInfo> = root
         .get("images")
         .and_then(Json::as_array)

@@ -421,6 +421,14 @@ pub fn generate(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
     Ok(stats)
 }
 
+/// The list under `key` of an instances file.
+fn list_mut<'a>(instances: &'a mut Value, key: &str, path: &Path) -> Result<&'a mut Vec<Value>> {
+    instances[key].as_array_mut().ok_or_else(|| Error::BadFile {
+        path: path.to_path_buf(),
+        message: format!("\"{key}\" is not a list"),
+    })
+}
+
 /// Images written by a run, removed unless the run completes.
 struct WrittenImages(Vec<PathBuf>);
 
@@ -545,7 +553,7 @@ fn generate_into(
             path: path.clone(),
             message: e.to_string(),
         })?;
-        instances["images"].as_array_mut().expect("list").push(json!({
+        list_mut(&mut instances, "images", &instances_path)?.push(json!({
             "id": image_id, "file_name": file_name, "width": options.size, "height": options.size,
         }));
         for (i, sents) in scene_refs {
@@ -554,7 +562,7 @@ fn generate_into(
             let ann_id = next_ann;
             next_ann += 1;
             let bbox = rle.bbox();
-            instances["annotations"].as_array_mut().expect("list").push(json!({
+            list_mut(&mut instances, "annotations", &instances_path)?.push(json!({
                 "id": ann_id, "image_id": image_id, "category_id": shape.kind + 1,
                 "segmentation": rle.to_json_value(), "area": rle.area(), "bbox": bbox, "iscrowd": 0,
                 "color": COLOURS[shape.colour].0,

@@ -4,6 +4,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use simpleseg_core::limits::{read_file_bounded, read_text_file_bounded, Limit};
+
 use crate::error::{Error, Result};
 use crate::hf::HfFolder;
 
@@ -23,7 +25,8 @@ impl TextTokenizer {
                     .into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::BadFile {
+        let bytes = read_file_bounded(path, Limit::DataBytes)?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::BadFile {
             path: path.to_path_buf(),
             message: format!("cannot load the tokenizer: {e}"),
         })?;
@@ -86,6 +89,9 @@ fn token_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// The most work a chat template may do for one rendering (minijinja's fuel units).
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
+
 impl ChatTemplate {
     /// The template a processor uses: `chat_template.jinja`, else `chat_template.json`, else
     /// the `chat_template` of `tokenizer_config.json` (a string, or a list of named templates
@@ -100,10 +106,7 @@ impl ChatTemplate {
         });
         let jinja = folder.path("chat_template.jinja");
         let (source, origin) = if jinja.is_file() {
-            let text = std::fs::read_to_string(&jinja).map_err(|source| Error::Io {
-                path: jinja.clone(),
-                source,
-            })?;
+            let text = read_text_file_bounded(&jinja, Limit::DataBytes)?;
             (text, jinja.display().to_string())
         } else if let Some(file) = folder.optional_json("chat_template.json")? {
             let text = file
@@ -161,7 +164,8 @@ impl ChatTemplate {
         &self.source
     }
 
-    /// Renders `messages` (transformers' message dicts).
+    /// Renders `messages` (transformers' message dicts); a template that runs out of
+    /// [`TEMPLATE_FUEL`] is an error.
     pub fn render(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
@@ -177,9 +181,14 @@ impl ChatTemplate {
         );
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // Templates come with downloaded model folders: a bounded amount of work, so that a
+        // hostile one cannot loop for ever (real chat templates use a few thousand units).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template("chat", &self.source)
             .map_err(|e| Error::Template(format!("{}: {e}", self.origin)))?;
-        let template = env.get_template("chat").expect("just added");
+        let template = env
+            .get_template("chat")
+            .map_err(|e| Error::Template(format!("{}: {e}", self.origin)))?;
         template
             .render(minijinja::context! {
                 messages => messages,

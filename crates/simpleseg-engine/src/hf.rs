@@ -9,6 +9,8 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
+use simpleseg_core::limits::{read_text_file_bounded, Limit};
+
 use crate::error::{Error, Result};
 
 /// A model folder on disk.
@@ -187,19 +189,13 @@ pub struct JsonFile {
 impl JsonFile {
     /// Reads and parses a JSON file.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                Error::MissingFile {
-                    path: path.to_path_buf(),
-                    hint: "required by this model folder".into(),
-                }
-            } else {
-                Error::Io {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            }
-        })?;
+        if !path.exists() {
+            return Err(Error::MissingFile {
+                path: path.to_path_buf(),
+                hint: "required by this model folder".into(),
+            });
+        }
+        let text = read_text_file_bounded(path, Limit::DataBytes)?;
         let root = serde_json::from_str(&text).map_err(|e| Error::BadFile {
             path: path.to_path_buf(),
             message: format!("not valid JSON: {e}"),

@@ -16,6 +16,9 @@
 //!
 //! Every architecture implements [`VisionLanguageModel`]; [`generate`] drives any of them.
 
+// Every unwrap or expect outside tests is a decision: a panic reachable from input is a bug.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod chat;
 pub mod error;
 pub mod generation;

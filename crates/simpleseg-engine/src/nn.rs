@@ -56,7 +56,9 @@ impl Module for Linear {
                 let rows: usize = dims[..dims.len() - 1].iter().product();
                 let y = self.matmul_rows(&x.reshape((rows, dims[dims.len() - 1]))?)?;
                 let mut out_dims = dims;
-                *out_dims.last_mut().expect("rank > 0") = self.weight.dim(0)?;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = self.weight.dim(0)?;
+                }
                 y.reshape(out_dims)?
             }
         };

@@ -224,7 +224,12 @@ pub fn resize(image: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbI
             rows
         }
     };
-    RgbImage::from_raw(width, height, pixels).expect("buffer is width * height * 3")
+    #[expect(
+        clippy::expect_used,
+        reason = "both passes keep width * height * 3 bytes"
+    )]
+    let image = RgbImage::from_raw(width, height, pixels).expect("buffer is width * height * 3");
+    image
 }
 
 #[cfg(test)]

@@ -2,6 +2,9 @@
 //! datasets, answers from a local model, an OpenAI-compatible server or a file, streamed to a
 //! resumable predictions file, and reports laid out like the paper's tables.
 
+// Every unwrap or expect outside tests is a decision: a panic reachable from input is a bug.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod backends;
 pub mod error;
 pub mod metrics;

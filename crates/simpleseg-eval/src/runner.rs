@@ -260,7 +260,7 @@ pub fn run(
             ProgressStyle::with_template(
                 "{spinner} {msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
             )
-            .expect("valid template")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
         );
         bar.set_message(format!("{} {}", config.dataset, config.split));
@@ -335,6 +335,7 @@ pub fn run(
         for result in rx {
             match result {
                 Ok(p) => {
+                    #[expect(clippy::expect_used, reason = "a prediction always serializes")]
                     let line = serde_json::to_string(&p).expect("JSON");
                     if let Err(e) = writeln!(file, "{line}").and_then(|_| file.flush()) {
                         first_error.get_or_insert(io(&pred_path)(e));

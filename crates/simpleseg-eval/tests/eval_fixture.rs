@@ -19,9 +19,12 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
+fn voc_dataset() -> ReferDataset {
+    ReferDataset::load(&root().join("refer"), "voc", None, None).unwrap()
+}
+
 fn voc_val() -> Vec<Item> {
-    let ds = ReferDataset::load(&root().join("refer"), "voc", None, None).unwrap();
-    refer_items(&ds, "val").unwrap()
+    refer_items(&voc_dataset(), "val").unwrap()
 }
 
 fn config(limit: Option<usize>) -> EvalConfig {
@@ -36,6 +39,7 @@ fn config(limit: Option<usize>) -> EvalConfig {
         sample: false,
         seed: 0,
         limit,
+        data: voc_dataset().identity().unwrap(),
     }
 }
 
@@ -91,7 +95,11 @@ fn local_backend(max_new_tokens: usize) -> LocalBackend {
     let model = load(&tiny_model(), &LoadOptions::default()).unwrap();
     let mut config = model.generation_config().clone();
     config.max_new_tokens = max_new_tokens;
-    LocalBackend::new(model, config, "tiny")
+    let files = simpleseg_engine::HfFolder::open(tiny_model())
+        .unwrap()
+        .fingerprint()
+        .unwrap();
+    LocalBackend::new(model, config, "tiny", files)
 }
 
 /// A minimal OpenAI-compatible chat-completions server answering from the local engine.

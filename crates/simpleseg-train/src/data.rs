@@ -15,12 +15,13 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::Value;
 use simpleseg_core::images::open_image;
+use simpleseg_core::limits::{read_text_file_bounded, Limit};
 use simpleseg_engine::image_processor::{preprocess, smart_resize, ProcessedImage};
 use simpleseg_engine::models::qwen2_5_vl::{
     pixel_tensor, rope_index, MropePosition, PromptBuilder,
 };
 
-use crate::error::{io, Error, Result};
+use crate::error::{Error, Result};
 
 /// One SFT example.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,7 +40,7 @@ fn split_user(value: &str) -> Option<(&str, &str)> {
 
 /// Reads SFT data; relative image paths resolve against `root` (default: the file's folder).
 pub fn read_sft(path: &Path, root: Option<&Path>) -> Result<Vec<SftExample>> {
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let text = read_text_file_bounded(path, Limit::DataBytes)?;
     let bad = |m: String| Error::BadFile {
         path: path.to_path_buf(),
         message: m,

@@ -1,9 +1,11 @@
 //! Writing a complete Hugging Face model folder: weights, `config.json`, tokenizer, chat
 //! template, processor and generation settings, so that simpleseg and transformers load it.
 
+use std::io::Write;
 use std::path::Path;
 
 use serde_json::json;
+use simpleseg_core::io::write_atomic;
 use simpleseg_engine::image_processor::ImageProcessorConfig;
 use simpleseg_engine::models::qwen2_5_vl::Config;
 
@@ -15,8 +17,11 @@ use crate::tokenizer::SPECIAL_TOKENS;
 pub const QWEN_CHAT_TEMPLATE: &str = "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).expect("JSON") + "\n";
-    std::fs::write(path, text).map_err(io(path))
+    write_atomic(path, |w| {
+        serde_json::to_writer_pretty(&mut *w, value).map_err(|e| e.to_string())?;
+        writeln!(w).map_err(|e| e.to_string())
+    })?;
+    Ok(())
 }
 
 /// Writes every file but the weights.
@@ -45,8 +50,9 @@ pub fn write_metadata(
             "processor_class": "Qwen2_5_VLProcessor",
         }),
     )?;
-    let jinja = dir.join("chat_template.jinja");
-    std::fs::write(&jinja, template).map_err(io(&jinja))?;
+    write_atomic(&dir.join("chat_template.jinja"), |w| {
+        w.write_all(template.as_bytes()).map_err(|e| e.to_string())
+    })?;
     let image_processor = json!({
         "image_processor_type": "Qwen2VLImageProcessor",
         "do_convert_rgb": true, "do_normalize": image.do_normalize, "do_rescale": image.do_rescale,

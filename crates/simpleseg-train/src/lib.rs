@@ -3,6 +3,9 @@
 //! models of the Qwen2.5-VL architecture. The model is the engine's own implementation, built
 //! over trainable variables.
 
+// Every unwrap or expect outside tests is a decision: a panic reachable from input is a bug.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod data;
 pub mod error;
 pub mod folder;

@@ -48,6 +48,7 @@ impl Trainable {
 
     /// Variables sorted by name (a stable order for initialization, optimizers and saving).
     pub fn named_vars(&self) -> Vec<(String, Var)> {
+        #[expect(clippy::expect_used, reason = "poisoned only after a panic elsewhere")]
         let data = self.varmap.data().lock().expect("var map lock");
         let sorted: BTreeMap<&String, &Var> = data.iter().collect();
         sorted

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use image::{Rgb, RgbImage};
 
-use crate::{Error, Result};
+use crate::Result;
 
 const WIDTH: u32 = 800;
 const HEIGHT: u32 = 400;
@@ -87,10 +87,13 @@ pub fn plot_curve(path: &Path, name: &str, points: &[(f64, f64)]) -> Result<()> 
     for pair in means.windows(2) {
         canvas.line(pair[0], pair[1], MEAN);
     }
-    canvas.0.save(path).map_err(|e| Error::BadFile {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    simpleseg_core::io::write_atomic(path, |w| {
+        canvas
+            .0
+            .write_to(w, image::ImageFormat::Png)
+            .map_err(|e| e.to_string())
+    })?;
+    Ok(())
 }
 
 /// A short label for an axis value: whole numbers as integers, others with three significant

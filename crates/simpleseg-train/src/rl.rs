@@ -20,6 +20,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use simpleseg_core::images::open_image;
+use simpleseg_core::limits::{read_text_file_bounded, Limit};
 use simpleseg_core::{parse_answer, CoordMode, ParseMode, RleMask};
 use simpleseg_engine::hf::HfFolder;
 use simpleseg_engine::models::qwen2_5_vl::{
@@ -29,7 +30,7 @@ use simpleseg_engine::models::qwen2_5_vl::{
 use simpleseg_engine::nn::Mode;
 use simpleseg_engine::{GenerationConfig, Prompt, Sampler};
 
-use crate::error::{io, Error, Result};
+use crate::error::{Error, Result};
 use crate::folder::write_metadata;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::params::Trainable;
@@ -94,7 +95,7 @@ pub struct RlExample {
 /// Reads `data rl` output; relative image paths resolve against `root` (default: the file's
 /// folder).
 pub fn read_rl(path: &Path, root: Option<&Path>) -> Result<Vec<RlExample>> {
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let text = read_text_file_bounded(path, Limit::DataBytes)?;
     let root = root.map_or_else(
         || path.parent().unwrap_or(Path::new(".")).to_path_buf(),
         Path::to_path_buf,
@@ -476,7 +477,7 @@ pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSumm
     let bar = ProgressBar::new(settings.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} rl [{bar:40}] {pos}/{len} {msg} (eta {eta})")
-            .expect("valid template")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
     bar.set_position(start_step as u64);
@@ -493,6 +494,7 @@ pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSumm
             ));
             order_cache = Some((epoch, order));
         }
+        #[expect(clippy::expect_used, reason = "filled just above")]
         let order = &order_cache.as_ref().expect("set above").1;
         let at = (step % per_epoch) * settings.prompts_per_step;
         let picked: Vec<(usize, usize)> = order[at..at + settings.prompts_per_step]

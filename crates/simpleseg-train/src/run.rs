@@ -17,6 +17,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use simpleseg_core::limits::{read_text_file_bounded, Limit};
 use simpleseg_core::templates::DEFAULT_PROMPT;
 use simpleseg_core::{CoordMode, ParseMode};
 use simpleseg_data::items::refer_items;
@@ -94,7 +95,12 @@ pub fn save_checkpoint<C: Serialize>(
     save_safetensors(&weights, &model.tensors())?;
     save_safetensors(&moments, &optimizer.state())?;
     let tmp = run.state().with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(state).expect("JSON")).map_err(io(&tmp))?;
+    #[expect(
+        clippy::expect_used,
+        reason = "the state is plain data, which always serializes"
+    )]
+    let text = serde_json::to_string_pretty(state).expect("JSON");
+    std::fs::write(&tmp, text).map_err(io(&tmp))?;
     std::fs::rename(&tmp, run.state()).map_err(io(&run.state()))?;
     for entry in std::fs::read_dir(run.training())
         .map_err(io(&run.training()))?
@@ -118,7 +124,7 @@ pub fn save_checkpoint<C: Serialize>(
 /// Reads a run's state.
 pub fn read_state<C: for<'de> Deserialize<'de>>(run: &RunDir) -> Result<State<C>> {
     let path = run.state();
-    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let text = read_text_file_bounded(&path, Limit::DataBytes)?;
     serde_json::from_str(&text).map_err(|e| Error::BadFile {
         path,
         message: e.to_string(),
@@ -149,7 +155,7 @@ impl Log {
         let path = run.log();
         std::fs::create_dir_all(run.training()).map_err(io(&run.training()))?;
         if path.is_file() {
-            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+            let text = read_text_file_bounded(&path, Limit::DataBytes)?;
             let kept: String = text
                 .lines()
                 .filter(|l| {
@@ -178,7 +184,7 @@ impl Log {
 
     /// `(step, value)` of a key over the whole log.
     pub fn series(&self, key: &str) -> Result<Vec<(f64, f64)>> {
-        let text = std::fs::read_to_string(&self.path).map_err(io(&self.path))?;
+        let text = read_text_file_bounded(&self.path, Limit::DataBytes)?;
         Ok(text
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())

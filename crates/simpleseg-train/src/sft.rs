@@ -9,6 +9,7 @@ use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use simpleseg_core::limits::{read_text_file_bounded, Limit};
 use simpleseg_engine::chat::{ChatTemplate, TextTokenizer};
 use simpleseg_engine::hf::{HfFolder, JsonFile};
 use simpleseg_engine::image_processor::ImageProcessorConfig;
@@ -116,7 +117,7 @@ fn start_model(
                 None => QWEN_CHAT_TEMPLATE.to_string(),
                 Some(Value::String(name)) => {
                     let jinja = path.parent().unwrap_or(Path::new(".")).join(name);
-                    std::fs::read_to_string(&jinja).map_err(|e| {
+                    read_text_file_bounded(&jinja, Limit::DataBytes).map_err(|e| {
                         file.error(format!(
                             "its \"chat_template_file\" {} cannot be read ({e}); \
                              the template belongs next to the configuration",
@@ -248,7 +249,7 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
     let bar = ProgressBar::new(settings.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} sft [{bar:40}] {pos}/{len} {msg} (eta {eta})")
-            .expect("valid template")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
     bar.set_position(start_step as u64);
@@ -264,6 +265,7 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
                 epoch_batches(&lengths, settings.batch_size, settings.seed, epoch),
             ));
         }
+        #[expect(clippy::expect_used, reason = "filled just above")]
         let batch_ids = &epoch_cache.as_ref().expect("set above").1[step % batches_per_epoch];
         let members: Vec<&Encoded> = batch_ids.iter().map(|&i| &encoded[i]).collect();
         let shards = members
@@ -288,6 +290,10 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
             loss_value += loss;
             grads = Some(add_gradients(&model, grads, shard_grads)?);
         }
+        #[expect(
+            clippy::expect_used,
+            reason = "batches are never empty (batch_size >= 1)"
+        )]
         let grads = grads.expect("a batch has at least one example");
         let lr = lr_at(
             step,

@@ -26,7 +26,7 @@ pub struct SynthArgs {
     #[arg(long)]
     seed: u64,
     /// Number of images.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::model_cmds::at_least_one)]
     count: usize,
     /// Refer root to write (or add a split to).
     #[arg(long, value_name = "DIR")]
@@ -34,14 +34,14 @@ pub struct SynthArgs {
     /// Split name.
     #[arg(long, default_value = "train")]
     split: String,
-    /// Image side in pixels.
-    #[arg(long, default_value_t = 112)]
+    /// Image side in pixels (32 to 4096).
+    #[arg(long, default_value_t = 112, value_parser = clap::value_parser!(u32).range(32..=4096))]
     size: u32,
     /// Dataset name (another name than `synth` lays the set out as that dataset would be).
     #[arg(long, default_value = "synth")]
     name: String,
     /// Most shapes per scene (1 to 6).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=6))]
     max_objects: usize,
 }
 
@@ -84,10 +84,9 @@ impl SourceArgs {
     /// The objects of the chosen split, dataset after dataset, grouped by image.
     pub fn items(&self) -> Result<Vec<Item>> {
         if let Some(instances) = &self.coco_instances {
-            let root = self
-                .image_root
-                .as_ref()
-                .expect("clap requires --image-root");
+            let Some(root) = &self.image_root else {
+                bail!("--coco-instances needs --image-root (the folder of its images)");
+            };
             return Ok(coco_items(instances, root)?);
         }
         if let Some(dir) = &self.mask_folder {
@@ -97,7 +96,9 @@ impl SourceArgs {
             bail!("give --refer-root (or --coco-instances, or --mask-folder)");
         };
         let mut items = Vec::new();
+        simpleseg_data::check_name("--split", &self.split)?;
         for name in &self.datasets {
+            simpleseg_data::check_name("--datasets", name)?;
             let ds = ReferDataset::load(
                 root,
                 name,
@@ -165,6 +166,8 @@ fn report(stats: &BuildStats, out: &std::path::Path) {
 pub fn run(command: DataCommand) -> Result<()> {
     match command {
         DataCommand::Synth(a) => {
+            simpleseg_data::check_name("--name", &a.name)?;
+            simpleseg_data::check_name("--split", &a.split)?;
             let stats = generate(
                 &a.out,
                 &SynthOptions {

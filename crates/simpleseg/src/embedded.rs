@@ -126,10 +126,13 @@ pub fn folder() -> Result<PathBuf> {
 /// Writes the embedded model folder to `dir` (created if missing; existing files are replaced).
 pub fn export(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut outputs = simpleseg_core::io::Outputs::default();
     for (name, bytes) in FILES {
-        let path = dir.join(name);
-        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        outputs.add(&dir.join(name), |w| {
+            std::io::Write::write_all(w, bytes).map_err(|e| e.to_string())
+        })?;
     }
+    outputs.commit()?;
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 //! `eval`: scores a model on a referring dataset split (or the paper's eight splits).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use simpleseg_core::io::Outputs;
 use simpleseg_core::templates::DEFAULT_PROMPT;
 use simpleseg_core::{CoordMode, ParseMode};
 use simpleseg_data::items::refer_items;
@@ -232,11 +234,16 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             reports.push(one_split(&args, backend.as_ref(), dataset, split, &out)?);
         }
         let table = markdown(&reports);
-        std::fs::write(root.join("summary.md"), &table)?;
-        std::fs::write(
-            root.join("summary.json"),
-            serde_json::to_string_pretty(&runner::summary_json(&reports))? + "\n",
-        )?;
+        let mut outputs = Outputs::default();
+        outputs.add(&root.join("summary.md"), |w| {
+            w.write_all(table.as_bytes()).map_err(|e| e.to_string())
+        })?;
+        outputs.add(&root.join("summary.json"), |w| {
+            serde_json::to_writer_pretty(&mut *w, &runner::summary_json(&reports))
+                .map_err(|e| e.to_string())?;
+            writeln!(w).map_err(|e| e.to_string())
+        })?;
+        outputs.commit()?;
         println!("{table}");
     } else {
         let out = args

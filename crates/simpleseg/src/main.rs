@@ -1,5 +1,8 @@
 //! The `simpleseg` command line: a thin layer over the library crates.
 
+// Every unwrap or expect outside tests is a decision: a panic reachable from input is a bug.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 mod data_cmds;
 mod embedded;
 mod eval_cmds;

@@ -90,3 +90,100 @@ fn killed_and_restarted_eval_gives_the_same_report() {
     assert_eq!(ra, rb);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `eval --backend file` on the voc fixture into `out`, from `root`'s copy of the dataset.
+fn file_eval(refer_root: &Path, predictions: &Path, out: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_simpleseg"))
+        .args([
+            "eval",
+            "--refer-root",
+            refer_root.to_str().unwrap(),
+            "--dataset",
+            "voc",
+            "--split",
+            "val",
+            "--backend",
+            "file",
+            "--predictions",
+            predictions.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_rerun_with_other_data_or_answers_is_refused_and_foreign_lines_do_not_count() {
+    let dir = std::env::temp_dir().join(format!("simpleseg-eval-mix-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let refer = root().join("fixtures/refer");
+    let answers = refer.join("answers.jsonl");
+    let out = dir.join("run");
+    let first = file_eval(&refer, &answers, &out);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let n = report["n"].as_u64().unwrap();
+    assert_eq!(n, report["samples"].as_u64().unwrap());
+
+    // The same dataset with one annotation changed, under another root.
+    let other = dir.join("other");
+    copy_dir(&refer, &other);
+    let instances = other.join("voc/instances.json");
+    let text = std::fs::read_to_string(&instances).unwrap();
+    std::fs::write(&instances, text.replacen("\"id\"", "\"id\" ", 1)).unwrap();
+    let refused = file_eval(&other, &answers, &out);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("config.data.instances"), "{stderr}");
+    assert!(stderr.contains("config.data.refer_root"), "{stderr}");
+
+    // Other answers.
+    let changed = dir.join("answers.jsonl");
+    let text = std::fs::read_to_string(&answers).unwrap();
+    std::fs::write(&changed, text.replacen("0.", "0.0", 1)).unwrap();
+    let refused = file_eval(&refer, &changed, &out);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("backend.file"), "{stderr}");
+
+    // Lines of samples outside the split are not counted.
+    let preds = out.join("predictions.jsonl");
+    let mut text = std::fs::read_to_string(&preds).unwrap();
+    let line = text
+        .lines()
+        .next()
+        .unwrap()
+        .replacen("\"ref_id\":", "\"ref_id\":990", 1);
+    text.push_str(&line);
+    text.push('\n');
+    std::fs::write(&preds, text).unwrap();
+    let again = file_eval(&refer, &answers, &out);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let rerun: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(rerun["n"].as_u64().unwrap(), n);
+    assert_eq!(rerun["ciou"], report["ciou"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

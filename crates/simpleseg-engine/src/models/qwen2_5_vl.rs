@@ -477,6 +477,7 @@ pub fn window_index(grids: &[[usize; 3]], config: &VisionConfig) -> (Vec<usize>,
                             }
                         }
                     }
+                    #[expect(clippy::expect_used, reason = "cu starts with 0")]
                     let last = *cu.last().expect("starts with 0");
                     // torch.unique_consecutive drops the empty windows.
                     if count > 0 {
@@ -642,6 +643,7 @@ impl VisionTransformer {
         let mut cu_full = vec![0usize];
         for g in grids {
             for _ in 0..g[0] {
+                #[expect(clippy::expect_used, reason = "cu_full starts with 0")]
                 let last = *cu_full.last().expect("starts with 0");
                 cu_full.push(last + g[1] * g[2]);
             }
