@@ -97,6 +97,16 @@ impl Machine<'_> {
         self.take(n + 1)
     }
 
+    /// A memo index written as a decimal line (PUT, GET).
+    fn line_index(&mut self) -> Step<u64> {
+        let line = self.line()?;
+        let text = std::str::from_utf8(&line[..line.len() - 1]).ok();
+        match text.and_then(|t| t.trim().parse::<u64>().ok()) {
+            Some(id) => Ok(id),
+            None => malformed("bad memo index"),
+        }
+    }
+
     /// Skips a length-prefixed argument whose length takes `n` bytes.
     fn skip_counted(&mut self, n: usize) -> Step<()> {
         let len = self.uint(n)?;
@@ -292,14 +302,8 @@ impl Machine<'_> {
                 }
                 // Memo.
                 b'p' => {
-                    let line = self.line()?;
-                    let id = std::str::from_utf8(&line[..line.len() - 1])
-                        .ok()
-                        .and_then(|t| t.trim().parse::<u64>().ok());
-                    match id {
-                        Some(id) => self.memo_put(id)?,
-                        None => return malformed("bad PUT index"),
-                    }
+                    let id = self.line_index()?;
+                    self.memo_put(id)?;
                 }
                 b'q' => {
                     let id = self.uint(1)?;
@@ -314,14 +318,8 @@ impl Machine<'_> {
                     self.memo_put(id)?;
                 }
                 b'g' => {
-                    let line = self.line()?;
-                    let id = std::str::from_utf8(&line[..line.len() - 1])
-                        .ok()
-                        .and_then(|t| t.trim().parse::<u64>().ok());
-                    match id {
-                        Some(id) => self.memo_get(id)?,
-                        None => return malformed("bad GET index"),
-                    }
+                    let id = self.line_index()?;
+                    self.memo_get(id)?;
                 }
                 b'h' => {
                     let id = self.uint(1)?;
