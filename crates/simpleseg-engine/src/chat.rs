@@ -64,6 +64,11 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The token of an id, if the vocabulary has it.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// Size of the vocabulary including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

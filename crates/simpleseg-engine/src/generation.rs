@@ -80,6 +80,28 @@ impl GenerationConfig {
     }
 }
 
+impl GenerationConfig {
+    /// A model folder's decoding defaults: `generation_config.json`, stopping at the config's
+    /// `eos_token_ids` when that file names none, and always at `<|im_end|>` (the end of a
+    /// chat turn) when the tokenizer has it.
+    pub fn for_model(
+        folder: &HfFolder,
+        config_eos: &[u32],
+        tokenizer: &crate::chat::TextTokenizer,
+    ) -> Result<Self> {
+        let mut generation = GenerationConfig::load(folder)?;
+        if generation.eos_token_ids.is_empty() {
+            generation.eos_token_ids = config_eos.to_vec();
+        }
+        if let Some(im_end) = tokenizer.token_id("<|im_end|>") {
+            if !generation.eos_token_ids.contains(&im_end) {
+                generation.eos_token_ids.push(im_end);
+            }
+        }
+        Ok(generation)
+    }
+}
+
 /// Chooses next tokens.
 pub struct Sampler {
     config: GenerationConfig,

@@ -206,6 +206,38 @@ impl JsonFile {
         })
     }
 
+    /// The object at `key` (dotted, `""` for the whole file) read into a serde struct; a value
+    /// of the wrong type is an error naming its key, as `text_config.vocab_size`.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
+        let value = if key.is_empty() {
+            Some(&self.root)
+        } else {
+            self.find(&[key])
+        };
+        self.parse_value(value.cloned().unwrap_or(Value::Null), key)
+    }
+
+    /// [`JsonFile::parse`] of a value taken from this file, `key` naming where it came from.
+    pub fn parse_value<T: serde::de::DeserializeOwned>(
+        &self,
+        value: Value,
+        key: &str,
+    ) -> Result<T> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let inner = e.path().to_string();
+            let path = match (key.is_empty(), inner.as_str()) {
+                (_, ".") => key.to_string(),
+                (true, p) => p.to_string(),
+                (false, p) => format!("{key}.{p}"),
+            };
+            if path.is_empty() {
+                self.error(e.into_inner().to_string())
+            } else {
+                self.error(format!("`{path}`: {}", e.into_inner()))
+            }
+        })
+    }
+
     /// A configuration error about this file.
     pub fn error(&self, message: impl Into<String>) -> Error {
         Error::BadConfig {

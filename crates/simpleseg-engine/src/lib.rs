@@ -23,10 +23,15 @@ pub mod chat;
 pub mod error;
 pub mod generation;
 pub mod hf;
-pub mod image_processor;
+pub mod kv_cache;
 pub mod models;
 pub mod nn;
 pub mod pillow;
+pub mod processor;
+pub mod session;
+
+/// The Qwen2-VL image processor, the first family's (kept at this path for existing users).
+pub use models::qwen2_5_vl::processor as image_processor;
 
 use std::path::Path;
 use std::time::Instant;
@@ -47,17 +52,23 @@ pub struct Prompt {
     pub images: Vec<image_processor::ProcessedImage>,
 }
 
-/// Decoding state over a processed prompt: the KV cache and positions of one or more
-/// sequences that share the prompt.
+/// Decoding state of sequences decoded together (see [`session`]): the caches and positions
+/// of one or more prompts, each with one or more rows.
 pub trait Session {
-    /// Logits of the last position of each sequence: `(batch, vocab)`.
+    /// Logits of the last position of each row: `(rows, vocab)`.
     fn logits(&self) -> &Tensor;
-    /// Appends one token to each sequence and computes the next logits.
+    /// Appends one token to each row and computes the next logits.
     fn feed(&mut self, tokens: &[u32]) -> Result<()>;
-    /// `n` copies of this (batch-1) session, decoded together as a batch.
+    /// A session with every row repeated `n` times in place (a one-row session becomes `n`
+    /// rows sharing its prompt).
     fn fork(&self, n: usize) -> Result<Box<dyn Session + '_>>;
-    /// Number of sequences.
+    /// Number of rows.
     fn batch(&self) -> usize;
+    /// Prefills another prompt and appends `copies` rows of it, decoded with the others from
+    /// the next step on.
+    fn add(&mut self, prompt: &Prompt, copies: usize) -> Result<()>;
+    /// Keeps the rows flagged `true`, in order; the others are dropped with their caches.
+    fn retain(&mut self, keep: &[bool]) -> Result<()>;
 }
 
 /// What every model architecture provides.
@@ -126,6 +137,22 @@ pub fn init_threads() {
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         }
     });
+}
+
+/// The compute dtype to use when none is asked for: f32 while the weights would take at most
+/// 8 GiB in f32, bf16 beyond.
+pub fn auto_dtype(folder: &HfFolder) -> Result<DType> {
+    let bytes: u64 = folder
+        .safetensors_files()?
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    // Stored weights are at least 2 bytes per value; assume the worst (bf16) for the estimate.
+    Ok(if bytes * 2 <= 8 << 30 {
+        DType::F32
+    } else {
+        DType::BF16
+    })
 }
 
 /// Loads the model in a Hugging Face folder, choosing the implementation from `model_type`.

@@ -17,9 +17,8 @@ use serde_json::Value;
 use simpleseg_core::images::open_image;
 use simpleseg_core::limits::{read_text_file_bounded, Limit};
 use simpleseg_engine::image_processor::{preprocess, smart_resize, ProcessedImage};
-use simpleseg_engine::models::qwen2_5_vl::{
-    pixel_tensor, rope_index, MropePosition, PromptBuilder,
-};
+use simpleseg_engine::models::qwen2_5_vl::{rope_index, MropePosition, PromptBuilder};
+use simpleseg_engine::processor::pixel_tensor;
 
 use crate::error::{Error, Result};
 

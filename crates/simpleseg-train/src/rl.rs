@@ -24,10 +24,11 @@ use simpleseg_core::limits::{read_text_file_bounded, Limit};
 use simpleseg_core::{parse_answer, CoordMode, ParseMode, RleMask};
 use simpleseg_engine::hf::HfFolder;
 use simpleseg_engine::models::qwen2_5_vl::{
-    pixel_tensor, prompt_builder, rope_index, start_session, Config, MropePosition, PromptBuilder,
-    Qwen2_5Vl, TensorLayout,
+    prompt_builder, rope_index, start_session, Config, MropePosition, PromptBuilder, Qwen2_5Vl,
+    TensorLayout,
 };
 use simpleseg_engine::nn::Mode;
+use simpleseg_engine::processor::pixel_tensor;
 use simpleseg_engine::{GenerationConfig, Prompt, Sampler};
 
 use crate::error::{Error, Result};
@@ -192,9 +193,8 @@ fn sample_group(
     g: usize,
     config: &GenerationConfig,
     seed: u64,
-    device: &Device,
 ) -> Result<Vec<Vec<u32>>> {
-    let session = start_session(model, prompt, device)?;
+    let session = start_session(model, prompt)?;
     let mut group = session.fork(g)?;
     let mut samplers: Vec<Sampler> = (0..g)
         .map(|i| {
@@ -333,7 +333,6 @@ impl PromptContext<'_> {
             settings.group_size,
             self.sampling,
             seed,
-            device,
         )?;
         let mut outcome = PromptOutcome {
             answers: Vec::with_capacity(answers.len()),

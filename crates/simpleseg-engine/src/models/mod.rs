@@ -1,3 +1,5 @@
-//! One file per architecture.
+//! One folder per model family: config, processor, vision tower, language model, and the
+//! pipeline that loads a folder and implements [`crate::VisionLanguageModel`]. See
+//! `docs/adding-a-model.md`.
 
 pub mod qwen2_5_vl;

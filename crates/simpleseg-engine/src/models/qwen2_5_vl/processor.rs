@@ -7,9 +7,13 @@
 use image::RgbImage;
 use simpleseg_core::limits::Limit;
 
+pub use crate::processor::ProcessedImage;
+use serde::Deserialize;
+
 use crate::error::{Error, Result};
 use crate::hf::JsonFile;
 use crate::pillow::{self, Filter};
+use crate::processor::{channels, PerChannel};
 
 /// `preprocessor_config.json` of a Qwen2-VL-family model.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,71 +53,68 @@ impl Default for ImageProcessorConfig {
     }
 }
 
+/// `preprocessor_config.json` as written, every key optional.
+#[derive(Debug, Default, Deserialize)]
+struct RawProcessor {
+    min_pixels: Option<usize>,
+    max_pixels: Option<usize>,
+    size: Option<RawSize>,
+    patch_size: Option<usize>,
+    temporal_patch_size: Option<usize>,
+    merge_size: Option<usize>,
+    image_mean: Option<PerChannel>,
+    image_std: Option<PerChannel>,
+    rescale_factor: Option<f64>,
+    do_resize: Option<bool>,
+    do_rescale: Option<bool>,
+    do_normalize: Option<bool>,
+    resample: Option<u64>,
+}
+
+/// `size` as transformers 4.x (`shortest_edge`/`longest_edge`) or 5.x writes it.
+#[derive(Debug, Default, Deserialize)]
+struct RawSize {
+    shortest_edge: Option<usize>,
+    longest_edge: Option<usize>,
+    min_pixels: Option<usize>,
+    max_pixels: Option<usize>,
+}
+
 impl ImageProcessorConfig {
-    /// Reads the image processor settings of a model folder: `preprocessor_config.json`
-    /// (transformers 4.x), or the `image_processor` object of `processor_config.json` (5.x).
+    /// Reads the image processor settings of a model folder (see
+    /// [`crate::processor::settings_file`]).
     pub fn load(folder: &crate::hf::HfFolder) -> Result<Self> {
-        if let Some(file) = folder.optional_json("preprocessor_config.json")? {
-            return Self::from_json(&file);
-        }
-        if let Some(file) = folder.optional_json("processor_config.json")? {
-            let root = file
-                .root
-                .get("image_processor")
-                .cloned()
-                .ok_or_else(|| file.error("missing the \"image_processor\" object"))?;
-            return Self::from_json(&JsonFile {
-                path: file.path,
-                root,
-            });
-        }
-        Err(Error::MissingFile {
-            path: folder.path("preprocessor_config.json"),
-            hint: "the image processor settings (min/max pixels, mean/std); transformers 5 writes them into processor_config.json".into(),
-        })
+        Self::from_json(&crate::processor::settings_file(folder)?)
     }
 
     /// Reads `preprocessor_config.json`. As in transformers, top-level `min_pixels` /
     /// `max_pixels` win over `size.shortest_edge` / `size.longest_edge`.
     pub fn from_json(file: &JsonFile) -> Result<Self> {
         let d = ImageProcessorConfig::default();
-        let triple =
-            |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
-                match file.find(&[key]) {
-                    None => Ok(default),
-                    Some(v) => {
-                        let values: Option<Vec<f64>> = match v {
-                            serde_json::Value::Array(a) => a.iter().map(|x| x.as_f64()).collect(),
-                            other => other.as_f64().map(|x| vec![x; 3]),
-                        };
-                        match values.as_deref() {
-                            Some([a, b, c]) => Ok([*a as f32, *b as f32, *c as f32]),
-                            _ => Err(file
-                                .error(format!("`{key}` must be a number or a list of 3 numbers"))),
-                        }
-                    }
-                }
-            };
+        let raw: RawProcessor = file.parse("")?;
+        let size = raw.size.unwrap_or_default();
         let config = ImageProcessorConfig {
-            min_pixels: file.usize_or(
-                &["min_pixels", "size.shortest_edge", "size.min_pixels"],
-                d.min_pixels,
-            )?,
-            max_pixels: file.usize_or(
-                &["max_pixels", "size.longest_edge", "size.max_pixels"],
-                d.max_pixels,
-            )?,
-            patch_size: file.usize_or(&["patch_size"], d.patch_size)?,
-            temporal_patch_size: file.usize_or(&["temporal_patch_size"], d.temporal_patch_size)?,
-            merge_size: file.usize_or(&["merge_size"], d.merge_size)?,
-            image_mean: triple("image_mean", d.image_mean)?,
-            image_std: triple("image_std", d.image_std)?,
-            rescale_factor: file.f64_or(&["rescale_factor"], d.rescale_factor)?,
-            do_resize: file.bool_or(&["do_resize"], true)?,
-            do_rescale: file.bool_or(&["do_rescale"], true)?,
-            do_normalize: file.bool_or(&["do_normalize"], true)?,
+            min_pixels: raw
+                .min_pixels
+                .or(size.shortest_edge)
+                .or(size.min_pixels)
+                .unwrap_or(d.min_pixels),
+            max_pixels: raw
+                .max_pixels
+                .or(size.longest_edge)
+                .or(size.max_pixels)
+                .unwrap_or(d.max_pixels),
+            patch_size: raw.patch_size.unwrap_or(d.patch_size),
+            temporal_patch_size: raw.temporal_patch_size.unwrap_or(d.temporal_patch_size),
+            merge_size: raw.merge_size.unwrap_or(d.merge_size),
+            image_mean: channels(file, raw.image_mean, "image_mean", d.image_mean)?,
+            image_std: channels(file, raw.image_std, "image_std", d.image_std)?,
+            rescale_factor: raw.rescale_factor.unwrap_or(d.rescale_factor),
+            do_resize: raw.do_resize.unwrap_or(true),
+            do_rescale: raw.do_rescale.unwrap_or(true),
+            do_normalize: raw.do_normalize.unwrap_or(true),
         };
-        match file.find(&["resample"]).and_then(serde_json::Value::as_u64) {
+        match raw.resample {
             None | Some(3) => {}
             Some(other) => {
                 return Err(file.error(format!(
@@ -188,24 +189,6 @@ pub fn smart_resize(
         w_bar = (w * beta / f).ceil() * f;
     }
     Ok((h_bar as usize, w_bar as usize))
-}
-
-/// The processed image: patches in the order the vision tower reads them.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ProcessedImage {
-    /// `grid_t * grid_h * grid_w` rows of `3 * temporal_patch_size * patch_size^2` values.
-    pub pixel_values: Vec<f32>,
-    /// `[grid_t, grid_h, grid_w]` in patches.
-    pub grid_thw: [usize; 3],
-    /// Size after `smart_resize`, `(width, height)`.
-    pub resized: (usize, usize),
-}
-
-impl ProcessedImage {
-    /// Number of values per patch row.
-    pub fn patch_dim(&self) -> usize {
-        self.pixel_values.len() / (self.grid_thw[0] * self.grid_thw[1] * self.grid_thw[2])
-    }
 }
 
 /// Prepares an RGB image for the vision tower.

@@ -1,0 +1,285 @@
+//! Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) on candle, following transformers.
+//!
+//! - Vision tower: a Conv3d patch embedding (run as one matmul), 2D rotary embeddings, blocks
+//!   of RMSNorm + attention + SwiGLU where most blocks attend within windows of
+//!   `window_size` pixels (tokens reordered window by window) and `fullatt_block_indexes`
+//!   attend over the whole image, then a patch merger (RMSNorm, 2x2 concat, MLP) and the
+//!   inverse reordering.
+//! - Language model: Qwen2 decoder layers with grouped-query attention and M-RoPE, whose
+//!   rotary frequencies are split in `mrope_section` parts driven by the temporal, height and
+//!   width position of each token (`get_rope_index`).
+//!
+//! Structs mirror the checkpoint's tensor names. Both layouts transformers has written are
+//! read: `model.layers.*` + `visual.*` (4.x) and `model.language_model.*` + `model.visual.*`
+//! (5.x), with a flat or nested (`text_config`) `config.json`.
+
+mod config;
+pub mod processor;
+mod text;
+mod vision;
+
+pub use config::{Config, TensorLayout, TextConfig, VisionConfig};
+pub use processor::{preprocess, smart_resize, ImageProcessorConfig};
+pub use text::{rope_index, MropePosition, TextModel};
+pub use vision::{window_index, VisionTransformer};
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::chat::{ChatTemplate, TextTokenizer};
+use crate::error::{Error, Result};
+use crate::generation::GenerationConfig;
+use crate::hf::HfFolder;
+use crate::kv_cache::KvCache;
+use crate::nn::{merge_image_features, Mode};
+use crate::processor::{expand_placeholders, pixel_tensor, ProcessedImage};
+use crate::session::{last_position, BatchSession, Cohort, Decoder};
+use crate::{LoadOptions, Prompt, Session, VisionLanguageModel};
+
+#[derive(Clone, Debug)]
+pub struct Qwen2_5Vl {
+    pub config: Config,
+    pub visual: VisionTransformer,
+    pub text: TextModel,
+}
+
+impl Qwen2_5Vl {
+    /// Loads the weights under `vb` in the given tensor layout.
+    pub fn load(vb: &VarBuilder, config: &Config, layout: TensorLayout) -> Result<Self> {
+        let visual = VisionTransformer::load(&layout.visual(vb), &config.vision)?;
+        let text = TextModel::load(&layout.language_model(vb), vb, config)?;
+        Ok(Qwen2_5Vl {
+            config: config.clone(),
+            visual,
+            text,
+        })
+    }
+
+    /// Input embeddings for token ids `(batch, seq)` with each image placeholder replaced, in
+    /// order, by the rows of `image_features` (`(placeholders, hidden)`).
+    pub fn embed_with_images(
+        &self,
+        input_ids: &Tensor,
+        image_features: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let embeds = self.text.embed(input_ids)?;
+        match image_features {
+            Some(features) => {
+                merge_image_features(&embeds, input_ids, self.config.image_token_id, features)
+            }
+            None => Ok(embeds),
+        }
+    }
+
+    /// Image features of a prompt's images, `None` without images.
+    pub fn image_features(&self, images: &[ProcessedImage], mode: Mode) -> Result<Option<Tensor>> {
+        if images.is_empty() {
+            return Ok(None);
+        }
+        let device = self.text.device();
+        let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
+        Ok(Some(self.visual.forward(
+            &pixel_tensor(images, &device)?,
+            &grids,
+            mode,
+        )?))
+    }
+}
+
+impl Decoder for Qwen2_5Vl {
+    /// The rotary position offset of the prompt (`rope_deltas`).
+    type Extra = i64;
+
+    fn prefill(&self, prompt: &Prompt) -> Result<(Cohort<i64>, Tensor)> {
+        let device = self.text.device();
+        let grids: Vec<[usize; 3]> = prompt.images.iter().map(|i| i.grid_thw).collect();
+        let features = self.image_features(&prompt.images, Mode::Infer)?;
+        let ids = Tensor::new(prompt.input_ids.as_slice(), &device)?.unsqueeze(0)?;
+        let embeds = self.embed_with_images(&ids, features.as_ref())?;
+        let (positions, delta) = rope_index(
+            &prompt.input_ids,
+            self.config.image_token_id,
+            &grids,
+            self.config.vision.spatial_merge_size,
+        )?;
+        let mut cache = KvCache::default();
+        let hidden = self
+            .text
+            .forward(&embeds, &[positions], Some(&mut cache), Mode::Infer)?;
+        let logits = self.text.logits(&last_position(&hidden)?)?;
+        Ok((
+            Cohort {
+                cache,
+                rows: 1,
+                extra: delta,
+            },
+            logits,
+        ))
+    }
+
+    fn step(&self, tokens: &Tensor, cohorts: &mut [Cohort<i64>]) -> Result<Tensor> {
+        let embeds = self.text.embed(&tokens.unsqueeze(1)?)?;
+        let positions: Vec<i64> = cohorts
+            .iter()
+            .map(|c| c.cache.len() as i64 + c.extra)
+            .collect();
+        let rows: Vec<usize> = cohorts.iter().map(|c| c.rows).collect();
+        let mut caches: Vec<&mut KvCache> = cohorts.iter_mut().map(|c| &mut c.cache).collect();
+        let hidden = self.text.step(&embeds, &mut caches, &positions, &rows)?;
+        Ok(self.text.logits(&hidden.squeeze(1)?)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipeline: folder loading, prompts and sessions
+
+/// Builds model inputs: chat template, image processing, placeholder expansion, tokens.
+#[derive(Clone)]
+pub struct PromptBuilder {
+    pub tokenizer: TextTokenizer,
+    pub template: ChatTemplate,
+    pub image_config: ImageProcessorConfig,
+    image_token: String,
+    merge_size: usize,
+}
+
+impl PromptBuilder {
+    /// Checks that the pieces fit the model configuration.
+    pub fn new(
+        tokenizer: TextTokenizer,
+        template: ChatTemplate,
+        image_config: ImageProcessorConfig,
+        config: &Config,
+    ) -> Result<Self> {
+        if image_config.patch_size != config.vision.patch_size
+            || image_config.merge_size != config.vision.spatial_merge_size
+            || image_config.temporal_patch_size != config.vision.temporal_patch_size
+        {
+            return Err(Error::Input(format!(
+                "the image processor's patch_size/merge_size/temporal_patch_size {}/{}/{} differ from config.json's vision_config {}/{}/{}",
+                image_config.patch_size,
+                image_config.merge_size,
+                image_config.temporal_patch_size,
+                config.vision.patch_size,
+                config.vision.spatial_merge_size,
+                config.vision.temporal_patch_size
+            )));
+        }
+        let image_token = tokenizer
+            .id_to_token(config.image_token_id)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "config.json's `image_token_id` {} is not in the tokenizer's vocabulary",
+                    config.image_token_id
+                ))
+            })?;
+        Ok(PromptBuilder {
+            tokenizer,
+            template,
+            image_config,
+            image_token,
+            merge_size: config.vision.spatial_merge_size,
+        })
+    }
+
+    /// Prompt text with the image placeholder expanded to one token per merged patch, as the
+    /// processor does before tokenizing.
+    pub fn expand_placeholders(&self, text: &str, grids: &[[usize; 3]]) -> Result<String> {
+        let m2 = self.merge_size.pow(2);
+        let counts: Vec<usize> = grids.iter().map(|g| g[0] * g[1] * g[2] / m2).collect();
+        expand_placeholders(text, &self.image_token, &counts)
+    }
+
+    /// One user turn with the image and the prompt, ready for generation.
+    pub fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
+        let processed = preprocess(image, &self.image_config)?;
+        let text = self.template.image_prompt(prompt)?;
+        let text = self.expand_placeholders(&text, &[processed.grid_thw])?;
+        Ok(Prompt {
+            input_ids: self.tokenizer.encode(&text)?,
+            images: vec![processed],
+        })
+    }
+}
+
+/// Runs a prompt through `model` (vision tower, prefill) and opens a decoding session on it.
+pub fn start_session<'a>(model: &'a Qwen2_5Vl, prompt: &Prompt) -> Result<Box<dyn Session + 'a>> {
+    Ok(Box::new(BatchSession::start(model, prompt, 1)?))
+}
+
+/// A Qwen2.5-VL folder loaded for inference: model, prompt builder, decoding defaults.
+pub struct Qwen2_5VlModel {
+    pub model: Qwen2_5Vl,
+    pub prompts: PromptBuilder,
+    pub generation: GenerationConfig,
+    dtype: DType,
+}
+
+/// The tokenizer, template and processor settings of a folder.
+pub fn prompt_builder(folder: &HfFolder, config: &Config) -> Result<PromptBuilder> {
+    let tokenizer = TextTokenizer::from_file(&folder.path("tokenizer.json"))?;
+    let template = ChatTemplate::load(folder)?;
+    let image_config = ImageProcessorConfig::load(folder)?;
+    PromptBuilder::new(tokenizer, template, image_config, config).map_err(|e| Error::BadConfig {
+        path: folder.dir().to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+impl Qwen2_5VlModel {
+    /// Loads every file of the folder; errors name the file and key at fault.
+    pub fn load(folder: &HfFolder, options: &LoadOptions) -> Result<Self> {
+        let config = Config::from_json(&folder.json("config.json")?)?;
+        let names = folder.tensor_names()?;
+        let layout = TensorLayout::detect(&names)?;
+        let dtype = match options.dtype {
+            Some(d) => d,
+            None => crate::auto_dtype(folder)?,
+        };
+        let vb = folder.var_builder(dtype, &options.device)?;
+        let model = Qwen2_5Vl::load(&vb, &config, layout).map_err(|e| Error::BadFile {
+            path: folder.dir().to_path_buf(),
+            message: format!("weights do not fit config.json: {e}"),
+        })?;
+        let prompts = prompt_builder(folder, &config)?;
+        let generation =
+            GenerationConfig::for_model(folder, &config.eos_token_ids, &prompts.tokenizer)?;
+        Ok(Qwen2_5VlModel {
+            model,
+            prompts,
+            generation,
+            dtype,
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &Config {
+        &self.model.config
+    }
+}
+
+impl VisionLanguageModel for Qwen2_5VlModel {
+    fn architecture(&self) -> &str {
+        "qwen2_5_vl"
+    }
+
+    fn tokenizer(&self) -> &TextTokenizer {
+        &self.prompts.tokenizer
+    }
+
+    fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
+        self.prompts.prepare(image, prompt)
+    }
+
+    fn start(&self, prompt: &Prompt) -> Result<Box<dyn Session + '_>> {
+        start_session(&self.model, prompt)
+    }
+
+    fn generation_config(&self) -> &GenerationConfig {
+        &self.generation
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
