@@ -79,8 +79,9 @@ pub trait VisionLanguageModel: Send + Sync {
     fn tokenizer(&self) -> &TextTokenizer;
     /// Chat template applied, image processed, placeholders expanded.
     fn prepare(&self, image: &RgbImage, prompt: &str) -> Result<Prompt>;
-    /// Runs the prompt (vision tower and prefill) and opens a session on it.
-    fn start(&self, prompt: &Prompt) -> Result<Box<dyn Session + '_>>;
+    /// Runs the prompt (vision tower and prefill) and opens a session holding `copies` rows
+    /// of it.
+    fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>>;
     /// Decoding defaults from `generation_config.json`, with the stop tokens filled in.
     fn generation_config(&self) -> &GenerationConfig;
     /// The dtype the model computes in.
@@ -203,6 +204,14 @@ pub struct GenerationOutput {
     pub timings: Timings,
 }
 
+/// One prompt of a batch and the answers wanted from it: one [`GenerationConfig`] per answer
+/// (its own seed, say). The prompt is prefilled once and its answers share that prefill.
+#[derive(Clone, Debug)]
+pub struct BatchRequest<'a> {
+    pub prompt: &'a Prompt,
+    pub configs: Vec<GenerationConfig>,
+}
+
 /// Generates one answer, calling `on_token` with each new token id as it is chosen.
 pub fn generate(
     model: &dyn VisionLanguageModel,
@@ -210,41 +219,130 @@ pub fn generate(
     config: GenerationConfig,
     mut on_token: impl FnMut(u32),
 ) -> Result<GenerationOutput> {
-    let start = Instant::now();
-    let mut session = model.start(prompt)?;
-    let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
-    let stop = config.eos_token_ids.clone();
-    let max_new = config.max_new_tokens;
-    let mut sampler = Sampler::new(config)?;
-    let mut history = prompt.input_ids.clone();
-    let mut generated = Vec::new();
-    let mut stop_reason = StopReason::MaxTokens;
-    let decode_start = Instant::now();
-    for step in 0..max_new {
-        let mut logits: Vec<f32> = session.logits().get(0)?.to_dtype(DType::F32)?.to_vec1()?;
-        let token = sampler.next_token(&mut logits, &history);
-        if stop.contains(&token) {
-            stop_reason = StopReason::Eos;
-            break;
+    let request = BatchRequest {
+        prompt,
+        configs: vec![config],
+    };
+    let mut outputs = generate_batch(model, &[request], |_, token| on_token(token))?;
+    outputs
+        .pop()
+        .ok_or_else(|| Error::Input("generation produced no answer".into()))
+}
+
+/// A row of [`generate_batch`] while it is being decoded.
+struct Row {
+    /// Index of the answer in the output.
+    answer: usize,
+    sampler: Sampler,
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    stop: Vec<u32>,
+    max_new: usize,
+    stop_reason: Option<StopReason>,
+    prefill_ms: f64,
+    prompt_tokens: usize,
+}
+
+/// Generates every answer of every request together: each prompt is prefilled once, then all
+/// rows decode side by side, a row leaving the batch when it stops (see [`session`]). Each
+/// answer is exactly what [`generate`] gives for its prompt and config alone. Returns the
+/// answers request by request, in the order of each request's configs; `on_token(answer,
+/// token)` is called as tokens are chosen.
+pub fn generate_batch(
+    model: &dyn VisionLanguageModel,
+    requests: &[BatchRequest],
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Vec<GenerationOutput>> {
+    let mut rows = Vec::new();
+    let mut session: Option<Box<dyn Session + '_>> = None;
+    for request in requests {
+        let copies = request.configs.len();
+        if copies == 0 {
+            continue;
         }
-        generated.push(token);
-        history.push(token);
-        on_token(token);
-        if step + 1 < max_new {
-            session.feed(&[token])?;
+        let start = Instant::now();
+        match session.as_mut() {
+            None => session = Some(model.start(request.prompt, copies)?),
+            Some(s) => s.add(request.prompt, copies)?,
+        }
+        let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
+        for config in &request.configs {
+            rows.push(Row {
+                answer: rows.len(),
+                sampler: Sampler::new(config.clone())?,
+                history: request.prompt.input_ids.clone(),
+                generated: Vec::new(),
+                stop: config.eos_token_ids.clone(),
+                max_new: config.max_new_tokens,
+                stop_reason: (config.max_new_tokens == 0).then_some(StopReason::MaxTokens),
+                prefill_ms,
+                prompt_tokens: request.prompt.input_ids.len(),
+            });
+        }
+    }
+    let Some(mut session) = session else {
+        return Ok(Vec::new());
+    };
+    let decode_start = Instant::now();
+    // Rows still decoding, in session order; finished ones move to `done`.
+    let mut active: Vec<Row> = Vec::new();
+    let mut done: Vec<Row> = Vec::new();
+    let mut keep = Vec::with_capacity(rows.len());
+    for row in rows {
+        keep.push(row.stop_reason.is_none());
+        if row.stop_reason.is_none() {
+            active.push(row);
+        } else {
+            done.push(row);
+        }
+    }
+    session.retain(&keep)?;
+    while !active.is_empty() {
+        let logits = session.logits().to_dtype(DType::F32)?;
+        let mut tokens = Vec::with_capacity(active.len());
+        for (i, row) in active.iter_mut().enumerate() {
+            let mut row_logits: Vec<f32> = logits.get(i)?.to_vec1()?;
+            let token = row.sampler.next_token(&mut row_logits, &row.history);
+            if row.stop.contains(&token) {
+                row.stop_reason = Some(StopReason::Eos);
+                continue;
+            }
+            row.generated.push(token);
+            row.history.push(token);
+            on_token(row.answer, token);
+            if row.generated.len() == row.max_new {
+                row.stop_reason = Some(StopReason::MaxTokens);
+            } else {
+                tokens.push(token);
+            }
+        }
+        let keep: Vec<bool> = active.iter().map(|r| r.stop_reason.is_none()).collect();
+        if keep.iter().any(|k| !k) {
+            session.retain(&keep)?;
+            let (still, finished): (Vec<Row>, Vec<Row>) =
+                active.into_iter().partition(|r| r.stop_reason.is_none());
+            active = still;
+            done.extend(finished);
+        }
+        if !active.is_empty() {
+            session.feed(&tokens)?;
         }
     }
     let decode_ms = decode_start.elapsed().as_secs_f64() * 1e3;
-    let decode_tokens_per_s = generated.len() as f64 / (decode_ms / 1e3).max(1e-9);
-    Ok(GenerationOutput {
-        text: model.tokenizer().decode(&generated)?,
-        token_ids: generated,
-        prompt_tokens: prompt.input_ids.len(),
-        stop_reason,
-        timings: Timings {
-            prefill_ms,
-            decode_ms,
-            decode_tokens_per_s,
-        },
-    })
+    done.sort_by_key(|r| r.answer);
+    done.into_iter()
+        .map(|row| {
+            Ok(GenerationOutput {
+                text: model.tokenizer().decode(&row.generated)?,
+                prompt_tokens: row.prompt_tokens,
+                stop_reason: row.stop_reason.unwrap_or(StopReason::MaxTokens),
+                timings: Timings {
+                    prefill_ms: row.prefill_ms,
+                    decode_ms,
+                    decode_tokens_per_s: row.generated.len() as f64 / (decode_ms / 1e3).max(1e-9),
+                },
+                token_ids: row.generated,
+            })
+        })
+        .collect()
 }

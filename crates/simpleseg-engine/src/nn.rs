@@ -39,7 +39,7 @@ impl Linear {
 
     /// `x W^T` for a rank-2 `x`.
     fn matmul_rows(&self, x: &Tensor) -> Result<Tensor> {
-        match bf16_few_rows_matmul(x, &self.weight)? {
+        match few_rows_matmul(x, &self.weight)? {
             Some(y) => Ok(y),
             None => x.matmul(&self.weight.t()?),
         }
@@ -69,43 +69,59 @@ impl Module for Linear {
     }
 }
 
-/// Row counts up to which [`bf16_few_rows_matmul`] replaces candle's matmul.
+/// Row counts up to which [`few_rows_matmul`] replaces candle's matmul.
 const FEW_ROWS: usize = 8;
 
-/// `x W^T` for at most [`FEW_ROWS`] rows of `x` against a contiguous BF16 weight on the CPU,
-/// or `None` when that does not apply. Each weight row is read once, widened to f32 and
-/// accumulated in f32, then the result is rounded to `x`'s dtype, as a BF16 matmul does.
-/// Decoding multiplies one row by every weight; candle's general BF16 matmul repacks the whole
-/// weight on each call, which made a 7B-size token take ~15 s on 2 cores, where reading the
-/// weights once allows about 1 s.
-fn bf16_few_rows_matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+/// `x W^T` for at most [`FEW_ROWS`] rows of `x` against a contiguous BF16 or F32 weight on the
+/// CPU, or `None` when that does not apply. Each weight row is read once (widened to f32 when
+/// BF16) and accumulated in f32, then the result is rounded to `x`'s dtype, as a BF16 matmul
+/// does.
+///
+/// Decoding multiplies a few rows by every weight. candle's general BF16 matmul repacks the
+/// whole weight on each call, which made a 7B-size token take ~15 s on 2 cores, where reading
+/// the weights once allows about 1 s. And each output is one dot product computed the same way
+/// whatever the number of rows, so a sequence decoded in a batch gets exactly the numbers it
+/// gets alone.
+fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     use candle_core::{CpuStorage, Storage};
     use rayon::prelude::*;
 
     let rows = x.dim(0)?;
-    if weight.dtype() != DType::BF16 || !weight.device().is_cpu() || rows > FEW_ROWS {
+    // A result built outside candle's ops carries no gradient: training takes candle's matmul.
+    let needs_grad = weight.track_op() || x.track_op();
+    if !matches!(weight.dtype(), DType::BF16 | DType::F32)
+        || !weight.device().is_cpu()
+        || rows > FEW_ROWS
+        || needs_grad
+    {
         return Ok(None);
     }
     let (out_dim, in_dim) = weight.dims2()?;
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let (storage, layout) = weight.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::BF16(data)), Some((start, end))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
+    let Some((start, end)) = layout.contiguous_offsets() else {
         return Ok(None);
     };
-    let w = &data[start..end];
     // One chunk of `rows` outputs per weight row (output feature), in parallel.
     let mut by_feature = vec![0f32; out_dim * rows];
-    by_feature
-        .par_chunks_mut(rows)
-        .zip(w.par_chunks(in_dim))
-        .with_min_len(64)
-        .for_each(|(out, w_row)| {
-            for (r, o) in out.iter_mut().enumerate() {
-                *o = dot_bf16(&xs[r * in_dim..(r + 1) * in_dim], w_row);
-            }
-        });
+    macro_rules! run {
+        ($w:expr, $dot:ident) => {
+            by_feature
+                .par_chunks_mut(rows)
+                .zip($w.par_chunks(in_dim))
+                .with_min_len(64)
+                .for_each(|(out, w_row)| {
+                    for (r, o) in out.iter_mut().enumerate() {
+                        *o = $dot(&xs[r * in_dim..(r + 1) * in_dim], w_row);
+                    }
+                })
+        };
+    }
+    match &*storage {
+        Storage::Cpu(CpuStorage::BF16(data)) => run!(&data[start..end], dot_bf16),
+        Storage::Cpu(CpuStorage::F32(data)) => run!(&data[start..end], dot_f32),
+        _ => return Ok(None),
+    }
     drop(storage);
     let mut y = vec![0f32; rows * out_dim];
     for (f, values) in by_feature.chunks(rows).enumerate() {
@@ -116,6 +132,43 @@ fn bf16_few_rows_matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(
         Tensor::from_vec(y, (rows, out_dim), x.device())?.to_dtype(x.dtype())?,
     ))
+}
+
+/// Dot product of f32 values in f32, with AVX2 where the CPU has it.
+fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { dot_f32_avx2(x, w) };
+        }
+    }
+    dot_f32_portable(x, w)
+}
+
+/// [`dot_f32_portable`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_f32_avx2(x: &[f32], w: &[f32]) -> f32 {
+    dot_f32_portable(x, w)
+}
+
+/// Eight running sums so that the loop vectorizes.
+#[inline(always)]
+fn dot_f32_portable(x: &[f32], w: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, wc) = (x.chunks_exact(8), w.chunks_exact(8));
+    let (x_rest, w_rest) = (xc.remainder(), wc.remainder());
+    for (xs, ws) in xc.zip(wc) {
+        for k in 0..8 {
+            acc[k] += xs[k] * ws[k];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (a, b) in x_rest.iter().zip(w_rest) {
+        sum += a * b;
+    }
+    sum
 }
 
 /// Dot product of f32 values with BF16 values in f32, with AVX2 where the CPU has it (the
@@ -338,7 +391,7 @@ mod tests {
                 .unwrap()
                 .to_dtype(DType::BF16)
                 .unwrap();
-            let fast = bf16_few_rows_matmul(&x, &weight).unwrap().expect("applies");
+            let fast = few_rows_matmul(&x, &weight).unwrap().expect("applies");
             assert_eq!(fast.dtype(), DType::BF16);
             assert_eq!(fast.dims(), &[rows, 50]);
             let reference = x
@@ -359,10 +412,30 @@ mod tests {
             assert_eq!(y.dims(), &[1, rows, 50]);
         }
         let many = Tensor::zeros((FEW_ROWS + 1, 37), DType::BF16, &dev).unwrap();
-        assert!(bf16_few_rows_matmul(&many, &weight).unwrap().is_none());
-        let f32_weight = weight.to_dtype(DType::F32).unwrap();
-        let one = Tensor::zeros((1, 37), DType::F32, &dev).unwrap();
-        assert!(bf16_few_rows_matmul(&one, &f32_weight).unwrap().is_none());
+        assert!(few_rows_matmul(&many, &weight).unwrap().is_none());
+        let f16_weight = weight.to_dtype(DType::F16).unwrap();
+        let one = Tensor::zeros((1, 37), DType::F16, &dev).unwrap();
+        assert!(few_rows_matmul(&one, &f16_weight).unwrap().is_none());
+    }
+
+    #[test]
+    fn few_rows_outputs_do_not_depend_on_the_batch() {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (40, 29), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 29), &dev).unwrap();
+        let batch = few_rows_matmul(&x, &weight).unwrap().expect("applies");
+        for r in 0..5 {
+            let alone = few_rows_matmul(&x.narrow(0, r, 1).unwrap(), &weight)
+                .unwrap()
+                .expect("applies");
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                batch.get(r).unwrap().to_vec1().unwrap(),
+                alone.get(0).unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(a, b, "row {r}");
+        }
+        let reference = x.matmul(&weight.t().unwrap()).unwrap();
+        assert!(close(&batch, &reference) < 1e-4);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! exactly what it would alone. Families say how to prefill a prompt into a cohort and how to
 //! advance all cohorts by one token ([`Decoder`]); the bookkeeping lives here once.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -182,28 +182,8 @@ impl<M: Decoder> Session for BatchSession<'_, M> {
     }
 }
 
-/// The row ranges of cohorts, in order.
-pub fn row_ranges<E>(cohorts: &[Cohort<E>]) -> impl Iterator<Item = (usize, usize)> + '_ {
-    cohorts.iter().scan(0usize, |start, c| {
-        let s = *start;
-        *start += c.rows;
-        Some((s, c.rows))
-    })
-}
-
 /// The last position of `(batch, seq, ...)` hidden states: `(batch, ...)`.
 pub fn last_position(hidden: &Tensor) -> Result<Tensor> {
     let seq = hidden.dim(1)?;
     Ok(hidden.narrow(1, seq - 1, 1)?.squeeze(1)?)
-}
-
-/// Sanity of a step's logits: one row per row.
-pub fn check_rows(logits: &Tensor, rows: usize) -> Result<()> {
-    if logits.dim(0)? != rows || logits.dim(D::Minus1)? == 0 {
-        return Err(Error::Input(format!(
-            "a step produced {:?} logits for {rows} rows",
-            logits.dims()
-        )));
-    }
-    Ok(())
 }

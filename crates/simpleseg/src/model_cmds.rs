@@ -3,14 +3,15 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use simpleseg_core::images::open_image;
 use simpleseg_core::templates::{fill_prompt, DEFAULT_PROMPT};
 use simpleseg_core::{parse_answer, CoordMode, ParseMode};
 use simpleseg_engine::{
-    generate, GenerationConfig, GenerationOutput, LoadOptions, VisionLanguageModel,
+    generate, generate_batch, BatchRequest, GenerationConfig, GenerationOutput, LoadOptions,
+    VisionLanguageModel,
 };
 
 use crate::protocol_cmds::{answer_json, write_outputs, CoordsArg, MaskOutputs, ModeArg};
@@ -158,7 +159,11 @@ pub struct ChatArgs {
     prompt: String,
     #[command(flatten)]
     generation: GenerationArgs,
-    /// Print one JSON line: text, token_ids, prompt_tokens, stop_reason, timings.
+    /// Sample N answers from one prefill (needs sampling); answer i uses seed --seed + i.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one)]
+    n: usize,
+    /// Print one JSON line per answer: text, token_ids, prompt_tokens, stop_reason, seed,
+    /// timings.
     #[arg(long)]
     json: bool,
 }
@@ -222,24 +227,72 @@ fn run(
 pub fn chat(args: ChatArgs) -> Result<()> {
     let model = args.model.load()?;
     let config = args.generation.apply(model.generation_config())?;
+    if args.n > 1 {
+        return chat_samples(model.as_ref(), &args, config);
+    }
     let (_, out) = run(
         model.as_ref(),
         &args.image,
         &args.prompt,
-        config,
+        config.clone(),
         !args.json,
     )?;
     if args.json {
         println!(
             "{}",
-            json!({
-                "text": out.text,
-                "token_ids": out.token_ids,
-                "prompt_tokens": out.prompt_tokens,
-                "stop_reason": out.stop_reason,
-                "timings": out.timings,
-            })
+            answer_line(&out, config.do_sample.then_some(config.seed))
         );
+    }
+    Ok(())
+}
+
+/// One `chat --json` line.
+fn answer_line(out: &GenerationOutput, seed: Option<u64>) -> serde_json::Value {
+    json!({
+        "text": out.text,
+        "token_ids": out.token_ids,
+        "prompt_tokens": out.prompt_tokens,
+        "stop_reason": out.stop_reason,
+        "seed": seed,
+        "timings": out.timings,
+    })
+}
+
+/// `chat --n N`: N sampled answers from one prefill, decoded together.
+fn chat_samples(
+    model: &dyn VisionLanguageModel,
+    args: &ChatArgs,
+    config: GenerationConfig,
+) -> Result<()> {
+    if !config.do_sample {
+        bail!(
+            "--n {} needs sampling: greedy decoding gives one answer n times (add --temperature, --top-p, --top-k or --seed)",
+            args.n
+        );
+    }
+    let rgb = open_image(&args.image)?;
+    let prompt = model.prepare(&rgb, &args.prompt)?;
+    let configs: Vec<GenerationConfig> = (0..args.n as u64)
+        .map(|i| GenerationConfig {
+            seed: config.seed.wrapping_add(i),
+            ..config.clone()
+        })
+        .collect();
+    let seeds: Vec<u64> = configs.iter().map(|c| c.seed).collect();
+    let outputs = generate_batch(
+        model,
+        &[BatchRequest {
+            prompt: &prompt,
+            configs,
+        }],
+        |_, _| {},
+    )?;
+    for (out, seed) in outputs.iter().zip(seeds) {
+        if args.json {
+            println!("{}", answer_line(out, Some(seed)));
+        } else {
+            println!("--- seed {seed} ---\n{}", out.text);
+        }
     }
     Ok(())
 }

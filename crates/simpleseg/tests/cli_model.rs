@@ -117,3 +117,55 @@ fn model_errors_are_clear() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.png"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `chat --n 3` samples three answers from one prefill; each equals a one-answer run with its
+/// seed, and `--json` prints one line per answer naming that seed.
+#[test]
+fn chat_n_answers_equal_single_runs_with_their_seeds() {
+    let image = root().join("examples/synth/images/synth/demo_0000008.png");
+    let chat = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let out = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
+            .arg("chat")
+            .arg("--image")
+            .arg(&image)
+            .args([
+                "--prompt",
+                "Output the polygon coordinates of the red shape in the image.",
+                "--temperature",
+                "1.0",
+                "--max-new-tokens",
+                "30",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let together = chat(&["--n", "3", "--seed", "40"]);
+    assert_eq!(together.len(), 3);
+    for (i, line) in together.iter().enumerate() {
+        let seed = 40 + i as u64;
+        assert_eq!(line["seed"], seed);
+        let single = chat(&["--seed", &seed.to_string()]);
+        assert_eq!(single[0]["token_ids"], line["token_ids"], "seed {seed}");
+    }
+    // Greedy decoding cannot give several answers.
+    let out = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
+        .arg("chat")
+        .arg("--image")
+        .arg(&image)
+        .args(["--prompt", "x", "--greedy", "--n", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs sampling"));
+}

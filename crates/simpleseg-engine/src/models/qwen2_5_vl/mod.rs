@@ -271,8 +271,8 @@ impl VisionLanguageModel for Qwen2_5VlModel {
         self.prompts.prepare(image, prompt)
     }
 
-    fn start(&self, prompt: &Prompt) -> Result<Box<dyn Session + '_>> {
-        start_session(&self.model, prompt)
+    fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>> {
+        Ok(Box::new(BatchSession::start(&self.model, prompt, copies)?))
     }
 
     fn generation_config(&self) -> &GenerationConfig {
