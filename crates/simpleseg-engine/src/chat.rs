@@ -8,11 +8,19 @@ use simpleseg_core::limits::{read_file_bounded, read_text_file_bounded, Limit};
 
 use crate::error::{Error, Result};
 use crate::hf::HfFolder;
+use crate::tiktoken::TiktokenTokenizer;
 
-/// `tokenizer.json`, read with the tokenizers crate.
+/// A model's tokenizer: `tokenizer.json` read with the tokenizers crate, or Moonshot's
+/// `tiktoken.model` ([`TiktokenTokenizer`]).
 #[derive(Clone)]
 pub struct TextTokenizer {
-    inner: tokenizers::Tokenizer,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Hf(Box<tokenizers::Tokenizer>),
+    Tiktoken(Box<TiktokenTokenizer>),
 }
 
 impl TextTokenizer {
@@ -30,48 +38,110 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             message: format!("cannot load the tokenizer: {e}"),
         })?;
-        Ok(TextTokenizer { inner })
+        Ok(TextTokenizer::new(inner))
     }
 
     /// Wraps a tokenizer built in memory.
     pub fn new(inner: tokenizers::Tokenizer) -> Self {
-        TextTokenizer { inner }
+        TextTokenizer {
+            backend: Backend::Hf(Box::new(inner)),
+        }
     }
 
-    /// The underlying tokenizer.
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
+    /// Wraps a tiktoken tokenizer.
+    pub fn tiktoken(inner: TiktokenTokenizer) -> Self {
+        TextTokenizer {
+            backend: Backend::Tiktoken(Box::new(inner)),
+        }
+    }
+
+    /// The tokenizers-crate tokenizer, for a `tokenizer.json` model.
+    pub fn hf(&self) -> Option<&tokenizers::Tokenizer> {
+        match &self.backend {
+            Backend::Hf(t) => Some(t),
+            Backend::Tiktoken(_) => None,
+        }
     }
 
     /// Token ids of `text`, with the tokenizer's special tokens as transformers adds them by
     /// default (`add_special_tokens=True`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.inner
-            .encode(text, true)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        match &self.backend {
+            Backend::Hf(t) => t
+                .encode(text, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| Error::Tokenizer(e.to_string())),
+            Backend::Tiktoken(t) => t.encode(text),
+        }
     }
 
     /// Text of token ids without special tokens (`skip_special_tokens=True`).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        match &self.backend {
+            Backend::Hf(t) => t
+                .decode(ids, true)
+                .map_err(|e| Error::Tokenizer(e.to_string())),
+            Backend::Tiktoken(t) => t.decode(ids),
+        }
     }
 
     /// The id of a token, if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.backend {
+            Backend::Hf(t) => t.token_to_id(token),
+            Backend::Tiktoken(t) => t.token_id(token),
+        }
     }
 
     /// The token of an id, if the vocabulary has it.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.backend {
+            Backend::Hf(t) => t.id_to_token(id),
+            Backend::Tiktoken(t) => t.id_to_token(id),
+        }
     }
 
     /// Size of the vocabulary including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.backend {
+            Backend::Hf(t) => t.get_vocab_size(true),
+            Backend::Tiktoken(t) => t.vocab_size(),
+        }
+    }
+
+    /// A decoder that turns tokens into text as they come (see [`StreamDecoder`]).
+    pub fn stream(&self) -> StreamDecoder<'_> {
+        StreamDecoder {
+            tokenizer: self,
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+}
+
+/// Text of a growing sequence of tokens, piece by piece: each step gives what the newest token
+/// adds to the decoded text, held back while it ends in an incomplete character.
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a TextTokenizer,
+    ids: Vec<u32>,
+    /// Bytes of the decoded text already given out.
+    emitted: usize,
+}
+
+impl StreamDecoder<'_> {
+    /// Adds a token; returns the new text, if any is complete.
+    pub fn step(&mut self, token: u32) -> Result<Option<String>> {
+        self.ids.push(token);
+        let text = self.tokenizer.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
+            return Ok(None);
+        }
+        let piece = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(Some(piece))
     }
 }
 

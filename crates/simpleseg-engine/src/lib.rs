@@ -29,6 +29,7 @@ pub mod nn;
 pub mod pillow;
 pub mod processor;
 pub mod session;
+pub mod tiktoken;
 
 /// The Qwen2-VL image processor, the first family's (kept at this path for existing users).
 pub use models::qwen2_5_vl::processor as image_processor;
@@ -165,8 +166,11 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Box<dyn VisionLanguageM
         Some("qwen2_5_vl") => Ok(Box::new(models::qwen2_5_vl::Qwen2_5VlModel::load(
             &folder, options,
         )?)),
+        Some("kimi_vl") => Ok(Box::new(models::kimi_vl::KimiVlModel::load(
+            &folder, options,
+        )?)),
         Some(other) => Err(Error::Unsupported(format!(
-            "{}: model_type \"{other}\" is not supported (supported: qwen2_5_vl)",
+            "{}: model_type \"{other}\" is not supported (supported: qwen2_5_vl, kimi_vl)",
             config.path.display()
         ))),
         None => Err(config.error("missing `model_type`")),

@@ -8,6 +8,10 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::hf::{HfFolder, JsonFile};
 
+/// CLIP's normalization constants, the default mean and std of the processors.
+pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
 /// A processed image: patches in the order the family's vision tower reads them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProcessedImage {

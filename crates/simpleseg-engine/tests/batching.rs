@@ -43,7 +43,7 @@ fn sampled(model: &dyn VisionLanguageModel, seed: u64) -> GenerationConfig {
     }
 }
 
-/// The model checked: the built-in one, or a folder named by the caller.
+/// Batched answers of `model` equal its answers one at a time (greedy and seeded sampling).
 pub fn check_batches_equal_single_runs(model: &dyn VisionLanguageModel) {
     let prompts = prompts(model);
     let greedy = GenerationConfig {
@@ -103,6 +103,16 @@ pub fn check_batches_equal_single_runs(model: &dyn VisionLanguageModel) {
 fn qwen_batches_equal_single_runs() {
     let model = load(
         &root().join("models/simpleseg-tiny"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    check_batches_equal_single_runs(model.as_ref());
+}
+
+#[test]
+fn kimi_batches_equal_single_runs() {
+    let model = load(
+        &root().join("fixtures/kimi/kimi-tiny"),
         &LoadOptions::default(),
     )
     .unwrap();

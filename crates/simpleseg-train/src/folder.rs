@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde_json::json;
 use simpleseg_core::io::write_atomic;
+use simpleseg_engine::chat::TextTokenizer;
 use simpleseg_engine::image_processor::ImageProcessorConfig;
 use simpleseg_engine::models::qwen2_5_vl::Config;
 
@@ -22,6 +23,13 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
         writeln!(w).map_err(|e| e.to_string())
     })?;
     Ok(())
+}
+
+/// The `tokenizer.json` tokenizer training works with (Qwen2.5-VL-family models have one).
+pub fn hf_tokenizer(tokenizer: &TextTokenizer) -> Result<&tokenizers::Tokenizer> {
+    tokenizer.hf().ok_or_else(|| {
+        Error::Invalid("training needs a model with a tokenizer.json tokenizer".into())
+    })
 }
 
 /// Writes every file but the weights.

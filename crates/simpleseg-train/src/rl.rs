@@ -32,7 +32,7 @@ use simpleseg_engine::processor::pixel_tensor;
 use simpleseg_engine::{GenerationConfig, Prompt, Sampler};
 
 use crate::error::{Error, Result};
-use crate::folder::write_metadata;
+use crate::folder::{hf_tokenizer, write_metadata};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::params::Trainable;
 use crate::plot::plot_curve;
@@ -432,7 +432,7 @@ pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSumm
         write_metadata(
             out,
             &config,
-            prompts.tokenizer.inner(),
+            hf_tokenizer(&prompts.tokenizer)?,
             prompts.template.source(),
             &prompts.image_config,
             512,

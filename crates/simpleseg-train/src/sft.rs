@@ -18,7 +18,7 @@ use simpleseg_engine::nn::Mode;
 
 use crate::data::{encode_all, epoch_batches, make_batch, read_sft, Batch, Encoded};
 use crate::error::{io, Error, Result};
-use crate::folder::{write_metadata, QWEN_CHAT_TEMPLATE};
+use crate::folder::{hf_tokenizer, write_metadata, QWEN_CHAT_TEMPLATE};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::params::Trainable;
 use crate::plot::plot_curve;
@@ -98,7 +98,7 @@ fn start_model(
             write_metadata(
                 out,
                 &config,
-                prompts.tokenizer.inner(),
+                hf_tokenizer(&prompts.tokenizer)?,
                 prompts.template.source(),
                 &prompts.image_config,
                 512,
@@ -132,7 +132,7 @@ fn start_model(
                 }
             };
             let tokenizer = match tokenizer {
-                Some(p) => TextTokenizer::from_file(p)?.inner().clone(),
+                Some(p) => hf_tokenizer(&TextTokenizer::from_file(p)?)?.clone(),
                 None => train_tokenizer(
                     texts.iter().map(String::as_str).chain([template.as_str()]),
                     *vocab_size,

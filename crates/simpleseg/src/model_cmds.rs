@@ -208,7 +208,7 @@ fn run(
 ) -> Result<(image::RgbImage, GenerationOutput)> {
     let rgb = open_image(image)?;
     let prepared = model.prepare(&rgb, prompt)?;
-    let mut decoder = model.tokenizer().inner().decode_stream(true);
+    let mut decoder = model.tokenizer().stream();
     let mut stdout = std::io::stdout().lock();
     let out = generate(model, &prepared, config, |token| {
         if stream {

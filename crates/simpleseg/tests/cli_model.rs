@@ -169,3 +169,88 @@ fn chat_n_answers_equal_single_runs_with_their_seeds() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs sampling"));
 }
+
+/// The Kimi-VL family through the commands: `chat --greedy --json` gives the reference's
+/// token ids (transformers' greedy `generate`), `segment` writes a mask.
+#[test]
+fn kimi_vl_checkpoints_run_through_chat_and_segment() {
+    let model = root().join("fixtures/kimi/kimi-tiny");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/kimi/kimi-tiny.expected.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &meta["cases"][0];
+    let mut want: Vec<u64> = serde_json::from_value(case["greedy_ids"].clone()).unwrap();
+    let max_new = want.len();
+    let out = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
+        .args(["chat", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(model.join(case["image"].as_str().unwrap()))
+        .args([
+            "--prompt",
+            case["prompt"].as_str().unwrap(),
+            "--greedy",
+            "--dtype",
+            "f32",
+            "--max-new-tokens",
+            &max_new.to_string(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    if line["stop_reason"] == "eos" {
+        want.pop();
+    }
+    assert_eq!(line["token_ids"], serde_json::json!(want));
+    assert_eq!(
+        line["prompt_tokens"],
+        case["input_ids"].as_array().unwrap().len()
+    );
+
+    let dir = tempdir("kimi-segment");
+    let out = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
+        .args(["segment", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(root().join("examples/synth/images/synth/demo_0000008.png"))
+        .args([
+            "--query",
+            "the red shape",
+            "--max-new-tokens",
+            "16",
+            "--rle-out",
+            "m.json",
+            "--json",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["width"], 112);
+    let rle: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("m.json")).unwrap()).unwrap();
+    assert_eq!(rle["size"], serde_json::json!([112, 112]));
+    // f16 overflows this family's activations: refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
+        .args(["chat", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(model.join(case["image"].as_str().unwrap()))
+        .args(["--prompt", "x", "--dtype", "f16"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("f16"));
+}

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::hf::JsonFile;
+use crate::hf::{JsonFile, OneOrMany};
 
 /// The vision tower's configuration (`vision_config`).
 #[derive(Clone, Debug, PartialEq)]
@@ -120,23 +120,6 @@ struct RawVision {
     rope_theta: Option<f64>,
     rope_parameters: Option<RawRope>,
     hidden_act: Option<String>,
-}
-
-/// One id or a list of them (`eos_token_id`).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-pub(crate) enum OneOrMany {
-    One(u32),
-    Many(Vec<u32>),
-}
-
-impl OneOrMany {
-    pub(crate) fn into_vec(self) -> Vec<u32> {
-        match self {
-            OneOrMany::One(id) => vec![id],
-            OneOrMany::Many(ids) => ids,
-        }
-    }
 }
 
 /// Keys read at the top level first, then under `text_config`.

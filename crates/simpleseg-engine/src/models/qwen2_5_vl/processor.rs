@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::hf::JsonFile;
 use crate::pillow::{self, Filter};
-use crate::processor::{channels, PerChannel};
+use crate::processor::{channels, PerChannel, CLIP_MEAN, CLIP_STD};
 
 /// `preprocessor_config.json` of a Qwen2-VL-family model.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,10 +30,6 @@ pub struct ImageProcessorConfig {
     pub do_rescale: bool,
     pub do_normalize: bool,
 }
-
-/// CLIP's normalization constants, the processor's defaults.
-const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
-const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 impl Default for ImageProcessorConfig {
     fn default() -> Self {

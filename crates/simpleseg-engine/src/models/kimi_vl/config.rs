@@ -1,0 +1,225 @@
+//! `config.json` of a `kimi_vl` model: a MoonViT `vision_config` and a DeepSeek-V3-layout
+//! `text_config` (Moonlight), read as serde structs; errors name the key at fault.
+
+use serde::Deserialize;
+
+use crate::error::Result;
+use crate::hf::{JsonFile, OneOrMany};
+
+/// MoonViT, the vision tower (`vision_config`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct VisionConfig {
+    pub patch_size: usize,
+    pub init_pos_emb_height: usize,
+    pub init_pos_emb_width: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "merge_2x2")]
+    pub merge_kernel_size: [usize; 2],
+}
+
+fn merge_2x2() -> [usize; 2] {
+    [2, 2]
+}
+
+/// The language model (`text_config`, `model_type: deepseek_v3`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// The dense layers' MLP width.
+    pub intermediate_size: usize,
+    /// One routed expert's MLP width.
+    pub moe_intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub n_shared_experts: usize,
+    #[serde(default)]
+    pub n_routed_experts: usize,
+    pub num_experts_per_tok: usize,
+    #[serde(default = "one")]
+    pub routed_scaling_factor: f64,
+    #[serde(default = "one_usize")]
+    pub n_group: usize,
+    #[serde(default = "one_usize")]
+    pub topk_group: usize,
+    #[serde(default = "yes")]
+    pub norm_topk_prob: bool,
+    #[serde(default = "sigmoid")]
+    pub scoring_func: String,
+    #[serde(default = "noaux_tc")]
+    pub topk_method: String,
+    #[serde(default)]
+    pub first_k_dense_replace: usize,
+    #[serde(default = "one_usize")]
+    pub moe_layer_freq: usize,
+    pub kv_lora_rank: usize,
+    pub q_lora_rank: Option<usize>,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub rms_norm_eps: f64,
+    #[serde(default = "rope_theta")]
+    pub rope_theta: f64,
+    /// DeepSeek lays the rotary dimensions out in interleaved pairs.
+    #[serde(default = "yes")]
+    pub rope_interleave: bool,
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub eos_token_id: Option<OneOrMany>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn one_usize() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn sigmoid() -> String {
+    "sigmoid".into()
+}
+fn noaux_tc() -> String {
+    "noaux_tc".into()
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn rope_theta() -> f64 {
+    10000.0
+}
+
+impl TextConfig {
+    /// Whether layer `i` routes its MLP through experts (DeepSeek's `moe_layer_freq` rule).
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.n_routed_experts > 0
+            && i >= self.first_k_dense_replace
+            && i % self.moe_layer_freq.max(1) == 0
+    }
+
+    /// Query/key head width: the part without position plus the rotary part.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+}
+
+/// `config.json` of a `kimi_vl` model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub vision: VisionConfig,
+    pub text: TextConfig,
+    /// `<|media_pad|>`, the token each merged image patch takes in the prompt.
+    pub media_placeholder_token_id: u32,
+    /// The language model's `eos_token_id` (one or several).
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    #[serde(default = "media_pad")]
+    media_placeholder_token_id: u32,
+}
+
+fn media_pad() -> u32 {
+    163605
+}
+
+impl Config {
+    /// Reads `config.json` and checks the settings this engine runs.
+    pub fn from_json(file: &JsonFile) -> Result<Self> {
+        let raw: RawConfig = file.parse("")?;
+        if let Some(t) = &raw.model_type {
+            if t != "kimi_vl" {
+                return Err(file.error(format!(
+                    "`model_type` is \"{t}\"; this loader reads \"kimi_vl\""
+                )));
+            }
+        }
+        let vision: VisionConfig = file.parse("vision_config")?;
+        let text: TextConfig = file.parse("text_config")?;
+        let t = &text;
+        let check = |ok: bool, message: String| if ok { Ok(()) } else { Err(file.error(message)) };
+        check(
+            t.hidden_act == "silu",
+            format!(
+                "`text_config.hidden_act` \"{}\" is not supported (only \"silu\")",
+                t.hidden_act
+            ),
+        )?;
+        check(
+            t.scoring_func == "sigmoid",
+            format!(
+                "`text_config.scoring_func` \"{}\" is not supported (DeepSeek-V3's \"sigmoid\" only)",
+                t.scoring_func
+            ),
+        )?;
+        check(
+            t.topk_method == "noaux_tc",
+            format!(
+                "`text_config.topk_method` \"{}\" is not supported (DeepSeek-V3's \"noaux_tc\" only)",
+                t.topk_method
+            ),
+        )?;
+        let plain_rope = match &t.rope_scaling {
+            None => true,
+            Some(v) => {
+                v.get("rope_type")
+                    .or_else(|| v.get("type"))
+                    .and_then(|r| r.as_str())
+                    == Some("default")
+            }
+        };
+        check(
+            plain_rope,
+            "`text_config.rope_scaling` is set; only plain rotary embeddings are supported (Kimi-VL has none)".into(),
+        )?;
+        check(
+            t.num_attention_heads > 0 && t.hidden_size > 0 && t.qk_rope_head_dim % 2 == 0,
+            "`text_config` needs heads, a hidden size and an even qk_rope_head_dim".into(),
+        )?;
+        check(
+            t.n_routed_experts == 0
+                || (t.n_group > 0
+                    && t.n_routed_experts % t.n_group == 0
+                    && t.topk_group <= t.n_group
+                    && t.num_experts_per_tok <= t.n_routed_experts
+                    && t.num_experts_per_tok > 0),
+            format!(
+                "`text_config` routes {} of {} experts in {} groups ({} kept): inconsistent",
+                t.num_experts_per_tok, t.n_routed_experts, t.n_group, t.topk_group
+            ),
+        )?;
+        let v = &vision;
+        check(
+            v.num_attention_heads > 0
+                && v.hidden_size % v.num_attention_heads == 0
+                && (v.hidden_size / v.num_attention_heads) % 4 == 0,
+            "`vision_config.hidden_size` / num_attention_heads must be a multiple of 4 (2D rotary pairs)".into(),
+        )?;
+        check(
+            v.merge_kernel_size.iter().all(|&k| k > 0) && v.patch_size > 0,
+            "`vision_config` needs a positive patch size and merge kernel".into(),
+        )?;
+        let eos_token_ids = text
+            .eos_token_id
+            .clone()
+            .map_or_else(|| vec![163585], OneOrMany::into_vec);
+        Ok(Config {
+            vision,
+            text,
+            media_placeholder_token_id: raw.media_placeholder_token_id,
+            eos_token_ids,
+        })
+    }
+}

@@ -1,0 +1,252 @@
+//! Kimi-VL (`KimiVLForConditionalGeneration`, the original SimpleSeg checkpoint) on candle:
+//! MoonViT and a projector ([`vision`]) feeding a DeepSeek-V3-layout mixture-of-experts
+//! language model ([`text`]), with Moonshot's tiktoken tokenizer and Kimi's image processor.
+//!
+//! Structs mirror the checkpoint's tensor names: `vision_tower.*`, `multi_modal_projector.*`,
+//! `language_model.model.*` and `language_model.lm_head`. Each layer's
+//! `self_attn.rotary_emb.inv_freq` is ignored (the angles are computed from `rope_theta`).
+
+mod config;
+pub mod processor;
+mod text;
+mod vision;
+
+pub use config::{Config, TextConfig, VisionConfig};
+pub use processor::{preprocess, ImageProcessorConfig};
+pub use text::DeepseekV3;
+pub use vision::{MoonVit, Projector};
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::chat::{ChatTemplate, TextTokenizer};
+use crate::error::{Error, Result};
+use crate::generation::GenerationConfig;
+use crate::hf::HfFolder;
+use crate::kv_cache::KvCache;
+use crate::nn::merge_image_features;
+use crate::processor::{expand_placeholders, pixel_tensor, ProcessedImage};
+use crate::session::{last_position, BatchSession, Cohort, Decoder};
+use crate::tiktoken::TiktokenTokenizer;
+use crate::{LoadOptions, Prompt, Session, VisionLanguageModel};
+
+/// The whole model: vision tower, projector, language model.
+#[derive(Clone, Debug)]
+pub struct KimiVl {
+    pub config: Config,
+    pub vision_tower: MoonVit,
+    pub multi_modal_projector: Projector,
+    pub language_model: DeepseekV3,
+}
+
+impl KimiVl {
+    /// Loads the weights under `vb`.
+    pub fn load(vb: &VarBuilder, config: &Config) -> Result<Self> {
+        Ok(KimiVl {
+            config: config.clone(),
+            vision_tower: MoonVit::load(&vb.pp("vision_tower"), &config.vision)?,
+            multi_modal_projector: Projector::load(
+                &vb.pp("multi_modal_projector"),
+                &config.vision,
+                config.text.hidden_size,
+            )?,
+            language_model: DeepseekV3::load(
+                &vb.pp("language_model").pp("model"),
+                &vb.pp("language_model"),
+                &config.text,
+            )?,
+        })
+    }
+
+    /// Tensors of the checkpoint that the model knows and does not read: each layer's rotary
+    /// frequencies, `(name, shape)`.
+    pub fn ignored_tensors(config: &Config) -> Vec<(String, Vec<usize>)> {
+        (0..config.text.num_hidden_layers)
+            .map(|i| {
+                (
+                    format!("language_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"),
+                    vec![config.text.qk_rope_head_dim / 2],
+                )
+            })
+            .collect()
+    }
+
+    /// Language-model features `(merged tokens, hidden)` of a prompt's images, `None` without
+    /// images.
+    pub fn image_features(&self, images: &[ProcessedImage]) -> Result<Option<Tensor>> {
+        if images.is_empty() {
+            return Ok(None);
+        }
+        let device = self.language_model.device();
+        let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
+        let patches = self
+            .vision_tower
+            .forward(&pixel_tensor(images, &device)?, &grids)?;
+        let merged = self.vision_tower.merge(&patches, &grids)?;
+        Ok(Some(self.multi_modal_projector.forward(&merged)?))
+    }
+}
+
+impl KimiVl {
+    /// Final hidden states `(1, seq, hidden)` of every prompt position, filling `cache`.
+    pub fn prompt_hidden(&self, prompt: &Prompt, cache: &mut KvCache) -> Result<Tensor> {
+        let device = self.language_model.device();
+        let ids = Tensor::new(prompt.input_ids.as_slice(), &device)?.unsqueeze(0)?;
+        let embeds = self.language_model.embed(&ids)?;
+        let embeds = match self.image_features(&prompt.images)? {
+            Some(features) => merge_image_features(
+                &embeds,
+                &ids,
+                self.config.media_placeholder_token_id,
+                &features,
+            )?,
+            None => embeds,
+        };
+        Ok(self.language_model.prefill(&embeds, cache)?)
+    }
+}
+
+impl Decoder for KimiVl {
+    type Extra = ();
+
+    fn prefill(&self, prompt: &Prompt) -> Result<(Cohort<()>, Tensor)> {
+        let mut cache = KvCache::default();
+        let hidden = self.prompt_hidden(prompt, &mut cache)?;
+        let logits = self.language_model.logits(&last_position(&hidden)?)?;
+        Ok((
+            Cohort {
+                cache,
+                rows: 1,
+                extra: (),
+            },
+            logits,
+        ))
+    }
+
+    fn step(&self, tokens: &Tensor, cohorts: &mut [Cohort<()>]) -> Result<Tensor> {
+        let embeds = self.language_model.embed(&tokens.unsqueeze(1)?)?;
+        let rows: Vec<usize> = cohorts.iter().map(|c| c.rows).collect();
+        let mut caches: Vec<&mut KvCache> = cohorts.iter_mut().map(|c| &mut c.cache).collect();
+        let hidden = self.language_model.step(&embeds, &mut caches, &rows)?;
+        Ok(self.language_model.logits(&hidden.squeeze(1)?)?)
+    }
+}
+
+/// Builds model inputs: chat template, image processing, `<|media_pad|>` expansion, tokens.
+#[derive(Clone)]
+pub struct PromptBuilder {
+    pub tokenizer: TextTokenizer,
+    pub template: ChatTemplate,
+    pub image_config: ImageProcessorConfig,
+    media_pad: String,
+}
+
+impl PromptBuilder {
+    /// The pieces of a folder, checked against its configuration.
+    pub fn load(folder: &HfFolder, config: &Config) -> Result<Self> {
+        let tokenizer = TextTokenizer::tiktoken(TiktokenTokenizer::load(folder)?);
+        let template = ChatTemplate::load(folder)?;
+        let settings = crate::processor::settings_file(folder)?;
+        let image_config = ImageProcessorConfig::from_json(&settings)?;
+        let v = &config.vision;
+        if image_config.patch_size != v.patch_size
+            || image_config.merge_kernel_size != v.merge_kernel_size
+        {
+            return Err(settings.error(format!(
+                "patch_size {} / merge_kernel_size {:?} differ from config.json's vision_config {} / {:?}",
+                image_config.patch_size, image_config.merge_kernel_size, v.patch_size, v.merge_kernel_size
+            )));
+        }
+        let media_pad = tokenizer
+            .id_to_token(config.media_placeholder_token_id)
+            .ok_or_else(|| Error::BadConfig {
+                path: folder.path("config.json"),
+                message: format!(
+                    "`media_placeholder_token_id` {} is not a token of the tokenizer",
+                    config.media_placeholder_token_id
+                ),
+            })?;
+        Ok(PromptBuilder {
+            tokenizer,
+            template,
+            image_config,
+            media_pad,
+        })
+    }
+
+    /// One user turn with the image and the prompt, ready for generation.
+    pub fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
+        let processed = preprocess(image, &self.image_config)?;
+        let text = self.template.image_prompt(prompt)?;
+        let count = processed.patches() / self.image_config.merge_area();
+        let text = expand_placeholders(&text, &self.media_pad, &[count])?;
+        Ok(Prompt {
+            input_ids: self.tokenizer.encode(&text)?,
+            images: vec![processed],
+        })
+    }
+}
+
+/// A Kimi-VL folder loaded for inference.
+pub struct KimiVlModel {
+    pub model: KimiVl,
+    pub prompts: PromptBuilder,
+    pub generation: GenerationConfig,
+    dtype: DType,
+}
+
+impl KimiVlModel {
+    /// Loads every file of the folder; errors name the file and key at fault.
+    pub fn load(folder: &HfFolder, options: &LoadOptions) -> Result<Self> {
+        let config = Config::from_json(&folder.json("config.json")?)?;
+        let dtype = match options.dtype {
+            Some(DType::F16) => {
+                return Err(Error::Unsupported(
+                    "--dtype f16 is refused for Kimi-VL: its activations overflow f16's range; use bf16 or f32".into(),
+                ))
+            }
+            Some(d) => d,
+            None => crate::auto_dtype(folder)?,
+        };
+        let vb = folder.var_builder(dtype, &options.device)?;
+        let model = KimiVl::load(&vb, &config).map_err(|e| Error::BadFile {
+            path: folder.dir().to_path_buf(),
+            message: format!("weights do not fit config.json: {e}"),
+        })?;
+        let prompts = PromptBuilder::load(folder, &config)?;
+        let generation =
+            GenerationConfig::for_model(folder, &config.eos_token_ids, &prompts.tokenizer)?;
+        Ok(KimiVlModel {
+            model,
+            prompts,
+            generation,
+            dtype,
+        })
+    }
+}
+
+impl VisionLanguageModel for KimiVlModel {
+    fn architecture(&self) -> &str {
+        "kimi_vl"
+    }
+
+    fn tokenizer(&self) -> &TextTokenizer {
+        &self.prompts.tokenizer
+    }
+
+    fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
+        self.prompts.prepare(image, prompt)
+    }
+
+    fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>> {
+        Ok(Box::new(BatchSession::start(&self.model, prompt, copies)?))
+    }
+
+    fn generation_config(&self) -> &GenerationConfig {
+        &self.generation
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}

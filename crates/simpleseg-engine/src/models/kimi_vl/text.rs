@@ -1,0 +1,530 @@
+//! The language model: DeepSeek-V3's layout (Moonlight), as transformers' `DeepseekV3` runs it.
+//!
+//! - Multi-head latent attention: queries from `q_proj` (or the `q_a`/`q_b` low-rank pair);
+//!   keys and values from a compressed latent `c = kv_a_layernorm(kv_a_proj_with_mqa(x))`
+//!   (`kv_a_layernorm` eps 1e-6, as the original code has it) and one rotary key `k_pe` shared by
+//!   the heads. The cache keeps `c` and the rotated `k_pe` only, and attention runs on them
+//!   directly: `kv_b_proj` is split into its key and value halves and folded into the query and
+//!   the output ("absorbed"), so a step costs the latent's width per cached position, not every
+//!   head's keys and values.
+//! - Rotary embeddings on interleaved pairs (`rope_interleave`), plain 1D positions, no scaling.
+//! - MLPs: dense SwiGLU in the first `first_k_dense_replace` layers; then mixtures of experts:
+//!   sigmoid scores, the top-k chosen by score + `e_score_correction_bias` (within the best
+//!   `topk_group` of `n_group` groups), weighted by their unbiased scores renormalized and
+//!   multiplied by `routed_scaling_factor`; only the chosen experts run; plus shared experts.
+
+use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::config::TextConfig;
+use crate::kv_cache::KvCache;
+use crate::nn::{causal_mask, softmax_last_dim, Linear, Mode, RmsNorm};
+
+/// How queries are made.
+#[derive(Clone, Debug)]
+enum Query {
+    Full(Linear),
+    LowRank {
+        q_a_proj: Linear,
+        q_a_layernorm: RmsNorm,
+        q_b_proj: Linear,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Attention {
+    q: Query,
+    kv_a_proj_with_mqa: Linear,
+    kv_a_layernorm: RmsNorm,
+    /// `kv_b_proj` split per head: keys `(heads, nope, latent)`, values `(heads, v, latent)`.
+    w_uk: Tensor,
+    w_uv: Tensor,
+    o_proj: Linear,
+    heads: usize,
+    nope: usize,
+    rope: usize,
+    v_dim: usize,
+    latent: usize,
+    scale: f64,
+    interleave: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Clone, Debug)]
+struct Moe {
+    /// Router `(experts, hidden)`, kept in f32 as the reference keeps it.
+    gate: Linear,
+    e_score_correction_bias: Tensor,
+    experts: Vec<Mlp>,
+    shared_experts: Option<Mlp>,
+    top_k: usize,
+    n_group: usize,
+    topk_group: usize,
+    norm_topk_prob: bool,
+    routed_scaling_factor: f64,
+}
+
+#[derive(Clone, Debug)]
+enum Ffn {
+    Dense(Mlp),
+    Experts(Box<Moe>),
+}
+
+#[derive(Clone, Debug)]
+struct Layer {
+    self_attn: Attention,
+    mlp: Ffn,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+/// The language model (`language_model.model` and `language_model.lm_head`).
+#[derive(Clone, Debug)]
+pub struct DeepseekV3 {
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    inv_freq: Vec<f32>,
+}
+
+impl Mlp {
+    fn load(vb: &VarBuilder, hidden: usize, inner: usize) -> CResult<Self> {
+        Ok(Mlp {
+            gate_proj: Linear::load(&vb.pp("gate_proj"), hidden, inner, false)?,
+            up_proj: Linear::load(&vb.pp("up_proj"), hidden, inner, false)?,
+            down_proj: Linear::load(&vb.pp("down_proj"), inner, hidden, false)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+impl Moe {
+    /// The experts each token goes to and their weights, `top_k` per token.
+    fn route(&self, x: &Tensor) -> CResult<Vec<Vec<(usize, f32)>>> {
+        let logits = self.gate.forward(&x.to_dtype(DType::F32)?)?;
+        let scores: Vec<Vec<f32>> = candle_nn::ops::sigmoid(&logits)?.to_vec2()?;
+        let bias: Vec<f32> = self.e_score_correction_bias.to_vec1()?;
+        let experts = bias.len();
+        let per_group = experts / self.n_group;
+        Ok(scores
+            .iter()
+            .map(|s| {
+                let choice: Vec<f32> = s.iter().zip(&bias).map(|(a, b)| a + b).collect();
+                // Groups ranked by the sum of their two best choice scores.
+                let mut allowed = vec![true; experts];
+                if self.n_group > 1 {
+                    let mut groups: Vec<(usize, f32)> = (0..self.n_group)
+                        .map(|g| {
+                            let mut top: Vec<f32> =
+                                choice[g * per_group..(g + 1) * per_group].to_vec();
+                            top.sort_by(|a, b| b.total_cmp(a));
+                            (g, top.iter().take(2).sum())
+                        })
+                        .collect();
+                    groups.sort_by(|a, b| b.1.total_cmp(&a.1));
+                    allowed = vec![false; experts];
+                    for &(g, _) in groups.iter().take(self.topk_group) {
+                        allowed[g * per_group..(g + 1) * per_group].fill(true);
+                    }
+                }
+                let mut order: Vec<usize> = (0..experts).filter(|&e| allowed[e]).collect();
+                order.sort_by(|&a, &b| choice[b].total_cmp(&choice[a]).then(a.cmp(&b)));
+                order.truncate(self.top_k);
+                let mut weights: Vec<f32> = order.iter().map(|&e| s[e]).collect();
+                if self.norm_topk_prob {
+                    let sum: f32 = weights.iter().sum::<f32>() + 1e-20;
+                    weights.iter_mut().for_each(|w| *w /= sum);
+                }
+                let scale = self.routed_scaling_factor as f32;
+                order
+                    .into_iter()
+                    .zip(weights)
+                    .map(|(e, w)| (e, w * scale))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// `x`: `(tokens, hidden)`.
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let routes = self.route(x)?;
+        let device = x.device();
+        let (tokens, hidden) = x.dims2()?;
+        // Expert by expert, as the reference sums them.
+        let mut out = Tensor::zeros((tokens, hidden), DType::F32, device)?;
+        for (e, expert) in self.experts.iter().enumerate() {
+            let (rows, weights): (Vec<u32>, Vec<f32>) = routes
+                .iter()
+                .enumerate()
+                .filter_map(|(t, r)| r.iter().find(|(x, _)| *x == e).map(|(_, w)| (t as u32, *w)))
+                .unzip();
+            if rows.is_empty() {
+                continue;
+            }
+            let index = Tensor::new(rows.as_slice(), device)?;
+            let y = expert
+                .forward(&x.index_select(&index, 0)?)?
+                .to_dtype(DType::F32)?;
+            let w = Tensor::from_vec(weights, (rows.len(), 1), device)?;
+            out = out.index_add(&index, &y.broadcast_mul(&w)?, 0)?;
+        }
+        let out = out.to_dtype(x.dtype())?;
+        match &self.shared_experts {
+            Some(shared) => out + shared.forward(x)?,
+            None => Ok(out),
+        }
+    }
+}
+
+impl Ffn {
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        match self {
+            Ffn::Dense(mlp) => mlp.forward(x),
+            Ffn::Experts(moe) => {
+                let dims = x.dims().to_vec();
+                let flat = x.reshape(((), dims[dims.len() - 1]))?;
+                moe.forward(&flat)?.reshape(dims)
+            }
+        }
+    }
+}
+
+/// Rotary embedding of `x` `(..., seq, rope)` at angles `cos`/`sin` `(seq, rope / 2)`: on
+/// interleaved pairs `(x[2i], x[2i + 1])` when `interleave` (the result holds the first members
+/// then the second, as transformers lays it out), else on halves.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, interleave: bool) -> CResult<Tensor> {
+    let rope = x.dim(D::Minus1)?;
+    let (a, b) = if interleave {
+        let dims = x.dims().to_vec();
+        let mut pair_dims = dims[..dims.len() - 1].to_vec();
+        pair_dims.extend([rope / 2, 2]);
+        let pairs = x.reshape(pair_dims)?;
+        (
+            pairs.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?,
+            pairs.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?,
+        )
+    } else {
+        (
+            x.narrow(D::Minus1, 0, rope / 2)?,
+            x.narrow(D::Minus1, rope / 2, rope / 2)?,
+        )
+    };
+    let first = (a.broadcast_mul(cos)? - b.broadcast_mul(sin)?)?;
+    let second = (b.broadcast_mul(cos)? + a.broadcast_mul(sin)?)?;
+    Tensor::cat(&[first, second], D::Minus1)
+}
+
+impl Attention {
+    fn load(vb: &VarBuilder, c: &TextConfig) -> CResult<Self> {
+        let (h, heads) = (c.hidden_size, c.num_attention_heads);
+        let (nope, rope, v_dim, latent) = (
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+            c.kv_lora_rank,
+        );
+        let q_dim = heads * (nope + rope);
+        let q = match c.q_lora_rank {
+            None => Query::Full(Linear::load(&vb.pp("q_proj"), h, q_dim, false)?),
+            Some(rank) => Query::LowRank {
+                q_a_proj: Linear::load(&vb.pp("q_a_proj"), h, rank, c.attention_bias)?,
+                q_a_layernorm: RmsNorm::load(&vb.pp("q_a_layernorm"), rank, 1e-6)?,
+                q_b_proj: Linear::load(&vb.pp("q_b_proj"), rank, q_dim, false)?,
+            },
+        };
+        let kv_b = vb
+            .pp("kv_b_proj")
+            .get((heads * (nope + v_dim), latent), "weight")?
+            .reshape((heads, nope + v_dim, latent))?;
+        Ok(Attention {
+            q,
+            kv_a_proj_with_mqa: Linear::load(
+                &vb.pp("kv_a_proj_with_mqa"),
+                h,
+                latent + rope,
+                c.attention_bias,
+            )?,
+            kv_a_layernorm: RmsNorm::load(&vb.pp("kv_a_layernorm"), latent, 1e-6)?,
+            w_uk: kv_b.narrow(1, 0, nope)?.contiguous()?,
+            w_uv: kv_b.narrow(1, nope, v_dim)?.contiguous()?,
+            o_proj: Linear::load(&vb.pp("o_proj"), heads * v_dim, h, c.attention_bias)?,
+            heads,
+            nope,
+            rope,
+            v_dim,
+            latent,
+            scale: ((nope + rope) as f64).powf(-0.5),
+            interleave: c.rope_interleave,
+        })
+    }
+
+    /// Queries `(b, heads, s, nope)` and `(b, heads, s, rope)`, the latent `(b, 1, s, latent)`
+    /// and the rotary key `(b, 1, s, rope)`, before rotation.
+    fn project(&self, x: &Tensor) -> CResult<(Tensor, Tensor, Tensor, Tensor)> {
+        let (b, s, _) = x.dims3()?;
+        let q = match &self.q {
+            Query::Full(p) => p.forward(x)?,
+            Query::LowRank {
+                q_a_proj,
+                q_a_layernorm,
+                q_b_proj,
+            } => q_b_proj.forward(&q_a_layernorm.forward(&q_a_proj.forward(x)?, Mode::Infer)?)?,
+        };
+        let q = q
+            .reshape((b, s, self.heads, self.nope + self.rope))?
+            .transpose(1, 2)?;
+        let kv = self.kv_a_proj_with_mqa.forward(x)?;
+        let c = self
+            .kv_a_layernorm
+            .forward(&kv.narrow(D::Minus1, 0, self.latent)?, Mode::Infer)?;
+        let k_pe = kv.narrow(D::Minus1, self.latent, self.rope)?;
+        Ok((
+            q.narrow(D::Minus1, 0, self.nope)?,
+            q.narrow(D::Minus1, self.nope, self.rope)?,
+            c.unsqueeze(1)?,
+            k_pe.unsqueeze(1)?,
+        ))
+    }
+
+    /// Rotation, the cache, and attention over the latent for one group of rows:
+    /// `(b, s, heads * v_dim)` before `o_proj`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        (q_nope, q_pe, c, k_pe): (Tensor, Tensor, Tensor, Tensor),
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        slot: &mut Option<(Tensor, Tensor)>,
+    ) -> CResult<Tensor> {
+        let (b, _, s, _) = q_nope.dims4()?;
+        let dtype = c.dtype();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let q_pe = rotate(&f32(&q_pe)?, cos, sin, self.interleave)?;
+        let k_pe = rotate(&f32(&k_pe)?, cos, sin, self.interleave)?.to_dtype(dtype)?;
+        let (c_all, k_pe_all) = crate::kv_cache::append(slot, c, k_pe)?;
+        let (c_all, k_pe_all) = (f32(&c_all)?, f32(&k_pe_all)?);
+        // Query folded through the key half of kv_b: (b, heads, s, latent).
+        let q_latent = f32(&q_nope)?.broadcast_matmul(&f32(&self.w_uk)?.unsqueeze(0)?)?;
+        let scores = (q_latent.broadcast_matmul(&c_all.transpose(2, 3)?)?
+            + q_pe.broadcast_matmul(&k_pe_all.transpose(2, 3)?)?)?;
+        let scores = (scores * self.scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
+            None => scores,
+        };
+        let p = softmax_last_dim(&scores, Mode::Infer)?;
+        // Attention over the latent, then the value half of kv_b: (b, heads, s, v_dim).
+        let o_latent = p.broadcast_matmul(&c_all)?;
+        let o = o_latent.broadcast_matmul(&f32(&self.w_uv)?.transpose(1, 2)?.unsqueeze(0)?)?;
+        o.transpose(1, 2)?
+            .reshape((b, s, self.heads * self.v_dim))?
+            .to_dtype(dtype)
+    }
+}
+
+impl DeepseekV3 {
+    /// Loads `model.*` under `vb_model` and the head from `vb_head` (`lm_head`).
+    pub(crate) fn load(
+        vb_model: &VarBuilder,
+        vb_head: &VarBuilder,
+        c: &TextConfig,
+    ) -> CResult<Self> {
+        let embed_tokens = vb_model
+            .pp("embed_tokens")
+            .get((c.vocab_size, c.hidden_size), "weight")?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let l = vb_model.pp("layers").pp(i);
+                let m = l.pp("mlp");
+                let mlp = if c.is_moe_layer(i) {
+                    let experts = (0..c.n_routed_experts)
+                        .map(|e| {
+                            Mlp::load(
+                                &m.pp("experts").pp(e),
+                                c.hidden_size,
+                                c.moe_intermediate_size,
+                            )
+                        })
+                        .collect::<CResult<Vec<_>>>()?;
+                    let shared_experts = (c.n_shared_experts > 0)
+                        .then(|| {
+                            Mlp::load(
+                                &m.pp("shared_experts"),
+                                c.hidden_size,
+                                c.moe_intermediate_size * c.n_shared_experts,
+                            )
+                        })
+                        .transpose()?;
+                    let router = m.pp("gate").set_dtype(DType::F32);
+                    Ffn::Experts(Box::new(Moe {
+                        gate: Linear::load(&router, c.hidden_size, c.n_routed_experts, false)?,
+                        e_score_correction_bias: router
+                            .get(c.n_routed_experts, "e_score_correction_bias")?,
+                        experts,
+                        shared_experts,
+                        top_k: c.num_experts_per_tok,
+                        n_group: c.n_group,
+                        topk_group: c.topk_group,
+                        norm_topk_prob: c.norm_topk_prob,
+                        routed_scaling_factor: c.routed_scaling_factor,
+                    }))
+                } else {
+                    Ffn::Dense(Mlp::load(&m, c.hidden_size, c.intermediate_size)?)
+                };
+                Ok(Layer {
+                    self_attn: Attention::load(&l.pp("self_attn"), c)?,
+                    mlp,
+                    input_layernorm: RmsNorm::load(
+                        &l.pp("input_layernorm"),
+                        c.hidden_size,
+                        c.rms_norm_eps,
+                    )?,
+                    post_attention_layernorm: RmsNorm::load(
+                        &l.pp("post_attention_layernorm"),
+                        c.hidden_size,
+                        c.rms_norm_eps,
+                    )?,
+                })
+            })
+            .collect::<CResult<Vec<_>>>()?;
+        let lm_head = if c.tie_word_embeddings && !vb_head.contains_tensor("lm_head.weight") {
+            embed_tokens.clone()
+        } else {
+            vb_head
+                .pp("lm_head")
+                .get((c.vocab_size, c.hidden_size), "weight")?
+        };
+        let rope = c.qk_rope_head_dim;
+        let inv_freq = (0..rope)
+            .step_by(2)
+            .map(|i| 1.0 / (c.rope_theta.powf(i as f64 / rope as f64) as f32))
+            .collect();
+        Ok(DeepseekV3 {
+            embed_tokens,
+            norm: RmsNorm::load(&vb_model.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
+            layers,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device().clone()
+    }
+
+    /// Token embeddings `(batch, seq, hidden)`.
+    pub fn embed(&self, input_ids: &Tensor) -> CResult<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        self.embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, s, ()))
+    }
+
+    /// Rotary angles `(seq, rope / 2)` of positions `start..start + seq`, in f32.
+    fn rotary(&self, start: usize, seq: usize, device: &Device) -> CResult<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        for p in start..start + seq {
+            for f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (seq, half), device)?,
+            Tensor::from_vec(sin, (seq, half), device)?,
+        ))
+    }
+
+    /// Final hidden states `(1, seq, hidden)` of a prompt's embeddings, filling `cache`.
+    pub fn prefill(&self, embeds: &Tensor, cache: &mut KvCache) -> CResult<Tensor> {
+        let (_, s, _) = embeds.dims3()?;
+        let past = cache.len();
+        let device = embeds.device();
+        let (cos, sin) = self.rotary(past, s, device)?;
+        let mask = (s > 1)
+            .then(|| causal_mask(s, past, DType::F32, device))
+            .transpose()?;
+        let slots = cache.slots(self.layers.len());
+        let mut x = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x, Mode::Infer)?;
+            let parts = layer.self_attn.project(&h)?;
+            let o = layer
+                .self_attn
+                .attend(parts, &cos, &sin, mask.as_ref(), &mut slots[i])?;
+            x = (x + layer.self_attn.o_proj.forward(&o)?)?;
+            let h = layer.post_attention_layernorm.forward(&x, Mode::Infer)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        self.norm.forward(&x, Mode::Infer)
+    }
+
+    /// One decoding step for rows grouped in cohorts (see [`crate::session`]): `embeds`
+    /// `(rows, 1, hidden)`; cohort `i` has `rows[i]` rows and `caches[i]`. The projections and
+    /// experts run once over every row; attention per cohort over its own cache.
+    pub fn step(
+        &self,
+        embeds: &Tensor,
+        caches: &mut [&mut KvCache],
+        rows: &[usize],
+    ) -> CResult<Tensor> {
+        let device = embeds.device();
+        let rotary = caches
+            .iter()
+            .map(|c| self.rotary(c.len(), 1, device))
+            .collect::<CResult<Vec<_>>>()?;
+        let mut slots: Vec<&mut [Option<(Tensor, Tensor)>]> = caches
+            .iter_mut()
+            .map(|c| c.slots(self.layers.len()))
+            .collect();
+        let mut x = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x, Mode::Infer)?;
+            let (q_nope, q_pe, c, k_pe) = layer.self_attn.project(&h)?;
+            let mut start = 0;
+            let mut outputs = Vec::with_capacity(rows.len());
+            for (g, &n) in rows.iter().enumerate() {
+                let part = |t: &Tensor| t.narrow(0, start, n);
+                let (cos, sin) = &rotary[g];
+                outputs.push(layer.self_attn.attend(
+                    (part(&q_nope)?, part(&q_pe)?, part(&c)?, part(&k_pe)?),
+                    cos,
+                    sin,
+                    None,
+                    &mut slots[g][i],
+                )?);
+                start += n;
+            }
+            let o = Tensor::cat(&outputs, 0)?;
+            x = (x + layer.self_attn.o_proj.forward(&o)?)?;
+            let h = layer.post_attention_layernorm.forward(&x, Mode::Infer)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        self.norm.forward(&x, Mode::Infer)
+    }
+
+    /// Logits `(..., vocab)` from hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
+        Linear {
+            weight: self.lm_head.clone(),
+            bias: None,
+        }
+        .forward(hidden)
+    }
+}

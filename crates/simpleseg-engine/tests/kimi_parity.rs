@@ -1,0 +1,153 @@
+//! Kimi-VL against what references compute on tiny checkpoints in the real layout
+//! (`scripts/gen_kimi_fixtures.py`): the processor's pixel values and the prompt's token ids
+//! (PIL, torch and tiktoken), the vision tower and projector's features (transformers'
+//! `Kimi_K25VisionModel` on converted weights, which NeMo Automodel's MoonViT matched within
+//! 2e-6), the logits at every prompt position (transformers' `DeepseekV3ForCausalLM`, which
+//! NeMo's MLA and MoE matched within 1.1e-5) and the greedy continuation (transformers'
+//! `generate`). Also: the loading plan of the real 16B config asks for exactly the real
+//! checkpoint's tensors.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use simpleseg_core::images::open_image;
+use simpleseg_engine::hf::{HfFolder, JsonFile, LoadingPlan};
+use simpleseg_engine::kv_cache::KvCache;
+use simpleseg_engine::models::kimi_vl::{Config, KimiVl, KimiVlModel};
+use simpleseg_engine::{generate, GenerationConfig, LoadOptions};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kimi")
+}
+
+fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn check_checkpoint(name: &str) {
+    let folder = HfFolder::open(fixtures().join(name)).unwrap();
+    let options = LoadOptions {
+        dtype: Some(DType::F32),
+        ..LoadOptions::default()
+    };
+    let model = KimiVlModel::load(&folder, &options).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("{name}.expected.json"))).unwrap(),
+    )
+    .unwrap();
+    let expected = candle_core::safetensors::load(
+        fixtures().join(format!("{name}.expected.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for case in meta["cases"].as_array().unwrap() {
+        let key = case["name"].as_str().unwrap();
+        let image = open_image(&folder.path(case["image"].as_str().unwrap())).unwrap();
+        let prompt = model
+            .prompts
+            .prepare(&image, case["prompt"].as_str().unwrap())
+            .unwrap();
+        // Processor and tokenizer: exact.
+        let grid = &prompt.images[0].grid_thw;
+        assert_eq!(
+            [grid[1], grid[2]].to_vec(),
+            serde_json::from_value::<Vec<usize>>(case["grid_hw"].clone()).unwrap(),
+            "{name}/{key} grid"
+        );
+        let want_pixels: Vec<Vec<f32>> =
+            expected[&format!("{key}.pixel_values")].to_vec2().unwrap();
+        let got = &prompt.images[0].pixel_values;
+        let dim = want_pixels[0].len();
+        for (i, row) in want_pixels.iter().enumerate() {
+            assert_eq!(
+                &got[i * dim..(i + 1) * dim],
+                row.as_slice(),
+                "{name}/{key} patch {i}"
+            );
+        }
+        let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        assert_eq!(prompt.input_ids, ids, "{name}/{key} token ids");
+        // Vision tower and projector.
+        let features = model.model.image_features(&prompt.images).unwrap().unwrap();
+        let gap = max_gap(&features, &expected[&format!("{key}.image_features")]);
+        eprintln!("{name}/{key}: image features within {gap:e}");
+        assert!(gap < 1e-4, "{name}/{key} image features differ by {gap}");
+        // Logits at every prompt position.
+        let hidden = model
+            .model
+            .prompt_hidden(&prompt, &mut KvCache::default())
+            .unwrap();
+        let logits = model
+            .model
+            .language_model
+            .logits(&hidden.squeeze(0).unwrap())
+            .unwrap();
+        let gap = max_gap(&logits, &expected[&format!("{key}.logits")]);
+        eprintln!("{name}/{key}: logits within {gap:e}");
+        assert!(gap < 1e-4, "{name}/{key} logits differ by {gap}");
+        // Greedy continuation, stopping where the reference stopped.
+        let mut want: Vec<u32> = serde_json::from_value(case["greedy_ids"].clone()).unwrap();
+        let config = GenerationConfig {
+            do_sample: false,
+            max_new_tokens: want.len(),
+            ..model.generation.clone()
+        };
+        if want
+            .last()
+            .is_some_and(|t| config.eos_token_ids.contains(t))
+        {
+            want.pop();
+        }
+        let out = generate(&model, &prompt, config, |_| {}).unwrap();
+        assert_eq!(out.token_ids, want, "{name}/{key} greedy tokens");
+    }
+}
+
+#[test]
+fn kimi_tiny_matches_the_references() {
+    check_checkpoint("kimi-tiny");
+}
+
+#[test]
+fn grouped_routing_and_low_rank_queries_match_the_references() {
+    check_checkpoint("kimi-tiny-grouped");
+}
+
+#[test]
+fn the_real_config_asks_for_exactly_the_real_tensors() {
+    let real: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("real-tensors.json")).unwrap(),
+    )
+    .unwrap();
+    let config = Config::from_json(&JsonFile {
+        path: "config.json".into(),
+        root: real["config"].clone(),
+    })
+    .unwrap();
+    let plan = LoadingPlan::default();
+    KimiVl::load(&plan.var_builder(DType::BF16), &config).unwrap();
+    let mut asked: BTreeMap<String, Vec<usize>> = plan.requests().into_iter().collect();
+    asked.extend(KimiVl::ignored_tensors(&config));
+    let want: BTreeMap<String, Vec<usize>> =
+        serde_json::from_value(real["tensors"].clone()).unwrap();
+    assert_eq!(want.len(), 5679);
+    let missing: Vec<&String> = want.keys().filter(|k| !asked.contains_key(*k)).collect();
+    let extra: Vec<&String> = asked.keys().filter(|k| !want.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra {extra:?}"
+    );
+    for (name, shape) in &want {
+        assert_eq!(&asked[name], shape, "{name}");
+    }
+}
