@@ -149,64 +149,6 @@ impl HfFolder {
     }
 }
 
-/// A loading plan: what a model asks its [`VarBuilder`] for, recorded without any weights.
-/// Each request is answered with a zero tensor of the asked shape that takes no memory (a
-/// broadcast view), so a model of any size can be "loaded" to list the tensor names and shapes
-/// it reads.
-#[derive(Clone, Default)]
-pub struct LoadingPlan {
-    requests: std::sync::Arc<std::sync::Mutex<Vec<TensorRequest>>>,
-}
-
-/// A tensor a model asked for: its name and shape.
-pub type TensorRequest = (String, Vec<usize>);
-
-impl LoadingPlan {
-    /// A builder that records into this plan.
-    pub fn var_builder(&self, dtype: DType) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self.clone()), dtype, Device::Cpu)
-    }
-
-    /// The tensors asked for, `(name, shape)`, in order.
-    pub fn requests(&self) -> Vec<TensorRequest> {
-        self.requests
-            .lock()
-            .map(|r| r.clone())
-            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
-    }
-}
-
-impl candle_nn::var_builder::SimpleBackend for LoadingPlan {
-    fn get(
-        &self,
-        s: candle_core::Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        if let Ok(mut r) = self.requests.lock() {
-            r.push((name.to_string(), s.dims().to_vec()));
-        }
-        candle_core::Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        _: DType,
-        _: &Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        Err(candle_core::Error::Msg(format!(
-            "a loading plan needs the shape of {name}"
-        )))
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
 /// Reads the tensor names from a safetensors header without mapping the data.
 fn safetensors_header_names(path: &Path) -> Result<Vec<String>> {
     use std::io::Read;

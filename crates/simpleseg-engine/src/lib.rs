@@ -22,14 +22,17 @@
 pub mod chat;
 pub mod error;
 pub mod generation;
+pub mod gguf;
 pub mod hf;
 pub mod kv_cache;
 pub mod models;
 pub mod nn;
 pub mod pillow;
 pub mod processor;
+pub mod quantize;
 pub mod session;
 pub mod tiktoken;
+pub mod weights;
 
 /// The Qwen2-VL image processor, the first family's (kept at this path for existing users).
 pub use models::qwen2_5_vl::processor as image_processor;
@@ -93,8 +96,19 @@ pub trait VisionLanguageModel: Send + Sync {
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub device: Device,
-    /// Compute dtype; `None` picks f32 when the weights fit comfortably, else bf16.
+    /// Compute dtype; `None` picks one ([`auto_dtype`]).
     pub dtype: Option<DType>,
+    /// Quantize the language model's linear layers at load (a folder written by
+    /// `simpleseg quantize` is quantized already).
+    pub quantize: Option<weights::Quantization>,
+}
+
+impl LoadOptions {
+    /// The folder's weights as a model reads them under these options.
+    pub fn weights(&self, folder: &HfFolder, dtype: DType) -> Result<weights::Weights> {
+        let files = weights::folder_files(folder)?;
+        Ok(weights::Weights::from_files(files, dtype, &self.device).quantized(self.quantize))
+    }
 }
 
 impl Default for LoadOptions {
@@ -102,6 +116,7 @@ impl Default for LoadOptions {
         LoadOptions {
             device: Device::Cpu,
             dtype: None,
+            quantize: None,
         }
     }
 }
@@ -141,11 +156,16 @@ pub fn init_threads() {
     });
 }
 
-/// The compute dtype to use when none is asked for: f32 while the weights would take at most
-/// 8 GiB in f32, bf16 beyond.
-pub fn auto_dtype(folder: &HfFolder) -> Result<DType> {
-    let bytes: u64 = folder
-        .safetensors_files()?
+/// The compute dtype to use when none is asked for. On the CPU, f32: linear weights are read
+/// in place as stored (BF16, F16, F32 or quantized) and accumulated in f32 whatever the compute
+/// dtype, so f32 activations cost no weight memory, and candle's f32 kernels are several times
+/// faster than its BF16 ones. On a GPU, where weights are copied in the compute dtype, f32
+/// while they would take at most 8 GiB in f32, bf16 beyond.
+pub fn auto_dtype(folder: &HfFolder, device: &Device) -> Result<DType> {
+    if device.is_cpu() {
+        return Ok(DType::F32);
+    }
+    let bytes: u64 = weights::folder_weight_files(folder)?
         .iter()
         .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
         .sum();

@@ -5,8 +5,12 @@
 //! `rms_norm`, `softmax_last_dim` and rotary kernels have no backward pass, so gradients
 //! through them would silently vanish). Both compute the same function; tests check that.
 
+use std::sync::Arc;
+
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::VarBuilder;
+
+use crate::weights::{MappedMatrix, Weights};
 
 /// Whether a forward pass must carry gradients.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -18,30 +22,88 @@ pub enum Mode {
     Train,
 }
 
+/// How a linear layer keeps its weight `(out_dim, in_dim)`.
+#[derive(Clone, Debug)]
+pub enum Weight {
+    /// A candle tensor (training's variables, small models, GPUs).
+    Dense(Tensor),
+    /// BF16/F16 values read in place from the memory-mapped checkpoint.
+    Mapped(MappedMatrix),
+    /// Quantized (q8_0, q4k), multiplied by candle's quantized kernels.
+    Quantized(Arc<QMatMul>),
+}
+
+impl Weight {
+    /// `(out_dim, in_dim)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Weight::Dense(t) => t.dims2(),
+            Weight::Mapped(m) => Ok((m.rows, m.cols)),
+            Weight::Quantized(q) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.shape().dims2(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2(),
+            },
+        }
+    }
+
+    /// The weight as a candle tensor of `dtype` (a copy unless dense already).
+    pub fn to_tensor(&self, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => t.to_dtype(dtype),
+            Weight::Mapped(m) => m.to_tensor(dtype, device),
+            Weight::Quantized(q) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.dequantize(device)?.to_dtype(dtype),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(dtype),
+            },
+        }
+    }
+}
+
 /// A linear layer `y = x W^T + b`, mirroring `nn.Linear`'s `weight` and `bias` tensors.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
-    /// Loads `weight` (and `bias` if `bias`) under `vb`.
-    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias {
-            Some(vb.get(out_dim, "bias")?)
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias })
+    /// A layer over a candle weight tensor.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: Weight::Dense(weight),
+            bias,
+        }
+    }
+
+    /// Loads `weight` (and `bias` if `bias`) under `w`.
+    pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        w.linear(in_dim, out_dim, bias)
     }
 
     /// `x W^T` for a rank-2 `x`.
     fn matmul_rows(&self, x: &Tensor) -> Result<Tensor> {
-        match few_rows_matmul(x, &self.weight)? {
-            Some(y) => Ok(y),
-            None => x.matmul(&self.weight.t()?),
+        match &self.weight {
+            Weight::Dense(w) => match few_rows_matmul(x, w)? {
+                Some(y) => Ok(y),
+                None => x.matmul(&w.t()?),
+            },
+            Weight::Mapped(m) => {
+                let slice = match m.dtype {
+                    DType::F16 => Rows::F16(m.f16()),
+                    DType::F32 => Rows::F32(m.f32()),
+                    _ => Rows::Bf16(m.bf16()),
+                };
+                if x.dim(0)? <= FEW_ROWS && !x.track_op() {
+                    rows_matmul(x, slice, m.rows, m.cols)
+                } else {
+                    widened_matmul(x, m)
+                }
+            }
+            Weight::Quantized(q) => {
+                let dtype = x.dtype();
+                q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                    .to_dtype(dtype)
+            }
         }
     }
 }
@@ -57,37 +119,94 @@ impl Module for Linear {
                 let y = self.matmul_rows(&x.reshape((rows, dims[dims.len() - 1]))?)?;
                 let mut out_dims = dims;
                 if let Some(last) = out_dims.last_mut() {
-                    *last = self.weight.dim(0)?;
+                    *last = self.weight.dims()?.0;
                 }
                 y.reshape(out_dims)?
             }
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
             None => Ok(y),
         }
     }
 }
 
-/// Row counts up to which [`few_rows_matmul`] replaces candle's matmul.
+/// An embedding table whose rows are gathered on demand, read in place when mapped.
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    table: Weight,
+    dtype: DType,
+}
+
+impl Embedding {
+    /// A table `(vocab, hidden)`; looked-up rows come out in `dtype`.
+    pub fn new(table: Weight, dtype: DType) -> Self {
+        Embedding { table, dtype }
+    }
+
+    /// A table held as a candle tensor.
+    pub fn from_tensor(table: Tensor) -> Self {
+        let dtype = table.dtype();
+        Embedding::new(Weight::Dense(table), dtype)
+    }
+
+    /// The table as a linear layer (`hidden -> vocab`): a tied output head.
+    pub fn as_linear(&self) -> Linear {
+        Linear {
+            weight: self.table.clone(),
+            bias: None,
+        }
+    }
+
+    /// Rows of `ids` (any shape): `(..., hidden)`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let flat = ids.flatten_all()?;
+        let rows = match &self.table {
+            Weight::Dense(t) => t.index_select(&flat, 0)?,
+            Weight::Mapped(m) => {
+                let ids: Vec<u32> = flat.to_vec1()?;
+                let mut out = vec![0f32; ids.len() * m.cols];
+                for (o, &id) in out.chunks_mut(m.cols).zip(&ids) {
+                    let id = id as usize;
+                    if id >= m.rows {
+                        candle_core::bail!("token id {id} is outside the {}-row embedding", m.rows);
+                    }
+                    m.row_into(id, o);
+                }
+                Tensor::from_vec(out, (ids.len(), m.cols), flat.device())?
+            }
+            Weight::Quantized(q) => {
+                let table = match q.as_ref() {
+                    QMatMul::QTensor(t) => t.dequantize(flat.device())?,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
+                };
+                table.index_select(&flat, 0)?
+            }
+        };
+        let mut dims = ids.dims().to_vec();
+        dims.push(rows.dim(1)?);
+        rows.to_dtype(self.dtype)?.reshape(dims)
+    }
+}
+
+/// Row counts up to which the row kernels replace candle's matmul.
 const FEW_ROWS: usize = 8;
 
+/// A weight's values as stored.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+    F32(&'a [f32]),
+}
+
 /// `x W^T` for at most [`FEW_ROWS`] rows of `x` against a contiguous BF16 or F32 weight on the
-/// CPU, or `None` when that does not apply. Each weight row is read once (widened to f32 when
-/// BF16) and accumulated in f32, then the result is rounded to `x`'s dtype, as a BF16 matmul
-/// does.
-///
-/// Decoding multiplies a few rows by every weight. candle's general BF16 matmul repacks the
-/// whole weight on each call, which made a 7B-size token take ~15 s on 2 cores, where reading
-/// the weights once allows about 1 s. And each output is one dot product computed the same way
-/// whatever the number of rows, so a sequence decoded in a batch gets exactly the numbers it
-/// gets alone.
+/// CPU, or `None` when that does not apply (other dtypes, devices, more rows, or a computation
+/// that needs gradients: a result built outside candle's ops carries none).
 fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     use candle_core::{CpuStorage, Storage};
-    use rayon::prelude::*;
 
     let rows = x.dim(0)?;
-    // A result built outside candle's ops carries no gradient: training takes candle's matmul.
     let needs_grad = weight.track_op() || x.track_op();
     if !matches!(weight.dtype(), DType::BF16 | DType::F32)
         || !weight.device().is_cpu()
@@ -97,11 +216,35 @@ fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let (out_dim, in_dim) = weight.dims2()?;
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let (storage, layout) = weight.storage_and_layout();
     let Some((start, end)) = layout.contiguous_offsets() else {
         return Ok(None);
     };
+    let y = match &*storage {
+        Storage::Cpu(CpuStorage::BF16(data)) => {
+            rows_matmul(x, Rows::Bf16(&data[start..end]), out_dim, in_dim)?
+        }
+        Storage::Cpu(CpuStorage::F32(data)) => {
+            rows_matmul(x, Rows::F32(&data[start..end]), out_dim, in_dim)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(y))
+}
+
+/// `x W^T` by one dot product per output, each weight row read once (widened to f32) and
+/// accumulated in f32, the result rounded to `x`'s dtype as a BF16 matmul does.
+///
+/// Decoding multiplies a few rows by every weight. candle's general BF16 matmul repacks the
+/// whole weight on each call, which made a 7B-size token take ~15 s on 2 cores, where reading
+/// the weights once allows about 1 s. And each output is one dot product computed the same way
+/// whatever the number of rows, so a sequence decoded in a batch gets exactly the numbers it
+/// gets alone.
+fn rows_matmul(x: &Tensor, w: Rows, out_dim: usize, in_dim: usize) -> Result<Tensor> {
+    use rayon::prelude::*;
+
+    let rows = x.dim(0)?;
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     // One chunk of `rows` outputs per weight row (output feature), in parallel.
     let mut by_feature = vec![0f32; out_dim * rows];
     macro_rules! run {
@@ -117,21 +260,130 @@ fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
                 })
         };
     }
-    match &*storage {
-        Storage::Cpu(CpuStorage::BF16(data)) => run!(&data[start..end], dot_bf16),
-        Storage::Cpu(CpuStorage::F32(data)) => run!(&data[start..end], dot_f32),
-        _ => return Ok(None),
+    match w {
+        Rows::Bf16(data) => run!(data, dot_bf16),
+        Rows::F16(data) => run!(data, dot_f16),
+        Rows::F32(data) => run!(data, dot_f32),
     }
-    drop(storage);
     let mut y = vec![0f32; rows * out_dim];
     for (f, values) in by_feature.chunks(rows).enumerate() {
         for (r, v) in values.iter().enumerate() {
             y[r * out_dim + f] = *v;
         }
     }
-    Ok(Some(
-        Tensor::from_vec(y, (rows, out_dim), x.device())?.to_dtype(x.dtype())?,
-    ))
+    Tensor::from_vec(y, (rows, out_dim), x.device())?.to_dtype(x.dtype())
+}
+
+/// `x W^T` for many rows (a prefill) against a mapped weight at f32 speed: a BF16/F16 weight
+/// is widened to f32 a block of output features at a time and each block multiplied with the
+/// f32 GEMM, so no f32 copy of the whole weight ever exists. The result is rounded to `x`'s
+/// dtype.
+fn widened_matmul(x: &Tensor, m: &MappedMatrix) -> Result<Tensor> {
+    use rayon::prelude::*;
+
+    let rows = x.dim(0)?;
+    let (out_dim, in_dim) = (m.rows, m.cols);
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut y = vec![0f32; rows * out_dim];
+    // Blocks of about 4 MiB of widened weight; an f32 weight is used in one piece as stored.
+    let block = if m.dtype == DType::F32 {
+        out_dim.max(1)
+    } else {
+        ((4 << 20) / (4 * in_dim.max(1))).clamp(16, out_dim.max(16))
+    };
+    let mut buffer = vec![
+        0f32;
+        if m.dtype == DType::F32 {
+            0
+        } else {
+            block * in_dim
+        }
+    ];
+    let threads = rayon::current_num_threads();
+    for b0 in (0..out_dim).step_by(block) {
+        let n = block.min(out_dim - b0);
+        let rhs = if m.dtype == DType::F32 {
+            &m.f32()[b0 * in_dim..(b0 + n) * in_dim]
+        } else {
+            buffer[..n * in_dim]
+                .par_chunks_mut(in_dim)
+                .enumerate()
+                .for_each(|(i, out)| m.row_into(b0 + i, out));
+            &buffer[..n * in_dim]
+        };
+        // SAFETY: dst is `rows x out_dim` row-major and the written columns b0..b0 + n lie
+        // within it; lhs is `rows x in_dim` row-major; rhs is the block read as `in_dim x n`
+        // (element (k, j) at j * in_dim + k); all three outlive the call.
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                in_dim,
+                y.as_mut_ptr().add(b0),
+                1,
+                out_dim as isize,
+                false,
+                xs.as_ptr(),
+                1,
+                in_dim as isize,
+                rhs.as_ptr(),
+                in_dim as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                if threads > 1 {
+                    gemm::Parallelism::Rayon(threads)
+                } else {
+                    gemm::Parallelism::None
+                },
+            );
+        }
+    }
+    Tensor::from_vec(y, (rows, out_dim), x.device())?.to_dtype(x.dtype())
+}
+
+/// BF16 values widened to f32 (exact: the 16 bits become the high half), with AVX2 where the
+/// CPU has it.
+pub fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { widen_bf16_avx2(src, dst) };
+        }
+    }
+    widen_bf16_portable(src, dst)
+}
+
+/// [`widen_bf16_portable`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_bf16_avx2(src: &[half::bf16], dst: &mut [f32]) {
+    widen_bf16_portable(src, dst)
+}
+
+#[inline(always)]
+fn widen_bf16_portable(src: &[half::bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+    }
+}
+
+/// Dot product of f32 values with F16 values in f32: the weights are widened a chunk at a time
+/// (half's converter uses F16C where the CPU has it) and multiplied by [`dot_f32`].
+fn dot_f16(x: &[f32], w: &[half::f16]) -> f32 {
+    use half::slice::HalfFloatSliceExt;
+    let mut buffer = [0f32; 256];
+    let mut sum = 0f32;
+    for (xs, ws) in x.chunks(256).zip(w.chunks(256)) {
+        let wide = &mut buffer[..ws.len()];
+        ws.convert_to_f32_slice(wide);
+        sum += dot_f32(xs, wide);
+    }
+    sum
 }
 
 /// Dot product of f32 values in f32, with AVX2 where the CPU has it.
@@ -218,9 +470,9 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+    pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
         Ok(RmsNorm {
-            weight: vb.get(dim, "weight")?,
+            weight: w.get(dim, "weight")?,
             eps,
         })
     }
@@ -251,10 +503,10 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+    pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
         Ok(LayerNorm {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
+            weight: w.get(dim, "weight")?,
+            bias: w.get(dim, "bias")?,
             eps,
         })
     }
@@ -413,10 +665,7 @@ mod tests {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let linear = Linear {
-            weight: weight.clone(),
-            bias: None,
-        };
+        let linear = Linear::new(weight.clone(), None);
         for rows in [1, 3, FEW_ROWS] {
             let x = Tensor::randn(0f32, 1.0, (rows, 37), &dev)
                 .unwrap()

@@ -12,9 +12,10 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use simpleseg_core::images::open_image;
-use simpleseg_engine::hf::{HfFolder, JsonFile, LoadingPlan};
+use simpleseg_engine::hf::{HfFolder, JsonFile};
 use simpleseg_engine::kv_cache::KvCache;
 use simpleseg_engine::models::kimi_vl::{Config, KimiVl, KimiVlModel};
+use simpleseg_engine::weights::{LoadingPlan, Quantization, Weights};
 use simpleseg_engine::{generate, GenerationConfig, LoadOptions};
 
 fn fixtures() -> PathBuf {
@@ -135,8 +136,26 @@ fn the_real_config_asks_for_exactly_the_real_tensors() {
     })
     .unwrap();
     let plan = LoadingPlan::default();
-    KimiVl::load(&plan.var_builder(DType::BF16), &config).unwrap();
-    let mut asked: BTreeMap<String, Vec<usize>> = plan.requests().into_iter().collect();
+    KimiVl::load(
+        &Weights::plan(&plan, DType::BF16).quantized(Some(Quantization::Q4K)),
+        &config,
+    )
+    .unwrap();
+    let requests = plan.requests();
+    // Quantized: every linear layer of the language model but the routers; nothing else.
+    for r in &requests {
+        let language_linear = r.name.starts_with("language_model.") && r.linear.is_some();
+        let router = r.name.ends_with(".mlp.gate.weight");
+        assert_eq!(
+            r.linear.flatten().is_some(),
+            language_linear && !router && !r.name.contains("embed_tokens"),
+            "{}: {:?}",
+            r.name,
+            r.linear
+        );
+    }
+    let mut asked: BTreeMap<String, Vec<usize>> =
+        requests.into_iter().map(|r| (r.name, r.shape)).collect();
     asked.extend(KimiVl::ignored_tensors(&config));
     let want: BTreeMap<String, Vec<usize>> =
         serde_json::from_value(real["tensors"].clone()).unwrap();

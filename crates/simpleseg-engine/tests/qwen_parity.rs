@@ -31,6 +31,7 @@ fn f32_options() -> LoadOptions {
     LoadOptions {
         device: Device::Cpu,
         dtype: Some(DType::F32),
+        quantize: None,
     }
 }
 

@@ -41,6 +41,7 @@ pub struct LocalBackend {
     config: GenerationConfig,
     name: String,
     files: Value,
+    quantize: Option<String>,
 }
 
 impl LocalBackend {
@@ -58,7 +59,14 @@ impl LocalBackend {
             config,
             name: name.into(),
             files,
+            quantize: None,
         }
+    }
+
+    /// Records that the model's linear layers were quantized at load to `format`.
+    pub fn quantized(mut self, format: Option<&str>) -> Self {
+        self.quantize = format.map(str::to_string);
+        self
     }
 }
 
@@ -85,7 +93,7 @@ impl Backend for LocalBackend {
 
     fn identity(&self) -> Value {
         let c = &self.config;
-        json!({
+        let mut identity = json!({
             "backend": "local",
             "architecture": self.model.architecture(),
             "dtype": self.model.dtype().as_str(),
@@ -96,7 +104,11 @@ impl Backend for LocalBackend {
             "top_p": c.top_p,
             "top_k": c.top_k,
             "eos_token_ids": c.eos_token_ids,
-        })
+        });
+        if let Some(q) = &self.quantize {
+            identity["quantize"] = json!(q);
+        }
+        identity
     }
 }
 

@@ -5,6 +5,7 @@
 // Every unwrap or expect outside tests is a decision: a panic reachable from input is a bug.
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod agreement;
 pub mod backends;
 pub mod error;
 pub mod metrics;

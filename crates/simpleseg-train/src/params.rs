@@ -42,7 +42,11 @@ impl Trainable {
     fn build(config: &Config, device: &Device) -> Result<(VarMap, Qwen2_5Vl)> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let model = Qwen2_5Vl::load(&vb, config, TensorLayout::Nested)?;
+        let model = Qwen2_5Vl::load(
+            &simpleseg_engine::weights::Weights::from_var_builder(vb),
+            config,
+            TensorLayout::Nested,
+        )?;
         Ok((varmap, model))
     }
 

@@ -299,9 +299,14 @@ pub struct RlSummary {
 fn reference_model(dir: &Path, device: &Device) -> Result<Qwen2_5Vl> {
     let folder = HfFolder::open(dir)?;
     let config = Config::from_json(&folder.json("config.json")?)?;
-    let layout = TensorLayout::detect(&folder.tensor_names()?)?;
-    let vb = folder.var_builder(DType::F32, device)?;
-    Ok(Qwen2_5Vl::load(&vb, &config, layout)?)
+    let options = simpleseg_engine::LoadOptions {
+        device: device.clone(),
+        dtype: Some(DType::F32),
+        quantize: None,
+    };
+    let weights = options.weights(&folder, DType::F32)?;
+    let layout = TensorLayout::detect(&weights.names())?;
+    Ok(Qwen2_5Vl::load(&weights, &config, layout)?)
 }
 
 /// What one prompt's part of an RL step reads.

@@ -116,8 +116,12 @@ pub struct EvalArgs {
     /// Output folder (default runs/<dataset>-<split>; with --all, the parent of those).
     #[arg(long, value_name = "RUN_DIR")]
     out: Option<PathBuf>,
+    /// Device to run on (local backend): cpu, cuda or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Quantize the language model's linear layers at load (local backend): q8_0 or q4k.
+    #[arg(long, value_name = "FORMAT")]
+    quantize: Option<simpleseg_engine::weights::Quantization>,
     #[command(flatten)]
     generation: GenerationArgs,
 }
@@ -129,12 +133,16 @@ fn backend(args: &EvalArgs) -> Result<Box<dyn Backend>> {
                 model: args.model.as_ref().map(PathBuf::from),
                 device: args.device.clone(),
                 dtype: crate::model_cmds::DtypeArg::Auto,
+                quantize: args.quantize,
             };
             let files = HfFolder::open(model_args.dir()?)?.fingerprint()?;
             let model = model_args.load()?;
             let config = args.generation.apply(model.generation_config())?;
             let name = model_args.model_name();
-            Box::new(LocalBackend::new(model, config, name, files))
+            Box::new(
+                LocalBackend::new(model, config, name, files)
+                    .quantized(args.quantize.map(|q| q.name())),
+            )
         }
         BackendArg::Openai => {
             let Some(url) = &args.base_url else {

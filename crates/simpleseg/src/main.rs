@@ -8,6 +8,7 @@ mod embedded;
 mod eval_cmds;
 mod model_cmds;
 mod protocol_cmds;
+mod quantize_cmd;
 mod train_cmds;
 
 use std::process::ExitCode;
@@ -85,6 +86,7 @@ enum Command {
     Target(protocol_cmds::TargetArgs),
     Iou(protocol_cmds::IouArgs),
     ExportModel(ExportModelArgs),
+    Quantize(quantize_cmd::QuantizeArgs),
 }
 
 /// Write the built-in default model (used when --model is omitted) as a Hugging Face folder,
@@ -116,6 +118,7 @@ fn main() -> ExitCode {
         Command::Target(args) => protocol_cmds::target(args),
         Command::Iou(args) => protocol_cmds::iou(args),
         Command::ExportModel(args) => embedded::export(&args.out),
+        Command::Quantize(args) => quantize_cmd::quantize(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,6 +25,15 @@ pub fn at_least_one(text: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// Parses a number from 0 to 1 (a clap value parser).
+pub fn fraction(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        Ok(_) => Err("must be a number from 0 to 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Compute precision.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum DtypeArg {
@@ -48,6 +57,12 @@ pub struct ModelArgs {
     /// Compute precision.
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: DtypeArg,
+    /// Quantize the language model's linear layers at load: q8_0 (8.5 bits per weight) or
+    /// q4k (4.5 bits; q4_0 for rows that are not a multiple of 256). The vision tower keeps
+    /// its weights. A folder written by `simpleseg quantize` is quantized already and needs
+    /// no flag.
+    #[arg(long, value_name = "FORMAT")]
+    pub quantize: Option<simpleseg_engine::weights::Quantization>,
 }
 
 impl ModelArgs {
@@ -77,6 +92,7 @@ impl ModelArgs {
                 DtypeArg::Bf16 => Some(candle_core::DType::BF16),
                 DtypeArg::F16 => Some(candle_core::DType::F16),
             },
+            quantize: self.quantize,
         };
         simpleseg_engine::load(&dir, &options)
             .with_context(|| format!("loading the model in {}", dir.display()))

@@ -9,7 +9,7 @@ use simpleseg_train::rl::{train_rl, Algorithm, RlSettings};
 use simpleseg_train::run::EvalSpec;
 use simpleseg_train::sft::{train_sft, SftSettings, Start};
 
-use crate::model_cmds::at_least_one;
+use crate::model_cmds::{at_least_one, fraction};
 
 #[derive(Subcommand, Debug)]
 pub enum TrainCommand {
@@ -206,15 +206,6 @@ fn non_negative(text: &str) -> std::result::Result<f64, String> {
 /// [`non_negative`] for f32 settings.
 fn non_negative_f32(text: &str) -> std::result::Result<f32, String> {
     non_negative(text).map(|v| v as f32)
-}
-
-/// Parses a number from 0 to 1 (a clap value parser).
-fn fraction(text: &str) -> std::result::Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
-        Ok(_) => Err("must be a number from 0 to 1".into()),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 /// The thread count for `--threads`, after which candle's own ops are kept to one thread: the

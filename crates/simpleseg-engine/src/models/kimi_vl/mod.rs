@@ -16,8 +16,8 @@ pub use processor::{preprocess, ImageProcessorConfig};
 pub use text::DeepseekV3;
 pub use vision::{MoonVit, Projector};
 
+use crate::weights::Weights;
 use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::chat::{ChatTemplate, TextTokenizer};
 use crate::error::{Error, Result};
@@ -40,13 +40,15 @@ pub struct KimiVl {
 }
 
 impl KimiVl {
-    /// Loads the weights under `vb`.
-    pub fn load(vb: &VarBuilder, config: &Config) -> Result<Self> {
+    /// Loads the weights under `vb`. Quantization, when `vb` asks for it, applies to the
+    /// language model; the vision tower and projector keep their weights as stored.
+    pub fn load(vb: &Weights, config: &Config) -> Result<Self> {
+        let stored = vb.quantized(None);
         Ok(KimiVl {
             config: config.clone(),
-            vision_tower: MoonVit::load(&vb.pp("vision_tower"), &config.vision)?,
+            vision_tower: MoonVit::load(&stored.pp("vision_tower"), &config.vision)?,
             multi_modal_projector: Projector::load(
-                &vb.pp("multi_modal_projector"),
+                &stored.pp("multi_modal_projector"),
                 &config.vision,
                 config.text.hidden_size,
             )?,
@@ -206,9 +208,9 @@ impl KimiVlModel {
                 ))
             }
             Some(d) => d,
-            None => crate::auto_dtype(folder)?,
+            None => crate::auto_dtype(folder, &options.device)?,
         };
-        let vb = folder.var_builder(dtype, &options.device)?;
+        let vb = options.weights(folder, dtype)?;
         let model = KimiVl::load(&vb, &config).map_err(|e| Error::BadFile {
             path: folder.dir().to_path_buf(),
             message: format!("weights do not fit config.json: {e}"),

@@ -13,12 +13,12 @@
 //!   `topk_group` of `n_group` groups), weighted by their unbiased scores renormalized and
 //!   multiplied by `routed_scaling_factor`; only the chosen experts run; plus shared experts.
 
+use crate::weights::Weights;
 use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
-use candle_nn::VarBuilder;
 
 use super::config::TextConfig;
 use crate::kv_cache::KvCache;
-use crate::nn::{causal_mask, softmax_last_dim, Linear, Mode, RmsNorm};
+use crate::nn::{causal_mask, softmax_last_dim, Embedding, Linear, Mode, RmsNorm};
 
 /// How queries are made.
 #[derive(Clone, Debug)]
@@ -87,15 +87,16 @@ struct Layer {
 /// The language model (`language_model.model` and `language_model.lm_head`).
 #[derive(Clone, Debug)]
 pub struct DeepseekV3 {
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: Linear,
+    device: Device,
     inv_freq: Vec<f32>,
 }
 
 impl Mlp {
-    fn load(vb: &VarBuilder, hidden: usize, inner: usize) -> CResult<Self> {
+    fn load(vb: &Weights, hidden: usize, inner: usize) -> CResult<Self> {
         Ok(Mlp {
             gate_proj: Linear::load(&vb.pp("gate_proj"), hidden, inner, false)?,
             up_proj: Linear::load(&vb.pp("up_proj"), hidden, inner, false)?,
@@ -226,7 +227,7 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, interleave: bool) -> CResult<T
 }
 
 impl Attention {
-    fn load(vb: &VarBuilder, c: &TextConfig) -> CResult<Self> {
+    fn load(vb: &Weights, c: &TextConfig) -> CResult<Self> {
         let (h, heads) = (c.hidden_size, c.num_attention_heads);
         let (nope, rope, v_dim, latent) = (
             c.qk_nope_head_dim,
@@ -336,14 +337,8 @@ impl Attention {
 
 impl DeepseekV3 {
     /// Loads `model.*` under `vb_model` and the head from `vb_head` (`lm_head`).
-    pub(crate) fn load(
-        vb_model: &VarBuilder,
-        vb_head: &VarBuilder,
-        c: &TextConfig,
-    ) -> CResult<Self> {
-        let embed_tokens = vb_model
-            .pp("embed_tokens")
-            .get((c.vocab_size, c.hidden_size), "weight")?;
+    pub(crate) fn load(vb_model: &Weights, vb_head: &Weights, c: &TextConfig) -> CResult<Self> {
+        let embed_tokens = vb_model.embedding(c.vocab_size, c.hidden_size, "embed_tokens")?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let l = vb_model.pp("layers").pp(i);
@@ -367,7 +362,8 @@ impl DeepseekV3 {
                             )
                         })
                         .transpose()?;
-                    let router = m.pp("gate").set_dtype(DType::F32);
+                    // The router stays unquantized and computes in f32, as transformers' does.
+                    let router = m.pp("gate").with_dtype(DType::F32).quantized(None);
                     Ffn::Experts(Box::new(Moe {
                         gate: Linear::load(&router, c.hidden_size, c.n_routed_experts, false)?,
                         e_score_correction_bias: router
@@ -399,13 +395,12 @@ impl DeepseekV3 {
                 })
             })
             .collect::<CResult<Vec<_>>>()?;
-        let lm_head = if c.tie_word_embeddings && !vb_head.contains_tensor("lm_head.weight") {
-            embed_tokens.clone()
+        let head = if c.tie_word_embeddings && !vb_head.contains("lm_head.weight") {
+            vb_model.pp("embed_tokens")
         } else {
-            vb_head
-                .pp("lm_head")
-                .get((c.vocab_size, c.hidden_size), "weight")?
+            vb_head.pp("lm_head")
         };
+        let lm_head = head.linear(c.hidden_size, c.vocab_size, false)?;
         let rope = c.qk_rope_head_dim;
         let inv_freq = (0..rope)
             .step_by(2)
@@ -416,21 +411,20 @@ impl DeepseekV3 {
             norm: RmsNorm::load(&vb_model.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
             layers,
             lm_head,
+            device: vb_model.device().clone(),
             inv_freq,
         })
     }
 
     /// The device the weights are on.
     pub fn device(&self) -> Device {
-        self.embed_tokens.device().clone()
+        self.device.clone()
     }
 
     /// Token embeddings `(batch, seq, hidden)`.
     pub fn embed(&self, input_ids: &Tensor) -> CResult<Tensor> {
-        let (b, s) = input_ids.dims2()?;
-        self.embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, s, ()))
+        input_ids.dims2()?;
+        self.embed_tokens.forward(input_ids)
     }
 
     /// Rotary angles `(seq, rope / 2)` of positions `start..start + seq`, in f32.
@@ -521,10 +515,6 @@ impl DeepseekV3 {
 
     /// Logits `(..., vocab)` from hidden states.
     pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
-        Linear {
-            weight: self.lm_head.clone(),
-            bias: None,
-        }
-        .forward(hidden)
+        self.lm_head.forward(hidden)
     }
 }

@@ -10,8 +10,8 @@
 //! - 2x2 merge: each merged token is the 4 patches of a 2x2 block, row-major.
 //! - Projector: LayerNorm on each patch, the 4 concatenated, Linear, exact (erf) GELU, Linear.
 
+use crate::weights::Weights;
 use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
-use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
 use crate::error::{Error, Result};
@@ -49,7 +49,7 @@ pub struct Projector {
 }
 
 impl MoonVit {
-    pub(crate) fn load(vb: &VarBuilder, c: &VisionConfig) -> CResult<Self> {
+    pub(crate) fn load(vb: &Weights, c: &VisionConfig) -> CResult<Self> {
         let d = c.hidden_size;
         let patch_dim = 3 * c.patch_size * c.patch_size;
         let pe = vb.pp("patch_embed");
@@ -227,11 +227,7 @@ impl MoonVit {
 }
 
 impl Projector {
-    pub(crate) fn load(
-        vb: &VarBuilder,
-        vision: &VisionConfig,
-        text_hidden: usize,
-    ) -> CResult<Self> {
+    pub(crate) fn load(vb: &Weights, vision: &VisionConfig, text_hidden: usize) -> CResult<Self> {
         let d = vision.hidden_size;
         let merged = d * vision.merge_kernel_size[0] * vision.merge_kernel_size[1];
         Ok(Projector {

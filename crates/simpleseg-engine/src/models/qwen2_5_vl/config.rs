@@ -5,12 +5,12 @@
 //! `rope_scaling`). Both are read: the keys of `text_config` are taken first and completed
 //! from the top level, serde aliases name the alternatives, and errors name the key at fault.
 
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::hf::{JsonFile, OneOrMany};
+use crate::weights::Weights;
 
 /// The vision tower's configuration (`vision_config`).
 #[derive(Clone, Debug, PartialEq)]
@@ -417,14 +417,14 @@ impl TensorLayout {
         }
     }
 
-    pub(crate) fn language_model<'a>(self, vb: &VarBuilder<'a>) -> VarBuilder<'a> {
+    pub(crate) fn language_model(self, vb: &Weights) -> Weights {
         match self {
             TensorLayout::Flat => vb.pp("model"),
             TensorLayout::Nested => vb.pp("model").pp("language_model"),
         }
     }
 
-    pub(crate) fn visual<'a>(self, vb: &VarBuilder<'a>) -> VarBuilder<'a> {
+    pub(crate) fn visual(self, vb: &Weights) -> Weights {
         match self {
             TensorLayout::Flat => vb.pp("visual"),
             TensorLayout::Nested => vb.pp("model").pp("visual"),

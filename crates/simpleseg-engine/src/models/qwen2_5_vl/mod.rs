@@ -24,7 +24,6 @@ pub use text::{rope_index, MropePosition, TextModel};
 pub use vision::{window_index, VisionTransformer};
 
 use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::chat::{ChatTemplate, TextTokenizer};
 use crate::error::{Error, Result};
@@ -34,6 +33,7 @@ use crate::kv_cache::KvCache;
 use crate::nn::{merge_image_features, Mode};
 use crate::processor::{expand_placeholders, pixel_tensor, ProcessedImage};
 use crate::session::{last_position, BatchSession, Cohort, Decoder};
+use crate::weights::Weights;
 use crate::{LoadOptions, Prompt, Session, VisionLanguageModel};
 
 #[derive(Clone, Debug)]
@@ -44,9 +44,10 @@ pub struct Qwen2_5Vl {
 }
 
 impl Qwen2_5Vl {
-    /// Loads the weights under `vb` in the given tensor layout.
-    pub fn load(vb: &VarBuilder, config: &Config, layout: TensorLayout) -> Result<Self> {
-        let visual = VisionTransformer::load(&layout.visual(vb), &config.vision)?;
+    /// Loads the weights under `vb` in the given tensor layout. Quantization, when `vb` asks
+    /// for it, applies to the language model; the vision tower keeps its weights as stored.
+    pub fn load(vb: &Weights, config: &Config, layout: TensorLayout) -> Result<Self> {
+        let visual = VisionTransformer::load(&layout.visual(&vb.quantized(None)), &config.vision)?;
         let text = TextModel::load(&layout.language_model(vb), vb, config)?;
         Ok(Qwen2_5Vl {
             config: config.clone(),
@@ -230,13 +231,12 @@ impl Qwen2_5VlModel {
     /// Loads every file of the folder; errors name the file and key at fault.
     pub fn load(folder: &HfFolder, options: &LoadOptions) -> Result<Self> {
         let config = Config::from_json(&folder.json("config.json")?)?;
-        let names = folder.tensor_names()?;
-        let layout = TensorLayout::detect(&names)?;
         let dtype = match options.dtype {
             Some(d) => d,
-            None => crate::auto_dtype(folder)?,
+            None => crate::auto_dtype(folder, &options.device)?,
         };
-        let vb = folder.var_builder(dtype, &options.device)?;
+        let vb = options.weights(folder, dtype)?;
+        let layout = TensorLayout::detect(&vb.names())?;
         let model = Qwen2_5Vl::load(&vb, &config, layout).map_err(|e| Error::BadFile {
             path: folder.dir().to_path_buf(),
             message: format!("weights do not fit config.json: {e}"),

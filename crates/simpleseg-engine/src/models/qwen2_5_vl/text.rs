@@ -2,13 +2,15 @@
 //! M-RoPE, whose rotary frequencies are split in `mrope_section` parts driven by the temporal,
 //! height and width position of each token (`get_rope_index`).
 
+use crate::weights::Weights;
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
-use candle_nn::VarBuilder;
 
 use super::config::Config;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::nn::{apply_rotary, attention, causal_mask, repeat_kv, Linear, Mode, RmsNorm};
+use crate::nn::{
+    apply_rotary, attention, causal_mask, repeat_kv, Embedding, Linear, Mode, RmsNorm,
+};
 
 #[derive(Clone, Debug)]
 struct TextAttention {
@@ -164,22 +166,23 @@ pub fn rope_index(
 /// The language model (`model.language_model` / `model`) and its head.
 #[derive(Clone, Debug)]
 pub struct TextModel {
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: Linear,
+    device: Device,
     inv_freq: Vec<f32>,
     mrope_section: Vec<usize>,
     head_dim: usize,
 }
 
 impl TextModel {
-    pub(crate) fn load(vb_lm: &VarBuilder, vb_root: &VarBuilder, config: &Config) -> CResult<Self> {
+    /// Loads the language model under `vb_lm` and its head under `vb_root` (linear layers
+    /// quantized as `vb_lm` says; the embedding table never is, only its rows are read).
+    pub(crate) fn load(vb_lm: &Weights, vb_root: &Weights, config: &Config) -> CResult<Self> {
         let c = &config.text;
         let head_dim = config.head_dim();
-        let embed_tokens = vb_lm
-            .pp("embed_tokens")
-            .get((c.vocab_size, c.hidden_size), "weight")?;
+        let embed_tokens = vb_lm.embedding(c.vocab_size, c.hidden_size, "embed_tokens")?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let l = vb_lm.pp("layers").pp(i);
@@ -230,13 +233,14 @@ impl TextModel {
             })
             .collect::<CResult<Vec<_>>>()?;
         let norm = RmsNorm::load(&vb_lm.pp("norm"), c.hidden_size, c.rms_norm_eps)?;
-        let lm_head = if config.tie_word_embeddings && !vb_root.contains_tensor("lm_head.weight") {
-            embed_tokens.clone()
+        // A tied head reads the embedding table as a linear layer (quantized when asked, a copy
+        // then, since lookups read the table's rows unquantized).
+        let head = if config.tie_word_embeddings && !vb_root.contains("lm_head.weight") {
+            vb_lm.pp("embed_tokens")
         } else {
-            vb_root
-                .pp("lm_head")
-                .get((c.vocab_size, c.hidden_size), "weight")?
+            vb_root.pp("lm_head")
         };
+        let lm_head = head.linear(c.hidden_size, c.vocab_size, false)?;
         let inv_freq = (0..head_dim)
             .step_by(2)
             .map(|i| 1.0 / (c.rope_theta.powf(f64::from(i as f32 / head_dim as f32)) as f32))
@@ -246,6 +250,7 @@ impl TextModel {
             layers,
             norm,
             lm_head,
+            device: vb_lm.device().clone(),
             inv_freq,
             mrope_section: c.mrope_section.clone(),
             head_dim,
@@ -290,15 +295,13 @@ impl TextModel {
 
     /// The device the weights are on.
     pub fn device(&self) -> candle_core::Device {
-        self.embed_tokens.device().clone()
+        self.device.clone()
     }
 
     /// Token embeddings `(batch, seq, hidden)`.
     pub fn embed(&self, input_ids: &Tensor) -> CResult<Tensor> {
-        let (b, s) = input_ids.dims2()?;
-        self.embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, s, ()))
+        input_ids.dims2()?;
+        self.embed_tokens.forward(input_ids)
     }
 
     /// Final hidden states `(batch, seq, hidden)` for embeddings at M-RoPE `positions`,
@@ -382,11 +385,7 @@ impl TextModel {
 
     /// Logits `(..., vocab)` from hidden states.
     pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
-        Linear {
-            weight: self.lm_head.clone(),
-            bias: None,
-        }
-        .forward(hidden)
+        self.lm_head.forward(hidden)
     }
 }
 

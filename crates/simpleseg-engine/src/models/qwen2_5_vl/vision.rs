@@ -4,8 +4,8 @@
 //! attend over the whole image, then a patch merger (RMSNorm, 2x2 concat, MLP) and the inverse
 //! reordering.
 
+use crate::weights::Weights;
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
-use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
 use crate::error::{Error, Result};
@@ -19,7 +19,7 @@ struct VisionMlp {
 }
 
 impl VisionMlp {
-    fn load(vb: &VarBuilder, dim: usize, hidden: usize) -> CResult<Self> {
+    fn load(vb: &Weights, dim: usize, hidden: usize) -> CResult<Self> {
         Ok(VisionMlp {
             gate_proj: Linear::load(&vb.pp("gate_proj"), dim, hidden, true)?,
             up_proj: Linear::load(&vb.pp("up_proj"), dim, hidden, true)?,
@@ -175,7 +175,7 @@ fn vision_positions(grids: &[[usize; 3]], m: usize) -> Vec<[usize; 2]> {
 }
 
 impl VisionTransformer {
-    pub(crate) fn load(vb: &VarBuilder, config: &VisionConfig) -> CResult<Self> {
+    pub(crate) fn load(vb: &Weights, config: &VisionConfig) -> CResult<Self> {
         let c = config;
         let patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size;
         let patch_embed = vb
