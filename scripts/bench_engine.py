@@ -1,18 +1,32 @@
 #!/usr/bin/env python3
-"""simpleseg vs transformers on one Qwen2.5-VL checkpoint: prompt with one image, N greedy
-tokens (end-of-sequence ignored), both on this machine's CPU, one after the other.
+"""simpleseg vs transformers on the CPU: a prompt with one image, N greedy tokens (end of
+sequence ignored). Each engine runs in its own process, one after the other, so that peak RSS
+is its own. Reports load time, time to first token (preprocessing + vision tower + prefill),
+decode tokens/s and peak RSS, with `lscpu`'s model name and flags above every table.
 
-    .venv-ml/bin/python scripts/bench_engine.py --model fixtures/qwen/nested-window56-untied \
-        --image examples/voc.jpg --tokens 64 --runs 3
-    .venv-ml/bin/python scripts/bench_engine.py --big7b --tokens 32   # writes, times, deletes a random 7B
+    .venv-ml/bin/python scripts/bench_engine.py                    # tiny checkpoint, f32
+    .venv-ml/bin/python scripts/bench_engine.py --big7b --tokens 32
+    .venv-ml/bin/python scripts/bench_engine.py --kimi16b --tokens 32
 
-Reports time to first token (preprocessing + vision tower + prefill), decode tokens/s, load
-time and peak RSS of each engine, and the ratios. Each engine runs in its own process so that
-peak RSS is its own.
+--big7b writes a Qwen2.5-VL-7B-size folder of random BF16 weights (~16.6 GB), quantizes it with
+`simpleseg quantize` (q8_0, q4k), times transformers (BF16) and simpleseg (BF16 weights, q8_0,
+q4k; 2 threads and 1) on a 640x480 image, and deletes everything.
+
+--kimi16b writes the 16B Kimi-VL size (MoonViT + DeepSeek-V3 MoE, ~32 GB of random BF16),
+quantizes it to q4k and times simpleseg on the full quantized model; the BF16 rows (which do not
+fit in this machine's memory) are measured per layer: both engines run the full vision tower
+with 2 and with 3 language-model layers, and the 27-layer figures are extrapolated linearly
+(first + 25 x the difference), as stated in the table.
+
+Random weights give random answers, so every run decodes exactly N tokens; speed does not
+depend on the values (the MoE routers are random too: experts are chosen about uniformly).
 """
 
 import argparse
 import json
+import os
+import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -20,98 +34,223 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target/release/simpleseg"
+BENCH = ROOT / "target/release/examples/bench_generate"
+PROMPT = "Output the polygon coordinates of the object in the image."
 
 
-def transformers_run(model_dir, image, tokens, runs, dtype):
-    import resource
+def cpu_header():
+    info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"^([^:\n]+):\s*(.*)$", info, re.M))
+    return f"CPU: {fields.get('Model name', '?')}, {os.cpu_count()} CPUs\nflags: {fields.get('Flags', '?')}"
 
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class FirstTokenClock:
+    """Streamer that notes when generate() hands over the first new token: time to first token
+    and decode speed come from one generation, so the prompt is prefilled once."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, _ids):
+        # The first call carries the prompt, the second the first generated token.
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def timed_generate(model, tokens, **inputs):
+    import torch
+
+    clock = FirstTokenClock()
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             streamer=clock)
+    t2 = time.perf_counter()
+    n = out.shape[1] - (inputs["input_ids"].shape[1] if "input_ids" in inputs else 0)
+    decode_ms = max((t2 - clock.first) * 1e3, 1e-6)
+    return (clock.first - t1) * 1e3, int(n), decode_ms
+
+
+def transformers_qwen(model_dir, image, tokens, runs, dtype, threads):
+    """transformers' Qwen2.5-VL; inputs built from its tokenizer and (PIL) image processor."""
     import torch
     from PIL import Image
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype).eval()
-    processor = AutoProcessor.from_pretrained(model_dir, use_fast=False)
+    images = AutoImageProcessor.from_pretrained(model_dir, use_fast=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     load_ms = (time.perf_counter() - t0) * 1e3
-    messages = [{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "Output the polygon coordinates of the object in the image."}]}]
-    class FirstTokenClock:
-        """Streamer that notes when generate() hands over the first new token: time to first
-        token and decode speed come from one generation, so the prompt is prefilled once."""
-
-        def __init__(self):
-            self.calls, self.first = 0, None
-
-        def put(self, _ids):
-            # The first call carries the prompt, the second the first generated token.
-            self.calls += 1
-            if self.calls == 2:
-                self.first = time.perf_counter()
-
-        def end(self):
-            pass
-
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     result = None
     for _ in range(runs):
         t0 = time.perf_counter()
-        img = Image.open(image)
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = processor(images=img, text=text, return_tensors="pt")
+        pixels = images(images=Image.open(image), return_tensors="pt")
+        placeholders = int(pixels["image_grid_thw"].prod()) // images.merge_size ** 2
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = text.replace("<|image_pad|>", "<|image_pad|>" * placeholders)
+        ids = tokenizer(text, return_tensors="pt")
         preprocess_ms = (time.perf_counter() - t0) * 1e3
-        clock = FirstTokenClock()
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                 streamer=clock)
-        t2 = time.perf_counter()
-        n = out.shape[1] - inputs["input_ids"].shape[1]
-        first_ms = (clock.first - t1) * 1e3
-        decode_ms = max((t2 - clock.first) * 1e3, 1e-6)
+        first_ms, n, decode_ms = timed_generate(model, tokens, **ids, **pixels)
         result = {
-            "engine": "transformers",
-            "load_ms": load_ms,
-            "preprocess_ms": preprocess_ms,
-            "prefill_ms": first_ms,
-            "time_to_first_token_ms": preprocess_ms + first_ms,
-            "decode_tokens": int(n),
-            "decode_ms": decode_ms,
+            "engine": "transformers", "threads": threads, "load_ms": load_ms, "preprocess_ms": preprocess_ms,
+            "prefill_ms": first_ms, "time_to_first_token_ms": preprocess_ms + first_ms,
+            "decode_tokens": n, "decode_ms": decode_ms,
             # The n - 1 tokens after the first one.
             "decode_tokens_per_s": (n - 1) / (decode_ms / 1e3),
-            "prompt_tokens": int(inputs["input_ids"].shape[1]),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "prompt_tokens": int(ids["input_ids"].shape[1]), "peak_rss_mib": peak_rss_mib(),
         }
     return result
 
 
-def simpleseg_run(model_dir, image, tokens, runs, dtype):
-    cmd = ["cargo", "run", "--release", "-q", "-p", "simpleseg-engine", "--example", "bench_generate", "--",
-           str(model_dir), str(image), str(tokens), dtype, str(runs)]
-    # stderr passes through, so a failure shows its message.
-    out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
+def transformers_kimi(folder, tokens, threads):
+    """transformers' Kimi-K2.5 vision tower + projector and DeepseekV3ForCausalLM at the folder's
+    sizes, BF16, randomly initialized (the language model's prompt: the image's merged tokens and
+    the text, as the Kimi-VL processor lays them out)."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers.models.kimi_k25.configuration_kimi_k25 import Kimi_K25Config, Kimi_K25VisionConfig
+    from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25MultimodalProjection, Kimi_K25VisionModel
+
+    torch.set_num_threads(threads)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    v, t = config["vision_config"], config["text_config"]
+    t0 = time.perf_counter()
+    vc = Kimi_K25VisionConfig(
+        patch_size=v["patch_size"], pos_emb_height=v["init_pos_emb_height"], pos_emb_width=v["init_pos_emb_width"],
+        num_attention_heads=v["num_attention_heads"], num_hidden_layers=v["num_hidden_layers"],
+        hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"], hidden_act="gelu_pytorch_tanh",
+        merge_kernel_size=v["merge_kernel_size"], rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    vc._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    tower = Kimi_K25VisionModel(vc).eval()
+    projector = Kimi_K25MultimodalProjection(Kimi_K25Config(
+        vision_config=vc.to_dict(), text_config={"model_type": "deepseek_v3", "hidden_size": t["hidden_size"]},
+        projection_hidden_size=v["hidden_size"], projection_layer_norm_eps=1e-5)).eval()
+    lm = DeepseekV3ForCausalLM(DeepseekV3Config(**{k: x for k, x in t.items() if k != "model_type"})).eval()
+    torch.set_default_dtype(torch.float32)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    # 640x480 in 14-pixel patches, padded to the 2x2 merge grid: 36 x 46 patches.
+    grid = (36, 46)
+    pixels = torch.randn(grid[0] * grid[1], 3, 14, 14, dtype=torch.bfloat16)
+    text_tokens = 30
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        features = projector(tower(pixels, torch.tensor([[1, *grid]])).pooler_output).squeeze(1)
+    vision_ms = (time.perf_counter() - t0) * 1e3
+    embeds = torch.cat([features.reshape(1, -1, t["hidden_size"]),
+                        torch.randn(1, text_tokens, t["hidden_size"], dtype=torch.bfloat16) * 0.02], dim=1)
+    first_ms, n, decode_ms = timed_generate(lm, tokens, inputs_embeds=embeds,
+                                            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
+    return {
+        "engine": "transformers", "threads": threads, "load_ms": load_ms, "preprocess_ms": 0.0,
+        "vision_ms": vision_ms, "prefill_ms": vision_ms + first_ms, "time_to_first_token_ms": vision_ms + first_ms,
+        "decode_tokens": n, "decode_ms": decode_ms, "decode_tokens_per_s": (n - 1) / (decode_ms / 1e3),
+        "prompt_tokens": int(embeds.shape[1]), "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def child(kind, *args):
+    """Runs one engine in its own process; returns its JSON line."""
+    if kind == "simpleseg":
+        model, image, tokens, threads, quantize = args
+        cmd = [str(BENCH), str(model), str(image), str(tokens), "auto", "1"] + ([quantize] if quantize else [])
+        env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    else:
+        cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
+        env = dict(os.environ)
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def report(ours, theirs):
-    rows = [
-        ("load (ms)", "load_ms", False),
-        ("time to first token (ms)", "time_to_first_token_ms", False),
-        ("decode (tokens/s)", "decode_tokens_per_s", True),
-        ("peak RSS (MiB)", "peak_rss_mib", False),
-    ]
-    print(f"{'':28} {'transformers':>14} {'simpleseg':>12} {'ratio':>8}")
-    for name, key, higher_better in rows:
-        t, s = theirs[key], ours[key]
-        ratio = (s / t) if higher_better else (t / s)
-        print(f"{name:28} {t:14.2f} {s:12.2f} {ratio:7.1f}x")
-    print(json.dumps({"transformers": theirs, "simpleseg": ours}))
+def build():
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "simpleseg"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "simpleseg-engine", "--example", "bench_generate"],
+                   cwd=ROOT, check=True)
+
+
+def quantize(src, fmt, out):
+    """`simpleseg quantize`; returns the seconds it took."""
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    subprocess.run([str(BIN), "quantize", "--model", str(src), "--format", fmt, "--out", str(out)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def table(title, rows, notes=()):
+    """rows: (label, result); ratios against the first row (transformers)."""
+    print(f"\n### {title}\n\n{cpu_header()}\n")
+    base = rows[0][1]
+    print("| | load (s) | time to first token (s) | decode (tokens/s) | peak RSS (GB) |")
+    print("|---|---|---|---|---|")
+    for label, r in rows:
+        def cell(key, scale, higher_better):
+            value = r[key] / scale
+            if r is base or not base.get(key):
+                return f"{value:.2f}"
+            ratio = r[key] / base[key] if higher_better else base[key] / r[key]
+            return f"{value:.2f} ({ratio:.2f}x)"
+        print(f"| {label} | {cell('load_ms', 1e3, False)} | {cell('time_to_first_token_ms', 1e3, False)} "
+              f"| {cell('decode_tokens_per_s', 1, True)} | {r['peak_rss_mib'] / 1024:.2f} |")
+    for n in notes:
+        print(f"\n{n}")
+    print("\n(ratio in brackets: how many times better than the first row)")
+    print(json.dumps({label: r for label, r in rows}))
+
+
+def check_disk(path, need_gib):
+    free = shutil.disk_usage(path if path.exists() else ROOT).free
+    if free < need_gib << 30:
+        sys.exit(f"need ~{need_gib} GiB free disk, have {free / 2**30:.1f} GiB")
+
+
+def save_shards(folder, tensors, shard_bytes=4 << 30):
+    """Writes `(name, tensor)` pairs as safetensors shards with an index."""
+    from safetensors.torch import save_file
+
+    shard, size, index, n = {}, 0, {}, 0
+
+    def flush():
+        nonlocal shard, size, n
+        if shard:
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, folder / name, metadata={"format": "pt"})
+            index.update({k: name for k in shard})
+            shard, size, n = {}, 0, n + 1
+
+    for k, t in tensors:
+        shard[k] = t
+        size += t.numel() * t.element_size()
+        if size > shard_bytes:
+            flush()
+    flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+
+
+def random_bf16(shape, gen, norm):
+    import torch
+
+    if norm:
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return (torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16)
 
 
 def write_random_7b(folder):
     """A Qwen2.5-VL-7B-size folder with random BF16 weights (~16.6 GB), in shards."""
     import torch
-    from safetensors.torch import save_file
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     src = ROOT / "fixtures/qwen/nested-window56-untied"
@@ -129,29 +268,12 @@ def write_random_7b(folder):
         tie_word_embeddings=False,
     )
     with torch.device("meta"):
-        shapes = {k: (v.shape, v.dtype) for k, v in Qwen2_5_VLForConditionalGeneration(config).state_dict().items()}
+        shapes = {k: v.shape for k, v in Qwen2_5_VLForConditionalGeneration(config).state_dict().items()}
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
     gen = torch.Generator().manual_seed(0)
-    shard, size, index, n = {}, 0, {}, 0
-    def flush():
-        nonlocal shard, size, n
-        if shard:
-            name = f"model-{n:05d}.safetensors"
-            save_file(shard, folder / name, metadata={"format": "pt"})
-            for k in shard:
-                index[k] = name
-            shard, size, n = {}, 0, n + 1
-    for k, (shape, _) in shapes.items():
-        t = (torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16)
-        if k.endswith("norm.weight") or "norm1" in k or "norm2" in k or "ln_q" in k or "layernorm" in k:
-            t = torch.ones(shape, dtype=torch.bfloat16)
-        shard[k] = t
-        size += t.numel() * 2
-        if size > 4 << 30:
-            flush()
-    flush()
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    norm = lambda k: any(s in k for s in ("norm.weight", "norm1", "norm2", "ln_q", "layernorm"))
+    save_shards(folder, ((k, random_bf16(s, gen, norm(k))) for k, s in shapes.items()))
     # The tiny fixture's tokenizer and template: all its ids are smaller than 152064, so prompts
     # tokenize and run; the processor gets Qwen2.5-VL's pixel limits.
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"]:
@@ -159,44 +281,163 @@ def write_random_7b(folder):
     pc = json.loads((folder / "processor_config.json").read_text())
     pc["image_processor"]["size"] = {"shortest_edge": 3136, "longest_edge": 12845056}
     (folder / "processor_config.json").write_text(json.dumps(pc))
+    (folder / "preprocessor_config.json").write_text(json.dumps(pc["image_processor"]))
+
+
+def write_random_kimi(folder, text_layers=None):
+    """A SimpleSeg-Kimi-VL-size folder (the real checkpoint's 5679 tensor names and shapes, from
+    fixtures/kimi/real-tensors.json) with random BF16 weights; with `text_layers`, only that many
+    language-model layers. Tokenizer, template and processor files are the tiny fixture's (its
+    ids are within the real vocabulary), with the real processor's 4096-token image limit."""
+    import torch
+
+    real = json.loads((ROOT / "fixtures/kimi/real-tensors.json").read_text())
+    tiny = ROOT / "fixtures/kimi/kimi-tiny"
+    config = json.loads((tiny / "config.json").read_text())
+    config["vision_config"].update(real["config"]["vision_config"])
+    config["text_config"].update(real["config"]["text_config"])
+    layers = text_layers or config["text_config"]["num_hidden_layers"]
+    config["text_config"]["num_hidden_layers"] = layers
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for f in tiny.iterdir():
+        if f.suffix not in (".safetensors", ".png") and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, folder / f.name)
+    pp = json.loads((folder / "preprocessor_config.json").read_text())
+    pp["in_token_limit"] = 4096
+    (folder / "preprocessor_config.json").write_text(json.dumps(pp))
+    gen = torch.Generator().manual_seed(0)
+    t = config["text_config"]
+
+    def tensors():
+        for name, shape in real["tensors"].items():
+            m = re.search(r"layers\.(\d+)\.", name)
+            if name.startswith("language_model.") and m and int(m.group(1)) >= layers:
+                continue
+            if name.endswith("inv_freq"):
+                rope = t["qk_rope_head_dim"]
+                yield name, 1.0 / (t["rope_theta"] ** (torch.arange(0, rope, 2, dtype=torch.float32) / rope))
+            elif name.endswith("e_score_correction_bias"):
+                yield name, torch.randn(shape, generator=gen) * 0.01
+            else:
+                norm = "norm" in name and name.endswith("weight") and len(shape) == 1
+                yield name, random_bf16(shape, gen, norm)
+
+    save_shards(folder, tensors())
+
+
+def bench_7b(args):
+    big = args.work / "bench-7b"
+    check_disk(args.work, 34)
+    image = args.work / "image-640x480.png"
+    try:
+        if not big.exists():
+            write_random_7b(big)
+        from PIL import Image
+
+        Image.open(args.image).convert("RGB").resize((640, 480), Image.BICUBIC).save(image)
+        seconds = {fmt: quantize(big, fmt, args.work / f"bench-7b-{fmt}") for fmt in ("q8_0", "q4k")}
+        rows = [("transformers BF16, 2 threads", child("transformers-qwen", big, image, args.tokens, 1, "bf16", 2))]
+        for threads in (2, 1):
+            rows.append((f"simpleseg BF16 weights, {threads} thread{'s' * (threads > 1)}",
+                         child("simpleseg", big, image, args.tokens, threads, None)))
+        for fmt in ("q8_0", "q4k"):
+            for threads in (2, 1) if fmt == "q4k" else (2,):
+                rows.append((f"simpleseg {fmt} (quantized folder), {threads} thread{'s' * (threads > 1)}",
+                             child("simpleseg", args.work / f"bench-7b-{fmt}", image, args.tokens, threads, None)))
+        table(f"Qwen2.5-VL-7B size, random BF16 weights, 640x480 image, {args.tokens} tokens", rows,
+              [f"`simpleseg quantize` took {seconds['q8_0']:.0f} s (q8_0) and {seconds['q4k']:.0f} s (q4k)."])
+    finally:
+        if not args.keep:
+            for d in (big, args.work / "bench-7b-q8_0", args.work / "bench-7b-q4k"):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def extrapolate(r2, r3, layers):
+    """Figures of a `layers`-layer model from runs with 2 and 3 layers (first dense, then MoE)."""
+    out = dict(r3)
+    k = layers - 2
+    for key in ("load_ms", "time_to_first_token_ms", "peak_rss_mib"):
+        out[key] = r2[key] + k * (r3[key] - r2[key])
+    per_token = lambda r: 1e3 / r["decode_tokens_per_s"]
+    out["decode_tokens_per_s"] = 1e3 / (per_token(r2) + k * (per_token(r3) - per_token(r2)))
+    out["extrapolated_from"] = {"2 layers": r2, "3 layers": r3}
+    return out
+
+
+def bench_kimi(args):
+    full, q4k = args.work / "bench-kimi", args.work / "bench-kimi-q4k"
+    parts = {n: args.work / f"bench-kimi-{n}l" for n in (2, 3)}
+    image = args.work / "image-640x480.png"
+    check_disk(args.work, 45)
+    try:
+        from PIL import Image
+
+        Image.open(args.image).convert("RGB").resize((640, 480), Image.BICUBIC).save(image)
+        layers = json.loads((ROOT / "fixtures/kimi/real-tensors.json").read_text())["config"]["text_config"][
+            "num_hidden_layers"]
+        measured = {}
+        for n, folder in parts.items():
+            if not folder.exists():
+                write_random_kimi(folder, n)
+            measured[n] = (child("transformers-kimi", folder, args.tokens, 2),
+                           child("simpleseg", folder, image, args.tokens, 2, None))
+        if not full.exists():
+            write_random_kimi(full)
+        seconds = quantize(full, "q4k", q4k)
+        shutil.rmtree(full, ignore_errors=True)
+        rows = [
+            ("transformers BF16 (per layer, extrapolated)", extrapolate(measured[2][0], measured[3][0], layers)),
+            ("simpleseg BF16 weights (per layer, extrapolated)", extrapolate(measured[2][1], measured[3][1], layers)),
+            ("simpleseg q4k (full model, quantized folder), 2 threads", child("simpleseg", q4k, image, args.tokens, 2, None)),
+            ("simpleseg q4k (full model, quantized folder), 1 thread", child("simpleseg", q4k, image, args.tokens, 1, None)),
+        ]
+        table(f"SimpleSeg-Kimi-VL size (16B MoE), random weights, 640x480 image, {args.tokens} tokens", rows, [
+            "BF16 rows: the full vision tower with 2 and with 3 language-model layers, measured; "
+            f"{layers} layers extrapolated as first + {layers - 2} x difference (load, first token, per-token "
+            "time, RSS). transformers' models are built randomly initialized in memory, so its load is not a "
+            "file load.",
+            f"`simpleseg quantize --format q4k` on the 32 GB folder took {seconds:.0f} s."])
+    finally:
+        if not args.keep:
+            for d in (full, q4k, *parts.values()):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def bench_tiny(args):
+    rows = [("transformers f32", child("transformers-qwen", args.model, args.image, args.tokens, args.runs, "f32", 2)),
+            ("simpleseg", child("simpleseg", args.model, args.image, args.tokens, 2, None))]
+    table(f"{args.model.name}, {args.tokens} tokens", rows)
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        kind, rest = sys.argv[2], sys.argv[3:]
+        if kind == "transformers-qwen":
+            model, image, tokens, runs, dtype, threads = rest
+            result = transformers_qwen(model, image, int(tokens), int(runs), dtype, int(threads))
+        else:
+            folder, tokens, threads = rest
+            result = transformers_kimi(folder, int(tokens), int(threads))
+        print(json.dumps(result))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ROOT / "fixtures/qwen/nested-window56-untied")
     ap.add_argument("--image", type=Path, default=ROOT / "examples/voc.jpg")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--big7b", action="store_true", help="write, time and delete a random-weight 7B folder")
-    ap.add_argument("--big-dir", type=Path, default=ROOT / "target/bench-7b")
-    ap.add_argument("--engine", choices=["both", "simpleseg", "transformers"], default="both")
+    ap.add_argument("--big7b", action="store_true", help="the 7B size (random weights, written and deleted)")
+    ap.add_argument("--kimi16b", action="store_true", help="the 16B Kimi-VL size (random weights, written and deleted)")
+    ap.add_argument("--work", type=Path, default=ROOT / "target", help="where the big folders are written")
+    ap.add_argument("--keep", action="store_true", help="keep the written folders")
     args = ap.parse_args()
+    build()
     if args.big7b:
-        free = shutil.disk_usage(args.big_dir.parent if args.big_dir.parent.exists() else ROOT).free
-        if free < 17 << 30:
-            sys.exit(f"need ~17 GiB free disk for the 7B weights, have {free / 2**30:.1f} GiB")
-        if not args.big_dir.exists():
-            write_random_7b(args.big_dir)
-        # The 7B figures are for a 640x480 image: the chosen one, resized to that size.
-        from PIL import Image
-
-        image = args.big_dir / "image-640x480.png"
-        Image.open(args.image).convert("RGB").resize((640, 480), Image.BICUBIC).save(image)
-        args.image = image
-        model, dtype, runs = args.big_dir, "bf16", 1
-    else:
-        model, dtype, runs = args.model, "f32", args.runs
-    try:
-        ours = simpleseg_run(model, args.image, args.tokens, runs, dtype if args.big7b else "auto") \
-            if args.engine != "transformers" else None
-        theirs = transformers_run(model, args.image, args.tokens, runs, dtype) if args.engine != "simpleseg" else None
-        if ours and theirs:
-            report(ours, theirs)
-        else:
-            print(json.dumps(ours or theirs))
-    finally:
-        if args.big7b:
-            shutil.rmtree(args.big_dir, ignore_errors=True)
+        bench_7b(args)
+    if args.kimi16b:
+        bench_kimi(args)
+    if not (args.big7b or args.kimi16b):
+        bench_tiny(args)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ fn write_thousandths(out: &mut String, x: f64) -> bool {
         out.push('0');
     } else {
         let digits = [frac / 100, frac / 10 % 10, frac % 10];
-        let used = if frac % 100 == 0 {
+        let used = if frac.is_multiple_of(100) {
             1
-        } else if frac % 10 == 0 {
+        } else if frac.is_multiple_of(10) {
             2
         } else {
             3

@@ -3,8 +3,10 @@
 //! number of tokens. Prints one JSON line. `scripts/bench_engine.py` runs this next to
 //! transformers on the same checkpoint and image.
 //!
-//! Run: `cargo run --release -p simpleseg-engine --example bench_generate -- MODEL_DIR IMAGE [TOKENS] [DTYPE] [RUNS]`
-//! With RUNS > 1 the reported generation is the last one (warm).
+//! Run: `cargo run --release -p simpleseg-engine --example bench_generate -- MODEL_DIR IMAGE [TOKENS] [DTYPE] [RUNS] [QUANTIZE]`
+//! With RUNS > 1 the reported generation is the last one (warm). QUANTIZE (q8_0, q4k)
+//! quantizes at load; a folder written by `simpleseg quantize` needs none. Threads follow
+//! RAYON_NUM_THREADS.
 
 use std::time::Instant;
 
@@ -30,7 +32,9 @@ fn main() -> simpleseg_engine::Result<()> {
     let (dir, image) = match args.as_slice() {
         [d, i, ..] => (d.clone(), i.clone()),
         _ => {
-            eprintln!("usage: bench_generate MODEL_DIR IMAGE [TOKENS] [f32|bf16|auto] [RUNS]");
+            eprintln!(
+                "usage: bench_generate MODEL_DIR IMAGE [TOKENS] [f32|bf16|auto] [RUNS] [q8_0|q4k]"
+            );
             std::process::exit(2);
         }
     };
@@ -45,11 +49,15 @@ fn main() -> simpleseg_engine::Result<()> {
     let runs: usize = args
         .get(4)
         .map_or(1, |r| r.parse().expect("RUNS is a number"));
+    let quantize = args
+        .get(5)
+        .map(|q| q.parse().expect("QUANTIZE is q8_0 or q4k"));
     let start = Instant::now();
     let model = load(
         dir.as_ref(),
         &LoadOptions {
             dtype,
+            quantize,
             ..LoadOptions::default()
         },
     )?;
@@ -78,6 +86,7 @@ fn main() -> simpleseg_engine::Result<()> {
         "{}",
         serde_json::json!({
             "engine": "simpleseg",
+            "threads": rayon::current_num_threads(),
             "load_ms": load_ms,
             "preprocess_ms": preprocess_ms,
             "prefill_ms": out.timings.prefill_ms,

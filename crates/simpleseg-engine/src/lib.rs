@@ -19,6 +19,7 @@
 // Every unwrap or expect outside tests is a decision: a panic reachable from input is a bug.
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bf16_gemm;
 pub mod chat;
 pub mod error;
 pub mod generation;
@@ -30,6 +31,7 @@ pub mod nn;
 pub mod pillow;
 pub mod processor;
 pub mod quantize;
+pub mod quantized;
 pub mod session;
 pub mod tiktoken;
 pub mod weights;
@@ -156,21 +158,17 @@ pub fn init_threads() {
     });
 }
 
-/// The compute dtype to use when none is asked for. On the CPU, f32: linear weights are read
-/// in place as stored (BF16, F16, F32 or quantized) and accumulated in f32 whatever the compute
-/// dtype, so f32 activations cost no weight memory, and candle's f32 kernels are several times
-/// faster than its BF16 ones. On a GPU, where weights are copied in the compute dtype, f32
-/// while they would take at most 8 GiB in f32, bf16 beyond.
-pub fn auto_dtype(folder: &HfFolder, device: &Device) -> Result<DType> {
-    if device.is_cpu() {
-        return Ok(DType::F32);
-    }
-    let bytes: u64 = weights::folder_weight_files(folder)?
-        .iter()
-        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+/// The compute dtype to use when none is asked for: f32 while the weights would take at most
+/// 8 GiB in f32, bf16 beyond (real sizes, as transformers users run them). On the CPU, linear
+/// layers read their weights in place (BF16, F16, F32 or quantized) whatever this is: f32
+/// activations multiply them exactly (widened or dequantized), bf16 ones with the CPU's BF16
+/// dot-product instructions where it has them.
+pub fn auto_dtype(folder: &HfFolder) -> Result<DType> {
+    let elements: u64 = weights::folder_files(folder)?
+        .shapes()
+        .map(|(_, shape)| shape.iter().product::<usize>() as u64)
         .sum();
-    // Stored weights are at least 2 bytes per value; assume the worst (bf16) for the estimate.
-    Ok(if bytes * 2 <= 8 << 30 {
+    Ok(if elements * 4 <= 8 << 30 {
         DType::F32
     } else {
         DType::BF16

@@ -23,21 +23,27 @@ use crate::weights::{
 /// The most dimensions a GGUF tensor has.
 const MAX_DIMS: usize = 4;
 
-/// What a model folder's loading code asks for when quantizing to `format`.
-pub fn loading_plan(folder: &HfFolder, format: Option<Quantization>) -> Result<Vec<TensorRequest>> {
+/// What a model folder's loading code asks for when quantizing to `format`, and where the
+/// family looks for a separate output head (a tied head reads the embedding table otherwise).
+pub fn loading_plan(
+    folder: &HfFolder,
+    format: Option<Quantization>,
+) -> Result<(Vec<TensorRequest>, &'static str)> {
     let config = folder.json("config.json")?;
-    let plan = LoadingPlan::default();
+    let files = folder_files(folder)?;
+    let plan = LoadingPlan::with_names(files.names().cloned());
     let weights = Weights::plan(&plan, DType::BF16).quantized(format);
-    match config.str(&["model_type"]) {
+    let head = match config.str(&["model_type"]) {
         Some("qwen2_5_vl") => {
             use crate::models::qwen2_5_vl::{Config, Qwen2_5Vl, TensorLayout};
-            let files = folder_files(folder)?;
             let layout = TensorLayout::detect(files.names())?;
             Qwen2_5Vl::load(&weights, &Config::from_json(&config)?, layout)?;
+            "lm_head.weight"
         }
         Some("kimi_vl") => {
             use crate::models::kimi_vl::{Config, KimiVl};
             KimiVl::load(&weights, &Config::from_json(&config)?)?;
+            "language_model.lm_head.weight"
         }
         Some(other) => {
             return Err(Error::Unsupported(format!(
@@ -45,8 +51,8 @@ pub fn loading_plan(folder: &HfFolder, format: Option<Quantization>) -> Result<V
             )))
         }
         None => return Err(config.error("missing `model_type`")),
-    }
-    Ok(plan.requests())
+    };
+    Ok((plan.requests(), head))
 }
 
 /// What [`quantize_folder`] wrote.
@@ -104,20 +110,49 @@ pub fn quantize_folder(
         )));
     }
     let files = folder_files(src)?;
-    let quantized: HashMap<String, GgmlDType> = loading_plan(src, Some(format))?
-        .into_iter()
+    let (requests, head) = loading_plan(src, Some(format))?;
+    let mut quantized: HashMap<String, GgmlDType> = requests
+        .iter()
         .filter_map(|r| {
             let in_dim = *r.shape.last()?;
-            r.linear.flatten()?.for_row(in_dim).map(|t| (r.name, t))
+            r.linear
+                .flatten()?
+                .for_row(in_dim)
+                .map(|t| (r.name.clone(), t))
         })
         .collect();
+    // A table read both as a quantized head and unquantized (embedding rows) is a tied head:
+    // the table stays as stored and the head gets its own quantized copy under the name the
+    // loader looks for first, so the folder computes what quantizing at load computes.
+    let mut tied = None;
+    for r in &requests {
+        if let Some(&t) = quantized.get(&r.name) {
+            if r.linear != Some(Some(format)) {
+                tied = Some((r.name.clone(), t));
+            }
+        }
+    }
+    if let Some((table, t)) = &tied {
+        quantized.remove(table);
+        quantized.insert(head.to_string(), *t);
+    }
     let mut names: Vec<String> = files.names().cloned().collect();
+    if tied.is_some() && !names.iter().any(|n| n == head) {
+        names.push(head.to_string());
+    }
     names.sort();
+    // The tensor a written name is read from (the tied head's copy reads the table).
+    let source = |name: &str| -> String {
+        match &tied {
+            Some((table, _)) if name == head && files.names().all(|n| n != head) => table.clone(),
+            _ => name.to_string(),
+        }
+    };
     let mut infos = Vec::with_capacity(names.len());
     let mut summary = QuantizeSummary::default();
     let mut shapes = Vec::new();
     for name in &names {
-        let (mut shape, stored) = files.stored(name)?;
+        let (mut shape, stored) = files.stored(&source(name))?;
         if shape.len() > MAX_DIMS {
             // GGUF tensors have at most 4 dimensions: the trailing ones are folded together
             // and the true shape is kept in the metadata.
@@ -175,7 +210,7 @@ pub fn quantize_folder(
         |i| -> Result<Vec<u8>, WriteError> {
             let info = &infos[i];
             let bytes = if quantized.contains_key(&info.name) {
-                let full = files.tensor_f32(&info.name)?;
+                let full = files.tensor_f32(&source(&info.name))?;
                 crate::weights::quantize_rows(&full, info.dtype)
                     .and_then(|q| q.data().map(|d| d.into_owned()))
                     .map_err(Error::from)?

@@ -104,7 +104,7 @@ impl TextConfig {
     pub fn is_moe_layer(&self, i: usize) -> bool {
         self.n_routed_experts > 0
             && i >= self.first_k_dense_replace
-            && i % self.moe_layer_freq.max(1) == 0
+            && i.is_multiple_of(self.moe_layer_freq.max(1))
     }
 
     /// Query/key head width: the part without position plus the rotary part.
@@ -185,13 +185,13 @@ impl Config {
             "`text_config.rope_scaling` is set; only plain rotary embeddings are supported (Kimi-VL has none)".into(),
         )?;
         check(
-            t.num_attention_heads > 0 && t.hidden_size > 0 && t.qk_rope_head_dim % 2 == 0,
+            t.num_attention_heads > 0 && t.hidden_size > 0 && t.qk_rope_head_dim.is_multiple_of(2),
             "`text_config` needs heads, a hidden size and an even qk_rope_head_dim".into(),
         )?;
         check(
             t.n_routed_experts == 0
                 || (t.n_group > 0
-                    && t.n_routed_experts % t.n_group == 0
+                    && t.n_routed_experts.is_multiple_of(t.n_group)
                     && t.topk_group <= t.n_group
                     && t.num_experts_per_tok <= t.n_routed_experts
                     && t.num_experts_per_tok > 0),
@@ -203,8 +203,8 @@ impl Config {
         let v = &vision;
         check(
             v.num_attention_heads > 0
-                && v.hidden_size % v.num_attention_heads == 0
-                && (v.hidden_size / v.num_attention_heads) % 4 == 0,
+                && v.hidden_size.is_multiple_of(v.num_attention_heads)
+                && (v.hidden_size / v.num_attention_heads).is_multiple_of(4),
             "`vision_config.hidden_size` / num_attention_heads must be a multiple of 4 (2D rotary pairs)".into(),
         )?;
         check(

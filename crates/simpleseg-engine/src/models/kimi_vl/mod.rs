@@ -208,7 +208,7 @@ impl KimiVlModel {
                 ))
             }
             Some(d) => d,
-            None => crate::auto_dtype(folder, &options.device)?,
+            None => crate::auto_dtype(folder)?,
         };
         let vb = options.weights(folder, dtype)?;
         let model = KimiVl::load(&vb, &config).map_err(|e| Error::BadFile {

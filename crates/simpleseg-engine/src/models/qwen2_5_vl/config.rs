@@ -300,8 +300,8 @@ impl Config {
             )));
         }
         if vision.num_heads == 0
-            || vision.hidden_size % vision.num_heads != 0
-            || (vision.hidden_size / vision.num_heads) % 4 != 0
+            || !vision.hidden_size.is_multiple_of(vision.num_heads)
+            || !(vision.hidden_size / vision.num_heads).is_multiple_of(4)
         {
             return Err(file.error("vision hidden_size / num_heads must be a multiple of 4"));
         }

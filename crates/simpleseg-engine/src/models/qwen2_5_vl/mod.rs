@@ -233,7 +233,7 @@ impl Qwen2_5VlModel {
         let config = Config::from_json(&folder.json("config.json")?)?;
         let dtype = match options.dtype {
             Some(d) => d,
-            None => crate::auto_dtype(folder, &options.device)?,
+            None => crate::auto_dtype(folder)?,
         };
         let vb = options.weights(folder, dtype)?;
         let layout = TensorLayout::detect(&vb.names())?;

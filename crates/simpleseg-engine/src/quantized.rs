@@ -1,0 +1,203 @@
+//! Quantized weight matrices on the CPU, read in place: ggml blocks (q4k, q4_0, q8_0) in a
+//! memory-mapped GGUF file or in memory after quantizing at load, multiplied with candle's
+//! block dot products (its AVX2 kernels) without the copy and repacking candle's `QMatMul`
+//! makes, so that a quantized model's resident memory is its quantized bytes.
+//!
+//! - Few rows (decoding): each output is one `vec_dot` of the row's blocks with the input
+//!   quantized to the type's dot-product blocks (q8k or q8_0), four outputs at a time so that
+//!   four weight rows stream side by side; the result for a row never depends on the others.
+//! - Many rows (a prefill): a band of weight rows is dequantized and multiplied as a BF16 or
+//!   f32 weight would be (see [`crate::nn`]).
+
+use std::sync::Arc;
+
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0, GgmlType};
+use candle_core::quantized::GgmlDType;
+use candle_core::Result;
+use memmap2::Mmap;
+
+/// Where a matrix's blocks live.
+#[derive(Clone)]
+enum Blocks {
+    /// A range of a memory-mapped file.
+    Mapped { map: Arc<Mmap>, start: usize },
+    /// Bytes in memory, in u64 words so that every block type is aligned.
+    Owned(Arc<Vec<u64>>),
+}
+
+/// A `(rows, cols)` matrix of ggml blocks, each row `cols / block` blocks.
+#[derive(Clone)]
+pub struct QuantizedMatrix {
+    blocks: Blocks,
+    pub rows: usize,
+    pub cols: usize,
+    pub ggml: GgmlDType,
+}
+
+impl std::fmt::Debug for QuantizedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QuantizedMatrix({}x{} {:?})",
+            self.rows, self.cols, self.ggml
+        )
+    }
+}
+
+/// Whether [`QuantizedMatrix`] multiplies blocks of type `t`.
+pub fn supported(t: GgmlDType) -> bool {
+    matches!(t, GgmlDType::Q4K | GgmlDType::Q4_0 | GgmlDType::Q8_0)
+}
+
+impl QuantizedMatrix {
+    fn check(rows: usize, cols: usize, ggml: GgmlDType, bytes: usize) -> Result<()> {
+        if !supported(ggml) {
+            candle_core::bail!("{ggml:?} weights are not multiplied (q4k, q4_0 and q8_0 are)");
+        }
+        if !cols.is_multiple_of(ggml.block_size())
+            || bytes != rows * cols / ggml.block_size() * ggml.type_size()
+        {
+            candle_core::bail!("{rows}x{cols} {ggml:?} weight has {bytes} bytes");
+        }
+        Ok(())
+    }
+
+    /// Blocks read in place from `map[start..]`; the start must suit the block type's
+    /// alignment (GGUF aligns tensors to 32 bytes).
+    pub fn mapped(
+        map: Arc<Mmap>,
+        start: usize,
+        rows: usize,
+        cols: usize,
+        ggml: GgmlDType,
+    ) -> Result<Self> {
+        let bytes = rows * cols / ggml.block_size().max(1) * ggml.type_size();
+        Self::check(rows, cols, ggml, bytes)?;
+        if start + bytes > map.len() || !(map.as_ptr() as usize + start).is_multiple_of(8) {
+            candle_core::bail!("quantized weight at byte {start} is out of range or misaligned");
+        }
+        Ok(QuantizedMatrix {
+            blocks: Blocks::Mapped { map, start },
+            rows,
+            cols,
+            ggml,
+        })
+    }
+
+    /// Blocks held in memory (e.g. from quantizing at load).
+    pub fn owned(bytes: &[u8], rows: usize, cols: usize, ggml: GgmlDType) -> Result<Self> {
+        Self::check(rows, cols, ggml, bytes.len())?;
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Ok(QuantizedMatrix {
+            blocks: Blocks::Owned(Arc::new(words)),
+            rows,
+            cols,
+            ggml,
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        let len = self.rows * self.cols / self.ggml.block_size() * self.ggml.type_size();
+        match &self.blocks {
+            Blocks::Mapped { map, start } => &map[*start..*start + len],
+            Blocks::Owned(words) => &bytemuck::cast_slice::<u64, u8>(words)[..len],
+        }
+    }
+
+    /// The blocks as `T` (whose type the matrix has).
+    fn typed<T: GgmlType>(&self) -> &[T] {
+        let bytes = self.bytes();
+        // SAFETY: the blocks are plain data (integers and f16 scales) laid out as ggml writes
+        // them, `bytes` holds whole blocks of T (checked at construction), and its start is
+        // 8-byte aligned, enough for every block type.
+        unsafe {
+            std::slice::from_raw_parts(
+                bytes.as_ptr() as *const T,
+                bytes.len() / std::mem::size_of::<T>(),
+            )
+        }
+    }
+
+    /// Row `r` dequantized into `out` (`cols` values).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        fn run<T: GgmlType>(m: &QuantizedMatrix, r: usize, out: &mut [f32]) {
+            let per_row = m.cols / T::BLCK_SIZE;
+            T::to_float(&m.typed::<T>()[r * per_row..(r + 1) * per_row], out);
+        }
+        match self.ggml {
+            GgmlDType::Q4K => run::<BlockQ4K>(self, r, out),
+            GgmlDType::Q4_0 => run::<BlockQ4_0>(self, r, out),
+            _ => run::<BlockQ8_0>(self, r, out),
+        }
+    }
+
+    /// The whole matrix dequantized, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_mut(self.cols.max(1)).enumerate() {
+            self.row_into(r, row);
+        }
+        out
+    }
+
+    /// `x W^T` for `rows` rows of `x` (`rows x cols`, f32), `rows x self.rows` f32: the
+    /// few-rows path (see the module documentation).
+    pub fn rows_matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        match self.ggml {
+            GgmlDType::Q4K => self.rows_matmul_typed::<BlockQ4K>(x, rows),
+            GgmlDType::Q4_0 => self.rows_matmul_typed::<BlockQ4_0>(x, rows),
+            _ => self.rows_matmul_typed::<BlockQ8_0>(x, rows),
+        }
+    }
+
+    fn rows_matmul_typed<T: GgmlType + Sync>(&self, x: &[f32], rows: usize) -> Result<Vec<f32>>
+    where
+        T::VecDotType: Sync + Send,
+    {
+        use rayon::prelude::*;
+
+        let (n, k) = (self.rows, self.cols);
+        if x.len() != rows * k {
+            candle_core::bail!("{} inputs for {rows} rows of {k}", x.len());
+        }
+        let per_row = k / T::BLCK_SIZE;
+        let dot_per_row = k / T::VecDotType::BLCK_SIZE;
+        let mut xq = vec![T::VecDotType::zeros(); rows * dot_per_row];
+        for (q, xr) in xq.chunks_mut(dot_per_row.max(1)).zip(x.chunks(k.max(1))) {
+            T::VecDotType::from_float(xr, q);
+        }
+        let w = self.typed::<T>();
+        let row = |f: usize| &w[f * per_row..(f + 1) * per_row];
+        // Four outputs per task item: one weight quad against every input row.
+        let mut by_feature = vec![0f32; n * rows];
+        by_feature
+            .par_chunks_mut(4 * rows)
+            .enumerate()
+            .with_min_len(16)
+            .for_each(|(quad, out)| {
+                let f = quad * 4;
+                for r in 0..rows {
+                    let xr = &xq[r * dot_per_row..(r + 1) * dot_per_row];
+                    if f + 4 <= n {
+                        let (a, b, c, d) =
+                            T::vec_dot_4(k, row(f), row(f + 1), row(f + 2), row(f + 3), xr);
+                        for (i, v) in [a, b, c, d].into_iter().enumerate() {
+                            out[i * rows + r] = v;
+                        }
+                    } else {
+                        for i in 0..n - f {
+                            out[i * rows + r] = T::vec_dot(k, row(f + i), xr);
+                        }
+                    }
+                }
+            });
+        let mut y = vec![0f32; rows * n];
+        for (f, values) in by_feature.chunks(rows.max(1)).enumerate() {
+            for (r, v) in values.iter().enumerate() {
+                y[r * n + f] = *v;
+            }
+        }
+        Ok(y)
+    }
+}
