@@ -23,6 +23,9 @@ pub enum Error {
     /// A run-length encoding that does not describe a mask of its stated size.
     #[error("invalid RLE: {0}")]
     InvalidRle(String),
+    /// A request that cannot be served as given (an empty query, a box that is not a box).
+    #[error("{0}")]
+    Invalid(String),
     /// A coordinate that is NaN.
     #[error("coordinate {0} in polygon is not a number")]
     NonFiniteCoordinate(f64),

@@ -34,6 +34,7 @@ pub mod parse;
 pub mod pyrepr;
 pub mod raster;
 pub mod rle;
+pub mod segment;
 pub mod target;
 pub mod templates;
 

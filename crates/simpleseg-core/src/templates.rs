@@ -25,6 +25,32 @@ pub const ANSWER_TEMPLATES: [&str; 5] = [
     "It is at {a}.",
 ];
 
+/// The point -> mask question of the data script (`{point}`: `[x, y]`, normalized).
+pub const POINT_PROMPT: &str = "Show me the contour of the object at point {point}.";
+
+/// The box -> mask question of the data script (`{box}`: `[x1, y1, x2, y2]`, normalized).
+pub const BOX_PROMPT: &str = "Give the polygon vertices of the stuff within the box region {box}.";
+
+/// Numbers as a Python list prints them (`[0.5, 0.25]`), as the data script writes them into
+/// questions.
+pub fn list_repr(values: &[f64]) -> String {
+    let parts: Vec<String> = values
+        .iter()
+        .map(|v| crate::pyrepr::float_repr(*v))
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// The point -> mask question for a normalized point.
+pub fn point_prompt(point: [f64; 2]) -> String {
+    POINT_PROMPT.replace("{point}", &list_repr(&point))
+}
+
+/// The box -> mask question for a normalized box.
+pub fn box_prompt(b: [f64; 4]) -> String {
+    BOX_PROMPT.replace("{box}", &list_repr(&b))
+}
+
 /// Fills `{query}` in a prompt template such as [`DEFAULT_PROMPT`].
 pub fn fill_prompt(template: &str, query: &str) -> String {
     template.replace("{query}", query)

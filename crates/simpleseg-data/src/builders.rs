@@ -167,14 +167,6 @@ fn prepare(item: &Item, epsilon_ratio: f64) -> Result<Prepared> {
     })
 }
 
-fn list_repr(values: &[f64]) -> String {
-    let parts: Vec<String> = values
-        .iter()
-        .map(|v| simpleseg_core::pyrepr::float_repr(*v))
-        .collect();
-    format!("[{}]", parts.join(", "))
-}
-
 /// Computes every object's target in parallel, with a progress bar.
 fn prepare_all(items: &[&Item], epsilon_ratio: f64, what: &str) -> Result<Vec<Prepared>> {
     let bar = progress(items.len(), what);
@@ -220,10 +212,7 @@ pub fn sft_records(
                         Task::PointToMask => {
                             let Some(point) = p.point else { continue };
                             (
-                                format!(
-                                    "Show me the contour of the object at point {}.",
-                                    list_repr(&point)
-                                ),
+                                templates::point_prompt(point),
                                 templates::answer(
                                     rng.random_range(0..templates::ANSWER_TEMPLATES.len()),
                                     &p.target,
@@ -231,10 +220,7 @@ pub fn sft_records(
                             )
                         }
                         Task::BoxToMask => (
-                            format!(
-                                "Give the polygon vertices of the stuff within the box region {}.",
-                                list_repr(&p.bbox)
-                            ),
+                            templates::box_prompt(p.bbox),
                             templates::answer(
                                 rng.random_range(0..templates::ANSWER_TEMPLATES.len()),
                                 &p.target,
@@ -244,7 +230,7 @@ pub fn sft_records(
                             format!("Output the bounding box of {} in the image.", sentence.sent),
                             templates::answer(
                                 rng.random_range(0..templates::ANSWER_TEMPLATES.len()),
-                                &list_repr(&p.bbox),
+                                &templates::list_repr(&p.bbox),
                             ),
                         ),
                         Task::TextToPoint => {
@@ -253,7 +239,7 @@ pub fn sft_records(
                                 format!("Point to {} in the image.", sentence.sent),
                                 templates::answer(
                                     rng.random_range(0..templates::ANSWER_TEMPLATES.len()),
-                                    &list_repr(&point),
+                                    &templates::list_repr(&point),
                                 ),
                             )
                         }
@@ -262,7 +248,7 @@ pub fn sft_records(
                             (
                                 format!(
                                     "What is the object at point {}? Answer with a short description.",
-                                    list_repr(&point)
+                                    templates::list_repr(&point)
                                 ),
                                 sentence.sent.clone(),
                             )

@@ -21,6 +21,7 @@
 
 pub mod bf16_gemm;
 pub mod chat;
+pub mod constraint;
 pub mod error;
 pub mod generation;
 pub mod gguf;
@@ -32,6 +33,7 @@ pub mod pillow;
 pub mod processor;
 pub mod quantize;
 pub mod quantized;
+pub mod scheduler;
 pub mod session;
 pub mod tiktoken;
 pub mod weights;
@@ -56,6 +58,13 @@ pub use hf::HfFolder;
 pub struct Prompt {
     pub input_ids: Vec<u32>,
     pub images: Vec<image_processor::ProcessedImage>,
+}
+
+/// Per-request bounds on the image's resized pixel count (`None`: the processor's own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PixelLimits {
+    pub min_pixels: Option<usize>,
+    pub max_pixels: Option<usize>,
 }
 
 /// Decoding state of sequences decoded together (see [`session`]): the caches and positions
@@ -85,6 +94,18 @@ pub trait VisionLanguageModel: Send + Sync {
     fn tokenizer(&self) -> &TextTokenizer;
     /// Chat template applied, image processed, placeholders expanded.
     fn prepare(&self, image: &RgbImage, prompt: &str) -> Result<Prompt>;
+    /// [`prepare`](Self::prepare) with the image resized within other pixel limits (as
+    /// vLLM's `mm_processor_kwargs` `min_pixels` / `max_pixels`); families whose processor has
+    /// no such limits refuse them.
+    fn prepare_with(&self, image: &RgbImage, prompt: &str, pixels: PixelLimits) -> Result<Prompt> {
+        if pixels != PixelLimits::default() {
+            return Err(Error::Input(format!(
+                "min_pixels / max_pixels do not apply to {} models",
+                self.architecture()
+            )));
+        }
+        self.prepare(image, prompt)
+    }
     /// Runs the prompt (vision tower and prefill) and opens a session holding `copies` rows
     /// of it.
     fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>>;
@@ -203,6 +224,8 @@ pub enum StopReason {
     Eos,
     /// `max_new_tokens` reached.
     MaxTokens,
+    /// Stopped by the caller (a stop string seen, a client gone).
+    Cancelled,
 }
 
 /// Wall-clock timings of one generation.
@@ -232,6 +255,8 @@ pub struct GenerationOutput {
 pub struct BatchRequest<'a> {
     pub prompt: &'a Prompt,
     pub configs: Vec<GenerationConfig>,
+    /// Answers must match this grammar ([`constraint`]).
+    pub grammar: Option<std::sync::Arc<constraint::Grammar>>,
 }
 
 /// Generates one answer, calling `on_token` with each new token id as it is chosen.
@@ -239,11 +264,23 @@ pub fn generate(
     model: &dyn VisionLanguageModel,
     prompt: &Prompt,
     config: GenerationConfig,
+    on_token: impl FnMut(u32),
+) -> Result<GenerationOutput> {
+    generate_constrained(model, prompt, config, None, on_token)
+}
+
+/// [`generate`] with the answer held to `grammar` when given.
+pub fn generate_constrained(
+    model: &dyn VisionLanguageModel,
+    prompt: &Prompt,
+    config: GenerationConfig,
+    grammar: Option<std::sync::Arc<constraint::Grammar>>,
     mut on_token: impl FnMut(u32),
 ) -> Result<GenerationOutput> {
     let request = BatchRequest {
         prompt,
         configs: vec![config],
+        grammar,
     };
     let mut outputs = generate_batch(model, &[request], |_, token| on_token(token))?;
     outputs
@@ -256,6 +293,7 @@ struct Row {
     /// Index of the answer in the output.
     answer: usize,
     sampler: Sampler,
+    constraint: Option<constraint::Constrained>,
     history: Vec<u32>,
     generated: Vec<u32>,
     stop: Vec<u32>,
@@ -292,6 +330,11 @@ pub fn generate_batch(
             rows.push(Row {
                 answer: rows.len(),
                 sampler: Sampler::new(config.clone())?,
+                constraint: request
+                    .grammar
+                    .clone()
+                    .map(constraint::Constrained::new)
+                    .transpose()?,
                 history: request.prompt.input_ids.clone(),
                 generated: Vec::new(),
                 stop: config.eos_token_ids.clone(),
@@ -324,10 +367,16 @@ pub fn generate_batch(
         let mut tokens = Vec::with_capacity(active.len());
         for (i, row) in active.iter_mut().enumerate() {
             let mut row_logits: Vec<f32> = logits.get(i)?.to_vec1()?;
+            if let Some(c) = &row.constraint {
+                c.mask(&mut row_logits);
+            }
             let token = row.sampler.next_token(&mut row_logits, &row.history);
             if row.stop.contains(&token) {
                 row.stop_reason = Some(StopReason::Eos);
                 continue;
+            }
+            if let Some(c) = row.constraint.as_mut() {
+                c.advance(token);
             }
             row.generated.push(token);
             row.history.push(token);

@@ -63,6 +63,7 @@ pub fn check_batches_equal_single_runs(model: &dyn VisionLanguageModel) {
     let requests: Vec<BatchRequest> = prompts
         .iter()
         .map(|p| BatchRequest {
+            grammar: None,
             prompt: p,
             configs: vec![greedy.clone()],
         })
@@ -78,6 +79,7 @@ pub fn check_batches_equal_single_runs(model: &dyn VisionLanguageModel) {
     let requests: Vec<BatchRequest> = prompts
         .iter()
         .map(|p| BatchRequest {
+            grammar: None,
             prompt: p,
             configs: seeds.iter().map(|&s| sampled(model, s)).collect(),
         })

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use simpleseg_core::images::open_image;
 use simpleseg_core::limits::{read_text_file_bounded, Limit};
-use simpleseg_engine::{generate, GenerationConfig, VisionLanguageModel};
+use simpleseg_engine::{generate_constrained, GenerationConfig, VisionLanguageModel};
 
 use crate::error::{Error, Result};
 
@@ -42,6 +42,7 @@ pub struct LocalBackend {
     name: String,
     files: Value,
     quantize: Option<String>,
+    grammar: Option<std::sync::Arc<simpleseg_engine::constraint::Grammar>>,
 }
 
 impl LocalBackend {
@@ -60,7 +61,17 @@ impl LocalBackend {
             name: name.into(),
             files,
             quantize: None,
+            grammar: None,
         }
+    }
+
+    /// Holds every answer to `grammar` (constrained decoding).
+    pub fn constrained(
+        mut self,
+        grammar: Option<std::sync::Arc<simpleseg_engine::constraint::Grammar>>,
+    ) -> Self {
+        self.grammar = grammar;
+        self
     }
 
     /// Records that the model's linear layers were quantized at load to `format`.
@@ -82,7 +93,8 @@ impl Backend for LocalBackend {
             }
             None => config.do_sample = false,
         }
-        Ok(generate(self.model.as_ref(), &prompt, config, |_| {})?.text)
+        let grammar = self.grammar.clone();
+        Ok(generate_constrained(self.model.as_ref(), &prompt, config, grammar, |_| {})?.text)
     }
 
     fn describe(&self) -> Value {
@@ -107,6 +119,9 @@ impl Backend for LocalBackend {
         });
         if let Some(q) = &self.quantize {
             identity["quantize"] = json!(q);
+        }
+        if let Some(g) = &self.grammar {
+            identity["constrain"] = json!(g.name());
         }
         identity
     }

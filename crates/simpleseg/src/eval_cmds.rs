@@ -138,10 +138,16 @@ fn backend(args: &EvalArgs) -> Result<Box<dyn Backend>> {
             let files = HfFolder::open(model_args.dir()?)?.fingerprint()?;
             let model = model_args.load()?;
             let config = args.generation.apply(model.generation_config())?;
+            let grammar = args
+                .generation
+                .constrain
+                .map(|c| c.grammar(model.as_ref(), &config))
+                .transpose()?;
             let name = model_args.model_name();
             Box::new(
                 LocalBackend::new(model, config, name, files)
-                    .quantized(args.quantize.map(|q| q.name())),
+                    .quantized(args.quantize.map(|q| q.name()))
+                    .constrained(grammar),
             )
         }
         BackendArg::Openai => {
@@ -231,6 +237,13 @@ fn one_split(
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
+    let g = &args.generation;
+    if !args.sample && (g.temperature.is_some() || g.top_p.is_some() || g.top_k.is_some()) {
+        bail!("--temperature, --top-p and --top-k apply to sampled answers: add --sample (eval is greedy without it)");
+    }
+    if g.constrain.is_some() && !matches!(args.backend, BackendArg::Local) {
+        bail!("--constrain applies to the local backend (the model runs here)");
+    }
     simpleseg_data::check_name("--dataset", &args.dataset)?;
     simpleseg_data::check_name("--split", &args.split)?;
     let backend = backend(&args)?;

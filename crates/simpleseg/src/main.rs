@@ -9,6 +9,7 @@ mod eval_cmds;
 mod model_cmds;
 mod protocol_cmds;
 mod quantize_cmd;
+mod serve_cmd;
 mod train_cmds;
 
 use std::process::ExitCode;
@@ -87,6 +88,7 @@ enum Command {
     Iou(protocol_cmds::IouArgs),
     ExportModel(ExportModelArgs),
     Quantize(quantize_cmd::QuantizeArgs),
+    Serve(serve_cmd::ServeArgs),
 }
 
 /// Write the built-in default model (used when --model is omitted) as a Hugging Face folder,
@@ -119,6 +121,7 @@ fn main() -> ExitCode {
         Command::Iou(args) => protocol_cmds::iou(args),
         Command::ExportModel(args) => embedded::export(&args.out),
         Command::Quantize(args) => quantize_cmd::quantize(args),
+        Command::Serve(args) => serve_cmd::serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,11 +7,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use simpleseg_core::images::open_image;
-use simpleseg_core::templates::{fill_prompt, DEFAULT_PROMPT};
+use simpleseg_core::segment::{Segmentation, Target};
+use simpleseg_core::templates::DEFAULT_PROMPT;
 use simpleseg_core::{parse_answer, CoordMode, ParseMode};
 use simpleseg_engine::{
-    generate, generate_batch, BatchRequest, GenerationConfig, GenerationOutput, LoadOptions,
-    VisionLanguageModel,
+    generate_batch, generate_constrained, BatchRequest, GenerationConfig, GenerationOutput,
+    LoadOptions, VisionLanguageModel,
 };
 
 use crate::protocol_cmds::{answer_json, write_outputs, CoordsArg, MaskOutputs, ModeArg};
@@ -123,6 +124,37 @@ pub struct GenerationArgs {
     /// Seed of the sampler.
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
+    /// Only allow answers of this form (constrained decoding): `polygon` (the point protocol,
+    /// so every answer parses) or `box`.
+    #[arg(long, value_enum, value_name = "FORM")]
+    pub constrain: Option<ConstrainArg>,
+}
+
+/// Forms an answer can be held to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConstrainArg {
+    /// `[[[x, y], [x, y], [x, y], ...]]`: one or more polygons of at least 3 points, numbers in
+    /// [0, 1] with at most 3 decimals.
+    Polygon,
+    /// `[x1, y1, x2, y2]`, numbers in [0, 1].
+    Box,
+}
+
+impl ConstrainArg {
+    /// The compiled grammar over `model`'s vocabulary.
+    pub fn grammar(
+        self,
+        model: &dyn VisionLanguageModel,
+        config: &GenerationConfig,
+    ) -> Result<std::sync::Arc<simpleseg_engine::constraint::Grammar>> {
+        use simpleseg_engine::constraint::{Grammar, TokenBytes};
+        let tokens =
+            std::sync::Arc::new(TokenBytes::new(model.tokenizer(), &config.eos_token_ids)?);
+        Ok(std::sync::Arc::new(match self {
+            ConstrainArg::Polygon => Grammar::polygon(tokens)?,
+            ConstrainArg::Box => Grammar::bbox(tokens)?,
+        }))
+    }
 }
 
 impl GenerationArgs {
@@ -194,8 +226,25 @@ pub struct SegmentArgs {
     #[arg(long, value_name = "IMG")]
     image: PathBuf,
     /// What to segment, e.g. "the man in red".
-    #[arg(long, value_name = "TEXT")]
-    query: String,
+    #[arg(long, value_name = "TEXT", required_unless_present_any = ["point", "r#box"], conflicts_with_all = ["point", "r#box"])]
+    query: Option<String>,
+    /// Or a point on the object, normalized: `--point 0.62,0.59`.
+    #[arg(
+        long,
+        value_name = "X,Y",
+        value_delimiter = ',',
+        num_args = 2,
+        conflicts_with = "r#box"
+    )]
+    point: Option<Vec<f64>>,
+    /// Or a box around it, normalized: `--box 0.37,0.16,0.78,0.61`.
+    #[arg(
+        long = "box",
+        value_name = "X1,Y1,X2,Y2",
+        value_delimiter = ',',
+        num_args = 4
+    )]
+    r#box: Option<Vec<f64>>,
     /// The prompt; {query} is replaced by the query.
     #[arg(long, default_value = DEFAULT_PROMPT)]
     prompt_template: String,
@@ -214,19 +263,33 @@ pub struct SegmentArgs {
     json: bool,
 }
 
+impl SegmentArgs {
+    /// The object named by `--query`, `--point` or `--box`.
+    fn target(&self) -> Result<Target> {
+        Ok(match (&self.query, &self.point, &self.r#box) {
+            (Some(q), _, _) => Target::Query(q.clone()),
+            (_, Some(p), _) => Target::Point([p[0], p[1]]),
+            (_, _, Some(b)) => Target::Box([b[0], b[1], b[2], b[3]]),
+            _ => bail!("give --query, --point or --box"),
+        })
+    }
+}
+
 /// Runs generation, streaming text to stdout when `stream`.
 fn run(
     model: &dyn VisionLanguageModel,
     image: &Path,
     prompt: &str,
     config: GenerationConfig,
+    constrain: Option<ConstrainArg>,
     stream: bool,
 ) -> Result<(image::RgbImage, GenerationOutput)> {
     let rgb = open_image(image)?;
     let prepared = model.prepare(&rgb, prompt)?;
+    let grammar = constrain.map(|c| c.grammar(model, &config)).transpose()?;
     let mut decoder = model.tokenizer().stream();
     let mut stdout = std::io::stdout().lock();
-    let out = generate(model, &prepared, config, |token| {
+    let out = generate_constrained(model, &prepared, config, grammar, |token| {
         if stream {
             if let Ok(Some(chunk)) = decoder.step(token) {
                 let _ = stdout.write_all(chunk.as_bytes());
@@ -251,6 +314,7 @@ pub fn chat(args: ChatArgs) -> Result<()> {
         &args.image,
         &args.prompt,
         config.clone(),
+        args.generation.constrain,
         !args.json,
     )?;
     if args.json {
@@ -295,11 +359,17 @@ fn chat_samples(
         })
         .collect();
     let seeds: Vec<u64> = configs.iter().map(|c| c.seed).collect();
+    let grammar = args
+        .generation
+        .constrain
+        .map(|c| c.grammar(model, &config))
+        .transpose()?;
     let outputs = generate_batch(
         model,
         &[BatchRequest {
             prompt: &prompt,
             configs,
+            grammar,
         }],
         |_, _| {},
     )?;
@@ -316,12 +386,19 @@ fn chat_samples(
 pub fn segment(args: SegmentArgs) -> Result<()> {
     let model = args.model.load()?;
     let config = args.generation.apply(model.generation_config())?;
-    let prompt = fill_prompt(&args.prompt_template, &args.query);
-    let (rgb, out) = run(model.as_ref(), &args.image, &prompt, config, false)?;
+    let prompt = args.target()?.prompt(Some(&args.prompt_template))?;
+    let (rgb, out) = run(
+        model.as_ref(),
+        &args.image,
+        &prompt,
+        config,
+        args.generation.constrain,
+        false,
+    )?;
     let mode = ParseMode::from(args.mode);
     let coords = CoordMode::from(args.coords);
     let parsed = parse_answer(&out.text, mode);
-    let mask = parsed.mask(rgb.width(), rgb.height(), coords)?;
+    let mask = Segmentation::from_answer(&out.text, rgb.width(), rgb.height(), mode, coords)?.mask;
     let mut outputs = args.outputs;
     if outputs.rle_out.is_none() && outputs.mask_out.is_none() && outputs.overlay_out.is_none() {
         let stem = args

@@ -193,7 +193,17 @@ impl PromptBuilder {
 
     /// One user turn with the image and the prompt, ready for generation.
     pub fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
-        let processed = preprocess(image, &self.image_config)?;
+        self.prepare_resized(image, prompt, &self.image_config)
+    }
+
+    /// [`prepare`](Self::prepare) with other image processor settings.
+    pub fn prepare_resized(
+        &self,
+        image: &image::RgbImage,
+        prompt: &str,
+        image_config: &ImageProcessorConfig,
+    ) -> Result<Prompt> {
+        let processed = preprocess(image, image_config)?;
         let text = self.template.image_prompt(prompt)?;
         let text = self.expand_placeholders(&text, &[processed.grid_thw])?;
         Ok(Prompt {
@@ -269,6 +279,28 @@ impl VisionLanguageModel for Qwen2_5VlModel {
 
     fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
         self.prompts.prepare(image, prompt)
+    }
+
+    fn prepare_with(
+        &self,
+        image: &image::RgbImage,
+        prompt: &str,
+        pixels: crate::PixelLimits,
+    ) -> Result<Prompt> {
+        let mut config = self.prompts.image_config.clone();
+        if let Some(min) = pixels.min_pixels {
+            config.min_pixels = min;
+        }
+        if let Some(max) = pixels.max_pixels {
+            config.max_pixels = max;
+        }
+        if config.min_pixels > config.max_pixels || config.max_pixels == 0 {
+            return Err(Error::Input(format!(
+                "min_pixels {} and max_pixels {} leave no image size",
+                config.min_pixels, config.max_pixels
+            )));
+        }
+        self.prompts.prepare_resized(image, prompt, &config)
     }
 
     fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>> {

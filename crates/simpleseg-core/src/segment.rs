@@ -1,0 +1,170 @@
+//! The segmentation request and result every front end shares (`segment`, the server's
+//! `/v1/segment`, the Python bindings): what to ask the model for an object given by a
+//! referring expression, a point or a box, and what its answer means — the polygons in
+//! normalized and pixel coordinates and the mask they cover (their union, exactly as `decode`
+//! makes it).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::parse::{parse_answer, CoordMode, ParseMode};
+use crate::rle::RleMask;
+use crate::templates::{box_prompt, fill_prompt, point_prompt, DEFAULT_PROMPT};
+
+/// How the object is named.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// A referring expression, e.g. "the man in red".
+    Query(String),
+    /// A point on the object, normalized `[x, y]`.
+    Point([f64; 2]),
+    /// A box around the object, normalized `[x1, y1, x2, y2]`.
+    Box([f64; 4]),
+}
+
+impl Target {
+    /// The question for the model; `template` (with `{query}`) applies to expressions.
+    pub fn prompt(&self, template: Option<&str>) -> Result<String> {
+        let in_unit = |v: &[f64]| v.iter().all(|x| x.is_finite() && (0.0..=1.0).contains(x));
+        match self {
+            Target::Query(q) => {
+                if q.trim().is_empty() {
+                    return Err(Error::Invalid("the query is empty".into()));
+                }
+                Ok(fill_prompt(template.unwrap_or(DEFAULT_PROMPT), q))
+            }
+            Target::Point(p) => {
+                if !in_unit(p) {
+                    return Err(Error::Invalid(format!(
+                        "point {p:?} is not normalized (numbers from 0 to 1)"
+                    )));
+                }
+                Ok(point_prompt(*p))
+            }
+            Target::Box(b) => {
+                if !in_unit(b) || b[0] > b[2] || b[1] > b[3] {
+                    return Err(Error::Invalid(format!(
+                        "box {b:?} is not a normalized [x1, y1, x2, y2] with x1 <= x2, y1 <= y2"
+                    )));
+                }
+                Ok(box_prompt(*b))
+            }
+        }
+    }
+}
+
+/// A decoded answer.
+#[derive(Clone, Debug)]
+pub struct Segmentation {
+    /// The polygons as the answer gives them (in `coords`).
+    pub polygons: Vec<Vec<[f64; 2]>>,
+    /// The polygons in normalized coordinates and in pixels of the image.
+    pub polygons_normalized: Vec<Vec<[f64; 2]>>,
+    pub polygons_pixels: Vec<Vec<[f64; 2]>>,
+    /// The mask: the union of the polygons, as COCO RLE.
+    pub mask: RleMask,
+    /// The mask's extent `[x, y, width, height]` and pixel count.
+    pub bbox: [f64; 4],
+    pub area: u64,
+    pub mode: ParseMode,
+    pub coords: CoordMode,
+    /// What the parser could not use.
+    pub warnings: Vec<String>,
+}
+
+impl Segmentation {
+    /// Decodes `answer` for an image of `width x height`.
+    pub fn from_answer(
+        answer: &str,
+        width: u32,
+        height: u32,
+        mode: ParseMode,
+        coords: CoordMode,
+    ) -> Result<Self> {
+        let parsed = parse_answer(answer, mode);
+        let mask = parsed.mask(width, height, coords)?;
+        let (w, h) = (f64::from(width), f64::from(height));
+        let polygons: Vec<Vec<[f64; 2]>> =
+            parsed.polygons.iter().map(|p| p.points.clone()).collect();
+        let scale = |f: &dyn Fn([f64; 2]) -> [f64; 2]| -> Vec<Vec<[f64; 2]>> {
+            polygons
+                .iter()
+                .map(|p| p.iter().map(|&pt| f(pt)).collect())
+                .collect()
+        };
+        let (normalized, pixels) = match coords {
+            CoordMode::Normalized => (polygons.clone(), scale(&|[x, y]| [x * w, y * h])),
+            CoordMode::Pixels => (scale(&|[x, y]| [x / w, y / h]), polygons.clone()),
+        };
+        Ok(Segmentation {
+            polygons,
+            polygons_normalized: normalized,
+            polygons_pixels: pixels,
+            bbox: mask.bbox(),
+            area: mask.area(),
+            mask,
+            mode,
+            coords,
+            warnings: parsed.warnings.iter().map(|w| w.message.clone()).collect(),
+        })
+    }
+
+    /// The result as JSON: polygons (normalized and pixel), `rle` (`{size, counts}`), bbox,
+    /// area, mode, coords, warnings.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "polygons": self.polygons_normalized,
+            "polygons_pixels": self.polygons_pixels,
+            "rle": self.mask.to_json_value(),
+            "bbox": self.bbox,
+            "area": self.area,
+            "width": self.mask.width(),
+            "height": self.mask.height(),
+            "mode": self.mode,
+            "coords": self.coords,
+            "warnings": self.warnings,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_make_the_data_script_questions() {
+        assert_eq!(
+            Target::Point([0.621, 0.592]).prompt(None).unwrap(),
+            "Show me the contour of the object at point [0.621, 0.592]."
+        );
+        assert_eq!(
+            Target::Box([0.372, 0.162, 0.784, 0.605]).prompt(None).unwrap(),
+            "Give the polygon vertices of the stuff within the box region [0.372, 0.162, 0.784, 0.605]."
+        );
+        assert!(Target::Box([0.5, 0.1, 0.2, 0.3]).prompt(None).is_err());
+        assert!(Target::Point([1.5, 0.1]).prompt(None).is_err());
+        assert!(Target::Query(" ".into()).prompt(None).is_err());
+    }
+
+    #[test]
+    fn answer_to_mask_and_pixels() {
+        let s = Segmentation::from_answer(
+            "[[[0.0, 0.0], [0.5, 0.0], [0.5, 0.5], [0.0, 0.5]]].",
+            10,
+            20,
+            ParseMode::Official,
+            CoordMode::Normalized,
+        )
+        .unwrap();
+        assert_eq!(s.polygons_pixels[0][2], [5.0, 10.0]);
+        let decoded = parse_answer(
+            "[[[0.0, 0.0], [0.5, 0.0], [0.5, 0.5], [0.0, 0.5]]].",
+            ParseMode::Official,
+        )
+        .mask(10, 20, CoordMode::Normalized)
+        .unwrap();
+        assert_eq!(s.mask, decoded);
+        assert_eq!(s.area, decoded.area());
+    }
+}

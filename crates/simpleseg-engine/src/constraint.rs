@@ -1,0 +1,278 @@
+//! Constrained decoding: the sampler may only pick tokens that keep the answer a prefix of a
+//! string a regular expression matches, and may only stop where the answer matches in full.
+//!
+//! The expression is compiled to a byte-level DFA (regex-automata). Each token's bytes are
+//! known ([`TokenBytes`]); a token is allowed in a DFA state when walking its bytes from that
+//! state never reaches the dead state, and the stop tokens are allowed only in states where
+//! the answer so far matches. The allowed set of a state is computed once (a pass over the
+//! vocabulary) and kept: the presets' DFAs have a few dozen states, so after the first answers
+//! a step costs a lookup.
+//!
+//! Presets: [`Grammar::polygon`] (the point protocol with normalized numbers of at most three
+//! decimals, one or more polygons of at least three points) and [`Grammar::bbox`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use regex_automata::dfa::{dense, Automaton};
+use regex_automata::util::primitives::StateID;
+use regex_automata::{Anchored, Input};
+
+use crate::chat::TextTokenizer;
+use crate::error::{Error, Result};
+
+/// A normalized coordinate as SimpleSeg writes them: 0 or 1, or a fraction with 1-3 decimals.
+const NUMBER: &str = r"(?:0(?:\.[0-9]{1,3})?|1(?:\.0{1,3})?)";
+
+/// Every token's bytes (`None` for tokens that are not whole UTF-8 text, never allowed) and
+/// the stop tokens.
+#[derive(Clone, Debug)]
+pub struct TokenBytes {
+    bytes: Vec<Option<Vec<u8>>>,
+    stop: Vec<u32>,
+}
+
+impl TokenBytes {
+    /// The vocabulary of `tokenizer`, with `stop` as the stop tokens (special tokens other than
+    /// those are never allowed: their text is not the answer's).
+    pub fn new(tokenizer: &TextTokenizer, stop: &[u32]) -> Result<Self> {
+        let n = tokenizer.vocab_size();
+        let mut bytes = Vec::with_capacity(n);
+        for id in 0..n as u32 {
+            let text = tokenizer.decode(&[id])?;
+            let whole = !text.is_empty() && !text.contains('\u{FFFD}') && !stop.contains(&id);
+            bytes.push(whole.then(|| text.into_bytes()));
+        }
+        Ok(TokenBytes {
+            bytes,
+            stop: stop.to_vec(),
+        })
+    }
+}
+
+/// A compiled constraint: the DFA and the allowed tokens per state.
+pub struct Grammar {
+    name: String,
+    dfa: dense::DFA<Vec<u32>>,
+    tokens: Arc<TokenBytes>,
+    allowed: Mutex<HashMap<StateID, Arc<Vec<bool>>>>,
+}
+
+impl std::fmt::Debug for Grammar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Grammar({})", self.name)
+    }
+}
+
+impl Grammar {
+    /// Answers a full match of `pattern` accepts (anchored at both ends).
+    pub fn regex(name: &str, pattern: &str, tokens: Arc<TokenBytes>) -> Result<Self> {
+        let dfa = dense::Builder::new()
+            .configure(dense::Config::new().start_kind(regex_automata::dfa::StartKind::Anchored))
+            .build(pattern)
+            .map_err(|e| Error::Input(format!("constraint {name}: {e}")))?;
+        Ok(Grammar {
+            name: name.to_string(),
+            dfa,
+            tokens,
+            allowed: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The polygon answer: `[[[x, y], [x, y], [x, y], ...]]`, several polygons separated by
+    /// `, `, an optional final period.
+    pub fn polygon(tokens: Arc<TokenBytes>) -> Result<Self> {
+        let point = format!(r"\[{NUMBER}, {NUMBER}\]");
+        let polygon = format!(r"\[{point}(?:, {point}){{2,}}\]");
+        Grammar::regex(
+            "polygon",
+            &format!(r"\[{polygon}(?:, {polygon})*\]\.?"),
+            tokens,
+        )
+    }
+
+    /// A box answer: `[x1, y1, x2, y2]`, an optional final period.
+    pub fn bbox(tokens: Arc<TokenBytes>) -> Result<Self> {
+        Grammar::regex(
+            "box",
+            &format!(r"\[{NUMBER}, {NUMBER}, {NUMBER}, {NUMBER}\]\.?"),
+            tokens,
+        )
+    }
+
+    /// The constraint's name (`polygon`, `box`, `regex`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The state before any output.
+    pub fn start(&self) -> Result<StateID> {
+        self.dfa
+            .start_state_forward(&Input::new("").anchored(Anchored::Yes))
+            .map_err(|e| Error::Input(format!("constraint {}: {e}", self.name)))
+    }
+
+    fn walk(&self, mut state: StateID, bytes: &[u8]) -> Option<StateID> {
+        for &b in bytes {
+            state = self.dfa.next_state(state, b);
+            if self.dfa.is_dead_state(state) || self.dfa.is_quit_state(state) {
+                return None;
+            }
+        }
+        Some(state)
+    }
+
+    /// Whether the output so far (which led to `state`) is a complete answer.
+    pub fn accepts(&self, state: StateID) -> bool {
+        self.dfa.is_match_state(self.dfa.next_eoi_state(state))
+    }
+
+    /// The tokens allowed in `state`, by id.
+    pub fn allowed(&self, state: StateID) -> Arc<Vec<bool>> {
+        if let Some(mask) = self
+            .allowed
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&state).cloned())
+        {
+            return mask;
+        }
+        let accepts = self.accepts(state);
+        let mut mask: Vec<bool> = self
+            .tokens
+            .bytes
+            .iter()
+            .map(|b| b.as_ref().is_some_and(|b| self.walk(state, b).is_some()))
+            .collect();
+        for &s in &self.tokens.stop {
+            if let Some(m) = mask.get_mut(s as usize) {
+                *m = accepts;
+            }
+        }
+        let mask = Arc::new(mask);
+        if let Ok(mut m) = self.allowed.lock() {
+            m.insert(state, mask.clone());
+        }
+        mask
+    }
+
+    /// The state after `token` (`None` for a stop token or one the state does not allow).
+    pub fn advance(&self, state: StateID, token: u32) -> Option<StateID> {
+        let bytes = self.tokens.bytes.get(token as usize)?.as_ref()?;
+        self.walk(state, bytes)
+    }
+}
+
+/// Where one answer is in its grammar.
+#[derive(Clone, Debug)]
+pub struct Constrained {
+    grammar: Arc<Grammar>,
+    state: StateID,
+}
+
+impl Constrained {
+    pub fn new(grammar: Arc<Grammar>) -> Result<Self> {
+        let state = grammar.start()?;
+        Ok(Constrained { grammar, state })
+    }
+
+    /// Sets the logits of disallowed tokens to -inf. When the model's vocabulary is larger
+    /// than the tokenizer's (padding rows), the extra ids are disallowed too.
+    pub fn mask(&self, logits: &mut [f32]) {
+        let allowed = self.grammar.allowed(self.state);
+        for (i, l) in logits.iter_mut().enumerate() {
+            if !allowed.get(i).copied().unwrap_or(false) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+
+    /// Moves past a chosen token (a stop token ends the answer and changes nothing).
+    pub fn advance(&mut self, token: u32) {
+        if let Some(next) = self.grammar.advance(self.state, token) {
+            self.state = next;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vocabulary(tokens: &[&str], stop: u32) -> Arc<TokenBytes> {
+        let mut bytes: Vec<Option<Vec<u8>>> =
+            tokens.iter().map(|t| Some(t.as_bytes().to_vec())).collect();
+        bytes[stop as usize] = None;
+        Arc::new(TokenBytes {
+            bytes,
+            stop: vec![stop],
+        })
+    }
+
+    /// Feeds `text` token by token (greedy longest match over the test vocabulary).
+    fn allowed_path(g: &Grammar, vocab: &[&str], pieces: &[&str]) -> (bool, StateID) {
+        let mut state = g.start().unwrap();
+        for piece in pieces {
+            let id = vocab.iter().position(|t| t == piece).unwrap() as u32;
+            if !g.allowed(state)[id as usize] {
+                return (false, state);
+            }
+            state = g.advance(state, id).unwrap();
+        }
+        (true, state)
+    }
+
+    #[test]
+    fn polygon_grammar_allows_answers_and_their_prefixes_only() {
+        let vocab = [
+            "<eos>", "[", "[[", "[[[", "]", "]]", "]]]", ", ", ",", " ", "0", "1", "0.", ".", "5",
+            "12", "123", "4", "9", "]].", "x",
+        ];
+        let g = Grammar::polygon(vocabulary(&vocab, 0)).unwrap();
+        let answer = [
+            "[[[", "0.", "5", ", ", "0.", "12", "]", ", ", "[", "1", ", ", "0", "]", ", ", "[",
+            "0.", "123", ", ", "0.", "9", "]]]", ".",
+        ];
+        let (ok, end) = allowed_path(&g, &vocab, &answer);
+        assert!(ok);
+        assert!(g.accepts(end));
+        assert!(g.allowed(end)[0], "the stop token is allowed at the end");
+        // Mid-answer, stopping is not allowed, nor are letters, nor a fourth decimal.
+        let (_, mid) = allowed_path(&g, &vocab, &answer[..5]);
+        assert!(!g.allowed(mid)[0]);
+        assert!(!g.allowed(mid)[20]);
+        let (ok, _) = allowed_path(&g, &vocab, &["[[[", "0.", "123", "4"]);
+        assert!(!ok, "at most three decimals");
+        // Two points are not a polygon.
+        let (ok, _) = allowed_path(
+            &g,
+            &vocab,
+            &["[[[", "0", ", ", "0", "]", ", ", "[", "1", ", ", "1", "]]"],
+        );
+        assert!(!ok);
+        // Numbers above 1 are refused.
+        let (ok, _) = allowed_path(&g, &vocab, &["[[[", "12"]);
+        assert!(!ok);
+    }
+
+    #[test]
+    fn box_grammar() {
+        let vocab = ["<eos>", "[", "0.", "5", ", ", "1", "]", "]."];
+        let g = Grammar::bbox(vocabulary(&vocab, 0)).unwrap();
+        let (ok, end) = allowed_path(
+            &g,
+            &vocab,
+            &["[", "0.", "5", ", ", "0.", "5", ", ", "1", ", ", "1", "]"],
+        );
+        assert!(ok && g.accepts(end));
+        let mut c = Constrained::new(Arc::new(g)).unwrap();
+        let mut logits = vec![0f32; vocab.len() + 2];
+        c.mask(&mut logits);
+        assert_eq!(logits[1], 0.0, "[ opens the box");
+        assert!(logits[0].is_infinite() && logits[9].is_infinite());
+        c.advance(1);
+        let mut logits = vec![0f32; vocab.len()];
+        c.mask(&mut logits);
+        assert!(logits[1].is_infinite() && logits[2] == 0.0);
+    }
+}

@@ -1,0 +1,463 @@
+//! `POST /v1/chat/completions`: the OpenAI chat API for one user turn with one image.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use simpleseg_engine::scheduler::{Constraint, Event};
+use simpleseg_engine::{GenerationConfig, PixelLimits};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::stream::{collect, finish_reason, submit, Job, StopFilter};
+use crate::{check_model, media, ApiError, AppState};
+
+/// The request fields this server reads; others are refused when they would change the
+/// answer and cannot be honoured.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    pub messages: Vec<Value>,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub seed: Option<u64>,
+    pub n: Option<usize>,
+    pub stop: Option<Value>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<Value>,
+    pub repetition_penalty: Option<f64>,
+    pub min_pixels: Option<usize>,
+    pub max_pixels: Option<usize>,
+    pub mm_processor_kwargs: Option<Value>,
+    /// `{"type": "regex", "regex": ...}` or a preset `{"type": "polygon" | "box"}`.
+    pub response_format: Option<Value>,
+    /// vLLM's `{"regex": ...}`.
+    pub structured_outputs: Option<Value>,
+    /// This server's own: `polygon` or `box`.
+    pub constrain: Option<String>,
+}
+
+/// Decoding options shared by the chat and segment routes.
+#[derive(Debug, Default, Deserialize, Clone)]
+pub struct Sampling {
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub seed: Option<u64>,
+    pub repetition_penalty: Option<f64>,
+}
+
+impl Sampling {
+    /// The model's defaults with these options: a temperature above 0, top_p, top_k or a seed
+    /// turn sampling on; temperature 0 is greedy. `max_tokens` defaults to the model's
+    /// generation config (512 when it says nothing).
+    pub fn config(&self, defaults: &GenerationConfig) -> Result<GenerationConfig, ApiError> {
+        let mut c = defaults.clone();
+        if let Some(m) = self.max_tokens {
+            if m == 0 {
+                return Err(ApiError::bad_request("max_tokens must be at least 1"));
+            }
+            c.max_new_tokens = m;
+        }
+        if self.top_p.is_some() || self.top_k.is_some() || self.seed.is_some() {
+            c.do_sample = true;
+        }
+        match self.temperature {
+            Some(0.0) => c.do_sample = false,
+            Some(t) => {
+                c.do_sample = true;
+                c.temperature = t;
+            }
+            None => {}
+        }
+        if let Some(p) = self.top_p {
+            c.top_p = p;
+        }
+        if let Some(k) = self.top_k {
+            // vLLM's -1 (and 0) mean no top-k.
+            c.top_k = usize::try_from(k).unwrap_or(0);
+        }
+        if let Some(s) = self.seed {
+            c.seed = s;
+        }
+        if let Some(r) = self.repetition_penalty {
+            c.repetition_penalty = r;
+        }
+        c.validate().map_err(ApiError::bad_request)?;
+        Ok(c)
+    }
+}
+
+/// The image and the text of the single user turn.
+fn user_turn(messages: &[Value]) -> Result<(String, String), ApiError> {
+    let mut user = None;
+    for m in messages {
+        match m.get("role").and_then(Value::as_str) {
+            Some("user") if user.is_none() => user = Some(m),
+            Some("user") | Some("assistant") => return Err(ApiError::bad_request(
+                "one user message is supported (SimpleSeg answers one question about one image)",
+            )),
+            Some("system") | Some("developer") => {
+                return Err(ApiError::bad_request(
+                    "system messages are not supported: the model's chat template supplies its own",
+                ))
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown message role {other:?}"
+                )))
+            }
+        }
+    }
+    let Some(user) = user else {
+        return Err(ApiError::bad_request("messages needs a user message"));
+    };
+    let mut text = String::new();
+    let mut image = None;
+    match user.get("content") {
+        Some(Value::String(s)) => text.push_str(s),
+        Some(Value::Array(parts)) => {
+            for part in parts {
+                match part.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        text.push_str(part.get("text").and_then(Value::as_str).unwrap_or(""))
+                    }
+                    Some("image_url") => {
+                        let url = part
+                            .get("image_url")
+                            .and_then(|u| u.get("url").or(Some(u)))
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| ApiError::bad_request("image_url needs a url"))?;
+                        if image.replace(url.to_string()).is_some() {
+                            return Err(ApiError::bad_request(
+                                "one image per request is supported",
+                            ));
+                        }
+                    }
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "unsupported content part type {other:?} (text and image_url are)"
+                        )))
+                    }
+                }
+            }
+        }
+        _ => return Err(ApiError::bad_request("the user message needs content")),
+    }
+    let Some(image) = image else {
+        return Err(ApiError::bad_request(
+            "the user message needs an image (an image_url part with a data: URL)",
+        ));
+    };
+    Ok((image, text))
+}
+
+/// The constraint a request asks for, from any of the fields that can carry one.
+pub fn constraint_of(
+    constrain: Option<&str>,
+    response_format: Option<&Value>,
+    structured: Option<&Value>,
+) -> Result<Option<Constraint>, ApiError> {
+    if let Some(c) = constrain {
+        return c.parse().map(Some).map_err(ApiError::bad_request);
+    }
+    if let Some(rf) = response_format {
+        return match rf.get("type").and_then(Value::as_str) {
+            Some("text") | None => Ok(None),
+            Some("regex") => rf
+                .get("regex")
+                .and_then(Value::as_str)
+                .map(|r| Some(Constraint::Regex(r.to_string())))
+                .ok_or_else(|| ApiError::bad_request("response_format regex needs \"regex\"")),
+            Some(preset @ ("polygon" | "box")) => preset.parse().map(Some).map_err(ApiError::bad_request),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "response_format type {other:?} is not supported (regex, polygon and box are; JSON schemas and grammars are not)"
+            ))),
+        };
+    }
+    if let Some(so) = structured {
+        if let Some(r) = so.get("regex").and_then(Value::as_str) {
+            return Ok(Some(Constraint::Regex(r.to_string())));
+        }
+        return Err(ApiError::bad_request(
+            "structured_outputs supports regex here (JSON schemas and grammars are not supported)",
+        ));
+    }
+    Ok(None)
+}
+
+/// `min_pixels` / `max_pixels`, top-level or in `mm_processor_kwargs`.
+pub fn pixel_limits(min: Option<usize>, max: Option<usize>, kwargs: Option<&Value>) -> PixelLimits {
+    let from = |k: &str| {
+        kwargs
+            .and_then(|v| v.get(k))
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+    };
+    PixelLimits {
+        min_pixels: min.or_else(|| from("min_pixels")),
+        max_pixels: max.or_else(|| from("max_pixels")),
+    }
+}
+
+fn stops(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    match stop {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| ApiError::bad_request("stop must be strings"))
+            })
+            .collect(),
+        Some(_) => Err(ApiError::bad_request(
+            "stop must be a string or a list of strings",
+        )),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    check_model(&state, req.model.as_deref())?;
+    let model = state.model()?;
+    let (url, text) = user_turn(&req.messages)?;
+    let n = req.n.unwrap_or(1);
+    if n == 0 || n > 16 {
+        return Err(ApiError::bad_request("n must be from 1 to 16"));
+    }
+    let sampling = Sampling {
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        seed: req.seed,
+        repetition_penalty: req.repetition_penalty,
+    };
+    let config = sampling.config(&model.defaults)?;
+    let configs: Vec<GenerationConfig> = (0..n as u64)
+        .map(|i| GenerationConfig {
+            seed: config.seed.wrapping_add(i),
+            ..config.clone()
+        })
+        .collect();
+    let constraint = constraint_of(
+        req.constrain.as_deref(),
+        req.response_format.as_ref(),
+        req.structured_outputs.as_ref(),
+    )?;
+    let options = state.options.clone();
+    let image = tokio::task::spawn_blocking(move || {
+        media::image_from_url(&url, options.allowed_media_path.as_deref())
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let stop_strings = stops(req.stop.as_ref())?;
+    let submitted = submit(
+        &state,
+        Job {
+            image,
+            prompt: text,
+            pixels: pixel_limits(
+                req.min_pixels,
+                req.max_pixels,
+                req.mm_processor_kwargs.as_ref(),
+            ),
+            configs,
+            constraint,
+        },
+    )?;
+    let id = format!("chatcmpl-{:016x}", rand_id());
+    let name = state.options.served_model_name.clone();
+    let created = now();
+    if req.stream {
+        let include_usage = req
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        return Ok(stream_response(
+            submitted,
+            n,
+            stop_strings,
+            include_usage,
+            id,
+            name,
+            created,
+            state.options.request_timeout,
+        ));
+    }
+    let (answers, prompt_tokens) = tokio::time::timeout(
+        state.options.request_timeout,
+        collect(submitted, n, &stop_strings),
+    )
+    .await
+    .map_err(|_| ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the request took too long"))??;
+    let completion_tokens: usize = answers.iter().map(|a| a.output.token_ids.len()).sum();
+    let choices: Vec<Value> = answers
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            json!({
+                "index": i,
+                "message": {"role": "assistant", "content": a.text},
+                "finish_reason": a.finish_reason,
+                "logprobs": null,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": name,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }))
+    .into_response())
+}
+
+/// A random-looking id (time and a counter; ids need only be unique per server).
+pub fn rand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let c = COUNTER.fetch_add(1, Ordering::Relaxed);
+    (t ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(17)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream_response(
+    mut submitted: crate::stream::Submitted,
+    n: usize,
+    stop_strings: Vec<String>,
+    include_usage: bool,
+    id: String,
+    model: String,
+    created: u64,
+    timeout: std::time::Duration,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
+    tokio::spawn(async move {
+        let chunk = |choices: Value| -> SseEvent {
+            SseEvent::default().data(
+                json!({
+                    "id": id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": choices,
+                })
+                .to_string(),
+            )
+        };
+        let mut filters: Vec<StopFilter> = (0..n)
+            .map(|_| StopFilter::new(stop_strings.clone()))
+            .collect();
+        let mut open = n;
+        let mut prompt_tokens = 0;
+        let mut completion_tokens = 0;
+        let deadline = tokio::time::Instant::now() + timeout;
+        for i in 0..n {
+            let _ = tx.send(Ok(chunk(json!([{
+                "index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null
+            }]))));
+        }
+        while open > 0 {
+            let event = match tokio::time::timeout_at(deadline, submitted.events.recv()).await {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(_) => {
+                    let _ = tx.send(Ok(SseEvent::default().data(
+                        json!({"error": {"message": "the request took too long", "code": 504}})
+                            .to_string(),
+                    )));
+                    break;
+                }
+            };
+            match event {
+                Event::Started { prompt_tokens: p } => prompt_tokens = p,
+                Event::Token { answer, text, .. } => {
+                    completion_tokens += 1;
+                    let Some(f) = filters.get_mut(answer) else {
+                        continue;
+                    };
+                    let shown = f.push(&text);
+                    if f.stopped {
+                        submitted.cancel(answer);
+                    }
+                    if !shown.is_empty()
+                        && tx
+                            .send(Ok(chunk(json!([{
+                                "index": answer, "delta": {"content": shown}, "finish_reason": null
+                            }]))))
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+                Event::Finished { answer, output } => {
+                    open -= 1;
+                    let Some(f) = filters.get_mut(answer) else {
+                        continue;
+                    };
+                    let rest = f.finish();
+                    let reason = finish_reason(&output, f.stopped);
+                    let _ = tx.send(Ok(chunk(json!([{
+                        "index": answer, "delta": {"content": rest}, "finish_reason": reason
+                    }]))));
+                }
+                Event::Failed(message) => {
+                    let _ = tx.send(Ok(SseEvent::default()
+                        .data(json!({"error": {"message": message, "code": 400}}).to_string())));
+                    break;
+                }
+            }
+        }
+        if include_usage {
+            let _ = tx.send(Ok(SseEvent::default().data(
+                json!({
+                    "id": id, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens,
+                    },
+                })
+                .to_string(),
+            )));
+        }
+        let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+    });
+    Sse::new(UnboundedReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

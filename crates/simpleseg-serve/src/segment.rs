@@ -1,0 +1,294 @@
+//! `POST /v1/segment`: an image and a query, point or box in; the answer, its polygons and the
+//! mask out (JSON, or the mask PNG with `?format=png`, or server-sent events with
+//! `"stream": true`: each polygon point as soon as it is complete, then the result).
+
+use std::convert::Infallible;
+use std::sync::LazyLock;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use regex::Regex;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use simpleseg_core::segment::{Segmentation, Target};
+use simpleseg_core::{CoordMode, ParseMode};
+use simpleseg_engine::scheduler::Event;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::chat::{constraint_of, pixel_limits, Sampling};
+use crate::stream::{collect, submit, Job};
+use crate::{check_model, media, ApiError, AppState};
+
+#[derive(Debug, Deserialize)]
+pub struct SegmentRequest {
+    pub model: Option<String>,
+    /// The image as a data: URL (or file:// under --allowed-media-path).
+    pub image: String,
+    pub query: Option<String>,
+    pub point: Option<[f64; 2]>,
+    #[serde(rename = "box")]
+    pub bbox: Option<[f64; 4]>,
+    /// The prompt for a query (`{query}` is replaced).
+    pub prompt_template: Option<String>,
+    #[serde(default)]
+    pub mode: Option<ParseMode>,
+    #[serde(default)]
+    pub coords: Option<CoordMode>,
+    /// `polygon` (answers always parse), `box`, or `none` (the default, as `segment`).
+    pub constrain: Option<String>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+    pub min_pixels: Option<usize>,
+    pub max_pixels: Option<usize>,
+    #[serde(default)]
+    pub stream: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Format {
+    pub format: Option<String>,
+}
+
+fn target(req: &SegmentRequest) -> Result<Target, ApiError> {
+    match (&req.query, req.point, req.bbox) {
+        (Some(q), None, None) => Ok(Target::Query(q.clone())),
+        (None, Some(p), None) => Ok(Target::Point(p)),
+        (None, None, Some(b)) => Ok(Target::Box(b)),
+        _ => Err(ApiError::bad_request(
+            "give exactly one of query, point [x, y] or box [x1, y1, x2, y2] (normalized)",
+        )),
+    }
+}
+
+pub async fn segment(
+    State(state): State<AppState>,
+    Query(format): Query<Format>,
+    body: Result<Json<SegmentRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    check_model(&state, req.model.as_deref())?;
+    let png = match format.format.as_deref() {
+        None | Some("json") => false,
+        Some("png") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "format {other:?} is not known (json or png)"
+            )))
+        }
+    };
+    let model = state.model()?;
+    let prompt = target(&req)?.prompt(req.prompt_template.as_deref())?;
+    let config = req.sampling.config(&model.defaults)?;
+    let constraint = match req.constrain.as_deref() {
+        None | Some("none") => None,
+        Some(c) => constraint_of(Some(c), None, None)?,
+    };
+    let mode = req.mode.unwrap_or(ParseMode::Robust);
+    let coords = req.coords.unwrap_or(CoordMode::Normalized);
+    let options = state.options.clone();
+    let url = req.image.clone();
+    let image = tokio::task::spawn_blocking(move || {
+        media::image_from_url(&url, options.allowed_media_path.as_deref())
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let (width, height) = image.dimensions();
+    let submitted = submit(
+        &state,
+        Job {
+            image,
+            prompt: prompt.clone(),
+            pixels: pixel_limits(req.min_pixels, req.max_pixels, None),
+            configs: vec![config],
+            constraint,
+        },
+    )?;
+    if req.stream {
+        return Ok(stream(
+            submitted,
+            prompt,
+            width,
+            height,
+            mode,
+            coords,
+            state.options.request_timeout,
+        ));
+    }
+    let (mut answers, prompt_tokens) =
+        tokio::time::timeout(state.options.request_timeout, collect(submitted, 1, &[]))
+            .await
+            .map_err(|_| {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the request took too long")
+            })??;
+    let Some(answer) = answers.pop() else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no answer",
+        ));
+    };
+    let seg = Segmentation::from_answer(&answer.text, width, height, mode, coords)?;
+    if png {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        simpleseg_core::io::encode_mask_png(&seg.mask, &mut bytes)?;
+        return Ok(([(header::CONTENT_TYPE, "image/png")], bytes.into_inner()).into_response());
+    }
+    Ok(Json(result_json(
+        &seg,
+        &answer.text,
+        &prompt,
+        prompt_tokens,
+        &answer.output,
+        answer.finish_reason,
+    ))
+    .into_response())
+}
+
+fn result_json(
+    seg: &Segmentation,
+    answer: &str,
+    prompt: &str,
+    prompt_tokens: usize,
+    output: &simpleseg_engine::GenerationOutput,
+    finish_reason: &str,
+) -> Value {
+    let mut out = seg.to_json();
+    out["answer"] = json!(answer);
+    out["prompt"] = json!(prompt);
+    out["finish_reason"] = json!(finish_reason);
+    out["usage"] = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": output.token_ids.len(),
+        "total_tokens": prompt_tokens + output.token_ids.len(),
+    });
+    out["timings"] = json!(output.timings);
+    out
+}
+
+/// A complete point `[x, y]` of the answer text.
+static POINT: LazyLock<Option<Regex>> = LazyLock::new(|| {
+    Regex::new(r"\[\s*(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)\s*,\s*(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)\s*\]").ok()
+});
+
+/// The complete points of `text` with the polygon each belongs to (a new polygon starts
+/// after a `]` that closes one).
+pub fn points_so_far(text: &str) -> Vec<(usize, [f64; 2])> {
+    let Some(re) = POINT.as_ref() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut polygon = 0;
+    let mut last_end = None;
+    for c in re.captures_iter(text) {
+        let (Some(m), Some(x), Some(y)) = (c.get(0), c.get(1), c.get(2)) else {
+            continue;
+        };
+        if let Some(end) = last_end {
+            if text[end..m.start()].contains(']') {
+                polygon += 1;
+            }
+        }
+        last_end = Some(m.end());
+        if let (Ok(x), Ok(y)) = (x.as_str().parse(), y.as_str().parse()) {
+            out.push((polygon, [x, y]));
+        }
+    }
+    out
+}
+
+fn stream(
+    mut submitted: crate::stream::Submitted,
+    prompt: String,
+    width: u32,
+    height: u32,
+    mode: ParseMode,
+    coords: CoordMode,
+    timeout: std::time::Duration,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
+    tokio::spawn(async move {
+        let send = |name: &str, data: Value| {
+            tx.send(Ok(SseEvent::default().event(name).data(data.to_string())))
+                .is_ok()
+        };
+        let mut text = String::new();
+        let mut sent = 0;
+        let mut prompt_tokens = 0;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let event = match tokio::time::timeout_at(deadline, submitted.events.recv()).await {
+                Ok(Some(e)) => e,
+                Ok(None) => {
+                    send("error", json!({"message": "the model thread stopped"}));
+                    return;
+                }
+                Err(_) => {
+                    send(
+                        "error",
+                        json!({"message": "the request took too long", "code": 504}),
+                    );
+                    return;
+                }
+            };
+            match event {
+                Event::Started { prompt_tokens: p } => prompt_tokens = p,
+                Event::Token { text: delta, .. } => {
+                    text.push_str(&delta);
+                    if !send("token", json!({"text": delta})) {
+                        return;
+                    }
+                    let points = points_so_far(&text);
+                    for (polygon, point) in points.iter().skip(sent) {
+                        send("point", json!({"polygon": polygon, "point": point}));
+                    }
+                    sent = sent.max(points.len());
+                }
+                Event::Finished { output, .. } => {
+                    let reason = crate::stream::finish_reason(&output, false);
+                    match Segmentation::from_answer(&output.text, width, height, mode, coords) {
+                        Ok(seg) => {
+                            send(
+                                "result",
+                                result_json(
+                                    &seg,
+                                    &output.text,
+                                    &prompt,
+                                    prompt_tokens,
+                                    &output,
+                                    reason,
+                                ),
+                            );
+                        }
+                        Err(e) => {
+                            send("error", json!({"message": e.to_string()}));
+                        }
+                    }
+                    let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+                    return;
+                }
+                Event::Failed(message) => {
+                    send("error", json!({"message": message, "code": 400}));
+                    return;
+                }
+            }
+        }
+    });
+    Sse::new(UnboundedReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_are_numbered_by_polygon() {
+        let p = points_so_far("[[[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], [[0.7, 0.8], [0.9");
+        assert_eq!(p.len(), 4);
+        assert_eq!(p[2], (0, [0.5, 0.6]));
+        assert_eq!(p[3], (1, [0.7, 0.8]));
+    }
+}
