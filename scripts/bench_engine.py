@@ -165,8 +165,9 @@ def transformers_kimi(folder, tokens, threads):
 def child(kind, *args):
     """Runs one engine in its own process; returns its JSON line."""
     if kind == "simpleseg":
-        model, image, tokens, threads, quantize = args
-        cmd = [str(BENCH), str(model), str(image), str(tokens), "auto", "1"] + ([quantize] if quantize else [])
+        model, image, tokens, threads, quantize, *dtype = args
+        dtype = dtype[0] if dtype else "auto"
+        cmd = [str(BENCH), str(model), str(image), str(tokens), dtype, "1"] + ([quantize] if quantize else [])
         env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     else:
         cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
@@ -381,7 +382,8 @@ def bench_kimi(args):
             if not folder.exists():
                 write_random_kimi(folder, n)
             measured[n] = (child("transformers-kimi", folder, args.tokens, 2),
-                           child("simpleseg", folder, image, args.tokens, 2, None))
+                           # BF16 as the full model would run (auto picks f32 for a folder this small).
+                           child("simpleseg", folder, image, args.tokens, 2, None, "bf16"))
         if not full.exists():
             write_random_kimi(full)
         seconds = quantize(full, "q4k", q4k)
@@ -405,7 +407,10 @@ def bench_kimi(args):
 
 
 def bench_tiny(args):
-    rows = [("transformers f32", child("transformers-qwen", args.model, args.image, args.tokens, args.runs, "f32", 2)),
+    kimi = json.loads((args.model / "config.json").read_text()).get("model_type") == "kimi_vl"
+    reference = (child("transformers-kimi", args.model, args.tokens, 2) if kimi
+                 else child("transformers-qwen", args.model, args.image, args.tokens, args.runs, "f32", 2))
+    rows = [("transformers " + ("BF16 (random init, 36x46 patches)" if kimi else "f32"), reference),
             ("simpleseg", child("simpleseg", args.model, args.image, args.tokens, 2, None))]
     table(f"{args.model.name}, {args.tokens} tokens", rows)
 

@@ -8,7 +8,7 @@
 pub mod agreement;
 pub mod backends;
 pub mod error;
-pub mod metrics;
+pub use simpleseg_core::metrics;
 pub mod runner;
 
 pub use error::{Error, Result};

@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use simpleseg_core::images::open_image;
 use simpleseg_core::limits::{read_text_file_bounded, Limit};
-use simpleseg_core::{parse_answer, CoordMode, ParseMode, RleMask};
+pub use simpleseg_core::reward::{centroid, reward, Reward, RewardOptions};
+use simpleseg_core::RleMask;
 use simpleseg_engine::hf::HfFolder;
 use simpleseg_engine::models::qwen2_5_vl::{
     prompt_builder, rope_index, start_session, Config, MropePosition, PromptBuilder, Qwen2_5Vl,
@@ -72,6 +73,14 @@ pub struct RlSettings {
     pub kl_coef: f64,
     /// Weight of the centroid-distance term (0 disables it).
     pub centroid_weight: f64,
+    /// Added to the reward of an answer with a usable polygon (0 disables it).
+    #[serde(default)]
+    pub format_weight: f64,
+    /// Points allowed before `point_penalty` is subtracted per extra point.
+    #[serde(default)]
+    pub max_points: Option<usize>,
+    #[serde(default)]
+    pub point_penalty: f64,
     pub temperature: f64,
     pub max_new_tokens: usize,
     pub seed: u64,
@@ -131,47 +140,17 @@ pub fn read_rl(path: &Path, root: Option<&Path>) -> Result<Vec<RlExample>> {
         .collect()
 }
 
-/// Centroid of a mask in normalized coordinates.
-fn centroid(mask: &RleMask) -> Option<(f64, f64)> {
-    let (w, h) = (mask.width() as usize, mask.height() as usize);
-    let (mut sx, mut sy, mut n) = (0f64, 0f64, 0f64);
-    let mut pos = 0usize;
-    for (i, &run) in mask.counts().iter().enumerate() {
-        if i % 2 == 1 {
-            for p in pos..pos + run as usize {
-                sx += (p / h) as f64 + 0.5;
-                sy += (p % h) as f64 + 0.5;
-                n += 1.0;
-            }
+impl RlSettings {
+    /// The reward's shaping.
+    pub fn reward_options(&self) -> RewardOptions {
+        RewardOptions {
+            centroid_weight: self.centroid_weight,
+            format_weight: self.format_weight,
+            max_points: self.max_points,
+            point_penalty: self.point_penalty,
+            ..RewardOptions::default()
         }
-        pos += run as usize;
     }
-    (n > 0.0).then(|| (sx / n / w as f64, sy / n / h as f64))
-}
-
-/// The reward of an answer and whether it parsed: IoU of its union mask with the ground truth
-/// (robust parsing, normalized coordinates), minus `centroid_weight` times the squared
-/// distance between centroids; 0 for an answer with no usable polygon.
-pub fn reward(answer: &str, gt: &RleMask, centroid_weight: f64) -> (f64, f64, bool) {
-    let parsed = parse_answer(answer, ParseMode::Robust);
-    if parsed.polygons.is_empty() {
-        return (0.0, 0.0, false);
-    }
-    let Ok(mask) = parsed.mask(gt.width(), gt.height(), CoordMode::Normalized) else {
-        return (0.0, 0.0, false);
-    };
-    let (inter, union) = mask.intersection_union(gt).unwrap_or((0, 0));
-    let iou = if union == 0 {
-        1.0
-    } else {
-        inter as f64 / union as f64
-    };
-    let penalty = match (centroid_weight > 0.0, centroid(&mask), centroid(gt)) {
-        (true, Some(a), Some(b)) => centroid_weight * ((a.0 - b.0).powi(2) + (a.1 - b.1).powi(2)),
-        (true, _, _) => centroid_weight,
-        _ => 0.0,
-    };
-    (iou - penalty, iou, true)
 }
 
 /// Group-normalized advantages: `(r - mean) / (std + 1e-4)`; all zero for a constant group.
@@ -346,7 +325,12 @@ impl PromptContext<'_> {
         let mut rewards = Vec::with_capacity(answers.len());
         for a in &answers {
             let text = self.prompts.tokenizer.decode(a)?;
-            let (r, iou, parsed) = reward(&text, &ex.gt, settings.centroid_weight);
+            let Reward {
+                reward: r,
+                iou,
+                parsed,
+                ..
+            } = reward(&text, &ex.gt, &settings.reward_options());
             rewards.push(r);
             outcome.answers.push((r, iou, parsed, a.len()));
         }
@@ -658,15 +642,17 @@ mod tests {
     fn rewards_and_advantages() {
         let gt = RleMask::from_row_major(&[1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 4, 4)
             .unwrap();
-        let (r, iou, ok) = reward(
+        let options = RewardOptions::default();
+        let r = reward(
             "[[[0.0, 0.0], [0.5, 0.0], [0.5, 0.5], [0.0, 0.5]]]",
             &gt,
-            0.0,
+            &options,
         );
-        assert!(ok && iou > 0.0 && r == iou);
-        assert_eq!(reward("nothing", &gt, 0.0), (0.0, 0.0, false));
+        assert!(r.parsed && r.iou > 0.0 && r.reward == r.iou);
+        let none = reward("nothing", &gt, &options);
+        assert_eq!((none.reward, none.iou, none.parsed), (0.0, 0.0, false));
         // Truncated answers still score in robust mode.
-        assert!(reward("[[[0.0, 0.0], [0.5, 0.0], [0.5, 0.5], [0.0", &gt, 0.0).2);
+        assert!(reward("[[[0.0, 0.0], [0.5, 0.0], [0.5, 0.5], [0.0", &gt, &options).parsed);
         let a = advantages(&[1.0, 0.0, 0.5, 0.5]);
         assert!(a[0] > 0.0 && a[1] < 0.0 && a[2].abs() < 1e-12);
         assert_eq!(advantages(&[0.3, 0.3]), vec![0.0, 0.0]);

@@ -120,8 +120,8 @@ pub struct EvalArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Quantize the language model's linear layers at load (local backend): q8_0 or q4k.
-    #[arg(long, value_name = "FORMAT")]
-    quantize: Option<simpleseg_engine::weights::Quantization>,
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    quantize: Option<crate::model_cmds::QuantizeArg>,
     #[command(flatten)]
     generation: GenerationArgs,
 }
@@ -146,7 +146,7 @@ fn backend(args: &EvalArgs) -> Result<Box<dyn Backend>> {
             let name = model_args.model_name();
             Box::new(
                 LocalBackend::new(model, config, name, files)
-                    .quantized(args.quantize.map(|q| q.name()))
+                    .quantized(args.quantize.map(|q| q.format().name()))
                     .constrained(grammar),
             )
         }

@@ -62,8 +62,29 @@ pub struct ModelArgs {
     /// q4k (4.5 bits; q4_0 for rows that are not a multiple of 256). The vision tower keeps
     /// its weights. A folder written by `simpleseg quantize` is quantized already and needs
     /// no flag.
-    #[arg(long, value_name = "FORMAT")]
-    pub quantize: Option<simpleseg_engine::weights::Quantization>,
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub quantize: Option<QuantizeArg>,
+}
+
+/// Quantized formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    /// 8-bit blocks of 32 (8.5 bits per weight).
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 4-bit k-quants in blocks of 256 (4.5 bits per weight; q4_0 where rows are shorter).
+    #[value(name = "q4k")]
+    Q4k,
+}
+
+impl QuantizeArg {
+    /// The engine's format.
+    pub fn format(self) -> simpleseg_engine::weights::Quantization {
+        match self {
+            QuantizeArg::Q8_0 => simpleseg_engine::weights::Quantization::Q8_0,
+            QuantizeArg::Q4k => simpleseg_engine::weights::Quantization::Q4K,
+        }
+    }
 }
 
 impl ModelArgs {
@@ -93,7 +114,7 @@ impl ModelArgs {
                 DtypeArg::Bf16 => Some(candle_core::DType::BF16),
                 DtypeArg::F16 => Some(candle_core::DType::F16),
             },
-            quantize: self.quantize,
+            quantize: self.quantize.map(QuantizeArg::format),
         };
         simpleseg_engine::load(&dir, &options)
             .with_context(|| format!("loading the model in {}", dir.display()))

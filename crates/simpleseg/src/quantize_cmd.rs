@@ -11,12 +11,11 @@ use simpleseg_core::templates::DEFAULT_PROMPT;
 use simpleseg_core::{CoordMode, ParseMode};
 use simpleseg_data::items::refer_items;
 use simpleseg_data::ReferDataset;
-use simpleseg_engine::weights::Quantization;
 use simpleseg_engine::{HfFolder, LoadOptions};
 use simpleseg_eval::agreement::{compare, Expressions};
 use simpleseg_eval::runner::samples;
 
-use crate::model_cmds::{at_least_one, fraction};
+use crate::model_cmds::{at_least_one, fraction, QuantizeArg};
 
 /// Write a quantized copy of a model folder: the language model's linear layers (and experts)
 /// in GGUF (`model.gguf`) beside the unchanged config, tokenizer, template and processor files.
@@ -30,8 +29,8 @@ pub struct QuantizeArgs {
     model: Option<PathBuf>,
     /// q8_0 (8.5 bits per weight) or q4k (4.5 bits; layers whose rows are not a multiple of
     /// 256 get q4_0, and those not a multiple of 32 stay as stored).
-    #[arg(long, value_name = "FORMAT")]
-    format: Quantization,
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    format: QuantizeArg,
     /// Folder to write; it must not exist. Nothing is left there if the run fails or the check
     /// refuses the model.
     #[arg(long, value_name = "DIR")]
@@ -120,15 +119,19 @@ pub fn quantize(args: QuantizeArgs) -> Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let summary =
-        simpleseg_engine::quantize::quantize_folder(&src, args.format, &staging, |done, total| {
+    let summary = simpleseg_engine::quantize::quantize_folder(
+        &src,
+        args.format.format(),
+        &staging,
+        |done, total| {
             bar.set_length(total);
             bar.set_position(done);
-        })?;
+        },
+    )?;
     bar.finish_and_clear();
 
     let mut record = json!({
-        "format": args.format.name(),
+        "format": args.format.format().name(),
         "source": src_name,
         "vision_tower": "kept as stored (not quantized)",
         "tensors_by_type": summary.tensors_by_type,
@@ -182,7 +185,7 @@ pub fn quantize(args: QuantizeArgs) -> Result<()> {
             100.0 * agreement.share_at_least_0_9,
             agreement.giou_reference,
             agreement.giou_candidate,
-            args.format.name(),
+            args.format.format().name(),
             agreement.token_agreement,
         );
         record["check"] = json!({
@@ -206,7 +209,7 @@ pub fn quantize(args: QuantizeArgs) -> Result<()> {
         println!("{text}");
         bail!(
             "the {} model's masks agree with the original's at a mean IoU of {mean:.4}, below --min-agreement {}; nothing was written (--force writes it anyway)",
-            args.format.name(),
+            args.format.format().name(),
             args.min_agreement
         );
     }

@@ -64,6 +64,15 @@ pub struct RlArgs {
     /// Weight of the squared centroid distance subtracted from the IoU reward.
     #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     centroid_weight: f64,
+    /// Added to the reward of an answer with a usable polygon (a format term).
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    format_weight: f64,
+    /// Points an answer may have before --point-penalty applies per extra point.
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    max_points: Option<usize>,
+    /// Subtracted from the reward per point beyond --max-points.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative, requires = "max_points")]
+    point_penalty: f64,
     #[arg(long, default_value_t = 1.0, value_parser = positive)]
     temperature: f64,
     #[arg(long, default_value_t = 256, value_parser = at_least_one)]
@@ -304,6 +313,9 @@ pub fn run(command: TrainCommand) -> Result<()> {
                 }),
                 kl_coef: a.kl_coef,
                 centroid_weight: a.centroid_weight,
+                format_weight: a.format_weight,
+                max_points: a.max_points,
+                point_penalty: a.point_penalty,
                 temperature: a.temperature,
                 max_new_tokens: a.max_new_tokens,
                 seed: a.seed,

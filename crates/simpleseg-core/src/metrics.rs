@@ -6,8 +6,9 @@
 //! - Acc@0.5: the share of samples whose predicted box has IoU >= 0.5 with the annotation's box;
 //!   the predicted box is the answer's first box, or the predicted mask's extent.
 
+use crate::parse::{parse_answer, CoordMode, ParseMode};
+use crate::rle::RleMask;
 use serde::{Deserialize, Serialize};
-use simpleseg_core::{parse_answer, CoordMode, ParseMode, RleMask};
 
 use crate::error::Result;
 
