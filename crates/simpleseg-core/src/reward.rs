@@ -50,24 +50,34 @@ pub struct Reward {
 
 /// Centroid of a mask in normalized coordinates, `None` when empty.
 pub fn centroid(mask: &RleMask) -> Option<(f64, f64)> {
-    let (h, w) = (mask.height() as usize, mask.width() as usize);
-    let (mut sx, mut sy, mut n) = (0f64, 0f64, 0f64);
-    let mut pos = 0usize;
+    let h = u64::from(mask.height());
+    let (mut sx, mut sy, mut n) = (0f64, 0f64, 0u64);
+    let mut pos = 0u64;
     for (i, &run) in mask.counts().iter().enumerate() {
+        let end = pos + u64::from(run);
         if i % 2 == 1 {
-            for p in pos..pos + run as usize {
-                sx += (p / h) as f64 + 0.5;
-                sy += (p % h) as f64 + 0.5;
-                n += 1.0;
+            // A run is column-major: sum it one column piece at a time, not pixel by pixel.
+            let mut p = pos;
+            while p < end {
+                let (column, row) = (p / h, p % h);
+                let rows = (h - row).min(end - p);
+                sx += rows as f64 * (column as f64 + 0.5);
+                sy += rows as f64 * (row as f64 + rows as f64 / 2.0);
+                n += rows;
+                p += rows;
             }
         }
-        pos += run as usize;
+        pos = end;
     }
-    (n > 0.0).then(|| (sx / n / w as f64, sy / n / h as f64))
+    (n > 0).then(|| {
+        let n = n as f64;
+        (
+            sx / n / f64::from(mask.width()),
+            sy / n / f64::from(mask.height()),
+        )
+    })
 }
 
-/// The reward of `answer` against the ground truth `gt`. Never fails: an answer whose polygons
-/// cannot be rasterized scores as one without polygons.
 pub fn reward(answer: &str, gt: &RleMask, options: &RewardOptions) -> Reward {
     let parsed = parse_answer(answer, options.mode);
     let points: usize = parsed.polygons.iter().map(|p| p.points.len()).sum();
@@ -89,12 +99,15 @@ pub fn reward(answer: &str, gt: &RleMask, options: &RewardOptions) -> Reward {
     } else {
         inter as f64 / union as f64
     };
-    let centroid_term = match (options.centroid_weight > 0.0, centroid(&mask), centroid(gt)) {
-        (true, Some(a), Some(b)) => {
-            options.centroid_weight * ((a.0 - b.0).powi(2) + (a.1 - b.1).powi(2))
+    let centroid_term = if options.centroid_weight > 0.0 {
+        match (centroid(&mask), centroid(gt)) {
+            (Some(a), Some(b)) => {
+                options.centroid_weight * ((a.0 - b.0).powi(2) + (a.1 - b.1).powi(2))
+            }
+            _ => options.centroid_weight,
         }
-        (true, _, _) => options.centroid_weight,
-        _ => 0.0,
+    } else {
+        0.0
     };
     let extra_points = options.max_points.map_or(0, |m| points.saturating_sub(m));
     Reward {
@@ -134,5 +147,34 @@ mod tests {
         assert!((shaped.reward - (1.0 + 0.1 - 0.05)).abs() < 1e-12);
         let none = reward("no polygon", &gt, &RewardOptions::default());
         assert_eq!((none.reward, none.parsed), (0.0, false));
+    }
+
+    #[test]
+    fn centroid_sums_runs_as_pixels() {
+        let (h, w) = (7u32, 5u32);
+        let mut state = 12345u32;
+        for _ in 0..50 {
+            let values: Vec<u8> = (0..h * w)
+                .map(|_| {
+                    state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    u8::from(state >> 16 & 3 == 0)
+                })
+                .collect();
+            let mask = RleMask::from_row_major(&values, h, w).unwrap();
+            let (mut sx, mut sy, mut n) = (0.0, 0.0, 0.0);
+            for (i, _) in values.iter().enumerate().filter(|(_, &v)| v == 1) {
+                let (y, x) = (i as u32 / w, i as u32 % w);
+                sx += f64::from(x) + 0.5;
+                sy += f64::from(y) + 0.5;
+                n += 1.0;
+            }
+            match centroid(&mask) {
+                None => assert_eq!(n, 0.0),
+                Some((cx, cy)) => {
+                    assert!((cx - sx / n / f64::from(w)).abs() < 1e-12);
+                    assert!((cy - sy / n / f64::from(h)).abs() < 1e-12);
+                }
+            }
+        }
     }
 }
