@@ -55,7 +55,22 @@ pub struct Grammar {
     name: String,
     dfa: dense::DFA<Vec<u32>>,
     tokens: Arc<TokenBytes>,
-    allowed: Mutex<HashMap<StateID, Arc<Vec<bool>>>>,
+    allowed: Mutex<HashMap<StateID, Arc<Allowed>>>,
+}
+
+/// The tokens a state allows: a flag per token id, and the allowed ids (few, mid-answer).
+#[derive(Debug)]
+pub struct Allowed {
+    flags: Vec<bool>,
+    ids: Vec<u32>,
+}
+
+impl std::ops::Index<usize> for Allowed {
+    type Output = bool;
+
+    fn index(&self, id: usize) -> &bool {
+        &self.flags[id]
+    }
 }
 
 impl std::fmt::Debug for Grammar {
@@ -128,7 +143,7 @@ impl Grammar {
     }
 
     /// The tokens allowed in `state`, by id.
-    pub fn allowed(&self, state: StateID) -> Arc<Vec<bool>> {
+    pub fn allowed(&self, state: StateID) -> Arc<Allowed> {
         if let Some(mask) = self
             .allowed
             .lock()
@@ -149,7 +164,11 @@ impl Grammar {
                 *m = accepts;
             }
         }
-        let mask = Arc::new(mask);
+        let ids = (0u32..)
+            .zip(&mask)
+            .filter_map(|(id, &ok)| ok.then_some(id))
+            .collect();
+        let mask = Arc::new(Allowed { flags: mask, ids });
         if let Ok(mut m) = self.allowed.lock() {
             m.insert(state, mask.clone());
         }
@@ -180,10 +199,15 @@ impl Constrained {
     /// than the tokenizer's (padding rows), the extra ids are disallowed too.
     pub fn mask(&self, logits: &mut [f32]) {
         let allowed = self.grammar.allowed(self.state);
-        for (i, l) in logits.iter_mut().enumerate() {
-            if !allowed.get(i).copied().unwrap_or(false) {
-                *l = f32::NEG_INFINITY;
-            }
+        // Few tokens are allowed mid-answer: keep theirs, fill the rest (a memset).
+        let kept: Vec<(usize, f32)> = allowed
+            .ids
+            .iter()
+            .filter_map(|&id| logits.get(id as usize).map(|&l| (id as usize, l)))
+            .collect();
+        logits.fill(f32::NEG_INFINITY);
+        for (id, l) in kept {
+            logits[id] = l;
         }
     }
 
