@@ -115,7 +115,7 @@ def transformers_qwen(model_dir, image, tokens, runs, dtype, threads):
     return result
 
 
-def transformers_kimi(folder, tokens, threads):
+def transformers_kimi(folder, tokens, threads, layers=None):
     """transformers' Kimi-K2.5 vision tower + projector and DeepseekV3ForCausalLM at the folder's
     sizes, BF16, randomly initialized (the language model's prompt: the image's merged tokens and
     the text, as the Kimi-VL processor lays them out)."""
@@ -127,6 +127,8 @@ def transformers_kimi(folder, tokens, threads):
     torch.set_num_threads(threads)
     config = json.loads((Path(folder) / "config.json").read_text())
     v, t = config["vision_config"], config["text_config"]
+    if layers:
+        t["num_hidden_layers"] = layers
     t0 = time.perf_counter()
     vc = Kimi_K25VisionConfig(
         patch_size=v["patch_size"], pos_emb_height=v["init_pos_emb_height"], pos_emb_width=v["init_pos_emb_width"],
@@ -165,9 +167,9 @@ def transformers_kimi(folder, tokens, threads):
 def child(kind, *args):
     """Runs one engine in its own process; returns its JSON line."""
     if kind == "simpleseg":
-        model, image, tokens, threads, quantize, *dtype = args
-        dtype = dtype[0] if dtype else "auto"
-        cmd = [str(BENCH), str(model), str(image), str(tokens), dtype, "1"] + ([quantize] if quantize else [])
+        model, image, tokens, threads, quantize, *rest = args
+        dtype, runs = (list(rest) + ["auto", 1][len(rest):])[:2]
+        cmd = [str(BENCH), str(model), str(image), str(tokens), dtype, str(runs)] + ([quantize] if quantize else [])
         env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     else:
         cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
@@ -354,15 +356,16 @@ def bench_7b(args):
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def extrapolate(r2, r3, layers):
-    """Figures of a `layers`-layer model from runs with 2 and 3 layers (first dense, then MoE)."""
-    out = dict(r3)
-    k = layers - 2
+def extrapolate(ra, rb, layers, na=2, nb=3):
+    """Figures of a `layers`-layer model from runs with `na` and `nb` layers (the first dense,
+    the rest mixtures of experts): the `na`-layer run plus the per-layer difference."""
+    out = dict(rb)
+    k = (layers - na) / (nb - na)
     for key in ("load_ms", "time_to_first_token_ms", "peak_rss_mib"):
-        out[key] = r2[key] + k * (r3[key] - r2[key])
+        out[key] = ra[key] + k * (rb[key] - ra[key])
     per_token = lambda r: 1e3 / r["decode_tokens_per_s"]
-    out["decode_tokens_per_s"] = 1e3 / (per_token(r2) + k * (per_token(r3) - per_token(r2)))
-    out["extrapolated_from"] = {"2 layers": r2, "3 layers": r3}
+    out["decode_tokens_per_s"] = 1e3 / (per_token(ra) + k * (per_token(rb) - per_token(ra)))
+    out["extrapolated_from"] = {f"{na} layers": ra, f"{nb} layers": rb}
     return out
 
 
@@ -381,24 +384,26 @@ def bench_kimi(args):
         for n, folder in parts.items():
             if not folder.exists():
                 write_random_kimi(folder, n)
-            measured[n] = (child("transformers-kimi", folder, args.tokens, 2),
-                           # BF16 as the full model would run (auto picks f32 for a folder this small).
-                           child("simpleseg", folder, image, args.tokens, 2, None, "bf16"))
+            # BF16 as the full model would run (auto picks f32 for a folder this small).
+            measured[n] = child("simpleseg", folder, image, args.tokens, 2, None, "bf16")
+        # transformers' models are built in memory (random weights): 2 and 6 layers, for a
+        # per-layer difference well above its run-to-run noise.
+        reference = {n: child("transformers-kimi", parts[2], args.tokens, 2, n) for n in (2, 6)}
         if not full.exists():
             write_random_kimi(full)
         seconds = quantize(full, "q4k", q4k)
         shutil.rmtree(full, ignore_errors=True)
         rows = [
-            ("transformers BF16 (per layer, extrapolated)", extrapolate(measured[2][0], measured[3][0], layers)),
-            ("simpleseg BF16 weights (per layer, extrapolated)", extrapolate(measured[2][1], measured[3][1], layers)),
+            ("transformers BF16 (per layer, extrapolated)", extrapolate(reference[2], reference[6], layers, 2, 6)),
+            ("simpleseg BF16 weights (per layer, extrapolated)", extrapolate(measured[2], measured[3], layers)),
             ("simpleseg q4k (full model, quantized folder), 2 threads", child("simpleseg", q4k, image, args.tokens, 2, None)),
             ("simpleseg q4k (full model, quantized folder), 1 thread", child("simpleseg", q4k, image, args.tokens, 1, None)),
         ]
         table(f"SimpleSeg-Kimi-VL size (16B MoE), random weights, 640x480 image, {args.tokens} tokens", rows, [
-            "BF16 rows: the full vision tower with 2 and with 3 language-model layers, measured; "
-            f"{layers} layers extrapolated as first + {layers - 2} x difference (load, first token, per-token "
-            "time, RSS). transformers' models are built randomly initialized in memory, so its load is not a "
-            "file load.",
+            "BF16 rows: the full vision tower with a few language-model layers, measured (simpleseg: 2 and 3 "
+            f"layers from files; transformers: 2 and 6 layers), {layers} layers extrapolated linearly from the "
+            "per-layer difference (load, first token, per-token time, RSS). transformers' models are built "
+            "randomly initialized in memory, so its load is not a file load.",
             f"`simpleseg quantize --format q4k` on the 32 GB folder took {seconds:.0f} s."])
     finally:
         if not args.keep:
@@ -411,7 +416,7 @@ def bench_tiny(args):
     reference = (child("transformers-kimi", args.model, args.tokens, 2) if kimi
                  else child("transformers-qwen", args.model, args.image, args.tokens, args.runs, "f32", 2))
     rows = [("transformers " + ("BF16 (random init, 36x46 patches)" if kimi else "f32"), reference),
-            ("simpleseg", child("simpleseg", args.model, args.image, args.tokens, 2, None))]
+            ("simpleseg", child("simpleseg", args.model, args.image, args.tokens, 2, None, "auto", args.runs))]
     table(f"{args.model.name}, {args.tokens} tokens", rows)
 
 
@@ -422,8 +427,8 @@ def main():
             model, image, tokens, runs, dtype, threads = rest
             result = transformers_qwen(model, image, int(tokens), int(runs), dtype, int(threads))
         else:
-            folder, tokens, threads = rest
-            result = transformers_kimi(folder, int(tokens), int(threads))
+            folder, tokens, threads, *layers = rest
+            result = transformers_kimi(folder, int(tokens), int(threads), int(layers[0]) if layers else None)
         print(json.dumps(result))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -36,9 +36,10 @@ struct Attention {
     q: Query,
     kv_a_proj_with_mqa: Linear,
     kv_a_layernorm: RmsNorm,
-    /// `kv_b_proj` split per head: keys `(heads, nope, latent)`, values `(heads, v, latent)`.
+    /// `kv_b_proj` split per head, in f32: keys `(heads, nope, latent)`, values transposed
+    /// `(heads, latent, v)`.
     w_uk: Tensor,
-    w_uv: Tensor,
+    w_uv_t: Tensor,
     o_proj: Linear,
     heads: usize,
     nope: usize,
@@ -257,8 +258,16 @@ impl Attention {
                 c.attention_bias,
             )?,
             kv_a_layernorm: RmsNorm::load(&vb.pp("kv_a_layernorm"), latent, 1e-6)?,
-            w_uk: kv_b.narrow(1, 0, nope)?.contiguous()?,
-            w_uv: kv_b.narrow(1, nope, v_dim)?.contiguous()?,
+            // Attention runs in f32: convert the two halves once here, not at every step.
+            w_uk: kv_b
+                .narrow(1, 0, nope)?
+                .to_dtype(DType::F32)?
+                .contiguous()?,
+            w_uv_t: kv_b
+                .narrow(1, nope, v_dim)?
+                .to_dtype(DType::F32)?
+                .transpose(1, 2)?
+                .contiguous()?,
             o_proj: Linear::load(&vb.pp("o_proj"), heads * v_dim, h, c.attention_bias)?,
             heads,
             nope,
@@ -316,10 +325,32 @@ impl Attention {
         let k_pe = rotate(&f32(&k_pe)?, cos, sin, self.interleave)?.to_dtype(dtype)?;
         let (c_all, k_pe_all) = crate::kv_cache::append(slot, c, k_pe)?;
         let (c_all, k_pe_all) = (f32(&c_all)?, f32(&k_pe_all)?);
+        // Every head attends over the one shared latent cache. Batched products broadcast
+        // over heads would copy the cache once per head at every step, so the products are
+        // laid out per head (against kv_b's halves) or with heads folded into the rows
+        // (against the cache).
+        let h = self.heads;
+        let t = c_all.dim(2)?;
+        let (c_all, k_pe_all) = (c_all.squeeze(1)?, k_pe_all.squeeze(1)?);
+        // (b, h, s, d) <-> (h, b * s, d)
+        let per_head = |x: &Tensor| -> CResult<Tensor> {
+            let d = x.dim(3)?;
+            x.transpose(0, 1)?.contiguous()?.reshape((h, b * s, d))
+        };
+        let from_per_head = |x: Tensor| -> CResult<Tensor> {
+            let d = x.dim(2)?;
+            x.reshape((h, b, s, d))?.transpose(0, 1)
+        };
+        // (b, h, s, d) -> (b, h * s, d)
+        let rows = |x: &Tensor| -> CResult<Tensor> {
+            let d = x.dim(3)?;
+            x.contiguous()?.reshape((b, h * s, d))
+        };
         // Query folded through the key half of kv_b: (b, heads, s, latent).
-        let q_latent = f32(&q_nope)?.broadcast_matmul(&f32(&self.w_uk)?.unsqueeze(0)?)?;
-        let scores = (q_latent.broadcast_matmul(&c_all.transpose(2, 3)?)?
-            + q_pe.broadcast_matmul(&k_pe_all.transpose(2, 3)?)?)?;
+        let q_latent = from_per_head(per_head(&f32(&q_nope)?)?.matmul(&self.w_uk)?)?;
+        let scores = (rows(&q_latent)?.matmul(&c_all.t()?)?
+            + rows(&q_pe)?.matmul(&k_pe_all.t()?)?)?
+        .reshape((b, h, s, t))?;
         let scores = (scores * self.scale)?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
@@ -327,8 +358,11 @@ impl Attention {
         };
         let p = softmax_last_dim(&scores, Mode::Infer)?;
         // Attention over the latent, then the value half of kv_b: (b, heads, s, v_dim).
-        let o_latent = p.broadcast_matmul(&c_all)?;
-        let o = o_latent.broadcast_matmul(&f32(&self.w_uv)?.transpose(1, 2)?.unsqueeze(0)?)?;
+        let o_latent = p
+            .reshape((b, h * s, t))?
+            .matmul(&c_all)?
+            .reshape((b, h, s, self.latent))?;
+        let o = from_per_head(per_head(&o_latent)?.matmul(&self.w_uv_t)?)?;
         o.transpose(1, 2)?
             .reshape((b, s, self.heads * self.v_dim))?
             .to_dtype(dtype)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Optional GPU build: `simpleseg` with candle's CUDA backend, using the CUDA compiler and
+# headers NVIDIA publishes on PyPI (no system CUDA toolkit needed; the machine that runs the
+# binary needs the NVIDIA driver, and loads cuBLAS/cuRAND/NVRTC at run time).
+#
+#     bash scripts/build_cuda.sh [COMPUTE_CAP]      # default 90 (H100/H200); 80 for A100, 89 for L4/L40
+#
+# Writes target/cuda/release/simpleseg. The wheels go to target/cuda-toolkit (re-used).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CAP="${1:-90}"
+TOOLKIT="$PWD/target/cuda-toolkit"
+CUDA="$TOOLKIT/nvidia/cu13"
+if [ ! -x "$CUDA/bin/nvcc" ] || [ ! -x "$CUDA/nvvm/bin/cicc" ]; then
+  mkdir -p "$TOOLKIT/wheels"
+  # The compiler driver, its front end (nvvm) and headers (crt), the runtime and the CUDA C++
+  # core libraries (cccl), and the libraries candle links against at run time.
+  python3 -m pip download --no-deps -q -d "$TOOLKIT/wheels" \
+    "nvidia-cuda-nvcc==13.5.*" "nvidia-nvvm==13.5.*" "nvidia-cuda-crt==13.5.*" \
+    "nvidia-cuda-runtime==13.5.*" "nvidia-cuda-cccl==13.*" "nvidia-cuda-nvrtc==13.5.*" \
+    "nvidia-cublas==13.*" "nvidia-curand==10.*"
+  for w in "$TOOLKIT"/wheels/*.whl; do python3 -m zipfile -e "$w" "$TOOLKIT"; done
+  chmod -R +x "$CUDA/bin" "$CUDA/nvvm/bin"
+fi
+export PATH="$CUDA/bin:$PATH" CUDA_ROOT="$CUDA" CUDA_PATH="$CUDA" CUDA_COMPUTE_CAP="$CAP"
+export LIBRARY_PATH="$CUDA/lib:${LIBRARY_PATH:-}" LD_LIBRARY_PATH="$CUDA/lib:${LD_LIBRARY_PATH:-}"
+nvcc --version | tail -1
+CARGO_TARGET_DIR=target/cuda cargo build --release --locked -p simpleseg --features cuda
+ls -la target/cuda/release/simpleseg
