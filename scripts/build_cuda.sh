@@ -16,13 +16,14 @@ if [ ! -x "$CUDA/bin/nvcc" ] || [ ! -x "$CUDA/nvvm/bin/cicc" ]; then
   # The compiler driver, its front end (nvvm) and headers (crt), the runtime and the CUDA C++
   # core libraries (cccl), and the libraries candle links against at run time.
   python3 -m pip download --no-deps -q -d "$TOOLKIT/wheels" \
-    "nvidia-cuda-nvcc==13.5.*" "nvidia-nvvm==13.5.*" "nvidia-cuda-crt==13.5.*" \
-    "nvidia-cuda-runtime==13.5.*" "nvidia-cuda-cccl==13.*" "nvidia-cuda-nvrtc==13.5.*" \
+    "nvidia-cuda-nvcc==13.4.*" "nvidia-nvvm==13.4.*" "nvidia-cuda-crt==13.4.*" \
+    "nvidia-cuda-runtime==13.4.*" "nvidia-cuda-cccl==13.3.*" "nvidia-cuda-nvrtc==13.4.*" \
     "nvidia-cublas==13.*" "nvidia-curand==10.*"
   for w in "$TOOLKIT"/wheels/*.whl; do python3 -m zipfile -e "$w" "$TOOLKIT"; done
   chmod -R +x "$CUDA/bin" "$CUDA/nvvm/bin"
 fi
-export PATH="$CUDA/bin:$PATH" CUDA_ROOT="$CUDA" CUDA_PATH="$CUDA" CUDA_COMPUTE_CAP="$CAP"
+# CUDA 13.4: the newest toolkit candle's CUDA bindings (cudarc 0.19) know.
+export PATH="$CUDA/bin:$PATH" CUDA_ROOT="$CUDA" CUDA_PATH="$CUDA" CUDA_COMPUTE_CAP="$CAP" CUDARC_CUDA_VERSION=13040
 export LIBRARY_PATH="$CUDA/lib:${LIBRARY_PATH:-}" LD_LIBRARY_PATH="$CUDA/lib:${LD_LIBRARY_PATH:-}"
 nvcc --version | tail -1
 CARGO_TARGET_DIR=target/cuda cargo build --release --locked -p simpleseg --features cuda

@@ -292,13 +292,7 @@ pub fn generate_constrained(
 struct Row {
     /// Index of the answer in the output.
     answer: usize,
-    sampler: Sampler,
-    constraint: Option<constraint::Constrained>,
-    history: Vec<u32>,
-    generated: Vec<u32>,
-    stop: Vec<u32>,
-    max_new: usize,
-    stop_reason: Option<StopReason>,
+    decoding: generation::Decoding,
     prefill_ms: f64,
     prompt_tokens: usize,
 }
@@ -329,17 +323,11 @@ pub fn generate_batch(
         for config in &request.configs {
             rows.push(Row {
                 answer: rows.len(),
-                sampler: Sampler::new(config.clone())?,
-                constraint: request
-                    .grammar
-                    .clone()
-                    .map(constraint::Constrained::new)
-                    .transpose()?,
-                history: request.prompt.input_ids.clone(),
-                generated: Vec::new(),
-                stop: config.eos_token_ids.clone(),
-                max_new: config.max_new_tokens,
-                stop_reason: (config.max_new_tokens == 0).then_some(StopReason::MaxTokens),
+                decoding: generation::Decoding::new(
+                    config,
+                    &request.prompt.input_ids,
+                    request.grammar.clone(),
+                )?,
                 prefill_ms,
                 prompt_tokens: request.prompt.input_ids.len(),
             });
@@ -354,8 +342,8 @@ pub fn generate_batch(
     let mut done: Vec<Row> = Vec::new();
     let mut keep = Vec::with_capacity(rows.len());
     for row in rows {
-        keep.push(row.stop_reason.is_none());
-        if row.stop_reason.is_none() {
+        keep.push(row.decoding.stop_reason.is_none());
+        if row.decoding.stop_reason.is_none() {
             active.push(row);
         } else {
             done.push(row);
@@ -366,32 +354,22 @@ pub fn generate_batch(
         let logits = session.logits().to_dtype(DType::F32)?;
         let mut tokens = Vec::with_capacity(active.len());
         for (i, row) in active.iter_mut().enumerate() {
-            let mut row_logits: Vec<f32> = logits.get(i)?.to_vec1()?;
-            if let Some(c) = &row.constraint {
-                c.mask(&mut row_logits);
-            }
-            let token = row.sampler.next_token(&mut row_logits, &row.history);
-            if row.stop.contains(&token) {
-                row.stop_reason = Some(StopReason::Eos);
-                continue;
-            }
-            if let Some(c) = row.constraint.as_mut() {
-                c.advance(token);
-            }
-            row.generated.push(token);
-            row.history.push(token);
-            on_token(row.answer, token);
-            if row.generated.len() == row.max_new {
-                row.stop_reason = Some(StopReason::MaxTokens);
-            } else {
-                tokens.push(token);
+            if let Some(token) = row.decoding.choose(logits.get(i)?.to_vec1()?) {
+                on_token(row.answer, token);
+                if row.decoding.stop_reason.is_none() {
+                    tokens.push(token);
+                }
             }
         }
-        let keep: Vec<bool> = active.iter().map(|r| r.stop_reason.is_none()).collect();
+        let keep: Vec<bool> = active
+            .iter()
+            .map(|r| r.decoding.stop_reason.is_none())
+            .collect();
         if keep.iter().any(|k| !k) {
             session.retain(&keep)?;
-            let (still, finished): (Vec<Row>, Vec<Row>) =
-                active.into_iter().partition(|r| r.stop_reason.is_none());
+            let (still, finished): (Vec<Row>, Vec<Row>) = active
+                .into_iter()
+                .partition(|r| r.decoding.stop_reason.is_none());
             active = still;
             done.extend(finished);
         }
@@ -404,15 +382,16 @@ pub fn generate_batch(
     done.into_iter()
         .map(|row| {
             Ok(GenerationOutput {
-                text: model.tokenizer().decode(&row.generated)?,
+                text: model.tokenizer().decode(&row.decoding.generated)?,
                 prompt_tokens: row.prompt_tokens,
-                stop_reason: row.stop_reason.unwrap_or(StopReason::MaxTokens),
+                stop_reason: row.decoding.stop_reason.unwrap_or(StopReason::MaxTokens),
                 timings: Timings {
                     prefill_ms: row.prefill_ms,
                     decode_ms,
-                    decode_tokens_per_s: row.generated.len() as f64 / (decode_ms / 1e3).max(1e-9),
+                    decode_tokens_per_s: row.decoding.generated.len() as f64
+                        / (decode_ms / 1e3).max(1e-9),
                 },
-                token_ids: row.generated,
+                token_ids: row.decoding.generated,
             })
         })
         .collect()

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use candle_core::DType;
 use image::RgbImage;
 
-use crate::constraint::{Constrained, Grammar, TokenBytes};
-use crate::generation::{GenerationConfig, Sampler};
+use crate::constraint::{Grammar, TokenBytes};
+use crate::generation::{Decoding, GenerationConfig};
 use crate::{
     GenerationOutput, PixelLimits, Prompt, Session, StopReason, Timings, VisionLanguageModel,
 };
@@ -184,13 +184,7 @@ impl Scheduler {
 struct Row {
     request: usize,
     answer: usize,
-    sampler: Sampler,
-    constraint: Option<Constrained>,
-    history: Vec<u32>,
-    generated: Vec<u32>,
-    stop: Vec<u32>,
-    max_new: usize,
-    stop_reason: Option<StopReason>,
+    decoding: Decoding,
     text: String,
     pending: Vec<u32>,
     prefill_ms: f64,
@@ -359,13 +353,7 @@ fn admit<'m>(
             Ok(Row {
                 request: id,
                 answer,
-                sampler: Sampler::new(config.clone())?,
-                constraint: grammar.clone().map(Constrained::new).transpose()?,
-                history: prompt.input_ids.clone(),
-                generated: Vec::new(),
-                stop: config.eos_token_ids.clone(),
-                max_new: config.max_new_tokens,
-                stop_reason: (config.max_new_tokens == 0).then_some(StopReason::MaxTokens),
+                decoding: Decoding::new(config, &prompt.input_ids, grammar.clone())?,
                 text: String::new(),
                 pending: Vec::new(),
                 prefill_ms,
@@ -396,29 +384,18 @@ fn step(
                 .is_none_or(|c| c.load(Ordering::Relaxed))
         });
         if cancelled {
-            row.stop_reason = Some(StopReason::Cancelled);
+            row.decoding.stop_reason = Some(StopReason::Cancelled);
         }
-        if row.stop_reason.is_some() {
+        if row.decoding.stop_reason.is_some() {
             continue;
         }
-        let mut row_logits: Vec<f32> = logits.get(i)?.to_vec1()?;
-        if let Some(c) = &row.constraint {
-            c.mask(&mut row_logits);
-        }
-        let token = row.sampler.next_token(&mut row_logits, &row.history);
-        if row.stop.contains(&token) {
-            row.stop_reason = Some(StopReason::Eos);
+        let Some(token) = row.decoding.choose(logits.get(i)?.to_vec1()?) else {
             continue;
-        }
-        if let Some(c) = row.constraint.as_mut() {
-            c.advance(token);
-        }
-        row.generated.push(token);
-        row.history.push(token);
+        };
         row.pending.push(token);
         stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         // The text so far, decoded whole so that multi-token characters come out complete.
-        let text = model.tokenizer().decode(&row.generated)?;
+        let text = model.tokenizer().decode(&row.decoding.generated)?;
         let delta = if text.ends_with('\u{FFFD}') {
             String::new()
         } else {
@@ -434,22 +411,23 @@ fn step(
                 text: delta,
             };
             if !(active.events)(event) {
-                row.stop_reason = Some(StopReason::Cancelled);
+                row.decoding.stop_reason = Some(StopReason::Cancelled);
                 continue;
             }
         }
-        if row.generated.len() >= row.max_new {
-            row.stop_reason = Some(StopReason::MaxTokens);
-        } else {
+        if row.decoding.stop_reason.is_none() {
             tokens.push(token);
         }
     }
-    let keep: Vec<bool> = rows.iter().map(|r| r.stop_reason.is_none()).collect();
+    let keep: Vec<bool> = rows
+        .iter()
+        .map(|r| r.decoding.stop_reason.is_none())
+        .collect();
     if keep.iter().any(|k| !k) {
         s.retain(&keep)?;
         let (still, finished): (Vec<Row>, Vec<Row>) = std::mem::take(rows)
             .into_iter()
-            .partition(|r| r.stop_reason.is_none());
+            .partition(|r| r.decoding.stop_reason.is_none());
         *rows = still;
         for row in finished {
             finish(model, row, requests, stats)?;
@@ -474,15 +452,15 @@ fn finish(
     };
     let decode_ms = row.decode_start.elapsed().as_secs_f64() * 1e3;
     let output = GenerationOutput {
-        text: model.tokenizer().decode(&row.generated)?,
+        text: model.tokenizer().decode(&row.decoding.generated)?,
         prompt_tokens: row.prompt_tokens,
-        stop_reason: row.stop_reason.unwrap_or(StopReason::MaxTokens),
+        stop_reason: row.decoding.stop_reason.unwrap_or(StopReason::MaxTokens),
         timings: Timings {
             prefill_ms: row.prefill_ms,
             decode_ms,
-            decode_tokens_per_s: row.generated.len() as f64 / (decode_ms / 1e3).max(1e-9),
+            decode_tokens_per_s: row.decoding.generated.len() as f64 / (decode_ms / 1e3).max(1e-9),
         },
-        token_ids: row.generated,
+        token_ids: row.decoding.generated,
     };
     stats.finished_answers.fetch_add(1, Ordering::Relaxed);
     (active.events)(Event::Finished {
