@@ -206,6 +206,62 @@ fn top_p_filter(logits: &mut [f32], top_p: f64) {
     }
 }
 
+/// One answer's decoding state: its sampler, constraint and tokens so far. Batched generation
+/// and the server's scheduler step every row through it, so a row decodes the same in both.
+pub(crate) struct Decoding {
+    sampler: Sampler,
+    constraint: Option<crate::constraint::Constrained>,
+    /// Prompt and generated tokens (the repetition penalty looks at both).
+    history: Vec<u32>,
+    pub(crate) generated: Vec<u32>,
+    stop: Vec<u32>,
+    pub(crate) max_new: usize,
+    pub(crate) stop_reason: Option<crate::StopReason>,
+}
+
+impl Decoding {
+    pub(crate) fn new(
+        config: &GenerationConfig,
+        prompt_ids: &[u32],
+        grammar: Option<std::sync::Arc<crate::constraint::Grammar>>,
+    ) -> Result<Self> {
+        Ok(Decoding {
+            sampler: Sampler::new(config.clone())?,
+            constraint: grammar
+                .map(crate::constraint::Constrained::new)
+                .transpose()?,
+            history: prompt_ids.to_vec(),
+            generated: Vec::new(),
+            stop: config.eos_token_ids.clone(),
+            max_new: config.max_new_tokens,
+            stop_reason: (config.max_new_tokens == 0).then_some(crate::StopReason::MaxTokens),
+        })
+    }
+
+    /// Picks the next token from this row's logits. `None` when it is a stop token (the row
+    /// ends with [`crate::StopReason::Eos`]); otherwise the token is recorded, and the row
+    /// ends with `MaxTokens` when it was the last one allowed.
+    pub(crate) fn choose(&mut self, mut logits: Vec<f32>) -> Option<u32> {
+        if let Some(c) = &self.constraint {
+            c.mask(&mut logits);
+        }
+        let token = self.sampler.next_token(&mut logits, &self.history);
+        if self.stop.contains(&token) {
+            self.stop_reason = Some(crate::StopReason::Eos);
+            return None;
+        }
+        if let Some(c) = self.constraint.as_mut() {
+            c.advance(token);
+        }
+        self.generated.push(token);
+        self.history.push(token);
+        if self.generated.len() >= self.max_new {
+            self.stop_reason = Some(crate::StopReason::MaxTokens);
+        }
+        Some(token)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,61 +320,5 @@ mod tests {
         let mut l = [0.0f32, 1.0];
         top_p_filter(&mut l, 0.001);
         assert!(l[1].is_finite() && l[0] == f32::NEG_INFINITY);
-    }
-}
-
-/// One answer's decoding state: its sampler, constraint and tokens so far. Batched generation
-/// and the server's scheduler step every row through it, so a row decodes the same in both.
-pub(crate) struct Decoding {
-    sampler: Sampler,
-    constraint: Option<crate::constraint::Constrained>,
-    /// Prompt and generated tokens (the repetition penalty looks at both).
-    history: Vec<u32>,
-    pub(crate) generated: Vec<u32>,
-    stop: Vec<u32>,
-    pub(crate) max_new: usize,
-    pub(crate) stop_reason: Option<crate::StopReason>,
-}
-
-impl Decoding {
-    pub(crate) fn new(
-        config: &GenerationConfig,
-        prompt_ids: &[u32],
-        grammar: Option<std::sync::Arc<crate::constraint::Grammar>>,
-    ) -> Result<Self> {
-        Ok(Decoding {
-            sampler: Sampler::new(config.clone())?,
-            constraint: grammar
-                .map(crate::constraint::Constrained::new)
-                .transpose()?,
-            history: prompt_ids.to_vec(),
-            generated: Vec::new(),
-            stop: config.eos_token_ids.clone(),
-            max_new: config.max_new_tokens,
-            stop_reason: (config.max_new_tokens == 0).then_some(crate::StopReason::MaxTokens),
-        })
-    }
-
-    /// Picks the next token from this row's logits. `None` when it is a stop token (the row
-    /// ends with [`crate::StopReason::Eos`]); otherwise the token is recorded, and the row
-    /// ends with `MaxTokens` when it was the last one allowed.
-    pub(crate) fn choose(&mut self, mut logits: Vec<f32>) -> Option<u32> {
-        if let Some(c) = &self.constraint {
-            c.mask(&mut logits);
-        }
-        let token = self.sampler.next_token(&mut logits, &self.history);
-        if self.stop.contains(&token) {
-            self.stop_reason = Some(crate::StopReason::Eos);
-            return None;
-        }
-        if let Some(c) = self.constraint.as_mut() {
-            c.advance(token);
-        }
-        self.generated.push(token);
-        self.history.push(token);
-        if self.generated.len() >= self.max_new {
-            self.stop_reason = Some(crate::StopReason::MaxTokens);
-        }
-        Some(token)
     }
 }
