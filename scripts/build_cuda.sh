@@ -22,6 +22,27 @@ if [ ! -x "$CUDA/bin/nvcc" ] || [ ! -x "$CUDA/nvvm/bin/cicc" ]; then
   for w in "$TOOLKIT"/wheels/*.whl; do python3 -m zipfile -e "$w" "$TOOLKIT"; done
   chmod -R +x "$CUDA/bin" "$CUDA/nvvm/bin"
 fi
+# The wheels ship versioned libraries only, and no driver: link against unversioned names,
+# and against a stub libcuda (soname libcuda.so.1, every driver API entry point of cuda.h)
+# that the driver's own library replaces at run time.
+for lib in cublas cublasLt cudart nvrtc curand; do
+  ln -sf "$(basename "$(ls "$CUDA"/lib/lib$lib.so.* | head -1)")" "$CUDA/lib/lib$lib.so"
+done
+if [ ! -f "$CUDA/lib/libcuda.so" ]; then
+  python3 - "$CUDA/include" > "$TOOLKIT/libcuda_stub.c" <<'PY'
+import re, sys
+names = set()
+text = open(f"{sys.argv[1]}/cuda.h").read()
+names |= set(re.findall(r"CUDAAPI\s+(cu[A-Za-z0-9_]+)\s*\(", text))
+names |= set(re.findall(r"#define\s+cu[A-Za-z0-9_]+\s+(cu[A-Za-z0-9_]+)\b", text))
+# The profiler's entry points (cudaProfiler.h is not in the wheels; its typedefs are).
+text = open(f"{sys.argv[1]}/cudaProfilerTypedefs.h").read()
+names |= set(re.findall(r"PFN_(cu[A-Za-z0-9]+)_v[0-9]+", text))
+for name in sorted(names):
+    print(f"void {name}(void) {{}}")
+PY
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CUDA/lib/libcuda.so" "$TOOLKIT/libcuda_stub.c"
+fi
 # CUDA 13.4: the newest toolkit candle's CUDA bindings (cudarc 0.19) know.
 export PATH="$CUDA/bin:$PATH" CUDA_ROOT="$CUDA" CUDA_PATH="$CUDA" CUDA_COMPUTE_CAP="$CAP" CUDARC_CUDA_VERSION=13040
 export LIBRARY_PATH="$CUDA/lib:${LIBRARY_PATH:-}" LD_LIBRARY_PATH="$CUDA/lib:${LD_LIBRARY_PATH:-}"
