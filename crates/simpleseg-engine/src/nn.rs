@@ -903,23 +903,20 @@ pub fn merge_image_features(
     Ok(table.index_select(&gather, 0)?.reshape((b, s, d))?)
 }
 
+/// The largest absolute difference between two tensors of one shape, compared in f32: what
+/// the parity checks against reference outputs measure.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    fn close(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     #[test]
     fn bf16_few_rows_path_equals_the_general_matmul() {
@@ -946,10 +943,11 @@ mod tests {
             let fast = fast.to_dtype(DType::F32).unwrap();
             // Both accumulate in f32; only the final rounding to BF16 (8 bits) differs.
             let scale = reference.abs().unwrap().max_keepdim(1).unwrap();
-            let err = close(
+            let err = max_abs_diff(
                 &fast.broadcast_div(&scale).unwrap(),
                 &reference.broadcast_div(&scale).unwrap(),
-            );
+            )
+            .unwrap();
             assert!(err < 1e-2, "rows {rows}: relative error {err}");
             // Through the module, rank 3, as decoding calls it.
             let y = linear.forward(&x.unsqueeze(0).unwrap()).unwrap();
@@ -979,7 +977,7 @@ mod tests {
             assert_eq!(a, b, "row {r}");
         }
         let reference = x.matmul(&weight.t().unwrap()).unwrap();
-        assert!(close(&batch, &reference) < 1e-4);
+        assert!(max_abs_diff(&batch, &reference).unwrap() < 1e-4);
     }
 
     #[test]
@@ -992,16 +990,20 @@ mod tests {
             eps: 1e-6,
         };
         assert!(
-            close(
+            max_abs_diff(
                 &norm.forward(&x, Mode::Infer).unwrap(),
                 &norm.forward(&x, Mode::Train).unwrap()
-            ) < 1e-5
+            )
+            .unwrap()
+                < 1e-5
         );
         assert!(
-            close(
+            max_abs_diff(
                 &softmax_last_dim(&x, Mode::Infer).unwrap(),
                 &softmax_last_dim(&x, Mode::Train).unwrap()
-            ) < 1e-6
+            )
+            .unwrap()
+                < 1e-6
         );
     }
 

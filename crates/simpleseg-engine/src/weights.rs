@@ -698,20 +698,8 @@ pub fn folder_files(folder: &crate::hf::HfFolder) -> Result<TensorFiles> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::max_abs_diff;
     use candle_core::Module;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// A safetensors file holding `w` (512 x 256 weights) in BF16, F16 and F32.
     fn files(dir: &Path) -> (Tensor, TensorFiles) {
@@ -752,7 +740,10 @@ mod tests {
                 );
                 let got = layer.forward(&x).unwrap();
                 // Both accumulate exact products in f32; only the summation order differs.
-                assert!(max_diff(&got, &want) < 1e-4, "{name}, {rows} rows");
+                assert!(
+                    max_abs_diff(&got, &want).unwrap() < 1e-4,
+                    "{name}, {rows} rows"
+                );
             }
             let rms = |t: &Tensor| -> f32 {
                 t.sqr()

@@ -10,29 +10,17 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use simpleseg_core::images::open_image;
 use simpleseg_engine::hf::{HfFolder, JsonFile};
 use simpleseg_engine::kv_cache::KvCache;
 use simpleseg_engine::models::kimi_vl::{Config, KimiVl, KimiVlModel};
+use simpleseg_engine::nn::max_abs_diff;
 use simpleseg_engine::weights::{LoadingPlan, Quantization, Weights};
 use simpleseg_engine::{generate, GenerationConfig, LoadOptions};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kimi")
-}
-
-fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn check_checkpoint(name: &str) {
@@ -80,7 +68,7 @@ fn check_checkpoint(name: &str) {
         assert_eq!(prompt.input_ids, ids, "{name}/{key} token ids");
         // Vision tower and projector.
         let features = model.model.image_features(&prompt.images).unwrap().unwrap();
-        let gap = max_gap(&features, &expected[&format!("{key}.image_features")]);
+        let gap = max_abs_diff(&features, &expected[&format!("{key}.image_features")]).unwrap();
         eprintln!("{name}/{key}: image features within {gap:e}");
         assert!(gap < 1e-4, "{name}/{key} image features differ by {gap}");
         // Logits at every prompt position.
@@ -93,7 +81,7 @@ fn check_checkpoint(name: &str) {
             .language_model
             .logits(&hidden.squeeze(0).unwrap())
             .unwrap();
-        let gap = max_gap(&logits, &expected[&format!("{key}.logits")]);
+        let gap = max_abs_diff(&logits, &expected[&format!("{key}.logits")]).unwrap();
         eprintln!("{name}/{key}: logits within {gap:e}");
         assert!(gap < 1e-4, "{name}/{key} logits differ by {gap}");
         // Greedy continuation, stopping where the reference stopped.

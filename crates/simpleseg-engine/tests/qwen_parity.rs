@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use simpleseg_core::images::to_rgb;
 use simpleseg_engine::image_processor::preprocess;
 use simpleseg_engine::models::qwen2_5_vl::{rope_index, Qwen2_5VlModel};
-use simpleseg_engine::nn::Mode;
+use simpleseg_engine::nn::{max_abs_diff, Mode};
 use simpleseg_engine::pillow::{resize, Filter};
 use simpleseg_engine::{generate, load, HfFolder, LoadOptions, VisionLanguageModel};
 
@@ -33,19 +33,6 @@ fn f32_options() -> LoadOptions {
         dtype: Some(DType::F32),
         quantize: None,
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
@@ -202,7 +189,7 @@ fn logits_match_transformers_within_1e4() {
             .forward(&embeds, &[positions], None, Mode::Infer)
             .unwrap();
         let logits = m.model.text.logits(&hidden).unwrap().squeeze(0).unwrap();
-        let diff = max_abs_diff(&logits, &exp["logits"]);
+        let diff = max_abs_diff(&logits, &exp["logits"]).unwrap();
         eprintln!("{case}: max |logit difference| = {diff:e}");
         assert!(diff <= 1e-4, "{case}: logits differ by {diff}");
         // The differentiable ops give the same function.
@@ -220,7 +207,7 @@ fn logits_match_transformers_within_1e4() {
             .unwrap();
         let train_logits = m.model.text.logits(&hidden).unwrap().squeeze(0).unwrap();
         assert!(
-            max_abs_diff(&train_logits, &exp["logits"]) <= 1e-4,
+            max_abs_diff(&train_logits, &exp["logits"]).unwrap() <= 1e-4,
             "{case}: training-mode logits"
         );
     }
