@@ -1,7 +1,7 @@
 //! `chat` and `segment` on a tiny checkpoint, as scripts call them.
 
 mod common;
-use common::root;
+use common::{assert_success, root};
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -33,11 +33,7 @@ fn chat_json_gives_transformers_greedy_tokens() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["text"], meta["greedy_text"]);
     assert_eq!(line["token_ids"].as_array().unwrap().len(), 24);
@@ -57,11 +53,7 @@ fn segment_writes_default_outputs_in_the_current_directory() {
         .current_dir(&dir)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["mode"], "robust");
     assert_eq!(
@@ -140,11 +132,7 @@ fn chat_n_answers_equal_single_runs_with_their_seeds() {
             .args(extra)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out);
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -199,11 +187,7 @@ fn kimi_vl_checkpoints_run_through_chat_and_segment() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     if line["stop_reason"] == "eos" {
         want.pop();
@@ -232,11 +216,7 @@ fn kimi_vl_checkpoints_run_through_chat_and_segment() {
         .current_dir(&dir)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["width"], 112);
     let rle: serde_json::Value =
