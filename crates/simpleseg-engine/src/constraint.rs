@@ -21,6 +21,9 @@ use regex_automata::{Anchored, Input};
 use crate::chat::TextTokenizer;
 use crate::error::{Error, Result};
 
+/// The most memory one constraint's automaton may take to build and to keep.
+const DFA_BYTES: usize = 64 << 20;
+
 /// A normalized coordinate as SimpleSeg writes them: 0 or 1, or a fraction with 1-3 decimals.
 const NUMBER: &str = r"(?:0(?:\.[0-9]{1,3})?|1(?:\.0{1,3})?)";
 
@@ -82,9 +85,20 @@ impl std::fmt::Debug for Grammar {
 impl Grammar {
     /// Answers a full match of `pattern` accepts (anchored at both ends).
     pub fn regex(name: &str, pattern: &str, tokens: Arc<TokenBytes>) -> Result<Self> {
+        // Patterns come from requests: bound the automaton (a size limit is an error, not an
+        // out-of-memory).
         let dfa = dense::Builder::new()
-            .configure(dense::Config::new().start_kind(regex_automata::dfa::StartKind::Anchored))
-            .build(pattern)
+            .configure(
+                dense::Config::new()
+                    .start_kind(regex_automata::dfa::StartKind::Anchored)
+                    .dfa_size_limit(Some(DFA_BYTES))
+                    .determinize_size_limit(Some(DFA_BYTES)),
+            )
+            .syntax(regex_automata::util::syntax::Config::new().nest_limit(64))
+            .thompson(regex_automata::nfa::thompson::Config::new().nfa_size_limit(Some(DFA_BYTES)))
+            // Anchored at the end too: a DFA reports a match one byte late, so without the
+            // anchor a token running past a complete answer would look allowed.
+            .build(&format!("(?:{pattern})\\z"))
             .map_err(|e| Error::Input(format!("constraint {name}: {e}")))?;
         Ok(Grammar {
             name: name.to_string(),
@@ -277,6 +291,22 @@ mod tests {
         // Numbers above 1 are refused.
         let (ok, _) = allowed_path(&g, &vocab, &["[[[", "12"]);
         assert!(!ok);
+    }
+
+    #[test]
+    fn nothing_may_follow_a_complete_answer() {
+        let vocab = ["<eos>", "a", "b", "bb", "x"];
+        let g = Grammar::regex("regex", "ab", vocabulary(&vocab, 0)).unwrap();
+        let (ok, after_a) = allowed_path(&g, &vocab, &["a"]);
+        assert!(ok);
+        let allowed = g.allowed(after_a);
+        assert!(allowed[2], "b completes the answer");
+        assert!(!allowed[3], "bb runs past it");
+        assert!(!allowed[0], "no stop before the end");
+        let (ok, end) = allowed_path(&g, &vocab, &["a", "b"]);
+        assert!(ok && g.accepts(end));
+        let allowed = g.allowed(end);
+        assert!(allowed[0] && !allowed[1] && !allowed[2] && !allowed[4]);
     }
 
     #[test]

@@ -162,7 +162,11 @@ fn user_turn(messages: &[Value]) -> Result<(String, String), ApiError> {
     Ok((image, text))
 }
 
-/// The constraint a request asks for, from any of the fields that can carry one.
+/// The constraint a request asks for, from any of the fields that can carry one: `constrain`
+/// (`polygon`, `box`), OpenAI's `response_format` (`regex`, `json_schema`, `json_object`, and
+/// the presets) or vLLM's `structured_outputs` (`regex`, `json`, `choice`, `json_object`).
+/// JSON schemas become regular expressions (outlines-core's translation); Lark grammars are
+/// refused.
 pub fn constraint_of(
     constrain: Option<&str>,
     response_format: Option<&Value>,
@@ -179,9 +183,18 @@ pub fn constraint_of(
                 .and_then(Value::as_str)
                 .map(|r| Some(Constraint::Regex(r.to_string())))
                 .ok_or_else(|| ApiError::bad_request("response_format regex needs \"regex\"")),
+            Some("json_schema") => rf
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| {
+                    ApiError::bad_request("response_format json_schema needs \"json_schema\": {\"schema\": ...}")
+                })
+                .and_then(json_schema)
+                .map(Some),
+            Some("json_object") => json_schema(&serde_json::json!({"type": "object"})).map(Some),
             Some(preset @ ("polygon" | "box")) => preset.parse().map(Some).map_err(ApiError::bad_request),
             Some(other) => Err(ApiError::bad_request(format!(
-                "response_format type {other:?} is not supported (regex, polygon and box are; JSON schemas and grammars are not)"
+                "response_format type {other:?} is not supported (text, regex, json_schema, json_object, polygon, box are)"
             ))),
         };
     }
@@ -189,11 +202,46 @@ pub fn constraint_of(
         if let Some(r) = so.get("regex").and_then(Value::as_str) {
             return Ok(Some(Constraint::Regex(r.to_string())));
         }
+        if let Some(schema) = so.get("json") {
+            // vLLM takes the schema as an object or as its JSON text.
+            return match schema {
+                Value::String(text) => serde_json::from_str(text)
+                    .map_err(|e| ApiError::bad_request(format!("structured_outputs json: {e}")))
+                    .and_then(|v: Value| json_schema(&v)),
+                v => json_schema(v),
+            }
+            .map(Some);
+        }
+        if let Some(choices) = so.get("choice").and_then(Value::as_array) {
+            let choices = choices
+                .iter()
+                .map(|c| c.as_str().map(regex::escape))
+                .collect::<Option<Vec<_>>>()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    ApiError::bad_request("structured_outputs choice is a list of strings")
+                })?;
+            return Ok(Some(Constraint::Regex(format!(
+                "(?:{})",
+                choices.join("|")
+            ))));
+        }
+        if so.get("json_object").and_then(Value::as_bool) == Some(true) {
+            return json_schema(&serde_json::json!({"type": "object"})).map(Some);
+        }
         return Err(ApiError::bad_request(
-            "structured_outputs supports regex here (JSON schemas and grammars are not supported)",
+            "structured_outputs supports regex, json, choice and json_object here (grammars are not supported)",
         ));
     }
     Ok(None)
+}
+
+/// Answers valid for a JSON schema, as a regular expression. Whitespace between tokens is at
+/// most one space, so that a model cannot pad an answer forever.
+fn json_schema(schema: &Value) -> Result<Constraint, ApiError> {
+    outlines_core::json_schema::regex_from_value(schema, Some(r"[ ]?"), Some(8))
+        .map(Constraint::Regex)
+        .map_err(|e| ApiError::bad_request(format!("JSON schema: {e}")))
 }
 
 /// `min_pixels` / `max_pixels`, top-level or in `mm_processor_kwargs`.

@@ -250,6 +250,36 @@ fn chat_and_segment_answer_as_the_engine_does() {
     let content = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(content.starts_with("[[["), "{content}");
 
+    // A JSON schema (OpenAI's response_format) and a choice (vLLM's structured_outputs): the
+    // answer is a document of that schema, or one of the choices, whatever the model prefers.
+    let schema = json!({"type": "object", "properties": {"found": {"type": "boolean"},
+        "side": {"enum": ["left", "right"]}}, "required": ["found", "side"]});
+    let format =
+        json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}});
+    let (status, text) = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body(PROMPT, json!({"response_format": format, "max_tokens": 40})),
+    );
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let doc: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{content}: {e}"));
+    assert!(doc["found"].is_boolean(), "{content}");
+    assert!(doc["side"] == "left" || doc["side"] == "right", "{content}");
+    let (status, text) = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body(
+            PROMPT,
+            json!({"structured_outputs": {"choice": ["a red shape", "a star"]}}),
+        ),
+    );
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content == "a red shape" || content == "a star", "{content}");
+
     // Models, metrics.
     let mut r = agent()
         .get(&format!("http://{addr}/v1/models"))
@@ -343,7 +373,37 @@ fn bad_requests_get_clear_4xx() {
         (
             chat_body(PROMPT, json!({"response_format": {"type": "json_schema"}})),
             400,
+            "needs",
+        ),
+        (
+            chat_body(PROMPT, json!({"response_format": {"type": "lark"}})),
+            400,
             "not supported",
+        ),
+        (
+            chat_body(
+                PROMPT,
+                json!({"structured_outputs": {"grammar": "start: \"a\""}}),
+            ),
+            400,
+            "grammars are not supported",
+        ),
+        (
+            chat_body(
+                PROMPT,
+                json!({"response_format": {"type": "regex", "regex": "("}}),
+            ),
+            400,
+            "constraint",
+        ),
+        (
+            // An automaton far over the size limit: refused, not built.
+            chat_body(
+                PROMPT,
+                json!({"response_format": {"type": "regex", "regex": "[ab]*a[ab]{24}"}}),
+            ),
+            400,
+            "constraint",
         ),
     ];
     for (body, status, needle) in cases {
