@@ -407,6 +407,20 @@ fn checked_polygon(
 }
 
 impl ParsedAnswer {
+    /// What was found, as JSON: mode, polygons (point lists), boxes, points, boxed contents,
+    /// code blocks and warnings (the image-independent fields of `simpleseg decode --json`).
+    pub fn to_json_value(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mode": self.mode,
+            "polygons": self.polygons.iter().map(|p| &p.points).collect::<Vec<_>>(),
+            "boxes": self.boxes,
+            "points": self.points,
+            "boxed": self.boxed,
+            "blocks": self.blocks,
+            "warnings": self.warnings,
+        })
+    }
+
     /// The polygons in pixel coordinates of a `width x height` image: normalized coordinates
     /// are multiplied by `(width, height)` as the official decoder does (no clipping).
     pub fn pixel_polygons(&self, width: u32, height: u32, coords: CoordMode) -> Vec<Vec<[f64; 2]>> {

@@ -119,17 +119,7 @@ fn mask_to_array<'py>(py: Python<'py>, mask: &RleMask) -> PyResult<Bound<'py, Py
 #[pyfunction]
 #[pyo3(signature = (text, mode = "official"))]
 fn parse_answer(py: Python<'_>, text: &str, mode: &str) -> PyResult<Py<PyAny>> {
-    let parsed = core_parse(text, parse_mode(mode)?);
-    let value = serde_json::json!({
-        "mode": parsed.mode,
-        "polygons": parsed.polygons.iter().map(|p| &p.points).collect::<Vec<_>>(),
-        "boxes": parsed.boxes,
-        "points": parsed.points,
-        "boxed": parsed.boxed,
-        "blocks": parsed.blocks,
-        "warnings": parsed.warnings,
-    });
-    to_python(py, &value)
+    to_python(py, &core_parse(text, parse_mode(mode)?).to_json_value())
 }
 
 fn answer_mask(text: &str, width: u32, height: u32, mode: &str, coords: &str) -> PyResult<RleMask> {

@@ -167,21 +167,18 @@ pub fn write_outputs(
 
 /// The JSON report of a decoded answer, shared by `decode --json` and `segment --json`.
 pub fn answer_json(parsed: &ParsedAnswer, coords: CoordMode, mask: &RleMask) -> serde_json::Value {
-    json!({
-        "mode": parsed.mode,
-        "coords": coords,
-        "width": mask.width(),
-        "height": mask.height(),
-        "polygons": parsed.polygons.iter().map(|p| &p.points).collect::<Vec<_>>(),
-        "boxes": parsed.boxes,
-        "points": parsed.points,
-        "boxed": parsed.boxed,
-        "blocks": parsed.blocks,
-        "warnings": parsed.warnings,
-        "area": mask.area(),
-        "bbox": mask.bbox(),
-        "rle": mask.to_json_value(),
-    })
+    let mut report = parsed.to_json_value();
+    for (key, value) in [
+        ("coords", json!(coords)),
+        ("width", json!(mask.width())),
+        ("height", json!(mask.height())),
+        ("area", json!(mask.area())),
+        ("bbox", json!(mask.bbox())),
+        ("rle", mask.to_json_value()),
+    ] {
+        report[key] = value;
+    }
+    report
 }
 
 pub fn decode(args: DecodeArgs) -> Result<()> {
