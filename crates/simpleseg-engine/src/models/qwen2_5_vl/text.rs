@@ -9,7 +9,8 @@ use super::config::Config;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::nn::{
-    apply_rotary, attention, causal_mask, repeat_kv, Embedding, Linear, Mode, RmsNorm,
+    apply_rotary, attention, causal_mask, repeat_kv, single_query_attention, Embedding, Linear,
+    Mode, RmsNorm,
 };
 
 #[derive(Clone, Debug)]
@@ -72,11 +73,20 @@ impl TextAttention {
             Some(slot) => crate::kv_cache::append(slot, k, v)?,
             None => (k, v),
         };
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(&k, n_rep)?.contiguous()?;
-        let v = repeat_kv(&v, n_rep)?.contiguous()?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let o = attention(&q, &k, &v, mask, scale, mode)?;
+        let single = match mask {
+            None => single_query_attention(&q, &k, &v, scale, mode)?,
+            Some(_) => None,
+        };
+        let o = match single {
+            Some(o) => o,
+            None => {
+                let n_rep = self.num_heads / self.num_kv_heads;
+                let k = repeat_kv(&k, n_rep)?.contiguous()?;
+                let v = repeat_kv(&v, n_rep)?.contiguous()?;
+                attention(&q, &k, &v, mask, scale, mode)?
+            }
+        };
         o.transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.head_dim))
     }

@@ -1,0 +1,281 @@
+//! q4k x q8k dot products with AVX-512 (BW and VNNI), for decoding against q4k weights on
+//! CPUs that have them (AMD Zen 4, Intel Ice Lake and later).
+//!
+//! candle's AVX2 kernel spends most of a block on getting the data into the order its 256-bit
+//! steps want (per-chunk shuffles of the scales, the q8 values loaded per chunk). Here the
+//! input's q8k blocks are rearranged once per call ([`PreparedQ8K`]) so that each 512-bit load
+//! of a weight block's packed 4-bit values meets, in one register, the 64 q8 values its low
+//! nibbles multiply (and in another those of its high nibbles); a block is then two loads, four
+//! `vpmaddubsw` and four `vpdpwssd` (which also apply the sub-block scales).
+//!
+//! Integer sums are exact, so a dot product equals candle's (ggml's) up to the order in which
+//! the per-block f32 terms are added.
+
+use std::arch::x86_64::*;
+
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8K, GgmlType};
+
+/// Values per k-quant block.
+const QK_K: usize = 256;
+
+/// A q4k block as ggml lays it out (`BlockQ4K` is `repr(C)` with these fields, private).
+#[repr(C)]
+pub(super) struct Q4KBlock {
+    /// Scale and minimum of the block (f16 bits).
+    d: u16,
+    dmin: u16,
+    /// Eight 6-bit sub-block scales and eight 6-bit minimums, packed.
+    scales: [u8; 12],
+    /// Values `64j + i` (low nibble) and `64j + 32 + i` (high nibble) in byte `32j + i`.
+    qs: [u8; QK_K / 2],
+}
+const _: () = assert!(std::mem::size_of::<Q4KBlock>() == std::mem::size_of::<BlockQ4K>());
+
+/// A q8k block as ggml lays it out (`BlockQ8K` is `repr(C)` with these fields, private).
+#[repr(C)]
+struct Q8KBlock {
+    d: f32,
+    qs: [i8; QK_K],
+    bsums: [i16; QK_K / 16],
+}
+const _: () = assert!(std::mem::size_of::<Q8KBlock>() == std::mem::size_of::<BlockQ8K>());
+
+/// Whether this CPU runs [`dot`].
+pub(super) fn available() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// A row of input quantized to q8k (exactly as candle's `BlockQ8K::from_float` does), with
+/// each block's values reordered for [`dot`] and its 16-value sums paired into sub-block sums.
+pub(super) struct PreparedQ8K {
+    /// Per block, four 64-byte groups: for `c` in 0..2, the values that the low nibbles of
+    /// packed bytes `64c..64c + 64` multiply (`128c..+32` and `128c + 64..+32`), then those
+    /// of the high nibbles (`128c + 32..+32` and `128c + 96..+32`).
+    qs: Vec<[u8; QK_K]>,
+    /// Per block, the sum of each 32-value sub-block.
+    sums: Vec<[i16; 8]>,
+    /// Per block, the scale.
+    d: Vec<f32>,
+}
+
+impl PreparedQ8K {
+    /// `x` (a multiple of 256 values) quantized to q8k and reordered.
+    pub(super) fn new(x: &[f32]) -> Self {
+        let blocks = x.len() / QK_K;
+        let mut q8 = vec![BlockQ8K::zeros(); blocks];
+        BlockQ8K::from_float(x, &mut q8);
+        let mut prepared = PreparedQ8K {
+            qs: Vec::with_capacity(blocks),
+            sums: Vec::with_capacity(blocks),
+            d: Vec::with_capacity(blocks),
+        };
+        for block in &q8 {
+            // SAFETY: `BlockQ8K` is `repr(C)` with exactly `Q8KBlock`'s fields (sizes asserted
+            // above); the values are plain integers and floats.
+            let block = unsafe { &*(block as *const BlockQ8K as *const Q8KBlock) };
+            let mut qs = [0u8; QK_K];
+            for c in 0..2 {
+                for (group, start) in [0, 64, 32, 96].into_iter().enumerate() {
+                    let from = 128 * c + start;
+                    let to = 128 * c + 32 * group;
+                    for i in 0..32 {
+                        qs[to + i] = block.qs[from + i] as u8;
+                    }
+                }
+            }
+            let mut sums = [0i16; 8];
+            for (s, pair) in sums.iter_mut().zip(block.bsums.chunks_exact(2)) {
+                *s = pair[0] + pair[1];
+            }
+            prepared.qs.push(qs);
+            prepared.sums.push(sums);
+            prepared.d.push(block.d);
+        }
+        prepared
+    }
+
+    /// Blocks per row.
+    pub(super) fn blocks(&self) -> usize {
+        self.d.len()
+    }
+}
+
+/// The eight 6-bit scales and eight 6-bit minimums of a q4k block (ggml's `get_scale_min_k4`,
+/// done on four lanes of bytes at once as ggml's SIMD kernels do).
+#[inline(always)]
+fn scales_and_mins(packed: &[u8; 12]) -> (u64, u64) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let word =
+        |i: usize| u32::from_le_bytes([packed[i], packed[i + 1], packed[i + 2], packed[i + 3]]);
+    let (a, b, c) = (word(0), word(4), word(8));
+    let scales_low = a & LOW6;
+    let scales_high = (c & LOW4) | (((a >> 6) & LOW2) << 4);
+    let mins_low = b & LOW6;
+    let mins_high = ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4);
+    (
+        u64::from(scales_low) | (u64::from(scales_high) << 32),
+        u64::from(mins_low) | (u64::from(mins_high) << 32),
+    )
+}
+
+/// The dot products of `R` rows of q4k blocks with a prepared input row: each block of the
+/// input is loaded once for all `R` rows.
+///
+/// # Safety
+/// The CPU must have the features [`available`] checks, and each row must hold
+/// `x.blocks()` blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c")]
+pub(super) unsafe fn dot<const R: usize>(w: [&[Q4KBlock]; R], x: &PreparedQ8K) -> [f32; R] {
+    let nibble = _mm512_set1_epi8(0x0f);
+    // i16 lanes 0..16 take the scale of the register's first 32 values, lanes 16..32 that of
+    // its last 32: sub-blocks (4c, 4c + 2) for low nibbles, (4c + 1, 4c + 3) for high ones.
+    // (No closures here: they would not inherit this function's target features.)
+    let half = _mm512_set1_epi16(2);
+    let first = _mm512_mask_blend_epi16(0xffff_0000, _mm512_setzero_si512(), half);
+    let scale_index = [
+        first,
+        _mm512_add_epi16(first, _mm512_set1_epi16(1)),
+        _mm512_add_epi16(first, _mm512_set1_epi16(4)),
+        _mm512_add_epi16(first, _mm512_set1_epi16(5)),
+    ];
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc_min = [_mm_setzero_ps(); R];
+    for b in 0..x.blocks() {
+        let q8 = x.qs.get_unchecked(b).as_ptr();
+        let q8 = [
+            _mm512_loadu_si512(q8.cast()),
+            _mm512_loadu_si512(q8.add(64).cast()),
+            _mm512_loadu_si512(q8.add(128).cast()),
+            _mm512_loadu_si512(q8.add(192).cast()),
+        ];
+        let sums = _mm_loadu_si128(x.sums.get_unchecked(b).as_ptr().cast());
+        let input_scale = _mm_set1_ps(*x.d.get_unchecked(b));
+        for r in 0..R {
+            let block = w[r].get_unchecked(b);
+            let both = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                (u32::from(block.d) | (u32::from(block.dmin) << 16)) as i32,
+            ));
+            let scale = _mm_mul_ps(both, input_scale);
+            let (scales, mins) = scales_and_mins(&block.scales);
+            // Minimums times the sub-block sums of the input.
+            let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mins as i64));
+            let min_products = _mm_cvtepi32_ps(_mm_madd_epi16(mins, sums));
+            acc_min[r] = _mm_fmadd_ps(
+                _mm_shuffle_ps::<0b01_01_01_01>(scale, scale),
+                min_products,
+                acc_min[r],
+            );
+            // Values times scales, exact in i32.
+            let scales =
+                _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+            let mut sum = _mm512_setzero_si512();
+            for c in 0..2 {
+                let packed = _mm512_loadu_si512(block.qs.as_ptr().add(64 * c).cast());
+                let low = _mm512_and_si512(packed, nibble);
+                let high = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibble);
+                let low = _mm512_maddubs_epi16(low, q8[2 * c]);
+                let high = _mm512_maddubs_epi16(high, q8[2 * c + 1]);
+                sum = _mm512_dpwssd_epi32(
+                    sum,
+                    low,
+                    _mm512_permutexvar_epi16(scale_index[2 * c], scales),
+                );
+                sum = _mm512_dpwssd_epi32(
+                    sum,
+                    high,
+                    _mm512_permutexvar_epi16(scale_index[2 * c + 1], scales),
+                );
+            }
+            acc[r] = _mm512_fmadd_ps(
+                _mm512_set1_ps(_mm_cvtss_f32(scale)),
+                _mm512_cvtepi32_ps(sum),
+                acc[r],
+            );
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let min_total = _mm_add_ps(acc_min[r], _mm_movehl_ps(acc_min[r], acc_min[r]));
+        let min_total = _mm_add_ss(min_total, _mm_shuffle_ps::<1>(min_total, min_total));
+        out[r] = _mm512_reduce_add_ps(acc[r]) - _mm_cvtss_f32(min_total);
+    }
+    out
+}
+
+/// `blocks` (whole q4k blocks) as [`Q4KBlock`]s.
+pub(super) fn blocks(bytes: &[u8]) -> &[Q4KBlock] {
+    let n = bytes.len() / std::mem::size_of::<Q4KBlock>();
+    // SAFETY: `Q4KBlock` is plain integers with 2-byte alignment; the quantized matrix's bytes
+    // start 8-byte aligned and hold whole blocks.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random-ish f32 values with a spread of magnitudes (a fixed LCG, so failures reproduce).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                unit * (1.0 + (i % 97) as f32 / 10.0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dot_equals_candles_q4k_q8k_dot_product() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX-512 BW/VNNI");
+            return;
+        }
+        for (k, seed) in [(256, 1), (3584, 2), (18944, 3)] {
+            let w = values(k, seed);
+            let x = values(k, seed + 100);
+            let mut q4 = vec![BlockQ4K::zeros(); k / QK_K];
+            BlockQ4K::from_float(&w, &mut q4);
+            let mut q8 = vec![BlockQ8K::zeros(); k / QK_K];
+            BlockQ8K::from_float(&x, &mut q8);
+            let reference = BlockQ4K::vec_dot_unopt(k, &q4, &q8);
+            // SAFETY: `BlockQ4K` is `repr(C)` plain data of `Q4KBlock`'s size.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(q4.as_ptr().cast::<u8>(), std::mem::size_of_val(&q4[..]))
+            };
+            // SAFETY: the CPU has the features (checked above); one block per 256 values.
+            let [ours] = unsafe { dot([blocks(bytes)], &PreparedQ8K::new(&x)) };
+            let scale: f32 = w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+            assert!(
+                (ours - reference).abs() <= 1e-5 * scale,
+                "k={k}: {ours} vs candle's {reference}"
+            );
+        }
+    }
+
+    #[test]
+    fn scales_and_mins_match_ggmls_unpacking() {
+        let packed: [u8; 12] = std::array::from_fn(|i| (i as u8).wrapping_mul(77).wrapping_add(13));
+        let (scales, mins) = scales_and_mins(&packed);
+        for j in 0..8 {
+            // ggml's get_scale_min_k4.
+            let (sc, m) = if j < 4 {
+                (packed[j] & 63, packed[j + 4] & 63)
+            } else {
+                (
+                    (packed[j + 4] & 0xf) | ((packed[j - 4] >> 6) << 4),
+                    (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
+                )
+            };
+            assert_eq!((scales >> (8 * j)) as u8, sc, "scale {j}");
+            assert_eq!((mins >> (8 * j)) as u8, m, "min {j}");
+        }
+    }
+}
