@@ -10,6 +10,14 @@
 
 use std::time::Instant;
 
+// The allocator and its setting are the simpleseg binary's, so that the figures are what the
+// command line gets.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc.h.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 use candle_core::DType;
 use simpleseg_core::images::open_image;
 use simpleseg_engine::{generate, load, LoadOptions};
@@ -28,6 +36,8 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() -> simpleseg_engine::Result<()> {
+    // SAFETY: sets a process-wide allocator option before any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (dir, image) = match args.as_slice() {
         [d, i, ..] => (d.clone(), i.clone()),
