@@ -262,3 +262,58 @@ fn transpose(by_feature: &[f32], n: usize, rows: usize) -> Vec<f32> {
     }
     y
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `rows_matmul` on q4k weights (this CPU's kernel: AVX-512 where it has it, with rows
+    /// taken four at a time when they are long, and candle's otherwise) equals candle's q4k x
+    /// q8k dot products, for every input row and weight row, including a last partial group.
+    #[test]
+    fn q4k_rows_matmul_equals_candles_dot_products() {
+        use candle_core::quantized::k_quants::BlockQ8K;
+
+        let mut state = 7u64;
+        let mut random = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        // 512 inputs: rows one at a time; 8192: four at a time. 10 rows: a partial group.
+        for (n, k) in [(10, 512), (10, 8192)] {
+            let mut blocks = vec![BlockQ4K::zeros(); n * k / BlockQ4K::BLCK_SIZE];
+            BlockQ4K::from_float(&random(n * k), &mut blocks);
+            // SAFETY: `BlockQ4K` is `repr(C)` plain data (ggml's layout).
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    blocks.as_ptr().cast::<u8>(),
+                    std::mem::size_of_val(&blocks[..]),
+                )
+            };
+            let matrix = QuantizedMatrix::owned(bytes, n, k, GgmlDType::Q4K).unwrap();
+            let rows = 3;
+            let x = random(rows * k);
+            let y = matrix.rows_matmul(&x, rows).unwrap();
+            let per_row = k / BlockQ4K::BLCK_SIZE;
+            for (r, xr) in x.chunks(k).enumerate() {
+                let mut xq = vec![BlockQ8K::zeros(); per_row];
+                BlockQ8K::from_float(xr, &mut xq);
+                for f in 0..n {
+                    let reference =
+                        BlockQ4K::vec_dot_unopt(k, &blocks[f * per_row..(f + 1) * per_row], &xq);
+                    let got = y[r * n + f];
+                    assert!(
+                        (got - reference).abs() <= 1e-4 * (1.0 + reference.abs()),
+                        "{n}x{k}, input {r}, row {f}: {got} vs candle's {reference}"
+                    );
+                }
+            }
+        }
+    }
+}
