@@ -220,7 +220,7 @@ impl QuantizedMatrix {
         let per_row = k / BlockQ4K::BLCK_SIZE;
         let row = |f: usize| &w[f * per_row..(f + 1) * per_row];
         // Long rows go four at a time, each input block loaded once for the four (one at a
-        // time, a 7B-size down projection read ~15 GB/s on 2 cores, four ~22); short rows one
+        // time, a 7B-size down projection read ~15 GB/s on 2 cores, four ~20); short rows one
         // at a time, a single stream through memory (four streams of a few KB each ran at half
         // speed: the prefetcher has no time to follow them).
         let together = if per_row >= 32 { 4 } else { 1 };

@@ -1,12 +1,14 @@
 //! q4k x q8k dot products with AVX-512 (BW and VNNI), for decoding against q4k weights on
 //! CPUs that have them (AMD Zen 4, Intel Ice Lake and later).
 //!
-//! candle's AVX2 kernel spends most of a block on getting the data into the order its 256-bit
-//! steps want (per-chunk shuffles of the scales, the q8 values loaded per chunk). Here the
-//! input's q8k blocks are rearranged once per call ([`PreparedQ8K`]) so that each 512-bit load
-//! of a weight block's packed 4-bit values meets, in one register, the 64 q8 values its low
-//! nibbles multiply (and in another those of its high nibbles); a block is then two loads, four
-//! `vpmaddubsw` and four `vpdpwssd` (which also apply the sub-block scales).
+//! The input's q8k blocks are rearranged once per call ([`PreparedQ8K`]) so that each 512-bit
+//! load of a weight block's packed 4-bit values meets, in one register, the 64 q8 values its
+//! low nibbles multiply (and in another those of its high nibbles); a block is then two loads,
+//! four `vpmaddubsw` and four `vpdpwssd` (which also apply the sub-block scales), and several
+//! weight rows can share each input block's loads ([`dot`] takes `R` rows). Measured with
+//! `examples/bench_qmatvec` on 2 Zen 4 cores: rows of 3584 inputs read at memory speed with
+//! this kernel and with candle's AVX2 one alike (~25 GB/s); the 7B size's down projection
+//! (18944 inputs), four rows at a time, ~19-23 GB/s against candle's ~14-17.
 //!
 //! Integer sums are exact, so a dot product equals candle's (ggml's) up to the order in which
 //! the per-block f32 terms are added.
