@@ -148,27 +148,25 @@ impl QuantizedMatrix {
     /// `x W^T` for `rows` rows of `x` (`rows x cols`, f32), `rows x self.rows` f32: the
     /// few-rows path (see the module documentation).
     pub fn rows_matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        if x.len() != rows * self.cols {
+            candle_core::bail!("{} inputs for {rows} rows of {}", x.len(), self.cols);
+        }
         #[cfg(target_arch = "x86_64")]
         if self.ggml == GgmlDType::Q4K && q4k_avx512::available() {
-            return self.rows_matmul_q4k_avx512(x, rows);
+            return Ok(self.rows_matmul_q4k_avx512(x, rows));
         }
-        match self.ggml {
+        Ok(match self.ggml {
             GgmlDType::Q4K => self.rows_matmul_typed::<BlockQ4K>(x, rows),
             GgmlDType::Q4_0 => self.rows_matmul_typed::<BlockQ4_0>(x, rows),
             _ => self.rows_matmul_typed::<BlockQ8_0>(x, rows),
-        }
+        })
     }
 
-    fn rows_matmul_typed<T: GgmlType + Sync>(&self, x: &[f32], rows: usize) -> Result<Vec<f32>>
+    fn rows_matmul_typed<T: GgmlType + Sync>(&self, x: &[f32], rows: usize) -> Vec<f32>
     where
         T::VecDotType: Sync + Send,
     {
-        use rayon::prelude::*;
-
-        let (n, k) = (self.rows, self.cols);
-        if x.len() != rows * k {
-            candle_core::bail!("{} inputs for {rows} rows of {k}", x.len());
-        }
+        let k = self.cols;
         let per_row = k / T::BLCK_SIZE;
         let dot_per_row = k / T::VecDotType::BLCK_SIZE;
         let mut xq = vec![T::VecDotType::zeros(); rows * dot_per_row];
@@ -177,78 +175,82 @@ impl QuantizedMatrix {
         }
         let w = self.typed::<T>();
         let row = |f: usize| &w[f * per_row..(f + 1) * per_row];
-        // Four outputs per task item: one weight quad against every input row.
-        let mut by_feature = vec![0f32; n * rows];
-        by_feature
-            .par_chunks_mut(4 * rows)
-            .enumerate()
-            .with_min_len(16)
-            .for_each(|(quad, out)| {
-                let f = quad * 4;
-                for r in 0..rows {
-                    let xr = &xq[r * dot_per_row..(r + 1) * dot_per_row];
-                    if f + 4 <= n {
-                        let (a, b, c, d) =
-                            T::vec_dot_4(k, row(f), row(f + 1), row(f + 2), row(f + 3), xr);
-                        for (i, v) in [a, b, c, d].into_iter().enumerate() {
-                            out[i * rows + r] = v;
-                        }
-                    } else {
-                        for i in 0..(n - f).min(4) {
-                            out[i * rows + r] = T::vec_dot(k, row(f + i), xr);
-                        }
-                    }
-                }
-            });
-        Ok(transpose(&by_feature, n, rows))
+        let input = |r: usize| &xq[r * dot_per_row..(r + 1) * dot_per_row];
+        self.by_feature_groups(
+            rows,
+            4,
+            16,
+            |f, r| {
+                let (a, b, c, d) =
+                    T::vec_dot_4(k, row(f), row(f + 1), row(f + 2), row(f + 3), input(r));
+                [a, b, c, d]
+            },
+            |f, r| T::vec_dot(k, row(f), input(r)),
+        )
     }
 
     /// [`Self::rows_matmul`] for q4k weights with [`q4k_avx512`]'s kernel.
     #[cfg(target_arch = "x86_64")]
-    fn rows_matmul_q4k_avx512(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        use rayon::prelude::*;
-
-        let (n, k) = (self.rows, self.cols);
-        if x.len() != rows * k {
-            candle_core::bail!("{} inputs for {rows} rows of {k}", x.len());
-        }
+    fn rows_matmul_q4k_avx512(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let inputs: Vec<_> = x
-            .chunks(k.max(1))
+            .chunks(self.cols.max(1))
             .map(q4k_avx512::PreparedQ8K::new)
             .collect();
         let w = q4k_avx512::blocks(self.bytes());
-        let per_row = k / BlockQ4K::BLCK_SIZE;
+        let per_row = self.cols / BlockQ4K::BLCK_SIZE;
         let row = |f: usize| &w[f * per_row..(f + 1) * per_row];
         // Long rows go four at a time, each input block loaded once for the four (one at a
         // time, a 7B-size down projection read ~15 GB/s on 2 cores, four ~20); short rows one
         // at a time, a single stream through memory (four streams of a few KB each ran at half
         // speed: the prefetcher has no time to follow them).
         let together = if per_row >= 32 { 4 } else { 1 };
+        // SAFETY (both kernels): the CPU has the kernel's features (checked by the caller),
+        // and each input has `per_row` blocks.
+        self.by_feature_groups(
+            rows,
+            together,
+            32 / together,
+            |f, r| unsafe {
+                q4k_avx512::dot([row(f), row(f + 1), row(f + 2), row(f + 3)], &inputs[r])
+            },
+            |f, r| unsafe { q4k_avx512::dot([row(f)], &inputs[r])[0] },
+        )
+    }
+
+    /// The few-rows product, features in parallel `together` (1 or 4) at a time: `four(f, r)`
+    /// gives features `f..f + 4` for input row `r` when four are taken together and remain,
+    /// `one(f, r)` feature `f` otherwise. Returns `rows x self.rows`, row-major.
+    fn by_feature_groups(
+        &self,
+        rows: usize,
+        together: usize,
+        min_items: usize,
+        four: impl Fn(usize, usize) -> [f32; 4] + Sync,
+        one: impl Fn(usize, usize) -> f32 + Sync,
+    ) -> Vec<f32> {
+        use rayon::prelude::*;
+
+        let n = self.rows;
         let mut by_feature = vec![0f32; n * rows];
         by_feature
             .par_chunks_mut(together * rows.max(1))
             .enumerate()
-            .with_min_len(32 / together)
+            .with_min_len(min_items)
             .for_each(|(item, out)| {
                 let f = item * together;
-                for (r, input) in inputs.iter().enumerate() {
-                    // SAFETY (both calls): the CPU has the kernel's features (checked by the
-                    // caller), and each input has `per_row` blocks.
+                for r in 0..rows {
                     if together == 4 && f + 4 <= n {
-                        let four = unsafe {
-                            q4k_avx512::dot([row(f), row(f + 1), row(f + 2), row(f + 3)], input)
-                        };
-                        for (i, v) in four.into_iter().enumerate() {
+                        for (i, v) in four(f, r).into_iter().enumerate() {
                             out[i * rows + r] = v;
                         }
                     } else {
                         for i in 0..(n - f).min(together) {
-                            out[i * rows + r] = unsafe { q4k_avx512::dot([row(f + i)], input)[0] };
+                            out[i * rows + r] = one(f + i, r);
                         }
                     }
                 }
             });
-        Ok(transpose(&by_feature, n, rows))
+        transpose(&by_feature, n, rows)
     }
 }
 
