@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor, D};
 
-use crate::quantized::QuantizedMatrix;
+use crate::quantized::{QuantizedMatrix, RowsProduct};
 use crate::weights::{MappedMatrix, Weights};
 
 /// Whether a forward pass must carry gradients.
@@ -123,6 +123,61 @@ impl Linear {
             }
         }
     }
+}
+
+/// `layer.forward(x)` for each pair, with every few-rows product over quantized CPU weights
+/// in one parallel pass (see [`crate::quantized::rows_matmul_batch`]): decoding's projections
+/// of one input and a mixture's chosen experts. Each result equals the layer's own `forward`.
+pub fn forward_batch(pairs: &[(&Linear, &Tensor)]) -> Result<Vec<Tensor>> {
+    let mut batched = Vec::with_capacity(pairs.len());
+    for &(layer, x) in pairs {
+        let Weight::Quantized(q) = &layer.weight else {
+            break;
+        };
+        let rows = x.elem_count() / q.cols.max(1);
+        if x.rank() < 2 || rows > FEW_ROWS || x.dim(D::Minus1)? != q.cols {
+            break;
+        }
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        batched.push((q, xs, rows));
+    }
+    if batched.len() < pairs.len() {
+        return pairs.iter().map(|(layer, x)| layer.forward(x)).collect();
+    }
+    let products: Vec<RowsProduct> = batched
+        .iter()
+        .map(|(matrix, x, rows)| RowsProduct {
+            matrix,
+            x,
+            rows: *rows,
+        })
+        .collect();
+    let outputs = crate::quantized::rows_matmul_batch(&products)?;
+    pairs
+        .iter()
+        .zip(outputs)
+        .zip(&batched)
+        .map(|(((layer, x), y), (q, _, rows))| {
+            let y = Tensor::from_vec(y, (*rows, q.rows), x.device())?.to_dtype(x.dtype())?;
+            let mut dims = x.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = q.rows;
+            }
+            let y = y.reshape(dims)?;
+            match &layer.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+                None => Ok(y),
+            }
+        })
+        .collect()
+}
+
+/// Each of `layers` applied to `x`, as one [`forward_batch`].
+pub fn forward_each<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+    let pairs = layers.map(|layer| (layer, x));
+    forward_batch(&pairs)?
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("one output per layer".into()))
 }
 
 impl Module for Linear {
@@ -1148,6 +1203,63 @@ mod tests {
         }
         let reference = x.matmul(&weight.t().unwrap()).unwrap();
         assert!(max_abs_diff(&batch, &reference).unwrap() < 1e-4);
+    }
+
+    /// Quantized layers with and without bias, on rank-3 inputs of one and of two tensors:
+    /// the batch gives each layer's own `forward`, bit for bit; with a dense layer among them
+    /// (no batch), the same.
+    #[test]
+    fn forward_batch_equals_each_layers_forward() {
+        use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+        use candle_core::quantized::GgmlDType;
+
+        let dev = Device::Cpu;
+        let quantized = |out: usize, bias: bool, seed: f64| {
+            let w: Vec<f32> = (0..out * 64)
+                .map(|i| ((i as f64 * seed).sin()) as f32)
+                .collect();
+            let mut blocks = vec![BlockQ8_0::zeros(); w.len() / 32];
+            BlockQ8_0::from_float(&w, &mut blocks);
+            // SAFETY: ggml blocks are `repr(C)` plain data.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    blocks.as_ptr().cast::<u8>(),
+                    std::mem::size_of_val(&blocks[..]),
+                )
+            };
+            Linear {
+                weight: Weight::Quantized(
+                    QuantizedMatrix::owned(bytes, out, 64, GgmlDType::Q8_0).unwrap(),
+                ),
+                bias: bias.then(|| Tensor::randn(0f32, 1.0, out, &dev).unwrap()),
+            }
+        };
+        let (a, b, c) = (
+            quantized(40, true, 0.3),
+            quantized(24, false, 0.7),
+            quantized(8, true, 1.1),
+        );
+        let dense = Linear::new(Tensor::randn(0f32, 1.0, (16, 64), &dev).unwrap(), None);
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 64), &dev).unwrap();
+        let y = Tensor::randn(0f32, 1.0, (2, 1, 64), &dev).unwrap();
+        let check = |pairs: &[(&Linear, &Tensor)]| {
+            let got = forward_batch(pairs).unwrap();
+            assert_eq!(got.len(), pairs.len());
+            for (i, ((layer, x), got)) in pairs.iter().zip(&got).enumerate() {
+                let want = layer.forward(x).unwrap();
+                assert_eq!(got.dims(), want.dims(), "output {i}");
+                let (g, w): (Vec<f32>, Vec<f32>) = (
+                    got.flatten_all().unwrap().to_vec1().unwrap(),
+                    want.flatten_all().unwrap().to_vec1().unwrap(),
+                );
+                assert_eq!(g, w, "output {i}");
+            }
+        };
+        check(&[(&a, &x), (&b, &x), (&c, &y)]);
+        check(&[(&a, &x), (&dense, &x), (&c, &y)]);
+        let [p, q] = forward_each([&a, &b], &y).unwrap();
+        assert_eq!(p.dims(), &[2, 1, 40]);
+        assert_eq!(q.dims(), &[2, 1, 24]);
     }
 
     #[test]

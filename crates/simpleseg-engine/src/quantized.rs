@@ -6,13 +6,14 @@
 //! - Few rows (decoding): each output is one `vec_dot` of the row's blocks with the input
 //!   quantized to the type's dot-product blocks (q8k or q8_0), four outputs at a time so that
 //!   four weight rows stream side by side; the result for a row never depends on the others.
-//!   On CPUs with AVX-512 BW and VNNI, q4k rows use [`q4k_avx512`]'s kernel instead.
+//!   On CPUs with AVX-512 BW and VNNI, q4k rows use [`q4k_avx512`]'s kernel instead. Several
+//!   products can run as one parallel pass ([`rows_matmul_batch`]).
 //! - Many rows (a prefill): a band of weight rows is dequantized and multiplied as a BF16 or
 //!   f32 weight would be (see [`crate::nn`]).
 
 use std::sync::Arc;
 
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0, GgmlType};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0, GgmlType};
 use candle_core::quantized::GgmlDType;
 use candle_core::Result;
 use memmap2::Mmap;
@@ -148,110 +149,263 @@ impl QuantizedMatrix {
     /// `x W^T` for `rows` rows of `x` (`rows x cols`, f32), `rows x self.rows` f32: the
     /// few-rows path (see the module documentation).
     pub fn rows_matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        if x.len() != rows * self.cols {
-            candle_core::bail!("{} inputs for {rows} rows of {}", x.len(), self.cols);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if self.ggml == GgmlDType::Q4K && q4k_avx512::available() {
-            return Ok(self.rows_matmul_q4k_avx512(x, rows));
-        }
-        Ok(match self.ggml {
-            GgmlDType::Q4K => self.rows_matmul_typed::<BlockQ4K>(x, rows),
-            GgmlDType::Q4_0 => self.rows_matmul_typed::<BlockQ4_0>(x, rows),
-            _ => self.rows_matmul_typed::<BlockQ8_0>(x, rows),
-        })
-    }
-
-    fn rows_matmul_typed<T: GgmlType + Sync>(&self, x: &[f32], rows: usize) -> Vec<f32>
-    where
-        T::VecDotType: Sync + Send,
-    {
-        let k = self.cols;
-        let per_row = k / T::BLCK_SIZE;
-        let dot_per_row = k / T::VecDotType::BLCK_SIZE;
-        let mut xq = vec![T::VecDotType::zeros(); rows * dot_per_row];
-        for (q, xr) in xq.chunks_mut(dot_per_row.max(1)).zip(x.chunks(k.max(1))) {
-            T::VecDotType::from_float(xr, q);
-        }
-        let w = self.typed::<T>();
-        let row = |f: usize| &w[f * per_row..(f + 1) * per_row];
-        let input = |r: usize| &xq[r * dot_per_row..(r + 1) * dot_per_row];
-        self.by_feature_groups(
+        let mut out = rows_matmul_batch(&[RowsProduct {
+            matrix: self,
+            x,
             rows,
-            4,
-            16,
-            |f, r| {
-                let (a, b, c, d) =
-                    T::vec_dot_4(k, row(f), row(f + 1), row(f + 2), row(f + 3), input(r));
-                [a, b, c, d]
-            },
-            |f, r| T::vec_dot(k, row(f), input(r)),
-        )
+        }])?;
+        Ok(out.pop().unwrap_or_default())
     }
+}
 
-    /// [`Self::rows_matmul`] for q4k weights with [`q4k_avx512`]'s kernel.
+/// One few-rows product of a batch: `rows` rows of `x` (`rows x matrix.cols`, f32) times the
+/// matrix's transpose.
+#[derive(Clone, Copy)]
+pub struct RowsProduct<'a> {
+    pub matrix: &'a QuantizedMatrix,
+    pub x: &'a [f32],
+    pub rows: usize,
+}
+
+/// The dot-product kernel a matrix's few-rows products run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// [`q4k_avx512`]'s, against a q8k input reordered for it.
     #[cfg(target_arch = "x86_64")]
-    fn rows_matmul_q4k_avx512(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let inputs: Vec<_> = x
-            .chunks(self.cols.max(1))
-            .map(q4k_avx512::PreparedQ8K::new)
-            .collect();
-        let w = q4k_avx512::blocks(self.bytes());
-        let per_row = self.cols / BlockQ4K::BLCK_SIZE;
-        let row = |f: usize| &w[f * per_row..(f + 1) * per_row];
-        // Long rows go four at a time, each input block loaded once for the four (one at a
-        // time, a 7B-size down projection read ~15 GB/s on 2 cores, four ~20); short rows one
-        // at a time, a single stream through memory (four streams of a few KB each ran at half
-        // speed: the prefetcher has no time to follow them).
-        let together = if per_row >= 32 { 4 } else { 1 };
-        // SAFETY (both kernels): the CPU has the kernel's features (checked by the caller),
-        // and each input has `per_row` blocks.
-        self.by_feature_groups(
-            rows,
-            together,
-            32 / together,
-            |f, r| unsafe {
-                q4k_avx512::dot([row(f), row(f + 1), row(f + 2), row(f + 3)], &inputs[r])
-            },
-            |f, r| unsafe { q4k_avx512::dot([row(f)], &inputs[r])[0] },
-        )
+    Q4kAvx512,
+    /// Candle's, against a q8k input.
+    Q4K,
+    /// Candle's, against a q8_0 input.
+    Q4_0,
+    Q8_0,
+}
+
+impl Kernel {
+    fn of(matrix: &QuantizedMatrix) -> Kernel {
+        match matrix.ggml {
+            #[cfg(target_arch = "x86_64")]
+            GgmlDType::Q4K if q4k_avx512::available() => Kernel::Q4kAvx512,
+            GgmlDType::Q4K => Kernel::Q4K,
+            GgmlDType::Q4_0 => Kernel::Q4_0,
+            _ => Kernel::Q8_0,
+        }
     }
 
-    /// The few-rows product, features in parallel `together` (1 or 4) at a time: `four(f, r)`
-    /// gives features `f..f + 4` for input row `r` when four are taken together and remain,
-    /// `one(f, r)` feature `f` otherwise. Returns `rows x self.rows`, row-major.
-    fn by_feature_groups(
-        &self,
-        rows: usize,
-        together: usize,
-        min_items: usize,
-        four: impl Fn(usize, usize) -> [f32; 4] + Sync,
-        one: impl Fn(usize, usize) -> f32 + Sync,
-    ) -> Vec<f32> {
-        use rayon::prelude::*;
+    /// Whether two kernels take the same quantized input.
+    fn same_input(self, other: Kernel) -> bool {
+        let input = |k| match k {
+            Kernel::Q4_0 | Kernel::Q8_0 => Kernel::Q8_0,
+            k => k,
+        };
+        input(self) == input(other)
+    }
+}
 
-        let n = self.rows;
-        let mut by_feature = vec![0f32; n * rows];
-        by_feature
-            .par_chunks_mut(together * rows.max(1))
-            .enumerate()
-            .with_min_len(min_items)
-            .for_each(|(item, out)| {
-                let f = item * together;
-                for r in 0..rows {
-                    if together == 4 && f + 4 <= n {
-                        for (i, v) in four(f, r).into_iter().enumerate() {
-                            out[i * rows + r] = v;
-                        }
-                    } else {
-                        for i in 0..(n - f).min(together) {
-                            out[i * rows + r] = one(f + i, r);
-                        }
+/// Input rows (`k` values each) quantized for a kernel's dot products.
+enum Prepared {
+    #[cfg(target_arch = "x86_64")]
+    Q4kAvx512(Vec<q4k_avx512::PreparedQ8K>),
+    Q8K(Vec<BlockQ8K>),
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+impl Prepared {
+    fn new(kernel: Kernel, x: &[f32], k: usize) -> Prepared {
+        fn blocks<T: GgmlType>(x: &[f32], k: usize) -> Vec<T> {
+            let mut q = vec![T::zeros(); x.len() / T::BLCK_SIZE];
+            for (q, xr) in q
+                .chunks_mut((k / T::BLCK_SIZE).max(1))
+                .zip(x.chunks(k.max(1)))
+            {
+                T::from_float(xr, q);
+            }
+            q
+        }
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q4kAvx512 => Prepared::Q4kAvx512(
+                x.chunks(k.max(1))
+                    .map(q4k_avx512::PreparedQ8K::new)
+                    .collect(),
+            ),
+            Kernel::Q4K => Prepared::Q8K(blocks(x, k)),
+            Kernel::Q4_0 | Kernel::Q8_0 => Prepared::Q8_0(blocks(x, k)),
+        }
+    }
+}
+
+/// A product of a batch with its quantized input, ready to be computed a band of features at
+/// a time.
+struct Job<'a> {
+    matrix: &'a QuantizedMatrix,
+    rows: usize,
+    /// Index into the batch's prepared inputs (products of one input share them).
+    input: usize,
+    /// Features taken together (1 or 4) and features per parallel task.
+    together: usize,
+    band: usize,
+}
+
+impl Job<'_> {
+    /// Features `first..` (as many as `out` holds, `rows` outputs each, by feature).
+    fn run(&self, input: &Prepared, first: usize, out: &mut [f32]) {
+        let (rows, n) = (self.rows, self.matrix.rows);
+        for (g, out) in out.chunks_mut(self.together * rows).enumerate() {
+            let f = first + g * self.together;
+            for r in 0..rows {
+                if self.together == 4 && f + 4 <= n {
+                    for (i, v) in self.four(input, f, r).into_iter().enumerate() {
+                        out[i * rows + r] = v;
+                    }
+                } else {
+                    for i in 0..(n - f).min(self.together) {
+                        out[i * rows + r] = self.one(input, f + i, r);
                     }
                 }
-            });
-        transpose(&by_feature, n, rows)
+            }
+        }
     }
+
+    /// Weight rows `f..f + 4` times input row `r`.
+    fn four(&self, input: &Prepared, f: usize, r: usize) -> [f32; 4] {
+        let m = self.matrix;
+        match input {
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Q4kAvx512(x) => {
+                let row = |f| self.q4k_row(f);
+                // SAFETY: the CPU has the kernel's features (the kernel was chosen for it) and
+                // the input has a row's blocks.
+                unsafe { q4k_avx512::dot([row(f), row(f + 1), row(f + 2), row(f + 3)], &x[r]) }
+            }
+            Prepared::Q8K(x) => four_typed::<BlockQ4K>(m, x, f, r),
+            Prepared::Q8_0(x) if m.ggml == GgmlDType::Q4_0 => four_typed::<BlockQ4_0>(m, x, f, r),
+            Prepared::Q8_0(x) => four_typed::<BlockQ8_0>(m, x, f, r),
+        }
+    }
+
+    /// Weight row `f` times input row `r`.
+    fn one(&self, input: &Prepared, f: usize, r: usize) -> f32 {
+        let m = self.matrix;
+        match input {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `four`.
+            Prepared::Q4kAvx512(x) => unsafe { q4k_avx512::dot([self.q4k_row(f)], &x[r])[0] },
+            Prepared::Q8K(x) => one_typed::<BlockQ4K>(m, x, f, r),
+            Prepared::Q8_0(x) if m.ggml == GgmlDType::Q4_0 => one_typed::<BlockQ4_0>(m, x, f, r),
+            Prepared::Q8_0(x) => one_typed::<BlockQ8_0>(m, x, f, r),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn q4k_row(&self, f: usize) -> &[q4k_avx512::Q4KBlock] {
+        let per_row = self.matrix.cols / BlockQ4K::BLCK_SIZE;
+        &q4k_avx512::blocks(self.matrix.bytes())[f * per_row..(f + 1) * per_row]
+    }
+}
+
+/// Weight row `f` and input row `r` of a matrix of `T` blocks and its quantized input.
+fn row_and_input<'a, T: GgmlType>(
+    m: &'a QuantizedMatrix,
+    xq: &'a [T::VecDotType],
+    f: usize,
+    r: usize,
+) -> (&'a [T], &'a [T::VecDotType]) {
+    let per_row = m.cols / T::BLCK_SIZE;
+    let dot_per_row = m.cols / T::VecDotType::BLCK_SIZE;
+    (
+        &m.typed::<T>()[f * per_row..(f + 1) * per_row],
+        &xq[r * dot_per_row..(r + 1) * dot_per_row],
+    )
+}
+
+/// Candle's dot products of weight rows `f..f + 4` with input row `r`.
+fn four_typed<T: GgmlType>(
+    m: &QuantizedMatrix,
+    xq: &[T::VecDotType],
+    f: usize,
+    r: usize,
+) -> [f32; 4] {
+    let row = |f: usize| row_and_input::<T>(m, xq, f, r).0;
+    let input = row_and_input::<T>(m, xq, f, r).1;
+    let (a, b, c, d) = T::vec_dot_4(m.cols, row(f), row(f + 1), row(f + 2), row(f + 3), input);
+    [a, b, c, d]
+}
+
+/// Candle's dot product of weight row `f` with input row `r`.
+fn one_typed<T: GgmlType>(m: &QuantizedMatrix, xq: &[T::VecDotType], f: usize, r: usize) -> f32 {
+    let (row, input) = row_and_input::<T>(m, xq, f, r);
+    T::vec_dot(m.cols, row, input)
+}
+
+/// Several few-rows products in one parallel pass (decoding's projections that share an
+/// input, a mixture's chosen experts): each result is exactly what
+/// [`QuantizedMatrix::rows_matmul`] gives for its product alone; the batch only saves the
+/// synchronizations of separate passes and quantizes an input shared by products once.
+/// Returns, per product, `rows x matrix.rows` f32, row-major.
+///
+/// - Weights of 4-bit k-quants on CPUs with AVX-512 BW and VNNI use [`q4k_avx512`]'s kernel.
+///   Long rows (the 7B size's down projection) go four at a time, each input block loaded
+///   once for the four (one at a time they read ~15 GB/s on 2 cores, four ~20); short rows
+///   one at a time, a single stream through memory (four streams of a few KB each ran at half
+///   speed: the prefetcher has no time to follow them).
+/// - Otherwise candle's dot products run four weight rows side by side.
+pub fn rows_matmul_batch(products: &[RowsProduct]) -> Result<Vec<Vec<f32>>> {
+    use rayon::prelude::*;
+
+    // Products of one input (same rows, same width, same kernel input) share its quantization.
+    let mut inputs: Vec<(Prepared, (usize, usize, usize), Kernel)> = Vec::new();
+    let mut jobs = Vec::with_capacity(products.len());
+    for p in products {
+        let m = p.matrix;
+        if p.x.len() != p.rows * m.cols {
+            candle_core::bail!("{} inputs for {} rows of {}", p.x.len(), p.rows, m.cols);
+        }
+        let kernel = Kernel::of(m);
+        let key = (p.x.as_ptr() as usize, p.x.len(), m.cols);
+        let input = match inputs
+            .iter()
+            .position(|(_, k, kind)| *k == key && kind.same_input(kernel))
+        {
+            Some(i) => i,
+            None => {
+                inputs.push((Prepared::new(kernel, p.x, m.cols), key, kernel));
+                inputs.len() - 1
+            }
+        };
+        let (together, band) = match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q4kAvx512 if m.cols / BlockQ4K::BLCK_SIZE >= 32 => (4, 32),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q4kAvx512 => (1, 32),
+            _ => (4, 64),
+        };
+        jobs.push(Job {
+            matrix: m,
+            rows: p.rows,
+            input,
+            together,
+            band,
+        });
+    }
+    let mut by_feature: Vec<Vec<f32>> = jobs
+        .iter()
+        .map(|j| vec![0f32; j.matrix.rows * j.rows])
+        .collect();
+    let mut tasks = Vec::new();
+    for (j, (job, out)) in jobs.iter().zip(by_feature.iter_mut()).enumerate() {
+        for (t, band) in out.chunks_mut((job.band * job.rows).max(1)).enumerate() {
+            tasks.push((j, t * job.band, band));
+        }
+    }
+    tasks.into_par_iter().for_each(|(j, first, out)| {
+        let job = &jobs[j];
+        job.run(&inputs[job.input].0, first, out);
+    });
+    Ok(by_feature
+        .iter()
+        .zip(&jobs)
+        .map(|(f, j)| transpose(f, j.matrix.rows, j.rows))
+        .collect())
 }
 
 /// Outputs gathered per feature (`n` chunks of `rows`) as `rows x n`, row-major.
@@ -268,6 +422,131 @@ fn transpose(by_feature: &[f32], n: usize, rows: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch of products (q4k short and long rows, q4_0, q8_0; some sharing an input, one
+    /// of them with a partial last group) gives candle's dot products for each, and bit for
+    /// bit what each product gives alone.
+    #[test]
+    fn batch_equals_each_products_own_result() {
+        let mut state = 11u64;
+        let mut random = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        let mut matrix = |n: usize, k: usize, ggml: GgmlDType| {
+            let values = random(n * k);
+            let bytes: Vec<u8> = match ggml {
+                GgmlDType::Q4K => quantize_bytes::<BlockQ4K>(&values),
+                GgmlDType::Q4_0 => quantize_bytes::<BlockQ4_0>(&values),
+                _ => quantize_bytes::<BlockQ8_0>(&values),
+            };
+            QuantizedMatrix::owned(&bytes, n, k, ggml).unwrap()
+        };
+        let short = matrix(70, 512, GgmlDType::Q4K);
+        let long = matrix(9, 8192, GgmlDType::Q4K);
+        let q4_0 = matrix(33, 512, GgmlDType::Q4_0);
+        let q8_0 = matrix(20, 512, GgmlDType::Q8_0);
+        let x512 = random(2 * 512);
+        let other512 = random(2 * 512);
+        let x8192 = random(2 * 8192);
+        let products = [
+            RowsProduct {
+                matrix: &short,
+                x: &x512,
+                rows: 2,
+            },
+            RowsProduct {
+                matrix: &q4_0,
+                x: &x512,
+                rows: 2,
+            },
+            RowsProduct {
+                matrix: &long,
+                x: &x8192,
+                rows: 2,
+            },
+            RowsProduct {
+                matrix: &short,
+                x: &other512,
+                rows: 2,
+            },
+            RowsProduct {
+                matrix: &q8_0,
+                x: &x512,
+                rows: 2,
+            },
+            RowsProduct {
+                matrix: &q8_0,
+                x: &x512[..512],
+                rows: 1,
+            },
+        ];
+        let batch = rows_matmul_batch(&products).unwrap();
+        for (i, (p, got)) in products.iter().zip(&batch).enumerate() {
+            let reference = match p.matrix.ggml {
+                GgmlDType::Q4K => candle_dots::<BlockQ4K>(p),
+                GgmlDType::Q4_0 => candle_dots::<BlockQ4_0>(p),
+                _ => candle_dots::<BlockQ8_0>(p),
+            };
+            assert_eq!(got.len(), reference.len(), "product {i}");
+            for (j, (a, b)) in got.iter().zip(&reference).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "product {i}, output {j}: {a} vs candle's {b}"
+                );
+            }
+            // And exactly what the product gives alone.
+            let alone = p.matrix.rows_matmul(p.x, p.rows).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&alone)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "product {i} differs from its own rows_matmul"
+            );
+        }
+        // A wrong input length is an error, not a panic.
+        let wrong = [RowsProduct {
+            matrix: &short,
+            x: &x512[..100],
+            rows: 1,
+        }];
+        assert!(rows_matmul_batch(&wrong).is_err());
+    }
+
+    /// Candle's reference dot products (ggml's unoptimized ones) for a product, `rows x n`.
+    fn candle_dots<T: GgmlType>(p: &RowsProduct) -> Vec<f32> {
+        let (n, k) = (p.matrix.rows, p.matrix.cols);
+        let w = p.matrix.typed::<T>();
+        let per_row = k / T::BLCK_SIZE;
+        let mut out = Vec::new();
+        for xr in p.x.chunks(k) {
+            let mut xq = vec![T::VecDotType::zeros(); k / T::VecDotType::BLCK_SIZE];
+            T::VecDotType::from_float(xr, &mut xq);
+            for f in 0..n {
+                out.push(T::vec_dot_unopt(k, &w[f * per_row..(f + 1) * per_row], &xq));
+            }
+        }
+        out
+    }
+
+    fn quantize_bytes<T: GgmlType>(values: &[f32]) -> Vec<u8> {
+        let mut blocks = vec![T::zeros(); values.len() / T::BLCK_SIZE];
+        T::from_float(values, &mut blocks);
+        // SAFETY: ggml block types are `repr(C)` plain data.
+        unsafe {
+            std::slice::from_raw_parts(
+                blocks.as_ptr().cast::<u8>(),
+                std::mem::size_of_val(&blocks[..]),
+            )
+        }
+        .to_vec()
+    }
 
     /// `rows_matmul` on q4k weights (this CPU's kernel: AVX-512 where it has it, with rows
     /// taken four at a time when they are long, and candle's otherwise) equals candle's q4k x

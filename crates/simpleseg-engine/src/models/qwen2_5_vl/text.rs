@@ -9,8 +9,8 @@ use super::config::Config;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::nn::{
-    apply_rotary, attention, causal_mask, repeat_kv, single_query_attention, Embedding, Linear,
-    Mode, RmsNorm,
+    apply_rotary, attention, causal_mask, forward_each, repeat_kv, single_query_attention,
+    Embedding, Linear, Mode, RmsNorm,
 };
 
 #[derive(Clone, Debug)]
@@ -43,15 +43,14 @@ impl TextAttention {
     /// Queries, keys and values `(batch, heads, seq, head_dim)` of `x` `(batch, seq, hidden)`.
     fn project(&self, x: &Tensor) -> CResult<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
-        let split = |proj: &Linear, heads: usize| -> CResult<Tensor> {
-            proj.forward(x)?
-                .reshape((b, s, heads, self.head_dim))?
-                .transpose(1, 2)
+        let [q, k, v] = forward_each([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let split = |y: Tensor, heads: usize| -> CResult<Tensor> {
+            y.reshape((b, s, heads, self.head_dim))?.transpose(1, 2)
         };
         Ok((
-            split(&self.q_proj, self.num_heads)?,
-            split(&self.k_proj, self.num_kv_heads)?,
-            split(&self.v_proj, self.num_kv_heads)?,
+            split(q, self.num_heads)?,
+            split(k, self.num_kv_heads)?,
+            split(v, self.num_kv_heads)?,
         ))
     }
 
@@ -107,8 +106,8 @@ impl TextAttention {
 
 impl TextMlp {
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let [gate, up] = forward_each([&self.gate_proj, &self.up_proj], x)?;
+        self.down_proj.forward(&(gate.silu()? * up)?)
     }
 }
 
