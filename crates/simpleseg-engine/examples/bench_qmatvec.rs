@@ -1,18 +1,17 @@
-//! Decoding's matrix-vector products at the 7B size, one input row against a q4k weight:
-//! simpleseg's kernel (what `QuantizedMatrix::rows_matmul` runs on this CPU) beside candle's
-//! q4k x q8k dot product on the same blocks, and the memory bandwidth that bounds both.
+//! Decoding's matrix-vector products, one input row against a quantized weight: simpleseg's
+//! kernel (what `QuantizedMatrix::rows_matmul` runs on this CPU) beside candle's dot product
+//! on the same blocks, and the memory bandwidth that bounds both.
 //!
 //!     RAYON_NUM_THREADS=2 cargo run --release -p simpleseg-engine --example bench_qmatvec
 //!
-//! Shapes are Qwen2.5-VL-7B's MLP (`3584 -> 18944` gate/up, `18944 -> 3584` down); random
-//! weights, [`COPIES`] matrices of each shape multiplied in turn (as layers are) so that the
-//! weights come from memory, not the cache. Prints one JSON line per shape with the median of
-//! 20 runs of each.
+//! Shapes are Qwen2.5-VL-7B's MLP in q4k (`3584 -> 18944` gate/up, `18944 -> 3584` down) and
+//! Kimi-VL's expert down projection in q4_0 (`1408 -> 2048`); random weights, enough
+//! matrices of each shape multiplied in turn (as layers are) that the weights come from
+//! memory, not the cache. Prints one JSON line per shape with the median of 20 runs of each.
 
 use std::time::Instant;
 
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8K, GgmlType};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, GgmlType};
 use candle_core::Module;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -54,93 +53,114 @@ fn read_bandwidth(bytes: &[u64]) -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let threads = rayon::current_num_threads();
     let big = vec![1u64; 512 << 20 >> 3];
     let bandwidth = (big.len() * 8) as f64 / read_bandwidth(&big) / 1e9;
     drop(big);
-    for (out_dim, in_dim) in [(18944, 3584), (3584, 18944)] {
-        let values: Vec<f32> = (0..out_dim * in_dim)
-            .map(|_| rng.random_range(-1.0f32..1.0))
-            .collect();
-        let mut blocks = vec![BlockQ4K::zeros(); out_dim * in_dim / BlockQ4K::BLCK_SIZE];
-        BlockQ4K::from_float(&values, &mut blocks);
-        drop(values);
-        // SAFETY: `BlockQ4K` is `repr(C)` plain data (ggml's layout).
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                blocks.as_ptr().cast::<u8>(),
-                std::mem::size_of_val(&blocks[..]),
-            )
-        };
-        let matrices = (0..COPIES)
-            .map(|_| QuantizedMatrix::owned(bytes, out_dim, in_dim, GgmlDType::Q4K))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let copies: Vec<Vec<BlockQ4K>> = (0..COPIES).map(|_| blocks.clone()).collect();
-        let x: Vec<f32> = (0..in_dim)
-            .map(|_| rng.random_range(-1.0f32..1.0))
-            .collect();
+    // Qwen2.5-VL-7B's MLP in q4k; Kimi-VL's expert down projection in q4_0 (1408-wide rows are
+    // not whole q4k blocks), as many experts as make ~80 MB.
+    shape::<BlockQ4K>(&mut rng, 18944, 3584, COPIES, bandwidth)?;
+    shape::<BlockQ4K>(&mut rng, 3584, 18944, COPIES, bandwidth)?;
+    shape::<BlockQ4_0>(&mut rng, 2048, 1408, 48, bandwidth)?;
+    Ok(())
+}
 
-        let ours = time(|| {
-            for matrix in &matrices {
-                std::hint::black_box(matrix.rows_matmul(&x, 1).expect("multiplies"));
-            }
-        }) / COPIES as f64;
-        let per_row = in_dim / BlockQ4K::BLCK_SIZE;
-        let candle = time(|| {
-            for blocks in &copies {
-                let mut xq = vec![BlockQ8K::zeros(); per_row];
-                BlockQ8K::from_float(&x, &mut xq);
-                let y: Vec<f32> = blocks
-                    .par_chunks(per_row)
-                    .with_min_len(32)
-                    .map(|row| BlockQ4K::vec_dot(in_dim, row, &xq))
-                    .collect();
-                std::hint::black_box(y);
-            }
-        }) / COPIES as f64;
-        // The same weights in BF16 (dequantized), through a linear layer's few-rows path.
-        let dense = candle_core::Tensor::from_vec(
-            matrices[0].dequantize(),
-            (out_dim, in_dim),
-            &candle_core::Device::Cpu,
-        )?
+/// Times `copies` random `out_dim x in_dim` matrices of `T` blocks; prints one JSON line.
+fn shape<T: GgmlType + Clone + Send + Sync>(
+    rng: &mut rand::rngs::StdRng,
+    out_dim: usize,
+    in_dim: usize,
+    copies: usize,
+    bandwidth: f64,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    T::VecDotType: Send + Sync,
+{
+    let threads = rayon::current_num_threads();
+    let values: Vec<f32> = (0..out_dim * in_dim)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let mut blocks = vec![T::zeros(); out_dim * in_dim / T::BLCK_SIZE];
+    T::from_float(&values, &mut blocks);
+    drop(values);
+    // SAFETY: ggml block types are `repr(C)` plain data (ggml's layout).
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            blocks.as_ptr().cast::<u8>(),
+            std::mem::size_of_val(&blocks[..]),
+        )
+    };
+    let matrices = (0..copies)
+        .map(|_| QuantizedMatrix::owned(bytes, out_dim, in_dim, T::DTYPE))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let copied: Vec<Vec<T>> = (0..copies).map(|_| blocks.clone()).collect();
+    let x: Vec<f32> = (0..in_dim)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+
+    let ours = time(|| {
+        for matrix in &matrices {
+            std::hint::black_box(matrix.rows_matmul(&x, 1).expect("multiplies"));
+        }
+    }) / copies as f64;
+    let per_row = in_dim / T::BLCK_SIZE;
+    let quantized_input = || {
+        let mut xq = vec![T::VecDotType::zeros(); in_dim / T::VecDotType::BLCK_SIZE];
+        T::VecDotType::from_float(&x, &mut xq);
+        xq
+    };
+    let candle = time(|| {
+        for blocks in &copied {
+            let xq = quantized_input();
+            let y: Vec<f32> = blocks
+                .par_chunks(per_row)
+                .with_min_len(32)
+                .map(|row| T::vec_dot(in_dim, row, &xq))
+                .collect();
+            std::hint::black_box(y);
+        }
+    }) / copies as f64;
+    // The same weights in BF16 (dequantized), through a linear layer's few-rows path.
+    let dense = candle_core::Tensor::from_vec(
+        matrices[0].dequantize(),
+        (out_dim, in_dim),
+        &candle_core::Device::Cpu,
+    )?
+    .to_dtype(candle_core::DType::BF16)?;
+    let layers: Vec<Linear> = (0..copies)
+        .map(|_| Ok(Linear::new(dense.copy()?, None)))
+        .collect::<candle_core::Result<_>>()?;
+    let x_bf16 = candle_core::Tensor::from_slice(&x, (1, in_dim), &candle_core::Device::Cpu)?
         .to_dtype(candle_core::DType::BF16)?;
-        let layers: Vec<Linear> = (0..COPIES)
-            .map(|_| Ok(Linear::new(dense.copy()?, None)))
-            .collect::<candle_core::Result<_>>()?;
-        let x_bf16 = candle_core::Tensor::from_slice(&x, (1, in_dim), &candle_core::Device::Cpu)?
-            .to_dtype(candle_core::DType::BF16)?;
-        let bf16 = time(|| {
-            for layer in &layers {
-                std::hint::black_box(layer.forward(&x_bf16).expect("multiplies"));
-            }
-        }) / COPIES as f64;
-        let a = matrices[0].rows_matmul(&x, 1)?;
-        let mut xq = vec![BlockQ8K::zeros(); per_row];
-        BlockQ8K::from_float(&x, &mut xq);
-        let max_diff = blocks
-            .chunks(per_row)
-            .zip(&a)
-            .map(|(row, v)| (BlockQ4K::vec_dot(in_dim, row, &xq) - v).abs())
-            .fold(0f32, f32::max);
-        let gb = bytes.len() as f64 / 1e9;
-        println!(
-            "{}",
-            serde_json::json!({
-                "shape": [out_dim, in_dim],
-                "threads": threads,
-                "weight_mb": bytes.len() as f64 / 1e6,
-                "simpleseg_ms": ours * 1e3,
-                "candle_ms": candle * 1e3,
-                "speedup": candle / ours,
-                "simpleseg_gb_per_s": gb / ours,
-                "candle_gb_per_s": gb / candle,
-                "read_bandwidth_gb_per_s": bandwidth,
-                "max_abs_diff": max_diff,
-                "bf16_ms": bf16 * 1e3,
-                "bf16_gb_per_s": (out_dim * in_dim * 2) as f64 / 1e9 / bf16,
-            })
-        );
-    }
+    let bf16 = time(|| {
+        for layer in &layers {
+            std::hint::black_box(layer.forward(&x_bf16).expect("multiplies"));
+        }
+    }) / copies as f64;
+    let a = matrices[0].rows_matmul(&x, 1)?;
+    let xq = quantized_input();
+    let max_diff = blocks
+        .chunks(per_row)
+        .zip(&a)
+        .map(|(row, v)| (T::vec_dot(in_dim, row, &xq) - v).abs())
+        .fold(0f32, f32::max);
+    let gb = bytes.len() as f64 / 1e9;
+    println!(
+        "{}",
+        serde_json::json!({
+            "shape": [out_dim, in_dim],
+            "type": format!("{:?}", T::DTYPE),
+            "threads": threads,
+            "weight_mb": bytes.len() as f64 / 1e6,
+            "simpleseg_ms": ours * 1e3,
+            "candle_ms": candle * 1e3,
+            "speedup": candle / ours,
+            "simpleseg_gb_per_s": gb / ours,
+            "candle_gb_per_s": gb / candle,
+            "read_bandwidth_gb_per_s": bandwidth,
+            "max_abs_diff": max_diff,
+            "bf16_ms": bf16 * 1e3,
+            "bf16_gb_per_s": (out_dim * in_dim * 2) as f64 / 1e9 / bf16,
+        })
+    );
     Ok(())
 }

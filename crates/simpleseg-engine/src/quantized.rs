@@ -6,8 +6,9 @@
 //! - Few rows (decoding): each output is one `vec_dot` of the row's blocks with the input
 //!   quantized to the type's dot-product blocks (q8k or q8_0), four outputs at a time so that
 //!   four weight rows stream side by side; the result for a row never depends on the others.
-//!   On CPUs with AVX-512 BW and VNNI, q4k rows use [`q4k_avx512`]'s kernel instead. Several
-//!   products can run as one parallel pass ([`rows_matmul_batch`]).
+//!   On CPUs with AVX-512 BW and VNNI, q4k and q4_0 rows use [`q4k_avx512`]'s and
+//!   [`q4_0_avx512`]'s kernels instead. Several products can run as one parallel pass
+//!   ([`rows_matmul_batch`]).
 //! - Many rows (a prefill): a band of weight rows is dequantized and multiplied as a BF16 or
 //!   f32 weight would be (see [`crate::nn`]).
 
@@ -18,6 +19,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Result;
 use memmap2::Mmap;
 
+#[cfg(target_arch = "x86_64")]
+mod q4_0_avx512;
 #[cfg(target_arch = "x86_64")]
 mod q4k_avx512;
 
@@ -175,6 +178,9 @@ enum Kernel {
     Q4kAvx512,
     /// Candle's, against a q8k input.
     Q4K,
+    /// [`q4_0_avx512`]'s, against a q8_0 input in pairs of blocks.
+    #[cfg(target_arch = "x86_64")]
+    Q4_0Avx512,
     /// Candle's, against a q8_0 input.
     Q4_0,
     Q8_0,
@@ -186,6 +192,8 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             GgmlDType::Q4K if q4k_avx512::available() => Kernel::Q4kAvx512,
             GgmlDType::Q4K => Kernel::Q4K,
+            #[cfg(target_arch = "x86_64")]
+            GgmlDType::Q4_0 if q4k_avx512::available() => Kernel::Q4_0Avx512,
             GgmlDType::Q4_0 => Kernel::Q4_0,
             _ => Kernel::Q8_0,
         }
@@ -205,6 +213,8 @@ impl Kernel {
 enum Prepared {
     #[cfg(target_arch = "x86_64")]
     Q4kAvx512(Vec<q4k_avx512::PreparedQ8K>),
+    #[cfg(target_arch = "x86_64")]
+    Q4_0Avx512(Vec<q4_0_avx512::PreparedQ8_0>),
     Q8K(Vec<BlockQ8K>),
     Q8_0(Vec<BlockQ8_0>),
 }
@@ -229,6 +239,12 @@ impl Prepared {
                     .collect(),
             ),
             Kernel::Q4K => Prepared::Q8K(blocks(x, k)),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q4_0Avx512 => Prepared::Q4_0Avx512(
+                x.chunks(k.max(1))
+                    .map(q4_0_avx512::PreparedQ8_0::new)
+                    .collect(),
+            ),
             Kernel::Q4_0 | Kernel::Q8_0 => Prepared::Q8_0(blocks(x, k)),
         }
     }
@@ -277,6 +293,9 @@ impl Job<'_> {
                 // the input has a row's blocks.
                 unsafe { q4k_avx512::dot([row(f), row(f + 1), row(f + 2), row(f + 3)], &x[r]) }
             }
+            // (Taken one at a time; see `rows_matmul_batch`.)
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Q4_0Avx512(_) => std::array::from_fn(|i| self.one(input, f + i, r)),
             Prepared::Q8K(x) => four_typed::<BlockQ4K>(m, x, f, r),
             Prepared::Q8_0(x) if m.ggml == GgmlDType::Q4_0 => four_typed::<BlockQ4_0>(m, x, f, r),
             Prepared::Q8_0(x) => four_typed::<BlockQ8_0>(m, x, f, r),
@@ -290,10 +309,19 @@ impl Job<'_> {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `four`.
             Prepared::Q4kAvx512(x) => unsafe { q4k_avx512::dot([self.q4k_row(f)], &x[r])[0] },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `four`.
+            Prepared::Q4_0Avx512(x) => unsafe { q4_0_avx512::dot(self.q4_0_row(f), &x[r]) },
             Prepared::Q8K(x) => one_typed::<BlockQ4K>(m, x, f, r),
             Prepared::Q8_0(x) if m.ggml == GgmlDType::Q4_0 => one_typed::<BlockQ4_0>(m, x, f, r),
             Prepared::Q8_0(x) => one_typed::<BlockQ8_0>(m, x, f, r),
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn q4_0_row(&self, f: usize) -> &[q4_0_avx512::Q4_0Block] {
+        let per_row = self.matrix.cols / BlockQ4_0::BLCK_SIZE;
+        &q4_0_avx512::blocks(self.matrix.bytes())[f * per_row..(f + 1) * per_row]
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -343,11 +371,11 @@ fn one_typed<T: GgmlType>(m: &QuantizedMatrix, xq: &[T::VecDotType], f: usize, r
 /// synchronizations of separate passes and quantizes an input shared by products once.
 /// Returns, per product, `rows x matrix.rows` f32, row-major.
 ///
-/// - Weights of 4-bit k-quants on CPUs with AVX-512 BW and VNNI use [`q4k_avx512`]'s kernel.
-///   Long rows (the 7B size's down projection) go four at a time, each input block loaded
-///   once for the four (one at a time they read ~15 GB/s on 2 cores, four ~20); short rows
-///   one at a time, a single stream through memory (four streams of a few KB each ran at half
-///   speed: the prefetcher has no time to follow them).
+/// - On CPUs with AVX-512 BW and VNNI, q4k weights use [`q4k_avx512`]'s kernel and q4_0
+///   weights [`q4_0_avx512`]'s. Long q4k rows (the 7B size's down projection) go four at a
+///   time, each input block loaded once for the four (one at a time they read ~15 GB/s on 2
+///   cores, four ~20); short rows one at a time, a single stream through memory (four streams
+///   of a few KB each ran at half speed or less: the prefetcher has no time to follow them).
 /// - Otherwise candle's dot products run four weight rows side by side.
 pub fn rows_matmul_batch(products: &[RowsProduct]) -> Result<Vec<Vec<f32>>> {
     use rayon::prelude::*;
@@ -377,6 +405,8 @@ pub fn rows_matmul_batch(products: &[RowsProduct]) -> Result<Vec<Vec<f32>>> {
             Kernel::Q4kAvx512 if m.cols / BlockQ4K::BLCK_SIZE >= 32 => (4, 32),
             #[cfg(target_arch = "x86_64")]
             Kernel::Q4kAvx512 => (1, 32),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q4_0Avx512 => (1, 32),
             _ => (4, 64),
         };
         jobs.push(Job {
