@@ -187,13 +187,16 @@ enum Kernel {
 }
 
 impl Kernel {
-    fn of(matrix: &QuantizedMatrix) -> Kernel {
+    /// The kernel for `matrix`: this CPU's own where `own` and it has one, else candle's.
+    fn of(matrix: &QuantizedMatrix, own: bool) -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = own && q4k_avx512::available();
         match matrix.ggml {
             #[cfg(target_arch = "x86_64")]
-            GgmlDType::Q4K if q4k_avx512::available() => Kernel::Q4kAvx512,
+            GgmlDType::Q4K if avx512 => Kernel::Q4kAvx512,
             GgmlDType::Q4K => Kernel::Q4K,
             #[cfg(target_arch = "x86_64")]
-            GgmlDType::Q4_0 if q4k_avx512::available() => Kernel::Q4_0Avx512,
+            GgmlDType::Q4_0 if avx512 => Kernel::Q4_0Avx512,
             GgmlDType::Q4_0 => Kernel::Q4_0,
             _ => Kernel::Q8_0,
         }
@@ -378,6 +381,11 @@ fn one_typed<T: GgmlType>(m: &QuantizedMatrix, xq: &[T::VecDotType], f: usize, r
 ///   of a few KB each ran at half speed or less: the prefetcher has no time to follow them).
 /// - Otherwise candle's dot products run four weight rows side by side.
 pub fn rows_matmul_batch(products: &[RowsProduct]) -> Result<Vec<Vec<f32>>> {
+    batch(products, true)
+}
+
+/// [`rows_matmul_batch`], with candle's kernels only unless `own_kernels`.
+fn batch(products: &[RowsProduct], own_kernels: bool) -> Result<Vec<Vec<f32>>> {
     use rayon::prelude::*;
 
     // Products of one input (same rows, same width, same kernel input) share its quantization.
@@ -388,7 +396,7 @@ pub fn rows_matmul_batch(products: &[RowsProduct]) -> Result<Vec<Vec<f32>>> {
         if p.x.len() != p.rows * m.cols {
             candle_core::bail!("{} inputs for {} rows of {}", p.x.len(), p.rows, m.cols);
         }
-        let kernel = Kernel::of(m);
+        let kernel = Kernel::of(m, own_kernels);
         let key = (p.x.as_ptr() as usize, p.x.len(), m.cols);
         let input = match inputs
             .iter()
@@ -455,7 +463,7 @@ mod tests {
 
     /// A batch of products (q4k short and long rows, q4_0, q8_0; some sharing an input, one
     /// of them with a partial last group) gives candle's dot products for each, and bit for
-    /// bit what each product gives alone.
+    /// bit what each product gives alone; with this CPU's kernels and with candle's.
     #[test]
     fn batch_equals_each_products_own_result() {
         let mut state = 11u64;
@@ -517,28 +525,31 @@ mod tests {
                 rows: 1,
             },
         ];
-        let batch = rows_matmul_batch(&products).unwrap();
-        for (i, (p, got)) in products.iter().zip(&batch).enumerate() {
-            let reference = match p.matrix.ggml {
-                GgmlDType::Q4K => candle_dots::<BlockQ4K>(p),
-                GgmlDType::Q4_0 => candle_dots::<BlockQ4_0>(p),
-                _ => candle_dots::<BlockQ8_0>(p),
-            };
-            assert_eq!(got.len(), reference.len(), "product {i}");
-            for (j, (a, b)) in got.iter().zip(&reference).enumerate() {
+        // This CPU's kernels, then candle's (what CPUs without AVX-512 VNNI run).
+        for own in [true, false] {
+            let outputs = batch(&products, own).unwrap();
+            for (i, (p, got)) in products.iter().zip(&outputs).enumerate() {
+                let reference = match p.matrix.ggml {
+                    GgmlDType::Q4K => candle_dots::<BlockQ4K>(p),
+                    GgmlDType::Q4_0 => candle_dots::<BlockQ4_0>(p),
+                    _ => candle_dots::<BlockQ8_0>(p),
+                };
+                assert_eq!(got.len(), reference.len(), "product {i}");
+                for (j, (a, b)) in got.iter().zip(&reference).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "product {i}, output {j}: {a} vs candle's {b}"
+                    );
+                }
+                // And exactly what the product gives alone.
+                let alone = batch(&products[i..i + 1], own).unwrap().remove(0);
                 assert!(
-                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "product {i}, output {j}: {a} vs candle's {b}"
+                    got.iter()
+                        .zip(&alone)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "product {i} differs from the product alone"
                 );
             }
-            // And exactly what the product gives alone.
-            let alone = p.matrix.rows_matmul(p.x, p.rows).unwrap();
-            assert!(
-                got.iter()
-                    .zip(&alone)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "product {i} differs from its own rows_matmul"
-            );
         }
         // A wrong input length is an error, not a panic.
         let wrong = [RowsProduct {
