@@ -115,16 +115,23 @@ impl QuantizedMatrix {
 
     /// The blocks as `T` (whose type the matrix has).
     fn typed<T: GgmlType>(&self) -> &[T] {
+        // SAFETY: candle's block types are `repr(C)` plain data (integers and f16 scales) laid
+        // out as ggml writes them, with an alignment of at most 8.
+        unsafe { self.blocks_as() }
+    }
+
+    /// The blocks as `B`.
+    ///
+    /// # Safety
+    /// `B` must be `repr(C)` plain data with the layout of the matrix's block type and an
+    /// alignment of at most 8: the bytes hold whole blocks (checked at construction) and start
+    /// 8-byte aligned.
+    unsafe fn blocks_as<B>(&self) -> &[B] {
         let bytes = self.bytes();
-        // SAFETY: the blocks are plain data (integers and f16 scales) laid out as ggml writes
-        // them, `bytes` holds whole blocks of T (checked at construction), and its start is
-        // 8-byte aligned, enough for every block type.
-        unsafe {
-            std::slice::from_raw_parts(
-                bytes.as_ptr() as *const T,
-                bytes.len() / std::mem::size_of::<T>(),
-            )
-        }
+        std::slice::from_raw_parts(
+            bytes.as_ptr().cast(),
+            bytes.len() / std::mem::size_of::<B>(),
+        )
     }
 
     /// Row `r` dequantized into `out` (`cols` values).
@@ -324,13 +331,17 @@ impl Job<'_> {
     #[cfg(target_arch = "x86_64")]
     fn q4_0_row(&self, f: usize) -> &[q4_0_avx512::Q4_0Block] {
         let per_row = self.matrix.cols / BlockQ4_0::BLCK_SIZE;
-        &q4_0_avx512::blocks(self.matrix.bytes())[f * per_row..(f + 1) * per_row]
+        // SAFETY: a q4_0 matrix's blocks (the kernel was chosen for its type).
+        let blocks = unsafe { self.matrix.blocks_as::<q4_0_avx512::Q4_0Block>() };
+        &blocks[f * per_row..(f + 1) * per_row]
     }
 
     #[cfg(target_arch = "x86_64")]
     fn q4k_row(&self, f: usize) -> &[q4k_avx512::Q4KBlock] {
         let per_row = self.matrix.cols / BlockQ4K::BLCK_SIZE;
-        &q4k_avx512::blocks(self.matrix.bytes())[f * per_row..(f + 1) * per_row]
+        // SAFETY: a q4k matrix's blocks (the kernel was chosen for its type).
+        let blocks = unsafe { self.matrix.blocks_as::<q4k_avx512::Q4KBlock>() };
+        &blocks[f * per_row..(f + 1) * per_row]
     }
 }
 
@@ -457,6 +468,27 @@ fn transpose(by_feature: &[f32], n: usize, rows: usize) -> Vec<f32> {
     y
 }
 
+/// Reproducible values for tests (a fixed LCG, so failures reproduce), with a spread of
+/// magnitudes.
+#[cfg(test)]
+struct TestValues(u64);
+
+#[cfg(test)]
+impl TestValues {
+    fn take(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let unit = (self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                unit * (1.0 + (i % 97) as f32 / 10.0)
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,17 +498,8 @@ mod tests {
     /// bit what each product gives alone; with this CPU's kernels and with candle's.
     #[test]
     fn batch_equals_each_products_own_result() {
-        let mut state = 11u64;
-        let mut random = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                })
-                .collect()
-        };
+        let mut values = TestValues(11);
+        let mut random = |n: usize| values.take(n);
         let mut matrix = |n: usize, k: usize, ggml: GgmlDType| {
             let values = random(n * k);
             let bytes: Vec<u8> = match ggml {
@@ -596,17 +619,8 @@ mod tests {
     fn q4k_rows_matmul_equals_candles_dot_products() {
         use candle_core::quantized::k_quants::BlockQ8K;
 
-        let mut state = 7u64;
-        let mut random = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                })
-                .collect()
-        };
+        let mut values = TestValues(7);
+        let mut random = |n: usize| values.take(n);
         // 512 inputs: rows one at a time; 8192: four at a time. 10 rows: a partial group.
         for (n, k) in [(10, 512), (10, 8192)] {
             let mut blocks = vec![BlockQ4K::zeros(); n * k / BlockQ4K::BLCK_SIZE];

@@ -137,14 +137,6 @@ pub(super) unsafe fn dot(w: &[Q4_0Block], x: &PreparedQ8_0) -> f32 {
     _mm512_reduce_add_ps(acc)
 }
 
-/// `bytes` (whole q4_0 blocks) as [`Q4_0Block`]s.
-pub(super) fn blocks(bytes: &[u8]) -> &[Q4_0Block] {
-    let n = bytes.len() / std::mem::size_of::<Q4_0Block>();
-    // SAFETY: `Q4_0Block` is plain integers with 2-byte alignment; the quantized matrix's
-    // bytes start 8-byte aligned and hold whole blocks.
-    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,31 +147,19 @@ mod tests {
             eprintln!("skipped: this CPU lacks AVX-512 BW/VNNI");
             return;
         }
-        let mut state = 5u64;
-        let mut values = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    let unit = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                    unit * (1.0 + (i % 37) as f32 / 10.0)
-                })
-                .collect()
-        };
+        let mut values = super::super::TestValues(5);
         // Even and odd block counts (1408 is Kimi-VL's expert width: 44 blocks).
         for k in [32, 64, 96, 1408, 1440] {
-            let w = values(4 * k);
-            let x = values(k);
+            let w = values.take(4 * k);
+            let x = values.take(k);
             let mut q4 = vec![BlockQ4_0::zeros(); 4 * k / QK];
             BlockQ4_0::from_float(&w, &mut q4);
             let mut q8 = vec![BlockQ8_0::zeros(); k / QK];
             BlockQ8_0::from_float(&x, &mut q8);
-            // SAFETY: `BlockQ4_0` is `repr(C)` plain data of `Q4_0Block`'s size.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(q4.as_ptr().cast::<u8>(), std::mem::size_of_val(&q4[..]))
-            };
-            let rows: Vec<&[Q4_0Block]> = blocks(bytes).chunks(k / QK).collect();
+            // SAFETY: `BlockQ4_0` is `repr(C)` plain data with `Q4_0Block`'s layout.
+            let all =
+                unsafe { std::slice::from_raw_parts(q4.as_ptr().cast::<Q4_0Block>(), q4.len()) };
+            let rows: Vec<&[Q4_0Block]> = all.chunks(k / QK).collect();
             let prepared = PreparedQ8_0::new(&x);
             // SAFETY: the CPU has the features (checked above); each row has k / 32 blocks.
             let got: Vec<f32> = rows.iter().map(|r| unsafe { dot(r, &prepared) }).collect();

@@ -208,31 +208,9 @@ pub(super) unsafe fn dot<const R: usize>(w: [&[Q4KBlock]; R], x: &PreparedQ8K) -
     out
 }
 
-/// `blocks` (whole q4k blocks) as [`Q4KBlock`]s.
-pub(super) fn blocks(bytes: &[u8]) -> &[Q4KBlock] {
-    let n = bytes.len() / std::mem::size_of::<Q4KBlock>();
-    // SAFETY: `Q4KBlock` is plain integers with 2-byte alignment; the quantized matrix's bytes
-    // start 8-byte aligned and hold whole blocks.
-    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Random-ish f32 values with a spread of magnitudes (a fixed LCG, so failures reproduce).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|i| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                unit * (1.0 + (i % 97) as f32 / 10.0)
-            })
-            .collect()
-    }
 
     #[test]
     fn dot_equals_candles_q4k_q8k_dot_product() {
@@ -241,19 +219,18 @@ mod tests {
             return;
         }
         for (k, seed) in [(256, 1), (3584, 2), (18944, 3)] {
-            let w = values(k, seed);
-            let x = values(k, seed + 100);
+            let w = super::super::TestValues(seed).take(k);
+            let x = super::super::TestValues(seed + 100).take(k);
             let mut q4 = vec![BlockQ4K::zeros(); k / QK_K];
             BlockQ4K::from_float(&w, &mut q4);
             let mut q8 = vec![BlockQ8K::zeros(); k / QK_K];
             BlockQ8K::from_float(&x, &mut q8);
             let reference = BlockQ4K::vec_dot_unopt(k, &q4, &q8);
-            // SAFETY: `BlockQ4K` is `repr(C)` plain data of `Q4KBlock`'s size.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(q4.as_ptr().cast::<u8>(), std::mem::size_of_val(&q4[..]))
-            };
+            // SAFETY: `BlockQ4K` is `repr(C)` plain data with `Q4KBlock`'s layout.
+            let row =
+                unsafe { std::slice::from_raw_parts(q4.as_ptr().cast::<Q4KBlock>(), q4.len()) };
             // SAFETY: the CPU has the features (checked above); one block per 256 values.
-            let [ours] = unsafe { dot([blocks(bytes)], &PreparedQ8K::new(&x)) };
+            let [ours] = unsafe { dot([row], &PreparedQ8K::new(&x)) };
             let scale: f32 = w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
             assert!(
                 (ours - reference).abs() <= 1e-5 * scale,
