@@ -9,8 +9,9 @@
 //! - Pixels come out as `PIL.Image.open(path).convert("RGB")` gives them, with transformers'
 //!   compositing of transparency onto white: JPEG files are decoded with libjpeg-turbo's
 //!   algorithms (through mozjpeg: islow IDCT, fancy upsampling, Pillow's settings), since other
-//!   decoders differ by several levels. EXIF orientation is not applied, as `Image.open` does
-//!   not apply it.
+//!   decoders differ by several levels. 16-bit PNGs keep their high byte (grey is clipped), as
+//!   Pillow converts them. EXIF orientation is not applied, as `Image.open` does not apply
+//!   it: every command, the server and its page work in the picture's stored orientation.
 //!
 //! PNG and JPEG are read; other formats are refused.
 
@@ -239,12 +240,63 @@ fn decode_jpeg(bytes: &[u8], source: &Path) -> Result<Option<RgbImage>> {
     }
 }
 
-/// transformers' `convert_to_rgb`: transparency is composited onto white.
+/// What an image's header says, read without decoding the pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderInfo {
+    pub width: u32,
+    pub height: u32,
+    /// Bytes a decoded pixel takes (3 for RGB, 8 for 16-bit RGBA, ...).
+    pub bytes_per_pixel: u8,
+}
+
+/// The size and pixel format an image held in memory announces, after checking its format
+/// and its size against the limits (as [`decode_image`] does first).
+pub fn header_info(bytes: &[u8], source: &Path) -> Result<HeaderInfo> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::Io {
+            path: source.to_path_buf(),
+            source: e,
+        })?;
+    check_format(reader.format(), source)?;
+    let decoder = reader
+        .into_decoder()
+        .map_err(|e| bad(source, format!("cannot read the image header: {e}")))?;
+    let (width, height) = image::ImageDecoder::dimensions(&decoder);
+    check_dimensions(width, height, source)?;
+    Ok(HeaderInfo {
+        width,
+        height,
+        bytes_per_pixel: image::ImageDecoder::color_type(&decoder).bytes_per_pixel(),
+    })
+}
+
+/// `Image.open(...)` then transformers' `convert_to_rgb`: transparency is composited onto
+/// white. 16-bit pictures come out as Pillow reads them: the high byte of each sample, except
+/// 16-bit grey (Pillow's mode I;16), which is clipped to 0..=255.
 pub fn to_rgb(image: &DynamicImage) -> RgbImage {
-    if image.color().has_alpha() {
-        composite_on_white(&image.to_rgba8())
-    } else {
-        image.to_rgb8()
+    let high = |v: u16| (v >> 8) as u8;
+    match image {
+        DynamicImage::ImageLuma16(grey) => RgbImage::from_fn(grey.width(), grey.height(), |x, y| {
+            let v = grey.get_pixel(x, y).0[0].min(255) as u8;
+            image::Rgb([v, v, v])
+        }),
+        DynamicImage::ImageLumaA16(grey) => {
+            composite_on_white(&RgbaImage::from_fn(grey.width(), grey.height(), |x, y| {
+                let [l, a] = grey.get_pixel(x, y).0;
+                image::Rgba([high(l), high(l), high(l), high(a)])
+            }))
+        }
+        DynamicImage::ImageRgb16(rgb) => RgbImage::from_fn(rgb.width(), rgb.height(), |x, y| {
+            image::Rgb(rgb.get_pixel(x, y).0.map(high))
+        }),
+        DynamicImage::ImageRgba16(rgba) => {
+            composite_on_white(&RgbaImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+                image::Rgba(rgba.get_pixel(x, y).0.map(high))
+            }))
+        }
+        other if other.color().has_alpha() => composite_on_white(&other.to_rgba8()),
+        other => other.to_rgb8(),
     }
 }
 
@@ -348,6 +400,25 @@ mod tests {
             }
         }
         !crc
+    }
+
+    /// The fixtures of `scripts/gen_image_fixtures.py`: Pillow's RGB of 16-bit PNGs and of a
+    /// JPEG with an EXIF orientation.
+    #[test]
+    fn pictures_decode_as_pillow_reads_them() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/images");
+        for name in ["grey16.png", "greyalpha16.png", "rgb16.png", "rgba16.png", "exif6.jpg"] {
+            let path = dir.join(name);
+            let ours = open_image(&path).unwrap();
+            let stem = name.split('.').next().unwrap();
+            let pillow = open_image(&dir.join(format!("{stem}.rgb.png"))).unwrap();
+            assert_eq!(ours.dimensions(), pillow.dimensions(), "{name}");
+            assert_eq!(ours.as_raw(), pillow.as_raw(), "{name}");
+            let info = header_info(&std::fs::read(&path).unwrap(), &path).unwrap();
+            assert_eq!((info.width, info.height), ours.dimensions());
+        }
+        // Stored 12 wide and 8 high; EXIF asks viewers to turn it upright (8 x 12).
+        assert_eq!(open_image(&dir.join("exif6.jpg")).unwrap().dimensions(), (12, 8));
     }
 
     #[test]

@@ -8,10 +8,11 @@
 //! Files are written atomically ([`Outputs`]): a temporary file beside the target, renamed
 //! over it once complete.
 
+pub use crate::outputs::{write_atomic, Outputs};
+
 use std::fs::File;
-use std::io::{BufWriter, Seek, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::io::{Seek, Write};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -224,90 +225,6 @@ impl Digest {
     }
 }
 
-/// Writes `path` completely or not at all (see [`Outputs`]).
-pub fn write_atomic(
-    path: &Path,
-    write: impl FnOnce(&mut BufWriter<File>) -> std::result::Result<(), String>,
-) -> Result<()> {
-    let mut outputs = Outputs::default();
-    outputs.add(path, write)?;
-    outputs.commit().map(|_| ())
-}
-
-/// Output files that appear together or not at all.
-///
-/// Each is written to a temporary file in its own folder (so a reader never sees half a
-/// file, and a process killed while writing leaves the old file, if any, untouched);
-/// [`Outputs::commit`] then renames them into place, after all were written. Temporary
-/// files of outputs never committed are removed.
-#[derive(Debug, Default)]
-pub struct Outputs {
-    /// `(temporary, final)` paths.
-    staged: Vec<(PathBuf, PathBuf)>,
-}
-
-impl Outputs {
-    /// Writes one output to a temporary file beside `path`. The temporary name keeps the
-    /// extension, so that writers choosing a format by extension still can.
-    pub fn add(
-        &mut self,
-        path: &Path,
-        write: impl FnOnce(&mut BufWriter<File>) -> std::result::Result<(), String>,
-    ) -> Result<()> {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let name = path.file_name().ok_or_else(|| Error::BadFile {
-            path: path.into(),
-            message: "is not a file name".into(),
-        })?;
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut tmp_name = format!(".{}.tmp{}-{n}", name.to_string_lossy(), std::process::id());
-        if let Some(ext) = path.extension() {
-            tmp_name.push('.');
-            tmp_name.push_str(&ext.to_string_lossy());
-        }
-        let tmp = path.with_file_name(tmp_name);
-        let file = File::create(&tmp).map_err(|source| Error::Io {
-            path: path.into(),
-            source,
-        })?;
-        // Registered before writing, so that a failure removes it.
-        self.staged.push((tmp, path.to_path_buf()));
-        let mut w = BufWriter::new(file);
-        write(&mut w)
-            .and_then(|()| w.flush().map_err(|e| e.to_string()))
-            .map_err(|message| Error::BadFile {
-                path: path.into(),
-                message: format!("cannot write: {message}"),
-            })
-    }
-
-    /// Moves every output into place; returns their paths.
-    pub fn commit(mut self) -> Result<Vec<PathBuf>> {
-        let staged = std::mem::take(&mut self.staged);
-        let mut done = Vec::with_capacity(staged.len());
-        let mut rest = staged.into_iter();
-        for (tmp, path) in rest.by_ref() {
-            if let Err(source) = std::fs::rename(&tmp, &path) {
-                let _ = std::fs::remove_file(&tmp);
-                for (tmp, _) in rest {
-                    let _ = std::fs::remove_file(&tmp);
-                }
-                return Err(Error::Io { path, source });
-            }
-            done.push(path);
-        }
-        Ok(done)
-    }
-}
-
-impl Drop for Outputs {
-    fn drop(&mut self) {
-        for (tmp, _) in &self.staged {
-            let _ = std::fs::remove_file(tmp);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,34 +241,6 @@ mod tests {
         assert!(
             RleMask::from_json_value(&serde_json::json!({"size": [2, 3], "counts": [7]})).is_err()
         );
-    }
-
-    #[test]
-    fn outputs_appear_together_or_not_at_all() {
-        let dir = std::env::temp_dir().join(format!("simpleseg-outputs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut outputs = Outputs::default();
-        outputs
-            .add(&dir.join("a.txt"), |w| {
-                w.write_all(b"a").map_err(|e| e.to_string())
-            })
-            .unwrap();
-        let failed = outputs.add(&dir.join("b.txt"), |_| Err("no".into()));
-        assert!(failed.unwrap_err().to_string().contains("b.txt"));
-        drop(outputs);
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing left");
-        let mut outputs = Outputs::default();
-        for name in ["a.txt", "b.txt"] {
-            outputs
-                .add(&dir.join(name), |w| {
-                    w.write_all(name.as_bytes()).map_err(|e| e.to_string())
-                })
-                .unwrap();
-        }
-        assert_eq!(outputs.commit().unwrap().len(), 2);
-        assert_eq!(std::fs::read(dir.join("b.txt")).unwrap(), b"b.txt");
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod images;
 pub mod io;
 pub mod limits;
 pub mod metrics;
+pub mod outputs;
 pub mod overlay;
 pub mod parse;
 pub mod pyrepr;

@@ -356,6 +356,11 @@ pub fn rasterize_polygon(points: &[[f64; 2]], height: u32, width: u32) -> Result
 }
 
 /// Rasterizes and unions several polygons (the official decoder's union of masks).
+///
+/// Memory is bounded by the vertices, one polygon's runs and one bit per pixel, however many
+/// polygons there are: each polygon is rasterized with reused buffers and merged into the
+/// union at once ([`PixelBits`]); on a canvas too large for a bit per pixel, into a running
+/// union of runs instead.
 pub fn rasterize_polygons<'a>(
     polygons: impl IntoIterator<Item = &'a [[f64; 2]]>,
     height: u32,
@@ -363,14 +368,102 @@ pub fn rasterize_polygons<'a>(
 ) -> Result<RleMask> {
     check_size(height, width)?;
     let mut scratch = Scratch::default();
-    let mut masks = polygons
-        .into_iter()
-        .map(|p| rasterize_with(p, height, width, &mut scratch))
-        .collect::<Result<Vec<_>>>()?;
-    match masks.len() {
-        0 => RleMask::empty(height, width),
-        1 => Ok(masks.swap_remove(0)),
-        _ => RleMask::union_all(&masks),
+    let mut polygons = polygons.into_iter();
+    let Some(first) = polygons.next() else {
+        return RleMask::empty(height, width);
+    };
+    let first = rasterize_with(first, height, width, &mut scratch)?;
+    let Some(second) = polygons.next() else {
+        return Ok(first);
+    };
+    let pixels = u64::from(height) * u64::from(width);
+    if pixels / 8 <= UNION_BITS_BYTES {
+        let mut union = PixelBits::new(pixels).ok_or_else(|| out_of_memory(height, width))?;
+        union.add(&first);
+        union.add(&rasterize_with(second, height, width, &mut scratch)?);
+        for polygon in polygons {
+            union.add(&rasterize_with(polygon, height, width, &mut scratch)?);
+        }
+        return Ok(RleMask::from_counts_unchecked(height, width, union.counts()));
+    }
+    let mut union = RleMask::union_all([&first, &rasterize_with(second, height, width, &mut scratch)?])?;
+    for polygon in polygons {
+        let mask = rasterize_with(polygon, height, width, &mut scratch)?;
+        union = RleMask::union_all([&union, &mask])?;
+    }
+    Ok(union)
+}
+
+/// The largest bit set [`rasterize_polygons`] keeps for a union (a canvas of 2^28 pixels,
+/// beyond the default image limit).
+const UNION_BITS_BYTES: u64 = 32 << 20;
+
+/// A union of masks as one bit per pixel, in column-major order.
+struct PixelBits {
+    pixels: u64,
+    words: Vec<u64>,
+}
+
+impl PixelBits {
+    fn new(pixels: u64) -> Option<PixelBits> {
+        let n = usize::try_from(pixels.div_ceil(64)).ok()?;
+        let mut words = Vec::new();
+        words.try_reserve_exact(n).ok()?;
+        words.resize(n, 0);
+        Some(PixelBits { pixels, words })
+    }
+
+    /// Sets the pixels of `mask`'s foreground runs.
+    fn add(&mut self, mask: &RleMask) {
+        let mut at = 0u64;
+        for (i, &run) in mask.counts().iter().enumerate() {
+            let end = at + u64::from(run);
+            if i % 2 == 1 {
+                self.fill(at, end);
+            }
+            at = end;
+        }
+    }
+
+    /// Sets bits `start..end`.
+    fn fill(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (first, last) = ((start / 64) as usize, ((end - 1) / 64) as usize);
+        let head = !0u64 << (start % 64);
+        let tail = !0u64 >> (63 - (end - 1) % 64);
+        if first == last {
+            self.words[first] |= head & tail;
+            return;
+        }
+        self.words[first] |= head;
+        self.words[first + 1..last].fill(!0);
+        self.words[last] |= tail;
+    }
+
+    /// The runs of the union, starting with background.
+    fn counts(&self) -> Vec<u32> {
+        let mut counts = Vec::new();
+        let mut previous = 0u64;
+        // The value of the bit before the current one (pixel -1 counts as background).
+        let mut carry = 0u64;
+        for (i, &word) in self.words.iter().enumerate() {
+            // Bit k is set where pixel 64i + k differs from the pixel before it.
+            let mut changes = word ^ ((word << 1) | carry);
+            carry = word >> 63;
+            while changes != 0 {
+                let p = (i as u64) * 64 + u64::from(changes.trailing_zeros());
+                if p >= self.pixels {
+                    break;
+                }
+                counts.push((p - previous) as u32);
+                previous = p;
+                changes &= changes - 1;
+            }
+        }
+        counts.push((self.pixels - previous) as u32);
+        counts
     }
 }
 
@@ -667,5 +760,53 @@ mod tests {
         let tri = [[1e8, 0.0], [1e8 + 1000.0, 2.0], [1e8 + 500.0, 4.0]];
         let mask = rasterize_polygon(&tri, 4, 1_000_000_000).unwrap();
         assert!(mask.area() > 1000, "{}", mask.area());
+    }
+
+    #[test]
+    fn union_as_bits_equals_the_union_of_runs() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for _ in 0..200 {
+            let (h, w) = (rng.random_range(1..60), rng.random_range(1..60));
+            let polygons: Vec<Vec<[f64; 2]>> = (0..rng.random_range(2..6))
+                .map(|_| {
+                    let n = rng.random_range(3..12);
+                    random_polygon(&mut rng, n, h, w)
+                })
+                .collect();
+            let masks: Vec<RleMask> = polygons
+                .iter()
+                .map(|p| rasterize_polygon(p, h, w).unwrap())
+                .collect();
+            let expected = RleMask::union_all(&masks).unwrap();
+            let union = rasterize_polygons(polygons.iter().map(Vec::as_slice), h, w).unwrap();
+            assert_eq!(union, expected, "{h}x{w}");
+        }
+        // Runs that touch the first and the last pixel, and whole words.
+        let mut bits = PixelBits::new(200).unwrap();
+        bits.fill(0, 3);
+        bits.fill(64, 128);
+        bits.fill(190, 200);
+        assert_eq!(bits.counts(), vec![0, 3, 61, 64, 62, 10]);
+    }
+
+    #[test]
+    fn many_polygons_merge_as_they_come() {
+        // 20,000 small triangles over a 200x160 canvas: the union never holds more than one
+        // triangle's runs beside the canvas' bits.
+        let triangles: Vec<Vec<[f64; 2]>> = (0..20_000)
+            .map(|i| {
+                let (x, y) = ((i * 37 % 190) as f64, (i * 53 % 150) as f64);
+                vec![[x, y], [x + 6.0, y + 1.0], [x + 2.0, y + 7.0]]
+            })
+            .collect();
+        let union = rasterize_polygons(triangles.iter().map(Vec::as_slice), 160, 200).unwrap();
+        let masks: Vec<RleMask> = triangles[..500]
+            .iter()
+            .map(|p| rasterize_polygon(p, 160, 200).unwrap())
+            .collect();
+        let some = RleMask::union_all(&masks).unwrap();
+        let (inter, _) = union.intersection_union(&some).unwrap();
+        assert_eq!(inter, some.area(), "the union holds every triangle");
+        assert!(union.area() > some.area());
     }
 }

@@ -24,8 +24,26 @@ pub enum Target {
 }
 
 impl Target {
-    /// The question for the model; `template` (with `{query}`) applies to expressions.
+    /// The question for the model; `template` (with `{query}`) applies to expressions. The
+    /// prompt may be as long as the text limit ([`crate::limits::Limits::max_text_bytes`]).
     pub fn prompt(&self, template: Option<&str>) -> Result<String> {
+        let limit = crate::limits::Limit::TextBytes.value();
+        self.prompt_within(template, usize::try_from(limit).unwrap_or(usize::MAX))
+    }
+
+    /// [`Target::prompt`] refusing a prompt of more than `max_bytes` bytes, before it is
+    /// built: a short template that repeats `{query}` can ask for a very long one.
+    pub fn prompt_within(&self, template: Option<&str>, max_bytes: usize) -> Result<String> {
+        if let Target::Query(q) = self {
+            let t = template.unwrap_or(DEFAULT_PROMPT);
+            let uses = t.matches("{query}").count();
+            let len = (t.len() - uses * "{query}".len()).saturating_add(uses.saturating_mul(q.len()));
+            if len > max_bytes {
+                return Err(Error::Invalid(format!(
+                    "the prompt template makes a prompt of {len} bytes (it uses {{query}} {uses} times); at most {max_bytes} are allowed"
+                )));
+            }
+        }
         let in_unit = |v: &[f64]| v.iter().all(|x| x.is_finite() && (0.0..=1.0).contains(x));
         match self {
             Target::Query(q) => {
@@ -145,6 +163,13 @@ mod tests {
         assert!(Target::Box([0.5, 0.1, 0.2, 0.3]).prompt(None).is_err());
         assert!(Target::Point([1.5, 0.1]).prompt(None).is_err());
         assert!(Target::Query(" ".into()).prompt(None).is_err());
+        let repeated = "{query}".repeat(1000);
+        let err = Target::Query("a long query".into())
+            .prompt_within(Some(&repeated), 10_000)
+            .unwrap_err();
+        assert!(err.to_string().contains("12000 bytes"), "{err}");
+        let fits = Target::Query("q".into()).prompt_within(Some(&repeated), 1000);
+        assert_eq!(fits.unwrap(), "q".repeat(1000));
     }
 
     #[test]

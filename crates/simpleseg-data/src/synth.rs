@@ -13,7 +13,7 @@
 //! fresh ids.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use image::{Rgb, RgbImage};
 use rand::rngs::StdRng;
@@ -393,8 +393,9 @@ pub struct SynthStats {
 pub const SIZES: std::ops::RangeInclusive<u32> = 32..=4096;
 
 /// Writes `options.count` scenes as split `options.split` of the `synth` dataset under `root`.
-/// All or nothing: on failure, no image of this run remains and the dataset's index files
-/// are as they were.
+/// All or nothing: the images are written as temporary files and moved into place with the
+/// dataset's index files ([`Outputs`]), so on failure, or when interrupted, no image of this
+/// run remains and the index files are as they were.
 pub fn generate(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
     if !(1..=6).contains(&options.max_objects) {
         return Err(Error::Invalid(format!(
@@ -415,10 +416,7 @@ pub fn generate(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
     }
     check_name("dataset name", &options.name)?;
     check_name("split", &options.split)?;
-    let mut written = WrittenImages(Vec::new());
-    let stats = generate_into(root, options, &mut written)?;
-    written.0.clear();
-    Ok(stats)
+    generate_into(root, options)
 }
 
 /// The list under `key` of an instances file.
@@ -429,22 +427,7 @@ fn list_mut<'a>(instances: &'a mut Value, key: &str, path: &Path) -> Result<&'a 
     })
 }
 
-/// Images written by a run, removed unless the run completes.
-struct WrittenImages(Vec<PathBuf>);
-
-impl Drop for WrittenImages {
-    fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-fn generate_into(
-    root: &Path,
-    options: &SynthOptions,
-    written: &mut WrittenImages,
-) -> Result<SynthStats> {
+fn generate_into(root: &Path, options: &SynthOptions) -> Result<SynthStats> {
     let dir = root.join(&options.name);
     let image_dir = crate::refer::default_image_root(root, &options.name);
     for d in [&dir, &image_dir] {
@@ -529,6 +512,7 @@ fn generate_into(
         sentences: 0,
     };
     let min_area = (options.size as usize * options.size as usize) / 150;
+    let mut outputs = Outputs::default();
     while stats.images < options.count {
         let (img, shapes) = draw_scene(&mut rng, options.size, options.max_objects)?;
         let visible: Vec<usize> = (0..shapes.len())
@@ -547,11 +531,10 @@ fn generate_into(
         let image_id = next_image;
         next_image += 1;
         let file_name = format!("{}_{image_id:07}.png", options.split);
-        let path: PathBuf = image_dir.join(&file_name);
-        written.0.push(path.clone());
-        img.save(&path).map_err(|e| Error::BadFile {
-            path: path.clone(),
-            message: e.to_string(),
+        // Staged with the index files: the images appear with them or not at all.
+        outputs.add(&image_dir.join(&file_name), |w| {
+            img.write_to(w, image::ImageFormat::Png)
+                .map_err(|e| e.to_string())
         })?;
         list_mut(&mut instances, "images", &instances_path)?.push(json!({
             "id": image_id, "file_name": file_name, "width": options.size, "height": options.size,
@@ -596,7 +579,6 @@ fn generate_into(
         }
         stats.images += 1;
     }
-    let mut outputs = Outputs::default();
     outputs.add(&instances_path, |w| {
         serde_json::to_writer(w, &instances).map_err(|e| e.to_string())
     })?;

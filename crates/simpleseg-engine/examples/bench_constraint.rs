@@ -121,8 +121,7 @@ fn main() -> Result<()> {
         let start = Instant::now();
         for &id in ids.iter().chain(std::iter::once(&stop)) {
             logits.fill(0.0);
-            c.mask(logits);
-            if logits[id as usize] != 0.0 {
+            if !c.mask(logits) || logits[id as usize] != 0.0 {
                 return Err(format!("token {id} was masked").into());
             }
             c.advance(id);

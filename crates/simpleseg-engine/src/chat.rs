@@ -109,39 +109,78 @@ impl TextTokenizer {
         }
     }
 
+    /// The most bytes one token stands for, an upper bound over the vocabulary: a text of
+    /// more bytes than `n` times this takes more than `n` tokens. (One pass over the
+    /// vocabulary.)
+    pub fn longest_token_bytes(&self) -> usize {
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                let text = self.decode(&[id]).map_or(0, |t| t.len());
+                let name = self.id_to_token(id).map_or(0, |t| t.len());
+                text.max(name)
+            })
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
     /// A decoder that turns tokens into text as they come (see [`StreamDecoder`]).
     pub fn stream(&self) -> StreamDecoder<'_> {
         StreamDecoder {
             tokenizer: self,
-            ids: Vec::new(),
-            emitted: 0,
+            text: IncrementalText::default(),
         }
     }
 }
 
-/// Text of a growing sequence of tokens, piece by piece: each step gives what the newest token
-/// adds to the decoded text, held back while it ends in an incomplete character.
+/// The text of a growing sequence of tokens, piece by piece, in time linear in its length.
+///
+/// As vLLM and text-generation-inference do it: only a window of the newest tokens is
+/// decoded at each step, from the start of the last piece given out (`prefix`), and the new
+/// piece is what that window's text adds to the text of its first part. Starting the window
+/// at a token that already produced text keeps tokenizers that treat the first token
+/// specially (a leading space) exact. A piece is held back while it ends in an incomplete
+/// character.
+#[derive(Clone, Debug, Default)]
+pub struct IncrementalText {
+    ids: Vec<u32>,
+    /// Start of the decoded window.
+    prefix: usize,
+    /// End of the tokens already turned into text.
+    read: usize,
+}
+
+impl IncrementalText {
+    /// Adds a token; returns the new text, if any is complete.
+    pub fn push(&mut self, tokenizer: &TextTokenizer, token: u32) -> Result<Option<String>> {
+        self.ids.push(token);
+        let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = tokenizer.decode(&self.ids[self.prefix..])?;
+        if now.ends_with('\u{FFFD}') || now.len() <= before.len() || !now.is_char_boundary(before.len()) {
+            return Ok(None);
+        }
+        let piece = now[before.len()..].to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(Some(piece))
+    }
+
+    /// Every token pushed.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+}
+
+/// [`IncrementalText`] bound to its tokenizer.
 pub struct StreamDecoder<'a> {
     tokenizer: &'a TextTokenizer,
-    ids: Vec<u32>,
-    /// Bytes of the decoded text already given out.
-    emitted: usize,
+    text: IncrementalText,
 }
 
 impl StreamDecoder<'_> {
     /// Adds a token; returns the new text, if any is complete.
     pub fn step(&mut self, token: u32) -> Result<Option<String>> {
-        self.ids.push(token);
-        let text = self.tokenizer.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}')
-            || text.len() <= self.emitted
-            || !text.is_char_boundary(self.emitted)
-        {
-            return Ok(None);
-        }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(Some(piece))
+        self.text.push(self.tokenizer, token)
     }
 }
 

@@ -21,8 +21,26 @@ use regex_automata::{Anchored, Input};
 use crate::chat::TextTokenizer;
 use crate::error::{Error, Result};
 
-/// The most memory one constraint's automaton may take to build and to keep.
+/// The most memory a preset's automaton may take to build and to keep.
 const DFA_BYTES: usize = 64 << 20;
+
+/// Bounds on a constraint a request brings: the pattern's length, checked before it is
+/// parsed, and the memory (so also the time) its automaton may take to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatternLimits {
+    pub max_pattern_bytes: usize,
+    pub max_automaton_bytes: usize,
+}
+
+impl Default for PatternLimits {
+    /// Patterns of 16 KiB, automata of 16 MiB (a few tenths of a second to build at most).
+    fn default() -> Self {
+        PatternLimits {
+            max_pattern_bytes: 16 << 10,
+            max_automaton_bytes: 16 << 20,
+        }
+    }
+}
 
 /// A normalized coordinate as SimpleSeg writes them: 0 or 1, or a fraction with 1-3 decimals.
 const NUMBER: &str = r"(?:0(?:\.[0-9]{1,3})?|1(?:\.0{1,3})?)";
@@ -85,17 +103,42 @@ impl std::fmt::Debug for Grammar {
 impl Grammar {
     /// Answers a full match of `pattern` accepts (anchored at both ends).
     pub fn regex(name: &str, pattern: &str, tokens: Arc<TokenBytes>) -> Result<Self> {
-        // Patterns come from requests: bound the automaton (a size limit is an error, not an
-        // out-of-memory).
+        Grammar::regex_within(
+            name,
+            pattern,
+            tokens,
+            PatternLimits {
+                max_pattern_bytes: usize::MAX,
+                max_automaton_bytes: DFA_BYTES,
+            },
+        )
+    }
+
+    /// [`Grammar::regex`] for a pattern from a request: its length is checked before it is
+    /// parsed, and building stops with an error once the automaton would outgrow `limits`.
+    pub fn regex_within(
+        name: &str,
+        pattern: &str,
+        tokens: Arc<TokenBytes>,
+        limits: PatternLimits,
+    ) -> Result<Self> {
+        if pattern.len() > limits.max_pattern_bytes {
+            return Err(Error::Input(format!(
+                "constraint {name}: the pattern has {} bytes; at most {} are allowed",
+                pattern.len(),
+                limits.max_pattern_bytes
+            )));
+        }
+        let size = Some(limits.max_automaton_bytes);
         let dfa = dense::Builder::new()
             .configure(
                 dense::Config::new()
                     .start_kind(regex_automata::dfa::StartKind::Anchored)
-                    .dfa_size_limit(Some(DFA_BYTES))
-                    .determinize_size_limit(Some(DFA_BYTES)),
+                    .dfa_size_limit(size)
+                    .determinize_size_limit(size),
             )
             .syntax(regex_automata::util::syntax::Config::new().nest_limit(64))
-            .thompson(regex_automata::nfa::thompson::Config::new().nfa_size_limit(Some(DFA_BYTES)))
+            .thompson(regex_automata::nfa::thompson::Config::new().nfa_size_limit(size))
             // Anchored at the end too: a DFA reports a match one byte late, so without the
             // anchor a token running past a complete answer would look allowed.
             .build(&format!("(?:{pattern})\\z"))
@@ -210,8 +253,10 @@ impl Constrained {
     }
 
     /// Sets the logits of disallowed tokens to -inf. When the model's vocabulary is larger
-    /// than the tokenizer's (padding rows), the extra ids are disallowed too.
-    pub fn mask(&self, logits: &mut [f32]) {
+    /// than the tokenizer's (padding rows), the extra ids are disallowed too. Returns `false`
+    /// (the logits untouched) when no token is allowed.
+    #[must_use]
+    pub fn mask(&self, logits: &mut [f32]) -> bool {
         let allowed = self.grammar.allowed(self.state);
         // Few tokens are allowed mid-answer: keep theirs, fill the rest (a memset).
         let kept: Vec<(usize, f32)> = allowed
@@ -219,10 +264,14 @@ impl Constrained {
             .iter()
             .filter_map(|&id| logits.get(id as usize).map(|&l| (id as usize, l)))
             .collect();
+        if kept.is_empty() {
+            return false;
+        }
         logits.fill(f32::NEG_INFINITY);
         for (id, l) in kept {
             logits[id] = l;
         }
+        true
     }
 
     /// Moves past a chosen token (a stop token ends the answer and changes nothing).
@@ -230,6 +279,118 @@ impl Constrained {
         if let Some(next) = self.grammar.advance(self.state, token) {
             self.state = next;
         }
+    }
+}
+
+/// A constraint on answers: a preset or a regular expression.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Constraint {
+    Polygon,
+    Box,
+    Regex(String),
+}
+
+impl std::str::FromStr for Constraint {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "polygon" => Ok(Constraint::Polygon),
+            "box" => Ok(Constraint::Box),
+            other => Err(format!(
+                "unknown constraint '{other}' (expected polygon or box)"
+            )),
+        }
+    }
+}
+
+/// How many compiled constraints a [`GrammarCache`] keeps.
+const CACHED_GRAMMARS: usize = 64;
+
+/// The compiled constraints of one model, kept for reuse: presets and request patterns alike,
+/// and their failures too, so that a pattern that failed to build fails at once after. Safe
+/// to share between threads; building happens outside the lock.
+pub struct GrammarCache {
+    limits: PatternLimits,
+    tokens: Mutex<Option<Arc<TokenBytes>>>,
+    entries: Mutex<std::collections::VecDeque<(Constraint, std::result::Result<Arc<Grammar>, String>)>>,
+}
+
+impl GrammarCache {
+    /// A cache building request patterns within `limits`.
+    pub fn new(limits: PatternLimits) -> Self {
+        GrammarCache {
+            limits,
+            tokens: Mutex::new(None),
+            entries: Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    /// The grammar of `constraint` for a model with this tokenizer and these stop tokens.
+    /// Errors when the pattern is over the limits, does not compile, or allows no first
+    /// token (no answer could begin).
+    pub fn get(
+        &self,
+        tokenizer: &TextTokenizer,
+        stop: &[u32],
+        constraint: &Constraint,
+    ) -> Result<Arc<Grammar>> {
+        let found = self.entries.lock().ok().and_then(|entries| {
+            entries
+                .iter()
+                .find(|(c, _)| c == constraint)
+                .map(|(_, g)| g.clone())
+        });
+        if let Some(found) = found {
+            return found.map_err(Error::Input);
+        }
+        let built = self.build(tokenizer, stop, constraint);
+        let kept = match &built {
+            Ok(g) => Ok(g.clone()),
+            Err(Error::Input(message)) => Err(message.clone()),
+            // Not a property of the pattern: try again next time.
+            Err(_) => return built,
+        };
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= CACHED_GRAMMARS {
+                entries.pop_front();
+            }
+            entries.push_back((constraint.clone(), kept));
+        }
+        built
+    }
+
+    fn build(
+        &self,
+        tokenizer: &TextTokenizer,
+        stop: &[u32],
+        constraint: &Constraint,
+    ) -> Result<Arc<Grammar>> {
+        let tokens = {
+            let mut cached = self
+                .tokens
+                .lock()
+                .map_err(|_| Error::Input("the constraint cache is unusable".into()))?;
+            match cached.as_ref() {
+                Some(t) => t.clone(),
+                None => {
+                    let t = Arc::new(TokenBytes::new(tokenizer, stop)?);
+                    *cached = Some(t.clone());
+                    t
+                }
+            }
+        };
+        let grammar = match constraint {
+            Constraint::Polygon => Grammar::polygon(tokens)?,
+            Constraint::Box => Grammar::bbox(tokens)?,
+            Constraint::Regex(pattern) => Grammar::regex_within("regex", pattern, tokens, self.limits)?,
+        };
+        if grammar.allowed(grammar.start()?).ids.is_empty() {
+            return Err(Error::Input(format!(
+                "constraint {}: no token of this model's vocabulary can begin an answer it accepts",
+                grammar.name()
+            )));
+        }
+        Ok(Arc::new(grammar))
     }
 }
 
@@ -310,6 +471,37 @@ mod tests {
     }
 
     #[test]
+    fn dead_ends_are_reported_not_sampled() {
+        // `[` then a character no token writes: the answer can start but not go on.
+        let vocab = ["<eos>", "[", "a"];
+        let g = Grammar::regex("regex", "\\[\u{1F600}", vocabulary(&vocab, 0)).unwrap();
+        let mut c = Constrained::new(Arc::new(g)).unwrap();
+        let mut logits = vec![0f32; 3];
+        assert!(c.mask(&mut logits));
+        assert_eq!(logits[1], 0.0);
+        c.advance(1);
+        let mut logits = vec![0.5f32; 3];
+        assert!(!c.mask(&mut logits), "nothing is allowed after [");
+        assert_eq!(logits, [0.5; 3], "the logits are left as they were");
+    }
+
+    #[test]
+    fn oversized_patterns_fail_before_parsing_and_automata_stay_bounded() {
+        let tokens = vocabulary(&["<eos>", "a", "b"], 0);
+        let limits = PatternLimits {
+            max_pattern_bytes: 100,
+            max_automaton_bytes: 1 << 20,
+        };
+        let err = Grammar::regex_within("regex", &"a".repeat(101), tokens.clone(), limits)
+            .unwrap_err();
+        assert!(err.to_string().contains("101 bytes"), "{err}");
+        // 2^30 states: determinization stops at the size limit with an error.
+        let err =
+            Grammar::regex_within("regex", "(a|b)*a(a|b){30}", tokens, limits).unwrap_err();
+        assert!(matches!(err, Error::Input(_)), "{err}");
+    }
+
+    #[test]
     fn box_grammar() {
         let vocab = ["<eos>", "[", "0.", "5", ", ", "1", "]", "]."];
         let g = Grammar::bbox(vocabulary(&vocab, 0)).unwrap();
@@ -321,12 +513,12 @@ mod tests {
         assert!(ok && g.accepts(end));
         let mut c = Constrained::new(Arc::new(g)).unwrap();
         let mut logits = vec![0f32; vocab.len() + 2];
-        c.mask(&mut logits);
+        assert!(c.mask(&mut logits));
         assert_eq!(logits[1], 0.0, "[ opens the box");
         assert!(logits[0].is_infinite() && logits[9].is_infinite());
         c.advance(1);
         let mut logits = vec![0f32; vocab.len()];
-        c.mask(&mut logits);
+        assert!(c.mask(&mut logits));
         assert!(logits[1].is_infinite() && logits[2] == 0.0);
     }
 }

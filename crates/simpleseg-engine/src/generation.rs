@@ -8,6 +8,9 @@ use rand::{Rng, SeedableRng};
 use crate::error::{Error, Result};
 use crate::hf::HfFolder;
 
+/// The smallest sampling temperature (vLLM treats smaller ones as greedy).
+pub const MIN_TEMPERATURE: f32 = 1e-5;
+
 /// Decoding settings. Defaults are transformers' when `generation_config.json` says nothing,
 /// except `max_new_tokens`, which follows the official SimpleSeg example (512).
 #[derive(Clone, Debug, PartialEq)]
@@ -59,17 +62,20 @@ impl GenerationConfig {
         Ok(config)
     }
 
-    /// Checks the values transformers would refuse.
+    /// Checks the values transformers would refuse, and those that would make the logits
+    /// meaningless in the f32 precision they are computed in.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.repetition_penalty.is_nan() || self.repetition_penalty <= 0.0 {
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
             return Err(format!(
-                "repetition_penalty must be > 0, got {}",
+                "repetition_penalty must be a number > 0, got {}",
                 self.repetition_penalty
             ));
         }
-        if self.do_sample && (self.temperature.is_nan() || self.temperature <= 0.0) {
+        // Logits are divided by the temperature in f32: below this they overflow to
+        // infinities (and the distribution to NaN) for ordinary logit values.
+        if self.do_sample && !((self.temperature as f32) >= MIN_TEMPERATURE) {
             return Err(format!(
-                "temperature must be > 0 when sampling, got {}",
+                "temperature must be at least {MIN_TEMPERATURE:e} when sampling (0 means greedy), got {}",
                 self.temperature
             ));
         }
@@ -220,11 +226,21 @@ pub(crate) struct Decoding {
 }
 
 impl Decoding {
+    /// A row for `prompt_ids`; it stops at `max_new_tokens` or where the sequence reaches
+    /// `max_positions`, whichever comes first. A prompt that fills the context is an error.
     pub(crate) fn new(
         config: &GenerationConfig,
         prompt_ids: &[u32],
+        max_positions: usize,
         grammar: Option<std::sync::Arc<crate::constraint::Grammar>>,
     ) -> Result<Self> {
+        if prompt_ids.len() >= max_positions {
+            return Err(Error::Input(format!(
+                "the prompt has {} tokens and the model's context is {max_positions}: no room for an answer",
+                prompt_ids.len()
+            )));
+        }
+        let max_new = config.max_new_tokens.min(max_positions - prompt_ids.len());
         Ok(Decoding {
             sampler: Sampler::new(config.clone())?,
             constraint: grammar
@@ -233,17 +249,22 @@ impl Decoding {
             history: prompt_ids.to_vec(),
             generated: Vec::new(),
             stop: config.eos_token_ids.clone(),
-            max_new: config.max_new_tokens,
-            stop_reason: (config.max_new_tokens == 0).then_some(crate::StopReason::MaxTokens),
+            max_new,
+            stop_reason: (max_new == 0).then_some(crate::StopReason::MaxTokens),
         })
     }
 
     /// Picks the next token from this row's logits. `None` when it is a stop token (the row
-    /// ends with [`crate::StopReason::Eos`]); otherwise the token is recorded, and the row
-    /// ends with `MaxTokens` when it was the last one allowed.
+    /// ends with [`crate::StopReason::Eos`]) or when the constraint allows no token (it ends
+    /// with [`crate::StopReason::NoAllowedToken`]: nothing unchecked is ever chosen);
+    /// otherwise the token is recorded, and the row ends with `MaxTokens` when it was the last
+    /// one allowed.
     pub(crate) fn choose(&mut self, mut logits: Vec<f32>) -> Option<u32> {
         if let Some(c) = &self.constraint {
-            c.mask(&mut logits);
+            if !c.mask(&mut logits) {
+                self.stop_reason = Some(crate::StopReason::NoAllowedToken);
+                return None;
+            }
         }
         let token = self.sampler.next_token(&mut logits, &self.history);
         if self.stop.contains(&token) {

@@ -75,6 +75,17 @@ impl HfFolder {
                 .and_then(Value::as_object)
                 .ok_or_else(|| index.error("missing the \"weight_map\" object"))?;
             let shards: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+            // Shards are files of this folder: a path elsewhere would read (and fingerprint)
+            // weights from outside it.
+            if let Some(outside) = shards.iter().find(|s| {
+                let p = std::path::Path::new(s);
+                p.components().count() != 1
+                    || !matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+            }) {
+                return Err(index.error(format!(
+                    "shard {outside:?} is not a file name in the model folder (paths and \"..\" are refused)"
+                )));
+            }
             let files: Vec<PathBuf> = shards.into_iter().map(|s| self.path(s)).collect();
             if let Some(missing) = files.iter().find(|f| !f.is_file()) {
                 return Err(Error::MissingFile {

@@ -111,6 +111,14 @@ pub trait VisionLanguageModel: Send + Sync {
     fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>>;
     /// Decoding defaults from `generation_config.json`, with the stop tokens filled in.
     fn generation_config(&self) -> &GenerationConfig;
+    /// The most positions a sequence may take, prompt and answer together
+    /// (`max_position_embeddings`): answers stop there.
+    fn max_positions(&self) -> usize;
+    /// The processor's own `(min_pixels, max_pixels)` for resized images, for families whose
+    /// processor has such limits (see [`prepare_with`](Self::prepare_with)).
+    fn pixel_range(&self) -> Option<(usize, usize)> {
+        None
+    }
     /// The dtype the model computes in.
     fn dtype(&self) -> DType;
 }
@@ -226,6 +234,9 @@ pub enum StopReason {
     MaxTokens,
     /// Stopped by the caller (a stop string seen, a client gone).
     Cancelled,
+    /// The answer's constraint allows no token from here on (nothing the tokenizer can
+    /// write continues it): the answer is incomplete.
+    NoAllowedToken,
 }
 
 /// Wall-clock timings of one generation.
@@ -326,6 +337,7 @@ pub fn generate_batch(
                 decoding: generation::Decoding::new(
                     config,
                     &request.prompt.input_ids,
+                    model.max_positions(),
                     request.grammar.clone(),
                 )?,
                 prefill_ms,

@@ -16,42 +16,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
-use image::RgbImage;
 
-use crate::constraint::{Grammar, TokenBytes};
+use crate::chat::IncrementalText;
+use crate::constraint::Grammar;
 use crate::generation::{Decoding, GenerationConfig};
-use crate::{
-    GenerationOutput, PixelLimits, Prompt, Session, StopReason, Timings, VisionLanguageModel,
-};
+use crate::{GenerationOutput, Prompt, Session, StopReason, Timings, VisionLanguageModel};
 
-/// A constraint on answers (see [`crate::constraint`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Constraint {
-    Polygon,
-    Box,
-    Regex(String),
-}
+pub use crate::constraint::Constraint;
 
-impl std::str::FromStr for Constraint {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "polygon" => Ok(Constraint::Polygon),
-            "box" => Ok(Constraint::Box),
-            other => Err(format!(
-                "unknown constraint '{other}' (expected polygon or box)"
-            )),
-        }
-    }
-}
-
-/// One request: an image and a prompt, and one decoding config per answer wanted.
+/// One request: a prepared prompt (see [`VisionLanguageModel::prepare`]), one decoding config
+/// per answer wanted, and the grammar answers must match. Everything that can be done without
+/// the model (images, tokenizing, compiling constraints) is done before, on the caller's
+/// threads: the model thread only prefills and decodes.
 pub struct Request {
-    pub image: RgbImage,
-    pub prompt: String,
-    pub pixels: PixelLimits,
+    pub prompt: Prompt,
     pub configs: Vec<GenerationConfig>,
-    pub constraint: Option<Constraint>,
+    pub grammar: Option<Arc<Grammar>>,
     /// One flag per answer: set to stop decoding it (it leaves at the next step).
     pub cancel: Arc<Vec<AtomicBool>>,
     /// Where the request's events go, on the model thread; returning `false` (the listener is
@@ -133,9 +113,10 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the model thread on a loaded model. The thread ends when every [`Scheduler`]
-    /// handle is dropped and the requests already queued are answered.
-    pub fn start(model: Box<dyn VisionLanguageModel>, options: SchedulerOptions) -> Self {
+    /// Starts the model thread on a loaded model (shared: callers prepare prompts with it).
+    /// The thread ends when every [`Scheduler`] handle is dropped and the requests already
+    /// queued are answered.
+    pub fn start(model: Arc<dyn VisionLanguageModel>, options: SchedulerOptions) -> Self {
         let (queue, incoming) = mpsc::sync_channel(options.queue.max(1));
         let stats = Arc::new(SchedulerStats::default());
         let thread_stats = stats.clone();
@@ -185,8 +166,7 @@ struct Row {
     request: usize,
     answer: usize,
     decoding: Decoding,
-    text: String,
-    pending: Vec<u32>,
+    text: IncrementalText,
     prefill_ms: f64,
     prompt_tokens: usize,
     decode_start: Instant,
@@ -199,39 +179,6 @@ struct Active {
     open_rows: usize,
 }
 
-fn grammar(
-    model: &dyn VisionLanguageModel,
-    constraint: &Constraint,
-    tokens: &mut Option<Arc<TokenBytes>>,
-    cache: &mut Vec<(Constraint, Arc<Grammar>)>,
-) -> crate::Result<Arc<Grammar>> {
-    if let Some((_, g)) = cache.iter().find(|(c, _)| c == constraint) {
-        return Ok(g.clone());
-    }
-    let vocab = match tokens {
-        Some(t) => t.clone(),
-        None => {
-            let t = Arc::new(TokenBytes::new(
-                model.tokenizer(),
-                &model.generation_config().eos_token_ids,
-            )?);
-            *tokens = Some(t.clone());
-            t
-        }
-    };
-    let g = Arc::new(match constraint {
-        Constraint::Polygon => Grammar::polygon(vocab)?,
-        Constraint::Box => Grammar::bbox(vocab)?,
-        Constraint::Regex(pattern) => Grammar::regex("regex", pattern, vocab)?,
-    });
-    // Regexes come from requests: keep a bounded number of them.
-    if cache.len() >= 16 {
-        cache.remove(2.min(cache.len() - 1));
-    }
-    cache.push((constraint.clone(), g.clone()));
-    Ok(g)
-}
-
 fn run(
     model: &dyn VisionLanguageModel,
     incoming: Receiver<Request>,
@@ -241,8 +188,6 @@ fn run(
     let mut session: Option<Box<dyn Session + '_>> = None;
     let mut rows: Vec<Row> = Vec::new();
     let mut requests: Vec<Option<Active>> = Vec::new();
-    let mut token_bytes = None;
-    let mut grammars = Vec::new();
     let mut closed = false;
     loop {
         // Admit what has arrived: wait when idle, else only take what is there.
@@ -271,14 +216,7 @@ fn run(
                 continue;
             }
             let id = requests.len();
-            match admit(
-                model,
-                &request,
-                id,
-                &mut session,
-                &mut token_bytes,
-                &mut grammars,
-            ) {
+            match admit(model, &request, id, &mut session) {
                 Ok(new_rows) => {
                     let prompt_tokens = new_rows.first().map_or(0, |r| r.prompt_tokens);
                     stats
@@ -304,6 +242,7 @@ fn run(
             }
         }
         if rows.is_empty() {
+            stats.running_rows.store(0, Ordering::Relaxed);
             session = None;
             requests.clear();
             if closed {
@@ -323,45 +262,48 @@ fn run(
     }
 }
 
-/// Prepares and prefills a request, adding its rows to the session.
+/// Prefills a request, adding its rows to the session.
 fn admit<'m>(
     model: &'m dyn VisionLanguageModel,
     request: &Request,
     id: usize,
     session: &mut Option<Box<dyn Session + 'm>>,
-    token_bytes: &mut Option<Arc<TokenBytes>>,
-    grammars: &mut Vec<(Constraint, Arc<Grammar>)>,
 ) -> crate::Result<Vec<Row>> {
-    let prompt: Prompt = model.prepare_with(&request.image, &request.prompt, request.pixels)?;
-    let grammar = request
-        .constraint
-        .as_ref()
-        .map(|c| grammar(model, c, token_bytes, grammars))
-        .transpose()?;
+    let prompt = &request.prompt;
+    // Checked before the prefill: the rows' decoding states refuse a prompt that fills the
+    // context.
+    let decodings = request
+        .configs
+        .iter()
+        .map(|config| {
+            Decoding::new(
+                config,
+                &prompt.input_ids,
+                model.max_positions(),
+                request.grammar.clone(),
+            )
+        })
+        .collect::<crate::Result<Vec<_>>>()?;
     let start = Instant::now();
     let copies = request.configs.len();
     match session.as_mut() {
-        None => *session = Some(model.start(&prompt, copies)?),
-        Some(s) => s.add(&prompt, copies)?,
+        None => *session = Some(model.start(prompt, copies)?),
+        Some(s) => s.add(prompt, copies)?,
     }
     let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
-    request
-        .configs
-        .iter()
+    Ok(decodings
+        .into_iter()
         .enumerate()
-        .map(|(answer, config)| {
-            Ok(Row {
-                request: id,
-                answer,
-                decoding: Decoding::new(config, &prompt.input_ids, grammar.clone())?,
-                text: String::new(),
-                pending: Vec::new(),
-                prefill_ms,
-                prompt_tokens: prompt.input_ids.len(),
-                decode_start: Instant::now(),
-            })
+        .map(|(answer, decoding)| Row {
+            request: id,
+            answer,
+            decoding,
+            text: IncrementalText::default(),
+            prefill_ms,
+            prompt_tokens: prompt.input_ids.len(),
+            decode_start: Instant::now(),
         })
-        .collect()
+        .collect())
 }
 
 /// Picks a token for every row, lets finished rows go and feeds the others.
@@ -392,18 +334,12 @@ fn step(
         let Some(token) = row.decoding.choose(logits.get(i)?.to_vec1()?) else {
             continue;
         };
-        row.pending.push(token);
         stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-        // The text so far, decoded whole so that multi-token characters come out complete.
-        let text = model.tokenizer().decode(&row.decoding.generated)?;
-        let delta = if text.ends_with('\u{FFFD}') {
-            String::new()
-        } else {
-            let d = text.get(row.text.len()..).unwrap_or("").to_string();
-            row.text = text;
-            row.pending.clear();
-            d
-        };
+        // What this token adds to the text (nothing while a character is incomplete).
+        let delta = row
+            .text
+            .push(model.tokenizer(), token)?
+            .unwrap_or_default();
         if let Some(active) = requests[row.request].as_mut() {
             let event = Event::Token {
                 answer: row.answer,

@@ -3,22 +3,24 @@
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use simpleseg_engine::scheduler::{Constraint, Event};
 use simpleseg_engine::{GenerationConfig, PixelLimits};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::stream::{collect, finish_reason, submit, Job, StopFilter};
-use crate::{check_model, media, ApiError, AppState};
+use crate::guard::Admitted;
+use crate::prepare::{queue, Job};
+use crate::stream::{collect, finish_reason, StopFilter, MAX_STOPS, MAX_STOP_BYTES};
+use crate::{check_model, ApiError, AppState};
 
-/// The request fields this server reads; others are refused when they would change the
-/// answer and cannot be honoured.
+/// The request fields this server reads (see [`check_fields`] for the others).
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub model: Option<String>,
@@ -44,6 +46,73 @@ pub struct ChatRequest {
     pub structured_outputs: Option<Value>,
     /// This server's own: `polygon` or `box`.
     pub constrain: Option<String>,
+}
+
+/// The fields of [`ChatRequest`].
+const CHAT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "n",
+    "stop",
+    "stream",
+    "stream_options",
+    "repetition_penalty",
+    "min_pixels",
+    "max_pixels",
+    "mm_processor_kwargs",
+    "response_format",
+    "structured_outputs",
+    "constrain",
+];
+
+/// OpenAI fields that never change the answer: accepted and not used.
+pub const IGNORED_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier", "parallel_tool_calls"];
+
+/// Refuses a request with a field that is neither read (`known`), nor without effect
+/// ([`IGNORED_FIELDS`]), nor an OpenAI option at the value that asks for nothing (`logprobs`
+/// false, penalties 0, no tools...): clients get an error rather than an answer that silently
+/// ignores what they asked for.
+pub fn check_fields(body: &Value, known: &[&str]) -> Result<(), ApiError> {
+    let Some(fields) = body.as_object() else {
+        return Err(ApiError::bad_request("the request body must be a JSON object"));
+    };
+    for (name, value) in fields {
+        if known.contains(&name.as_str()) || IGNORED_FIELDS.contains(&name.as_str()) {
+            continue;
+        }
+        let neutral = match name.as_str() {
+            "logprobs" => matches!(value, Value::Null | Value::Bool(false)),
+            "top_logprobs" | "presence_penalty" | "frequency_penalty" => {
+                value.is_null() || value.as_f64() == Some(0.0)
+            }
+            "logit_bias" | "tools" | "functions" => {
+                value.is_null()
+                    || value.as_object().is_some_and(|o| o.is_empty())
+                    || value.as_array().is_some_and(|a| a.is_empty())
+            }
+            "tool_choice" | "function_call" => {
+                value.is_null() || value.as_str() == Some("none")
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown field '{name}' (this route reads {})",
+                    known.join(", ")
+                )))
+            }
+        };
+        if !neutral {
+            return Err(ApiError::bad_request(format!(
+                "'{name}' is not supported by this server (send it unset, or with its default value)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Decoding options shared by the chat and segment routes.
@@ -165,33 +234,52 @@ fn user_turn(messages: &[Value]) -> Result<(String, String), ApiError> {
 /// The constraint a request asks for, from any of the fields that can carry one: `constrain`
 /// (`polygon`, `box`), OpenAI's `response_format` (`regex`, `json_schema`, `json_object`, and
 /// the presets) or vLLM's `structured_outputs` (`regex`, `json`, `choice`, `json_object`).
-/// JSON schemas become regular expressions (outlines-core's translation); Lark grammars are
-/// refused.
+/// JSON schemas become regular expressions (outlines-core's translation, bounded first:
+/// [`crate::schema`]); Lark grammars are refused. Patterns longer than `max_bytes` are refused
+/// here, before anything is built.
 pub fn constraint_of(
     constrain: Option<&str>,
     response_format: Option<&Value>,
     structured: Option<&Value>,
+    max_bytes: usize,
 ) -> Result<Option<Constraint>, ApiError> {
+    let regex = |pattern: &str| {
+        if pattern.len() > max_bytes {
+            return Err(ApiError::bad_request(format!(
+                "the regular expression has {} bytes; at most {max_bytes} are allowed",
+                pattern.len()
+            )));
+        }
+        Ok(Some(Constraint::Regex(pattern.to_string())))
+    };
+    let schema = |value: &Value| -> Result<Option<Constraint>, ApiError> {
+        let size = serde_json::to_string(value).map_or(usize::MAX, |t| t.len());
+        if size > max_bytes {
+            return Err(ApiError::bad_request(format!(
+                "the JSON schema has {size} bytes; at most {max_bytes} are allowed"
+            )));
+        }
+        crate::schema::schema_regex(value, max_bytes)
+            .map(|r| Some(Constraint::Regex(r)))
+            .map_err(ApiError::bad_request)
+    };
     if let Some(c) = constrain {
         return c.parse().map(Some).map_err(ApiError::bad_request);
     }
     if let Some(rf) = response_format {
         return match rf.get("type").and_then(Value::as_str) {
             Some("text") | None => Ok(None),
-            Some("regex") => rf
-                .get("regex")
-                .and_then(Value::as_str)
-                .map(|r| Some(Constraint::Regex(r.to_string())))
-                .ok_or_else(|| ApiError::bad_request("response_format regex needs \"regex\"")),
-            Some("json_schema") => rf
-                .get("json_schema")
-                .and_then(|j| j.get("schema"))
-                .ok_or_else(|| {
-                    ApiError::bad_request("response_format json_schema needs \"json_schema\": {\"schema\": ...}")
-                })
-                .and_then(json_schema)
-                .map(Some),
-            Some("json_object") => json_schema(&serde_json::json!({"type": "object"})).map(Some),
+            Some("regex") => match rf.get("regex").and_then(Value::as_str) {
+                Some(r) => regex(r),
+                None => Err(ApiError::bad_request("response_format regex needs \"regex\"")),
+            },
+            Some("json_schema") => match rf.get("json_schema").and_then(|j| j.get("schema")) {
+                Some(s) => schema(s),
+                None => Err(ApiError::bad_request(
+                    "response_format json_schema needs \"json_schema\": {\"schema\": ...}",
+                )),
+            },
+            Some("json_object") => schema(&serde_json::json!({"type": "object"})),
             Some(preset @ ("polygon" | "box")) => preset.parse().map(Some).map_err(ApiError::bad_request),
             Some(other) => Err(ApiError::bad_request(format!(
                 "response_format type {other:?} is not supported (text, regex, json_schema, json_object, polygon, box are)"
@@ -200,17 +288,25 @@ pub fn constraint_of(
     }
     if let Some(so) = structured {
         if let Some(r) = so.get("regex").and_then(Value::as_str) {
-            return Ok(Some(Constraint::Regex(r.to_string())));
+            return regex(r);
         }
-        if let Some(schema) = so.get("json") {
+        if let Some(value) = so.get("json") {
             // vLLM takes the schema as an object or as its JSON text.
-            return match schema {
-                Value::String(text) => serde_json::from_str(text)
-                    .map_err(|e| ApiError::bad_request(format!("structured_outputs json: {e}")))
-                    .and_then(|v: Value| json_schema(&v)),
-                v => json_schema(v),
-            }
-            .map(Some);
+            return match value {
+                Value::String(text) => {
+                    if text.len() > max_bytes {
+                        return Err(ApiError::bad_request(format!(
+                            "the JSON schema has {} bytes; at most {max_bytes} are allowed",
+                            text.len()
+                        )));
+                    }
+                    let parsed: Value = serde_json::from_str(text).map_err(|e| {
+                        ApiError::bad_request(format!("structured_outputs json: {e}"))
+                    })?;
+                    schema(&parsed)
+                }
+                v => schema(v),
+            };
         }
         if let Some(choices) = so.get("choice").and_then(Value::as_array) {
             let choices = choices
@@ -221,13 +317,10 @@ pub fn constraint_of(
                 .ok_or_else(|| {
                     ApiError::bad_request("structured_outputs choice is a list of strings")
                 })?;
-            return Ok(Some(Constraint::Regex(format!(
-                "(?:{})",
-                choices.join("|")
-            ))));
+            return regex(&format!("(?:{})", choices.join("|")));
         }
         if so.get("json_object").and_then(Value::as_bool) == Some(true) {
-            return json_schema(&serde_json::json!({"type": "object"})).map(Some);
+            return schema(&serde_json::json!({"type": "object"}));
         }
         return Err(ApiError::bad_request(
             "structured_outputs supports regex, json, choice and json_object here (grammars are not supported)",
@@ -236,32 +329,44 @@ pub fn constraint_of(
     Ok(None)
 }
 
-/// Answers valid for a JSON schema, as a regular expression. Whitespace between tokens is at
-/// most one space, so that a model cannot pad an answer forever.
-fn json_schema(schema: &Value) -> Result<Constraint, ApiError> {
-    outlines_core::json_schema::regex_from_value(schema, Some(r"[ ]?"), Some(8))
-        .map(Constraint::Regex)
-        .map_err(|e| ApiError::bad_request(format!("JSON schema: {e}")))
-}
-
-/// `min_pixels` / `max_pixels`, top-level or in `mm_processor_kwargs`.
-pub fn pixel_limits(min: Option<usize>, max: Option<usize>, kwargs: Option<&Value>) -> PixelLimits {
-    let from = |k: &str| {
-        kwargs
-            .and_then(|v| v.get(k))
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-    };
-    PixelLimits {
-        min_pixels: min.or_else(|| from("min_pixels")),
-        max_pixels: max.or_else(|| from("max_pixels")),
+/// `min_pixels` / `max_pixels`, top-level or in `mm_processor_kwargs` (which may hold
+/// nothing else).
+pub fn pixel_limits(
+    min: Option<usize>,
+    max: Option<usize>,
+    kwargs: Option<&Value>,
+) -> Result<PixelLimits, ApiError> {
+    let mut from_kwargs = [None, None];
+    if let Some(kwargs) = kwargs.filter(|k| !k.is_null()) {
+        let Some(fields) = kwargs.as_object() else {
+            return Err(ApiError::bad_request("mm_processor_kwargs must be an object"));
+        };
+        for (name, value) in fields {
+            let slot = match name.as_str() {
+                "min_pixels" => 0,
+                "max_pixels" => 1,
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "mm_processor_kwargs '{other}' is not supported (min_pixels and max_pixels are)"
+                    )))
+                }
+            };
+            from_kwargs[slot] = Some(value.as_u64().and_then(|v| usize::try_from(v).ok()).ok_or_else(
+                || ApiError::bad_request(format!("mm_processor_kwargs {name} must be a whole number")),
+            )?);
+        }
     }
+    Ok(PixelLimits {
+        min_pixels: min.or(from_kwargs[0]),
+        max_pixels: max.or(from_kwargs[1]),
+    })
 }
 
+/// The stop strings: at most [`MAX_STOPS`] of at most [`MAX_STOP_BYTES`] bytes.
 fn stops(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
-    match stop {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
+    let list = match stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a
             .iter()
             .map(|v| {
@@ -269,11 +374,19 @@ fn stops(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
                     .map(str::to_string)
                     .ok_or_else(|| ApiError::bad_request("stop must be strings"))
             })
-            .collect(),
-        Some(_) => Err(ApiError::bad_request(
-            "stop must be a string or a list of strings",
-        )),
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "stop must be a string or a list of strings",
+            ))
+        }
+    };
+    if list.len() > MAX_STOPS || list.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad_request(format!(
+            "stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_BYTES} bytes each"
+        )));
     }
+    Ok(list)
 }
 
 fn now() -> u64 {
@@ -282,11 +395,26 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Reads a JSON body: a 400 naming the problem, unknown fields refused ([`check_fields`]).
+pub fn read_body<T: serde::de::DeserializeOwned>(body: &[u8], known: &[&str]) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not JSON: {e}")))?;
+    check_fields(&value, known)?;
+    serde_json::from_value(value).map_err(|e| ApiError::bad_request(format!("{e}")))
+}
+
+/// A request's timeout as an answer.
+pub fn timed_out() -> ApiError {
+    ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the request took too long")
+}
+
 pub async fn completions(
     State(state): State<AppState>,
-    body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
+    admitted: Option<Extension<Admitted>>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let req: ChatRequest = read_body(&body, CHAT_FIELDS)?;
+    drop(body);
     check_model(&state, req.model.as_deref())?;
     let model = state.model()?;
     let (url, text) = user_turn(&req.messages)?;
@@ -313,28 +441,26 @@ pub async fn completions(
         req.constrain.as_deref(),
         req.response_format.as_ref(),
         req.structured_outputs.as_ref(),
+        state.options.pattern_limits.max_pattern_bytes,
     )?;
-    let options = state.options.clone();
-    let image = tokio::task::spawn_blocking(move || {
-        media::image_from_url(&url, options.allowed_media_path.as_deref())
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let stop_strings = stops(req.stop.as_ref())?;
-    let submitted = submit(
-        &state,
-        Job {
-            image,
-            prompt: text,
-            pixels: pixel_limits(
-                req.min_pixels,
-                req.max_pixels,
-                req.mm_processor_kwargs.as_ref(),
-            ),
-            configs,
-            constraint,
-        },
-    )?;
+    let job = Job {
+        image: url,
+        prompt: text,
+        pixels: pixel_limits(
+            req.min_pixels,
+            req.max_pixels,
+            req.mm_processor_kwargs.as_ref(),
+        )?,
+        configs,
+        max_tokens_given: sampling.max_tokens.is_some(),
+        constraint,
+    };
+    let deadline = tokio::time::Instant::now() + state.options.request_timeout;
+    let queued = tokio::time::timeout_at(deadline, queue(&state, admitted.map(|e| e.0), job))
+        .await
+        .map_err(|_| timed_out())??;
+    let submitted = queued.submitted;
     let id = format!("chatcmpl-{:016x}", rand_id());
     let name = state.options.served_model_name.clone();
     let created = now();
@@ -353,15 +479,13 @@ pub async fn completions(
             id,
             name,
             created,
-            state.options.request_timeout,
+            deadline,
         ));
     }
-    let (answers, prompt_tokens) = tokio::time::timeout(
-        state.options.request_timeout,
-        collect(submitted, n, &stop_strings),
-    )
-    .await
-    .map_err(|_| ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the request took too long"))??;
+    let (answers, prompt_tokens) =
+        tokio::time::timeout_at(deadline, collect(submitted, n, &stop_strings))
+            .await
+            .map_err(|_| timed_out())??;
     let completion_tokens: usize = answers.iter().map(|a| a.output.token_ids.len()).sum();
     let choices: Vec<Value> = answers
         .iter()
@@ -410,7 +534,7 @@ fn stream_response(
     id: String,
     model: String,
     created: u64,
-    timeout: std::time::Duration,
+    deadline: tokio::time::Instant,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
     tokio::spawn(async move {
@@ -426,13 +550,10 @@ fn stream_response(
                 .to_string(),
             )
         };
-        let mut filters: Vec<StopFilter> = (0..n)
-            .map(|_| StopFilter::new(stop_strings.clone()))
-            .collect();
+        let mut filters: Vec<StopFilter> = (0..n).map(|_| StopFilter::new(&stop_strings)).collect();
         let mut open = n;
         let mut prompt_tokens = 0;
         let mut completion_tokens = 0;
-        let deadline = tokio::time::Instant::now() + timeout;
         for i in 0..n {
             let _ = tx.send(Ok(chunk(json!([{
                 "index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null

@@ -8,12 +8,20 @@
 //! outline as it streams).
 //!
 //! Requests go to one model thread ([`simpleseg_engine::scheduler`]) that decodes concurrent
-//! requests together. Bad input is answered 4xx with an OpenAI-style error body; a full queue
-//! 429; a request over its time 504.
+//! requests together; everything else a request needs (reading its body, decoding its image,
+//! tokenizing its prompt, compiling its constraint) is done on other threads first, under
+//! budgets ([`admission`]), so that no request can stall the others or exhaust memory. Bad
+//! input is answered 4xx with an OpenAI-style error body; a full server 429 or 503 with
+//! `Retry-After`; a request over its time 504.
 
+mod admission;
 mod chat;
+mod connections;
+mod guard;
 mod media;
 mod metrics;
+mod prepare;
+pub mod schema;
 mod segment;
 mod stream;
 
@@ -23,13 +31,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use simpleseg_engine::constraint::{GrammarCache, PatternLimits};
 use simpleseg_engine::scheduler::{Scheduler, SchedulerOptions};
 use simpleseg_engine::{GenerationConfig, VisionLanguageModel};
 
@@ -40,7 +49,7 @@ pub use metrics::Metrics;
 pub struct ServeOptions {
     /// Name of the model in `/v1/models` and responses (`default` is accepted too).
     pub served_model_name: String,
-    /// Required `Authorization: Bearer` key, if any.
+    /// Required `Authorization: Bearer` key, if any (an empty key is refused at start).
     pub api_key: Option<String>,
     /// Folder under which `file://` image URLs may be read (none: `file://` is refused).
     pub allowed_media_path: Option<PathBuf>,
@@ -49,6 +58,23 @@ pub struct ServeOptions {
     /// Longest a request may take, queueing included.
     pub request_timeout: Duration,
     pub scheduler: SchedulerOptions,
+    /// Connections open at once; beyond, a new connection is answered 503 and closed.
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers; also how long a kept-alive
+    /// connection may stay idle.
+    pub header_timeout: Duration,
+    /// Longest a client may take to send a request's body.
+    pub body_timeout: Duration,
+    /// How long shutdown waits for the requests in flight before closing their connections.
+    pub shutdown_timeout: Duration,
+    /// Bytes of images (decoded pixels and model inputs) that the requests not yet on the
+    /// model may hold together.
+    pub image_memory: u64,
+    /// Largest `min_pixels` / `max_pixels` a request may ask for (`None`: the model
+    /// processor's own `max_pixels`).
+    pub max_request_pixels: Option<usize>,
+    /// Bounds on regular expressions and JSON schemas in requests.
+    pub pattern_limits: PatternLimits,
 }
 
 impl Default for ServeOptions {
@@ -60,15 +86,41 @@ impl Default for ServeOptions {
             max_body_bytes: 64 << 20,
             request_timeout: Duration::from_secs(600),
             scheduler: SchedulerOptions::default(),
+            max_connections: 512,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(30),
+            image_memory: 2 << 30,
+            max_request_pixels: None,
+            pattern_limits: PatternLimits::default(),
         }
+    }
+}
+
+impl ServeOptions {
+    /// Refuses settings that would leave the server open or unusable.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.api_key.as_deref() == Some("") {
+            anyhow::bail!(
+                "the API key is empty (--api-key or SIMPLESEG_API_KEY): give a key, or unset it for a server without one"
+            );
+        }
+        if self.max_connections == 0 || self.image_memory == 0 {
+            anyhow::bail!("--max-connections and --image-memory must be at least 1");
+        }
+        Ok(())
     }
 }
 
 /// The loaded model as handlers see it.
 pub(crate) struct Loaded {
     pub scheduler: Scheduler,
+    pub model: Arc<dyn VisionLanguageModel>,
+    pub grammars: GrammarCache,
     pub defaults: GenerationConfig,
     pub architecture: String,
+    /// The most bytes a token of the vocabulary stands for (computed on first use).
+    pub longest_token: OnceLock<usize>,
 }
 
 /// Shared by every handler.
@@ -77,29 +129,55 @@ pub struct AppState {
     pub(crate) options: Arc<ServeOptions>,
     pub(crate) loaded: Arc<OnceLock<Loaded>>,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) budgets: Arc<admission::Budgets>,
     pub(crate) started: Instant,
+    /// Host names accepted when the server listens on loopback without a key (DNS
+    /// rebinding); `None`: any.
+    pub(crate) local_hosts: Option<Arc<Vec<String>>>,
 }
 
 impl AppState {
     /// A state whose model is not loaded yet (`/health` answers 503 until [`AppState::load`]).
     pub fn new(options: ServeOptions) -> Self {
+        let budgets = Arc::new(admission::Budgets::new(&options));
         AppState {
             options: Arc::new(options),
             loaded: Arc::new(OnceLock::new()),
             metrics: Arc::new(Metrics::default()),
+            budgets,
             started: Instant::now(),
+            local_hosts: None,
         }
+    }
+
+    /// Accepts only `Host` headers naming this machine when listening on loopback without a
+    /// key: a web page elsewhere cannot reach the server through a name that resolves to
+    /// 127.0.0.1.
+    fn guard_host(mut self, bound: SocketAddr) -> Self {
+        if bound.ip().is_loopback() && self.options.api_key.is_none() {
+            let port = bound.port();
+            let hosts = ["localhost", "127.0.0.1", "[::1]"]
+                .iter()
+                .flat_map(|h| [h.to_string(), format!("{h}:{port}")])
+                .collect();
+            self.local_hosts = Some(Arc::new(hosts));
+        }
+        self
     }
 
     /// Puts a loaded model to work.
     pub fn load(&self, model: Box<dyn VisionLanguageModel>) {
+        let model: Arc<dyn VisionLanguageModel> = Arc::from(model);
         let defaults = model.generation_config().clone();
         let architecture = model.architecture().to_string();
-        let scheduler = Scheduler::start(model, self.options.scheduler);
+        let scheduler = Scheduler::start(model.clone(), self.options.scheduler);
         let _ = self.loaded.set(Loaded {
             scheduler,
+            model,
+            grammars: GrammarCache::new(self.options.pattern_limits),
             defaults,
             architecture,
+            longest_token: OnceLock::new(),
         });
     }
 
@@ -109,6 +187,7 @@ impl AppState {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the model is still loading; retry when /health answers 200",
             )
+            .retry_after(5)
         })
     }
 }
@@ -118,6 +197,8 @@ impl AppState {
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// Seconds for a `Retry-After` header (429 and 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -125,11 +206,18 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            retry_after: None,
         }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// Asks the client to come back after `seconds`.
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 }
 
@@ -148,7 +236,13 @@ impl IntoResponse for ApiError {
             "type": kind,
             "code": self.status.as_u16(),
         }});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        response
     }
 }
 
@@ -165,61 +259,35 @@ impl From<simpleseg_core::Error> for ApiError {
 
 /// The application's routes.
 pub fn router(state: AppState) -> Router {
-    let limit = state.options.max_body_bytes;
     Router::new()
         .route("/", get(page))
+        .route("/app.js", get(script))
+        .route("/favicon.ico", get(favicon))
         .route("/health", get(health))
         .route("/metrics", get(metrics::render))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/segment", post(segment::segment))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), guard::guard))
         .with_state(state)
-}
-
-/// Authentication (every route but `/health` and the page itself) and request counting.
-async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let path = request.uri().path().to_string();
-    let route = metrics::route_label(&path);
-    let open = path == "/health" || path == "/";
-    if let (Some(key), false) = (&state.options.api_key, open) {
-        if !authorized(request.headers(), key) {
-            state.metrics.count(route, 401);
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong API key: send Authorization: Bearer <key>",
-            )
-            .into_response();
-        }
-    }
-    let start = Instant::now();
-    let response = next.run(request).await;
-    state.metrics.count(route, response.status().as_u16());
-    state.metrics.latency(route, start.elapsed());
-    response
-}
-
-fn authorized(headers: &HeaderMap, key: &str) -> bool {
-    let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let given = value.strip_prefix("Bearer ").unwrap_or("");
-    // Constant time in the key's length, so timing does not tell how much of a guess matched.
-    given.len() == key.len()
-        && given
-            .bytes()
-            .zip(key.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
 }
 
 async fn page() -> Html<&'static str> {
     Html(include_str!("../static/index.html"))
+}
+
+async fn script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../static/app.js"),
+    )
+        .into_response()
+}
+
+/// No icon: an empty answer rather than a 404 in every browser's console.
+async fn favicon() -> StatusCode {
+    StatusCode::NO_CONTENT
 }
 
 async fn health(State(state): State<AppState>) -> Response {
@@ -246,6 +314,7 @@ async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
             "created": created,
             "owned_by": "simpleseg",
             "architecture": state.loaded.get().map(|l| l.architecture.clone()),
+            "max_model_len": state.loaded.get().map(|l| l.model.max_positions()),
         }],
     }))
 }
@@ -270,8 +339,9 @@ pub(crate) fn check_model(state: &AppState, model: Option<&str>) -> Result<(), A
 }
 
 /// Binds `addr`, answers `/health` with 503 while `load` runs on a blocking thread, then
-/// serves until `shutdown` resolves, finishing the requests in flight. Returns the bound
-/// address through `bound` as soon as it is known (port 0 picks a free one).
+/// serves until `shutdown` resolves, finishing the requests in flight (for at most
+/// [`ServeOptions::shutdown_timeout`]). Returns the bound address through `bound` as soon as
+/// it is known (port 0 picks a free one).
 pub async fn serve<L, S>(
     addr: SocketAddr,
     options: ServeOptions,
@@ -283,38 +353,30 @@ where
     L: FnOnce() -> anyhow::Result<Box<dyn VisionLanguageModel>> + Send + 'static,
     S: Future<Output = ()> + Send + 'static,
 {
+    options.validate()?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-    bound(listener.local_addr()?);
-    let state = AppState::new(options);
+    let local = listener.local_addr()?;
+    bound(local);
+    let state = AppState::new(options).guard_host(local);
     let loading = state.clone();
     let loader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let model = load()?;
         loading.load(model);
         Ok(())
     });
-    let app = router(state);
-    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
-    tokio::spawn(async move {
-        match loader.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                let _ = failed_tx.send(e);
-            }
-            Err(e) => {
-                let _ = failed_tx.send(anyhow::anyhow!("loading the model panicked: {e}"));
-            }
-        }
-    });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Option<anyhow::Error>>();
     let stop_tx = Arc::new(std::sync::Mutex::new(Some(stop_tx)));
     let on_failure = stop_tx.clone();
     tokio::spawn(async move {
-        if let Ok(e) = failed_rx.await {
-            if let Some(tx) = on_failure.lock().ok().and_then(|mut t| t.take()) {
-                let _ = tx.send(Some(e));
-            }
+        let failure = match loader.await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(e) => anyhow::anyhow!("loading the model panicked: {e}"),
+        };
+        if let Some(tx) = on_failure.lock().ok().and_then(|mut t| t.take()) {
+            let _ = tx.send(Some(failure));
         }
     });
     tokio::spawn(async move {
@@ -323,14 +385,14 @@ where
             let _ = tx.send(None);
         }
     });
-    let (result_tx, result_rx) = tokio::sync::oneshot::channel::<Option<anyhow::Error>>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let reason = stop_rx.await.ok().flatten();
-            let _ = result_tx.send(reason);
-        })
-        .await?;
-    match result_rx.await.ok().flatten() {
+    let limits = connections::Limits::of(&state.options);
+    let metrics = state.metrics.clone();
+    let app = router(state);
+    let reason = connections::serve(listener, app, limits, metrics, async move {
+        stop_rx.await.ok().flatten()
+    })
+    .await;
+    match reason {
         Some(e) => Err(e.context("loading the model")),
         None => Ok(()),
     }

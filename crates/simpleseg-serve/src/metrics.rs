@@ -2,7 +2,7 @@
 //! queue and the tokens processed.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ struct Histogram {
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     latencies: Mutex<BTreeMap<&'static str, Histogram>>,
+    pub(crate) connections_open: AtomicUsize,
+    pub(crate) connections_refused: AtomicUsize,
 }
 
 /// The route a path counts under (unknown paths share one label, so the label set is bounded).
@@ -93,6 +95,37 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
                 h.sum, h.count
             ));
         }
+    }
+    let server = [
+        (
+            "simpleseg_open_connections",
+            "Client connections open.",
+            "gauge",
+            state.metrics.connections_open.load(Ordering::Relaxed),
+        ),
+        (
+            "simpleseg_refused_connections_total",
+            "Connections answered 503 at once: too many were open.",
+            "counter",
+            state.metrics.connections_refused.load(Ordering::Relaxed),
+        ),
+        (
+            "simpleseg_admitted_requests",
+            "Requests being prepared or waiting for the model.",
+            "gauge",
+            state.budgets.admitted(),
+        ),
+        (
+            "simpleseg_image_memory_bytes",
+            "Image memory held by requests not yet on the model.",
+            "gauge",
+            state.budgets.memory_in_use() as usize,
+        ),
+    ];
+    for (name, help, kind, value) in server {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
     }
     if let Some(model) = state.loaded.get() {
         let s = model.scheduler.stats();

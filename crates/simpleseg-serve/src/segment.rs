@@ -5,11 +5,12 @@
 use std::convert::Infallible;
 use std::sync::LazyLock;
 
+use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use regex::Regex;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -18,9 +19,11 @@ use simpleseg_core::{CoordMode, ParseMode};
 use simpleseg_engine::scheduler::Event;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::chat::{constraint_of, pixel_limits, Sampling};
-use crate::stream::{collect, submit, Job};
-use crate::{check_model, media, ApiError, AppState};
+use crate::chat::{constraint_of, pixel_limits, read_body, timed_out, Sampling};
+use crate::guard::Admitted;
+use crate::prepare::{queue, Job};
+use crate::stream::collect;
+use crate::{check_model, ApiError, AppState};
 
 #[derive(Debug, Deserialize)]
 pub struct SegmentRequest {
@@ -63,12 +66,36 @@ fn target(req: &SegmentRequest) -> Result<Target, ApiError> {
     }
 }
 
+/// The fields of [`SegmentRequest`].
+const SEGMENT_FIELDS: &[&str] = &[
+    "model",
+    "image",
+    "query",
+    "point",
+    "box",
+    "prompt_template",
+    "mode",
+    "coords",
+    "constrain",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "repetition_penalty",
+    "min_pixels",
+    "max_pixels",
+    "stream",
+];
+
 pub async fn segment(
     State(state): State<AppState>,
     Query(format): Query<Format>,
-    body: Result<Json<SegmentRequest>, axum::extract::rejection::JsonRejection>,
+    admitted: Option<Extension<Admitted>>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let req: SegmentRequest = read_body(&body, SEGMENT_FIELDS)?;
+    drop(body);
     check_model(&state, req.model.as_deref())?;
     let png = match format.format.as_deref() {
         None | Some("json") => false,
@@ -80,32 +107,33 @@ pub async fn segment(
         }
     };
     let model = state.model()?;
-    let prompt = target(&req)?.prompt(req.prompt_template.as_deref())?;
+    // A template may repeat {query}: the prompt's length is bounded before it is built, by
+    // the most a prompt can take ([`crate::prepare`] checks it against the context again).
+    let prompt = target(&req)?.prompt_within(
+        req.prompt_template.as_deref(),
+        state.options.max_body_bytes,
+    )?;
     let config = req.sampling.config(&model.defaults)?;
     let constraint = match req.constrain.as_deref() {
         None | Some("none") => None,
-        Some(c) => constraint_of(Some(c), None, None)?,
+        Some(c) => constraint_of(Some(c), None, None, state.options.pattern_limits.max_pattern_bytes)?,
     };
     let mode = req.mode.unwrap_or(ParseMode::Robust);
     let coords = req.coords.unwrap_or(CoordMode::Normalized);
-    let options = state.options.clone();
-    let url = req.image.clone();
-    let image = tokio::task::spawn_blocking(move || {
-        media::image_from_url(&url, options.allowed_media_path.as_deref())
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    let (width, height) = image.dimensions();
-    let submitted = submit(
-        &state,
-        Job {
-            image,
-            prompt: prompt.clone(),
-            pixels: pixel_limits(req.min_pixels, req.max_pixels, None),
-            configs: vec![config],
-            constraint,
-        },
-    )?;
+    let job = Job {
+        image: req.image,
+        prompt: prompt.clone(),
+        pixels: pixel_limits(req.min_pixels, req.max_pixels, None)?,
+        configs: vec![config],
+        max_tokens_given: req.sampling.max_tokens.is_some(),
+        constraint,
+    };
+    let deadline = tokio::time::Instant::now() + state.options.request_timeout;
+    let queued = tokio::time::timeout_at(deadline, queue(&state, admitted.map(|e| e.0), job))
+        .await
+        .map_err(|_| timed_out())??;
+    let (width, height) = queued.size;
+    let submitted = queued.submitted;
     if req.stream {
         return Ok(stream(
             submitted,
@@ -114,15 +142,13 @@ pub async fn segment(
             height,
             mode,
             coords,
-            state.options.request_timeout,
+            deadline,
         ));
     }
     let (mut answers, prompt_tokens) =
-        tokio::time::timeout(state.options.request_timeout, collect(submitted, 1, &[]))
+        tokio::time::timeout_at(deadline, collect(submitted, 1, &[]))
             .await
-            .map_err(|_| {
-                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the request took too long")
-            })??;
+            .map_err(|_| timed_out())??;
     let Some(answer) = answers.pop() else {
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -174,28 +200,59 @@ static POINT: LazyLock<Option<Regex>> = LazyLock::new(|| {
 
 /// The complete points of `text` with the polygon each belongs to (a new polygon starts
 /// after a `]` that closes one).
-pub fn points_so_far(text: &str) -> Vec<(usize, [f64; 2])> {
-    let Some(re) = POINT.as_ref() else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut polygon = 0;
-    let mut last_end = None;
-    for c in re.captures_iter(text) {
-        let (Some(m), Some(x), Some(y)) = (c.get(0), c.get(1), c.get(2)) else {
-            continue;
+#[cfg(test)]
+fn points_so_far(text: &str) -> Vec<(usize, [f64; 2])> {
+    let mut stream = PointStream::default();
+    stream.push(text)
+}
+
+/// The complete points of a text with the polygon each belongs to (a new polygon starts after
+/// a `]` that closes one), over a text that grows piece by piece, in time linear in its length: a
+/// point can only begin at a `[` and holds no other, so the text before the last `[` that is
+/// not part of a point is never read again.
+#[derive(Debug, Default)]
+pub struct PointStream {
+    text: String,
+    /// Where reading resumes.
+    scanned: usize,
+    polygon: usize,
+    seen_point: bool,
+    /// Whether a `]` was passed since the last point.
+    closed: bool,
+}
+
+impl PointStream {
+    /// Adds text; returns the points it completes.
+    pub fn push(&mut self, delta: &str) -> Vec<(usize, [f64; 2])> {
+        self.text.push_str(delta);
+        let Some(re) = POINT.as_ref() else {
+            return Vec::new();
         };
-        if let Some(end) = last_end {
-            if text[end..m.start()].contains(']') {
-                polygon += 1;
+        let mut out = Vec::new();
+        let base = self.scanned;
+        let mut last_end = base;
+        for c in re.captures_iter(&self.text[base..]) {
+            let (Some(m), Some(x), Some(y)) = (c.get(0), c.get(1), c.get(2)) else {
+                continue;
+            };
+            if self.seen_point && (self.closed || self.text[last_end..base + m.start()].contains(']')) {
+                self.polygon += 1;
+            }
+            self.closed = false;
+            self.seen_point = true;
+            last_end = base + m.end();
+            if let (Ok(x), Ok(y)) = (x.as_str().parse(), y.as_str().parse()) {
+                out.push((self.polygon, [x, y]));
             }
         }
-        last_end = Some(m.end());
-        if let (Ok(x), Ok(y)) = (x.as_str().parse(), y.as_str().parse()) {
-            out.push((polygon, [x, y]));
+        let rest = &self.text[last_end..];
+        let keep = rest.rfind('[').unwrap_or(rest.len());
+        if rest[..keep].contains(']') {
+            self.closed = true;
         }
+        self.scanned = last_end + keep;
+        out
     }
-    out
 }
 
 fn stream(
@@ -205,7 +262,7 @@ fn stream(
     height: u32,
     mode: ParseMode,
     coords: CoordMode,
-    timeout: std::time::Duration,
+    deadline: tokio::time::Instant,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
     tokio::spawn(async move {
@@ -213,10 +270,8 @@ fn stream(
             tx.send(Ok(SseEvent::default().event(name).data(data.to_string())))
                 .is_ok()
         };
-        let mut text = String::new();
-        let mut sent = 0;
+        let mut points = PointStream::default();
         let mut prompt_tokens = 0;
-        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let event = match tokio::time::timeout_at(deadline, submitted.events.recv()).await {
                 Ok(Some(e)) => e,
@@ -235,15 +290,12 @@ fn stream(
             match event {
                 Event::Started { prompt_tokens: p } => prompt_tokens = p,
                 Event::Token { text: delta, .. } => {
-                    text.push_str(&delta);
                     if !send("token", json!({"text": delta})) {
                         return;
                     }
-                    let points = points_so_far(&text);
-                    for (polygon, point) in points.iter().skip(sent) {
+                    for (polygon, point) in points.push(&delta) {
                         send("point", json!({"polygon": polygon, "point": point}));
                     }
-                    sent = sent.max(points.len());
                 }
                 Event::Finished { output, .. } => {
                     let reason = crate::stream::finish_reason(&output, false);
@@ -290,5 +342,30 @@ mod tests {
         assert_eq!(p.len(), 4);
         assert_eq!(p[2], (0, [0.5, 0.6]));
         assert_eq!(p[3], (1, [0.7, 0.8]));
+    }
+
+    #[test]
+    fn points_stream_as_they_do_whole() {
+        let answers = [
+            "[[[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], [[0.7, 0.8], [0.9, 1.0], [0.25, 0.5]]].",
+            "Sure: [[[ 0.1 ,0.2 ],[0.3,0.4]] junk ] [ [0.5,0.6] [[1e-1, 2E+0]]",
+            "[[[0.1, [0.2, 0.3]]], ]] [0.4, 0.5]",
+        ];
+        for answer in answers {
+            let whole = points_so_far(answer);
+            for cut in 1..answer.len() {
+                for step in [1, 3, 7] {
+                    let mut stream = PointStream::default();
+                    let mut got = stream.push(&answer[..cut]);
+                    let mut at = cut;
+                    while at < answer.len() {
+                        let end = (at + step).min(answer.len());
+                        got.extend(stream.push(&answer[at..end]));
+                        at = end;
+                    }
+                    assert_eq!(got, whole, "{answer} cut at {cut} by {step}");
+                }
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@
 mod data_cmds;
 mod embedded;
 mod eval_cmds;
+mod interrupts;
 mod model_cmds;
 mod protocol_cmds;
 mod quantize_cmd;
@@ -104,11 +105,15 @@ struct ExportModelArgs {
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() -> ExitCode {
-    // Keep freed memory for reuse instead of returning it to the OS: steps free and re-allocate
-    // the same tensors, so returned pages come straight back zeroed by the kernel.
-    // SAFETY: sets a process-wide allocator option before any other thread exists.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
+    // Keep freed memory for reuse instead of returning it to the OS: steps free and re-allocate
+    // the same tensors, so returned pages come straight back zeroed by the kernel. A server
+    // gives memory back after a burst of large requests instead (mimalloc's default delay).
+    if !matches!(cli.command, Command::Serve(_)) {
+        // SAFETY: sets a process-wide allocator option before any other thread exists.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+        interrupts::remove_outputs_on_signal();
+    }
     simpleseg_core::limits::set_limits(cli.limits.limits());
     let result = match cli.command {
         Command::Chat(args) => model_cmds::chat(args),

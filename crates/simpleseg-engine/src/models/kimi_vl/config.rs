@@ -62,6 +62,9 @@ pub struct TextConfig {
     pub qk_rope_head_dim: usize,
     pub v_head_dim: usize,
     pub rms_norm_eps: f64,
+    /// The longest sequence the model was trained on (DeepSeek-V3's default when absent).
+    #[serde(default = "max_position_embeddings")]
+    pub max_position_embeddings: usize,
     #[serde(default = "rope_theta")]
     pub rope_theta: f64,
     /// DeepSeek lays the rotary dimensions out in interleaved pairs.
@@ -95,6 +98,10 @@ fn noaux_tc() -> String {
 fn silu() -> String {
     "silu".into()
 }
+fn max_position_embeddings() -> usize {
+    4096
+}
+
 fn rope_theta() -> f64 {
     10000.0
 }

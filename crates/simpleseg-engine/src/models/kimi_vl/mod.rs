@@ -248,6 +248,10 @@ impl VisionLanguageModel for KimiVlModel {
         &self.generation
     }
 
+    fn max_positions(&self) -> usize {
+        self.model.config.text.max_position_embeddings
+    }
+
     fn dtype(&self) -> DType {
         self.dtype
     }

@@ -311,6 +311,15 @@ impl VisionLanguageModel for Qwen2_5VlModel {
         &self.generation
     }
 
+    fn max_positions(&self) -> usize {
+        self.model.config.text.max_position_embeddings
+    }
+
+    fn pixel_range(&self) -> Option<(usize, usize)> {
+        let c = &self.prompts.image_config;
+        Some((c.min_pixels, c.max_pixels))
+    }
+
     fn dtype(&self) -> DType {
         self.dtype
     }
