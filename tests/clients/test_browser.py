@@ -16,19 +16,25 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
 
-@pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver")
-def test_page_draws_the_segment_result(server):
-    base, _ = server
+def chromium():
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = Options()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1300,900"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1300,900",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run"):
         options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(DRIVER), options=options)
+    return webdriver.Chrome(service=Service(DRIVER), options=options)
+
+
+@pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_page_draws_the_segment_result(server):
+    base, _ = server
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium()
     try:
         browser.get(base + "/")
         browser.find_element(By.ID, "file").send_keys(str(DEMO))
@@ -57,3 +63,29 @@ def test_page_draws_the_segment_result(server):
     assert shown["rle"] == api["rle"]
     assert len(drawn) >= 1 and len(drawn[0]) >= 3
     assert os.path.getsize(ROOT / "target/web-page.png") > 10_000
+
+
+@pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_a_photo_turned_by_its_exif_is_segmented_as_shown(server):
+    """A JPEG stored 12 x 8 with EXIF orientation 6: the browser shows it 8 x 12. The page sends
+    it as shown, so the mask comes back 8 wide and 12 high, in the frame the outline is drawn
+    in (the server itself reads pictures as stored, as Pillow does)."""
+    base, _ = server
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = ROOT / "fixtures/images/exif6.jpg"
+    browser = chromium()
+    try:
+        browser.get(base + "/")
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        WebDriverWait(browser, 30).until(lambda b: not b.find_element(By.ID, "go").get_property("disabled"))
+        assert browser.execute_script("return window.simpleseg.turned") is True
+        size = browser.execute_script("const c = document.getElementById('canvas'); return [c.width, c.height]")
+        assert size == [8, 12]
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 120).until(lambda b: b.execute_script("return window.simpleseg.done"))
+        shown = browser.execute_script("return window.simpleseg.result()")
+    finally:
+        browser.quit()
+    assert shown["rle"]["size"] == [12, 8]

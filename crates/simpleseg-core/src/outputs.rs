@@ -6,9 +6,9 @@
 //! none), so a failed command changes nothing.
 //!
 //! Temporary files never outlive the process that made them: a failed or abandoned write
-//! removes its own, [`remove_temporaries`] removes every one still open (the command line calls
-//! it on Ctrl-C and SIGTERM), and the first write into a folder removes those that killed
-//! processes of this tool left there (their names carry the process id).
+//! removes its own, [`remove_temporaries_and_exit`] removes every one still open (the command
+//! line calls it on Ctrl-C and SIGTERM), and the first write into a folder removes those that
+//! killed processes of this tool left there (their names carry the process id).
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -36,15 +36,13 @@ pub struct Outputs {
     staged: Vec<(PathBuf, PathBuf)>,
 }
 
-/// What the process has on disk that is not an output yet.
+/// What the process has on disk that is not an output yet. Its lock is held while a
+/// temporary is created and through a whole commit, so that a signal handler taking it
+/// ([`remove_temporaries_and_exit`]) finds every temporary registered and no commit half done.
 #[derive(Default)]
 struct Pending {
     /// Temporary files being written or waiting to be renamed.
     temporaries: HashSet<PathBuf>,
-    /// Copies of replaced files kept while a commit may still be undone: `(copy, original)`.
-    backups: Vec<(PathBuf, PathBuf)>,
-    /// Outputs moved into place by a commit in progress that replaced no file.
-    created: HashSet<PathBuf>,
     /// Folders already cleared of temporaries left by killed processes.
     swept: HashSet<PathBuf>,
 }
@@ -139,10 +137,15 @@ impl Outputs {
     ) -> Result<()> {
         let tmp = unique_name(path, TEMPORARY)?;
         sweep(path.parent().unwrap_or(Path::new("")));
-        with_pending(|p| p.temporaries.insert(tmp.clone()));
+        let file = with_pending(|p| {
+            // Registered before it exists, and created under the lock: an interrupt removes it
+            // whenever it comes.
+            p.temporaries.insert(tmp.clone());
+            File::create(&tmp)
+        });
         // Staged before writing, so that a failure removes it.
         self.staged.push((tmp.clone(), path.to_path_buf()));
-        let file = File::create(&tmp).map_err(|source| Error::Io {
+        let file = file.map_err(|source| Error::Io {
             path: path.into(),
             source,
         })?;
@@ -156,57 +159,48 @@ impl Outputs {
     }
 
     /// Moves every output into place; returns their paths. On failure every output is as it
-    /// was before (see the module documentation).
+    /// was before (see the module documentation). An interrupt waits until it is done.
     pub fn commit(mut self) -> Result<Vec<PathBuf>> {
         let staged = std::mem::take(&mut self.staged);
+        let mut guard = pending();
+        let pending = guard.get_or_insert_with(Pending::default);
         // Outputs moved so far, with the copy of the file each replaced.
         let mut placed: Vec<(PathBuf, Option<PathBuf>)> = Vec::with_capacity(staged.len());
         let mut failure = None;
         let mut rest = staged.into_iter();
         for (tmp, path) in rest.by_ref() {
             let moved = keep_previous(&path).and_then(|backup| {
-                match std::fs::rename(&tmp, &path) {
-                    Ok(()) => Ok(backup),
-                    Err(source) => {
-                        if let Some(b) = backup {
-                            forget_backup(&b);
+                std::fs::rename(&tmp, &path)
+                    .map(|()| backup.clone())
+                    .map_err(|source| {
+                        if let Some(b) = &backup {
+                            let _ = std::fs::remove_file(b);
                         }
-                        Err(Error::Io {
+                        Error::Io {
                             path: path.clone(),
                             source,
-                        })
-                    }
-                }
+                        }
+                    })
             });
-            // Renamed, or to be removed with the rest.
-            remove_temporary(&tmp, moved.is_err());
+            pending.temporaries.remove(&tmp);
             match moved {
-                Ok(backup) => {
-                    if backup.is_none() {
-                        with_pending(|p| p.created.insert(path.clone()));
-                    }
-                    placed.push((path, backup));
-                }
+                Ok(backup) => placed.push((path, backup)),
                 Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
                     failure = Some(e);
                     break;
                 }
             }
         }
-        with_pending(|p| {
-            for (path, _) in &placed {
-                p.created.remove(path);
-            }
-        });
         if let Some(e) = failure {
             for (tmp, _) in rest {
-                remove_temporary(&tmp, true);
+                let _ = std::fs::remove_file(&tmp);
+                pending.temporaries.remove(&tmp);
             }
             for (path, backup) in placed.into_iter().rev() {
                 match backup {
                     Some(b) => {
                         let _ = std::fs::rename(&b, &path);
-                        with_pending(|p| p.backups.retain(|(c, _)| c != &b));
                     }
                     None => {
                         let _ = std::fs::remove_file(&path);
@@ -219,7 +213,7 @@ impl Outputs {
             .into_iter()
             .map(|(path, backup)| {
                 if let Some(b) = backup {
-                    forget_backup(&b);
+                    let _ = std::fs::remove_file(b);
                 }
                 path
             })
@@ -234,58 +228,40 @@ fn keep_previous(path: &Path) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let backup = unique_name(path, BACKUP)?;
-    with_pending(|p| p.backups.push((backup.clone(), path.to_path_buf())));
-    let kept = std::fs::hard_link(path, &backup)
-        .or_else(|_| std::fs::copy(path, &backup).map(|_| ()));
-    match kept {
-        Ok(()) => Ok(Some(backup)),
-        Err(source) => {
-            forget_backup(&backup);
-            Err(Error::Io {
+    std::fs::hard_link(path, &backup)
+        .or_else(|_| std::fs::copy(path, &backup).map(|_| ()))
+        .map_err(|source| {
+            let _ = std::fs::remove_file(&backup);
+            Error::Io {
                 path: path.into(),
                 source,
-            })
-        }
-    }
-}
-
-fn forget_backup(backup: &Path) {
-    let _ = std::fs::remove_file(backup);
-    with_pending(|p| p.backups.retain(|(c, _)| c != backup));
-}
-
-fn remove_temporary(tmp: &Path, delete: bool) {
-    if delete {
-        let _ = std::fs::remove_file(tmp);
-    }
-    with_pending(|p| p.temporaries.remove(tmp));
+            }
+        })?;
+    Ok(Some(backup))
 }
 
 impl Drop for Outputs {
     fn drop(&mut self) {
-        for (tmp, _) in &self.staged {
-            remove_temporary(tmp, true);
-        }
+        with_pending(|p| {
+            for (tmp, _) in &self.staged {
+                let _ = std::fs::remove_file(tmp);
+                p.temporaries.remove(tmp);
+            }
+        });
     }
 }
 
-/// Removes every temporary file this process has open and puts back any file a commit in
-/// progress had replaced. For a signal handler: the process is about to exit.
-pub fn remove_temporaries() {
+/// Removes every temporary file this process has open, then calls `exit` with the lock still
+/// held, so that no new temporary can appear and no commit can start before the process
+/// ends. For a signal handler.
+pub fn remove_temporaries_and_exit(code: i32) -> ! {
     let mut guard = pending();
-    let Some(p) = guard.as_mut() else {
-        return;
-    };
-    for tmp in p.temporaries.drain() {
-        let _ = std::fs::remove_file(tmp);
+    if let Some(p) = guard.as_mut() {
+        for tmp in p.temporaries.drain() {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
-    // A commit stopped half-way: what it replaced comes back, what it created goes.
-    for (backup, original) in p.backups.drain(..) {
-        let _ = std::fs::rename(&backup, &original);
-    }
-    for created in p.created.drain() {
-        let _ = std::fs::remove_file(created);
-    }
+    std::process::exit(code)
 }
 
 #[cfg(test)]
@@ -367,7 +343,7 @@ mod tests {
         assert_eq!(owner(".m.png.bak77-0"), Some(77));
         assert_eq!(owner(".m.png.tmp-4"), None);
         // While an output is being written its temporary is known, for a signal handler to
-        // remove ([`remove_temporaries`]; the command line's Ctrl-C test runs it).
+        // remove ([`remove_temporaries_and_exit`]; the command line's interrupt test runs it).
         let mut outputs = Outputs::default();
         outputs.add(&dir.join("n.txt"), write("n")).unwrap();
         let tmp = outputs.staged[0].0.clone();

@@ -323,3 +323,56 @@ impl ChatTemplate {
         self.render(&messages, true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rule the incremental decoder replaces: decode everything at each step and give out
+    /// what is new, holding back a text ending in an incomplete character.
+    fn whole(tokenizer: &TextTokenizer, ids: &[u32]) -> Vec<Option<String>> {
+        let mut emitted = 0;
+        (1..=ids.len())
+            .map(|n| {
+                let text = tokenizer.decode(&ids[..n]).unwrap();
+                if text.ends_with('\u{FFFD}') || text.len() <= emitted || !text.is_char_boundary(emitted) {
+                    return None;
+                }
+                let piece = text[emitted..].to_string();
+                emitted = text.len();
+                Some(piece)
+            })
+            .collect()
+    }
+
+    fn check(tokenizer: &TextTokenizer, texts: &[&str]) {
+        let mut seed = 11u64;
+        for text in texts {
+            let mut ids = tokenizer.encode(text).unwrap();
+            // And random tokens: pieces of characters, special tokens.
+            for _ in 0..40 {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ids.push((seed >> 33) as u32 % tokenizer.vocab_size() as u32);
+            }
+            let mut stream = IncrementalText::default();
+            let pieces: Vec<Option<String>> =
+                ids.iter().map(|&t| stream.push(tokenizer, t).unwrap()).collect();
+            assert_eq!(pieces, whole(tokenizer, &ids), "{text}");
+        }
+    }
+
+    #[test]
+    fn incremental_text_equals_decoding_everything() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let texts = [
+            "[[[0.625, 0.208], [0.5, 0.21], [0.44, 0.98]]].",
+            "Sure, you can find it at [[[0.1, 0.2], [0.3, 0.4]]]. 你好 🙂 é",
+            "  leading spaces\n\tand tabs",
+        ];
+        let qwen = TextTokenizer::from_file(&root.join("models/simpleseg-tiny/tokenizer.json")).unwrap();
+        check(&qwen, &texts);
+        let folder = crate::hf::HfFolder::open(&root.join("fixtures/kimi/kimi-tiny")).unwrap();
+        let kimi = TextTokenizer::tiktoken(crate::tiktoken::TiktokenTokenizer::load(&folder).unwrap());
+        check(&kimi, &texts);
+    }
+}

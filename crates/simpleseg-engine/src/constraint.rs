@@ -311,6 +311,9 @@ const CACHED_GRAMMARS: usize = 64;
 /// to share between threads; building happens outside the lock.
 pub struct GrammarCache {
     limits: PatternLimits,
+    /// Constraints built (successfully or not) and answered from the cache, for metrics.
+    pub builds: std::sync::atomic::AtomicUsize,
+    pub hits: std::sync::atomic::AtomicUsize,
     tokens: Mutex<Option<Arc<TokenBytes>>>,
     entries: Mutex<std::collections::VecDeque<(Constraint, std::result::Result<Arc<Grammar>, String>)>>,
 }
@@ -320,6 +323,8 @@ impl GrammarCache {
     pub fn new(limits: PatternLimits) -> Self {
         GrammarCache {
             limits,
+            builds: Default::default(),
+            hits: Default::default(),
             tokens: Mutex::new(None),
             entries: Mutex::new(std::collections::VecDeque::new()),
         }
@@ -340,9 +345,12 @@ impl GrammarCache {
                 .find(|(c, _)| c == constraint)
                 .map(|(_, g)| g.clone())
         });
+        use std::sync::atomic::Ordering::Relaxed;
         if let Some(found) = found {
+            self.hits.fetch_add(1, Relaxed);
             return found.map_err(Error::Input);
         }
+        self.builds.fetch_add(1, Relaxed);
         let built = self.build(tokenizer, stop, constraint);
         let kept = match &built {
             Ok(g) => Ok(g.clone()),

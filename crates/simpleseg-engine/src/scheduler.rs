@@ -242,7 +242,6 @@ fn run(
             }
         }
         if rows.is_empty() {
-            stats.running_rows.store(0, Ordering::Relaxed);
             session = None;
             requests.clear();
             if closed {
@@ -259,6 +258,7 @@ fn run(
             rows.clear();
             session = None;
         }
+        stats.running_rows.store(rows.len(), Ordering::Relaxed);
     }
 }
 

@@ -137,3 +137,24 @@ fn corrupt_files_are_reported() {
     assert!(err.contains("model-00001-of-00003.safetensors"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Shards are files of the model folder: an index naming a path elsewhere is refused before
+/// anything outside is opened (or fingerprinted by eval).
+#[test]
+fn shards_outside_the_folder_are_refused() {
+    for (case, shard) in [
+        ("parent", "../model-00001-of-00003.safetensors"),
+        ("absolute", "/etc/passwd"),
+        ("nested", "sub/model.safetensors"),
+    ] {
+        let dir = copy(&format!("shard-{case}"));
+        edit_json(&dir.join("model.safetensors.index.json"), |v| {
+            let map = v["weight_map"].as_object_mut().unwrap();
+            let first = map.keys().next().unwrap().clone();
+            map[&first] = serde_json::json!(shard);
+        });
+        let err = error_of(&dir);
+        assert!(err.contains("not a file name in the model folder"), "{case}: {err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

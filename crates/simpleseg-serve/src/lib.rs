@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
@@ -269,6 +269,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/segment", post(segment::segment))
         .fallback(not_found)
+        // The guard reads bodies within --max-body-bytes and its time; handlers take them whole.
+        .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), guard::guard))
         .with_state(state)
 }

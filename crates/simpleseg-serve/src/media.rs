@@ -132,11 +132,12 @@ fn read_regular_file(path: &Path) -> Result<Vec<u8>, ApiError> {
     Ok(bytes)
 }
 
-/// Bytes a decode of this picture takes at most: the decoder's pixels, and the RGB copy.
+/// Bytes a decode of this picture takes at most: the decoder's output and its working copy
+/// of the pixels (PNG keeps the inflated rows), and the RGB copy.
 fn decode_cost(bytes: &[u8], source: &Path) -> Result<u64, ApiError> {
     let info = simpleseg_core::images::header_info(bytes, source)?;
     let pixels = u64::from(info.width) * u64::from(info.height);
-    Ok(pixels.saturating_mul(u64::from(info.bytes_per_pixel) + 3))
+    Ok(pixels.saturating_mul(2 * u64::from(info.bytes_per_pixel) + 3))
 }
 
 /// Decodes an image as Pillow's RGB, with its decoding cost reserved first; the reservation

@@ -160,6 +160,18 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
                 "counter",
                 s.finished_answers.load(Ordering::Relaxed),
             ),
+            (
+                "simpleseg_constraint_builds_total",
+                "Constraints compiled (successfully or not).",
+                "counter",
+                model.grammars.builds.load(Ordering::Relaxed),
+            ),
+            (
+                "simpleseg_constraint_cache_hits_total",
+                "Constraints answered from the cache (failures included).",
+                "counter",
+                model.grammars.hits.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, kind, value) in gauges {
             out.push_str(&format!(

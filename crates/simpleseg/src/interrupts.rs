@@ -7,10 +7,9 @@
 /// its own terms).
 pub fn remove_outputs_on_signal() {
     let installed = ctrlc::set_handler(|| {
-        simpleseg_core::outputs::remove_temporaries();
         eprintln!("interrupted");
         // 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C.
-        std::process::exit(130);
+        simpleseg_core::outputs::remove_temporaries_and_exit(130);
     });
     if let Err(e) = installed {
         eprintln!("warning: temporary files are not removed on Ctrl-C ({e})");

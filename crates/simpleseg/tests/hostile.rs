@@ -423,6 +423,104 @@ fn very_long_answers_rasterize_in_bounded_memory() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// 320,000 triangles (a 16 MB answer, within the text limit): the union grows by one bit per
+/// pixel, not by polygons times the image's width.
+#[test]
+fn many_polygons_rasterize_in_bounded_memory() {
+    let dir = fresh_dir("hostile", "triangles");
+    let mut answer = String::with_capacity(17 << 20);
+    answer.push('[');
+    for i in 0..320_000u64 {
+        let (x, y) = ((i * 7919 % 997) as f64 / 1000.0, (i * 104_729 % 991) as f64 / 1000.0);
+        if i > 0 {
+            answer.push_str(", ");
+        }
+        answer.push_str(&format!(
+            "[[{x:.3}, {y:.3}], [{:.3}, {y:.3}], [{x:.3}, {:.3}]]",
+            x + 0.002,
+            y + 0.003
+        ));
+    }
+    answer.push(']');
+    std::fs::write(dir.join("triangles.txt"), &answer).unwrap();
+    for (width, height) in [("1000", "800"), ("4000", "3000")] {
+        let out = succeeded(
+            &format!("320,000 triangles at {width}x{height}"),
+            &dir,
+            &[
+                "decode",
+                "--response-file",
+                "triangles.txt",
+                "--width",
+                width,
+                "--height",
+                height,
+                "--rle-out",
+                "t.json",
+            ],
+            SMALL,
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("320000 polygons"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Ctrl-C (or SIGTERM) while `data synth` writes: no image and no temporary file remain, and
+/// the dataset's index is as it was. After SIGKILL, the next run into the folder removes what
+/// the killed one left.
+#[test]
+fn interrupted_outputs_leave_nothing_behind() {
+    let dir = fresh_dir("hostile", "interrupt");
+    let out = dir.join("data");
+    let images = out.join("images/synth");
+    let leftovers = || -> Vec<PathBuf> {
+        files_in(&dir)
+            .into_iter()
+            .filter(|p| p.is_file())
+            .collect()
+    };
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGKILL] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
+            .args(["data", "synth", "--out", out.to_str().unwrap(), "--count", "100000", "--split", "big", "--seed", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until images are being written.
+        let start = std::time::Instant::now();
+        while !images.is_dir() || std::fs::read_dir(&images).unwrap().count() < 20 {
+            assert!(start.elapsed().as_secs() < 60, "no image written");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: sends a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let status = child.wait().unwrap();
+        if signal == libc::SIGKILL {
+            assert!(!leftovers().is_empty(), "a killed process leaves its temporaries");
+            // The next run writing into the folder removes them.
+            let next = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
+                .args(["data", "synth", "--out", out.to_str().unwrap(), "--count", "2", "--split", "small", "--seed", "2"])
+                .output()
+                .unwrap();
+            assert!(next.status.success(), "{}", String::from_utf8_lossy(&next.stderr));
+            let names: Vec<String> = files_in(&images)
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(names.len(), 2, "{names:?}");
+            assert!(names.iter().all(|n| n.starts_with("small_")), "{names:?}");
+        } else {
+            assert_eq!(status.code(), Some(130), "{signal}: {status:?}");
+            assert_eq!(leftovers(), Vec::<PathBuf>::new(), "signal {signal}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_failing_output_leaves_no_other_output() {
     let dir = fresh_dir("hostile", "outputs");
