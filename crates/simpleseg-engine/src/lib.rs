@@ -19,7 +19,6 @@
 // Every unwrap or expect outside tests is a decision: a panic reachable from input is a bug.
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
-pub mod bf16_gemm;
 pub mod chat;
 pub mod constraint;
 pub mod error;

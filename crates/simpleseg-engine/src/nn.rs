@@ -10,6 +10,9 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor, D};
 
+use simpleseg_kernels::dot::{bf16_to_f32, dot_bf16, dot_f32, f32_id};
+use simpleseg_kernels::rows::Weights as Rows;
+
 use crate::quantized::{QuantizedMatrix, RowsProduct};
 use crate::weights::{MappedMatrix, Weights};
 
@@ -272,22 +275,8 @@ impl Embedding {
     }
 }
 
-/// How far ahead (in weights) the BF16 row kernel asks for each row's next cache lines.
-const PREFETCH: usize = 512;
-
-/// Weight rows multiplied side by side by the BF16 row kernel.
-const GROUP: usize = 8;
-
 /// Row counts up to which the row kernels replace candle's matmul.
 const FEW_ROWS: usize = 8;
-
-/// A weight's values as stored.
-#[derive(Clone, Copy)]
-enum Rows<'a> {
-    Bf16(&'a [half::bf16]),
-    F16(&'a [half::f16]),
-    F32(&'a [f32]),
-}
 
 /// `x W^T` for at most [`FEW_ROWS`] rows of `x` against a contiguous BF16 or F32 weight on the
 /// CPU, or `None` when that does not apply (other dtypes, devices, more rows, or a computation
@@ -321,77 +310,13 @@ fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(y))
 }
 
-/// `x W^T` by one dot product per output, each weight row read once (widened to f32) and
-/// accumulated in f32, the result rounded to `x`'s dtype as a BF16 matmul does.
-///
-/// Decoding multiplies a few rows by every weight. candle's general BF16 matmul repacks the
-/// whole weight on each call, which made a 7B-size token take ~15 s on 2 cores, where reading
-/// the weights once allows about 1 s. And each output is one dot product computed the same way
-/// whatever the number of rows, so a sequence decoded in a batch gets exactly the numbers it
-/// gets alone.
+/// `x W^T` by one dot product per output ([`simpleseg_kernels::rows`]), the result rounded to
+/// `x`'s dtype as a BF16 matmul does.
 fn rows_matmul(x: &Tensor, w: Rows, out_dim: usize, in_dim: usize) -> Result<Tensor> {
-    use rayon::prelude::*;
-
     let rows = x.dim(0)?;
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    // One chunk of `rows` outputs per weight row (output feature), in parallel.
-    let mut by_feature = vec![0f32; out_dim * rows];
-    macro_rules! run {
-        ($w:expr, $dot:ident) => {
-            by_feature
-                .par_chunks_mut(rows)
-                .zip($w.par_chunks(in_dim))
-                .with_min_len(64)
-                .for_each(|(out, w_row)| {
-                    for (r, o) in out.iter_mut().enumerate() {
-                        *o = $dot(&xs[r * in_dim..(r + 1) * in_dim], w_row);
-                    }
-                })
-        };
-    }
-    match w {
-        Rows::Bf16(data) => {
-            #[cfg(target_arch = "x86_64")]
-            if avx2_fma() && in_dim > 0 {
-                // Groups of four weight rows; a feature's group never depends on `rows`.
-                by_feature
-                    .par_chunks_mut(GROUP * rows)
-                    .zip(data.par_chunks(GROUP * in_dim))
-                    .with_min_len(16)
-                    .for_each(|(out, w_rows)| {
-                        let group: Vec<&[half::bf16]> = w_rows.chunks(in_dim).collect();
-                        for r in 0..rows {
-                            let x_row = &xs[r * in_dim..(r + 1) * in_dim];
-                            if let Ok(rows_of_group) =
-                                <[&[half::bf16]; GROUP]>::try_from(&group[..])
-                            {
-                                // SAFETY: the CPU supports AVX2 and FMA, checked above.
-                                let four = unsafe { dot4_bf16_avx2(x_row, rows_of_group) };
-                                for (k, v) in four.into_iter().enumerate() {
-                                    out[k * rows + r] = v;
-                                }
-                            } else {
-                                for (k, w_row) in group.iter().enumerate() {
-                                    out[k * rows + r] = dot_bf16(x_row, w_row);
-                                }
-                            }
-                        }
-                    });
-            } else {
-                run!(data, dot_bf16)
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            run!(data, dot_bf16)
-        }
-        Rows::F16(data) => run!(data, dot_f16),
-        Rows::F32(data) => run!(data, dot_f32),
-    }
-    let mut y = vec![0f32; rows * out_dim];
-    for (f, values) in by_feature.chunks(rows).enumerate() {
-        for (r, v) in values.iter().enumerate() {
-            y[r * out_dim + f] = *v;
-        }
-    }
+    let y = simpleseg_kernels::rows::matmul(&xs, rows, w, out_dim, in_dim)
+        .ok_or_else(|| candle_core::Error::Msg(format!("a {rows}-row product does not fit a {out_dim}x{in_dim} weight")))?;
     Tensor::from_vec(y, (rows, out_dim), x.device())?.to_dtype(x.dtype())
 }
 
@@ -451,7 +376,7 @@ impl RowSource for QuantizedMatrix {
 }
 
 /// `x W^T` for many rows (a prefill) against a weight read in place: with BF16 activations
-/// and a CPU that has BF16 dot products, [`crate::bf16_gemm`] on the weight's rows as BF16;
+/// and a CPU that has BF16 dot products, [`simpleseg_kernels::bf16_gemm`] on the weight's rows as BF16;
 /// otherwise the f32 GEMM on the weight widened (or dequantized) a block of rows at a time,
 /// which computes exactly on the stored values. Either way no copy of the whole weight exists.
 fn many_rows_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Tensor> {
@@ -463,7 +388,7 @@ fn many_rows_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Tensor> {
 
 /// The BF16 path of [`many_rows_matmul`], rounded to BF16; `None` where it does not apply.
 fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Tensor>> {
-    if x.dtype() != DType::BF16 || !crate::bf16_gemm::available() {
+    if x.dtype() != DType::BF16 || !simpleseg_kernels::bf16_gemm::available() {
         return Ok(None);
     }
     let rows = x.dim(0)?;
@@ -475,7 +400,7 @@ fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Tensor>> {
         .map(|v| v.to_bits())
         .collect();
     let row = |j: usize, out: &mut [u16]| w.row_bf16_bits(j, out);
-    let Some(y) = crate::bf16_gemm::gemm(&bits, row, rows, out_dim, in_dim) else {
+    let Some(y) = simpleseg_kernels::bf16_gemm::gemm(&bits, row, rows, out_dim, in_dim) else {
         return Ok(None);
     };
     // Rounded here in parallel: candle's f32 -> BF16 conversion goes element by element
@@ -491,286 +416,17 @@ fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Tensor>> {
     )?))
 }
 
-/// The f32 path of [`many_rows_matmul`]: the weight is widened to f32 a block of output
-/// features at a time (about 4 MiB) and each block multiplied with the f32 GEMM; an f32 weight
-/// is used in one piece as stored. The result is rounded to `x`'s dtype.
+/// The f32 path of [`many_rows_matmul`] ([`simpleseg_kernels::f32_gemm`]): exact on the
+/// stored values; the result is rounded to `x`'s dtype.
 fn widened_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Tensor> {
-    use rayon::prelude::*;
-
     let rows = x.dim(0)?;
     let (out_dim, in_dim) = w.dims();
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut y = vec![0f32; rows * out_dim];
-    let stored = w.f32_rows();
-    let block = if stored.is_some() {
-        out_dim.max(1)
-    } else {
-        ((4 << 20) / (4 * in_dim.max(1))).clamp(16, out_dim.max(16))
-    };
-    let mut buffer = vec![0f32; if stored.is_some() { 0 } else { block * in_dim }];
-    let threads = rayon::current_num_threads();
-    for b0 in (0..out_dim).step_by(block) {
-        let n = block.min(out_dim - b0);
-        let rhs = match stored {
-            Some(all) => &all[b0 * in_dim..(b0 + n) * in_dim],
-            None => {
-                buffer[..n * in_dim]
-                    .par_chunks_mut(in_dim.max(1))
-                    .enumerate()
-                    .for_each(|(i, out)| w.row_f32(b0 + i, out));
-                &buffer[..n * in_dim]
-            }
-        };
-        // SAFETY: dst is `rows x out_dim` row-major and the written columns b0..b0 + n lie
-        // within it; lhs is `rows x in_dim` row-major; rhs is the block read as `in_dim x n`
-        // (element (k, j) at j * in_dim + k); all three outlive the call.
-        unsafe {
-            gemm::gemm(
-                rows,
-                n,
-                in_dim,
-                y.as_mut_ptr().add(b0),
-                1,
-                out_dim as isize,
-                false,
-                xs.as_ptr(),
-                1,
-                in_dim as isize,
-                rhs.as_ptr(),
-                in_dim as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                if threads > 1 {
-                    gemm::Parallelism::Rayon(threads)
-                } else {
-                    gemm::Parallelism::None
-                },
-            );
-        }
-    }
+    let y = simpleseg_kernels::f32_gemm::matmul(&xs, rows, out_dim, in_dim, w.f32_rows(), |j, out| {
+        w.row_f32(j, out)
+    })
+    .ok_or_else(|| candle_core::Error::Msg(format!("a {rows}-row product does not fit a {out_dim}x{in_dim} weight")))?;
     Tensor::from_vec(y, (rows, out_dim), x.device())?.to_dtype(x.dtype())
-}
-
-/// BF16 values widened to f32 (exact: the 16 bits become the high half), with AVX2 where the
-/// CPU has it.
-pub fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { widen_bf16_avx2(src, dst) };
-        }
-    }
-    widen_bf16_portable(src, dst)
-}
-
-/// [`widen_bf16_portable`] compiled for AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn widen_bf16_avx2(src: &[half::bf16], dst: &mut [f32]) {
-    widen_bf16_portable(src, dst)
-}
-
-#[inline(always)]
-fn widen_bf16_portable(src: &[half::bf16], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = f32::from_bits(u32::from(s.to_bits()) << 16);
-    }
-}
-
-/// Dot product of f32 values with F16 values in f32: the weights are widened a chunk at a time
-/// (half's converter uses F16C where the CPU has it) and multiplied by [`dot_f32`].
-fn dot_f16(x: &[f32], w: &[half::f16]) -> f32 {
-    use half::slice::HalfFloatSliceExt;
-    let mut buffer = [0f32; 256];
-    let mut sum = 0f32;
-    for (xs, ws) in x.chunks(256).zip(w.chunks(256)) {
-        let wide = &mut buffer[..ws.len()];
-        ws.convert_to_f32_slice(wide);
-        sum += dot_f32(xs, wide);
-    }
-    sum
-}
-
-/// Whether the CPU has AVX2 and FMA (checked once by the standard library, then cached).
-#[cfg(target_arch = "x86_64")]
-fn avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-}
-
-/// A dot product of f32 values with weights widened to f32 by `$widen`, accumulated in f32 in
-/// 32 running sums (four 8-lane vectors, so that consecutive additions do not wait on each
-/// other), each step `$step(x, w, sum)`.
-macro_rules! dot_kernel {
-    ($name:ident, $weight:ty, $widen:expr, $step:expr) => {
-        #[inline(always)]
-        fn $name(x: &[f32], w: &[$weight]) -> f32 {
-            const LANES: usize = 32;
-            let mut acc = [0f32; LANES];
-            let (xc, wc) = (x.chunks_exact(LANES), w.chunks_exact(LANES));
-            let (x_rest, w_rest) = (xc.remainder(), wc.remainder());
-            for (xs, ws) in xc.zip(wc) {
-                for k in 0..LANES {
-                    acc[k] = $step(xs[k], $widen(ws[k]), acc[k]);
-                }
-            }
-            let mut rest = 0f32;
-            for (a, b) in x_rest.iter().zip(w_rest) {
-                rest = $step(*a, $widen(*b), rest);
-            }
-            acc.iter().sum::<f32>() + rest
-        }
-    };
-}
-
-/// BF16 -> f32 is exact: the 16 bits become the high half of the f32.
-#[inline(always)]
-fn bf16_to_f32(v: half::bf16) -> f32 {
-    f32::from_bits(u32::from(v.to_bits()) << 16)
-}
-
-#[inline(always)]
-fn f32_id(v: f32) -> f32 {
-    v
-}
-
-#[inline(always)]
-fn mul_add_fused(a: f32, b: f32, c: f32) -> f32 {
-    a.mul_add(b, c)
-}
-
-#[inline(always)]
-fn mul_add_plain(a: f32, b: f32, c: f32) -> f32 {
-    a * b + c
-}
-
-dot_kernel!(dot_f32_fused, f32, f32_id, mul_add_fused);
-dot_kernel!(dot_f32_plain, f32, f32_id, mul_add_plain);
-dot_kernel!(dot_bf16_plain, half::bf16, bf16_to_f32, mul_add_plain);
-
-/// [`dot_f32_fused`] compiled for AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_f32_avx2(x: &[f32], w: &[f32]) -> f32 {
-    dot_f32_fused(x, w)
-}
-
-/// [`dot_bf16_fused`] written with AVX2 and FMA intrinsics: 32 weights per step (two 256-bit
-/// loads), widened by zero-extension and a 16-bit shift, four independent accumulators. The
-/// compiler's vectorization of the portable loop reached ~10 GB/s of weights per core; this
-/// reaches the memory bandwidth.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_bf16_avx2(x: &[f32], w: &[half::bf16]) -> f32 {
-    use std::arch::x86_64::*;
-
-    let n = x.len().min(w.len());
-    let full = n / 32 * 32;
-    let (xp, wp) = (x.as_ptr(), w.as_ptr() as *const u16);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i < full {
-        // SAFETY: i + 32 <= n, so both 32-element reads are in bounds; unaligned loads.
-        let (lo, hi) = unsafe {
-            (
-                _mm256_loadu_si256(wp.add(i) as *const __m256i),
-                _mm256_loadu_si256(wp.add(i + 16) as *const __m256i),
-            )
-        };
-        let halves = [
-            _mm256_castsi256_si128(lo),
-            _mm256_extracti128_si256::<1>(lo),
-            _mm256_castsi256_si128(hi),
-            _mm256_extracti128_si256::<1>(hi),
-        ];
-        for (k, half) in halves.into_iter().enumerate() {
-            let wide = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)));
-            // SAFETY: i + 8 * k + 8 <= n.
-            let xs = unsafe { _mm256_loadu_ps(xp.add(i + 8 * k)) };
-            acc[k] = _mm256_fmadd_ps(xs, wide, acc[k]);
-        }
-        i += 32;
-    }
-    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    // SAFETY: `lanes` holds 8 f32.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-    let mut total: f32 = lanes.iter().sum();
-    for j in full..n {
-        total = x[j].mul_add(bf16_to_f32(w[j]), total);
-    }
-    total
-}
-
-/// Four dot products of `x` with four BF16 weight rows at once, with AVX2 and FMA: each step
-/// loads 8 values of `x` once and 8 weights from each row, so four memory streams run side by
-/// side (one row at a time left a core at ~8 GB/s, latency-bound). Summation per output: 8
-/// lanes, then the lanes, then the tail, the same whatever the other rows are.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot4_bf16_avx2<const G: usize>(x: &[f32], w: [&[half::bf16]; G]) -> [f32; G] {
-    use std::arch::x86_64::*;
-
-    let n = w.iter().fold(x.len(), |n, row| n.min(row.len()));
-    let full = n / 8 * 8;
-    let xp = x.as_ptr();
-    let wp = w.map(|row| row.as_ptr() as *const u16);
-    let mut acc = [_mm256_setzero_ps(); G];
-    let mut i = 0;
-    while i < full {
-        // SAFETY: i + 8 <= n for `x` and every row; unaligned loads.
-        let xs = unsafe { _mm256_loadu_ps(xp.add(i)) };
-        for k in 0..G {
-            // SAFETY: a prefetch is a hint; the address may lie past the row's end.
-            _mm_prefetch::<_MM_HINT_T0>(wp[k].wrapping_add(i + PREFETCH) as *const i8);
-            // SAFETY: as above, 8 u16 from row k.
-            let raw = unsafe { _mm_loadu_si128(wp[k].add(i) as *const __m128i) };
-            let wide = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)));
-            acc[k] = _mm256_fmadd_ps(xs, wide, acc[k]);
-        }
-        i += 8;
-    }
-    let mut out = [0f32; G];
-    for k in 0..G {
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds 8 f32.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[k]) };
-        let mut total: f32 = lanes.iter().sum();
-        for j in full..n {
-            total = x[j].mul_add(bf16_to_f32(w[k][j]), total);
-        }
-        out[k] = total;
-    }
-    out
-}
-
-/// Dot product of f32 values in f32, vectorized with AVX2 and FMA where the CPU has them (the
-/// default x86-64 target assumes only SSE2).
-fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if avx2_fma() {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { dot_f32_avx2(x, w) };
-        }
-    }
-    dot_f32_plain(x, w)
-}
-
-/// Dot product of f32 values with BF16 values in f32, as [`dot_f32`].
-fn dot_bf16(x: &[f32], w: &[half::bf16]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if avx2_fma() {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { dot_bf16_avx2(x, w) };
-        }
-    }
-    dot_bf16_plain(x, w)
 }
 
 /// RMSNorm as transformers computes it: in f32, then scaled by the weight in the input's dtype.
@@ -1220,13 +876,7 @@ mod tests {
                 .collect();
             let mut blocks = vec![BlockQ8_0::zeros(); w.len() / 32];
             BlockQ8_0::from_float(&w, &mut blocks);
-            // SAFETY: ggml blocks are `repr(C)` plain data.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(
-                    blocks.as_ptr().cast::<u8>(),
-                    std::mem::size_of_val(&blocks[..]),
-                )
-            };
+            let bytes = simpleseg_kernels::blocks::bytes_of(&blocks);
             Linear {
                 weight: Weight::Quantized(
                     QuantizedMatrix::owned(bytes, out, 64, GgmlDType::Q8_0).unwrap(),

@@ -19,10 +19,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Result;
 use memmap2::Mmap;
 
+use simpleseg_kernels::blocks::{view, PlainBlock};
 #[cfg(target_arch = "x86_64")]
-mod q4_0_avx512;
-#[cfg(target_arch = "x86_64")]
-mod q4k_avx512;
+use simpleseg_kernels::{q4_0 as q4_0_avx512, q4k as q4k_avx512};
 
 /// Where a matrix's blocks live.
 #[derive(Clone)]
@@ -113,30 +112,15 @@ impl QuantizedMatrix {
         }
     }
 
-    /// The blocks as `T` (whose type the matrix has).
-    fn typed<T: GgmlType>(&self) -> &[T] {
-        // SAFETY: candle's block types are `repr(C)` plain data (integers and f16 scales) laid
-        // out as ggml writes them, with an alignment of at most 8.
-        unsafe { self.blocks_as() }
-    }
-
-    /// The blocks as `B`.
-    ///
-    /// # Safety
-    /// `B` must be `repr(C)` plain data with the layout of the matrix's block type and an
-    /// alignment of at most 8: the bytes hold whole blocks (checked at construction) and start
-    /// 8-byte aligned.
-    unsafe fn blocks_as<B>(&self) -> &[B] {
-        let bytes = self.bytes();
-        std::slice::from_raw_parts(
-            bytes.as_ptr().cast(),
-            bytes.len() / std::mem::size_of::<B>(),
-        )
+    /// The blocks as `B` (whose layout the matrix's blocks have). The bytes hold whole
+    /// blocks (checked at construction) and start 8-byte aligned, so the view always exists.
+    fn typed<B: PlainBlock>(&self) -> &[B] {
+        view(self.bytes()).unwrap_or_default()
     }
 
     /// Row `r` dequantized into `out` (`cols` values).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        fn run<T: GgmlType>(m: &QuantizedMatrix, r: usize, out: &mut [f32]) {
+        fn run<T: GgmlType + PlainBlock>(m: &QuantizedMatrix, r: usize, out: &mut [f32]) {
             let per_row = m.cols / T::BLCK_SIZE;
             T::to_float(&m.typed::<T>()[r * per_row..(r + 1) * per_row], out);
         }
@@ -299,9 +283,10 @@ impl Job<'_> {
             #[cfg(target_arch = "x86_64")]
             Prepared::Q4kAvx512(x) => {
                 let row = |f| self.q4k_row(f);
-                // SAFETY: the CPU has the kernel's features (the kernel was chosen for it) and
-                // the input has a row's blocks.
-                unsafe { q4k_avx512::dot([row(f), row(f + 1), row(f + 2), row(f + 3)], &x[r]) }
+                // The kernel was chosen for this CPU and every row has the input's blocks, so
+                // it always answers; NaN would show a broken invariant, not hide it.
+                q4k_avx512::dot([row(f), row(f + 1), row(f + 2), row(f + 3)], &x[r])
+                    .unwrap_or([f32::NAN; 4])
             }
             // (Taken one at a time; see `rows_matmul_batch`.)
             #[cfg(target_arch = "x86_64")]
@@ -316,12 +301,13 @@ impl Job<'_> {
     fn one(&self, input: &Prepared, f: usize, r: usize) -> f32 {
         let m = self.matrix;
         match input {
+            // As in `four`.
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as in `four`.
-            Prepared::Q4kAvx512(x) => unsafe { q4k_avx512::dot([self.q4k_row(f)], &x[r])[0] },
+            Prepared::Q4kAvx512(x) => {
+                q4k_avx512::dot([self.q4k_row(f)], &x[r]).map_or(f32::NAN, |[v]| v)
+            }
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as in `four`.
-            Prepared::Q4_0Avx512(x) => unsafe { q4_0_avx512::dot(self.q4_0_row(f), &x[r]) },
+            Prepared::Q4_0Avx512(x) => q4_0_avx512::dot(self.q4_0_row(f), &x[r]).unwrap_or(f32::NAN),
             Prepared::Q8K(x) => one_typed::<BlockQ4K>(m, x, f, r),
             Prepared::Q8_0(x) if m.ggml == GgmlDType::Q4_0 => one_typed::<BlockQ4_0>(m, x, f, r),
             Prepared::Q8_0(x) => one_typed::<BlockQ8_0>(m, x, f, r),
@@ -331,22 +317,22 @@ impl Job<'_> {
     #[cfg(target_arch = "x86_64")]
     fn q4_0_row(&self, f: usize) -> &[q4_0_avx512::Q4_0Block] {
         let per_row = self.matrix.cols / BlockQ4_0::BLCK_SIZE;
-        // SAFETY: a q4_0 matrix's blocks (the kernel was chosen for its type).
-        let blocks = unsafe { self.matrix.blocks_as::<q4_0_avx512::Q4_0Block>() };
+        // A q4_0 matrix's blocks (the kernel was chosen for its type).
+        let blocks = self.matrix.typed::<q4_0_avx512::Q4_0Block>();
         &blocks[f * per_row..(f + 1) * per_row]
     }
 
     #[cfg(target_arch = "x86_64")]
     fn q4k_row(&self, f: usize) -> &[q4k_avx512::Q4KBlock] {
         let per_row = self.matrix.cols / BlockQ4K::BLCK_SIZE;
-        // SAFETY: a q4k matrix's blocks (the kernel was chosen for its type).
-        let blocks = unsafe { self.matrix.blocks_as::<q4k_avx512::Q4KBlock>() };
+        // A q4k matrix's blocks (the kernel was chosen for its type).
+        let blocks = self.matrix.typed::<q4k_avx512::Q4KBlock>();
         &blocks[f * per_row..(f + 1) * per_row]
     }
 }
 
 /// Weight row `f` and input row `r` of a matrix of `T` blocks and its quantized input.
-fn row_and_input<'a, T: GgmlType>(
+fn row_and_input<'a, T: GgmlType + PlainBlock>(
     m: &'a QuantizedMatrix,
     xq: &'a [T::VecDotType],
     f: usize,
@@ -361,7 +347,7 @@ fn row_and_input<'a, T: GgmlType>(
 }
 
 /// Candle's dot products of weight rows `f..f + 4` with input row `r`.
-fn four_typed<T: GgmlType>(
+fn four_typed<T: GgmlType + PlainBlock>(
     m: &QuantizedMatrix,
     xq: &[T::VecDotType],
     f: usize,
@@ -374,7 +360,7 @@ fn four_typed<T: GgmlType>(
 }
 
 /// Candle's dot product of weight row `f` with input row `r`.
-fn one_typed<T: GgmlType>(m: &QuantizedMatrix, xq: &[T::VecDotType], f: usize, r: usize) -> f32 {
+fn one_typed<T: GgmlType + PlainBlock>(m: &QuantizedMatrix, xq: &[T::VecDotType], f: usize, r: usize) -> f32 {
     let (row, input) = row_and_input::<T>(m, xq, f, r);
     T::vec_dot(m.cols, row, input)
 }
@@ -468,27 +454,6 @@ fn transpose(by_feature: &[f32], n: usize, rows: usize) -> Vec<f32> {
     y
 }
 
-/// Reproducible values for tests (a fixed LCG, so failures reproduce), with a spread of
-/// magnitudes.
-#[cfg(test)]
-struct TestValues(u64);
-
-#[cfg(test)]
-impl TestValues {
-    fn take(&mut self, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                self.0 = self
-                    .0
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let unit = (self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                unit * (1.0 + (i % 97) as f32 / 10.0)
-            })
-            .collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,7 +463,7 @@ mod tests {
     /// bit what each product gives alone; with this CPU's kernels and with candle's.
     #[test]
     fn batch_equals_each_products_own_result() {
-        let mut values = TestValues(11);
+        let mut values = simpleseg_kernels::testing::Values(11);
         let mut random = |n: usize| values.take(n);
         let mut matrix = |n: usize, k: usize, ggml: GgmlDType| {
             let values = random(n * k);
@@ -584,7 +549,7 @@ mod tests {
     }
 
     /// Candle's reference dot products (ggml's unoptimized ones) for a product, `rows x n`.
-    fn candle_dots<T: GgmlType>(p: &RowsProduct) -> Vec<f32> {
+    fn candle_dots<T: GgmlType + PlainBlock>(p: &RowsProduct) -> Vec<f32> {
         let (n, k) = (p.matrix.rows, p.matrix.cols);
         let w = p.matrix.typed::<T>();
         let per_row = k / T::BLCK_SIZE;
@@ -599,17 +564,10 @@ mod tests {
         out
     }
 
-    fn quantize_bytes<T: GgmlType>(values: &[f32]) -> Vec<u8> {
+    fn quantize_bytes<T: GgmlType + PlainBlock>(values: &[f32]) -> Vec<u8> {
         let mut blocks = vec![T::zeros(); values.len() / T::BLCK_SIZE];
         T::from_float(values, &mut blocks);
-        // SAFETY: ggml block types are `repr(C)` plain data.
-        unsafe {
-            std::slice::from_raw_parts(
-                blocks.as_ptr().cast::<u8>(),
-                std::mem::size_of_val(&blocks[..]),
-            )
-        }
-        .to_vec()
+        simpleseg_kernels::blocks::bytes_of(&blocks).to_vec()
     }
 
     /// `rows_matmul` on q4k weights (this CPU's kernel: AVX-512 where it has it, with rows
@@ -619,19 +577,13 @@ mod tests {
     fn q4k_rows_matmul_equals_candles_dot_products() {
         use candle_core::quantized::k_quants::BlockQ8K;
 
-        let mut values = TestValues(7);
+        let mut values = simpleseg_kernels::testing::Values(7);
         let mut random = |n: usize| values.take(n);
         // 512 inputs: rows one at a time; 8192: four at a time. 10 rows: a partial group.
         for (n, k) in [(10, 512), (10, 8192)] {
             let mut blocks = vec![BlockQ4K::zeros(); n * k / BlockQ4K::BLCK_SIZE];
             BlockQ4K::from_float(&random(n * k), &mut blocks);
-            // SAFETY: `BlockQ4K` is `repr(C)` plain data (ggml's layout).
-            let bytes = unsafe {
-                std::slice::from_raw_parts(
-                    blocks.as_ptr().cast::<u8>(),
-                    std::mem::size_of_val(&blocks[..]),
-                )
-            };
+            let bytes = simpleseg_kernels::blocks::bytes_of(&blocks);
             let matrix = QuantizedMatrix::owned(bytes, n, k, GgmlDType::Q4K).unwrap();
             let rows = 3;
             let x = random(rows * k);

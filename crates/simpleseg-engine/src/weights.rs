@@ -129,7 +129,7 @@ impl MappedMatrix {
                 self.f16()[a..b].convert_to_f32_slice(out)
             }
             DType::F32 => out.copy_from_slice(&self.f32()[a..b]),
-            _ => crate::nn::widen_bf16(&self.bf16()[a..b], out),
+            _ => simpleseg_kernels::dot::widen_bf16(&self.bf16()[a..b], out),
         }
     }
 

@@ -21,17 +21,9 @@ const MR: usize = 8;
 /// Inputs per cache block (an even number).
 const KC: usize = 1024;
 
-/// Whether this CPU runs [`gemm`].
+/// Whether this CPU runs [`gemm`] (AVX-512 F and BF16).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512bf16")
-            && std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::cpu::avx512_bf16()
 }
 
 /// `x` (`m x k`, BF16 bits, row-major) times `w^T`, where `row(j, out)` writes row `j` of `w`

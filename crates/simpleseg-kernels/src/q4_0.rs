@@ -17,13 +17,17 @@ const QK: usize = 32;
 
 /// A q4_0 block as ggml lays it out (`BlockQ4_0` is `repr(C)` with these fields, private).
 #[repr(C)]
-pub(super) struct Q4_0Block {
+pub struct Q4_0Block {
     /// Scale (f16 bits).
     d: u16,
     /// Value `i` (low nibble) and `16 + i` (high nibble) in byte `i`, offset by 8.
     qs: [u8; QK / 2],
 }
 const _: () = assert!(std::mem::size_of::<Q4_0Block>() == std::mem::size_of::<BlockQ4_0>());
+
+// SAFETY: `repr(C)` integers only (sizes asserted above): every bit pattern is a block, and
+// there is no padding.
+unsafe impl crate::blocks::PlainBlock for Q4_0Block {}
 
 /// A q8_0 block as ggml lays it out (`BlockQ8_0` is `repr(C)` with these fields, private).
 #[repr(C)]
@@ -48,14 +52,14 @@ struct Pair {
 
 /// A row of input quantized to q8_0 (exactly as candle's `BlockQ8_0::from_float` does), in
 /// pairs of blocks (a last odd block is paired with zeros).
-pub(super) struct PreparedQ8_0 {
+pub struct PreparedQ8_0 {
     pairs: Vec<Pair>,
     blocks: usize,
 }
 
 impl PreparedQ8_0 {
     /// `x` (a multiple of 32 values) quantized to q8_0 and paired.
-    pub(super) fn new(x: &[f32]) -> Self {
+    pub fn new(x: &[f32]) -> Self {
         let blocks = x.len() / QK;
         let mut q8 = vec![BlockQ8_0::zeros(); blocks];
         BlockQ8_0::from_float(x, &mut q8);
@@ -85,42 +89,69 @@ impl PreparedQ8_0 {
     }
 }
 
-/// The dot product of a row of q4_0 blocks with a prepared input row.
+/// Whether this CPU runs [`dot`] (AVX-512 F, BW and VNNI).
+pub fn available() -> bool {
+    crate::cpu::avx512_vnni()
+}
+
+/// The dot product of a row of q4_0 blocks with a prepared input row. `None` when this CPU
+/// lacks the instructions ([`available`]) or the row does not hold the input's block count.
 ///
 /// One row at a time: rows are short (Kimi-VL's experts: 792 bytes), and consecutive rows are
 /// one stream through memory, which the prefetcher follows; four rows side by side (four
 /// short streams) read 8 GB/s on 2 Zen 4 cores, one at a time 21.
+#[inline]
+pub fn dot(w: &[Q4_0Block], x: &PreparedQ8_0) -> Option<f32> {
+    if !available() || w.len() != x.blocks {
+        return None;
+    }
+    // SAFETY: the CPU has the features and the row the input's block count, checked above.
+    Some(unsafe { dot_unchecked(w, x) })
+}
+
+/// [`dot`] without its checks.
 ///
 /// # Safety
-/// The CPU must have the features [`super::q4k_avx512::available`] checks, and the row must
-/// hold as many blocks as the input row.
+/// The CPU must have the features [`available`] checks, and the row must hold as many blocks
+/// as the input row.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c")]
-pub(super) unsafe fn dot(w: &[Q4_0Block], x: &PreparedQ8_0) -> f32 {
+unsafe fn dot_unchecked(w: &[Q4_0Block], x: &PreparedQ8_0) -> f32 {
     let nibble = _mm256_set1_epi8(0x0f);
     // f32 lanes 0..8 take the first block's scale, 8..16 the second's.
     let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     let mut acc = _mm512_setzero_ps();
     for (p, pair) in x.pairs.iter().enumerate() {
-        let q8 = _mm512_load_si512(pair.qs.as_ptr().cast());
-        let offset = _mm512_load_si512(pair.offset.as_ptr().cast());
-        let input_scales = _mm_castpd_ps(_mm_load_sd(pair.d.as_ptr().cast()));
+        // SAFETY: a `Pair` is 64-byte aligned and its `qs` (64 bytes) come first; `offset` is
+        // 16 i32 at offset 64; `d` is two f32 (8 bytes).
+        let (q8, offset, input_scales) = unsafe {
+            (
+                _mm512_load_si512(pair.qs.as_ptr().cast()),
+                _mm512_load_si512(pair.offset.as_ptr().cast()),
+                _mm_castpd_ps(_mm_load_sd(pair.d.as_ptr().cast())),
+            )
+        };
         let second = 2 * p + 1 < x.blocks;
         {
-            let first = w.get_unchecked(2 * p);
-            let (packed, scales) = if second {
-                let next = w.get_unchecked(2 * p + 1);
-                (
-                    _mm256_set_m128i(
-                        _mm_loadu_si128(next.qs.as_ptr().cast()),
-                        _mm_loadu_si128(first.qs.as_ptr().cast()),
-                    ),
-                    u32::from(first.d) | (u32::from(next.d) << 16),
-                )
-            } else {
-                (
-                    _mm256_zextsi128_si256(_mm_loadu_si128(first.qs.as_ptr().cast())),
-                    u32::from(first.d),
-                )
+            // SAFETY: the row holds `x.blocks` blocks (the caller's contract) and pair p
+            // covers blocks 2p and, when `second`, 2p + 1; each block's `qs` is 16 bytes,
+            // read unaligned.
+            let (packed, scales) = unsafe {
+                let first = w.get_unchecked(2 * p);
+                if second {
+                    let next = w.get_unchecked(2 * p + 1);
+                    (
+                        _mm256_set_m128i(
+                            _mm_loadu_si128(next.qs.as_ptr().cast()),
+                            _mm_loadu_si128(first.qs.as_ptr().cast()),
+                        ),
+                        u32::from(first.d) | (u32::from(next.d) << 16),
+                    )
+                } else {
+                    (
+                        _mm256_zextsi128_si256(_mm_loadu_si128(first.qs.as_ptr().cast())),
+                        u32::from(first.d),
+                    )
+                }
             };
             let low = _mm256_and_si256(packed, nibble);
             let high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), nibble);
@@ -143,11 +174,11 @@ mod tests {
 
     #[test]
     fn dot_equals_candles_q4_0_q8_0_dot_product() {
-        if !super::super::q4k_avx512::available() {
+        if !available() {
             eprintln!("skipped: this CPU lacks AVX-512 BW/VNNI");
             return;
         }
-        let mut values = super::super::TestValues(5);
+        let mut values = crate::testing::Values(5);
         // Even and odd block counts (1408 is Kimi-VL's expert width: 44 blocks).
         for k in [32, 64, 96, 1408, 1440] {
             let w = values.take(4 * k);
@@ -156,13 +187,10 @@ mod tests {
             BlockQ4_0::from_float(&w, &mut q4);
             let mut q8 = vec![BlockQ8_0::zeros(); k / QK];
             BlockQ8_0::from_float(&x, &mut q8);
-            // SAFETY: `BlockQ4_0` is `repr(C)` plain data with `Q4_0Block`'s layout.
-            let all =
-                unsafe { std::slice::from_raw_parts(q4.as_ptr().cast::<Q4_0Block>(), q4.len()) };
+            let all: &[Q4_0Block] = crate::blocks::view(crate::blocks::bytes_of(&q4)).unwrap();
             let rows: Vec<&[Q4_0Block]> = all.chunks(k / QK).collect();
             let prepared = PreparedQ8_0::new(&x);
-            // SAFETY: the CPU has the features (checked above); each row has k / 32 blocks.
-            let got: Vec<f32> = rows.iter().map(|r| unsafe { dot(r, &prepared) }).collect();
+            let got: Vec<f32> = rows.iter().map(|r| dot(r, &prepared).unwrap()).collect();
             for (i, row) in q4.chunks(k / QK).enumerate() {
                 let reference = BlockQ4_0::vec_dot_unopt(k, row, &q8);
                 let scale: f32 = w[i * k..(i + 1) * k]

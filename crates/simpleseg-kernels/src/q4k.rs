@@ -22,7 +22,7 @@ const QK_K: usize = 256;
 
 /// A q4k block as ggml lays it out (`BlockQ4K` is `repr(C)` with these fields, private).
 #[repr(C)]
-pub(super) struct Q4KBlock {
+pub struct Q4KBlock {
     /// Scale and minimum of the block (f16 bits).
     d: u16,
     dmin: u16,
@@ -42,16 +42,18 @@ struct Q8KBlock {
 }
 const _: () = assert!(std::mem::size_of::<Q8KBlock>() == std::mem::size_of::<BlockQ8K>());
 
-/// Whether this CPU runs [`dot`].
-pub(super) fn available() -> bool {
-    is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vnni")
+/// Whether this CPU runs [`dot`] (AVX-512 F, BW and VNNI).
+pub fn available() -> bool {
+    crate::cpu::avx512_vnni()
 }
+
+// SAFETY: `repr(C)` integers only (sizes asserted above): every bit pattern is a block, and
+// there is no padding.
+unsafe impl crate::blocks::PlainBlock for Q4KBlock {}
 
 /// A row of input quantized to q8k (exactly as candle's `BlockQ8K::from_float` does), with
 /// each block's values reordered for [`dot`] and its 16-value sums paired into sub-block sums.
-pub(super) struct PreparedQ8K {
+pub struct PreparedQ8K {
     /// Per block, four 64-byte groups: for `c` in 0..2, the values that the low nibbles of
     /// packed bytes `64c..64c + 64` multiply (`128c..+32` and `128c + 64..+32`), then those
     /// of the high nibbles (`128c + 32..+32` and `128c + 96..+32`).
@@ -64,7 +66,7 @@ pub(super) struct PreparedQ8K {
 
 impl PreparedQ8K {
     /// `x` (a multiple of 256 values) quantized to q8k and reordered.
-    pub(super) fn new(x: &[f32]) -> Self {
+    pub fn new(x: &[f32]) -> Self {
         let blocks = x.len() / QK_K;
         let mut q8 = vec![BlockQ8K::zeros(); blocks];
         BlockQ8K::from_float(x, &mut q8);
@@ -99,7 +101,7 @@ impl PreparedQ8K {
     }
 
     /// Blocks per row.
-    pub(super) fn blocks(&self) -> usize {
+    pub fn blocks(&self) -> usize {
         self.d.len()
     }
 }
@@ -125,13 +127,24 @@ fn scales_and_mins(packed: &[u8; 12]) -> (u64, u64) {
 }
 
 /// The dot products of `R` rows of q4k blocks with a prepared input row: each block of the
-/// input is loaded once for all `R` rows.
+/// input is loaded once for all `R` rows. `None` when this CPU lacks the instructions
+/// ([`available`]) or a row does not hold `x.blocks()` blocks.
+#[inline]
+pub fn dot<const R: usize>(w: [&[Q4KBlock]; R], x: &PreparedQ8K) -> Option<[f32; R]> {
+    if !available() || w.iter().any(|row| row.len() != x.blocks()) {
+        return None;
+    }
+    // SAFETY: the CPU has the features and every row the input's block count, checked above.
+    Some(unsafe { dot_unchecked(w, x) })
+}
+
+/// [`dot`] without its checks.
 ///
 /// # Safety
 /// The CPU must have the features [`available`] checks, and each row must hold
 /// `x.blocks()` blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c")]
-pub(super) unsafe fn dot<const R: usize>(w: [&[Q4KBlock]; R], x: &PreparedQ8K) -> [f32; R] {
+unsafe fn dot_unchecked<const R: usize>(w: [&[Q4KBlock]; R], x: &PreparedQ8K) -> [f32; R] {
     let nibble = _mm512_set1_epi8(0x0f);
     // i16 lanes 0..16 take the scale of the register's first 32 values, lanes 16..32 that of
     // its last 32: sub-blocks (4c, 4c + 2) for low nibbles, (4c + 1, 4c + 3) for high ones.
@@ -147,17 +160,24 @@ pub(super) unsafe fn dot<const R: usize>(w: [&[Q4KBlock]; R], x: &PreparedQ8K) -
     let mut acc = [_mm512_setzero_ps(); R];
     let mut acc_min = [_mm_setzero_ps(); R];
     for b in 0..x.blocks() {
-        let q8 = x.qs.get_unchecked(b).as_ptr();
-        let q8 = [
-            _mm512_loadu_si512(q8.cast()),
-            _mm512_loadu_si512(q8.add(64).cast()),
-            _mm512_loadu_si512(q8.add(128).cast()),
-            _mm512_loadu_si512(q8.add(192).cast()),
-        ];
-        let sums = _mm_loadu_si128(x.sums.get_unchecked(b).as_ptr().cast());
-        let input_scale = _mm_set1_ps(*x.d.get_unchecked(b));
+        // SAFETY: b < x.blocks(), the length of `qs`, `sums` and `d`; a block's `qs` is 256
+        // bytes (four unaligned 64-byte loads) and its `sums` eight i16 (16 bytes).
+        let (q8, sums, input_scale) = unsafe {
+            let q8 = x.qs.get_unchecked(b).as_ptr();
+            (
+                [
+                    _mm512_loadu_si512(q8.cast()),
+                    _mm512_loadu_si512(q8.add(64).cast()),
+                    _mm512_loadu_si512(q8.add(128).cast()),
+                    _mm512_loadu_si512(q8.add(192).cast()),
+                ],
+                _mm_loadu_si128(x.sums.get_unchecked(b).as_ptr().cast()),
+                _mm_set1_ps(*x.d.get_unchecked(b)),
+            )
+        };
         for r in 0..R {
-            let block = w[r].get_unchecked(b);
+            // SAFETY: every row holds x.blocks() blocks (the caller's contract).
+            let block = unsafe { w[r].get_unchecked(b) };
             let both = _mm_cvtph_ps(_mm_cvtsi32_si128(
                 (u32::from(block.d) | (u32::from(block.dmin) << 16)) as i32,
             ));
@@ -176,7 +196,8 @@ pub(super) unsafe fn dot<const R: usize>(w: [&[Q4KBlock]; R], x: &PreparedQ8K) -
                 _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
             let mut sum = _mm512_setzero_si512();
             for c in 0..2 {
-                let packed = _mm512_loadu_si512(block.qs.as_ptr().add(64 * c).cast());
+                // SAFETY: bytes 64c..64c + 64 of the block's 128 packed bytes, unaligned.
+                let packed = unsafe { _mm512_loadu_si512(block.qs.as_ptr().add(64 * c).cast()) };
                 let low = _mm512_and_si512(packed, nibble);
                 let high = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibble);
                 let low = _mm512_maddubs_epi16(low, q8[2 * c]);
@@ -219,18 +240,16 @@ mod tests {
             return;
         }
         for (k, seed) in [(256, 1), (3584, 2), (18944, 3)] {
-            let w = super::super::TestValues(seed).take(k);
-            let x = super::super::TestValues(seed + 100).take(k);
+            let w = crate::testing::Values(seed).take(k);
+            let x = crate::testing::Values(seed + 100).take(k);
             let mut q4 = vec![BlockQ4K::zeros(); k / QK_K];
             BlockQ4K::from_float(&w, &mut q4);
             let mut q8 = vec![BlockQ8K::zeros(); k / QK_K];
             BlockQ8K::from_float(&x, &mut q8);
             let reference = BlockQ4K::vec_dot_unopt(k, &q4, &q8);
-            // SAFETY: `BlockQ4K` is `repr(C)` plain data with `Q4KBlock`'s layout.
-            let row =
-                unsafe { std::slice::from_raw_parts(q4.as_ptr().cast::<Q4KBlock>(), q4.len()) };
-            // SAFETY: the CPU has the features (checked above); one block per 256 values.
-            let [ours] = unsafe { dot([row], &PreparedQ8K::new(&x)) };
+            let bytes = crate::blocks::bytes_of(&q4);
+            let row: &[Q4KBlock] = crate::blocks::view(bytes).unwrap();
+            let [ours] = dot([row], &PreparedQ8K::new(&x)).unwrap();
             let scale: f32 = w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
             assert!(
                 (ours - reference).abs() <= 1e-5 * scale,

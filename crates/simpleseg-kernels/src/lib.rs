@@ -1,0 +1,31 @@
+//! The CPU kernels of simpleseg: every SIMD and `unsafe` routine of the engine lives here,
+//! each behind a safe function that checks what it needs (the CPU's instructions, its
+//! operands' lengths) at run time and falls back, or answers `None`, where that is missing.
+//!
+//! - [`cpu`]: the instruction sets this CPU has, detected once.
+//! - [`dot`]: f32 dot products of f32, BF16 and F16 weights (AVX2 and FMA, or portable), and
+//!   BF16 widening.
+//! - [`rows`]: few-rows products against BF16, F16 and F32 weights, one dot product per
+//!   output, in parallel (decoding).
+//! - [`f32_gemm`]: many-rows products against weights widened a block at a time (prefill).
+//! - [`bf16_gemm`]: BF16 GEMM with AVX512-BF16 (prefill against BF16 weights).
+//! - [`q4k`], [`q4_0`]: q4k x q8k and q4_0 x q8_0 dot products with AVX-512 VNNI (decoding
+//!   against quantized weights), and [`blocks`], the typed view of quantized bytes they read.
+//!
+//! Every kernel is tested against a portable or reference computation (candle's ggml dot
+//! products for the integer kernels); `examples/bench_kernels.rs` times them.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod bf16_gemm;
+pub mod blocks;
+pub mod cpu;
+pub mod dot;
+pub mod f32_gemm;
+#[cfg(target_arch = "x86_64")]
+pub mod q4_0;
+#[cfg(target_arch = "x86_64")]
+pub mod q4k;
+pub mod rows;
+pub mod testing;
