@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
-use simpleseg_engine::constraint::{Constrained, Grammar, TokenBytes};
+use simpleseg_engine::runtime::constraint::{Constrained, Grammar, TokenBytes};
 use simpleseg_engine::TextTokenizer;
 use tokenizers::models::wordlevel::WordLevel;
 use tokenizers::Tokenizer;

@@ -14,9 +14,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 
 use crate::error::{Error, Result};
-use crate::gguf::{MetaValue, TensorInfo};
-use crate::hf::HfFolder;
-use crate::weights::{
+use crate::io::gguf::{MetaValue, TensorInfo};
+use crate::io::hf::HfFolder;
+use crate::io::weights::{
     folder_files, LoadingPlan, Quantization, TensorRequest, Weights, GGUF_FILE, SHAPE_KEY,
 };
 
@@ -29,29 +29,10 @@ pub fn loading_plan(
     folder: &HfFolder,
     format: Option<Quantization>,
 ) -> Result<(Vec<TensorRequest>, &'static str)> {
-    let config = folder.json("config.json")?;
     let files = folder_files(folder)?;
     let plan = LoadingPlan::with_names(files.names().cloned());
     let weights = Weights::plan(&plan, DType::BF16).quantized(format);
-    let head = match config.str(&["model_type"]) {
-        Some("qwen2_5_vl") => {
-            use crate::models::qwen2_5_vl::{Config, Qwen2_5Vl, TensorLayout};
-            let layout = TensorLayout::detect(files.names())?;
-            Qwen2_5Vl::load(&weights, &Config::from_json(&config)?, layout)?;
-            "lm_head.weight"
-        }
-        Some("kimi_vl") => {
-            use crate::models::kimi_vl::{Config, KimiVl};
-            KimiVl::load(&weights, &Config::from_json(&config)?)?;
-            "language_model.lm_head.weight"
-        }
-        Some(other) => {
-            return Err(Error::Unsupported(format!(
-                "model_type \"{other}\" is not supported (supported: qwen2_5_vl, kimi_vl)"
-            )))
-        }
-        None => return Err(config.error("missing `model_type`")),
-    };
+    let head = (crate::registry::family(folder)?.plan)(folder, &weights)?;
     Ok((plan.requests(), head))
 }
 
@@ -203,7 +184,7 @@ pub fn quantize_folder(
         std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&path).map_err(io)?);
     let total = summary.written_bytes;
     let mut done = 0u64;
-    crate::gguf::write(
+    crate::io::gguf::write(
         &mut file,
         &metadata,
         &infos,
@@ -211,7 +192,7 @@ pub fn quantize_folder(
             let info = &infos[i];
             let bytes = if quantized.contains_key(&info.name) {
                 let full = files.tensor_f32(&source(&info.name))?;
-                crate::weights::quantize_rows(&full, info.dtype)
+                crate::io::weights::quantize_rows(&full, info.dtype)
                     .and_then(|q| q.data().map(|d| d.into_owned()))
                     .map_err(Error::from)?
             } else {

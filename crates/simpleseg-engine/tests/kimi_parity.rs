@@ -12,11 +12,12 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use simpleseg_core::images::open_image;
-use simpleseg_engine::hf::{HfFolder, JsonFile};
-use simpleseg_engine::kv_cache::KvCache;
-use simpleseg_engine::models::kimi_vl::{Config, KimiVl, KimiVlModel};
-use simpleseg_engine::nn::max_abs_diff;
-use simpleseg_engine::weights::{LoadingPlan, Quantization, Weights};
+use simpleseg_engine::io::hf::{HfFolder, JsonFile};
+use simpleseg_engine::runtime::kv_cache::KvCache;
+use simpleseg_engine::models::family::PromptPreparer;
+use simpleseg_engine::models::kimi_vl::{self, Config, KimiVl};
+use simpleseg_engine::layers::max_abs_diff;
+use simpleseg_engine::io::weights::{LoadingPlan, Quantization, Weights};
 use simpleseg_engine::{generate, GenerationConfig, LoadOptions};
 
 fn fixtures() -> PathBuf {
@@ -29,7 +30,7 @@ fn check_checkpoint(name: &str) {
         dtype: Some(DType::F32),
         ..LoadOptions::default()
     };
-    let model = KimiVlModel::load(&folder, &options).unwrap();
+    let model = kimi_vl::load(&folder, &options).unwrap();
     let meta: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join(format!("{name}.expected.json"))).unwrap(),
     )

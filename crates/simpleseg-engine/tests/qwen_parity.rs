@@ -7,10 +7,11 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use simpleseg_core::images::to_rgb;
-use simpleseg_engine::image_processor::preprocess;
-use simpleseg_engine::models::qwen2_5_vl::{rope_index, Qwen2_5VlModel};
-use simpleseg_engine::nn::{max_abs_diff, Mode};
-use simpleseg_engine::pillow::{resize, Filter};
+use simpleseg_engine::models::qwen2_5_vl::processor::preprocess;
+use simpleseg_engine::models::qwen2::rope_index;
+use simpleseg_engine::models::qwen2_5_vl;
+use simpleseg_engine::layers::{max_abs_diff, Mode};
+use simpleseg_engine::image_processing::pillow::{resize, Filter};
 use simpleseg_engine::{generate, load, HfFolder, LoadOptions, VisionLanguageModel};
 
 const CASES: [&str; 2] = ["flat-window112-tied", "nested-window56-untied"];
@@ -101,7 +102,7 @@ fn jpeg_decoding_is_exactly_pillows() {
 fn processor_and_prompt_match_transformers() {
     for case in CASES {
         let folder = HfFolder::open(fixtures().join(case)).unwrap();
-        let model = Qwen2_5VlModel::load(&folder, &f32_options()).unwrap();
+        let model = qwen2_5_vl::load(&folder, &f32_options()).unwrap();
         let exp = expected(case);
         let image = to_rgb(&image::open(folder.path("image.png")).unwrap());
         let processed = preprocess(&image, &model.prompts.image_config).unwrap();
@@ -158,7 +159,7 @@ fn serde_json_prompt(case: &str) -> String {
 fn logits_match_transformers_within_1e4() {
     for case in CASES {
         let folder = HfFolder::open(fixtures().join(case)).unwrap();
-        let m = Qwen2_5VlModel::load(&folder, &f32_options()).unwrap();
+        let m = qwen2_5_vl::load(&folder, &f32_options()).unwrap();
         let exp = expected(case);
         let grid: Vec<i64> = exp["image_grid_thw"]
             .flatten_all()
@@ -182,7 +183,7 @@ fn logits_match_transformers_within_1e4() {
             .unsqueeze(0)
             .unwrap();
         let embeds = m.model.embed_with_images(&input, Some(&features)).unwrap();
-        let (positions, _) = rope_index(&ids, m.config().image_token_id, &grids, 2).unwrap();
+        let (positions, _) = rope_index(&ids, m.model.config.image_token_id, &grids, 2).unwrap();
         let hidden = m
             .model
             .text
@@ -198,7 +199,7 @@ fn logits_match_transformers_within_1e4() {
             .text
             .forward(
                 &embeds,
-                &[rope_index(&ids, m.config().image_token_id, &grids, 2)
+                &[rope_index(&ids, m.model.config.image_token_id, &grids, 2)
                     .unwrap()
                     .0],
                 None,

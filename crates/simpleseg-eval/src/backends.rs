@@ -42,7 +42,7 @@ pub struct LocalBackend {
     name: String,
     files: Value,
     quantize: Option<String>,
-    grammar: Option<std::sync::Arc<simpleseg_engine::constraint::Grammar>>,
+    grammar: Option<std::sync::Arc<simpleseg_engine::runtime::constraint::Grammar>>,
 }
 
 impl LocalBackend {
@@ -68,7 +68,7 @@ impl LocalBackend {
     /// Holds every answer to `grammar` (constrained decoding).
     pub fn constrained(
         mut self,
-        grammar: Option<std::sync::Arc<simpleseg_engine::constraint::Grammar>>,
+        grammar: Option<std::sync::Arc<simpleseg_engine::runtime::constraint::Grammar>>,
     ) -> Self {
         self.grammar = grammar;
         self

@@ -8,7 +8,7 @@
 //!   size in the image's header, before decoding), then as the model's input. A request that
 //!   could never fit is answered 413; one that does not fit now, 503.
 //! - **Constraint builds**: one at a time (they take up to a few tenths of a second each,
-//!   bounded by [`simpleseg_engine::constraint::PatternLimits`]), so they cannot occupy every
+//!   bounded by [`simpleseg_engine::runtime::constraint::PatternLimits`]), so they cannot occupy every
 //!   core.
 
 use std::sync::Arc;

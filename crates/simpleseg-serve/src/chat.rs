@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use simpleseg_engine::scheduler::{Constraint, Event};
+use simpleseg_engine::runtime::scheduler::{Constraint, Event};
 use simpleseg_engine::{GenerationConfig, PixelLimits};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 

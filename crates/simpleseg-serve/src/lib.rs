@@ -7,7 +7,7 @@
 //! `GET /health`, `GET /metrics` (Prometheus text) and `GET /` (a web page that draws the
 //! outline as it streams).
 //!
-//! Requests go to one model thread ([`simpleseg_engine::scheduler`]) that decodes concurrent
+//! Requests go to one model thread ([`simpleseg_engine::runtime::scheduler`]) that decodes concurrent
 //! requests together; everything else a request needs (reading its body, decoding its image,
 //! tokenizing its prompt, compiling its constraint) is done on other threads first, under
 //! budgets ([`admission`]), so that no request can stall the others or exhaust memory. Bad
@@ -38,8 +38,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use simpleseg_engine::constraint::{GrammarCache, PatternLimits};
-use simpleseg_engine::scheduler::{Scheduler, SchedulerOptions};
+use simpleseg_engine::runtime::constraint::{GrammarCache, PatternLimits};
+use simpleseg_engine::runtime::scheduler::{Scheduler, SchedulerOptions};
 use simpleseg_engine::{GenerationConfig, VisionLanguageModel};
 
 pub use metrics::Metrics;

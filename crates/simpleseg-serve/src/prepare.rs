@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use simpleseg_engine::constraint::{Constraint, Grammar};
+use simpleseg_engine::runtime::constraint::{Constraint, Grammar};
 use simpleseg_engine::{GenerationConfig, PixelLimits};
 
 use crate::guard::Admitted;

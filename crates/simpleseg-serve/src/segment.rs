@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use simpleseg_core::segment::{Segmentation, Target};
 use simpleseg_core::{CoordMode, ParseMode};
-use simpleseg_engine::scheduler::Event;
+use simpleseg_engine::runtime::scheduler::Event;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::chat::{constraint_of, pixel_limits, read_body, timed_out, Sampling};

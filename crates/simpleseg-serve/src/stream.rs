@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use simpleseg_engine::constraint::Grammar;
-use simpleseg_engine::scheduler::{cancel_flags, Event, Request, SubmitError};
+use simpleseg_engine::runtime::constraint::Grammar;
+use simpleseg_engine::runtime::scheduler::{cancel_flags, Event, Request, SubmitError};
 use simpleseg_engine::{GenerationConfig, GenerationOutput, Prompt, StopReason};
 use tokio::sync::mpsc;
 

@@ -10,7 +10,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use simpleseg_core::segment::Segmentation;
 use simpleseg_core::{CoordMode, ParseMode};
-use simpleseg_engine::scheduler::SchedulerOptions;
+use simpleseg_engine::runtime::scheduler::SchedulerOptions;
 use simpleseg_engine::{generate, LoadOptions};
 use simpleseg_serve::ServeOptions;
 

@@ -16,9 +16,10 @@ use rand::SeedableRng;
 use serde_json::Value;
 use simpleseg_core::images::open_image;
 use simpleseg_core::limits::{read_text_file_bounded, Limit};
-use simpleseg_engine::image_processor::{preprocess, smart_resize, ProcessedImage};
-use simpleseg_engine::models::qwen2_5_vl::{rope_index, MropePosition, PromptBuilder};
-use simpleseg_engine::processor::pixel_tensor;
+use simpleseg_engine::models::qwen2_5_vl::processor::{preprocess, smart_resize, ProcessedImage};
+use simpleseg_engine::models::qwen2::{rope_index, MropePosition};
+use simpleseg_engine::models::qwen2_5_vl::PromptBuilder;
+use simpleseg_engine::image_processing::pixel_tensor;
 
 use crate::error::{Error, Result};
 

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde_json::json;
 use simpleseg_core::io::write_atomic;
-use simpleseg_engine::chat::TextTokenizer;
-use simpleseg_engine::image_processor::ImageProcessorConfig;
+use simpleseg_engine::text::TextTokenizer;
+use simpleseg_engine::models::qwen2_5_vl::processor::ImageProcessorConfig;
 use simpleseg_engine::models::qwen2_5_vl::Config;
 
 use crate::error::{io, Error, Result};

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use simpleseg_engine::hf::HfFolder;
+use simpleseg_engine::io::hf::HfFolder;
 use simpleseg_engine::models::qwen2_5_vl::{Config, Qwen2_5Vl, TensorLayout};
 
 use crate::error::{io, Error, Result};
@@ -43,7 +43,7 @@ impl Trainable {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = Qwen2_5Vl::load(
-            &simpleseg_engine::weights::Weights::from_var_builder(vb),
+            &simpleseg_engine::io::weights::Weights::from_var_builder(vb),
             config,
             TensorLayout::Nested,
         )?;

@@ -23,13 +23,14 @@ use simpleseg_core::images::open_image;
 use simpleseg_core::limits::{read_text_file_bounded, Limit};
 pub use simpleseg_core::reward::{centroid, reward, Reward, RewardOptions};
 use simpleseg_core::RleMask;
-use simpleseg_engine::hf::HfFolder;
-use simpleseg_engine::models::qwen2_5_vl::{
-    prompt_builder, rope_index, start_session, Config, MropePosition, PromptBuilder, Qwen2_5Vl,
-    TensorLayout,
-};
-use simpleseg_engine::nn::Mode;
-use simpleseg_engine::processor::pixel_tensor;
+use simpleseg_engine::io::hf::HfFolder;
+use simpleseg_engine::models::family::PromptPreparer;
+use simpleseg_engine::models::qwen2::{rope_index, MropePosition};
+use simpleseg_engine::models::qwen2_5_vl::{prompt_builder, Config, PromptBuilder, Qwen2_5Vl, TensorLayout};
+use simpleseg_engine::runtime::session::BatchSession;
+use simpleseg_engine::Session;
+use simpleseg_engine::layers::Mode;
+use simpleseg_engine::image_processing::pixel_tensor;
 use simpleseg_engine::{GenerationConfig, Prompt, Sampler};
 
 use crate::error::{Error, Result};
@@ -173,7 +174,7 @@ fn sample_group(
     config: &GenerationConfig,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
-    let session = start_session(model, prompt)?;
+    let session = BatchSession::start(model, prompt, 1)?;
     let mut group = session.fork(g)?;
     let mut samplers: Vec<Sampler> = (0..g)
         .map(|i| {

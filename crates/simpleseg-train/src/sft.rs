@@ -10,11 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use simpleseg_core::limits::{read_text_file_bounded, Limit};
-use simpleseg_engine::chat::{ChatTemplate, TextTokenizer};
-use simpleseg_engine::hf::{HfFolder, JsonFile};
-use simpleseg_engine::image_processor::ImageProcessorConfig;
+use simpleseg_engine::text::{ChatTemplate, TextTokenizer};
+use simpleseg_engine::io::hf::{HfFolder, JsonFile};
+use simpleseg_engine::models::qwen2_5_vl::processor::ImageProcessorConfig;
 use simpleseg_engine::models::qwen2_5_vl::{prompt_builder, Config, PromptBuilder};
-use simpleseg_engine::nn::Mode;
+use simpleseg_engine::layers::Mode;
 
 use crate::data::{encode_all, epoch_batches, make_batch, read_sft, Batch, Encoded};
 use crate::error::{io, Error, Result};

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
-use simpleseg_engine::hf::JsonFile;
-use simpleseg_engine::models::qwen2_5_vl::{rope_index, Config};
-use simpleseg_engine::nn::Mode;
+use simpleseg_engine::io::hf::JsonFile;
+use simpleseg_engine::models::qwen2::rope_index;
+use simpleseg_engine::models::qwen2_5_vl::Config;
+use simpleseg_engine::layers::Mode;
 use simpleseg_train::params::Trainable;
 use simpleseg_train::run::cross_entropy;
 

@@ -79,10 +79,10 @@ pub enum QuantizeArg {
 
 impl QuantizeArg {
     /// The engine's format.
-    pub fn format(self) -> simpleseg_engine::weights::Quantization {
+    pub fn format(self) -> simpleseg_engine::io::weights::Quantization {
         match self {
-            QuantizeArg::Q8_0 => simpleseg_engine::weights::Quantization::Q8_0,
-            QuantizeArg::Q4k => simpleseg_engine::weights::Quantization::Q4K,
+            QuantizeArg::Q8_0 => simpleseg_engine::io::weights::Quantization::Q8_0,
+            QuantizeArg::Q4k => simpleseg_engine::io::weights::Quantization::Q4K,
         }
     }
 }
@@ -167,8 +167,8 @@ impl ConstrainArg {
         self,
         model: &dyn VisionLanguageModel,
         config: &GenerationConfig,
-    ) -> Result<std::sync::Arc<simpleseg_engine::constraint::Grammar>> {
-        use simpleseg_engine::constraint::{Grammar, TokenBytes};
+    ) -> Result<std::sync::Arc<simpleseg_engine::runtime::constraint::Grammar>> {
+        use simpleseg_engine::runtime::constraint::{Grammar, TokenBytes};
         let tokens =
             std::sync::Arc::new(TokenBytes::new(model.tokenizer(), &config.eos_token_ids)?);
         Ok(std::sync::Arc::new(match self {

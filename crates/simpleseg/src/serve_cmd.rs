@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use simpleseg_engine::constraint::PatternLimits;
-use simpleseg_engine::scheduler::SchedulerOptions;
+use simpleseg_engine::runtime::constraint::PatternLimits;
+use simpleseg_engine::runtime::scheduler::SchedulerOptions;
 use simpleseg_serve::ServeOptions;
 
 use crate::model_cmds::{at_least_one, ModelArgs};

@@ -1,6 +1,7 @@
 //! Kimi-VL (`KimiVLForConditionalGeneration`, the original SimpleSeg checkpoint) on candle:
-//! MoonViT and a projector ([`vision`]) feeding a DeepSeek-V3-layout mixture-of-experts
-//! language model ([`text`]), with Moonshot's tiktoken tokenizer and Kimi's image processor.
+//! MoonViT ([`crate::models::moonvit`]) and a projector ([`Projector`]) feeding a DeepSeek-V3
+//! mixture-of-experts language model ([`crate::models::deepseek_v3`]), with Moonshot's
+//! tiktoken tokenizer and Kimi's image processor ([`processor`]).
 //!
 //! Structs mirror the checkpoint's tensor names: `vision_tower.*`, `multi_modal_projector.*`,
 //! `language_model.model.*` and `language_model.lm_head`. Each layer's
@@ -8,27 +9,29 @@
 
 mod config;
 pub mod processor;
-mod text;
-mod vision;
+mod projector;
 
 pub use config::{Config, TextConfig, VisionConfig};
 pub use processor::{preprocess, ImageProcessorConfig};
-pub use text::DeepseekV3;
-pub use vision::{MoonVit, Projector};
+pub use projector::Projector;
 
-use crate::weights::Weights;
 use candle_core::{DType, Tensor};
 
-use crate::chat::{ChatTemplate, TextTokenizer};
 use crate::error::{Error, Result};
-use crate::generation::GenerationConfig;
-use crate::hf::HfFolder;
-use crate::kv_cache::KvCache;
-use crate::nn::merge_image_features;
-use crate::processor::{expand_placeholders, pixel_tensor, ProcessedImage};
-use crate::session::{last_position, BatchSession, Cohort, Decoder};
-use crate::tiktoken::TiktokenTokenizer;
-use crate::{LoadOptions, Prompt, Session, VisionLanguageModel};
+use crate::image_processing::{expand_placeholders, pixel_tensor, ProcessedImage};
+use crate::io::hf::HfFolder;
+use crate::io::load::{auto_dtype, LoadOptions};
+use crate::io::weights::Weights;
+use crate::layers::merge_image_features;
+use crate::models::deepseek_v3::DeepseekV3;
+use crate::models::family::{Family, Network, PromptPreparer};
+use crate::models::moonvit::MoonVit;
+use crate::runtime::kv_cache::KvCache;
+use crate::runtime::model::Prompt;
+use crate::runtime::sampling::GenerationConfig;
+use crate::runtime::session::{last_position, Cohort, Decoder};
+use crate::text::tiktoken::TiktokenTokenizer;
+use crate::text::{ChatTemplate, TextTokenizer};
 
 /// The whole model: vision tower, projector, language model.
 #[derive(Clone, Debug)]
@@ -148,7 +151,7 @@ impl PromptBuilder {
     pub fn load(folder: &HfFolder, config: &Config) -> Result<Self> {
         let tokenizer = TextTokenizer::tiktoken(TiktokenTokenizer::load(folder)?);
         let template = ChatTemplate::load(folder)?;
-        let settings = crate::processor::settings_file(folder)?;
+        let settings = crate::image_processing::settings_file(folder)?;
         let image_config = ImageProcessorConfig::from_json(&settings)?;
         let v = &config.vision;
         if image_config.patch_size != v.patch_size
@@ -175,9 +178,14 @@ impl PromptBuilder {
             media_pad,
         })
     }
+}
 
-    /// One user turn with the image and the prompt, ready for generation.
-    pub fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
+impl PromptPreparer for PromptBuilder {
+    fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
         let processed = preprocess(image, &self.image_config)?;
         let text = self.template.image_prompt(prompt)?;
         let count = processed.patches() / self.image_config.merge_area();
@@ -189,70 +197,46 @@ impl PromptBuilder {
     }
 }
 
-/// A Kimi-VL folder loaded for inference.
-pub struct KimiVlModel {
-    pub model: KimiVl,
-    pub prompts: PromptBuilder,
-    pub generation: GenerationConfig,
-    dtype: DType,
-}
-
-impl KimiVlModel {
-    /// Loads every file of the folder; errors name the file and key at fault.
-    pub fn load(folder: &HfFolder, options: &LoadOptions) -> Result<Self> {
-        let config = Config::from_json(&folder.json("config.json")?)?;
-        let dtype = match options.dtype {
-            Some(DType::F16) => {
-                return Err(Error::Unsupported(
-                    "--dtype f16 is refused for Kimi-VL: its activations overflow f16's range; use bf16 or f32".into(),
-                ))
-            }
-            Some(d) => d,
-            None => crate::auto_dtype(folder)?,
-        };
-        let vb = options.weights(folder, dtype)?;
-        let model = KimiVl::load(&vb, &config).map_err(|e| Error::BadFile {
-            path: folder.dir().to_path_buf(),
-            message: format!("weights do not fit config.json: {e}"),
-        })?;
-        let prompts = PromptBuilder::load(folder, &config)?;
-        let generation =
-            GenerationConfig::for_model(folder, &config.eos_token_ids, &prompts.tokenizer)?;
-        Ok(KimiVlModel {
-            model,
-            prompts,
-            generation,
-            dtype,
-        })
-    }
-}
-
-impl VisionLanguageModel for KimiVlModel {
-    fn architecture(&self) -> &str {
-        "kimi_vl"
-    }
-
-    fn tokenizer(&self) -> &TextTokenizer {
-        &self.prompts.tokenizer
-    }
-
-    fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
-        self.prompts.prepare(image, prompt)
-    }
-
-    fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>> {
-        Ok(Box::new(BatchSession::start(&self.model, prompt, copies)?))
-    }
-
-    fn generation_config(&self) -> &GenerationConfig {
-        &self.generation
-    }
-
+impl Network for KimiVl {
     fn max_positions(&self) -> usize {
-        self.model.config.text.max_position_embeddings
+        self.config.text.max_position_embeddings
     }
+}
 
-    fn dtype(&self) -> DType {
-        self.dtype
-    }
+/// A Kimi-VL folder loaded for inference.
+pub type KimiVlModel = Family<KimiVl, PromptBuilder>;
+
+/// Loads every file of the folder; errors name the file and key at fault.
+pub fn load(folder: &HfFolder, options: &LoadOptions) -> Result<KimiVlModel> {
+    let config = Config::from_json(&folder.json("config.json")?)?;
+    let dtype = match options.dtype {
+        Some(DType::F16) => {
+            return Err(Error::Unsupported(
+                "--dtype f16 is refused for Kimi-VL: its activations overflow f16's range; use bf16 or f32".into(),
+            ))
+        }
+        Some(d) => d,
+        None => auto_dtype(folder)?,
+    };
+    let vb = options.weights(folder, dtype)?;
+    let model = KimiVl::load(&vb, &config).map_err(|e| Error::BadFile {
+        path: folder.dir().to_path_buf(),
+        message: format!("weights do not fit config.json: {e}"),
+    })?;
+    let prompts = PromptBuilder::load(folder, &config)?;
+    let generation = GenerationConfig::for_model(folder, &config.eos_token_ids, &prompts.tokenizer)?;
+    Ok(Family {
+        architecture: "kimi_vl",
+        model,
+        prompts,
+        generation,
+        dtype,
+    })
+}
+
+/// The tensors the family reads from a folder, as `weights` records them; returns where the
+/// family looks for a separate output head.
+pub fn plan(folder: &HfFolder, weights: &Weights) -> Result<&'static str> {
+    KimiVl::load(weights, &Config::from_json(&folder.json("config.json")?)?)?;
+    Ok("language_model.lm_head.weight")
 }

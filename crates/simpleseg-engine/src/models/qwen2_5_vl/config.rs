@@ -9,40 +9,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::hf::{JsonFile, OneOrMany};
-use crate::weights::Weights;
+use crate::io::hf::{JsonFile, OneOrMany};
+use crate::io::weights::Weights;
 
-/// The vision tower's configuration (`vision_config`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct VisionConfig {
-    pub depth: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_heads: usize,
-    pub in_channels: usize,
-    pub out_hidden_size: usize,
-    pub patch_size: usize,
-    pub spatial_merge_size: usize,
-    pub temporal_patch_size: usize,
-    pub window_size: usize,
-    pub fullatt_block_indexes: Vec<usize>,
-    pub rope_theta: f64,
-}
-
-/// The language model's configuration (flat keys, or `text_config`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct TextConfig {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
-    pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub mrope_section: Vec<usize>,
-    pub max_position_embeddings: usize,
-}
+pub use crate::models::qwen2::TextConfig;
+pub use crate::models::qwen2_5_vit::VisionConfig;
 
 /// `config.json` of a `qwen2_5_vl` model.
 #[derive(Clone, Debug, PartialEq)]
@@ -326,11 +297,6 @@ impl Config {
         })
     }
 
-    /// Head dimension of the language model.
-    pub fn head_dim(&self) -> usize {
-        self.text.hidden_size / self.text.num_attention_heads
-    }
-
     /// `config.json` as transformers 5 writes it (language model under `text_config`).
     pub fn to_json(&self) -> serde_json::Value {
         let t = &self.text;
@@ -438,7 +404,7 @@ mod tests {
 
     #[test]
     fn config_json_round_trips() {
-        let folder = crate::hf::HfFolder::open(
+        let folder = crate::io::hf::HfFolder::open(
             std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("../../fixtures/qwen/flat-window112-tied"),
         )

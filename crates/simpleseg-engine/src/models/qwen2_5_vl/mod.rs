@@ -1,13 +1,9 @@
 //! Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) on candle, following transformers.
 //!
-//! - Vision tower: a Conv3d patch embedding (run as one matmul), 2D rotary embeddings, blocks
-//!   of RMSNorm + attention + SwiGLU where most blocks attend within windows of
-//!   `window_size` pixels (tokens reordered window by window) and `fullatt_block_indexes`
-//!   attend over the whole image, then a patch merger (RMSNorm, 2x2 concat, MLP) and the
-//!   inverse reordering.
-//! - Language model: Qwen2 decoder layers with grouped-query attention and M-RoPE, whose
-//!   rotary frequencies are split in `mrope_section` parts driven by the temporal, height and
-//!   width position of each token (`get_rope_index`).
+//! - Vision tower: the Qwen2.5-VL ViT ([`crate::models::qwen2_5_vit`]), whose patch merger
+//!   projects into the language model.
+//! - Language model: Qwen2 with M-RoPE ([`crate::models::qwen2`]).
+//! - Prompts: Qwen's chat template and the Qwen2-VL image processor ([`processor`]).
 //!
 //! Structs mirror the checkpoint's tensor names. Both layouts transformers has written are
 //! read: `model.layers.*` + `visual.*` (4.x) and `model.language_model.*` + `model.visual.*`
@@ -15,26 +11,26 @@
 
 mod config;
 pub mod processor;
-mod text;
-mod vision;
 
 pub use config::{Config, TensorLayout, TextConfig, VisionConfig};
 pub use processor::{preprocess, smart_resize, ImageProcessorConfig};
-pub use text::{rope_index, MropePosition, TextModel};
-pub use vision::{window_index, VisionTransformer};
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use crate::chat::{ChatTemplate, TextTokenizer};
 use crate::error::{Error, Result};
-use crate::generation::GenerationConfig;
-use crate::hf::HfFolder;
-use crate::kv_cache::KvCache;
-use crate::nn::{merge_image_features, Mode};
-use crate::processor::{expand_placeholders, pixel_tensor, ProcessedImage};
-use crate::session::{last_position, BatchSession, Cohort, Decoder};
-use crate::weights::Weights;
-use crate::{LoadOptions, Prompt, Session, VisionLanguageModel};
+use crate::image_processing::{expand_placeholders, pixel_tensor, ProcessedImage};
+use crate::io::hf::HfFolder;
+use crate::io::load::{auto_dtype, LoadOptions};
+use crate::io::weights::Weights;
+use crate::layers::{merge_image_features, Mode};
+use crate::models::family::{Family, Network, PromptPreparer};
+use crate::models::qwen2::{rope_index, TextModel};
+use crate::models::qwen2_5_vit::VisionTransformer;
+use crate::runtime::kv_cache::KvCache;
+use crate::runtime::model::{PixelLimits, Prompt};
+use crate::runtime::sampling::GenerationConfig;
+use crate::runtime::session::{last_position, Cohort, Decoder};
+use crate::text::{ChatTemplate, TextTokenizer};
 
 #[derive(Clone, Debug)]
 pub struct Qwen2_5Vl {
@@ -48,7 +44,12 @@ impl Qwen2_5Vl {
     /// for it, applies to the language model; the vision tower keeps its weights as stored.
     pub fn load(vb: &Weights, config: &Config, layout: TensorLayout) -> Result<Self> {
         let visual = VisionTransformer::load(&layout.visual(&vb.quantized(None)), &config.vision)?;
-        let text = TextModel::load(&layout.language_model(vb), vb, config)?;
+        let text = TextModel::load(
+            &layout.language_model(vb),
+            vb,
+            &config.text,
+            config.tie_word_embeddings,
+        )?;
         Ok(Qwen2_5Vl {
             config: config.clone(),
             visual,
@@ -191,12 +192,7 @@ impl PromptBuilder {
         expand_placeholders(text, &self.image_token, &counts)
     }
 
-    /// One user turn with the image and the prompt, ready for generation.
-    pub fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
-        self.prepare_resized(image, prompt, &self.image_config)
-    }
-
-    /// [`prepare`](Self::prepare) with other image processor settings.
+    /// One user turn with the image and the prompt, the image processed with `image_config`.
     pub fn prepare_resized(
         &self,
         image: &image::RgbImage,
@@ -213,81 +209,22 @@ impl PromptBuilder {
     }
 }
 
-/// Runs a prompt through `model` (vision tower, prefill) and opens a decoding session on it.
-pub fn start_session<'a>(model: &'a Qwen2_5Vl, prompt: &Prompt) -> Result<Box<dyn Session + 'a>> {
-    Ok(Box::new(BatchSession::start(model, prompt, 1)?))
-}
-
-/// A Qwen2.5-VL folder loaded for inference: model, prompt builder, decoding defaults.
-pub struct Qwen2_5VlModel {
-    pub model: Qwen2_5Vl,
-    pub prompts: PromptBuilder,
-    pub generation: GenerationConfig,
-    dtype: DType,
-}
-
-/// The tokenizer, template and processor settings of a folder.
-pub fn prompt_builder(folder: &HfFolder, config: &Config) -> Result<PromptBuilder> {
-    let tokenizer = TextTokenizer::from_file(&folder.path("tokenizer.json"))?;
-    let template = ChatTemplate::load(folder)?;
-    let image_config = ImageProcessorConfig::load(folder)?;
-    PromptBuilder::new(tokenizer, template, image_config, config).map_err(|e| Error::BadConfig {
-        path: folder.dir().to_path_buf(),
-        message: e.to_string(),
-    })
-}
-
-impl Qwen2_5VlModel {
-    /// Loads every file of the folder; errors name the file and key at fault.
-    pub fn load(folder: &HfFolder, options: &LoadOptions) -> Result<Self> {
-        let config = Config::from_json(&folder.json("config.json")?)?;
-        let dtype = match options.dtype {
-            Some(d) => d,
-            None => crate::auto_dtype(folder)?,
-        };
-        let vb = options.weights(folder, dtype)?;
-        let layout = TensorLayout::detect(&vb.names())?;
-        let model = Qwen2_5Vl::load(&vb, &config, layout).map_err(|e| Error::BadFile {
-            path: folder.dir().to_path_buf(),
-            message: format!("weights do not fit config.json: {e}"),
-        })?;
-        let prompts = prompt_builder(folder, &config)?;
-        let generation =
-            GenerationConfig::for_model(folder, &config.eos_token_ids, &prompts.tokenizer)?;
-        Ok(Qwen2_5VlModel {
-            model,
-            prompts,
-            generation,
-            dtype,
-        })
-    }
-
-    /// The model configuration.
-    pub fn config(&self) -> &Config {
-        &self.model.config
-    }
-}
-
-impl VisionLanguageModel for Qwen2_5VlModel {
-    fn architecture(&self) -> &str {
-        "qwen2_5_vl"
-    }
-
+impl PromptPreparer for PromptBuilder {
     fn tokenizer(&self) -> &TextTokenizer {
-        &self.prompts.tokenizer
+        &self.tokenizer
     }
 
     fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
-        self.prompts.prepare(image, prompt)
+        self.prepare_resized(image, prompt, &self.image_config)
     }
 
     fn prepare_with(
         &self,
         image: &image::RgbImage,
         prompt: &str,
-        pixels: crate::PixelLimits,
+        pixels: PixelLimits,
     ) -> Result<Prompt> {
-        let mut config = self.prompts.image_config.clone();
+        let mut config = self.image_config.clone();
         if let Some(min) = pixels.min_pixels {
             config.min_pixels = min;
         }
@@ -300,27 +237,63 @@ impl VisionLanguageModel for Qwen2_5VlModel {
                 config.min_pixels, config.max_pixels
             )));
         }
-        self.prompts.prepare_resized(image, prompt, &config)
-    }
-
-    fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>> {
-        Ok(Box::new(BatchSession::start(&self.model, prompt, copies)?))
-    }
-
-    fn generation_config(&self) -> &GenerationConfig {
-        &self.generation
-    }
-
-    fn max_positions(&self) -> usize {
-        self.model.config.text.max_position_embeddings
+        self.prepare_resized(image, prompt, &config)
     }
 
     fn pixel_range(&self) -> Option<(usize, usize)> {
-        let c = &self.prompts.image_config;
-        Some((c.min_pixels, c.max_pixels))
+        Some((self.image_config.min_pixels, self.image_config.max_pixels))
     }
+}
 
-    fn dtype(&self) -> DType {
-        self.dtype
+impl Network for Qwen2_5Vl {
+    fn max_positions(&self) -> usize {
+        self.config.text.max_position_embeddings
     }
+}
+
+/// A Qwen2.5-VL folder loaded for inference: model, prompt builder, decoding defaults.
+pub type Qwen2_5VlModel = Family<Qwen2_5Vl, PromptBuilder>;
+
+/// The tokenizer, template and processor settings of a folder.
+pub fn prompt_builder(folder: &HfFolder, config: &Config) -> Result<PromptBuilder> {
+    let tokenizer = TextTokenizer::from_file(&folder.path("tokenizer.json"))?;
+    let template = ChatTemplate::load(folder)?;
+    let image_config = ImageProcessorConfig::load(folder)?;
+    PromptBuilder::new(tokenizer, template, image_config, config).map_err(|e| Error::BadConfig {
+        path: folder.dir().to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Loads every file of the folder; errors name the file and key at fault.
+pub fn load(folder: &HfFolder, options: &LoadOptions) -> Result<Qwen2_5VlModel> {
+    let config = Config::from_json(&folder.json("config.json")?)?;
+    let dtype = match options.dtype {
+        Some(d) => d,
+        None => auto_dtype(folder)?,
+    };
+    let vb = options.weights(folder, dtype)?;
+    let layout = TensorLayout::detect(&vb.names())?;
+    let model = Qwen2_5Vl::load(&vb, &config, layout).map_err(|e| Error::BadFile {
+        path: folder.dir().to_path_buf(),
+        message: format!("weights do not fit config.json: {e}"),
+    })?;
+    let prompts = prompt_builder(folder, &config)?;
+    let generation = GenerationConfig::for_model(folder, &config.eos_token_ids, &prompts.tokenizer)?;
+    Ok(Family {
+        architecture: "qwen2_5_vl",
+        model,
+        prompts,
+        generation,
+        dtype,
+    })
+}
+
+/// The tensors the family reads from a folder, as `weights` records them; returns where the
+/// family looks for a separate output head.
+pub fn plan(folder: &HfFolder, weights: &Weights) -> Result<&'static str> {
+    let config = Config::from_json(&folder.json("config.json")?)?;
+    let layout = TensorLayout::detect(&weights.names())?;
+    Qwen2_5Vl::load(weights, &config, layout)?;
+    Ok("lm_head.weight")
 }

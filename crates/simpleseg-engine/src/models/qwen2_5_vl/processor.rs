@@ -7,13 +7,13 @@
 use image::RgbImage;
 use simpleseg_core::limits::Limit;
 
-pub use crate::processor::ProcessedImage;
+pub use crate::image_processing::ProcessedImage;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::hf::JsonFile;
-use crate::pillow::{self, Filter};
-use crate::processor::{channels, PerChannel, CLIP_MEAN, CLIP_STD};
+use crate::io::hf::JsonFile;
+use crate::image_processing::pillow::{self, Filter};
+use crate::image_processing::{channels, PerChannel, CLIP_MEAN, CLIP_STD};
 
 /// `preprocessor_config.json` of a Qwen2-VL-family model.
 #[derive(Clone, Debug, PartialEq)]
@@ -78,9 +78,9 @@ struct RawSize {
 
 impl ImageProcessorConfig {
     /// Reads the image processor settings of a model folder (see
-    /// [`crate::processor::settings_file`]).
-    pub fn load(folder: &crate::hf::HfFolder) -> Result<Self> {
-        Self::from_json(&crate::processor::settings_file(folder)?)
+    /// [`crate::image_processing::settings_file`]).
+    pub fn load(folder: &crate::io::hf::HfFolder) -> Result<Self> {
+        Self::from_json(&crate::image_processing::settings_file(folder)?)
     }
 
     /// Reads `preprocessor_config.json`. As in transformers, top-level `min_pixels` /

@@ -1,4 +1,4 @@
-//! The language model: DeepSeek-V3's layout (Moonlight), as transformers' `DeepseekV3` runs it.
+//! DeepSeek-V3's language model (Kimi-VL's Moonlight), as transformers' `DeepseekV3` runs it.
 //!
 //! - Multi-head latent attention: queries from `q_proj` (or the `q_a`/`q_b` low-rank pair);
 //!   keys and values from a compressed latent `c = kv_a_layernorm(kv_a_proj_with_mqa(x))`
@@ -13,14 +13,111 @@
 //!   `topk_group` of `n_group` groups), weighted by their unbiased scores renormalized and
 //!   multiplied by `routed_scaling_factor`; only the chosen experts run; plus shared experts.
 
-use crate::weights::Weights;
 use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
+use serde::Deserialize;
 
-use super::config::TextConfig;
-use crate::kv_cache::KvCache;
-use crate::nn::{
+use crate::io::hf::OneOrMany;
+use crate::io::weights::Weights;
+use crate::runtime::kv_cache::KvCache;
+use crate::layers::{
     causal_mask, forward_batch, forward_each, softmax_last_dim, Embedding, Linear, Mode, RmsNorm,
 };
+
+/// The language model (`text_config`, `model_type: deepseek_v3`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// The dense layers' MLP width.
+    pub intermediate_size: usize,
+    /// One routed expert's MLP width.
+    pub moe_intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub n_shared_experts: usize,
+    #[serde(default)]
+    pub n_routed_experts: usize,
+    pub num_experts_per_tok: usize,
+    #[serde(default = "one")]
+    pub routed_scaling_factor: f64,
+    #[serde(default = "one_usize")]
+    pub n_group: usize,
+    #[serde(default = "one_usize")]
+    pub topk_group: usize,
+    #[serde(default = "yes")]
+    pub norm_topk_prob: bool,
+    #[serde(default = "sigmoid")]
+    pub scoring_func: String,
+    #[serde(default = "noaux_tc")]
+    pub topk_method: String,
+    #[serde(default)]
+    pub first_k_dense_replace: usize,
+    #[serde(default = "one_usize")]
+    pub moe_layer_freq: usize,
+    pub kv_lora_rank: usize,
+    pub q_lora_rank: Option<usize>,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub rms_norm_eps: f64,
+    /// The longest sequence the model was trained on (DeepSeek-V3's default when absent).
+    #[serde(default = "max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "rope_theta")]
+    pub rope_theta: f64,
+    /// DeepSeek lays the rotary dimensions out in interleaved pairs.
+    #[serde(default = "yes")]
+    pub rope_interleave: bool,
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub eos_token_id: Option<OneOrMany>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn one_usize() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn sigmoid() -> String {
+    "sigmoid".into()
+}
+fn noaux_tc() -> String {
+    "noaux_tc".into()
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn max_position_embeddings() -> usize {
+    4096
+}
+
+fn rope_theta() -> f64 {
+    10000.0
+}
+
+impl TextConfig {
+    /// Whether layer `i` routes its MLP through experts (DeepSeek's `moe_layer_freq` rule).
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.n_routed_experts > 0
+            && i >= self.first_k_dense_replace
+            && i.is_multiple_of(self.moe_layer_freq.max(1))
+    }
+
+    /// Query/key head width: the part without position plus the rotary part.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+}
 
 /// How queries are made.
 #[derive(Clone, Debug)]
@@ -358,7 +455,7 @@ impl Attention {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let q_pe = rotate(&f32(&q_pe)?, cos, sin, self.interleave)?;
         let k_pe = rotate(&f32(&k_pe)?, cos, sin, self.interleave)?.to_dtype(dtype)?;
-        let (c_all, k_pe_all) = crate::kv_cache::append(slot, c, k_pe)?;
+        let (c_all, k_pe_all) = crate::runtime::kv_cache::append(slot, c, k_pe)?;
         let (c_all, k_pe_all) = (f32(&c_all)?, f32(&k_pe_all)?);
         // Every head attends over the one shared latent cache. Batched products broadcast
         // over heads would copy the cache once per head at every step, so the products are
@@ -407,7 +504,7 @@ impl Attention {
 impl DeepseekV3 {
     /// Loads `model.*` under `vb_model` and the head from `vb_head` (`lm_head`).
     pub(crate) fn load(vb_model: &Weights, vb_head: &Weights, c: &TextConfig) -> CResult<Self> {
-        let embed_tokens = vb_model.embedding(c.vocab_size, c.hidden_size, "embed_tokens")?;
+        let embed_tokens = Embedding::load(vb_model, c.vocab_size, c.hidden_size, "embed_tokens")?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let l = vb_model.pp("layers").pp(i);
@@ -469,7 +566,7 @@ impl DeepseekV3 {
         } else {
             vb_head.pp("lm_head")
         };
-        let lm_head = head.linear(c.hidden_size, c.vocab_size, false)?;
+        let lm_head = Linear::load(&head, c.hidden_size, c.vocab_size, false)?;
         let rope = c.qk_rope_head_dim;
         let inv_freq = (0..rope)
             .step_by(2)

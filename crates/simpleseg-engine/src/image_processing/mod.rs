@@ -1,12 +1,15 @@
-//! What every family's image processor shares: the processed image it hands the model, the
-//! settings file it reads, the pixel tensor and the expansion of the image placeholder in the
-//! prompt. Each family's own resizing and patch order live with the family (`models/*/processor.rs`).
+//! Image processing: what every family's image processor shares (the processed image it hands
+//! the model, the settings file it reads, the pixel tensor and the expansion of the image
+//! placeholder in the prompt) and Pillow's resampling ([`pillow`]). Each family's own resizing
+//! and patch order live with the family (`models/*/processor.rs`).
+
+pub mod pillow;
 
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::hf::{HfFolder, JsonFile};
+use crate::io::hf::{HfFolder, JsonFile};
 
 /// CLIP's normalization constants, the default mean and std of the processors.
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];

@@ -10,8 +10,8 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
-use crate::{Prompt, Session};
+use crate::runtime::kv_cache::KvCache;
+use crate::runtime::model::{Prompt, Session};
 
 /// Sequences of one prompt decoded in lockstep: `rows` rows sharing one cache layout.
 #[derive(Clone, Debug)]

@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
-use crate::hf::HfFolder;
+use crate::io::hf::HfFolder;
 
 /// The smallest sampling temperature (vLLM treats smaller ones as greedy).
 pub const MIN_TEMPERATURE: f32 = 1e-5;
@@ -93,7 +93,7 @@ impl GenerationConfig {
     pub fn for_model(
         folder: &HfFolder,
         config_eos: &[u32],
-        tokenizer: &crate::chat::TextTokenizer,
+        tokenizer: &crate::text::TextTokenizer,
     ) -> Result<Self> {
         let mut generation = GenerationConfig::load(folder)?;
         if generation.eos_token_ids.is_empty() {
@@ -209,77 +209,6 @@ fn top_p_filter(logits: &mut [f32], top_p: f64) {
         if cumulative <= threshold && rank + 1 < order.len() {
             logits[i] = f32::NEG_INFINITY;
         }
-    }
-}
-
-/// One answer's decoding state: its sampler, constraint and tokens so far. Batched generation
-/// and the server's scheduler step every row through it, so a row decodes the same in both.
-pub(crate) struct Decoding {
-    sampler: Sampler,
-    constraint: Option<crate::constraint::Constrained>,
-    /// Prompt and generated tokens (the repetition penalty looks at both).
-    history: Vec<u32>,
-    pub(crate) generated: Vec<u32>,
-    stop: Vec<u32>,
-    pub(crate) max_new: usize,
-    pub(crate) stop_reason: Option<crate::StopReason>,
-}
-
-impl Decoding {
-    /// A row for `prompt_ids`; it stops at `max_new_tokens` or where the sequence reaches
-    /// `max_positions`, whichever comes first. A prompt that fills the context is an error.
-    pub(crate) fn new(
-        config: &GenerationConfig,
-        prompt_ids: &[u32],
-        max_positions: usize,
-        grammar: Option<std::sync::Arc<crate::constraint::Grammar>>,
-    ) -> Result<Self> {
-        if prompt_ids.len() >= max_positions {
-            return Err(Error::Input(format!(
-                "the prompt has {} tokens and the model's context is {max_positions}: no room for an answer",
-                prompt_ids.len()
-            )));
-        }
-        let max_new = config.max_new_tokens.min(max_positions - prompt_ids.len());
-        Ok(Decoding {
-            sampler: Sampler::new(config.clone())?,
-            constraint: grammar
-                .map(crate::constraint::Constrained::new)
-                .transpose()?,
-            history: prompt_ids.to_vec(),
-            generated: Vec::new(),
-            stop: config.eos_token_ids.clone(),
-            max_new,
-            stop_reason: (max_new == 0).then_some(crate::StopReason::MaxTokens),
-        })
-    }
-
-    /// Picks the next token from this row's logits. `None` when it is a stop token (the row
-    /// ends with [`crate::StopReason::Eos`]) or when the constraint allows no token (it ends
-    /// with [`crate::StopReason::NoAllowedToken`]: nothing unchecked is ever chosen);
-    /// otherwise the token is recorded, and the row ends with `MaxTokens` when it was the last
-    /// one allowed.
-    pub(crate) fn choose(&mut self, mut logits: Vec<f32>) -> Option<u32> {
-        if let Some(c) = &self.constraint {
-            if !c.mask(&mut logits) {
-                self.stop_reason = Some(crate::StopReason::NoAllowedToken);
-                return None;
-            }
-        }
-        let token = self.sampler.next_token(&mut logits, &self.history);
-        if self.stop.contains(&token) {
-            self.stop_reason = Some(crate::StopReason::Eos);
-            return None;
-        }
-        if let Some(c) = self.constraint.as_mut() {
-            c.advance(token);
-        }
-        self.generated.push(token);
-        self.history.push(token);
-        if self.generated.len() >= self.max_new {
-            self.stop_reason = Some(crate::StopReason::MaxTokens);
-        }
-        Some(token)
     }
 }
 

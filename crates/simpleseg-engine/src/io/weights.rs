@@ -24,8 +24,7 @@ use candle_nn::VarBuilder;
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
-use crate::nn::{Embedding, Linear, Weight};
-use crate::quantized::QuantizedMatrix;
+use crate::io::quantized::QuantizedMatrix;
 
 /// A quantized format for linear layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +75,49 @@ impl std::str::FromStr for Quantization {
             other => Err(format!(
                 "unknown quantization '{other}' (expected q8_0 or q4k)"
             )),
+        }
+    }
+}
+
+/// How a weight matrix `(out_dim, in_dim)` is kept.
+#[derive(Clone, Debug)]
+pub enum Weight {
+    /// A candle tensor (training's variables, small models, GPUs).
+    Dense(Tensor),
+    /// BF16/F16/F32 values read in place from the memory-mapped checkpoint.
+    Mapped(MappedMatrix),
+    /// Quantized blocks on the CPU (q4k, q4_0, q8_0), mapped or in memory.
+    Quantized(QuantizedMatrix),
+    /// Quantized on a GPU, multiplied by candle's kernels there.
+    QuantizedDevice(Arc<QMatMul>),
+}
+
+impl Weight {
+    /// `(out_dim, in_dim)`.
+    pub fn dims(&self) -> CResult<(usize, usize)> {
+        match self {
+            Weight::Dense(t) => t.dims2(),
+            Weight::Mapped(m) => Ok((m.rows, m.cols)),
+            Weight::Quantized(q) => Ok((q.rows, q.cols)),
+            Weight::QuantizedDevice(q) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.shape().dims2(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2(),
+            },
+        }
+    }
+
+    /// The weight as a candle tensor of `dtype` (a copy unless dense already).
+    pub fn to_tensor(&self, dtype: DType, device: &candle_core::Device) -> CResult<Tensor> {
+        match self {
+            Weight::Dense(t) => t.to_dtype(dtype),
+            Weight::Mapped(m) => m.to_tensor(dtype, device),
+            Weight::Quantized(q) => {
+                Tensor::from_vec(q.dequantize(), (q.rows, q.cols), device)?.to_dtype(dtype)
+            }
+            Weight::QuantizedDevice(q) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.dequantize(device)?.to_dtype(dtype),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(dtype),
+            },
         }
     }
 }
@@ -360,7 +402,7 @@ impl TensorFiles {
             )));
         };
         if let Stored::Ggml(t) = e.stored {
-            if device.is_cpu() && crate::quantized::supported(t) {
+            if device.is_cpu() && crate::io::quantized::supported(t) {
                 let map = self.maps[e.file].1.clone();
                 return Ok(Weight::Quantized(QuantizedMatrix::mapped(
                     map, e.start, rows, cols, t,
@@ -558,11 +600,12 @@ impl Weights {
         &self.device
     }
 
-    /// Every tensor name of the source (none for a builder or a plan).
+    /// Every tensor name of the source (a plan's when it knows them; none for a builder).
     pub fn names(&self) -> Vec<String> {
         match &*self.source {
             Source::Files(f) => f.names().cloned().collect(),
-            Source::Builder(_) | Source::Plan(_) => Vec::new(),
+            Source::Plan(p) => p.names.iter().flat_map(|n| n.iter().cloned()).collect(),
+            Source::Builder(_) => Vec::new(),
         }
     }
 
@@ -627,11 +670,11 @@ impl Weights {
         Ok(t)
     }
 
-    /// The linear layer under these weights: `weight` `(out_dim, in_dim)` and, with `bias`,
-    /// `bias` `(out_dim)`.
-    pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> CResult<Linear> {
+    /// The matrix `weight` `(out_dim, in_dim)` under these weights, kept as the source and
+    /// the quantization ask ([`Weight`]).
+    pub fn matrix(&self, in_dim: usize, out_dim: usize) -> CResult<Weight> {
         let full = self.name("weight");
-        let weight = match &*self.source {
+        Ok(match &*self.source {
             Source::Files(f) => {
                 let e = f.entry(&full)?;
                 if e.shape != [out_dim, in_dim] {
@@ -653,20 +696,7 @@ impl Weights {
                     Tensor::zeros((), self.dtype, &self.device)?.broadcast_as((out_dim, in_dim))?,
                 )
             }
-        };
-        let bias = if bias {
-            Some(self.get(out_dim, "bias")?)
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias })
-    }
-
-    /// An embedding table `(vocab, hidden)` under `name`: read in place like a linear weight,
-    /// so that only the looked-up rows are ever touched.
-    pub fn embedding(&self, vocab: usize, hidden: usize, name: &str) -> CResult<Embedding> {
-        let table = self.pp(name).quantized(None).linear(hidden, vocab, false)?;
-        Ok(Embedding::new(table.weight, self.dtype))
+        })
     }
 }
 
@@ -678,7 +708,7 @@ pub const SHAPE_KEY: &str = "simpleseg.shape.";
 pub const GGUF_FILE: &str = "model.gguf";
 
 /// The model folder's weight files: [`GGUF_FILE`] (a quantized folder) or its safetensors.
-pub fn folder_weight_files(folder: &crate::hf::HfFolder) -> Result<Vec<PathBuf>> {
+pub fn folder_weight_files(folder: &crate::io::hf::HfFolder) -> Result<Vec<PathBuf>> {
     let gguf = folder.path(GGUF_FILE);
     if gguf.is_file() {
         return Ok(vec![gguf]);
@@ -687,7 +717,7 @@ pub fn folder_weight_files(folder: &crate::hf::HfFolder) -> Result<Vec<PathBuf>>
 }
 
 /// The model folder's weights, memory-mapped: [`GGUF_FILE`] or its safetensors.
-pub fn folder_files(folder: &crate::hf::HfFolder) -> Result<TensorFiles> {
+pub fn folder_files(folder: &crate::io::hf::HfFolder) -> Result<TensorFiles> {
     let gguf = folder.path(GGUF_FILE);
     if gguf.is_file() {
         return TensorFiles::gguf(&gguf);
@@ -698,7 +728,7 @@ pub fn folder_files(folder: &crate::hf::HfFolder) -> Result<TensorFiles> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::max_abs_diff;
+    use crate::layers::{max_abs_diff, Linear};
     use candle_core::Module;
 
     /// A safetensors file holding `w` (512 x 256 weights) in BF16, F16 and F32.
@@ -733,7 +763,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (rows, 256), &Device::Cpu).unwrap();
             let want = x.matmul(&w.t().unwrap()).unwrap();
             for name in ["bf16", "f16", "f32"] {
-                let layer = weights.pp(name).linear(256, 512, false).unwrap();
+                let layer = Linear::load(&weights.pp(name), 256, 512, false).unwrap();
                 assert!(
                     matches!(layer.weight, Weight::Mapped(_)),
                     "{name} is mapped"
@@ -756,10 +786,7 @@ mod tests {
                     .unwrap()
             };
             for (format, tolerance) in [(Quantization::Q8_0, 0.01), (Quantization::Q4K, 0.1)] {
-                let layer = weights
-                    .pp("bf16")
-                    .quantized(Some(format))
-                    .linear(256, 512, false)
+                let layer = Linear::load(&weights.pp("bf16").quantized(Some(format)), 256, 512, false)
                     .unwrap();
                 assert!(
                     matches!(layer.weight, Weight::Quantized(_)),

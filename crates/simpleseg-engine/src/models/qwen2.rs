@@ -1,14 +1,13 @@
-//! The Qwen2.5-VL language model: Qwen2 decoder layers with grouped-query attention and
-//! M-RoPE, whose rotary frequencies are split in `mrope_section` parts driven by the temporal,
-//! height and width position of each token (`get_rope_index`).
+//! Qwen2's language model as Qwen2-VL and Qwen2.5-VL run it: decoder layers with grouped-query
+//! attention and M-RoPE, whose rotary frequencies are split in `mrope_section` parts driven by
+//! the temporal, height and width position of each token (`get_rope_index`).
 
-use crate::weights::Weights;
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 
-use super::config::Config;
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
-use crate::nn::{
+use crate::io::weights::Weights;
+use crate::runtime::kv_cache::KvCache;
+use crate::layers::{
     apply_rotary, attention, causal_mask, forward_each, repeat_kv, single_query_attention,
     Embedding, Linear, Mode, RmsNorm,
 };
@@ -69,7 +68,7 @@ impl TextAttention {
         let q = apply_rotary(&q.contiguous()?, cos, sin)?;
         let k = apply_rotary(&k.contiguous()?, cos, sin)?;
         let (k, v) = match cache {
-            Some(slot) => crate::kv_cache::append(slot, k, v)?,
+            Some(slot) => crate::runtime::kv_cache::append(slot, k, v)?,
             None => (k, v),
         };
         let scale = (self.head_dim as f64).powf(-0.5);
@@ -108,6 +107,28 @@ impl TextMlp {
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let [gate, up] = forward_each([&self.gate_proj, &self.up_proj], x)?;
         self.down_proj.forward(&(gate.silu()? * up)?)
+    }
+}
+
+/// The language model's configuration (`config.json`'s flat keys, or its `text_config`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub mrope_section: Vec<usize>,
+    pub max_position_embeddings: usize,
+}
+
+impl TextConfig {
+    /// Width of an attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
     }
 }
 
@@ -188,10 +209,14 @@ pub struct TextModel {
 impl TextModel {
     /// Loads the language model under `vb_lm` and its head under `vb_root` (linear layers
     /// quantized as `vb_lm` says; the embedding table never is, only its rows are read).
-    pub(crate) fn load(vb_lm: &Weights, vb_root: &Weights, config: &Config) -> CResult<Self> {
-        let c = &config.text;
-        let head_dim = config.head_dim();
-        let embed_tokens = vb_lm.embedding(c.vocab_size, c.hidden_size, "embed_tokens")?;
+    pub(crate) fn load(
+        vb_lm: &Weights,
+        vb_root: &Weights,
+        c: &TextConfig,
+        tie_word_embeddings: bool,
+    ) -> CResult<Self> {
+        let head_dim = c.head_dim();
+        let embed_tokens = Embedding::load(vb_lm, c.vocab_size, c.hidden_size, "embed_tokens")?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let l = vb_lm.pp("layers").pp(i);
@@ -244,12 +269,12 @@ impl TextModel {
         let norm = RmsNorm::load(&vb_lm.pp("norm"), c.hidden_size, c.rms_norm_eps)?;
         // A tied head reads the embedding table as a linear layer (quantized when asked, a copy
         // then, since lookups read the table's rows unquantized).
-        let head = if config.tie_word_embeddings && !vb_root.contains("lm_head.weight") {
+        let head = if tie_word_embeddings && !vb_root.contains("lm_head.weight") {
             vb_lm.pp("embed_tokens")
         } else {
             vb_root.pp("lm_head")
         };
-        let lm_head = head.linear(c.hidden_size, c.vocab_size, false)?;
+        let lm_head = Linear::load(&head, c.hidden_size, c.vocab_size, false)?;
         let inv_freq = (0..head_dim)
             .step_by(2)
             .map(|i| 1.0 / (c.rope_theta.powf(f64::from(i as f32 / head_dim as f32)) as f32))

@@ -18,7 +18,7 @@ use regex_automata::dfa::{dense, Automaton};
 use regex_automata::util::primitives::StateID;
 use regex_automata::{Anchored, Input};
 
-use crate::chat::TextTokenizer;
+use crate::text::TextTokenizer;
 use crate::error::{Error, Result};
 
 /// The most memory a preset's automaton may take to build and to keep.

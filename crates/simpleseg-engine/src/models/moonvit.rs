@@ -1,4 +1,4 @@
-//! MoonViT and Kimi-VL's projector.
+//! MoonViT, Kimi-VL's vision tower.
 //!
 //! - Patch embedding: a Conv2d run as one matmul over `(3, patch, patch)` patches, plus a
 //!   learned `(64, 64, hidden)` position table resized to each image's grid as torch's
@@ -8,14 +8,31 @@
 //!   turns by the column times `theta^(-4i / head_dim)`, pair `2i + 1` by the row) -> attention
 //!   within each image -> `wo`; LayerNorm -> MLP with tanh-GELU. A final LayerNorm.
 //! - 2x2 merge: each merged token is the 4 patches of a 2x2 block, row-major.
-//! - Projector: LayerNorm on each patch, the 4 concatenated, Linear, exact (erf) GELU, Linear.
 
-use crate::weights::Weights;
 use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
+use serde::Deserialize;
 
-use super::config::VisionConfig;
 use crate::error::{Error, Result};
-use crate::nn::{attention, LayerNorm, Linear, Mode};
+use crate::io::weights::Weights;
+use crate::layers::{attention, LayerNorm, Linear, Mode};
+
+/// MoonViT, the vision tower (`vision_config`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct VisionConfig {
+    pub patch_size: usize,
+    pub init_pos_emb_height: usize,
+    pub init_pos_emb_width: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "merge_2x2")]
+    pub merge_kernel_size: [usize; 2],
+}
+
+fn merge_2x2() -> [usize; 2] {
+    [2, 2]
+}
 
 #[derive(Clone, Debug)]
 struct Block {
@@ -38,14 +55,6 @@ pub struct MoonVit {
     blocks: Vec<Block>,
     final_layernorm: LayerNorm,
     config: VisionConfig,
-}
-
-/// The projector into the language model (`multi_modal_projector`).
-#[derive(Clone, Debug)]
-pub struct Projector {
-    pre_norm: LayerNorm,
-    linear_1: Linear,
-    linear_2: Linear,
 }
 
 impl MoonVit {
@@ -223,27 +232,6 @@ impl MoonVit {
             }
         }
         Ok(Tensor::cat(&out, 0)?)
-    }
-}
-
-impl Projector {
-    pub(crate) fn load(vb: &Weights, vision: &VisionConfig, text_hidden: usize) -> CResult<Self> {
-        let d = vision.hidden_size;
-        let merged = d * vision.merge_kernel_size[0] * vision.merge_kernel_size[1];
-        Ok(Projector {
-            pre_norm: LayerNorm::load(&vb.pp("pre_norm"), d, 1e-5)?,
-            linear_1: Linear::load(&vb.pp("linear_1"), merged, merged, true)?,
-            linear_2: Linear::load(&vb.pp("linear_2"), merged, text_hidden, true)?,
-        })
-    }
-
-    /// Language-model features `(merged tokens, text hidden)` of merged patches
-    /// `(merged tokens, kh * kw, hidden)`.
-    pub fn forward(&self, merged: &Tensor) -> Result<Tensor> {
-        let (n, k, d) = merged.dims3()?;
-        let x = self.pre_norm.forward(merged)?.reshape((n, k * d))?;
-        let x = self.linear_1.forward(&x)?.gelu_erf()?;
-        Ok(self.linear_2.forward(&x)?)
     }
 }
 

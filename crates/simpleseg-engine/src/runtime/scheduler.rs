@@ -4,7 +4,7 @@
 //! arrived (up to a batch limit), prefills each and adds its rows to the running session
 //! ([`Session::add`]); each step then picks one token per row and feeds them all at once; a row
 //! leaves ([`Session::retain`]) when it stops, when it is cancelled or when its receiver is
-//! gone. A row's numbers do not depend on the other rows (see [`crate::session`]), so every
+//! gone. A row's numbers do not depend on the other rows (see [`crate::runtime::session`]), so every
 //! answer is the one its request gets alone.
 //!
 //! Requests wait in a bounded queue: [`Scheduler::submit`] refuses one when the queue is full
@@ -17,12 +17,13 @@ use std::time::{Duration, Instant};
 
 use candle_core::DType;
 
-use crate::chat::IncrementalText;
-use crate::constraint::Grammar;
-use crate::generation::{Decoding, GenerationConfig};
-use crate::{GenerationOutput, Prompt, Session, StopReason, Timings, VisionLanguageModel};
+use crate::runtime::constraint::Grammar;
+use crate::runtime::decoding::Decoding;
+use crate::runtime::model::{GenerationOutput, Prompt, Session, StopReason, Timings, VisionLanguageModel};
+use crate::runtime::sampling::GenerationConfig;
+use crate::text::IncrementalText;
 
-pub use crate::constraint::Constraint;
+pub use crate::runtime::constraint::Constraint;
 
 /// One request: a prepared prompt (see [`VisionLanguageModel::prepare`]), one decoding config
 /// per answer wanted, and the grammar answers must match. Everything that can be done without
@@ -268,7 +269,7 @@ fn admit<'m>(
     request: &Request,
     id: usize,
     session: &mut Option<Box<dyn Session + 'm>>,
-) -> crate::Result<Vec<Row>> {
+) -> crate::error::Result<Vec<Row>> {
     let prompt = &request.prompt;
     // Checked before the prefill: the rows' decoding states refuse a prompt that fills the
     // context.
@@ -283,7 +284,7 @@ fn admit<'m>(
                 request.grammar.clone(),
             )
         })
-        .collect::<crate::Result<Vec<_>>>()?;
+        .collect::<crate::error::Result<Vec<_>>>()?;
     let start = Instant::now();
     let copies = request.configs.len();
     match session.as_mut() {
@@ -313,7 +314,7 @@ fn step(
     rows: &mut Vec<Row>,
     requests: &mut [Option<Active>],
     stats: &SchedulerStats,
-) -> crate::Result<()> {
+) -> crate::error::Result<()> {
     let Some(s) = session.as_mut() else {
         return Ok(());
     };
@@ -382,7 +383,7 @@ fn finish(
     row: Row,
     requests: &mut [Option<Active>],
     stats: &SchedulerStats,
-) -> crate::Result<()> {
+) -> crate::error::Result<()> {
     let Some(active) = requests[row.request].as_mut() else {
         return Ok(());
     };

@@ -4,12 +4,11 @@
 //! attend over the whole image, then a patch merger (RMSNorm, 2x2 concat, MLP) and the inverse
 //! reordering.
 
-use crate::weights::Weights;
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 
-use super::config::VisionConfig;
 use crate::error::{Error, Result};
-use crate::nn::{apply_rotary, attention, Linear, Mode, RmsNorm};
+use crate::io::weights::Weights;
+use crate::layers::{apply_rotary, attention, Linear, Mode, RmsNorm};
 
 #[derive(Clone, Debug)]
 struct VisionMlp {
@@ -105,6 +104,23 @@ impl PatchMerger {
         let x = self.mlp_0.forward(&x)?.gelu_erf()?;
         self.mlp_2.forward(&x)
     }
+}
+
+/// The vision tower's configuration (`vision_config`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VisionConfig {
+    pub depth: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_heads: usize,
+    pub in_channels: usize,
+    pub out_hidden_size: usize,
+    pub patch_size: usize,
+    pub spatial_merge_size: usize,
+    pub temporal_patch_size: usize,
+    pub window_size: usize,
+    pub fullatt_block_indexes: Vec<usize>,
+    pub rope_theta: f64,
 }
 
 /// The vision tower (`visual`).

@@ -15,7 +15,7 @@ use simpleseg_core::limits::{read_text_file_bounded, Limit};
 use tiktoken_rs::CoreBPE;
 
 use crate::error::{Error, Result};
-use crate::hf::HfFolder;
+use crate::io::hf::HfFolder;
 
 /// Kimi's pre-tokenization regex (`TikTokenTokenizer.pat_str`).
 pub const KIMI_PATTERN: &str = concat!(

@@ -1,145 +1,23 @@
-//! Quantized weight matrices on the CPU, read in place: ggml blocks (q4k, q4_0, q8_0) in a
-//! memory-mapped GGUF file or in memory after quantizing at load, multiplied with candle's
-//! block dot products (its AVX2 kernels) without the copy and repacking candle's `QMatMul`
-//! makes, so that a quantized model's resident memory is its quantized bytes.
+//! Few-rows products against quantized matrices (decoding): each output is one `vec_dot` of the
+//! row's blocks with the input quantized to the type's dot-product blocks (q8k or q8_0), four
+//! outputs at a time so that four weight rows stream side by side; the result for a row never
+//! depends on the others. On CPUs with AVX-512 BW and VNNI, q4k and q4_0 rows use
+//! [`simpleseg_kernels::q4k`]'s and [`simpleseg_kernels::q4_0`]'s kernels instead. Several
+//! products can run as one parallel pass ([`rows_matmul_batch`]).
 //!
-//! - Few rows (decoding): each output is one `vec_dot` of the row's blocks with the input
-//!   quantized to the type's dot-product blocks (q8k or q8_0), four outputs at a time so that
-//!   four weight rows stream side by side; the result for a row never depends on the others.
-//!   On CPUs with AVX-512 BW and VNNI, q4k and q4_0 rows use [`q4k_avx512`]'s and
-//!   [`q4_0_avx512`]'s kernels instead. Several products can run as one parallel pass
-//!   ([`rows_matmul_batch`]).
-//! - Many rows (a prefill): a band of weight rows is dequantized and multiplied as a BF16 or
-//!   f32 weight would be (see [`crate::nn`]).
-
-use std::sync::Arc;
+//! Many rows (a prefill) dequantize a band of weight rows and multiply it as a BF16 or f32
+//! weight would be (see [`crate::layers::linear`]).
 
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0, GgmlType};
 use candle_core::quantized::GgmlDType;
 use candle_core::Result;
-use memmap2::Mmap;
-
-use simpleseg_kernels::blocks::{view, PlainBlock};
+use simpleseg_kernels::blocks::PlainBlock;
 #[cfg(target_arch = "x86_64")]
 use simpleseg_kernels::{q4_0 as q4_0_avx512, q4k as q4k_avx512};
 
-/// Where a matrix's blocks live.
-#[derive(Clone)]
-enum Blocks {
-    /// A range of a memory-mapped file.
-    Mapped { map: Arc<Mmap>, start: usize },
-    /// Bytes in memory, in u64 words so that every block type is aligned.
-    Owned(Arc<Vec<u64>>),
-}
-
-/// A `(rows, cols)` matrix of ggml blocks, each row `cols / block` blocks.
-#[derive(Clone)]
-pub struct QuantizedMatrix {
-    blocks: Blocks,
-    pub rows: usize,
-    pub cols: usize,
-    pub ggml: GgmlDType,
-}
-
-impl std::fmt::Debug for QuantizedMatrix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "QuantizedMatrix({}x{} {:?})",
-            self.rows, self.cols, self.ggml
-        )
-    }
-}
-
-/// Whether [`QuantizedMatrix`] multiplies blocks of type `t`.
-pub fn supported(t: GgmlDType) -> bool {
-    matches!(t, GgmlDType::Q4K | GgmlDType::Q4_0 | GgmlDType::Q8_0)
-}
+use crate::io::quantized::QuantizedMatrix;
 
 impl QuantizedMatrix {
-    fn check(rows: usize, cols: usize, ggml: GgmlDType, bytes: usize) -> Result<()> {
-        if !supported(ggml) {
-            candle_core::bail!("{ggml:?} weights are not multiplied (q4k, q4_0 and q8_0 are)");
-        }
-        if !cols.is_multiple_of(ggml.block_size())
-            || bytes != rows * cols / ggml.block_size() * ggml.type_size()
-        {
-            candle_core::bail!("{rows}x{cols} {ggml:?} weight has {bytes} bytes");
-        }
-        Ok(())
-    }
-
-    /// Blocks read in place from `map[start..]`; the start must suit the block type's
-    /// alignment (GGUF aligns tensors to 32 bytes).
-    pub fn mapped(
-        map: Arc<Mmap>,
-        start: usize,
-        rows: usize,
-        cols: usize,
-        ggml: GgmlDType,
-    ) -> Result<Self> {
-        let bytes = rows * cols / ggml.block_size().max(1) * ggml.type_size();
-        Self::check(rows, cols, ggml, bytes)?;
-        if start + bytes > map.len() || !(map.as_ptr() as usize + start).is_multiple_of(8) {
-            candle_core::bail!("quantized weight at byte {start} is out of range or misaligned");
-        }
-        Ok(QuantizedMatrix {
-            blocks: Blocks::Mapped { map, start },
-            rows,
-            cols,
-            ggml,
-        })
-    }
-
-    /// Blocks held in memory (e.g. from quantizing at load).
-    pub fn owned(bytes: &[u8], rows: usize, cols: usize, ggml: GgmlDType) -> Result<Self> {
-        Self::check(rows, cols, ggml, bytes.len())?;
-        let mut words = vec![0u64; bytes.len().div_ceil(8)];
-        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
-        Ok(QuantizedMatrix {
-            blocks: Blocks::Owned(Arc::new(words)),
-            rows,
-            cols,
-            ggml,
-        })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        let len = self.rows * self.cols / self.ggml.block_size() * self.ggml.type_size();
-        match &self.blocks {
-            Blocks::Mapped { map, start } => &map[*start..*start + len],
-            Blocks::Owned(words) => &bytemuck::cast_slice::<u64, u8>(words)[..len],
-        }
-    }
-
-    /// The blocks as `B` (whose layout the matrix's blocks have). The bytes hold whole
-    /// blocks (checked at construction) and start 8-byte aligned, so the view always exists.
-    fn typed<B: PlainBlock>(&self) -> &[B] {
-        view(self.bytes()).unwrap_or_default()
-    }
-
-    /// Row `r` dequantized into `out` (`cols` values).
-    pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        fn run<T: GgmlType + PlainBlock>(m: &QuantizedMatrix, r: usize, out: &mut [f32]) {
-            let per_row = m.cols / T::BLCK_SIZE;
-            T::to_float(&m.typed::<T>()[r * per_row..(r + 1) * per_row], out);
-        }
-        match self.ggml {
-            GgmlDType::Q4K => run::<BlockQ4K>(self, r, out),
-            GgmlDType::Q4_0 => run::<BlockQ4_0>(self, r, out),
-            _ => run::<BlockQ8_0>(self, r, out),
-        }
-    }
-
-    /// The whole matrix dequantized, row-major.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        for (r, row) in out.chunks_mut(self.cols.max(1)).enumerate() {
-            self.row_into(r, row);
-        }
-        out
-    }
-
     /// `x W^T` for `rows` rows of `x` (`rows x cols`, f32), `rows x self.rows` f32: the
     /// few-rows path (see the module documentation).
     pub fn rows_matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {

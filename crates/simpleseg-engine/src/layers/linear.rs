@@ -1,0 +1,430 @@
+//! Linear layers `y = x W^T + b` over every way a weight is kept ([`Weight`]): candle tensors,
+//! BF16/F16/F32 values read in place from the mapped checkpoint, and quantized blocks. A few
+//! rows (decoding) are multiplied one dot product per output ([`simpleseg_kernels::rows`], the
+//! quantized driver); many rows (a prefill) by a GEMM over the weight as stored.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use simpleseg_kernels::rows::Weights as Rows;
+
+use crate::io::quantized::QuantizedMatrix;
+use crate::io::weights::{MappedMatrix, Weight, Weights};
+use crate::layers::quantized::RowsProduct;
+
+/// A linear layer `y = x W^T + b`, mirroring `nn.Linear`'s `weight` and `bias` tensors.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Weight,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer over a candle weight tensor.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: Weight::Dense(weight),
+            bias,
+        }
+    }
+
+    /// Loads `weight` `(out_dim, in_dim)` (and, with `bias`, `bias` `(out_dim)`) under `w`.
+    pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.matrix(in_dim, out_dim)?;
+        let bias = if bias {
+            Some(w.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// `x W^T` for a rank-2 `x`.
+    fn matmul_rows(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => match few_rows_matmul(x, w)? {
+                Some(y) => Ok(y),
+                None => x.matmul(&w.t()?),
+            },
+            Weight::Mapped(m) => {
+                let slice = match m.dtype {
+                    DType::F16 => Rows::F16(m.f16()),
+                    DType::F32 => Rows::F32(m.f32()),
+                    _ => Rows::Bf16(m.bf16()),
+                };
+                if x.dim(0)? <= FEW_ROWS && !x.track_op() {
+                    rows_matmul(x, slice, m.rows, m.cols)
+                } else {
+                    many_rows_matmul(x, m)
+                }
+            }
+            Weight::Quantized(q) => {
+                let rows = x.dim(0)?;
+                if rows <= FEW_ROWS {
+                    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                    Tensor::from_vec(q.rows_matmul(&xs, rows)?, (rows, q.rows), x.device())?
+                        .to_dtype(x.dtype())
+                } else {
+                    many_rows_matmul(x, q)
+                }
+            }
+            Weight::QuantizedDevice(q) => {
+                let dtype = x.dtype();
+                q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                    .to_dtype(dtype)
+            }
+        }
+    }
+}
+
+/// `layer.forward(x)` for each pair, with every few-rows product over quantized CPU weights
+/// in one parallel pass (see [`crate::layers::quantized::rows_matmul_batch`]): decoding's projections
+/// of one input and a mixture's chosen experts. Each result equals the layer's own `forward`.
+pub fn forward_batch(pairs: &[(&Linear, &Tensor)]) -> Result<Vec<Tensor>> {
+    let mut batched = Vec::with_capacity(pairs.len());
+    for &(layer, x) in pairs {
+        let Weight::Quantized(q) = &layer.weight else {
+            break;
+        };
+        let rows = x.elem_count() / q.cols.max(1);
+        if x.rank() < 2 || rows > FEW_ROWS || x.dim(D::Minus1)? != q.cols {
+            break;
+        }
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        batched.push((q, xs, rows));
+    }
+    if batched.len() < pairs.len() {
+        return pairs.iter().map(|(layer, x)| layer.forward(x)).collect();
+    }
+    let products: Vec<RowsProduct> = batched
+        .iter()
+        .map(|(matrix, x, rows)| RowsProduct {
+            matrix,
+            x,
+            rows: *rows,
+        })
+        .collect();
+    let outputs = crate::layers::quantized::rows_matmul_batch(&products)?;
+    pairs
+        .iter()
+        .zip(outputs)
+        .zip(&batched)
+        .map(|(((layer, x), y), (q, _, rows))| {
+            let y = Tensor::from_vec(y, (*rows, q.rows), x.device())?.to_dtype(x.dtype())?;
+            let mut dims = x.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = q.rows;
+            }
+            let y = y.reshape(dims)?;
+            match &layer.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+                None => Ok(y),
+            }
+        })
+        .collect()
+}
+
+/// Each of `layers` applied to `x`, as one [`forward_batch`].
+pub fn forward_each<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+    let pairs = layers.map(|layer| (layer, x));
+    forward_batch(&pairs)?
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("one output per layer".into()))
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match x.rank() {
+            2 => self.matmul_rows(x)?,
+            _ => {
+                // Fold leading dimensions into rows: one large matmul.
+                let dims = x.dims().to_vec();
+                let rows: usize = dims[..dims.len() - 1].iter().product();
+                let y = self.matmul_rows(&x.reshape((rows, dims[dims.len() - 1]))?)?;
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = self.weight.dims()?.0;
+                }
+                y.reshape(out_dims)?
+            }
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Row counts up to which the row kernels replace candle's matmul.
+const FEW_ROWS: usize = 8;
+
+/// `x W^T` for at most [`FEW_ROWS`] rows of `x` against a contiguous BF16 or F32 weight on the
+/// CPU, or `None` when that does not apply (other dtypes, devices, more rows, or a computation
+/// that needs gradients: a result built outside candle's ops carries none).
+fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+
+    let rows = x.dim(0)?;
+    let needs_grad = weight.track_op() || x.track_op();
+    if !matches!(weight.dtype(), DType::BF16 | DType::F32)
+        || !weight.device().is_cpu()
+        || rows > FEW_ROWS
+        || needs_grad
+    {
+        return Ok(None);
+    }
+    let (out_dim, in_dim) = weight.dims2()?;
+    let (storage, layout) = weight.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let y = match &*storage {
+        Storage::Cpu(CpuStorage::BF16(data)) => {
+            rows_matmul(x, Rows::Bf16(&data[start..end]), out_dim, in_dim)?
+        }
+        Storage::Cpu(CpuStorage::F32(data)) => {
+            rows_matmul(x, Rows::F32(&data[start..end]), out_dim, in_dim)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(y))
+}
+
+/// `x W^T` by one dot product per output ([`simpleseg_kernels::rows`]), the result rounded to
+/// `x`'s dtype as a BF16 matmul does.
+fn rows_matmul(x: &Tensor, w: Rows, out_dim: usize, in_dim: usize) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let y = simpleseg_kernels::rows::matmul(&xs, rows, w, out_dim, in_dim)
+        .ok_or_else(|| candle_core::Error::Msg(format!("a {rows}-row product does not fit a {out_dim}x{in_dim} weight")))?;
+    Tensor::from_vec(y, (rows, out_dim), x.device())?.to_dtype(x.dtype())
+}
+
+/// A weight matrix `(rows, cols)` that a prefill reads a row at a time.
+pub trait RowSource: Sync {
+    /// `(rows, cols)`.
+    fn dims(&self) -> (usize, usize);
+    /// Row `r` as f32 (exact: widened or dequantized).
+    fn row_f32(&self, r: usize, out: &mut [f32]);
+    /// Row `r` as BF16 bits (rounded to nearest even where the stored values are wider).
+    fn row_bf16_bits(&self, r: usize, out: &mut [u16]) {
+        let mut wide = vec![0f32; out.len()];
+        self.row_f32(r, &mut wide);
+        for (o, v) in out.iter_mut().zip(wide) {
+            *o = half::bf16::from_f32(v).to_bits();
+        }
+    }
+    /// The whole matrix as stored, when it is f32 (multiplied without a copy).
+    fn f32_rows(&self) -> Option<&[f32]> {
+        None
+    }
+}
+
+impl RowSource for MappedMatrix {
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+    fn row_f32(&self, r: usize, out: &mut [f32]) {
+        self.row_into(r, out)
+    }
+    fn row_bf16_bits(&self, r: usize, out: &mut [u16]) {
+        if self.dtype == DType::BF16 {
+            let row = &self.bf16()[r * self.cols..(r + 1) * self.cols];
+            for (o, v) in out.iter_mut().zip(row) {
+                *o = v.to_bits();
+            }
+        } else {
+            let mut wide = vec![0f32; out.len()];
+            self.row_into(r, &mut wide);
+            for (o, v) in out.iter_mut().zip(wide) {
+                *o = half::bf16::from_f32(v).to_bits();
+            }
+        }
+    }
+    fn f32_rows(&self) -> Option<&[f32]> {
+        (self.dtype == DType::F32).then(|| self.f32())
+    }
+}
+
+impl RowSource for QuantizedMatrix {
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+    fn row_f32(&self, r: usize, out: &mut [f32]) {
+        self.row_into(r, out)
+    }
+}
+
+/// `x W^T` for many rows (a prefill) against a weight read in place: with BF16 activations
+/// and a CPU that has BF16 dot products, [`simpleseg_kernels::bf16_gemm`] on the weight's rows as BF16;
+/// otherwise the f32 GEMM on the weight widened (or dequantized) a block of rows at a time,
+/// which computes exactly on the stored values. Either way no copy of the whole weight exists.
+fn many_rows_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Tensor> {
+    match bf16_matmul(x, w)? {
+        Some(y) => Ok(y),
+        None => widened_matmul(x, w),
+    }
+}
+
+/// The BF16 path of [`many_rows_matmul`], rounded to BF16; `None` where it does not apply.
+fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Tensor>> {
+    if x.dtype() != DType::BF16 || !simpleseg_kernels::bf16_gemm::available() {
+        return Ok(None);
+    }
+    let rows = x.dim(0)?;
+    let (out_dim, in_dim) = w.dims();
+    let bits: Vec<u16> = x
+        .flatten_all()?
+        .to_vec1::<half::bf16>()?
+        .into_iter()
+        .map(|v| v.to_bits())
+        .collect();
+    let row = |j: usize, out: &mut [u16]| w.row_bf16_bits(j, out);
+    let Some(y) = simpleseg_kernels::bf16_gemm::gemm(&bits, row, rows, out_dim, in_dim) else {
+        return Ok(None);
+    };
+    // Rounded here in parallel: candle's f32 -> BF16 conversion goes element by element
+    // through a closure and took a third as long as the product.
+    let rounded: Vec<half::bf16> = {
+        use rayon::prelude::*;
+        y.par_iter().map(|&v| half::bf16::from_f32(v)).collect()
+    };
+    Ok(Some(Tensor::from_vec(
+        rounded,
+        (rows, out_dim),
+        x.device(),
+    )?))
+}
+
+/// The f32 path of [`many_rows_matmul`] ([`simpleseg_kernels::f32_gemm`]): exact on the
+/// stored values; the result is rounded to `x`'s dtype.
+fn widened_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    let (out_dim, in_dim) = w.dims();
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let y = simpleseg_kernels::f32_gemm::matmul(&xs, rows, out_dim, in_dim, w.f32_rows(), |j, out| {
+        w.row_f32(j, out)
+    })
+    .ok_or_else(|| candle_core::Error::Msg(format!("a {rows}-row product does not fit a {out_dim}x{in_dim} weight")))?;
+    Tensor::from_vec(y, (rows, out_dim), x.device())?.to_dtype(x.dtype())
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use crate::layers::max_abs_diff;
+
+    #[test]
+    fn bf16_few_rows_path_equals_the_general_matmul() {
+        let dev = Device::Cpu;
+        // 37 inputs: not a multiple of the 8-wide inner loop.
+        let weight = Tensor::randn(0f32, 1.0, (50, 37), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let linear = Linear::new(weight.clone(), None);
+        for rows in [1, 3, FEW_ROWS] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 37), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let fast = few_rows_matmul(&x, &weight).unwrap().expect("applies");
+            assert_eq!(fast.dtype(), DType::BF16);
+            assert_eq!(fast.dims(), &[rows, 50]);
+            let reference = x
+                .to_dtype(DType::F32)
+                .unwrap()
+                .matmul(&weight.to_dtype(DType::F32).unwrap().t().unwrap())
+                .unwrap();
+            let fast = fast.to_dtype(DType::F32).unwrap();
+            // Both accumulate in f32; only the final rounding to BF16 (8 bits) differs.
+            let scale = reference.abs().unwrap().max_keepdim(1).unwrap();
+            let err = max_abs_diff(
+                &fast.broadcast_div(&scale).unwrap(),
+                &reference.broadcast_div(&scale).unwrap(),
+            )
+            .unwrap();
+            assert!(err < 1e-2, "rows {rows}: relative error {err}");
+            // Through the module, rank 3, as decoding calls it.
+            let y = linear.forward(&x.unsqueeze(0).unwrap()).unwrap();
+            assert_eq!(y.dims(), &[1, rows, 50]);
+        }
+        let many = Tensor::zeros((FEW_ROWS + 1, 37), DType::BF16, &dev).unwrap();
+        assert!(few_rows_matmul(&many, &weight).unwrap().is_none());
+        let f16_weight = weight.to_dtype(DType::F16).unwrap();
+        let one = Tensor::zeros((1, 37), DType::F16, &dev).unwrap();
+        assert!(few_rows_matmul(&one, &f16_weight).unwrap().is_none());
+    }
+
+    #[test]
+    fn few_rows_outputs_do_not_depend_on_the_batch() {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (40, 29), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 29), &dev).unwrap();
+        let batch = few_rows_matmul(&x, &weight).unwrap().expect("applies");
+        for r in 0..5 {
+            let alone = few_rows_matmul(&x.narrow(0, r, 1).unwrap(), &weight)
+                .unwrap()
+                .expect("applies");
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                batch.get(r).unwrap().to_vec1().unwrap(),
+                alone.get(0).unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(a, b, "row {r}");
+        }
+        let reference = x.matmul(&weight.t().unwrap()).unwrap();
+        assert!(max_abs_diff(&batch, &reference).unwrap() < 1e-4);
+    }
+
+    /// Quantized layers with and without bias, on rank-3 inputs of one and of two tensors:
+    /// the batch gives each layer's own `forward`, bit for bit; with a dense layer among them
+    /// (no batch), the same.
+
+    #[test]
+    fn forward_batch_equals_each_layers_forward() {
+        use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+        use candle_core::quantized::GgmlDType;
+
+        let dev = Device::Cpu;
+        let quantized = |out: usize, bias: bool, seed: f64| {
+            let w: Vec<f32> = (0..out * 64)
+                .map(|i| ((i as f64 * seed).sin()) as f32)
+                .collect();
+            let mut blocks = vec![BlockQ8_0::zeros(); w.len() / 32];
+            BlockQ8_0::from_float(&w, &mut blocks);
+            let bytes = simpleseg_kernels::blocks::bytes_of(&blocks);
+            Linear {
+                weight: Weight::Quantized(
+                    QuantizedMatrix::owned(bytes, out, 64, GgmlDType::Q8_0).unwrap(),
+                ),
+                bias: bias.then(|| Tensor::randn(0f32, 1.0, out, &dev).unwrap()),
+            }
+        };
+        let (a, b, c) = (
+            quantized(40, true, 0.3),
+            quantized(24, false, 0.7),
+            quantized(8, true, 1.1),
+        );
+        let dense = Linear::new(Tensor::randn(0f32, 1.0, (16, 64), &dev).unwrap(), None);
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 64), &dev).unwrap();
+        let y = Tensor::randn(0f32, 1.0, (2, 1, 64), &dev).unwrap();
+        let check = |pairs: &[(&Linear, &Tensor)]| {
+            let got = forward_batch(pairs).unwrap();
+            assert_eq!(got.len(), pairs.len());
+            for (i, ((layer, x), got)) in pairs.iter().zip(&got).enumerate() {
+                let want = layer.forward(x).unwrap();
+                assert_eq!(got.dims(), want.dims(), "output {i}");
+                let (g, w): (Vec<f32>, Vec<f32>) = (
+                    got.flatten_all().unwrap().to_vec1().unwrap(),
+                    want.flatten_all().unwrap().to_vec1().unwrap(),
+                );
+                assert_eq!(g, w, "output {i}");
+            }
+        };
+        check(&[(&a, &x), (&b, &x), (&c, &y)]);
+        check(&[(&a, &x), (&dense, &x), (&c, &y)]);
+        let [p, q] = forward_each([&a, &b], &y).unwrap();
+        assert_eq!(p.dims(), &[2, 1, 40]);
+        assert_eq!(q.dims(), &[2, 1, 24]);
+    }
+}

@@ -1,0 +1,92 @@
+//! A family loaded for inference, and the [`VisionLanguageModel`] implementation every family
+//! shares: a family supplies its network (a [`Decoder`] with its context length) and how it
+//! prepares prompts ([`PromptPreparer`]); [`Family`] puts them to work with the folder's
+//! decoding defaults.
+
+use candle_core::DType;
+use image::RgbImage;
+
+use crate::error::{Error, Result};
+use crate::runtime::model::{PixelLimits, Prompt, Session, VisionLanguageModel};
+use crate::runtime::sampling::GenerationConfig;
+use crate::runtime::session::{BatchSession, Decoder};
+use crate::text::TextTokenizer;
+
+/// A family's network: prefill and decoding step ([`Decoder`]), and its context length.
+pub trait Network: Decoder + Send {
+    /// `max_position_embeddings`: answers stop there.
+    fn max_positions(&self) -> usize;
+}
+
+/// How a family turns an image and a question into a [`Prompt`]: chat template, image
+/// processing, placeholder expansion, tokens.
+pub trait PromptPreparer: Send + Sync {
+    /// The tokenizer.
+    fn tokenizer(&self) -> &TextTokenizer;
+    /// One user turn with the image and the question.
+    fn prepare(&self, image: &RgbImage, prompt: &str) -> Result<Prompt>;
+    /// [`prepare`](Self::prepare) with the image resized within other pixel limits, for a
+    /// family whose processor has them ([`pixel_range`](Self::pixel_range)).
+    fn prepare_with(&self, image: &RgbImage, prompt: &str, _pixels: PixelLimits) -> Result<Prompt> {
+        self.prepare(image, prompt)
+    }
+    /// The processor's own `(min_pixels, max_pixels)`, where it has such limits (without,
+    /// requests that give some are refused).
+    fn pixel_range(&self) -> Option<(usize, usize)> {
+        None
+    }
+}
+
+/// A family's network, prompt preparation and decoding defaults: a model ready to answer.
+pub struct Family<N, P> {
+    /// The `model_type` it reads.
+    pub architecture: &'static str,
+    pub model: N,
+    pub prompts: P,
+    pub generation: GenerationConfig,
+    pub dtype: DType,
+}
+
+impl<N: Network, P: PromptPreparer> VisionLanguageModel for Family<N, P> {
+    fn architecture(&self) -> &str {
+        self.architecture
+    }
+
+    fn tokenizer(&self) -> &TextTokenizer {
+        self.prompts.tokenizer()
+    }
+
+    fn prepare(&self, image: &RgbImage, prompt: &str) -> Result<Prompt> {
+        self.prompts.prepare(image, prompt)
+    }
+
+    fn prepare_with(&self, image: &RgbImage, prompt: &str, pixels: PixelLimits) -> Result<Prompt> {
+        if self.prompts.pixel_range().is_none() && pixels != PixelLimits::default() {
+            return Err(Error::Input(format!(
+                "min_pixels / max_pixels do not apply to {} models",
+                self.architecture
+            )));
+        }
+        self.prompts.prepare_with(image, prompt, pixels)
+    }
+
+    fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>> {
+        Ok(Box::new(BatchSession::start(&self.model, prompt, copies)?))
+    }
+
+    fn generation_config(&self) -> &GenerationConfig {
+        &self.generation
+    }
+
+    fn max_positions(&self) -> usize {
+        self.model.max_positions()
+    }
+
+    fn pixel_range(&self) -> Option<(usize, usize)> {
+        self.prompts.pixel_range()
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}

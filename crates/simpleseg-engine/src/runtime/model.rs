@@ -1,0 +1,119 @@
+//! What every model family provides ([`VisionLanguageModel`]) and what a generation gives back.
+//! This module knows no family: families implement the trait (see `crate::models`) and
+//! register in `crate::registry`.
+
+use candle_core::{DType, Tensor};
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::image_processing::ProcessedImage;
+use crate::runtime::sampling::GenerationConfig;
+use crate::text::TextTokenizer;
+
+/// A prompt ready for a model: token ids with image placeholders, and the processed images.
+#[derive(Clone, Debug)]
+pub struct Prompt {
+    pub input_ids: Vec<u32>,
+    pub images: Vec<ProcessedImage>,
+}
+
+/// Per-request bounds on the image's resized pixel count (`None`: the processor's own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PixelLimits {
+    pub min_pixels: Option<usize>,
+    pub max_pixels: Option<usize>,
+}
+
+/// Decoding state of sequences decoded together (see [`crate::runtime::session`]): the caches and positions
+/// of one or more prompts, each with one or more rows.
+pub trait Session {
+    /// Logits of the last position of each row: `(rows, vocab)`.
+    fn logits(&self) -> &Tensor;
+    /// Appends one token to each row and computes the next logits.
+    fn feed(&mut self, tokens: &[u32]) -> Result<()>;
+    /// A session with every row repeated `n` times in place (a one-row session becomes `n`
+    /// rows sharing its prompt).
+    fn fork(&self, n: usize) -> Result<Box<dyn Session + '_>>;
+    /// Number of rows.
+    fn batch(&self) -> usize;
+    /// Prefills another prompt and appends `copies` rows of it, decoded with the others from
+    /// the next step on.
+    fn add(&mut self, prompt: &Prompt, copies: usize) -> Result<()>;
+    /// Keeps the rows flagged `true`, in order; the others are dropped with their caches.
+    fn retain(&mut self, keep: &[bool]) -> Result<()>;
+}
+
+/// What every model architecture provides.
+pub trait VisionLanguageModel: Send + Sync {
+    /// The architecture name (`model_type`).
+    fn architecture(&self) -> &str;
+    /// The tokenizer.
+    fn tokenizer(&self) -> &TextTokenizer;
+    /// Chat template applied, image processed, placeholders expanded.
+    fn prepare(&self, image: &RgbImage, prompt: &str) -> Result<Prompt>;
+    /// [`prepare`](Self::prepare) with the image resized within other pixel limits (as
+    /// vLLM's `mm_processor_kwargs` `min_pixels` / `max_pixels`); families whose processor has
+    /// no such limits refuse them.
+    fn prepare_with(&self, image: &RgbImage, prompt: &str, pixels: PixelLimits) -> Result<Prompt> {
+        if pixels != PixelLimits::default() {
+            return Err(Error::Input(format!(
+                "min_pixels / max_pixels do not apply to {} models",
+                self.architecture()
+            )));
+        }
+        self.prepare(image, prompt)
+    }
+    /// Runs the prompt (vision tower and prefill) and opens a session holding `copies` rows
+    /// of it.
+    fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>>;
+    /// Decoding defaults from `generation_config.json`, with the stop tokens filled in.
+    fn generation_config(&self) -> &GenerationConfig;
+    /// The most positions a sequence may take, prompt and answer together
+    /// (`max_position_embeddings`): answers stop there.
+    fn max_positions(&self) -> usize;
+    /// The processor's own `(min_pixels, max_pixels)` for resized images, for families whose
+    /// processor has such limits (see [`prepare_with`](Self::prepare_with)).
+    fn pixel_range(&self) -> Option<(usize, usize)> {
+        None
+    }
+    /// The dtype the model computes in.
+    fn dtype(&self) -> DType;
+}
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// An end-of-sequence token (not included in the output).
+    Eos,
+    /// `max_new_tokens` reached.
+    MaxTokens,
+    /// Stopped by the caller (a stop string seen, a client gone).
+    Cancelled,
+    /// The answer's constraint allows no token from here on (nothing the tokenizer can
+    /// write continues it): the answer is incomplete.
+    NoAllowedToken,
+}
+
+/// Wall-clock timings of one generation.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    /// Vision tower and prompt prefill, to the first logits.
+    pub prefill_ms: f64,
+    /// Choosing the tokens and every decode step.
+    pub decode_ms: f64,
+    /// Generated tokens per second of `decode_ms`.
+    pub decode_tokens_per_s: f64,
+}
+
+/// The result of [`generate`].
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerationOutput {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub stop_reason: StopReason,
+    pub timings: Timings,
+}
+
