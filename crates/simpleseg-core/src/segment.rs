@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::parse::{parse_answer, CoordMode, ParseMode};
+use crate::parse::{parse_answer, CoordMode, ParseMode, ParsedAnswer};
 use crate::rle::RleMask;
 use crate::templates::{box_prompt, fill_prompt, point_prompt, DEFAULT_PROMPT};
 
@@ -21,6 +21,8 @@ pub enum Target {
     Point([f64; 2]),
     /// A box around the object, normalized `[x1, y1, x2, y2]`.
     Box([f64; 4]),
+    /// A whole question, asked as written (evaluation and training data carry their own).
+    Question(String),
 }
 
 impl Target {
@@ -46,6 +48,18 @@ impl Target {
         }
         let in_unit = |v: &[f64]| v.iter().all(|x| x.is_finite() && (0.0..=1.0).contains(x));
         match self {
+            Target::Question(q) => {
+                if q.trim().is_empty() {
+                    return Err(Error::Invalid("the question is empty".into()));
+                }
+                if q.len() > max_bytes {
+                    return Err(Error::Invalid(format!(
+                        "the question has {} bytes; at most {max_bytes} are allowed",
+                        q.len()
+                    )));
+                }
+                Ok(q.clone())
+            }
             Target::Query(q) => {
                 if q.trim().is_empty() {
                     return Err(Error::Invalid("the query is empty".into()));
@@ -100,7 +114,17 @@ impl Segmentation {
         mode: ParseMode,
         coords: CoordMode,
     ) -> Result<Self> {
-        let parsed = parse_answer(answer, mode);
+        Segmentation::from_parsed(&parse_answer(answer, mode), width, height, coords)
+    }
+
+    /// The polygons of a parsed answer and their mask on an image of `width x height`.
+    pub fn from_parsed(
+        parsed: &ParsedAnswer,
+        width: u32,
+        height: u32,
+        coords: CoordMode,
+    ) -> Result<Self> {
+        let mode = parsed.mode;
         let mask = parsed.mask(width, height, coords)?;
         let (w, h) = (f64::from(width), f64::from(height));
         let polygons: Vec<Vec<[f64; 2]>> =

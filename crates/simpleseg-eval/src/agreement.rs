@@ -8,10 +8,11 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use simpleseg_core::templates::fill_prompt;
-use simpleseg_core::{parse_answer, CoordMode, ParseMode, RleMask};
+use simpleseg_core::segment::Target;
+use simpleseg_core::{CoordMode, ParseMode, RleMask};
 use simpleseg_data::Item;
-use simpleseg_engine::{generate, VisionLanguageModel};
+use simpleseg_engine::runtime::segment::{segment, SegmentOptions};
+use simpleseg_engine::VisionLanguageModel;
 
 use crate::error::{Error, Result};
 use crate::metrics::{score_answer, BoxSource};
@@ -107,17 +108,22 @@ pub fn compare(
             .get(sample.item)
             .ok_or_else(|| Error::Invalid(format!("sample {} has no item", sample.sent_id)))?;
         let image = simpleseg_core::images::open_image(&item.image)?;
-        let prompt_text = fill_prompt(prompt_template, &sample.query);
+        let options = SegmentOptions {
+            prompt_template: Some(prompt_template.to_string()),
+            mode,
+            coords,
+            ..SegmentOptions::default()
+        };
+        let target = Target::Query(sample.query.clone());
         let gt = item.mask()?;
         let mut answers = Vec::with_capacity(2);
         for model in [reference, candidate] {
-            let prompt = model.prepare(&image, &prompt_text)?;
             let mut config = model.generation_config().clone();
             config.do_sample = false;
-            let output = generate(model, &prompt, config, |_| {})?;
-            let mask = parse_answer(&output.text, mode).mask(item.width, item.height, coords)?;
+            let result = segment(model, &image, &target, &config, None, &options, |_| {})?;
+            let output = result.output;
             let score = score_answer(&output.text, &gt, item.bbox, mode, coords, BoxSource::Mask)?;
-            answers.push((output, mask, score.iou));
+            answers.push((output, result.segmentation.mask, score.iou));
         }
         let (b, a) = (answers.remove(1), answers.remove(0));
         out.push(AgreementSample {

@@ -9,7 +9,9 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use simpleseg_core::images::open_image;
 use simpleseg_core::limits::{read_text_file_bounded, Limit};
-use simpleseg_engine::{generate_constrained, GenerationConfig, VisionLanguageModel};
+use simpleseg_core::segment::Target;
+use simpleseg_engine::runtime::segment::{segment, SegmentOptions};
+use simpleseg_engine::{GenerationConfig, VisionLanguageModel};
 
 use crate::error::{Error, Result};
 
@@ -84,7 +86,6 @@ impl LocalBackend {
 impl Backend for LocalBackend {
     fn answer(&self, q: &Question) -> Result<String> {
         let image = open_image(q.image)?;
-        let prompt = self.model.prepare(&image, q.prompt)?;
         let mut config = self.config.clone();
         match q.seed {
             Some(seed) => {
@@ -93,8 +94,18 @@ impl Backend for LocalBackend {
             }
             None => config.do_sample = false,
         }
-        let grammar = self.grammar.clone();
-        Ok(generate_constrained(self.model.as_ref(), &prompt, config, grammar, |_| {})?.text)
+        // The engine's segmentation pipeline; the runner scores the answer against the
+        // annotation (at its size, with the evaluation's parse mode).
+        let result = segment(
+            self.model.as_ref(),
+            &image,
+            &Target::Question(q.prompt.to_string()),
+            &config,
+            self.grammar.clone(),
+            &SegmentOptions::default(),
+            |_| {},
+        )?;
+        Ok(result.output.text)
     }
 
     fn describe(&self) -> Value {

@@ -16,7 +16,7 @@ use simpleseg_engine::{GenerationConfig, PixelLimits};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::guard::Admitted;
-use crate::prepare::{queue, Job};
+use crate::prepare::{queue, Ask, Job};
 use crate::stream::{collect, finish_reason, StopFilter, MAX_STOPS, MAX_STOP_BYTES};
 use crate::{check_model, ApiError, AppState};
 
@@ -446,7 +446,7 @@ pub async fn completions(
     let stop_strings = stops(req.stop.as_ref())?;
     let job = Job {
         image: url,
-        prompt: text,
+        ask: Ask::Chat(text),
         pixels: pixel_limits(
             req.min_pixels,
             req.max_pixels,

@@ -16,17 +16,28 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use simpleseg_engine::runtime::constraint::{Constraint, Grammar};
+use simpleseg_core::segment::Target;
+use simpleseg_engine::runtime::segment::{SegmentJob, SegmentOptions};
 use simpleseg_engine::{GenerationConfig, PixelLimits};
 
 use crate::guard::Admitted;
 use crate::stream::{submit, Submitted};
 use crate::{media, ApiError, AppState, Loaded};
 
+/// What a request asks about its image.
+pub enum Ask {
+    /// A chat turn's text, asked as written.
+    Chat(String),
+    /// A segmentation, through the engine's pipeline ([`SegmentJob`]); its pixel limits are
+    /// the job's.
+    Segment(Target, SegmentOptions),
+}
+
 /// What a model request asks for, once its fields are read.
 pub struct Job {
     /// The image's URL (`data:` or `file://`).
     pub image: String,
-    pub prompt: String,
+    pub ask: Ask,
     pub pixels: PixelLimits,
     /// One per answer wanted.
     pub configs: Vec<GenerationConfig>,
@@ -38,8 +49,8 @@ pub struct Job {
 /// A request in the model's queue.
 pub struct Queued {
     pub submitted: Submitted,
-    /// The image's size, `(width, height)`.
-    pub size: (u32, u32),
+    /// For a segmentation, the job that reads its answer.
+    pub segment: Option<SegmentJob>,
 }
 
 fn internal(message: impl Into<String>) -> ApiError {
@@ -73,7 +84,21 @@ pub async fn queue(state: &AppState, admitted: Option<Admitted>, job: Job) -> Re
         .and_then(|a| a.take())
         .ok_or_else(|| internal("the request was not admitted"))?;
     let pixels = checked_pixels(state, loaded, job.pixels)?;
-    check_prompt_length(loaded, &job.prompt)?;
+    let longest_prompt = prompt_bound(loaded);
+    let ask = match job.ask {
+        Ask::Chat(text) => {
+            check_prompt_length(loaded, &text)?;
+            Ask::Chat(text)
+        }
+        Ask::Segment(target, options) => Ask::Segment(
+            target,
+            SegmentOptions {
+                pixels,
+                max_question_bytes: options.max_question_bytes.min(longest_prompt),
+                ..options
+            },
+        ),
+    };
     let grammar = match &job.constraint {
         Some(c) => Some(grammar(state, c).await?),
         None => None,
@@ -81,15 +106,22 @@ pub async fn queue(state: &AppState, admitted: Option<Admitted>, job: Job) -> Re
     let model = loaded.model.clone();
     let budgets = state.budgets.clone();
     let allowed = state.options.allowed_media_path.clone();
-    let (url, text) = (job.image, job.prompt);
-    let (prompt, size, input_permit) = blocking(move || {
+    let url = job.image;
+    let (prompt, segment, input_permit) = blocking(move || {
         let (bytes, source) = media::image_bytes(&url, allowed.as_deref())?;
         let (image, decoded) = media::decode(&bytes, &source, &budgets)?;
         drop(bytes);
-        let size = image.dimensions();
-        let prompt = model
-            .prepare_with(&image, &text, pixels)
-            .map_err(engine_error)?;
+        let (prompt, segment) = match &ask {
+            Ask::Chat(text) => (
+                model.prepare_with(&image, text, pixels).map_err(engine_error)?,
+                None,
+            ),
+            Ask::Segment(target, options) => {
+                let mut job =
+                    SegmentJob::new(model.as_ref(), &image, target, options).map_err(engine_error)?;
+                (job.take_prompt(), Some(job))
+            }
+        };
         drop(image);
         let input_bytes: usize = prompt
             .images
@@ -99,7 +131,7 @@ pub async fn queue(state: &AppState, admitted: Option<Admitted>, job: Job) -> Re
             + prompt.input_ids.len() * 4;
         let permit = budgets.reserve(input_bytes as u64, "the model's input for this image")?;
         drop(decoded);
-        Ok((prompt, size, permit))
+        Ok((prompt, segment, permit))
     })
     .await?;
     admission.hold(input_permit);
@@ -111,7 +143,7 @@ pub async fn queue(state: &AppState, admitted: Option<Admitted>, job: Job) -> Re
         job.max_tokens_given,
     )?;
     let submitted = submit(state, prompt, configs, grammar, admission)?;
-    Ok(Queued { submitted, size })
+    Ok(Queued { submitted, segment })
 }
 
 /// The request's pixel limits within the server's cap; without any, the cap applies when it
@@ -149,11 +181,16 @@ fn longest_token(loaded: &Loaded) -> usize {
         .get_or_init(|| loaded.model.tokenizer().longest_token_bytes())
 }
 
-/// A prompt of more bytes than the context holds tokens times the longest token cannot fit:
-/// refused before tokenizing it.
+/// The most bytes a prompt that fits the context can have: the context's tokens times the
+/// longest token.
+fn prompt_bound(loaded: &Loaded) -> usize {
+    loaded.model.max_positions().saturating_mul(longest_token(loaded))
+}
+
+/// A prompt of more bytes than [`prompt_bound`] cannot fit: refused before tokenizing it.
 fn check_prompt_length(loaded: &Loaded, prompt: &str) -> Result<(), ApiError> {
     let context = loaded.model.max_positions();
-    let max = context.saturating_mul(longest_token(loaded));
+    let max = prompt_bound(loaded);
     if prompt.len() > max {
         return Err(ApiError::bad_request(format!(
             "This model's maximum context length is {context} tokens. However, the prompt has {} bytes, more than that many tokens can hold ({max}). Please reduce the length of the messages.",

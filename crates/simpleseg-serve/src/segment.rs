@@ -14,14 +14,16 @@ use axum::{Extension, Json};
 use regex::Regex;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use simpleseg_core::segment::{Segmentation, Target};
+use simpleseg_core::segment::Target;
 use simpleseg_core::{CoordMode, ParseMode};
+use simpleseg_engine::runtime::segment::{SegmentJob, SegmentOptions};
+use simpleseg_engine::PixelLimits;
 use simpleseg_engine::runtime::scheduler::Event;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::chat::{constraint_of, pixel_limits, read_body, timed_out, Sampling};
 use crate::guard::Admitted;
-use crate::prepare::{queue, Job};
+use crate::prepare::{engine_error, queue, Ask, Job};
 use crate::stream::collect;
 use crate::{check_model, ApiError, AppState};
 
@@ -107,22 +109,24 @@ pub async fn segment(
         }
     };
     let model = state.model()?;
-    // A template may repeat {query}: the prompt's length is bounded before it is built, by
-    // the most a prompt can take ([`crate::prepare`] checks it against the context again).
-    let prompt = target(&req)?.prompt_within(
-        req.prompt_template.as_deref(),
-        state.options.max_body_bytes,
-    )?;
+    let target = target(&req)?;
     let config = req.sampling.config(&model.defaults)?;
     let constraint = match req.constrain.as_deref() {
         None | Some("none") => None,
         Some(c) => constraint_of(Some(c), None, None, state.options.pattern_limits.max_pattern_bytes)?,
     };
-    let mode = req.mode.unwrap_or(ParseMode::Robust);
-    let coords = req.coords.unwrap_or(CoordMode::Normalized);
+    // A template may repeat {query}: the question's length is bounded before it is built
+    // (by the request's own size here, by the context in [`crate::prepare`]).
+    let options = SegmentOptions {
+        prompt_template: req.prompt_template.clone(),
+        mode: req.mode.unwrap_or(ParseMode::Robust),
+        coords: req.coords.unwrap_or(CoordMode::Normalized),
+        pixels: PixelLimits::default(),
+        max_question_bytes: state.options.max_body_bytes,
+    };
     let job = Job {
         image: req.image,
-        prompt: prompt.clone(),
+        ask: Ask::Segment(target, options),
         pixels: pixel_limits(req.min_pixels, req.max_pixels, None)?,
         configs: vec![config],
         max_tokens_given: req.sampling.max_tokens.is_some(),
@@ -132,65 +136,25 @@ pub async fn segment(
     let queued = tokio::time::timeout_at(deadline, queue(&state, admitted.map(|e| e.0), job))
         .await
         .map_err(|_| timed_out())??;
-    let (width, height) = queued.size;
-    let submitted = queued.submitted;
-    if req.stream {
-        return Ok(stream(
-            submitted,
-            prompt,
-            width,
-            height,
-            mode,
-            coords,
-            deadline,
-        ));
-    }
-    let (mut answers, prompt_tokens) =
-        tokio::time::timeout_at(deadline, collect(submitted, 1, &[]))
-            .await
-            .map_err(|_| timed_out())??;
-    let Some(answer) = answers.pop() else {
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "no answer",
-        ));
+    let Some(reader) = queued.segment else {
+        return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no segmentation job"));
     };
-    let seg = Segmentation::from_answer(&answer.text, width, height, mode, coords)?;
+    if req.stream {
+        return Ok(stream(queued.submitted, reader, deadline));
+    }
+    let (mut answers, _) = tokio::time::timeout_at(deadline, collect(queued.submitted, 1, &[]))
+        .await
+        .map_err(|_| timed_out())??;
+    let Some(answer) = answers.pop() else {
+        return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no answer"));
+    };
+    let result = reader.finish(answer.output).map_err(engine_error)?;
     if png {
         let mut bytes = std::io::Cursor::new(Vec::new());
-        simpleseg_core::io::encode_mask_png(&seg.mask, &mut bytes)?;
+        simpleseg_core::io::encode_mask_png(&result.segmentation.mask, &mut bytes)?;
         return Ok(([(header::CONTENT_TYPE, "image/png")], bytes.into_inner()).into_response());
     }
-    Ok(Json(result_json(
-        &seg,
-        &answer.text,
-        &prompt,
-        prompt_tokens,
-        &answer.output,
-        answer.finish_reason,
-    ))
-    .into_response())
-}
-
-fn result_json(
-    seg: &Segmentation,
-    answer: &str,
-    prompt: &str,
-    prompt_tokens: usize,
-    output: &simpleseg_engine::GenerationOutput,
-    finish_reason: &str,
-) -> Value {
-    let mut out = seg.to_json();
-    out["answer"] = json!(answer);
-    out["prompt"] = json!(prompt);
-    out["finish_reason"] = json!(finish_reason);
-    out["usage"] = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": output.token_ids.len(),
-        "total_tokens": prompt_tokens + output.token_ids.len(),
-    });
-    out["timings"] = json!(output.timings);
-    out
+    Ok(Json(result.to_json()).into_response())
 }
 
 /// A complete point `[x, y]` of the answer text.
@@ -257,11 +221,7 @@ impl PointStream {
 
 fn stream(
     mut submitted: crate::stream::Submitted,
-    prompt: String,
-    width: u32,
-    height: u32,
-    mode: ParseMode,
-    coords: CoordMode,
+    reader: SegmentJob,
     deadline: tokio::time::Instant,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
@@ -271,7 +231,6 @@ fn stream(
                 .is_ok()
         };
         let mut points = PointStream::default();
-        let mut prompt_tokens = 0;
         loop {
             let event = match tokio::time::timeout_at(deadline, submitted.events.recv()).await {
                 Ok(Some(e)) => e,
@@ -288,7 +247,7 @@ fn stream(
                 }
             };
             match event {
-                Event::Started { prompt_tokens: p } => prompt_tokens = p,
+                Event::Started { .. } => {}
                 Event::Token { text: delta, .. } => {
                     if !send("token", json!({"text": delta})) {
                         return;
@@ -298,20 +257,9 @@ fn stream(
                     }
                 }
                 Event::Finished { output, .. } => {
-                    let reason = crate::stream::finish_reason(&output, false);
-                    match Segmentation::from_answer(&output.text, width, height, mode, coords) {
-                        Ok(seg) => {
-                            send(
-                                "result",
-                                result_json(
-                                    &seg,
-                                    &output.text,
-                                    &prompt,
-                                    prompt_tokens,
-                                    &output,
-                                    reason,
-                                ),
-                            );
+                    match reader.finish(output) {
+                        Ok(result) => {
+                            send("result", result.to_json());
                         }
                         Err(e) => {
                             send("error", json!({"message": e.to_string()}));

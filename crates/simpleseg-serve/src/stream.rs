@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use simpleseg_engine::runtime::constraint::Grammar;
 use simpleseg_engine::runtime::scheduler::{cancel_flags, Event, Request, SubmitError};
-use simpleseg_engine::{GenerationConfig, GenerationOutput, Prompt, StopReason};
+use simpleseg_engine::{GenerationConfig, GenerationOutput, Prompt};
 use tokio::sync::mpsc;
 
 use crate::admission::Admission;
@@ -206,12 +206,7 @@ pub fn finish_reason(output: &GenerationOutput, stopped_by_string: bool) -> &'st
     if stopped_by_string {
         return "stop";
     }
-    match output.stop_reason {
-        StopReason::MaxTokens => "length",
-        StopReason::Eos | StopReason::Cancelled => "stop",
-        // The constraint left nothing to write: the answer is incomplete.
-        StopReason::NoAllowedToken => "error",
-    }
+    simpleseg_engine::runtime::segment::finish_reason(output.stop_reason)
 }
 
 /// Waits for every answer of a submitted request (stop strings applied).

@@ -24,14 +24,14 @@ use simpleseg_core::limits::{read_text_file_bounded, Limit};
 pub use simpleseg_core::reward::{centroid, reward, Reward, RewardOptions};
 use simpleseg_core::RleMask;
 use simpleseg_engine::io::hf::HfFolder;
-use simpleseg_engine::models::family::PromptPreparer;
+use simpleseg_core::segment::Target;
+use simpleseg_engine::runtime::segment::{SegmentJob, SegmentOptions};
 use simpleseg_engine::models::qwen2::{rope_index, MropePosition};
 use simpleseg_engine::models::qwen2_5_vl::{prompt_builder, Config, PromptBuilder, Qwen2_5Vl, TensorLayout};
-use simpleseg_engine::runtime::session::BatchSession;
-use simpleseg_engine::Session;
+use simpleseg_engine::runtime::generator::Generator;
 use simpleseg_engine::layers::Mode;
 use simpleseg_engine::image_processing::pixel_tensor;
-use simpleseg_engine::{GenerationConfig, Prompt, Sampler};
+use simpleseg_engine::{GenerationConfig, Prompt};
 
 use crate::error::{Error, Result};
 use crate::folder::{hf_tokenizer, write_metadata};
@@ -165,8 +165,9 @@ pub fn advantages(rewards: &[f64]) -> Vec<f64> {
     rewards.iter().map(|r| (r - mean) / (std + 1e-4)).collect()
 }
 
-/// Samples `g` answers to one prompt from `model`, decoded together; returns the token ids of
-/// each answer (end token included when generated).
+/// Samples `g` answers to one prompt from `model`, decoded together (the engine's decoding
+/// loop, the group kept whole until every answer ends); returns the token ids of each answer
+/// (end token included when generated).
 fn sample_group(
     model: &Qwen2_5Vl,
     prompt: &Prompt,
@@ -174,39 +175,24 @@ fn sample_group(
     config: &GenerationConfig,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
-    let session = BatchSession::start(model, prompt, 1)?;
-    let mut group = session.fork(g)?;
-    let mut samplers: Vec<Sampler> = (0..g)
+    let rows = (0..g)
         .map(|i| {
-            Sampler::new(GenerationConfig {
+            let config = GenerationConfig {
                 seed: seed.wrapping_mul(31).wrapping_add(i as u64),
                 ..config.clone()
-            })
+            };
+            (i, config)
         })
-        .collect::<simpleseg_engine::Result<_>>()?;
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); g];
-    let mut finished = vec![false; g];
-    for _ in 0..config.max_new_tokens {
-        let logits = group.logits().to_dtype(DType::F32)?;
-        let mut next = Vec::with_capacity(g);
-        for i in 0..g {
-            if finished[i] {
-                next.push(config.eos_token_ids[0]);
-                continue;
-            }
-            let mut row: Vec<f32> = logits.get(i)?.to_vec1()?;
-            let history: Vec<u32> = prompt.input_ids.iter().chain(&out[i]).copied().collect();
-            let t = samplers[i].next_token(&mut row, &history);
-            out[i].push(t);
-            finished[i] = config.eos_token_ids.contains(&t);
-            next.push(t);
-        }
-        if finished.iter().all(|&f| f) {
-            break;
-        }
-        group.feed(&next)?;
-    }
-    Ok(out)
+        .collect();
+    let pad = config.eos_token_ids.first().copied().unwrap_or_default();
+    let mut generator = Generator::new(model).keep_finished(pad);
+    generator.add(prompt, rows, None)?;
+    let mut finished = generator.run(&mut ())?;
+    finished.sort_by_key(|f| f.tag);
+    Ok(finished
+        .into_iter()
+        .map(|f| f.tokens.into_iter().chain(f.stop_token).collect())
+        .collect())
 }
 
 /// Log-probabilities of each answer's tokens under `model`, teacher-forced: a `(g, max_len)`
@@ -311,7 +297,14 @@ impl PromptContext<'_> {
     /// when every answer scored the same: no advantage, nothing to learn).
     fn run(&self, ex: &RlExample, seed: u64) -> Result<(PromptOutcome, Option<Tensor>)> {
         let (settings, device, pad) = (self.settings, self.device, self.pad);
-        let prompt = self.prompts.prepare(&open_image(&ex.image)?, &ex.prompt)?;
+        // The segmentation pipeline's question and prompt; the reward reads the answers.
+        let job = SegmentJob::new(
+            self.prompts,
+            &open_image(&ex.image)?,
+            &Target::Question(ex.prompt.clone()),
+            &SegmentOptions::default(),
+        )?;
+        let prompt = job.prompt;
         let answers = sample_group(
             self.model,
             &prompt,

@@ -141,7 +141,8 @@ fn backend(args: &EvalArgs) -> Result<Box<dyn Backend>> {
             let grammar = args
                 .generation
                 .constrain
-                .map(|c| c.grammar(model.as_ref(), &config))
+                .as_ref()
+                .map(|c| crate::model_cmds::grammar(c, model.as_ref(), &config))
                 .transpose()?;
             let name = model_args.model_name();
             Box::new(

@@ -2,20 +2,23 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use simpleseg_core::images::open_image;
-use simpleseg_core::segment::{Segmentation, Target};
+use simpleseg_core::segment::Target;
 use simpleseg_core::templates::DEFAULT_PROMPT;
-use simpleseg_core::{parse_answer, CoordMode, ParseMode};
+use simpleseg_core::{CoordMode, ParseMode};
+use simpleseg_engine::runtime::constraint::{Constraint, Grammar, GrammarCache, PatternLimits};
+use simpleseg_engine::runtime::segment::{segment as run_pipeline, SegmentOptions};
 use simpleseg_engine::{
     generate_batch, generate_constrained, BatchRequest, GenerationConfig, GenerationOutput,
     LoadOptions, VisionLanguageModel,
 };
 
-use crate::protocol_cmds::{answer_json, write_outputs, CoordsArg, MaskOutputs, ModeArg};
+use crate::protocol_cmds::{write_outputs, CoordsArg, MaskOutputs, ModeArg};
 
 /// Parses a count that must be at least 1 (a clap value parser).
 pub fn at_least_one(text: &str) -> std::result::Result<usize, String> {
@@ -146,36 +149,27 @@ pub struct GenerationArgs {
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
     /// Only allow answers of this form (constrained decoding): `polygon` (the point protocol,
-    /// so every answer parses) or `box`.
-    #[arg(long, value_enum, value_name = "FORM")]
-    pub constrain: Option<ConstrainArg>,
+    /// so every answer parses: one or more polygons of at least 3 points, numbers in [0, 1]
+    /// with at most 3 decimals) or `box` ([x1, y1, x2, y2]).
+    #[arg(long, value_name = "FORM", value_parser = constraint_preset())]
+    pub constrain: Option<Constraint>,
 }
 
-/// Forms an answer can be held to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ConstrainArg {
-    /// `[[[x, y], [x, y], [x, y], ...]]`: one or more polygons of at least 3 points, numbers in
-    /// [0, 1] with at most 3 decimals.
-    Polygon,
-    /// `[x1, y1, x2, y2]`, numbers in [0, 1].
-    Box,
+/// The presets `--constrain` takes (a regular expression comes only from server requests).
+fn constraint_preset() -> impl clap::builder::TypedValueParser<Value = Constraint> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["polygon", "box"])
+        .try_map(|s| s.parse::<Constraint>())
 }
 
-impl ConstrainArg {
-    /// The compiled grammar over `model`'s vocabulary.
-    pub fn grammar(
-        self,
-        model: &dyn VisionLanguageModel,
-        config: &GenerationConfig,
-    ) -> Result<std::sync::Arc<simpleseg_engine::runtime::constraint::Grammar>> {
-        use simpleseg_engine::runtime::constraint::{Grammar, TokenBytes};
-        let tokens =
-            std::sync::Arc::new(TokenBytes::new(model.tokenizer(), &config.eos_token_ids)?);
-        Ok(std::sync::Arc::new(match self {
-            ConstrainArg::Polygon => Grammar::polygon(tokens)?,
-            ConstrainArg::Box => Grammar::bbox(tokens)?,
-        }))
-    }
+/// The compiled grammar of `constraint` over `model`'s vocabulary.
+pub fn grammar(
+    constraint: &Constraint,
+    model: &dyn VisionLanguageModel,
+    config: &GenerationConfig,
+) -> Result<Arc<Grammar>> {
+    let cache = GrammarCache::new(PatternLimits::default());
+    Ok(cache.get(model.tokenizer(), &config.eos_token_ids, constraint)?)
 }
 
 impl GenerationArgs {
@@ -302,12 +296,12 @@ fn run(
     image: &Path,
     prompt: &str,
     config: GenerationConfig,
-    constrain: Option<ConstrainArg>,
+    constrain: Option<&Constraint>,
     stream: bool,
-) -> Result<(image::RgbImage, GenerationOutput)> {
+) -> Result<GenerationOutput> {
     let rgb = open_image(image)?;
     let prepared = model.prepare(&rgb, prompt)?;
-    let grammar = constrain.map(|c| c.grammar(model, &config)).transpose()?;
+    let grammar = constrain.map(|c| grammar(c, model, &config)).transpose()?;
     let mut decoder = model.tokenizer().stream();
     let mut stdout = std::io::stdout().lock();
     let out = generate_constrained(model, &prepared, config, grammar, |token| {
@@ -321,7 +315,7 @@ fn run(
     if stream {
         let _ = writeln!(stdout);
     }
-    Ok((rgb, out))
+    Ok(out)
 }
 
 pub fn chat(args: ChatArgs) -> Result<()> {
@@ -330,12 +324,12 @@ pub fn chat(args: ChatArgs) -> Result<()> {
     if args.n > 1 {
         return chat_samples(model.as_ref(), &args, config);
     }
-    let (_, out) = run(
+    let out = run(
         model.as_ref(),
         &args.image,
         &args.prompt,
         config.clone(),
-        args.generation.constrain,
+        args.generation.constrain.as_ref(),
         !args.json,
     )?;
     if args.json {
@@ -383,7 +377,8 @@ fn chat_samples(
     let grammar = args
         .generation
         .constrain
-        .map(|c| c.grammar(model, &config))
+        .as_ref()
+        .map(|c| grammar(c, model, &config))
         .transpose()?;
     let outputs = generate_batch(
         model,
@@ -407,19 +402,28 @@ fn chat_samples(
 pub fn segment(args: SegmentArgs) -> Result<()> {
     let model = args.model.load()?;
     let config = args.generation.apply(model.generation_config())?;
-    let prompt = args.target()?.prompt(Some(&args.prompt_template))?;
-    let (rgb, out) = run(
+    let rgb = open_image(&args.image)?;
+    let options = SegmentOptions {
+        prompt_template: Some(args.prompt_template.clone()),
+        mode: ParseMode::from(args.mode),
+        coords: CoordMode::from(args.coords),
+        ..SegmentOptions::default()
+    };
+    let grammar = args
+        .generation
+        .constrain
+        .as_ref()
+        .map(|c| grammar(c, model.as_ref(), &config))
+        .transpose()?;
+    let result = run_pipeline(
         model.as_ref(),
-        &args.image,
-        &prompt,
-        config,
-        args.generation.constrain,
-        false,
+        &rgb,
+        &args.target()?,
+        &config,
+        grammar,
+        &options,
+        |_| {},
     )?;
-    let mode = ParseMode::from(args.mode);
-    let coords = CoordMode::from(args.coords);
-    let parsed = parse_answer(&out.text, mode);
-    let mask = Segmentation::from_answer(&out.text, rgb.width(), rgb.height(), mode, coords)?.mask;
     let mut outputs = args.outputs;
     if outputs.rle_out.is_none() && outputs.mask_out.is_none() && outputs.overlay_out.is_none() {
         let stem = args
@@ -429,24 +433,21 @@ pub fn segment(args: SegmentArgs) -> Result<()> {
         outputs.mask_out = Some(PathBuf::from(format!("{stem}.mask.png")));
         outputs.overlay_out = Some(PathBuf::from(format!("{stem}.overlay.png")));
     }
-    let written = write_outputs(&outputs, &mask, Some(&rgb))?;
+    let mask = &result.segmentation.mask;
+    let written = write_outputs(&outputs, mask, Some(&rgb))?;
     if args.json {
-        let mut report = answer_json(&parsed, coords, &mask);
-        report["answer"] = json!(out.text);
-        report["prompt"] = json!(prompt);
-        report["token_ids"] = json!(out.token_ids);
-        report["timings"] = json!(out.timings);
+        let mut report = result.to_json();
         report["written"] = json!(written);
         println!("{report}");
     } else {
-        println!("{}", out.text);
-        for w in &parsed.warnings {
+        println!("{}", result.output.text);
+        for w in &result.parsed.warnings {
             eprintln!("warning: {}", w.message);
         }
+        let polygons = result.parsed.polygons.len();
         println!(
-            "{} polygon{}, {} foreground pixels",
-            parsed.polygons.len(),
-            if parsed.polygons.len() == 1 { "" } else { "s" },
+            "{polygons} polygon{}, {} foreground pixels",
+            if polygons == 1 { "" } else { "s" },
             mask.area()
         );
         for path in written {

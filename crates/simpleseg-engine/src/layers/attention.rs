@@ -4,7 +4,7 @@
 use candle_core::{DType, Result, Tensor, D};
 use simpleseg_kernels::dot::{bf16_to_f32, dot_bf16, dot_f32, f32_id};
 
-use crate::layers::Mode;
+use crate::layers::mode::Mode;
 
 /// Softmax over the last dimension, computed in f32.
 pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {

@@ -5,7 +5,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Result, Tensor};
 
 use crate::io::weights::{Weight, Weights};
-use crate::layers::Linear;
+use crate::layers::linear::Linear;
 
 /// An embedding table whose rows are gathered on demand, read in place when mapped.
 #[derive(Clone, Debug)]

@@ -11,12 +11,12 @@ pub fn merge_image_features(
     input_ids: &Tensor,
     placeholder: u32,
     features: &Tensor,
-) -> crate::Result<Tensor> {
+) -> crate::error::Result<Tensor> {
     let (b, s, d) = embeds.dims3()?;
     let ids: Vec<u32> = input_ids.flatten_all()?.to_vec1()?;
     let n_placeholders = ids.iter().filter(|&&t| t == placeholder).count();
     if n_placeholders != features.dim(0)? {
-        return Err(crate::Error::Input(format!(
+        return Err(crate::error::Error::Input(format!(
             "image features and image tokens do not match: {} features, {n_placeholders} tokens",
             features.dim(0)?
         )));

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod embedding;
 pub mod features;
 pub mod linear;
+pub mod mode;
 pub mod norm;
 pub mod quantized;
 pub mod rotary;
@@ -20,20 +21,11 @@ pub use attention::{attention, causal_mask, repeat_kv, single_query_attention, s
 pub use embedding::Embedding;
 pub use features::merge_image_features;
 pub use linear::{forward_batch, forward_each, Linear};
+pub use mode::Mode;
 pub use norm::{LayerNorm, RmsNorm};
 pub use rotary::{apply_rotary, rotate_half};
 
 pub use crate::io::weights::Weight;
-
-/// Whether a forward pass must carry gradients.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Mode {
-    /// Fused kernels where candle has them.
-    #[default]
-    Infer,
-    /// Only differentiable primitives.
-    Train,
-}
 
 /// The largest absolute difference between two tensors of one shape, compared in f32: what
 /// the parity checks against reference outputs measure.

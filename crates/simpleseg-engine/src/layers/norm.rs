@@ -3,7 +3,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::io::weights::Weights;
-use crate::layers::Mode;
+use crate::layers::mode::Mode;
 
 /// RMSNorm as transformers computes it: in f32, then scaled by the weight in the input's dtype.
 #[derive(Clone, Debug)]

@@ -635,7 +635,7 @@ impl DeepseekV3 {
         self.norm.forward(&x, Mode::Infer)
     }
 
-    /// One decoding step for rows grouped in cohorts (see [`crate::session`]): `embeds`
+    /// One decoding step for rows grouped in cohorts (see [`crate::runtime::session`]): `embeds`
     /// `(rows, 1, hidden)`; cohort `i` has `rows[i]` rows and `caches[i]`. The projections and
     /// experts run once over every row; attention per cohort over its own cache.
     pub fn step(

@@ -7,13 +7,15 @@ use candle_core::DType;
 use image::RgbImage;
 
 use crate::error::{Error, Result};
-use crate::runtime::model::{PixelLimits, Prompt, Session, VisionLanguageModel};
+use crate::runtime::model::{
+    PixelLimits, Prompt, PromptSource, Session, Sessions, VisionLanguageModel,
+};
 use crate::runtime::sampling::GenerationConfig;
 use crate::runtime::session::{BatchSession, Decoder};
 use crate::text::TextTokenizer;
 
 /// A family's network: prefill and decoding step ([`Decoder`]), and its context length.
-pub trait Network: Decoder + Send {
+pub trait Network: Decoder + Send + Sized {
     /// `max_position_embeddings`: answers stop there.
     fn max_positions(&self) -> usize;
 }
@@ -47,6 +49,40 @@ pub struct Family<N, P> {
     pub dtype: DType,
 }
 
+/// A bare network decodes too (training samples answers from the one it trains).
+impl<N: Network> Sessions for N {
+    fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>> {
+        Ok(Box::new(BatchSession::start(self, prompt, copies)?))
+    }
+
+    fn max_positions(&self) -> usize {
+        Network::max_positions(self)
+    }
+}
+
+impl<N: Network, P: PromptPreparer> Sessions for Family<N, P> {
+    fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>> {
+        self.model.start(prompt, copies)
+    }
+
+    fn max_positions(&self) -> usize {
+        Network::max_positions(&self.model)
+    }
+}
+
+/// A family's prompt preparation makes prompts on its own (training has one beside the network).
+impl<P: PromptPreparer> PromptSource for P {
+    fn prompt(&self, image: &RgbImage, question: &str, pixels: PixelLimits) -> Result<Prompt> {
+        self.prepare_with(image, question, pixels)
+    }
+}
+
+impl<N: Network, P: PromptPreparer> PromptSource for Family<N, P> {
+    fn prompt(&self, image: &RgbImage, question: &str, pixels: PixelLimits) -> Result<Prompt> {
+        VisionLanguageModel::prepare_with(self, image, question, pixels)
+    }
+}
+
 impl<N: Network, P: PromptPreparer> VisionLanguageModel for Family<N, P> {
     fn architecture(&self) -> &str {
         self.architecture
@@ -70,16 +106,8 @@ impl<N: Network, P: PromptPreparer> VisionLanguageModel for Family<N, P> {
         self.prompts.prepare_with(image, prompt, pixels)
     }
 
-    fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>> {
-        Ok(Box::new(BatchSession::start(&self.model, prompt, copies)?))
-    }
-
     fn generation_config(&self) -> &GenerationConfig {
         &self.generation
-    }
-
-    fn max_positions(&self) -> usize {
-        self.model.max_positions()
     }
 
     fn pixel_range(&self) -> Option<(usize, usize)> {

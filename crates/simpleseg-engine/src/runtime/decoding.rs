@@ -8,8 +8,9 @@ use crate::runtime::constraint::{Constrained, Grammar};
 use crate::runtime::model::StopReason;
 use crate::runtime::sampling::{GenerationConfig, Sampler};
 
-/// One answer's decoding state: its sampler, constraint and tokens so far. Batched generation
-/// and the server's scheduler step every row through it, so a row decodes the same in both.
+/// One answer's decoding state: its sampler, constraint and tokens so far. Every decoding loop
+/// steps every row through it ([`crate::runtime::generator::Generator`]), so a row decodes the
+/// same in all of them.
 pub(crate) struct Decoding {
     sampler: Sampler,
     constraint: Option<Constrained>,
@@ -17,8 +18,10 @@ pub(crate) struct Decoding {
     history: Vec<u32>,
     pub(crate) generated: Vec<u32>,
     stop: Vec<u32>,
-    pub(crate) max_new: usize,
     pub(crate) stop_reason: Option<StopReason>,
+    /// The stop token that ended the answer, when one did.
+    pub(crate) stop_token: Option<u32>,
+    max_new: usize,
 }
 
 impl Decoding {
@@ -45,8 +48,9 @@ impl Decoding {
             history: prompt_ids.to_vec(),
             generated: Vec::new(),
             stop: config.eos_token_ids.clone(),
-            max_new,
             stop_reason: (max_new == 0).then_some(StopReason::MaxTokens),
+            stop_token: None,
+            max_new,
         })
     }
 
@@ -65,6 +69,7 @@ impl Decoding {
         let token = self.sampler.next_token(&mut logits, &self.history);
         if self.stop.contains(&token) {
             self.stop_reason = Some(StopReason::Eos);
+            self.stop_token = Some(token);
             return None;
         }
         if let Some(c) = self.constraint.as_mut() {

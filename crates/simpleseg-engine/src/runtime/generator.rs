@@ -1,15 +1,246 @@
-//! Generation: answers decoded from prompts, several prompts and several answers each
-//! together.
+//! The one decoding loop: a [`Generator`] holds rows of any number of prompts in one session
+//! and steps them together, each row's next token chosen by its [`Decoding`]. Batched
+//! generation ([`generate_batch`]), the server's continuous batching
+//! ([`crate::runtime::scheduler`]) and training's rollouts all drive it; they differ only in
+//! when they add prompts and what they do with each token ([`Listener`]).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::DType;
 
 use crate::error::{Error, Result};
-use crate::runtime::constraint;
+use crate::runtime::constraint::Grammar;
 use crate::runtime::decoding::Decoding;
-use crate::runtime::model::{GenerationOutput, Prompt, Session, StopReason, Timings, VisionLanguageModel};
+use crate::runtime::model::{
+    GenerationOutput, Prompt, Session, Sessions, StopReason, Timings, VisionLanguageModel,
+};
 use crate::runtime::sampling::GenerationConfig;
+use crate::text::TextTokenizer;
+
+/// What a decoding loop does with its rows' tokens.
+pub trait Listener<T> {
+    /// Whether row `tag` stops before its next token (a client gone, a stop string seen).
+    fn cancelled(&mut self, _tag: &T) -> bool {
+        false
+    }
+    /// Row `tag` chose `token` (recorded in its answer); `false` stops the row there.
+    fn token(&mut self, _tag: &mut T, _token: u32) -> Result<bool> {
+        Ok(true)
+    }
+}
+
+/// A listener that only collects answers.
+impl<T> Listener<T> for () {}
+
+/// A row that stopped: its tag and answer.
+#[derive(Debug)]
+pub struct Finished<T> {
+    pub tag: T,
+    /// The answer's tokens (stop token excluded).
+    pub tokens: Vec<u32>,
+    pub stop_reason: StopReason,
+    /// The stop token that ended it, when one did.
+    pub stop_token: Option<u32>,
+    pub prompt_tokens: usize,
+    pub timings: Timings,
+}
+
+impl<T> Finished<T> {
+    /// The answer as text and figures.
+    pub fn output(self, tokenizer: &TextTokenizer) -> Result<(T, GenerationOutput)> {
+        let output = GenerationOutput {
+            text: tokenizer.decode(&self.tokens)?,
+            token_ids: self.tokens,
+            prompt_tokens: self.prompt_tokens,
+            stop_reason: self.stop_reason,
+            timings: self.timings,
+        };
+        Ok((self.tag, output))
+    }
+}
+
+/// A row in the session.
+struct Row<T> {
+    tag: T,
+    decoding: Decoding,
+    prompt_tokens: usize,
+    prefill_ms: f64,
+    decode_start: Instant,
+}
+
+/// A place in the session: a row decoding, or one that finished and stays, padded (see
+/// [`Generator::keep_finished`]).
+enum Slot<T> {
+    Live(Row<T>),
+    Done,
+}
+
+/// Rows of several prompts decoded together (see the module documentation).
+pub struct Generator<'m, T> {
+    model: &'m dyn Sessions,
+    session: Option<Box<dyn Session + 'm>>,
+    /// In session order.
+    slots: Vec<Slot<T>>,
+    /// The token fed to finished rows kept in the session.
+    padding: Option<u32>,
+}
+
+impl<'m, T> Generator<'m, T> {
+    /// An empty generator over `model`'s sessions.
+    pub fn new(model: &'m dyn Sessions) -> Self {
+        Generator {
+            model,
+            session: None,
+            slots: Vec::new(),
+            padding: None,
+        }
+    }
+
+    /// Keeps finished rows in the session, fed `pad`, until every row has finished. Inference
+    /// gets the same numbers for a row whatever the batch (its products are one dot product
+    /// per output); training's tracked weights go through candle's matmul, whose rounding may
+    /// depend on the number of rows, so its rollouts keep the batch whole as they always have.
+    pub fn keep_finished(mut self, pad: u32) -> Self {
+        self.padding = Some(pad);
+        self
+    }
+
+    /// Prefills `prompt` and adds one row per `(tag, config)`, answers held to `grammar` when
+    /// given; they decode with the others from the next step on. The rows' settings are checked
+    /// first (a prompt that fills the context is refused before any work).
+    pub fn add(
+        &mut self,
+        prompt: &Prompt,
+        rows: Vec<(T, GenerationConfig)>,
+        grammar: Option<Arc<Grammar>>,
+    ) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let context = self.model.max_positions();
+        let decodings = rows
+            .iter()
+            .map(|(_, config)| Decoding::new(config, &prompt.input_ids, context, grammar.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let start = Instant::now();
+        match self.session.as_mut() {
+            None => self.session = Some(self.model.start(prompt, rows.len())?),
+            Some(s) => s.add(prompt, rows.len())?,
+        }
+        let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
+        let now = Instant::now();
+        for ((tag, _), decoding) in rows.into_iter().zip(decodings) {
+            self.slots.push(Slot::Live(Row {
+                tag,
+                decoding,
+                prompt_tokens: prompt.input_ids.len(),
+                prefill_ms,
+                decode_start: now,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Rows still decoding.
+    pub fn live(&self) -> usize {
+        self.slots.iter().filter(|s| matches!(s, Slot::Live(_))).count()
+    }
+
+    /// One step: every live row whose listener does not cancel it chooses a token; rows that
+    /// stop leave the session (or stay, padded, with [`Generator::keep_finished`]) and come
+    /// back here; the others are fed their tokens. A row with no room for a token stops at
+    /// the start of its first step.
+    pub fn step(&mut self, listener: &mut impl Listener<T>) -> Result<Vec<Finished<T>>> {
+        let Some(session) = self.session.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let logits = session.logits().to_dtype(DType::F32)?;
+        let pad = self.padding;
+        let mut tokens = Vec::with_capacity(self.slots.len());
+        let mut stopped = false;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Slot::Live(row) = slot else {
+                tokens.push(pad.unwrap_or_default());
+                continue;
+            };
+            let d = &mut row.decoding;
+            if d.stop_reason.is_none() && listener.cancelled(&row.tag) {
+                d.stop_reason = Some(StopReason::Cancelled);
+            }
+            if d.stop_reason.is_none() {
+                if let Some(token) = d.choose(logits.get(i)?.to_vec1()?) {
+                    if !listener.token(&mut row.tag, token)? {
+                        row.decoding.stop_reason = Some(StopReason::Cancelled);
+                    } else if row.decoding.stop_reason.is_none() {
+                        tokens.push(token);
+                        continue;
+                    }
+                }
+            }
+            stopped = true;
+            tokens.extend(pad);
+        }
+        let mut finished = Vec::new();
+        if stopped {
+            let keep: Vec<bool> = self
+                .slots
+                .iter()
+                .map(|s| match s {
+                    Slot::Live(row) => row.decoding.stop_reason.is_none(),
+                    Slot::Done => pad.is_some(),
+                })
+                .collect();
+            if pad.is_none() {
+                session.retain(&keep)?;
+            }
+            for slot in std::mem::take(&mut self.slots) {
+                match slot {
+                    Slot::Live(row) if row.decoding.stop_reason.is_some() => {
+                        finished.push(finish(row));
+                        if pad.is_some() {
+                            self.slots.push(Slot::Done);
+                        }
+                    }
+                    other => self.slots.push(other),
+                }
+            }
+        }
+        if self.live() == 0 {
+            self.session = None;
+            self.slots.clear();
+        } else if let Some(session) = self.session.as_mut() {
+            session.feed(&tokens)?;
+        }
+        Ok(finished)
+    }
+
+    /// Steps until every row has finished.
+    pub fn run(&mut self, listener: &mut impl Listener<T>) -> Result<Vec<Finished<T>>> {
+        let mut finished = Vec::new();
+        while self.live() > 0 {
+            finished.extend(self.step(listener)?);
+        }
+        Ok(finished)
+    }
+}
+
+fn finish<T>(row: Row<T>) -> Finished<T> {
+    let decode_ms = row.decode_start.elapsed().as_secs_f64() * 1e3;
+    let d = row.decoding;
+    Finished {
+        tag: row.tag,
+        timings: Timings {
+            prefill_ms: row.prefill_ms,
+            decode_ms,
+            decode_tokens_per_s: d.generated.len() as f64 / (decode_ms / 1e3).max(1e-9),
+        },
+        stop_reason: d.stop_reason.unwrap_or(StopReason::MaxTokens),
+        stop_token: d.stop_token,
+        tokens: d.generated,
+        prompt_tokens: row.prompt_tokens,
+    }
+}
 
 /// One prompt of a batch and the answers wanted from it: one [`GenerationConfig`] per answer
 /// (its own seed, say). The prompt is prefilled once and its answers share that prefill.
@@ -17,8 +248,8 @@ use crate::runtime::sampling::GenerationConfig;
 pub struct BatchRequest<'a> {
     pub prompt: &'a Prompt,
     pub configs: Vec<GenerationConfig>,
-    /// Answers must match this grammar ([`constraint`]).
-    pub grammar: Option<std::sync::Arc<constraint::Grammar>>,
+    /// Answers must match this grammar ([`crate::runtime::constraint`]).
+    pub grammar: Option<Arc<Grammar>>,
 }
 
 /// Generates one answer, calling `on_token` with each new token id as it is chosen.
@@ -36,7 +267,7 @@ pub fn generate_constrained(
     model: &dyn VisionLanguageModel,
     prompt: &Prompt,
     config: GenerationConfig,
-    grammar: Option<std::sync::Arc<constraint::Grammar>>,
+    grammar: Option<Arc<Grammar>>,
     mut on_token: impl FnMut(u32),
 ) -> Result<GenerationOutput> {
     let request = BatchRequest {
@@ -50,112 +281,43 @@ pub fn generate_constrained(
         .ok_or_else(|| Error::Input("generation produced no answer".into()))
 }
 
-/// A row of [`generate_batch`] while it is being decoded.
-struct Row {
-    /// Index of the answer in the output.
-    answer: usize,
-    decoding: Decoding,
-    prefill_ms: f64,
-    prompt_tokens: usize,
+/// Calls a closure with each answer's tokens.
+struct OnToken<F>(F);
+
+impl<F: FnMut(usize, u32)> Listener<usize> for OnToken<F> {
+    fn token(&mut self, answer: &mut usize, token: u32) -> Result<bool> {
+        (self.0)(*answer, token);
+        Ok(true)
+    }
 }
 
 /// Generates every answer of every request together: each prompt is prefilled once, then all
-/// rows decode side by side, a row leaving the batch when it stops (see [`session`]). Each
-/// answer is exactly what [`generate`] gives for its prompt and config alone. Returns the
-/// answers request by request, in the order of each request's configs; `on_token(answer,
-/// token)` is called as tokens are chosen.
+/// rows decode side by side, a row leaving the batch when it stops. Each answer is exactly what
+/// [`generate`] gives for its prompt and config alone. Returns the answers request by request,
+/// in the order of each request's configs; `on_token(answer, token)` is called as tokens are
+/// chosen.
 pub fn generate_batch(
     model: &dyn VisionLanguageModel,
     requests: &[BatchRequest],
-    mut on_token: impl FnMut(usize, u32),
+    on_token: impl FnMut(usize, u32),
 ) -> Result<Vec<GenerationOutput>> {
-    let mut rows = Vec::new();
-    let mut session: Option<Box<dyn Session + '_>> = None;
+    let mut generator = Generator::new(model);
+    let mut answers = 0;
     for request in requests {
-        let copies = request.configs.len();
-        if copies == 0 {
-            continue;
-        }
-        let start = Instant::now();
-        match session.as_mut() {
-            None => session = Some(model.start(request.prompt, copies)?),
-            Some(s) => s.add(request.prompt, copies)?,
-        }
-        let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
-        for config in &request.configs {
-            rows.push(Row {
-                answer: rows.len(),
-                decoding: Decoding::new(
-                    config,
-                    &request.prompt.input_ids,
-                    model.max_positions(),
-                    request.grammar.clone(),
-                )?,
-                prefill_ms,
-                prompt_tokens: request.prompt.input_ids.len(),
-            });
-        }
-    }
-    let Some(mut session) = session else {
-        return Ok(Vec::new());
-    };
-    let decode_start = Instant::now();
-    // Rows still decoding, in session order; finished ones move to `done`.
-    let mut active: Vec<Row> = Vec::new();
-    let mut done: Vec<Row> = Vec::new();
-    let mut keep = Vec::with_capacity(rows.len());
-    for row in rows {
-        keep.push(row.decoding.stop_reason.is_none());
-        if row.decoding.stop_reason.is_none() {
-            active.push(row);
-        } else {
-            done.push(row);
-        }
-    }
-    session.retain(&keep)?;
-    while !active.is_empty() {
-        let logits = session.logits().to_dtype(DType::F32)?;
-        let mut tokens = Vec::with_capacity(active.len());
-        for (i, row) in active.iter_mut().enumerate() {
-            if let Some(token) = row.decoding.choose(logits.get(i)?.to_vec1()?) {
-                on_token(row.answer, token);
-                if row.decoding.stop_reason.is_none() {
-                    tokens.push(token);
-                }
-            }
-        }
-        let keep: Vec<bool> = active
+        let rows = request
+            .configs
             .iter()
-            .map(|r| r.decoding.stop_reason.is_none())
-            .collect();
-        if keep.iter().any(|k| !k) {
-            session.retain(&keep)?;
-            let (still, finished): (Vec<Row>, Vec<Row>) = active
-                .into_iter()
-                .partition(|r| r.decoding.stop_reason.is_none());
-            active = still;
-            done.extend(finished);
-        }
-        if !active.is_empty() {
-            session.feed(&tokens)?;
-        }
-    }
-    let decode_ms = decode_start.elapsed().as_secs_f64() * 1e3;
-    done.sort_by_key(|r| r.answer);
-    done.into_iter()
-        .map(|row| {
-            Ok(GenerationOutput {
-                text: model.tokenizer().decode(&row.decoding.generated)?,
-                prompt_tokens: row.prompt_tokens,
-                stop_reason: row.decoding.stop_reason.unwrap_or(StopReason::MaxTokens),
-                timings: Timings {
-                    prefill_ms: row.prefill_ms,
-                    decode_ms,
-                    decode_tokens_per_s: row.decoding.generated.len() as f64
-                        / (decode_ms / 1e3).max(1e-9),
-                },
-                token_ids: row.decoding.generated,
+            .map(|c| {
+                answers += 1;
+                (answers - 1, c.clone())
             })
-        })
+            .collect();
+        generator.add(request.prompt, rows, request.grammar.clone())?;
+    }
+    let mut finished = generator.run(&mut OnToken(on_token))?;
+    finished.sort_by_key(|f| f.tag);
+    finished
+        .into_iter()
+        .map(|f| Ok(f.output(model.tokenizer())?.1))
         .collect()
 }

@@ -12,7 +12,7 @@ use crate::runtime::sampling::GenerationConfig;
 use crate::text::TextTokenizer;
 
 /// A prompt ready for a model: token ids with image placeholders, and the processed images.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Prompt {
     pub input_ids: Vec<u32>,
     pub images: Vec<ProcessedImage>,
@@ -44,8 +44,28 @@ pub trait Session {
     fn retain(&mut self, keep: &[bool]) -> Result<()>;
 }
 
+/// What the decoding loops need of a model: sessions over prompts, and the context's length.
+/// Every [`VisionLanguageModel`] is one; so is a family's bare network (training samples from
+/// its own).
+pub trait Sessions: Sync {
+    /// Runs the prompt (vision tower and prefill) and opens a session holding `copies` rows
+    /// of it.
+    fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>>;
+    /// The most positions a sequence may take, prompt and answer together
+    /// (`max_position_embeddings`): answers stop there.
+    fn max_positions(&self) -> usize;
+}
+
+/// What makes a model's prompts from an image and a question: every
+/// [`VisionLanguageModel`], and a family's prompt preparation alone (training has one beside
+/// the network it trains).
+pub trait PromptSource: Sync {
+    /// Chat template applied, image processed within `pixels`, placeholders expanded.
+    fn prompt(&self, image: &RgbImage, question: &str, pixels: PixelLimits) -> Result<Prompt>;
+}
+
 /// What every model architecture provides.
-pub trait VisionLanguageModel: Send + Sync {
+pub trait VisionLanguageModel: Sessions + PromptSource + Send + Sync {
     /// The architecture name (`model_type`).
     fn architecture(&self) -> &str;
     /// The tokenizer.
@@ -64,14 +84,8 @@ pub trait VisionLanguageModel: Send + Sync {
         }
         self.prepare(image, prompt)
     }
-    /// Runs the prompt (vision tower and prefill) and opens a session holding `copies` rows
-    /// of it.
-    fn start(&self, prompt: &Prompt, copies: usize) -> Result<Box<dyn Session + '_>>;
     /// Decoding defaults from `generation_config.json`, with the stop tokens filled in.
     fn generation_config(&self) -> &GenerationConfig;
-    /// The most positions a sequence may take, prompt and answer together
-    /// (`max_position_embeddings`): answers stop there.
-    fn max_positions(&self) -> usize;
     /// The processor's own `(min_pixels, max_pixels)` for resized images, for families whose
     /// processor has such limits (see [`prepare_with`](Self::prepare_with)).
     fn pixel_range(&self) -> Option<(usize, usize)> {

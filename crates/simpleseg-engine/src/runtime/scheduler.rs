@@ -13,15 +13,14 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use candle_core::DType;
-
+use crate::error::Result;
 use crate::runtime::constraint::Grammar;
-use crate::runtime::decoding::Decoding;
-use crate::runtime::model::{GenerationOutput, Prompt, Session, StopReason, Timings, VisionLanguageModel};
+use crate::runtime::generator::{Finished, Generator, Listener};
+use crate::runtime::model::{GenerationOutput, Prompt, VisionLanguageModel};
 use crate::runtime::sampling::GenerationConfig;
-use crate::text::IncrementalText;
+use crate::text::{IncrementalText, TextTokenizer};
 
 pub use crate::runtime::constraint::Constraint;
 
@@ -162,15 +161,11 @@ impl Scheduler {
     }
 }
 
-/// One answer being decoded.
-struct Row {
+/// Which request and answer a row decodes, and the text it has given out.
+struct Tag {
     request: usize,
     answer: usize,
-    decoding: Decoding,
     text: IncrementalText,
-    prefill_ms: f64,
-    prompt_tokens: usize,
-    decode_start: Instant,
 }
 
 /// A request being decoded.
@@ -180,20 +175,74 @@ struct Active {
     open_rows: usize,
 }
 
+/// The requests' listener: cancel flags in, token events out.
+struct Requests<'a> {
+    active: Vec<Option<Active>>,
+    tokenizer: &'a TextTokenizer,
+    stats: &'a SchedulerStats,
+}
+
+impl Listener<Tag> for Requests<'_> {
+    fn cancelled(&mut self, tag: &Tag) -> bool {
+        self.active[tag.request].as_ref().is_none_or(|a| {
+            a.cancel
+                .get(tag.answer)
+                .is_none_or(|c| c.load(Ordering::Relaxed))
+        })
+    }
+
+    fn token(&mut self, tag: &mut Tag, token: u32) -> Result<bool> {
+        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        // What this token adds to the text (nothing while a character is incomplete).
+        let delta = tag.text.push(self.tokenizer, token)?.unwrap_or_default();
+        Ok(match self.active[tag.request].as_mut() {
+            Some(active) => (active.events)(Event::Token {
+                answer: tag.answer,
+                token,
+                text: delta,
+            }),
+            None => true,
+        })
+    }
+}
+
+impl Requests<'_> {
+    /// Hands a finished answer to its request.
+    fn finish(&mut self, finished: Finished<Tag>) -> Result<()> {
+        let (tag, output) = finished.output(self.tokenizer)?;
+        self.stats.finished_answers.fetch_add(1, Ordering::Relaxed);
+        let Some(active) = self.active[tag.request].as_mut() else {
+            return Ok(());
+        };
+        (active.events)(Event::Finished {
+            answer: tag.answer,
+            output,
+        });
+        active.open_rows -= 1;
+        if active.open_rows == 0 {
+            self.active[tag.request] = None;
+        }
+        Ok(())
+    }
+}
+
 fn run(
     model: &dyn VisionLanguageModel,
     incoming: Receiver<Request>,
     options: SchedulerOptions,
     stats: &SchedulerStats,
 ) {
-    let mut session: Option<Box<dyn Session + '_>> = None;
-    let mut rows: Vec<Row> = Vec::new();
-    let mut requests: Vec<Option<Active>> = Vec::new();
+    let mut generator: Generator<Tag> = Generator::new(model);
+    let mut requests = Requests {
+        active: Vec::new(),
+        tokenizer: model.tokenizer(),
+        stats,
+    };
     let mut closed = false;
     loop {
         // Admit what has arrived: wait when idle, else only take what is there.
-        while rows.len() < options.max_batch_rows.max(1) && !closed {
-            let next = if rows.is_empty() {
+        while generator.live() < options.max_batch_rows.max(1) && !closed {
+            let next = if generator.live() == 0 {
                 incoming
                     .recv_timeout(Duration::from_millis(200))
                     .map_err(|e| e == RecvTimeoutError::Disconnected)
@@ -216,10 +265,23 @@ fn run(
             {
                 continue;
             }
-            let id = requests.len();
-            match admit(model, &request, id, &mut session) {
-                Ok(new_rows) => {
-                    let prompt_tokens = new_rows.first().map_or(0, |r| r.prompt_tokens);
+            let id = requests.active.len();
+            let rows = request
+                .configs
+                .iter()
+                .enumerate()
+                .map(|(answer, config)| {
+                    let tag = Tag {
+                        request: id,
+                        answer,
+                        text: IncrementalText::default(),
+                    };
+                    (tag, config.clone())
+                })
+                .collect();
+            match generator.add(&request.prompt, rows, request.grammar.clone()) {
+                Ok(()) => {
+                    let prompt_tokens = request.prompt.input_ids.len();
                     stats
                         .prompt_tokens
                         .fetch_add(prompt_tokens, Ordering::Relaxed);
@@ -229,184 +291,40 @@ fn run(
                             c.store(true, Ordering::Relaxed);
                         }
                     }
-                    requests.push(Some(Active {
+                    requests.active.push(Some(Active {
                         cancel: request.cancel,
                         events: request.events,
-                        open_rows: new_rows.len(),
+                        open_rows: request.configs.len(),
                     }));
-                    rows.extend(new_rows);
                 }
                 Err(e) => {
                     (request.events)(Event::Failed(e.to_string()));
-                    requests.push(None);
+                    requests.active.push(None);
                 }
             }
         }
-        if rows.is_empty() {
-            session = None;
-            requests.clear();
+        if generator.live() == 0 {
+            requests.active.clear();
             if closed {
                 return;
             }
             continue;
         }
-        stats.running_rows.store(rows.len(), Ordering::Relaxed);
-        if let Err(e) = step(model, &mut session, &mut rows, &mut requests, stats) {
-            // A failed step fails every running request; the session starts afresh.
-            for mut active in requests.iter_mut().filter_map(Option::take) {
+        stats
+            .running_rows
+            .store(generator.live(), Ordering::Relaxed);
+        let stepped = generator
+            .step(&mut requests)
+            .and_then(|done| done.into_iter().try_for_each(|f| requests.finish(f)));
+        if let Err(e) = stepped {
+            // A failed step fails every running request; the generator starts afresh.
+            for mut active in requests.active.iter_mut().filter_map(Option::take) {
                 (active.events)(Event::Failed(e.to_string()));
             }
-            rows.clear();
-            session = None;
+            generator = Generator::new(model);
         }
-        stats.running_rows.store(rows.len(), Ordering::Relaxed);
+        stats
+            .running_rows
+            .store(generator.live(), Ordering::Relaxed);
     }
-}
-
-/// Prefills a request, adding its rows to the session.
-fn admit<'m>(
-    model: &'m dyn VisionLanguageModel,
-    request: &Request,
-    id: usize,
-    session: &mut Option<Box<dyn Session + 'm>>,
-) -> crate::error::Result<Vec<Row>> {
-    let prompt = &request.prompt;
-    // Checked before the prefill: the rows' decoding states refuse a prompt that fills the
-    // context.
-    let decodings = request
-        .configs
-        .iter()
-        .map(|config| {
-            Decoding::new(
-                config,
-                &prompt.input_ids,
-                model.max_positions(),
-                request.grammar.clone(),
-            )
-        })
-        .collect::<crate::error::Result<Vec<_>>>()?;
-    let start = Instant::now();
-    let copies = request.configs.len();
-    match session.as_mut() {
-        None => *session = Some(model.start(prompt, copies)?),
-        Some(s) => s.add(prompt, copies)?,
-    }
-    let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
-    Ok(decodings
-        .into_iter()
-        .enumerate()
-        .map(|(answer, decoding)| Row {
-            request: id,
-            answer,
-            decoding,
-            text: IncrementalText::default(),
-            prefill_ms,
-            prompt_tokens: prompt.input_ids.len(),
-            decode_start: Instant::now(),
-        })
-        .collect())
-}
-
-/// Picks a token for every row, lets finished rows go and feeds the others.
-fn step(
-    model: &dyn VisionLanguageModel,
-    session: &mut Option<Box<dyn Session + '_>>,
-    rows: &mut Vec<Row>,
-    requests: &mut [Option<Active>],
-    stats: &SchedulerStats,
-) -> crate::error::Result<()> {
-    let Some(s) = session.as_mut() else {
-        return Ok(());
-    };
-    let logits = s.logits().to_dtype(DType::F32)?;
-    let mut tokens = Vec::with_capacity(rows.len());
-    for (i, row) in rows.iter_mut().enumerate() {
-        let cancelled = requests[row.request].as_ref().is_none_or(|a| {
-            a.cancel
-                .get(row.answer)
-                .is_none_or(|c| c.load(Ordering::Relaxed))
-        });
-        if cancelled {
-            row.decoding.stop_reason = Some(StopReason::Cancelled);
-        }
-        if row.decoding.stop_reason.is_some() {
-            continue;
-        }
-        let Some(token) = row.decoding.choose(logits.get(i)?.to_vec1()?) else {
-            continue;
-        };
-        stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-        // What this token adds to the text (nothing while a character is incomplete).
-        let delta = row
-            .text
-            .push(model.tokenizer(), token)?
-            .unwrap_or_default();
-        if let Some(active) = requests[row.request].as_mut() {
-            let event = Event::Token {
-                answer: row.answer,
-                token,
-                text: delta,
-            };
-            if !(active.events)(event) {
-                row.decoding.stop_reason = Some(StopReason::Cancelled);
-                continue;
-            }
-        }
-        if row.decoding.stop_reason.is_none() {
-            tokens.push(token);
-        }
-    }
-    let keep: Vec<bool> = rows
-        .iter()
-        .map(|r| r.decoding.stop_reason.is_none())
-        .collect();
-    if keep.iter().any(|k| !k) {
-        s.retain(&keep)?;
-        let (still, finished): (Vec<Row>, Vec<Row>) = std::mem::take(rows)
-            .into_iter()
-            .partition(|r| r.decoding.stop_reason.is_none());
-        *rows = still;
-        for row in finished {
-            finish(model, row, requests, stats)?;
-        }
-    }
-    if !rows.is_empty() {
-        s.feed(&tokens)?;
-    } else {
-        *session = None;
-    }
-    Ok(())
-}
-
-fn finish(
-    model: &dyn VisionLanguageModel,
-    row: Row,
-    requests: &mut [Option<Active>],
-    stats: &SchedulerStats,
-) -> crate::error::Result<()> {
-    let Some(active) = requests[row.request].as_mut() else {
-        return Ok(());
-    };
-    let decode_ms = row.decode_start.elapsed().as_secs_f64() * 1e3;
-    let output = GenerationOutput {
-        text: model.tokenizer().decode(&row.decoding.generated)?,
-        prompt_tokens: row.prompt_tokens,
-        stop_reason: row.decoding.stop_reason.unwrap_or(StopReason::MaxTokens),
-        timings: Timings {
-            prefill_ms: row.prefill_ms,
-            decode_ms,
-            decode_tokens_per_s: row.decoding.generated.len() as f64 / (decode_ms / 1e3).max(1e-9),
-        },
-        token_ids: row.decoding.generated,
-    };
-    stats.finished_answers.fetch_add(1, Ordering::Relaxed);
-    (active.events)(Event::Finished {
-        answer: row.answer,
-        output,
-    });
-    active.open_rows -= 1;
-    if active.open_rows == 0 {
-        requests[row.request] = None;
-    }
-    Ok(())
 }
