@@ -277,10 +277,12 @@ pub fn header_info(bytes: &[u8], source: &Path) -> Result<HeaderInfo> {
 pub fn to_rgb(image: &DynamicImage) -> RgbImage {
     let high = |v: u16| (v >> 8) as u8;
     match image {
-        DynamicImage::ImageLuma16(grey) => RgbImage::from_fn(grey.width(), grey.height(), |x, y| {
-            let v = grey.get_pixel(x, y).0[0].min(255) as u8;
-            image::Rgb([v, v, v])
-        }),
+        DynamicImage::ImageLuma16(grey) => {
+            RgbImage::from_fn(grey.width(), grey.height(), |x, y| {
+                let v = grey.get_pixel(x, y).0[0].min(255) as u8;
+                image::Rgb([v, v, v])
+            })
+        }
         DynamicImage::ImageLumaA16(grey) => {
             composite_on_white(&RgbaImage::from_fn(grey.width(), grey.height(), |x, y| {
                 let [l, a] = grey.get_pixel(x, y).0;
@@ -407,7 +409,13 @@ mod tests {
     #[test]
     fn pictures_decode_as_pillow_reads_them() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/images");
-        for name in ["grey16.png", "greyalpha16.png", "rgb16.png", "rgba16.png", "exif6.jpg"] {
+        for name in [
+            "grey16.png",
+            "greyalpha16.png",
+            "rgb16.png",
+            "rgba16.png",
+            "exif6.jpg",
+        ] {
             let path = dir.join(name);
             let ours = open_image(&path).unwrap();
             let stem = name.split('.').next().unwrap();
@@ -418,7 +426,10 @@ mod tests {
             assert_eq!((info.width, info.height), ours.dimensions());
         }
         // Stored 12 wide and 8 high; EXIF asks viewers to turn it upright (8 x 12).
-        assert_eq!(open_image(&dir.join("exif6.jpg")).unwrap().dimensions(), (12, 8));
+        assert_eq!(
+            open_image(&dir.join("exif6.jpg")).unwrap().dimensions(),
+            (12, 8)
+        );
     }
 
     #[test]

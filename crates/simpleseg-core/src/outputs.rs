@@ -50,7 +50,9 @@ struct Pending {
 static PENDING: Mutex<Option<Pending>> = Mutex::new(None);
 
 fn pending() -> MutexGuard<'static, Option<Pending>> {
-    PENDING.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    PENDING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn with_pending<T>(f: impl FnOnce(&mut Pending) -> T) -> T {
@@ -275,7 +277,9 @@ mod tests {
         dir
     }
 
-    fn write(text: &'static str) -> impl FnOnce(&mut BufWriter<File>) -> std::result::Result<(), String> {
+    fn write(
+        text: &'static str,
+    ) -> impl FnOnce(&mut BufWriter<File>) -> std::result::Result<(), String> {
         move |w| w.write_all(text.as_bytes()).map_err(|e| e.to_string())
     }
 
@@ -337,7 +341,10 @@ mod tests {
             std::fs::write(p, "x").unwrap();
         }
         write_atomic(&dir.join("m.png"), write("mask")).unwrap();
-        assert!(!dead.exists() && !foreign.exists(), "left by processes that are gone");
+        assert!(
+            !dead.exists() && !foreign.exists(),
+            "left by processes that are gone"
+        );
         assert!(unrelated.exists(), "not a name this module makes");
         assert_eq!(owner(".m.png.tmp123-4.png"), Some(123));
         assert_eq!(owner(".m.png.bak77-0"), Some(77));

@@ -384,9 +384,16 @@ pub fn rasterize_polygons<'a>(
         for polygon in polygons {
             union.add(&rasterize_with(polygon, height, width, &mut scratch)?);
         }
-        return Ok(RleMask::from_counts_unchecked(height, width, union.counts()));
+        return Ok(RleMask::from_counts_unchecked(
+            height,
+            width,
+            union.counts(),
+        ));
     }
-    let mut union = RleMask::union_all([&first, &rasterize_with(second, height, width, &mut scratch)?])?;
+    let mut union = RleMask::union_all([
+        &first,
+        &rasterize_with(second, height, width, &mut scratch)?,
+    ])?;
     for polygon in polygons {
         let mask = rasterize_with(polygon, height, width, &mut scratch)?;
         union = RleMask::union_all([&union, &mask])?;

@@ -39,7 +39,8 @@ impl Target {
         if let Target::Query(q) = self {
             let t = template.unwrap_or(DEFAULT_PROMPT);
             let uses = t.matches("{query}").count();
-            let len = (t.len() - uses * "{query}".len()).saturating_add(uses.saturating_mul(q.len()));
+            let len =
+                (t.len() - uses * "{query}".len()).saturating_add(uses.saturating_mul(q.len()));
             if len > max_bytes {
                 return Err(Error::Invalid(format!(
                     "the prompt template makes a prompt of {len} bytes (it uses {{query}} {uses} times); at most {max_bytes} are allowed"

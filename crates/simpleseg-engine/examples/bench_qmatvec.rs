@@ -15,8 +15,8 @@ use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, GgmlType};
 use candle_core::Module;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
-use simpleseg_engine::layers::Linear;
 use simpleseg_engine::io::quantized::QuantizedMatrix;
+use simpleseg_engine::layers::Linear;
 
 const RUNS: usize = 20;
 /// Matrices per shape: 8 x 38 MB, well beyond the last-level cache.

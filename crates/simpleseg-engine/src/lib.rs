@@ -26,6 +26,7 @@
 //! - [`models`]: language models and vision towers, and the families composed from them.
 //! - [`registry`] (families by `model_type`) and [`quantize`] (quantized folders).
 
+#![warn(clippy::unwrap_used, clippy::expect_used)]
 pub mod error;
 pub mod image_processing;
 pub mod io;

@@ -13,11 +13,11 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use simpleseg_core::images::open_image;
 use simpleseg_engine::io::hf::{HfFolder, JsonFile};
-use simpleseg_engine::runtime::kv_cache::KvCache;
+use simpleseg_engine::io::weights::{LoadingPlan, Quantization, Weights};
+use simpleseg_engine::layers::max_abs_diff;
 use simpleseg_engine::models::family::PromptPreparer;
 use simpleseg_engine::models::kimi_vl::{self, Config, KimiVl};
-use simpleseg_engine::layers::max_abs_diff;
-use simpleseg_engine::io::weights::{LoadingPlan, Quantization, Weights};
+use simpleseg_engine::runtime::kv_cache::KvCache;
 use simpleseg_engine::{generate, GenerationConfig, LoadOptions};
 
 fn fixtures() -> PathBuf {

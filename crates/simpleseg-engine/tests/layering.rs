@@ -12,15 +12,43 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("image_processing", &["pillow"]),
     (
         "layers",
-        &["mode", "quantized", "linear", "embedding", "norm", "rotary", "attention", "features"],
+        &[
+            "mode",
+            "quantized",
+            "linear",
+            "embedding",
+            "norm",
+            "rotary",
+            "attention",
+            "features",
+        ],
     ),
     (
         "runtime",
-        &["sampling", "constraint", "model", "decoding", "kv_cache", "session", "generator", "segment", "scheduler"],
+        &[
+            "sampling",
+            "constraint",
+            "model",
+            "decoding",
+            "kv_cache",
+            "session",
+            "generator",
+            "segment",
+            "scheduler",
+        ],
     ),
     (
         "models",
-        &["qwen2", "deepseek_v3", "qwen2_5_vit", "moonvit", "family", "qwen2_5_vl", "kimi_vl"],
+        &[
+            "qwen2",
+            "deepseek_v3",
+            "qwen2_5_vit",
+            "moonvit",
+            "family",
+            "training",
+            "qwen2_5_vl",
+            "kimi_vl",
+        ],
     ),
     ("registry", &[]),
     ("quantize", &[]),
@@ -28,7 +56,10 @@ const LAYERS: &[(&str, &[&str])] = &[
 
 /// `(layer, position within the layer)` of a module path such as `runtime::session`.
 fn rank(path: &[&str]) -> Option<(usize, usize)> {
-    let (layer, (_, inner)) = LAYERS.iter().enumerate().find(|(_, (name, _))| *name == path[0])?;
+    let (layer, (_, inner)) = LAYERS
+        .iter()
+        .enumerate()
+        .find(|(_, (name, _))| *name == path[0])?;
     // A module not named in its layer's list (the layer's own `mod.rs`) ranks above them all.
     let position = path
         .get(1)
@@ -56,7 +87,10 @@ fn no_module_imports_one_above_it() {
     let mut wrong = Vec::new();
     for file in files {
         let relative = file.strip_prefix(&src).unwrap().with_extension("");
-        let mut module: Vec<String> = relative.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        let mut module: Vec<String> = relative
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
         if module.last().is_some_and(|m| m == "mod") {
             module.pop();
         }
@@ -79,7 +113,10 @@ fn no_module_imports_one_above_it() {
             .collect::<Vec<_>>()
             .join("\n");
         if code.contains("crate::{") {
-            wrong.push(format!("{}: name each module (`crate::{{...}}` hides which)", file.display()));
+            wrong.push(format!(
+                "{}: name each module (`crate::{{...}}` hides which)",
+                file.display()
+            ));
         }
         for (i, _) in code.match_indices("crate::") {
             let path: Vec<&str> = code[i + "crate::".len()..]
@@ -93,12 +130,18 @@ fn no_module_imports_one_above_it() {
                 continue;
             }
             match rank(&path) {
-                None => wrong.push(format!("{}: crate::{} is not a module of a layer", file.display(), path.join("::"))),
-                Some(r) if r > own_rank && !(r.0 == own_rank.0 && own.len() == 1) => wrong.push(format!(
-                    "{} imports crate::{}, which is above it",
+                None => wrong.push(format!(
+                    "{}: crate::{} is not a module of a layer",
                     file.display(),
                     path.join("::")
                 )),
+                Some(r) if r > own_rank && !(r.0 == own_rank.0 && own.len() == 1) => {
+                    wrong.push(format!(
+                        "{} imports crate::{}, which is above it",
+                        file.display(),
+                        path.join("::")
+                    ))
+                }
                 Some(_) => {}
             }
         }

@@ -154,7 +154,10 @@ fn shards_outside_the_folder_are_refused() {
             map[&first] = serde_json::json!(shard);
         });
         let err = error_of(&dir);
-        assert!(err.contains("not a file name in the model folder"), "{case}: {err}");
+        assert!(
+            err.contains("not a file name in the model folder"),
+            "{case}: {err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use simpleseg_core::images::to_rgb;
-use simpleseg_engine::models::qwen2_5_vl::processor::preprocess;
+use simpleseg_engine::image_processing::pillow::{resize, Filter};
+use simpleseg_engine::layers::{max_abs_diff, Mode};
 use simpleseg_engine::models::qwen2::rope_index;
 use simpleseg_engine::models::qwen2_5_vl;
-use simpleseg_engine::layers::{max_abs_diff, Mode};
-use simpleseg_engine::image_processing::pillow::{resize, Filter};
+use simpleseg_engine::models::qwen2_5_vl::processor::preprocess;
 use simpleseg_engine::{generate, load, HfFolder, LoadOptions, VisionLanguageModel};
 
 const CASES: [&str; 2] = ["flat-window112-tied", "nested-window56-untied"];

@@ -231,7 +231,6 @@ pub fn dot_bf16(x: &[f32], w: &[half::bf16]) -> f32 {
     dot_bf16_plain(x, w)
 }
 
-
 /// The dot products of `x` with `G` BF16 weight rows: with AVX2 and FMA all `G` rows stream
 /// side by side, each summed in 8 lanes, then the lanes, then the tail, whatever the other
 /// rows are; without them, one [`dot_bf16`] each.
@@ -252,7 +251,10 @@ mod tests {
     use crate::testing::Values;
 
     fn exact(x: &[f32], w: impl Iterator<Item = f32>) -> f64 {
-        x.iter().zip(w).map(|(a, b)| f64::from(*a) * f64::from(b)).sum()
+        x.iter()
+            .zip(w)
+            .map(|(a, b)| f64::from(*a) * f64::from(b))
+            .sum()
     }
 
     /// Every path this CPU has (and the portable ones) against an f64 sum, on lengths that
@@ -275,7 +277,10 @@ mod tests {
                 ("bf16 portable", dot_bf16_plain(&x, &wb), eb),
                 ("f16", dot_f16(&x, &wh), eh),
             ] {
-                assert!((f64::from(got) - want).abs() < tol, "{name} n={n}: {got} vs {want}");
+                assert!(
+                    (f64::from(got) - want).abs() < tol,
+                    "{name} n={n}: {got} vs {want}"
+                );
             }
             let rows = dot_bf16_rows(&x, [&wb[..], &wb[..], &wb[..]]);
             for v in rows {

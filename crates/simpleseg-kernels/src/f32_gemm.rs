@@ -101,7 +101,10 @@ mod tests {
                     .map(|k| f64::from(xs[r * in_dim + k]) * f64::from(w[f * in_dim + k]))
                     .sum();
                 for y in [&widened, &stored] {
-                    assert!((f64::from(y[r * out_dim + f]) - exact).abs() < 1e-2, "{r} {f}");
+                    assert!(
+                        (f64::from(y[r * out_dim + f]) - exact).abs() < 1e-2,
+                        "{r} {f}"
+                    );
                 }
             }
         }

@@ -15,7 +15,7 @@
 //! Every kernel is tested against a portable or reference computation (candle's ggml dot
 //! products for the integer kernels); `examples/bench_kernels.rs` times them.
 
-#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::unwrap_used, clippy::expect_used)]
 #![warn(missing_docs)]
 
 pub mod bf16_gemm;

@@ -27,7 +27,13 @@ pub enum Weights<'a> {
 
 /// `x W^T` for `rows` rows of `x` (`rows x in_dim`, f32, row-major): `rows x out_dim` f32.
 /// `None` when the operands' lengths do not match the sizes.
-pub fn matmul(xs: &[f32], rows: usize, w: Weights, out_dim: usize, in_dim: usize) -> Option<Vec<f32>> {
+pub fn matmul(
+    xs: &[f32],
+    rows: usize,
+    w: Weights,
+    out_dim: usize,
+    in_dim: usize,
+) -> Option<Vec<f32>> {
     let stored = match w {
         Weights::Bf16(d) => d.len(),
         Weights::F16(d) => d.len(),
@@ -103,22 +109,39 @@ mod tests {
     #[test]
     fn outputs_are_single_dot_products_of_the_row() {
         let (out_dim, in_dim) = (37, 300);
-        let w: Vec<half::bf16> = Values(1).take(out_dim * in_dim).into_iter().map(half::bf16::from_f32).collect();
+        let w: Vec<half::bf16> = Values(1)
+            .take(out_dim * in_dim)
+            .into_iter()
+            .map(half::bf16::from_f32)
+            .collect();
         let wf: Vec<f32> = Values(2).take(out_dim * in_dim);
         let xs = Values(3).take(5 * in_dim);
         let y = matmul(&xs, 5, Weights::Bf16(&w), out_dim, in_dim).unwrap();
         for r in 0..5 {
-            let alone = matmul(&xs[r * in_dim..(r + 1) * in_dim], 1, Weights::Bf16(&w), out_dim, in_dim).unwrap();
+            let alone = matmul(
+                &xs[r * in_dim..(r + 1) * in_dim],
+                1,
+                Weights::Bf16(&w),
+                out_dim,
+                in_dim,
+            )
+            .unwrap();
             assert_eq!(&y[r * out_dim..(r + 1) * out_dim], &alone[..]);
             for f in 0..out_dim {
                 let exact: f64 = (0..in_dim)
                     .map(|k| f64::from(xs[r * in_dim + k]) * f64::from(w[f * in_dim + k].to_f32()))
                     .sum();
-                assert!((f64::from(y[r * out_dim + f]) - exact).abs() < 1e-3, "{r} {f}");
+                assert!(
+                    (f64::from(y[r * out_dim + f]) - exact).abs() < 1e-3,
+                    "{r} {f}"
+                );
             }
         }
         let y = matmul(&xs, 5, Weights::F32(&wf), out_dim, in_dim).unwrap();
-        assert_eq!(y[out_dim + 3], dot_f32(&xs[in_dim..2 * in_dim], &wf[3 * in_dim..4 * in_dim]));
+        assert_eq!(
+            y[out_dim + 3],
+            dot_f32(&xs[in_dim..2 * in_dim], &wf[3 * in_dim..4 * in_dim])
+        );
         assert!(matmul(&xs, 4, Weights::F32(&wf), out_dim, in_dim).is_none());
     }
 }

@@ -72,7 +72,13 @@ const CHAT_FIELDS: &[&str] = &[
 ];
 
 /// OpenAI fields that never change the answer: accepted and not used.
-pub const IGNORED_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier", "parallel_tool_calls"];
+pub const IGNORED_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+];
 
 /// Refuses a request with a field that is neither read (`known`), nor without effect
 /// ([`IGNORED_FIELDS`]), nor an OpenAI option at the value that asks for nothing (`logprobs`
@@ -80,7 +86,9 @@ pub const IGNORED_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier
 /// ignores what they asked for.
 pub fn check_fields(body: &Value, known: &[&str]) -> Result<(), ApiError> {
     let Some(fields) = body.as_object() else {
-        return Err(ApiError::bad_request("the request body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
     };
     for (name, value) in fields {
         if known.contains(&name.as_str()) || IGNORED_FIELDS.contains(&name.as_str()) {
@@ -96,9 +104,7 @@ pub fn check_fields(body: &Value, known: &[&str]) -> Result<(), ApiError> {
                     || value.as_object().is_some_and(|o| o.is_empty())
                     || value.as_array().is_some_and(|a| a.is_empty())
             }
-            "tool_choice" | "function_call" => {
-                value.is_null() || value.as_str() == Some("none")
-            }
+            "tool_choice" | "function_call" => value.is_null() || value.as_str() == Some("none"),
             _ => {
                 return Err(ApiError::bad_request(format!(
                     "unknown field '{name}' (this route reads {})",
@@ -339,7 +345,9 @@ pub fn pixel_limits(
     let mut from_kwargs = [None, None];
     if let Some(kwargs) = kwargs.filter(|k| !k.is_null()) {
         let Some(fields) = kwargs.as_object() else {
-            return Err(ApiError::bad_request("mm_processor_kwargs must be an object"));
+            return Err(ApiError::bad_request(
+                "mm_processor_kwargs must be an object",
+            ));
         };
         for (name, value) in fields {
             let slot = match name.as_str() {
@@ -351,9 +359,16 @@ pub fn pixel_limits(
                     )))
                 }
             };
-            from_kwargs[slot] = Some(value.as_u64().and_then(|v| usize::try_from(v).ok()).ok_or_else(
-                || ApiError::bad_request(format!("mm_processor_kwargs {name} must be a whole number")),
-            )?);
+            from_kwargs[slot] = Some(
+                value
+                    .as_u64()
+                    .and_then(|v| usize::try_from(v).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "mm_processor_kwargs {name} must be a whole number"
+                        ))
+                    })?,
+            );
         }
     }
     Ok(PixelLimits {
@@ -396,7 +411,10 @@ fn now() -> u64 {
 }
 
 /// Reads a JSON body: a 400 naming the problem, unknown fields refused ([`check_fields`]).
-pub fn read_body<T: serde::de::DeserializeOwned>(body: &[u8], known: &[&str]) -> Result<T, ApiError> {
+pub fn read_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    known: &[&str],
+) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the request body is not JSON: {e}")))?;
     check_fields(&value, known)?;

@@ -14,6 +14,7 @@
 //! input is answered 4xx with an OpenAI-style error body; a full server 429 or 503 with
 //! `Retry-After`; a request over its time 504.
 
+#![warn(clippy::unwrap_used, clippy::expect_used)]
 mod admission;
 mod chat;
 mod connections;

@@ -15,8 +15,8 @@
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use simpleseg_engine::runtime::constraint::{Constraint, Grammar};
 use simpleseg_core::segment::Target;
+use simpleseg_engine::runtime::constraint::{Constraint, Grammar};
 use simpleseg_engine::runtime::segment::{SegmentJob, SegmentOptions};
 use simpleseg_engine::{GenerationConfig, PixelLimits};
 
@@ -78,7 +78,11 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Takes `job` through the checks above and queues it.
-pub async fn queue(state: &AppState, admitted: Option<Admitted>, job: Job) -> Result<Queued, ApiError> {
+pub async fn queue(
+    state: &AppState,
+    admitted: Option<Admitted>,
+    job: Job,
+) -> Result<Queued, ApiError> {
     let loaded = state.model()?;
     let mut admission = admitted
         .and_then(|a| a.take())
@@ -113,12 +117,14 @@ pub async fn queue(state: &AppState, admitted: Option<Admitted>, job: Job) -> Re
         drop(bytes);
         let (prompt, segment) = match &ask {
             Ask::Chat(text) => (
-                model.prepare_with(&image, text, pixels).map_err(engine_error)?,
+                model
+                    .prepare_with(&image, text, pixels)
+                    .map_err(engine_error)?,
                 None,
             ),
             Ask::Segment(target, options) => {
-                let mut job =
-                    SegmentJob::new(model.as_ref(), &image, target, options).map_err(engine_error)?;
+                let mut job = SegmentJob::new(model.as_ref(), &image, target, options)
+                    .map_err(engine_error)?;
                 (job.take_prompt(), Some(job))
             }
         };
@@ -148,13 +154,20 @@ pub async fn queue(state: &AppState, admitted: Option<Admitted>, job: Job) -> Re
 
 /// The request's pixel limits within the server's cap; without any, the cap applies when it
 /// is below the model's own maximum.
-fn checked_pixels(state: &AppState, loaded: &Loaded, asked: PixelLimits) -> Result<PixelLimits, ApiError> {
+fn checked_pixels(
+    state: &AppState,
+    loaded: &Loaded,
+    asked: PixelLimits,
+) -> Result<PixelLimits, ApiError> {
     let Some((_, model_max)) = loaded.model.pixel_range() else {
         // The family has no such limits: the engine refuses any that are given.
         return Ok(asked);
     };
     let cap = state.options.max_request_pixels.unwrap_or(model_max);
-    for (name, value) in [("min_pixels", asked.min_pixels), ("max_pixels", asked.max_pixels)] {
+    for (name, value) in [
+        ("min_pixels", asked.min_pixels),
+        ("max_pixels", asked.max_pixels),
+    ] {
         if let Some(v) = value {
             if v > cap {
                 return Err(ApiError::bad_request(format!(
@@ -184,7 +197,10 @@ fn longest_token(loaded: &Loaded) -> usize {
 /// The most bytes a prompt that fits the context can have: the context's tokens times the
 /// longest token.
 fn prompt_bound(loaded: &Loaded) -> usize {
-    loaded.model.max_positions().saturating_mul(longest_token(loaded))
+    loaded
+        .model
+        .max_positions()
+        .saturating_mul(longest_token(loaded))
 }
 
 /// A prompt of more bytes than [`prompt_bound`] cannot fit: refused before tokenizing it.
@@ -265,10 +281,23 @@ mod tests {
         };
         let mut configs = vec![config.clone()];
         let err = fit_context(&mut configs, 2000, 2048, true).unwrap_err();
-        assert!(err.message.contains("you requested 2100 tokens (2000 in the messages, 100 in the completion)"), "{}", err.message);
+        assert!(
+            err.message.contains(
+                "you requested 2100 tokens (2000 in the messages, 100 in the completion)"
+            ),
+            "{}",
+            err.message
+        );
         fit_context(&mut configs, 2000, 2048, false).unwrap();
-        assert_eq!(configs[0].max_new_tokens, 48, "the default stops at the context");
+        assert_eq!(
+            configs[0].max_new_tokens, 48,
+            "the default stops at the context"
+        );
         let err = fit_context(&mut [config], 2048, 2048, false).unwrap_err();
-        assert!(err.message.contains("has 2048 input tokens"), "{}", err.message);
+        assert!(
+            err.message.contains("has 2048 input tokens"),
+            "{}",
+            err.message
+        );
     }
 }

@@ -28,12 +28,9 @@ pub fn schema_regex(schema: &Value, max_bytes: usize) -> Result<String, String> 
             if bound == u64::MAX { "more than 2^64".to_string() } else { bound.to_string() }
         ));
     }
-    let regex = outlines_core::json_schema::regex_from_value(
-        schema,
-        Some(WHITESPACE),
-        Some(MAX_REF_DEPTH),
-    )
-    .map_err(|e| format!("JSON schema: {e}"))?;
+    let regex =
+        outlines_core::json_schema::regex_from_value(schema, Some(WHITESPACE), Some(MAX_REF_DEPTH))
+            .map_err(|e| format!("JSON schema: {e}"))?;
     // The bound holds by construction; this keeps a mistake in it from costing memory later.
     if regex.len() > max_bytes {
         return Err(format!(
@@ -119,9 +116,10 @@ impl Estimate<'_> {
             // Without `required`, alternative i repeats pieces 0..i: piece k appears n - k
             // times; with it, once. The larger count bounds both.
             let n = pieces.len() as u64;
-            return add(pieces.iter().enumerate().map(|(k, &p)| {
-                p.saturating_add(WS + 8).saturating_mul(n - k as u64)
-            }))
+            return add(pieces
+                .iter()
+                .enumerate()
+                .map(|(k, &p)| p.saturating_add(WS + 8).saturating_mul(n - k as u64)))
             .saturating_add(4 * WS + 16);
         }
         for key in ["allOf", "anyOf", "oneOf", "prefixItems"] {

@@ -16,9 +16,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use simpleseg_core::segment::Target;
 use simpleseg_core::{CoordMode, ParseMode};
+use simpleseg_engine::runtime::scheduler::Event;
 use simpleseg_engine::runtime::segment::{SegmentJob, SegmentOptions};
 use simpleseg_engine::PixelLimits;
-use simpleseg_engine::runtime::scheduler::Event;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::chat::{constraint_of, pixel_limits, read_body, timed_out, Sampling};
@@ -113,7 +113,12 @@ pub async fn segment(
     let config = req.sampling.config(&model.defaults)?;
     let constraint = match req.constrain.as_deref() {
         None | Some("none") => None,
-        Some(c) => constraint_of(Some(c), None, None, state.options.pattern_limits.max_pattern_bytes)?,
+        Some(c) => constraint_of(
+            Some(c),
+            None,
+            None,
+            state.options.pattern_limits.max_pattern_bytes,
+        )?,
     };
     // A template may repeat {query}: the question's length is bounded before it is built
     // (by the request's own size here, by the context in [`crate::prepare`]).
@@ -137,7 +142,10 @@ pub async fn segment(
         .await
         .map_err(|_| timed_out())??;
     let Some(reader) = queued.segment else {
-        return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no segmentation job"));
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no segmentation job",
+        ));
     };
     if req.stream {
         return Ok(stream(queued.submitted, reader, deadline));
@@ -146,7 +154,10 @@ pub async fn segment(
         .await
         .map_err(|_| timed_out())??;
     let Some(answer) = answers.pop() else {
-        return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no answer"));
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no answer",
+        ));
     };
     let result = reader.finish(answer.output).map_err(engine_error)?;
     if png {
@@ -199,7 +210,9 @@ impl PointStream {
             let (Some(m), Some(x), Some(y)) = (c.get(0), c.get(1), c.get(2)) else {
                 continue;
             };
-            if self.seen_point && (self.closed || self.text[last_end..base + m.start()].contains(']')) {
+            if self.seen_point
+                && (self.closed || self.text[last_end..base + m.start()].contains(']'))
+            {
                 self.polygon += 1;
             }
             self.closed = false;

@@ -142,7 +142,11 @@ pub struct StopFilter {
 impl StopFilter {
     pub fn new(stops: &[String]) -> Self {
         StopFilter {
-            stops: stops.iter().filter(|s| !s.is_empty()).map(|s| Stop::new(s)).collect(),
+            stops: stops
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| Stop::new(s))
+                .collect(),
             ..StopFilter::default()
         }
     }
@@ -276,7 +280,9 @@ mod tests {
     fn stop_strings_match_the_plain_rule() {
         let mut seed = 7u64;
         let mut next = |n: usize| {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (seed >> 33) as usize % n
         };
         for _ in 0..2000 {
@@ -284,7 +290,9 @@ mod tests {
             let word = |len: usize, next: &mut dyn FnMut(usize) -> usize| -> String {
                 (0..len).map(|_| alphabet[next(3)]).collect()
             };
-            let stops: Vec<String> = (0..1 + next(3)).map(|_| word(1 + next(4), &mut next)).collect();
+            let stops: Vec<String> = (0..1 + next(3))
+                .map(|_| word(1 + next(4), &mut next))
+                .collect();
             let pieces: Vec<String> = (0..1 + next(6)).map(|_| word(next(4), &mut next)).collect();
             let mut f = StopFilter::new(&stops);
             let mut shown = String::new();

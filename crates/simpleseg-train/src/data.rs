@@ -4,7 +4,8 @@
 //! `{"conversations": [{"from": "user", "value": "<img>PATH</img>QUESTION"},
 //! {"from": "assistant", "value": "ANSWER"}]}` as an indented JSON list or JSON lines. Each
 //! example becomes the chat-template prompt (image placeholders expanded) followed by the
-//! answer and `<|im_end|>`; the loss covers the answer and the end token only.
+//! answer and the family's end-of-turn token; the loss covers the answer and the end token
+//! only.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,10 +17,8 @@ use rand::SeedableRng;
 use serde_json::Value;
 use simpleseg_core::images::open_image;
 use simpleseg_core::limits::{read_text_file_bounded, Limit};
-use simpleseg_engine::models::qwen2_5_vl::processor::{preprocess, smart_resize, ProcessedImage};
-use simpleseg_engine::models::qwen2::{rope_index, MropePosition};
-use simpleseg_engine::models::qwen2_5_vl::PromptBuilder;
-use simpleseg_engine::image_processing::pixel_tensor;
+use simpleseg_engine::image_processing::ProcessedImage;
+use simpleseg_engine::models::training::{TrainBatch, TrainingModel};
 
 use crate::error::{Error, Result};
 
@@ -105,47 +104,28 @@ pub struct Encoded {
 }
 
 /// Tokenizes examples. Image sizes (hence grids) are read once per distinct image.
-pub fn encode_all(
-    examples: &[SftExample],
-    prompts: &PromptBuilder,
-    im_end: u32,
-) -> Result<Vec<Encoded>> {
-    let mut grids: HashMap<&Path, [usize; 3]> = HashMap::new();
-    let c = &prompts.image_config;
+pub fn encode_all(examples: &[SftExample], model: &dyn TrainingModel) -> Result<Vec<Encoded>> {
+    let mut sizes: HashMap<&Path, (u32, u32)> = HashMap::new();
     examples
         .iter()
         .map(|ex| {
-            let grid = match grids.get(ex.image.as_path()) {
-                Some(g) => *g,
+            let size = match sizes.get(ex.image.as_path()) {
+                Some(s) => *s,
                 None => {
-                    let (w, h) =
-                        image::image_dimensions(&ex.image).map_err(|e| Error::BadFile {
-                            path: ex.image.clone(),
-                            message: format!("cannot read the image: {e}"),
-                        })?;
-                    let (rh, rw) = smart_resize(
-                        h as usize,
-                        w as usize,
-                        c.factor(),
-                        c.min_pixels,
-                        c.max_pixels,
-                    )?;
-                    let g = [1, rh / c.patch_size, rw / c.patch_size];
-                    grids.insert(ex.image.as_path(), g);
-                    g
+                    let s = image::image_dimensions(&ex.image).map_err(|e| Error::BadFile {
+                        path: ex.image.clone(),
+                        message: format!("cannot read the image: {e}"),
+                    })?;
+                    sizes.insert(ex.image.as_path(), s);
+                    s
                 }
             };
-            let text = prompts.template.image_prompt(&ex.question)?;
-            let text = prompts.expand_placeholders(&text, &[grid])?;
-            let mut ids = prompts.tokenizer.encode(&text)?;
-            let answer_start = ids.len();
-            ids.extend(prompts.tokenizer.encode(&ex.answer)?);
-            ids.push(im_end);
+            let encoded = model.encode(&ex.question, &ex.answer, size)?;
             Ok(Encoded {
-                ids,
-                answer_start,
+                ids: encoded.ids,
+                answer_start: encoded.answer_start,
                 image: ex.image.clone(),
-                grid,
+                grid: encoded.grid,
             })
         })
         .collect()
@@ -172,37 +152,44 @@ pub fn epoch_batches(
     batches
 }
 
-/// Model inputs for a batch.
+/// Model inputs for a batch, and the rows the loss reads.
 pub struct Batch {
-    pub ids: Tensor,
-    pub pixels: Tensor,
-    pub grids: Vec<[usize; 3]>,
-    pub positions: Vec<Vec<MropePosition>>,
-    /// Flattened `(batch * seq)` rows whose next token is a target, and those targets.
+    pub ids: Vec<Vec<u32>>,
+    pub images: Vec<ProcessedImage>,
+    pub pad: u32,
+    /// Flattened `(batch * seq)` rows whose next token is a target (the sequences padded to
+    /// the longest), and those targets.
     pub rows: Tensor,
     pub targets: Tensor,
     pub answer_tokens: usize,
 }
 
-/// Builds a padded batch (right padding with `pad`). Positions past a sequence's end continue
-/// its text positions; they only feed padding, which no loss row reads.
+impl Batch {
+    /// The sequences as the family's forward pass takes them (each with its own image).
+    pub fn inputs(&self) -> TrainBatch<'_> {
+        TrainBatch {
+            ids: self.ids.iter().map(Vec::as_slice).collect(),
+            pad: self.pad,
+            min_len: 0,
+            images: &self.images,
+            image_of: (0..self.ids.len()).collect(),
+        }
+    }
+}
+
+/// Builds a batch (right padding with `pad`).
 pub fn make_batch(
     examples: &[&Encoded],
-    prompts: &PromptBuilder,
-    image_token_id: u32,
-    merge_size: usize,
+    model: &dyn TrainingModel,
     pad: u32,
     device: &Device,
 ) -> Result<Batch> {
     let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(examples.len() * t);
-    let mut positions = Vec::with_capacity(examples.len());
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     let mut images: Vec<ProcessedImage> = Vec::with_capacity(examples.len());
     for (b, e) in examples.iter().enumerate() {
-        let rgb = open_image(&e.image)?;
-        let processed = preprocess(&rgb, &prompts.image_config)?;
+        let processed = model.process(&open_image(&e.image)?)?;
         if processed.grid_thw != e.grid {
             return Err(Error::Invalid(format!(
                 "{} changed size during training",
@@ -210,14 +197,6 @@ pub fn make_batch(
             )));
         }
         images.push(processed);
-        let (mut pos, _) = rope_index(&e.ids, image_token_id, &[e.grid], merge_size)?;
-        let last = pos.last().map_or(0, |p| p[0]);
-        for k in e.ids.len()..t {
-            pos.push([last + (k - e.ids.len()) as i64 + 1; 3]);
-        }
-        positions.push(pos);
-        ids.extend(e.ids.iter().copied());
-        ids.extend(std::iter::repeat_n(pad, t - e.ids.len()));
         for i in e.answer_start - 1..e.ids.len() - 1 {
             rows.push((b * t + i) as u32);
             targets.push(e.ids[i + 1]);
@@ -225,10 +204,9 @@ pub fn make_batch(
     }
     let answer_tokens = targets.len();
     Ok(Batch {
-        ids: Tensor::from_vec(ids, (examples.len(), t), device)?,
-        pixels: pixel_tensor(&images, device)?,
-        grids: images.iter().map(|i| i.grid_thw).collect(),
-        positions,
+        ids: examples.iter().map(|e| e.ids.clone()).collect(),
+        images,
+        pad,
         rows: Tensor::from_vec(rows, answer_tokens, device)?,
         targets: Tensor::from_vec(targets, answer_tokens, device)?,
         answer_tokens,

@@ -1,29 +1,24 @@
-//! Trainable weights: the engine's Qwen2.5-VL model built over candle `Var`s, so that the
-//! same implementation runs inference and carries gradients.
+//! Trainable weights: a family's model built by the engine over candle `Var`s
+//! ([`simpleseg_engine::models::training`]), so that the same implementation runs inference
+//! and carries gradients.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use simpleseg_engine::io::hf::HfFolder;
-use simpleseg_engine::models::qwen2_5_vl::{Config, Qwen2_5Vl, TensorLayout};
+use simpleseg_engine::io::hf::{HfFolder, JsonFile};
+use simpleseg_engine::models::training::{Init, TrainingEntry, TrainingModel};
+use simpleseg_engine::registry;
 
 use crate::error::{io, Error, Result};
 
-/// A model whose tensors are trainable variables, named as transformers 5 names them.
+/// A model whose tensors are trainable variables, with its family's training entry points.
 pub struct Trainable {
-    pub varmap: VarMap,
-    pub model: Qwen2_5Vl,
-    pub config: Config,
+    pub model: Box<dyn TrainingModel>,
+    pub entry: &'static TrainingEntry,
     pub device: Device,
-}
-
-/// Is this parameter a normalization scale (initialized to one)?
-fn is_norm_weight(name: &str) -> bool {
-    name.ends_with(".weight") && (name.contains("norm") || name.contains("ln_q"))
 }
 
 /// Standard normal samples from a seeded generator (Box-Muller), so that initialization does
@@ -39,21 +34,36 @@ fn normal(rng: &mut StdRng, n: usize, std: f32) -> Vec<f32> {
 }
 
 impl Trainable {
-    fn build(config: &Config, device: &Device) -> Result<(VarMap, Qwen2_5Vl)> {
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let model = Qwen2_5Vl::load(
-            &simpleseg_engine::io::weights::Weights::from_var_builder(vb),
-            config,
-            TensorLayout::Nested,
-        )?;
-        Ok((varmap, model))
+    /// A model folder's model and weights (its family from `config.json`).
+    pub fn from_folder(folder: &HfFolder, device: &Device) -> Result<Self> {
+        let entry = registry::training(folder)?;
+        Ok(Trainable {
+            model: (entry.from_folder)(folder, device)?,
+            entry,
+            device: device.clone(),
+        })
+    }
+
+    /// A new model from a configuration file (its family from its `model_type`), its
+    /// variables initialized by [`Trainable::init`].
+    pub fn from_config(
+        file: &JsonFile,
+        tokenizer: tokenizers::Tokenizer,
+        template: String,
+        device: &Device,
+    ) -> Result<Self> {
+        let entry = family_of(file)?;
+        Ok(Trainable {
+            model: (entry.from_config)(file, tokenizer, template, device)?,
+            entry,
+            device: device.clone(),
+        })
     }
 
     /// Variables sorted by name (a stable order for initialization, optimizers and saving).
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         #[expect(clippy::expect_used, reason = "poisoned only after a panic elsewhere")]
-        let data = self.varmap.data().lock().expect("var map lock");
+        let data = self.model.varmap().data().lock().expect("var map lock");
         let sorted: BTreeMap<&String, &Var> = data.iter().collect();
         sorted
             .into_iter()
@@ -61,69 +71,24 @@ impl Trainable {
             .collect()
     }
 
-    /// Fresh weights: norms 1, biases 0, every other tensor normal with standard deviation
-    /// `std`, or `vision_std` in the vision tower (`model.visual.*`).
-    pub fn init(
-        config: &Config,
-        seed: u64,
-        std: f32,
-        vision_std: f32,
-        device: &Device,
-    ) -> Result<Self> {
-        let (varmap, model) = Self::build(config, device)?;
-        let this = Trainable {
-            varmap,
-            model,
-            config: config.clone(),
-            device: device.clone(),
-        };
+    /// Fresh weights as the family says ([`Init`]): ones, zeros, or normal with standard
+    /// deviation `std` (`vision_std` in the vision tower), drawn in name order from `seed`.
+    pub fn init(&self, seed: u64, std: f32, vision_std: f32) -> Result<()> {
+        let device = &self.device;
         let mut rng = StdRng::seed_from_u64(seed);
-        for (name, var) in this.named_vars() {
+        for (name, var) in self.named_vars() {
             let shape = var.shape().clone();
-            let value = if is_norm_weight(&name) {
-                Tensor::ones(&shape, DType::F32, device)?
-            } else if name.ends_with(".bias") {
-                Tensor::zeros(&shape, DType::F32, device)?
-            } else {
-                let std = if name.starts_with("model.visual.") {
-                    vision_std
-                } else {
-                    std
-                };
-                Tensor::from_vec(normal(&mut rng, shape.elem_count(), std), &shape, device)?
+            let value = match (self.entry.init)(&name) {
+                Init::One => Tensor::ones(&shape, DType::F32, device)?,
+                Init::Zero => Tensor::zeros(&shape, DType::F32, device)?,
+                Init::Normal { vision } => {
+                    let std = if vision { vision_std } else { std };
+                    Tensor::from_vec(normal(&mut rng, shape.elem_count(), std), &shape, device)?
+                }
             };
             var.set(&value)?;
         }
-        Ok(this)
-    }
-
-    /// Weights from a model folder of either tensor layout.
-    pub fn from_folder(folder: &HfFolder, config: &Config, device: &Device) -> Result<Self> {
-        let (varmap, model) = Self::build(config, device)?;
-        let this = Trainable {
-            varmap,
-            model,
-            config: config.clone(),
-            device: device.clone(),
-        };
-        let layout = TensorLayout::detect(&folder.tensor_names()?)?;
-        let source = folder.var_builder(DType::F32, device)?;
-        for (name, var) in this.named_vars() {
-            let source_name = match layout {
-                TensorLayout::Nested => name.clone(),
-                TensorLayout::Flat => name
-                    .replacen("model.language_model.", "model.", 1)
-                    .replacen("model.visual.", "visual.", 1),
-            };
-            let value = source
-                .get(var.shape(), &source_name)
-                .map_err(|e| Error::BadFile {
-                    path: folder.dir().to_path_buf(),
-                    message: format!("cannot initialize {name} from {source_name}: {e}"),
-                })?;
-            var.set(&value)?;
-        }
-        Ok(this)
+        Ok(())
     }
 
     /// Current values of all variables.
@@ -144,6 +109,19 @@ impl Trainable {
         }
         Ok(())
     }
+}
+
+/// The training entry points of a configuration file's family.
+pub(crate) fn family_of(file: &JsonFile) -> Result<&'static TrainingEntry> {
+    let model_type = file
+        .str(&["model_type"])
+        .ok_or_else(|| file.error("missing `model_type`"))?;
+    registry::training_of(model_type).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: training {model_type} models is not supported",
+            file.path.display()
+        ))
+    })
 }
 
 /// Writes tensors as safetensors with the `{"format": "pt"}` metadata transformers expects.

@@ -10,10 +10,9 @@
 //! ratios), with an optional KL penalty to the starting model (the k3 estimator).
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
-use indicatif::{ProgressBar, ProgressStyle};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, D};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -22,25 +21,23 @@ use serde_json::{json, Value};
 use simpleseg_core::images::open_image;
 use simpleseg_core::limits::{read_text_file_bounded, Limit};
 pub use simpleseg_core::reward::{centroid, reward, Reward, RewardOptions};
+use simpleseg_core::segment::Target;
 use simpleseg_core::RleMask;
 use simpleseg_engine::io::hf::HfFolder;
-use simpleseg_core::segment::Target;
-use simpleseg_engine::runtime::segment::{SegmentJob, SegmentOptions};
-use simpleseg_engine::models::qwen2::{rope_index, MropePosition};
-use simpleseg_engine::models::qwen2_5_vl::{prompt_builder, Config, PromptBuilder, Qwen2_5Vl, TensorLayout};
-use simpleseg_engine::runtime::generator::Generator;
 use simpleseg_engine::layers::Mode;
-use simpleseg_engine::image_processing::pixel_tensor;
+use simpleseg_engine::models::training::{Forward, TrainBatch};
+use simpleseg_engine::registry;
+use simpleseg_engine::runtime::generator::Generator;
+use simpleseg_engine::runtime::model::Sessions;
+use simpleseg_engine::runtime::segment::{SegmentJob, SegmentOptions};
 use simpleseg_engine::{GenerationConfig, Prompt};
 
 use crate::error::{Error, Result};
-use crate::folder::{hf_tokenizer, write_metadata};
-use crate::optim::{lr_at, AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::params::Trainable;
-use crate::plot::plot_curve;
 use crate::run::{
-    add_gradients, evaluate, log_softmax, read_state, restore, run_shards, save_checkpoint,
-    shard_pools, EvalSpec, Log, RunDir, State,
+    add_gradients, log_softmax, open_run, restore, run_shards, run_stage, shard_pools, Cadence,
+    EvalSpec, RunDir, Stage,
 };
 
 /// The policy-gradient objective.
@@ -169,7 +166,7 @@ pub fn advantages(rewards: &[f64]) -> Vec<f64> {
 /// loop, the group kept whole until every answer ends); returns the token ids of each answer
 /// (end token included when generated).
 fn sample_group(
-    model: &Qwen2_5Vl,
+    model: &dyn Sessions,
     prompt: &Prompt,
     g: usize,
     config: &GenerationConfig,
@@ -198,7 +195,7 @@ fn sample_group(
 /// Log-probabilities of each answer's tokens under `model`, teacher-forced: a `(g, max_len)`
 /// tensor and the mask of real (non-padding) answer tokens.
 fn answer_logprobs(
-    model: &Qwen2_5Vl,
+    model: &dyn Forward,
     prompt: &Prompt,
     answers: &[Vec<u32>],
     pad: u32,
@@ -208,45 +205,30 @@ fn answer_logprobs(
     let g = answers.len();
     let p = prompt.input_ids.len();
     let max_len = answers.iter().map(Vec::len).max().unwrap_or(0).max(1);
-    let t = p + max_len;
-    let config = &model.config;
-    let grids: Vec<[usize; 3]> = prompt.images.iter().map(|i| i.grid_thw).collect();
-    let mut ids = Vec::with_capacity(g * t);
-    let mut positions: Vec<Vec<MropePosition>> = Vec::with_capacity(g);
+    let sequences: Vec<Vec<u32>> = answers
+        .iter()
+        .map(|a| prompt.input_ids.iter().chain(a).copied().collect())
+        .collect();
     let mut mask = Vec::with_capacity(g * max_len);
     let mut targets = Vec::with_capacity(g * max_len);
     for a in answers {
-        let mut seq: Vec<u32> = prompt.input_ids.clone();
-        seq.extend(a);
-        let (mut pos, _) = rope_index(
-            &seq,
-            config.image_token_id,
-            &grids,
-            config.vision.spatial_merge_size,
-        )?;
-        let last = pos.last().map_or(0, |q| q[0]);
-        for k in seq.len()..t {
-            pos.push([last + (k - seq.len()) as i64 + 1; 3]);
-        }
-        positions.push(pos);
-        ids.extend(&seq);
-        ids.extend(std::iter::repeat_n(pad, t - seq.len()));
         for k in 0..max_len {
             targets.push(a.get(k).copied().unwrap_or(pad));
             mask.push(if k < a.len() { 1f32 } else { 0.0 });
         }
     }
-    // One vision pass, its features repeated for every answer (gradients add up).
-    let features = model
-        .visual
-        .forward(&pixel_tensor(&prompt.images, device)?, &grids, mode)?;
-    let features = Tensor::cat(&vec![features; g], 0)?;
-    let ids = Tensor::from_vec(ids, (g, t), device)?;
-    let embeds = model.embed_with_images(&ids, Some(&features))?;
-    let hidden = model.text.forward(&embeds, &positions, None, mode)?;
+    // Every answer shows the prompt's one image: one vision pass, repeated.
+    let batch = TrainBatch {
+        ids: sequences.iter().map(Vec::as_slice).collect(),
+        pad,
+        min_len: p + max_len,
+        images: &prompt.images,
+        image_of: vec![0; g],
+    };
+    let hidden = model.hidden_states(&batch, mode)?;
     // Positions p-1 .. p+max_len-2 predict the answer tokens.
     let hidden = hidden.narrow(1, p - 1, max_len)?;
-    let logits = model.text.logits(&hidden)?;
+    let logits = model.logits(&hidden)?;
     let logp = log_softmax(&logits)?;
     let targets = Tensor::from_vec(targets, (g, max_len, 1), device)?;
     let picked = logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?;
@@ -261,25 +243,10 @@ pub struct RlSummary {
     pub seconds: f64,
 }
 
-/// A frozen copy of the starting model for the KL penalty.
-fn reference_model(dir: &Path, device: &Device) -> Result<Qwen2_5Vl> {
-    let folder = HfFolder::open(dir)?;
-    let config = Config::from_json(&folder.json("config.json")?)?;
-    let options = simpleseg_engine::LoadOptions {
-        device: device.clone(),
-        dtype: Some(DType::F32),
-        quantize: None,
-    };
-    let weights = options.weights(&folder, DType::F32)?;
-    let layout = TensorLayout::detect(&weights.names())?;
-    Ok(Qwen2_5Vl::load(&weights, &config, layout)?)
-}
-
 /// What one prompt's part of an RL step reads.
 struct PromptContext<'a> {
-    model: &'a Qwen2_5Vl,
-    reference: Option<&'a Qwen2_5Vl>,
-    prompts: &'a PromptBuilder,
+    model: &'a Trainable,
+    reference: Option<&'a dyn Forward>,
     sampling: &'a GenerationConfig,
     settings: &'a RlSettings,
     pad: u32,
@@ -297,16 +264,17 @@ impl PromptContext<'_> {
     /// when every answer scored the same: no advantage, nothing to learn).
     fn run(&self, ex: &RlExample, seed: u64) -> Result<(PromptOutcome, Option<Tensor>)> {
         let (settings, device, pad) = (self.settings, self.device, self.pad);
+        let model = self.model.model.as_ref();
         // The segmentation pipeline's question and prompt; the reward reads the answers.
         let job = SegmentJob::new(
-            self.prompts,
+            model.prompts(),
             &open_image(&ex.image)?,
             &Target::Question(ex.prompt.clone()),
             &SegmentOptions::default(),
         )?;
         let prompt = job.prompt;
         let answers = sample_group(
-            self.model,
+            model.sessions(),
             &prompt,
             settings.group_size,
             self.sampling,
@@ -318,7 +286,7 @@ impl PromptContext<'_> {
         };
         let mut rewards = Vec::with_capacity(answers.len());
         for a in &answers {
-            let text = self.prompts.tokenizer.decode(a)?;
+            let text = model.tokenizer().decode(a)?;
             let Reward {
                 reward: r,
                 iou,
@@ -333,7 +301,7 @@ impl PromptContext<'_> {
             return Ok((outcome, None));
         }
         let (logp, mask) =
-            answer_logprobs(self.model, &prompt, &answers, pad, Mode::Train, device)?;
+            answer_logprobs(model.forward(), &prompt, &answers, pad, Mode::Train, device)?;
         let old = logp.detach();
         let lengths = mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
         let adv_t = Tensor::from_vec(
@@ -378,23 +346,7 @@ impl PromptContext<'_> {
 pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSummary> {
     let device = Device::Cpu;
     let run = RunDir::new(out);
-    let (settings, start_step) = if resume && run.has_state() {
-        let state: State<RlSettings> = read_state(&run)?;
-        (state.settings, state.step)
-    } else if resume {
-        return Err(Error::Invalid(format!(
-            "{} holds no run to resume",
-            out.display()
-        )));
-    } else {
-        if run.has_state() {
-            return Err(Error::Invalid(format!(
-                "{} already holds a run; pass --resume to continue it or choose another --out",
-                out.display()
-            )));
-        }
-        (settings, 0)
-    };
+    let (settings, start_step) = open_run(&run, settings, resume)?;
     if settings.group_size < 2 {
         return Err(Error::Invalid(
             "--group-size must be at least 2 (advantages compare answers within a group)".into(),
@@ -408,21 +360,12 @@ pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSumm
         )));
     }
     let init = HfFolder::open(&settings.init)?;
-    let config = Config::from_json(&init.json("config.json")?)?;
-    let prompts: PromptBuilder = prompt_builder(&init, &config)?;
-    let model = Trainable::from_folder(&init, &config, &device)?;
+    let model = Trainable::from_folder(&init, &device)?;
     if start_step == 0 {
-        write_metadata(
-            out,
-            &config,
-            hf_tokenizer(&prompts.tokenizer)?,
-            prompts.template.source(),
-            &prompts.image_config,
-            512,
-        )?;
+        model.model.write_metadata(out, 512)?;
     }
     let reference = if settings.kl_coef > 0.0 {
-        Some(reference_model(&settings.init, &device)?)
+        Some((registry::training(&init)?.frozen)(&init, &device)?)
     } else {
         None
     };
@@ -430,14 +373,6 @@ pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSumm
     if start_step > 0 {
         restore(&run, &model, &mut optimizer, start_step, &device)?;
     }
-    let im_end = prompts
-        .tokenizer
-        .token_id("<|im_end|>")
-        .ok_or_else(|| Error::Invalid("the tokenizer lacks <|im_end|>".into()))?;
-    let pad = prompts
-        .tokenizer
-        .token_id("<|endoftext|>")
-        .unwrap_or(im_end);
     let sampling = GenerationConfig {
         do_sample: true,
         temperature: settings.temperature,
@@ -445,58 +380,97 @@ pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSumm
         top_p: 1.0,
         repetition_penalty: 1.0,
         max_new_tokens: settings.max_new_tokens,
-        eos_token_ids: vec![im_end],
+        eos_token_ids: vec![model.model.end_of_turn()],
         seed: 0,
     };
-    let mut log = Log::open(&run, start_step)?;
-    let shard_pools = shard_pools(settings.shards)?;
     let per_epoch = examples.len() / settings.prompts_per_step;
     if per_epoch == 0 {
         return Err(Error::Invalid(
             "fewer examples than --prompts-per-step".into(),
         ));
     }
-    let bar = ProgressBar::new(settings.steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} rl [{bar:40}] {pos}/{len} {msg} (eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_position(start_step as u64);
-    let started = Instant::now();
-    let mut order_cache: Option<(usize, Vec<usize>)> = None;
-    let mut stats = Stats::default();
-    let mut last_reward = f64::NAN;
-    for step in start_step..settings.steps {
-        let epoch = step / per_epoch;
-        if order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            let mut order: Vec<usize> = (0..examples.len()).collect();
+    let cadence = Cadence {
+        steps: settings.steps,
+        lr: settings.optimizer.lr,
+        warmup: settings.warmup,
+        min_lr_ratio: settings.min_lr_ratio,
+        log_every: settings.log_every,
+        save_every: settings.save_every,
+        eval: settings.eval.as_ref(),
+        eval_every: settings.eval_every,
+    };
+    let mut stage = Rl {
+        examples: &examples,
+        per_epoch,
+        pools: shard_pools(settings.shards)?,
+        context: PromptContext {
+            model: &model,
+            reference: reference.as_deref(),
+            sampling: &sampling,
+            settings: &settings,
+            pad: model.model.padding(),
+            device: &device,
+        },
+        order_cache: None,
+        stats: Stats::default(),
+        last_reward: f64::NAN,
+    };
+    let seconds = run_stage(
+        &run,
+        &mut stage,
+        &settings,
+        &cadence,
+        &model,
+        &mut optimizer,
+        start_step,
+    )?;
+    Ok(RlSummary {
+        steps: settings.steps,
+        mean_reward_last: stage.last_reward,
+        seconds,
+    })
+}
+
+/// RL as a stage of the run loop: each step samples groups of answers to some prompts and
+/// scores them.
+struct Rl<'a> {
+    examples: &'a [RlExample],
+    per_epoch: usize,
+    pools: Vec<rayon::ThreadPool>,
+    context: PromptContext<'a>,
+    order_cache: Option<(usize, Vec<usize>)>,
+    stats: Stats,
+    last_reward: f64,
+}
+
+impl Stage for Rl<'_> {
+    const NAME: &'static str = "rl";
+    const CURVE: (&'static str, &'static str) =
+        ("reward", "reward (mean IoU of the sampled answers)");
+
+    fn gradients(&mut self, step: usize) -> Result<Option<GradStore>> {
+        let settings = self.context.settings;
+        let epoch = step / self.per_epoch;
+        if self.order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            let mut order: Vec<usize> = (0..self.examples.len()).collect();
             order.shuffle(&mut StdRng::seed_from_u64(
                 settings.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             ));
-            order_cache = Some((epoch, order));
+            self.order_cache = Some((epoch, order));
         }
         #[expect(clippy::expect_used, reason = "filled just above")]
-        let order = &order_cache.as_ref().expect("set above").1;
-        let at = (step % per_epoch) * settings.prompts_per_step;
+        let order = &self.order_cache.as_ref().expect("set above").1;
+        let at = (step % self.per_epoch) * settings.prompts_per_step;
         let picked: Vec<(usize, usize)> = order[at..at + settings.prompts_per_step]
             .iter()
             .copied()
             .enumerate()
             .collect();
         let chunks: Vec<&[(usize, usize)]> = picked
-            .chunks(picked.len().div_ceil(shard_pools.len()))
+            .chunks(picked.len().div_ceil(self.pools.len()))
             .collect();
-        let context = PromptContext {
-            model: &model.model,
-            reference: reference.as_ref(),
-            prompts: &prompts,
-            sampling: &sampling,
-            settings: &settings,
-            pad,
-            device: &device,
-        };
-        let shards = run_shards(&shard_pools, &chunks, |chunk| {
+        let (context, examples) = (&self.context, self.examples);
+        let shards = run_shards(&self.pools, &chunks, |chunk| {
             let mut outcomes = Vec::with_capacity(chunk.len());
             let mut losses = Vec::new();
             for &(k, idx) in chunk.iter() {
@@ -520,73 +494,31 @@ pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSumm
         for (outcomes, shard_grads) in shards {
             for outcome in outcomes {
                 for &(r, iou, parsed, length) in &outcome.answers {
-                    stats.add(r, iou, parsed, length);
+                    self.stats.add(r, iou, parsed, length);
                     step_rewards.push(r);
                 }
-                stats.kl += outcome.kl;
+                self.stats.kl += outcome.kl;
             }
             if let Some(g) = shard_grads {
-                grads = Some(add_gradients(&model, grads, g)?);
+                grads = Some(add_gradients(self.context.model, grads, g)?);
             }
         }
-        let lr = lr_at(
-            step,
-            settings.optimizer.lr,
-            settings.warmup,
-            settings.steps,
-            settings.min_lr_ratio,
-        );
-        let grad_norm = match grads {
-            None => 0.0,
-            Some(grads) => optimizer.step(&grads, lr)?.grad_norm,
-        };
-        stats.grad_norm += grad_norm;
-        stats.steps += 1;
-        last_reward = step_rewards.iter().sum::<f64>() / step_rewards.len().max(1) as f64;
-        let done = step + 1;
-        bar.set_position(done as u64);
-        bar.set_message(format!("reward {last_reward:.3}"));
-        if done % settings.log_every == 0 || done == settings.steps {
-            log.write(&stats.line(done, lr, started.elapsed().as_secs_f64()))?;
-            stats = Stats::default();
-        }
-        if done % settings.save_every == 0 || done == settings.steps {
-            let state = State {
-                step: done,
-                settings: settings.clone(),
-            };
-            save_checkpoint(
-                &run,
-                &model,
-                &optimizer,
-                &state,
-                done == settings.steps || done % (settings.save_every * 10) == 0,
-            )?;
-            plot_curve(
-                &run.plot(),
-                "reward (mean IoU of the sampled answers)",
-                &log.series("reward")?,
-            )?;
-        }
-        if let Some(spec) = &settings.eval {
-            if settings.eval_every > 0
-                && (done % settings.eval_every == 0 || done == settings.steps)
-            {
-                bar.suspend(|| -> Result<()> {
-                    let report = evaluate(&run, spec, done)?;
-                    log.write(&json!({"step": done, "eval_split": spec.split, "giou": report.giou, "ciou": report.ciou, "parse_failures": report.parse_failures, "n": report.n}))?;
-                    eprintln!("step {done}: {} {} gIoU {:.3} cIoU {:.3} ({} of {} unparseable)", spec.dataset, spec.split, report.giou, report.ciou, report.parse_failures, report.n);
-                    Ok(())
-                })?;
-            }
-        }
+        self.last_reward = step_rewards.iter().sum::<f64>() / step_rewards.len().max(1) as f64;
+        Ok(grads)
     }
-    bar.finish_and_clear();
-    Ok(RlSummary {
-        steps: settings.steps,
-        mean_reward_last: last_reward,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+
+    fn stepped(&mut self, grad_norm: f64) {
+        self.stats.grad_norm += grad_norm;
+        self.stats.steps += 1;
+    }
+
+    fn message(&self, _lr: f64) -> String {
+        format!("reward {:.3}", self.last_reward)
+    }
+
+    fn log_line(&mut self, done: usize, lr: f64, seconds: f64) -> Value {
+        std::mem::take(&mut self.stats).line(done, lr, seconds)
+    }
 }
 
 /// Running sums between log lines.

@@ -2,40 +2,34 @@
 //! gradient clipping, length-grouped batches, checkpoints that resume exactly.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use simpleseg_core::limits::{read_text_file_bounded, Limit};
-use simpleseg_engine::text::{ChatTemplate, TextTokenizer};
 use simpleseg_engine::io::hf::{HfFolder, JsonFile};
-use simpleseg_engine::models::qwen2_5_vl::processor::ImageProcessorConfig;
-use simpleseg_engine::models::qwen2_5_vl::{prompt_builder, Config, PromptBuilder};
 use simpleseg_engine::layers::Mode;
+use simpleseg_engine::text::TextTokenizer;
 
 use crate::data::{encode_all, epoch_batches, make_batch, read_sft, Batch, Encoded};
 use crate::error::{io, Error, Result};
-use crate::folder::{hf_tokenizer, write_metadata, QWEN_CHAT_TEMPLATE};
-use crate::optim::{lr_at, AdamW, AdamWConfig};
-use crate::params::Trainable;
-use crate::plot::plot_curve;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::params::{family_of, Trainable};
 use crate::run::{
-    add_gradients, cross_entropy, evaluate, read_state, restore, run_shards, save_checkpoint,
-    shard_pools, EvalSpec, Log, RunDir, State,
+    add_gradients, cross_entropy, open_run, restore, run_shards, run_stage, shard_pools, Cadence,
+    EvalSpec, RunDir, Stage,
 };
-use crate::tokenizer::{train_tokenizer, SPECIAL_TOKENS};
+use crate::tokenizer::train_tokenizer;
 
 /// Where the starting model comes from.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Start {
-    /// A model configuration file: a Qwen2.5-VL `config.json` (vocabulary size and special
-    /// token ids are filled in from the tokenizer), optionally with `"image_processor"`
-    /// settings (`min_pixels`, `max_pixels`) and a `"chat_template_file"` (a Jinja file,
-    /// relative to the configuration; default: the template Qwen2.5-VL-Instruct ships).
+    /// A model configuration file: a `config.json` of a trainable family (vocabulary size and
+    /// special token ids are filled in from the tokenizer), optionally with
+    /// `"image_processor"` settings (`min_pixels`, `max_pixels`) and a `"chat_template_file"`
+    /// (a Jinja file, relative to the configuration; default: the family's own template).
     Config {
         path: PathBuf,
         tokenizer: Option<PathBuf>,
@@ -88,23 +82,9 @@ fn start_model(
     texts: &[String],
     out: &Path,
     device: &Device,
-) -> Result<(Trainable, PromptBuilder)> {
-    match &settings.start {
-        Start::Init { dir } => {
-            let folder = HfFolder::open(dir)?;
-            let config = Config::from_json(&folder.json("config.json")?)?;
-            let prompts = prompt_builder(&folder, &config)?;
-            let model = Trainable::from_folder(&folder, &config, device)?;
-            write_metadata(
-                out,
-                &config,
-                hf_tokenizer(&prompts.tokenizer)?,
-                prompts.template.source(),
-                &prompts.image_config,
-                512,
-            )?;
-            Ok((model, prompts))
-        }
+) -> Result<Trainable> {
+    let model = match &settings.start {
+        Start::Init { dir } => Trainable::from_folder(&HfFolder::open(dir)?, device)?,
         Start::Config {
             path,
             tokenizer,
@@ -112,9 +92,10 @@ fn start_model(
             init_std,
             vision_init_std,
         } => {
-            let mut file = JsonFile::read(path)?;
+            let file = JsonFile::read(path)?;
+            let family = family_of(&file)?;
             let template = match file.root.get("chat_template_file") {
-                None => QWEN_CHAT_TEMPLATE.to_string(),
+                None => family.chat_template.to_string(),
                 Some(Value::String(name)) => {
                     let jinja = path.parent().unwrap_or(Path::new(".")).join(name);
                     read_text_file_bounded(&jinja, Limit::DataBytes).map_err(|e| {
@@ -134,77 +115,40 @@ fn start_model(
             let tokenizer = match tokenizer {
                 Some(p) => hf_tokenizer(&TextTokenizer::from_file(p)?)?.clone(),
                 None => train_tokenizer(
-                    texts.iter().map(String::as_str).chain([template.as_str()]),
+                    texts
+                        .iter()
+                        .map(String::as_str)
+                        .chain(family.special_tokens.iter().copied())
+                        .chain([template.as_str()]),
                     *vocab_size,
+                    family.special_tokens,
                 )?,
             };
-            let id = |t: &str| {
-                tokenizer.token_to_id(t).ok_or_else(|| {
-                    Error::Invalid(format!("the tokenizer lacks the special token {t}"))
-                })
-            };
-            let vocab = tokenizer.get_vocab_size(true);
-            let root = &mut file.root;
-            let text = if root.get("text_config").is_some() {
-                &mut root["text_config"]
-            } else {
-                &mut *root
-            };
-            text["vocab_size"] = json!(vocab);
-            text["eos_token_id"] = json!(id("<|im_end|>")?);
-            root["image_token_id"] = json!(id("<|image_pad|>")?);
-            root["video_token_id"] = json!(id("<|video_pad|>")?);
-            root["vision_start_token_id"] = json!(id("<|vision_start|>")?);
-            root["vision_end_token_id"] = json!(id("<|vision_end|>")?);
-            root["eos_token_id"] = json!(id("<|im_end|>")?);
-            let config = Config::from_json(&file)?;
-            let image_config = match file.root.get("image_processor") {
-                Some(v) => ImageProcessorConfig::from_json(&JsonFile {
-                    path: path.clone(),
-                    root: v.clone(),
-                })?,
-                None => ImageProcessorConfig::default(),
-            };
-            let prompts = PromptBuilder::new(
-                TextTokenizer::new(tokenizer.clone()),
-                ChatTemplate::from_source(template.clone()),
-                image_config.clone(),
-                &config,
-            )?;
-            let model = Trainable::init(
-                &config,
+            let model = Trainable::from_config(&file, tokenizer, template, device)?;
+            model.init(
                 settings.seed,
                 *init_std,
                 vision_init_std.unwrap_or(*init_std),
-                device,
             )?;
-            write_metadata(out, &config, &tokenizer, &template, &image_config, 512)?;
-            Ok((model, prompts))
+            model
         }
-    }
+    };
+    model.model.write_metadata(out, 512)?;
+    Ok(model)
+}
+
+/// The `tokenizer.json` tokenizer a new tokenizer is made from.
+fn hf_tokenizer(tokenizer: &TextTokenizer) -> Result<&tokenizers::Tokenizer> {
+    tokenizer.hf().ok_or_else(|| {
+        Error::Invalid("training needs a model with a tokenizer.json tokenizer".into())
+    })
 }
 
 /// Runs (or, with `resume`, continues) SFT into `out`.
 pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftSummary> {
     let device = Device::Cpu;
     let run = RunDir::new(out);
-    let (settings, start_step) = if resume && run.has_state() {
-        let state: State<SftSettings> = read_state(&run)?;
-        (state.settings, state.step)
-    } else if resume {
-        return Err(Error::Invalid(format!(
-            "{} holds no run to resume",
-            out.display()
-        )));
-    } else {
-        if run.has_state() {
-            return Err(Error::Invalid(format!(
-                "{} already holds a run; pass --resume to continue it or choose another --out",
-                out.display()
-            )));
-        }
-        (settings, 0)
-    };
+    let (settings, start_step) = open_run(&run, settings, resume)?;
     let examples = read_sft(&settings.data, settings.refer_root.as_deref())?;
     if examples.is_empty() {
         return Err(Error::Invalid(format!(
@@ -212,153 +156,146 @@ pub fn train_sft(settings: SftSettings, out: &Path, resume: bool) -> Result<SftS
             settings.data.display()
         )));
     }
-    let (model, prompts) = if start_step > 0 {
-        let folder = HfFolder::open(out)?;
-        let config = Config::from_json(&folder.json("config.json")?)?;
-        let prompts = prompt_builder(&folder, &config)?;
-        (
-            Trainable::init(&config, settings.seed, 0.02, 0.02, &device)?,
-            prompts,
-        )
+    let model = if start_step > 0 {
+        // The resumed checkpoint's weights replace these below.
+        Trainable::from_folder(&HfFolder::open(out)?, &device)?
     } else {
         let texts: Vec<String> = examples
             .iter()
             .flat_map(|e| [e.question.clone(), e.answer.clone()])
-            .chain(SPECIAL_TOKENS.iter().map(|s| s.to_string()))
             .collect();
         start_model(&settings, &texts, out, &device)?
     };
-    let config = model.config.clone();
-    let im_end = prompts
-        .tokenizer
-        .token_id("<|im_end|>")
-        .ok_or_else(|| Error::Invalid("the tokenizer lacks <|im_end|>".into()))?;
-    let pad = prompts
-        .tokenizer
-        .token_id("<|endoftext|>")
-        .unwrap_or(im_end);
-    let encoded = encode_all(&examples, &prompts, im_end)?;
-    let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
+    let encoded = encode_all(&examples, model.model.as_ref())?;
     let mut optimizer = AdamW::new(model.named_vars(), settings.optimizer.clone())?;
     if start_step > 0 {
         restore(&run, &model, &mut optimizer, start_step, &device)?;
     }
-    let mut log = Log::open(&run, start_step)?;
-    let shard_pools = shard_pools(settings.shards)?;
-    let batches_per_epoch = encoded.len().div_ceil(settings.batch_size);
-    let bar = ProgressBar::new(settings.steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} sft [{bar:40}] {pos}/{len} {msg} (eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_position(start_step as u64);
-    let started = Instant::now();
-    let mut last_loss = f64::NAN;
-    let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
-    let mut epoch_cache: Option<(u64, Vec<Vec<usize>>)> = None;
-    for step in start_step..settings.steps {
-        let epoch = (step / batches_per_epoch) as u64;
-        if epoch_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            epoch_cache = Some((
-                epoch,
-                epoch_batches(&lengths, settings.batch_size, settings.seed, epoch),
-            ));
-        }
-        #[expect(clippy::expect_used, reason = "filled just above")]
-        let batch_ids = &epoch_cache.as_ref().expect("set above").1[step % batches_per_epoch];
-        let members: Vec<&Encoded> = batch_ids.iter().map(|&i| &encoded[i]).collect();
-        let shards = members
-            .chunks(members.len().div_ceil(shard_pools.len()))
-            .map(|part| {
-                make_batch(
-                    part,
-                    &prompts,
-                    config.image_token_id,
-                    config.vision.spatial_merge_size,
-                    pad,
-                    &device,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let answer_tokens: usize = shards.iter().map(|b| b.answer_tokens).sum();
-        let mut loss_value = 0.0;
-        let mut grads = None;
-        for (loss, shard_grads) in run_shards(&shard_pools, &shards, |shard| {
-            shard_gradients(&model, shard, answer_tokens)
-        })? {
-            loss_value += loss;
-            grads = Some(add_gradients(&model, grads, shard_grads)?);
-        }
-        #[expect(
-            clippy::expect_used,
-            reason = "batches are never empty (batch_size >= 1)"
-        )]
-        let grads = grads.expect("a batch has at least one example");
-        let lr = lr_at(
-            step,
-            settings.optimizer.lr,
-            settings.warmup,
-            settings.steps,
-            settings.min_lr_ratio,
-        );
-        let info = optimizer.step(&grads, lr)?;
-        last_loss = loss_value;
-        loss_sum += loss_value;
-        loss_n += 1;
-        tokens += answer_tokens;
-        let done = step + 1;
-        bar.set_position(done as u64);
-        bar.set_message(format!("loss {loss_value:.3} lr {lr:.2e}"));
-        if done % settings.log_every == 0 || done == settings.steps {
-            log.write(&json!({
-                "step": done,
-                "epoch": done as f64 / batches_per_epoch as f64,
-                "loss": loss_sum / loss_n as f64,
-                "lr": lr,
-                "grad_norm": info.grad_norm,
-                "answer_tokens": tokens,
-                "seconds": started.elapsed().as_secs_f64(),
-            }))?;
-            (loss_sum, loss_n, tokens) = (0.0, 0, 0);
-        }
-        if done % settings.save_every == 0 || done == settings.steps {
-            let state = State {
-                step: done,
-                settings: settings.clone(),
-            };
-            save_checkpoint(
-                &run,
-                &model,
-                &optimizer,
-                &state,
-                done == settings.steps || done % (settings.save_every * 10) == 0,
-            )?;
-            plot_curve(&run.plot(), "loss", &log.series("loss")?)?;
-        }
-        if let Some(spec) = &settings.eval {
-            if settings.eval_every > 0
-                && (done % settings.eval_every == 0 || done == settings.steps)
-            {
-                bar.suspend(|| -> Result<()> {
-                    let report = evaluate(&run, spec, done)?;
-                    log.write(&json!({"step": done, "eval_split": spec.split, "giou": report.giou, "ciou": report.ciou, "parse_failures": report.parse_failures, "n": report.n}))?;
-                    eprintln!("step {done}: {} {} gIoU {:.3} cIoU {:.3} ({} of {} unparseable)", spec.dataset, spec.split, report.giou, report.ciou, report.parse_failures, report.n);
-                    Ok(())
-                })?;
-            }
-        }
-    }
-    bar.finish_and_clear();
+    let cadence = Cadence {
+        steps: settings.steps,
+        lr: settings.optimizer.lr,
+        warmup: settings.warmup,
+        min_lr_ratio: settings.min_lr_ratio,
+        log_every: settings.log_every,
+        save_every: settings.save_every,
+        eval: settings.eval.as_ref(),
+        eval_every: settings.eval_every,
+    };
+    let mut stage = Sft {
+        lengths: encoded.iter().map(|e| e.ids.len()).collect(),
+        batches_per_epoch: encoded.len().div_ceil(settings.batch_size),
+        encoded: &encoded,
+        model: &model,
+        pools: shard_pools(settings.shards)?,
+        settings: &settings,
+        device: &device,
+        epoch_cache: None,
+        last_loss: f64::NAN,
+        last_grad_norm: 0.0,
+        loss_sum: 0.0,
+        loss_n: 0,
+        tokens: 0,
+        step_tokens: 0,
+    };
+    let seconds = run_stage(
+        &run,
+        &mut stage,
+        &settings,
+        &cadence,
+        &model,
+        &mut optimizer,
+        start_step,
+    )?;
     if !run.out.join("training").is_dir() {
         std::fs::create_dir_all(run.training()).map_err(io(&run.training()))?;
     }
     Ok(SftSummary {
         steps: settings.steps,
         examples: encoded.len(),
-        final_loss: last_loss,
-        seconds: started.elapsed().as_secs_f64(),
+        final_loss: stage.last_loss,
+        seconds,
     })
+}
+
+/// SFT as a stage of the run loop: a batch's cross-entropy on answer tokens per step.
+struct Sft<'a> {
+    encoded: &'a [Encoded],
+    lengths: Vec<usize>,
+    batches_per_epoch: usize,
+    model: &'a Trainable,
+    pools: Vec<rayon::ThreadPool>,
+    settings: &'a SftSettings,
+    device: &'a Device,
+    epoch_cache: Option<(u64, Vec<Vec<usize>>)>,
+    last_loss: f64,
+    last_grad_norm: f64,
+    loss_sum: f64,
+    loss_n: usize,
+    tokens: usize,
+    step_tokens: usize,
+}
+
+impl Stage for Sft<'_> {
+    const NAME: &'static str = "sft";
+    const CURVE: (&'static str, &'static str) = ("loss", "loss");
+
+    fn gradients(&mut self, step: usize) -> Result<Option<GradStore>> {
+        let settings = self.settings;
+        let epoch = (step / self.batches_per_epoch) as u64;
+        if self.epoch_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            self.epoch_cache = Some((
+                epoch,
+                epoch_batches(&self.lengths, settings.batch_size, settings.seed, epoch),
+            ));
+        }
+        #[expect(clippy::expect_used, reason = "filled just above")]
+        let batch_ids =
+            &self.epoch_cache.as_ref().expect("set above").1[step % self.batches_per_epoch];
+        let members: Vec<&Encoded> = batch_ids.iter().map(|&i| &self.encoded[i]).collect();
+        let network = self.model.model.as_ref();
+        let pad = network.padding();
+        let shards = members
+            .chunks(members.len().div_ceil(self.pools.len()))
+            .map(|part| make_batch(part, network, pad, self.device))
+            .collect::<Result<Vec<_>>>()?;
+        let answer_tokens: usize = shards.iter().map(|b| b.answer_tokens).sum();
+        let mut loss_value = 0.0;
+        let mut grads = None;
+        for (loss, shard_grads) in run_shards(&self.pools, &shards, |shard| {
+            shard_gradients(self.model, shard, answer_tokens)
+        })? {
+            loss_value += loss;
+            grads = Some(add_gradients(self.model, grads, shard_grads)?);
+        }
+        self.last_loss = loss_value;
+        self.loss_sum += loss_value;
+        self.loss_n += 1;
+        self.step_tokens = answer_tokens;
+        Ok(grads)
+    }
+
+    fn stepped(&mut self, grad_norm: f64) {
+        self.last_grad_norm = grad_norm;
+        self.tokens += self.step_tokens;
+    }
+
+    fn message(&self, lr: f64) -> String {
+        format!("loss {:.3} lr {lr:.2e}", self.last_loss)
+    }
+
+    fn log_line(&mut self, done: usize, lr: f64, seconds: f64) -> Value {
+        let line = json!({
+            "step": done,
+            "epoch": done as f64 / self.batches_per_epoch as f64,
+            "loss": self.loss_sum / self.loss_n as f64,
+            "lr": lr,
+            "grad_norm": self.last_grad_norm,
+            "answer_tokens": self.tokens,
+            "seconds": seconds,
+        });
+        (self.loss_sum, self.loss_n, self.tokens) = (0.0, 0, 0);
+        line
+    }
 }
 
 /// One shard's forward and backward pass: its summed answer-token cross-entropy divided by
@@ -369,18 +306,11 @@ fn shard_gradients(
     batch: &Batch,
     answer_tokens: usize,
 ) -> Result<(f64, GradStore)> {
-    let features = model
-        .model
-        .visual
-        .forward(&batch.pixels, &batch.grids, Mode::Train)?;
-    let embeds = model.model.embed_with_images(&batch.ids, Some(&features))?;
-    let hidden = model
-        .model
-        .text
-        .forward(&embeds, &batch.positions, None, Mode::Train)?;
+    let network = model.model.forward();
+    let hidden = network.hidden_states(&batch.inputs(), Mode::Train)?;
     let (b, t, d) = hidden.dims3()?;
     let selected = hidden.reshape((b * t, d))?.index_select(&batch.rows, 0)?;
-    let logits = model.model.text.logits(&selected)?;
+    let logits = network.logits(&selected)?;
     let share = batch.answer_tokens as f64 / answer_tokens as f64;
     let loss = (cross_entropy(&logits, &batch.targets)? * share)?;
     let grads = loss.backward()?;

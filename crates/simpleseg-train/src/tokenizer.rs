@@ -1,5 +1,5 @@
-//! A small byte-level BPE tokenizer trained on the training text, with the Qwen2.5-VL chat
-//! tokens, saved as a standard `tokenizer.json`.
+//! A small byte-level BPE tokenizer trained on the training text, with the model family's
+//! special tokens, saved as a standard `tokenizer.json`.
 //!
 //! The pre-tokenizer writes a number as its leading digit with the decimal point and the first
 //! decimal (`0.7`), then one token per further digit (`8`, `6`): a coordinate is a coarse token
@@ -19,27 +19,17 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Error, Result};
 
-/// The Qwen2.5-VL special tokens, in id order (they take ids 0..8).
-pub const SPECIAL_TOKENS: [&str; 8] = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-];
-
 /// Pre-tokenizer split: a digit with its decimal point and first decimal, single digits,
 /// words with a leading space, punctuation runs with a trailing space (`", "`, `"], "`),
 /// newlines, other whitespace.
 const SPLIT: &str = r"[0-9]\.[0-9]|[0-9]| ?[A-Za-z]+|[^\sA-Za-z0-9]+ ?|\s*[\r\n]+|\s+";
 
-/// Trains a tokenizer of at most `vocab_size` tokens on `texts`.
+/// Trains a tokenizer of at most `vocab_size` tokens on `texts`; `special` take the first
+/// ids, in order.
 pub fn train_tokenizer<'a>(
     texts: impl Iterator<Item = &'a str> + Send,
     vocab_size: usize,
+    special: &[&str],
 ) -> Result<Tokenizer> {
     let err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
     let split = Split::new(
@@ -55,10 +45,7 @@ pub fn train_tokenizer<'a>(
         ByteLevel::new(false, true, false).into(),
     ])));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-    let specials: Vec<AddedToken> = SPECIAL_TOKENS
-        .iter()
-        .map(|t| AddedToken::from(*t, true))
-        .collect();
+    let specials: Vec<AddedToken> = special.iter().map(|t| AddedToken::from(*t, true)).collect();
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)
@@ -78,20 +65,22 @@ mod tests {
 
     #[test]
     fn coordinates_become_few_tokens() {
+        // A family's chat tokens, as an example.
+        const SPECIAL: [&str; 3] = ["<|pad|>", "<|turn|>", "<|end|>"];
         let mut corpus = Vec::new();
         for i in 0..300 {
             corpus.push(format!(
-                "<|im_start|>user\nIt is at [[[0.{:03}, 0.{:03}], [0.5, 0.25]]]. Output the polygon coordinates of the red star.",
+                "<|turn|>user\nIt is at [[[0.{:03}, 0.{:03}], [0.5, 0.25]]]. Output the polygon coordinates of the red star.",
                 (i * 7) % 1000,
                 (i * 13) % 1000
             ));
         }
-        let tok = train_tokenizer(corpus.iter().map(String::as_str), 400).unwrap();
-        for (i, t) in SPECIAL_TOKENS.iter().enumerate() {
+        let tok = train_tokenizer(corpus.iter().map(String::as_str), 400, &SPECIAL).unwrap();
+        for (i, t) in SPECIAL.iter().enumerate() {
             assert_eq!(tok.token_to_id(t), Some(i as u32), "{t}");
         }
         let enc = tok
-            .encode("<|im_start|>user\n[[[0.5, 0.25]]]<|im_end|>", false)
+            .encode("<|turn|>user\n[[[0.5, 0.25]]]<|end|>", false)
             .unwrap();
         assert!(enc.get_ids().len() <= 12, "{:?}", enc.get_tokens());
         let coordinate = tok.encode("[0.786, 0.5]", false).unwrap();
@@ -102,7 +91,7 @@ mod tests {
         );
         assert_eq!(
             tok.decode(enc.get_ids(), false).unwrap(),
-            "<|im_start|>user\n[[[0.5, 0.25]]]<|im_end|>"
+            "<|turn|>user\n[[[0.5, 0.25]]]<|end|>"
         );
     }
 }

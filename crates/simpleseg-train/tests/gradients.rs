@@ -5,24 +5,23 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use image::{Rgb, RgbImage};
 use serde_json::json;
 use simpleseg_engine::io::hf::JsonFile;
-use simpleseg_engine::models::qwen2::rope_index;
-use simpleseg_engine::models::qwen2_5_vl::Config;
 use simpleseg_engine::layers::Mode;
+use simpleseg_engine::models::training::TrainBatch;
+use simpleseg_engine::registry;
 use simpleseg_train::params::Trainable;
 use simpleseg_train::run::cross_entropy;
+use simpleseg_train::tokenizer::train_tokenizer;
 
-const IMAGE: u32 = 5;
-
-fn tiny_config() -> Config {
+/// A tiny Qwen2.5-VL configuration (vocabulary and special token ids come from the tokenizer).
+fn tiny_config() -> JsonFile {
     let root = json!({
         "model_type": "qwen2_5_vl",
         "tie_word_embeddings": true,
-        "image_token_id": IMAGE, "video_token_id": 6,
-        "vision_start_token_id": 3, "vision_end_token_id": 4, "eos_token_id": 2,
         "text_config": {
-            "vocab_size": 32, "hidden_size": 32, "intermediate_size": 48,
+            "hidden_size": 32, "intermediate_size": 48,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "hidden_act": "silu", "rms_norm_eps": 1e-6, "max_position_embeddings": 256,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10.0, "mrope_section": [1, 1, 2]}
@@ -34,53 +33,69 @@ fn tiny_config() -> Config {
             "hidden_act": "silu"
         }
     });
-    Config::from_json(&JsonFile {
+    JsonFile {
         path: PathBuf::from("tiny.json"),
         root,
-    })
-    .unwrap()
+    }
 }
 
 #[test]
 fn autograd_matches_finite_differences() {
     let device = Device::Cpu;
-    let config = tiny_config();
+    let file = tiny_config();
+    let entry = registry::training_of("qwen2_5_vl").expect("Qwen2.5-VL trains");
+    let question = "Where is the cat?";
+    let answer = "[[0.25, 0.5], [0.75, 0.5], [0.5, 0.9]]";
+    let tokenizer = train_tokenizer(
+        [question, answer, entry.chat_template]
+            .into_iter()
+            .chain(entry.special_tokens.iter().copied()),
+        300,
+        entry.special_tokens,
+    )
+    .unwrap();
+    let model =
+        Trainable::from_config(&file, tokenizer, entry.chat_template.to_string(), &device).unwrap();
     // Larger than usual weights so that every gradient is well above f32 noise.
-    let model = Trainable::init(&config, 3, 0.2, 0.2, &device).unwrap();
-    // One 4x6-patch image (2x3 merged tokens) between text tokens, then an answer.
-    let grid = [1, 4, 6];
-    let mut ids = vec![1, 3];
-    ids.extend([IMAGE; 6]);
-    ids.extend([4, 7, 8, 9, 10, 11, 12, 13]);
-    let (positions, _) = rope_index(&ids, IMAGE, &[grid], 2).unwrap();
-    let patches = grid.iter().product::<usize>();
-    let pixels = Tensor::randn(0f32, 1.0, (patches, 3 * 2 * 14 * 14), &device).unwrap();
+    model.init(3, 0.2, 0.2).unwrap();
+    // An 84x56 image: 6x4 patches, 3x2 merged tokens.
+    let image = RgbImage::from_fn(84, 56, |x, y| {
+        Rgb([(x * 3) as u8, (y * 4) as u8, ((x * y) % 251) as u8])
+    });
+    let example = model
+        .model
+        .encode(question, answer, image.dimensions())
+        .unwrap();
+    let processed = [model.model.process(&image).unwrap()];
+    assert_eq!(processed[0].grid_thw, example.grid);
+    let ids = &example.ids;
+    let batch = TrainBatch {
+        ids: vec![ids.as_slice()],
+        pad: model.model.padding(),
+        min_len: 0,
+        images: &processed,
+        image_of: vec![0],
+    };
+    // The loss over the answer and the end-of-turn token, as SFT computes it.
+    let start = example.answer_start;
     let n = ids.len();
-    let input = Tensor::from_vec(ids.clone(), (1, n), &device).unwrap();
-    let rows = Tensor::from_vec((9..n as u32 - 1).collect::<Vec<_>>(), n - 10, &device).unwrap();
-    let targets = Tensor::from_vec(ids[10..].to_vec(), n - 10, &device).unwrap();
+    let rows = Tensor::from_vec(
+        (start as u32 - 1..n as u32 - 1).collect::<Vec<_>>(),
+        n - start,
+        &device,
+    )
+    .unwrap();
+    let targets = Tensor::from_vec(ids[start..].to_vec(), n - start, &device).unwrap();
+    let network = model.model.forward();
     let loss_of = || -> Tensor {
-        let features = model
-            .model
-            .visual
-            .forward(&pixels, &[grid], Mode::Train)
-            .unwrap();
-        let embeds = model
-            .model
-            .embed_with_images(&input, Some(&features))
-            .unwrap();
-        let hidden = model
-            .model
-            .text
-            .forward(&embeds, std::slice::from_ref(&positions), None, Mode::Train)
-            .unwrap();
+        let hidden = network.hidden_states(&batch, Mode::Train).unwrap();
         let (_, t, d) = hidden.dims3().unwrap();
         let picked = hidden
             .reshape((t, d))
             .unwrap()
             .index_select(&rows, 0)
             .unwrap();
-        let logits = model.model.text.logits(&picked).unwrap();
+        let logits = network.logits(&picked).unwrap();
         cross_entropy(&logits, &targets).unwrap()
     };
     let grads = loss_of().backward().unwrap();

@@ -431,7 +431,10 @@ fn many_polygons_rasterize_in_bounded_memory() {
     let mut answer = String::with_capacity(17 << 20);
     answer.push('[');
     for i in 0..320_000u64 {
-        let (x, y) = ((i * 7919 % 997) as f64 / 1000.0, (i * 104_729 % 991) as f64 / 1000.0);
+        let (x, y) = (
+            (i * 7919 % 997) as f64 / 1000.0,
+            (i * 104_729 % 991) as f64 / 1000.0,
+        );
         if i > 0 {
             answer.push_str(", ");
         }
@@ -477,15 +480,22 @@ fn interrupted_outputs_leave_nothing_behind() {
     let dir = fresh_dir("hostile", "interrupt");
     let out = dir.join("data");
     let images = out.join("images/synth");
-    let leftovers = || -> Vec<PathBuf> {
-        files_in(&dir)
-            .into_iter()
-            .filter(|p| p.is_file())
-            .collect()
-    };
+    let leftovers =
+        || -> Vec<PathBuf> { files_in(&dir).into_iter().filter(|p| p.is_file()).collect() };
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGKILL] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
-            .args(["data", "synth", "--out", out.to_str().unwrap(), "--count", "100000", "--split", "big", "--seed", "1"])
+            .args([
+                "data",
+                "synth",
+                "--out",
+                out.to_str().unwrap(),
+                "--count",
+                "100000",
+                "--split",
+                "big",
+                "--seed",
+                "1",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -500,13 +510,31 @@ fn interrupted_outputs_leave_nothing_behind() {
         unsafe { libc::kill(child.id() as i32, signal) };
         let status = child.wait().unwrap();
         if signal == libc::SIGKILL {
-            assert!(!leftovers().is_empty(), "a killed process leaves its temporaries");
+            assert!(
+                !leftovers().is_empty(),
+                "a killed process leaves its temporaries"
+            );
             // The next run writing into the folder removes them.
             let next = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
-                .args(["data", "synth", "--out", out.to_str().unwrap(), "--count", "2", "--split", "small", "--seed", "2"])
+                .args([
+                    "data",
+                    "synth",
+                    "--out",
+                    out.to_str().unwrap(),
+                    "--count",
+                    "2",
+                    "--split",
+                    "small",
+                    "--seed",
+                    "2",
+                ])
                 .output()
                 .unwrap();
-            assert!(next.status.success(), "{}", String::from_utf8_lossy(&next.stderr));
+            assert!(
+                next.status.success(),
+                "{}",
+                String::from_utf8_lossy(&next.stderr)
+            );
             let names: Vec<String> = files_in(&images)
                 .iter()
                 .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())

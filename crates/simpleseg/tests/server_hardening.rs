@@ -59,7 +59,12 @@ impl Server {
         let mut seen = Vec::new();
         let addr = loop {
             let mut byte = [0u8; 1];
-            assert_eq!(stderr.read(&mut byte).unwrap(), 1, "the server exited: {}", String::from_utf8_lossy(&seen));
+            assert_eq!(
+                stderr.read(&mut byte).unwrap(),
+                1,
+                "the server exited: {}",
+                String::from_utf8_lossy(&seen)
+            );
             seen.push(byte[0]);
             let text = String::from_utf8_lossy(&seen);
             if let Some(rest) = text.split("http://").nth(1) {
@@ -86,7 +91,10 @@ impl Server {
 
     fn get(&self, path: &str) -> (u16, String) {
         match agent().get(&self.url(path)).call() {
-            Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default()),
+            Ok(mut r) => (
+                r.status().as_u16(),
+                r.body_mut().read_to_string().unwrap_or_default(),
+            ),
             Err(_) => (0, String::new()),
         }
     }
@@ -99,14 +107,22 @@ impl Server {
             .unwrap();
         let status = r.status().as_u16();
         let text = r.body_mut().read_to_string().unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// The process's peak resident memory (VmHWM), in bytes.
     fn peak_rss(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
     }
 
     /// Fails unless the process is alive and answers an ordinary request.
@@ -168,7 +184,10 @@ fn chat_body(text: &str, extra: Value) -> Value {
 }
 
 fn message(body: &Value) -> String {
-    body["error"]["message"].as_str().unwrap_or_default().to_string()
+    body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Every case asks for unbounded work in a small request: each gets a 4xx naming the limit,
@@ -185,44 +204,153 @@ fn one_small_request_cannot_take_the_server_down() {
     };
     let words = "one ".repeat(8000);
     let cases: Vec<(&str, Value, u16, &str)> = vec![
-        ("C1 recursive schema", chat_body("x", json!({"response_format": recursive(3)})), 400, "would take up to"),
-        ("C1 four properties", chat_body("x", json!({"response_format": recursive(4)})), 400, "would take up to"),
-        ("C1 25 MB regex", chat_body("x", json!({"response_format": {"type": "regex", "regex": "a".repeat(25 << 20)}})), 400, "at most 65536"),
-        ("C2 pixels", segment_body(json!({"min_pixels": 4_000_000, "max_pixels": 4_000_000})), 400, "above this server's limit"),
-        ("C2 processor kwargs", chat_body("x", json!({"mm_processor_kwargs": {"max_pixels": 6_000_000}})), 400, "above this server's limit"),
-        ("C2 unknown kwargs", chat_body("x", json!({"mm_processor_kwargs": {"do_resize": false}})), 400, "not supported"),
-        ("C3 long chat", chat_body(&words, json!({})), 400, "maximum context length is 2048"),
-        ("C3 long template", segment_body(json!({"prompt_template": format!("{} {{query}}", "word ".repeat(15_000))})), 400, "the prompt template makes a prompt"),
-        ("C3 repeated query", segment_body(json!({"prompt_template": "{query}".repeat(100_000)})), 400, "the prompt template makes a prompt"),
-        ("C3 max_tokens", segment_body(json!({"max_tokens": 20_000})), 400, "in the completion"),
-        ("M1 many stops", chat_body("x", json!({"stop": vec!["x"; 17]})), 400, "at most 16 strings"),
-        ("M1 long stop", chat_body("x", json!({"stop": "x".repeat(300)})), 400, "at most 256 bytes"),
-        ("M3 no first token", chat_body("x", json!({"response_format": {"type": "regex", "regex": "\\x{10FFFF}"}})), 400, "can begin an answer"),
-        ("M3 tiny temperature", chat_body("x", json!({"temperature": 1e-300})), 400, "temperature must be at least"),
-        ("unknown field", chat_body("x", json!({"frobnicate": 1})), 400, "unknown field 'frobnicate'"),
-        ("logprobs", chat_body("x", json!({"logprobs": true})), 400, "'logprobs' is not supported"),
-        ("penalty", chat_body("x", json!({"presence_penalty": 0.5})), 400, "'presence_penalty' is not supported"),
+        (
+            "C1 recursive schema",
+            chat_body("x", json!({"response_format": recursive(3)})),
+            400,
+            "would take up to",
+        ),
+        (
+            "C1 four properties",
+            chat_body("x", json!({"response_format": recursive(4)})),
+            400,
+            "would take up to",
+        ),
+        (
+            "C1 25 MB regex",
+            chat_body(
+                "x",
+                json!({"response_format": {"type": "regex", "regex": "a".repeat(25 << 20)}}),
+            ),
+            400,
+            "at most 65536",
+        ),
+        (
+            "C2 pixels",
+            segment_body(json!({"min_pixels": 4_000_000, "max_pixels": 4_000_000})),
+            400,
+            "above this server's limit",
+        ),
+        (
+            "C2 processor kwargs",
+            chat_body(
+                "x",
+                json!({"mm_processor_kwargs": {"max_pixels": 6_000_000}}),
+            ),
+            400,
+            "above this server's limit",
+        ),
+        (
+            "C2 unknown kwargs",
+            chat_body("x", json!({"mm_processor_kwargs": {"do_resize": false}})),
+            400,
+            "not supported",
+        ),
+        (
+            "C3 long chat",
+            chat_body(&words, json!({})),
+            400,
+            "maximum context length is 2048",
+        ),
+        (
+            "C3 long template",
+            segment_body(
+                json!({"prompt_template": format!("{} {{query}}", "word ".repeat(15_000))}),
+            ),
+            400,
+            "the prompt template makes a prompt",
+        ),
+        (
+            "C3 repeated query",
+            segment_body(json!({"prompt_template": "{query}".repeat(100_000)})),
+            400,
+            "the prompt template makes a prompt",
+        ),
+        (
+            "C3 max_tokens",
+            segment_body(json!({"max_tokens": 20_000})),
+            400,
+            "in the completion",
+        ),
+        (
+            "M1 many stops",
+            chat_body("x", json!({"stop": vec!["x"; 17]})),
+            400,
+            "at most 16 strings",
+        ),
+        (
+            "M1 long stop",
+            chat_body("x", json!({"stop": "x".repeat(300)})),
+            400,
+            "at most 256 bytes",
+        ),
+        (
+            "M3 no first token",
+            chat_body(
+                "x",
+                json!({"response_format": {"type": "regex", "regex": "\\x{10FFFF}"}}),
+            ),
+            400,
+            "can begin an answer",
+        ),
+        (
+            "M3 tiny temperature",
+            chat_body("x", json!({"temperature": 1e-300})),
+            400,
+            "temperature must be at least",
+        ),
+        (
+            "unknown field",
+            chat_body("x", json!({"frobnicate": 1})),
+            400,
+            "unknown field 'frobnicate'",
+        ),
+        (
+            "logprobs",
+            chat_body("x", json!({"logprobs": true})),
+            400,
+            "'logprobs' is not supported",
+        ),
+        (
+            "penalty",
+            chat_body("x", json!({"presence_penalty": 0.5})),
+            400,
+            "'presence_penalty' is not supported",
+        ),
     ];
     for (case, body, status, needle) in cases {
         let (got, answer) = server.post(
-            if body.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/segment" },
+            if body.get("messages").is_some() {
+                "/v1/chat/completions"
+            } else {
+                "/v1/segment"
+            },
             &body,
         );
         assert_eq!(got, status, "{case}: {answer}");
         assert!(message(&answer).contains(needle), "{case}: {answer}");
-        assert!(server.child.try_wait().unwrap().is_none(), "{case}: the server died");
+        assert!(
+            server.child.try_wait().unwrap().is_none(),
+            "{case}: the server died"
+        );
     }
     // Neutral values of the OpenAI options are accepted.
     let (status, answer) = server.post(
         "/v1/chat/completions",
-        &chat_body("x", json!({"logprobs": false, "presence_penalty": 0, "user": "u1", "tools": []})),
+        &chat_body(
+            "x",
+            json!({"logprobs": false, "presence_penalty": 0, "user": "u1", "tools": []}),
+        ),
     );
     assert_eq!(status, 200, "{answer}");
     // M3: a constraint that runs into a character no token writes stops with an error
     // finish reason, never with an unchecked token.
     let (status, answer) = server.post(
         "/v1/chat/completions",
-        &chat_body("x", json!({"response_format": {"type": "regex", "regex": "\\[\\x{10FFFF}"}})),
+        &chat_body(
+            "x",
+            json!({"response_format": {"type": "regex", "regex": "\\[\\x{10FFFF}"}}),
+        ),
     );
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["choices"][0]["finish_reason"], "error", "{answer}");
@@ -235,7 +363,10 @@ fn one_small_request_cannot_take_the_server_down() {
             .parse()
             .unwrap()
     };
-    let explosive = chat_body("x", json!({"response_format": {"type": "regex", "regex": "(a|b)*a(a|b){30}"}}));
+    let explosive = chat_body(
+        "x",
+        json!({"response_format": {"type": "regex", "regex": "(a|b)*a(a|b){30}"}}),
+    );
     let (status, answer) = server.post("/v1/chat/completions", &explosive);
     assert_eq!(status, 400, "{answer}");
     let before = server.get("/metrics").1;
@@ -264,7 +395,10 @@ fn headers_hosts_and_keys() {
     let headers = response.headers();
     assert_eq!(headers["x-frame-options"], "DENY");
     assert_eq!(headers["x-content-type-options"], "nosniff");
-    assert!(headers["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"));
+    assert!(headers["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("frame-ancestors 'none'"));
     // DNS rebinding: a page elsewhere reaching 127.0.0.1 through its own name.
     let evil = agent()
         .get(&server.url("/v1/models"))
@@ -280,7 +414,12 @@ fn headers_hosts_and_keys() {
     assert_eq!(local.status().as_u16(), 200);
 
     let keyed = Server::start("key", &["--api-key", "k3y"]);
-    for (value, status) in [("Bearer k3y", 200), ("bearer k3y", 200), ("Bearer k3", 401), ("Bearer k3yk3y", 401)] {
+    for (value, status) in [
+        ("Bearer k3y", 200),
+        ("bearer k3y", 200),
+        ("Bearer k3", 401),
+        ("Bearer k3yk3y", 401),
+    ] {
         let r = agent()
             .get(&keyed.url("/v1/models"))
             .header("Authorization", value)
@@ -367,15 +506,26 @@ fn bursts_of_large_images_are_refused_before_they_cost_memory() {
         count(503),
         server.peak_rss() >> 20
     );
-    assert!(results.iter().all(|(s, _)| [200, 429, 503].contains(s)), "{results:?}");
-    assert!(results.iter().filter(|(s, _)| *s != 200).all(|(_, retry)| *retry), "{results:?}");
+    assert!(
+        results.iter().all(|(s, _)| [200, 429, 503].contains(s)),
+        "{results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .filter(|(s, _)| *s != 200)
+            .all(|(_, retry)| *retry),
+        "{results:?}"
+    );
     assert!(count(429) + count(503) >= 1, "{results:?}");
     server.assert_serving();
 }
 
 fn connect(server: &Server) -> TcpStream {
     let stream = TcpStream::connect(server.addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     stream
 }
 
@@ -392,7 +542,14 @@ fn read_to_close(stream: &mut TcpStream) -> std::io::Result<String> {
 fn slow_idle_and_surplus_connections_are_closed() {
     let mut server = Server::start(
         "connections",
-        &["--header-timeout", "2", "--max-connections", "6", "--shutdown-timeout", "3"],
+        &[
+            "--header-timeout",
+            "2",
+            "--max-connections",
+            "6",
+            "--shutdown-timeout",
+            "3",
+        ],
     );
     // A byte every half second: closed once the header time is up.
     let mut slow = connect(&server);
@@ -405,24 +562,37 @@ fn slow_idle_and_surplus_connections_are_closed() {
             break;
         }
         let mut probe = [0u8; 256];
-        slow.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        slow.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         match slow.read(&mut probe) {
             Ok(0) => {
                 closed = true;
                 break;
             }
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => {
                 closed = true;
                 break;
             }
         }
     }
-    assert!(closed, "a slow client kept its connection for {:?}", start.elapsed());
+    assert!(
+        closed,
+        "a slow client kept its connection for {:?}",
+        start.elapsed()
+    );
     // Headers larger than the server buffers are refused.
     let mut big = connect(&server);
-    let _ = big.write_all(format!("GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n", "a".repeat(200_000)).as_bytes());
+    let _ = big.write_all(
+        format!(
+            "GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(200_000)
+        )
+        .as_bytes(),
+    );
     let answer = read_to_close(&mut big).unwrap_or_default();
     assert!(!answer.contains("200 OK"), "{answer}");
     // Six idle connections fill the server; the seventh is told to come back.
@@ -438,14 +608,17 @@ fn slow_idle_and_surplus_connections_are_closed() {
     assert_eq!(server.get("/health").0, 200);
     // Half-closed: the request, then the client's end of the connection closed.
     let mut half = connect(&server);
-    half.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
     half.shutdown(std::net::Shutdown::Write).unwrap();
     let answer = read_to_close(&mut half).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     server.assert_serving();
     // SIGTERM with a connection that never finishes its headers: the server still exits.
     let mut partial = connect(&server);
-    partial.write_all(b"GET /health HTTP/1.1\r\nHost: loc").unwrap();
+    partial
+        .write_all(b"GET /health HTTP/1.1\r\nHost: loc")
+        .unwrap();
     let start = Instant::now();
     // SAFETY: sends a signal to our own child.
     unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
@@ -474,7 +647,10 @@ fn file_urls_stay_inside_the_allowed_folder() {
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let server = Server::start("media", &["--allowed-media-path", allowed.to_str().unwrap()]);
+    let server = Server::start(
+        "media",
+        &["--allowed-media-path", allowed.to_str().unwrap()],
+    );
     let url = |p: &Path| format!("file://{}", p.display()).replace(' ', "%20");
     let ask = |p: &Path| server.post("/v1/segment", &segment_body(json!({"image": url(p)})));
     let (status, body) = ask(&allowed.join("my photo.png"));
@@ -483,13 +659,25 @@ fn file_urls_stay_inside_the_allowed_folder() {
     let (s2, b2) = ask(&dir.join("missing.png"));
     let (s3, b3) = ask(&allowed.join("../outside.png"));
     assert_eq!((s1, s2, s3), (403, 403, 403), "{b1} {b2} {b3}");
-    let shape = |b: &Value| message(b).replace(dir.to_str().unwrap(), "").replace("outside", "X").replace("missing", "X");
-    assert_eq!(shape(&b1), shape(&b2), "an outside path's existence does not show");
+    let shape = |b: &Value| {
+        message(b)
+            .replace(dir.to_str().unwrap(), "")
+            .replace("outside", "X")
+            .replace("missing", "X")
+    };
+    assert_eq!(
+        shape(&b1),
+        shape(&b2),
+        "an outside path's existence does not show"
+    );
     let start = Instant::now();
     let (status, body) = ask(&fifo);
     assert_eq!(status, 403, "{body}");
     assert!(message(&body).contains("not a regular file"), "{body}");
-    assert!(start.elapsed() < Duration::from_secs(10), "a FIFO held the request");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "a FIFO held the request"
+    );
 }
 
 /// `segment --json` and `/v1/segment` answer with one JSON form: the same fields, spelled the
@@ -499,12 +687,24 @@ fn segment_json_and_the_server_agree() {
     let dir = fresh_dir("hardening", "json");
     let image = root().join("examples/synth/images/synth/demo_0000008.png");
     let out = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
-        .args(["segment", "--image", image.to_str().unwrap(), "--query", "the red shape", "--greedy", "--json"])
+        .args([
+            "segment",
+            "--image",
+            image.to_str().unwrap(),
+            "--query",
+            "the red shape",
+            "--greedy",
+            "--json",
+        ])
         .args(["--rle-out", dir.join("m.json").to_str().unwrap()])
         .env("SIMPLESEG_CACHE", fresh_dir("hardening-cache", "json-cli"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
     let server = Server::start("json", &[]);
     let (status, api) = server.post(
@@ -519,8 +719,24 @@ fn segment_json_and_the_server_agree() {
     assert!(cli_keys.remove("written"));
     assert_eq!(cli_keys, keys(&api));
     for key in [
-        "answer", "prompt", "polygons", "polygons_pixels", "rle", "bbox", "area", "width", "height",
-        "mode", "coords", "warnings", "boxes", "points", "token_ids", "stop_reason", "finish_reason", "usage",
+        "answer",
+        "prompt",
+        "polygons",
+        "polygons_pixels",
+        "rle",
+        "bbox",
+        "area",
+        "width",
+        "height",
+        "mode",
+        "coords",
+        "warnings",
+        "boxes",
+        "points",
+        "token_ids",
+        "stop_reason",
+        "finish_reason",
+        "usage",
     ] {
         assert_eq!(cli[key], api[key], "{key}");
     }

@@ -87,4 +87,3 @@ pub fn auto_dtype(folder: &HfFolder) -> Result<DType> {
         DType::BF16
     })
 }
-

@@ -786,8 +786,9 @@ mod tests {
                     .unwrap()
             };
             for (format, tolerance) in [(Quantization::Q8_0, 0.01), (Quantization::Q4K, 0.1)] {
-                let layer = Linear::load(&weights.pp("bf16").quantized(Some(format)), 256, 512, false)
-                    .unwrap();
+                let layer =
+                    Linear::load(&weights.pp("bf16").quantized(Some(format)), 256, 512, false)
+                        .unwrap();
                 assert!(
                     matches!(layer.weight, Weight::Quantized(_)),
                     "{format:?} is quantized"

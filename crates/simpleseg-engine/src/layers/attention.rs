@@ -199,12 +199,11 @@ pub fn causal_mask(
     Tensor::from_vec(values, (q_len, total), device)?.to_dtype(dtype)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
     use crate::layers::max_abs_diff;
+    use candle_core::Device;
 
     #[test]
     fn single_query_attention_equals_attention_over_repeated_heads() {

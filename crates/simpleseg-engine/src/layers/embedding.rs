@@ -82,4 +82,3 @@ impl Embedding {
         rows.to_dtype(self.dtype)?.reshape(dims)
     }
 }
-

@@ -44,4 +44,3 @@ pub fn merge_image_features(
     let gather = Tensor::new(gather.as_slice(), embeds.device())?;
     Ok(table.index_select(&gather, 0)?.reshape((b, s, d))?)
 }
-

@@ -193,8 +193,11 @@ fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
 fn rows_matmul(x: &Tensor, w: Rows, out_dim: usize, in_dim: usize) -> Result<Tensor> {
     let rows = x.dim(0)?;
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let y = simpleseg_kernels::rows::matmul(&xs, rows, w, out_dim, in_dim)
-        .ok_or_else(|| candle_core::Error::Msg(format!("a {rows}-row product does not fit a {out_dim}x{in_dim} weight")))?;
+    let y = simpleseg_kernels::rows::matmul(&xs, rows, w, out_dim, in_dim).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "a {rows}-row product does not fit a {out_dim}x{in_dim} weight"
+        ))
+    })?;
     Tensor::from_vec(y, (rows, out_dim), x.device())?.to_dtype(x.dtype())
 }
 
@@ -300,19 +303,23 @@ fn widened_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Tensor> {
     let rows = x.dim(0)?;
     let (out_dim, in_dim) = w.dims();
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let y = simpleseg_kernels::f32_gemm::matmul(&xs, rows, out_dim, in_dim, w.f32_rows(), |j, out| {
-        w.row_f32(j, out)
-    })
-    .ok_or_else(|| candle_core::Error::Msg(format!("a {rows}-row product does not fit a {out_dim}x{in_dim} weight")))?;
+    let y =
+        simpleseg_kernels::f32_gemm::matmul(&xs, rows, out_dim, in_dim, w.f32_rows(), |j, out| {
+            w.row_f32(j, out)
+        })
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "a {rows}-row product does not fit a {out_dim}x{in_dim} weight"
+            ))
+        })?;
     Tensor::from_vec(y, (rows, out_dim), x.device())?.to_dtype(x.dtype())
 }
-
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
     use crate::layers::max_abs_diff;
+    use candle_core::Device;
 
     #[test]
     fn bf16_few_rows_path_equals_the_general_matmul() {

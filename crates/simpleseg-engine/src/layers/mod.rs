@@ -37,7 +37,6 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         .to_scalar::<f32>()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,4 +67,3 @@ impl LayerNorm {
             .to_dtype(dtype)
     }
 }
-

@@ -185,7 +185,9 @@ impl Job<'_> {
                 q4k_avx512::dot([self.q4k_row(f)], &x[r]).map_or(f32::NAN, |[v]| v)
             }
             #[cfg(target_arch = "x86_64")]
-            Prepared::Q4_0Avx512(x) => q4_0_avx512::dot(self.q4_0_row(f), &x[r]).unwrap_or(f32::NAN),
+            Prepared::Q4_0Avx512(x) => {
+                q4_0_avx512::dot(self.q4_0_row(f), &x[r]).unwrap_or(f32::NAN)
+            }
             Prepared::Q8K(x) => one_typed::<BlockQ4K>(m, x, f, r),
             Prepared::Q8_0(x) if m.ggml == GgmlDType::Q4_0 => one_typed::<BlockQ4_0>(m, x, f, r),
             Prepared::Q8_0(x) => one_typed::<BlockQ8_0>(m, x, f, r),
@@ -238,7 +240,12 @@ fn four_typed<T: GgmlType + PlainBlock>(
 }
 
 /// Candle's dot product of weight row `f` with input row `r`.
-fn one_typed<T: GgmlType + PlainBlock>(m: &QuantizedMatrix, xq: &[T::VecDotType], f: usize, r: usize) -> f32 {
+fn one_typed<T: GgmlType + PlainBlock>(
+    m: &QuantizedMatrix,
+    xq: &[T::VecDotType],
+    f: usize,
+    r: usize,
+) -> f32 {
     let (row, input) = row_and_input::<T>(m, xq, f, r);
     T::vec_dot(m.cols, row, input)
 }

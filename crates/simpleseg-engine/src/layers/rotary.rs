@@ -15,4 +15,3 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
 }
-

@@ -18,10 +18,10 @@ use serde::Deserialize;
 
 use crate::io::hf::OneOrMany;
 use crate::io::weights::Weights;
-use crate::runtime::kv_cache::KvCache;
 use crate::layers::{
     causal_mask, forward_batch, forward_each, softmax_last_dim, Embedding, Linear, Mode, RmsNorm,
 };
+use crate::runtime::kv_cache::KvCache;
 
 /// The language model (`text_config`, `model_type: deepseek_v3`).
 #[derive(Clone, Debug, PartialEq, Deserialize)]

@@ -11,3 +11,4 @@ pub mod moonvit;
 pub mod qwen2;
 pub mod qwen2_5_vit;
 pub mod qwen2_5_vl;
+pub mod training;

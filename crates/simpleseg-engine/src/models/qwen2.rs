@@ -6,11 +6,11 @@ use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
-use crate::runtime::kv_cache::KvCache;
 use crate::layers::{
     apply_rotary, attention, causal_mask, forward_each, repeat_kv, single_query_attention,
     Embedding, Linear, Mode, RmsNorm,
 };
+use crate::runtime::kv_cache::KvCache;
 
 #[derive(Clone, Debug)]
 struct TextAttention {

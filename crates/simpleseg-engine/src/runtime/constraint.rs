@@ -18,8 +18,8 @@ use regex_automata::dfa::{dense, Automaton};
 use regex_automata::util::primitives::StateID;
 use regex_automata::{Anchored, Input};
 
-use crate::text::TextTokenizer;
 use crate::error::{Error, Result};
+use crate::text::TextTokenizer;
 
 /// The most memory a preset's automaton may take to build and to keep.
 const DFA_BYTES: usize = 64 << 20;
@@ -315,8 +315,11 @@ pub struct GrammarCache {
     pub builds: std::sync::atomic::AtomicUsize,
     pub hits: std::sync::atomic::AtomicUsize,
     tokens: Mutex<Option<Arc<TokenBytes>>>,
-    entries: Mutex<std::collections::VecDeque<(Constraint, std::result::Result<Arc<Grammar>, String>)>>,
+    entries: Mutex<std::collections::VecDeque<(Constraint, Built)>>,
 }
+
+/// A constraint's grammar, or why it could not be built.
+type Built = std::result::Result<Arc<Grammar>, String>;
 
 impl GrammarCache {
     /// A cache building request patterns within `limits`.
@@ -390,7 +393,9 @@ impl GrammarCache {
         let grammar = match constraint {
             Constraint::Polygon => Grammar::polygon(tokens)?,
             Constraint::Box => Grammar::bbox(tokens)?,
-            Constraint::Regex(pattern) => Grammar::regex_within("regex", pattern, tokens, self.limits)?,
+            Constraint::Regex(pattern) => {
+                Grammar::regex_within("regex", pattern, tokens, self.limits)?
+            }
         };
         if grammar.allowed(grammar.start()?).ids.is_empty() {
             return Err(Error::Input(format!(
@@ -500,12 +505,11 @@ mod tests {
             max_pattern_bytes: 100,
             max_automaton_bytes: 1 << 20,
         };
-        let err = Grammar::regex_within("regex", &"a".repeat(101), tokens.clone(), limits)
-            .unwrap_err();
+        let err =
+            Grammar::regex_within("regex", &"a".repeat(101), tokens.clone(), limits).unwrap_err();
         assert!(err.to_string().contains("101 bytes"), "{err}");
         // 2^30 states: determinization stops at the size limit with an error.
-        let err =
-            Grammar::regex_within("regex", "(a|b)*a(a|b){30}", tokens, limits).unwrap_err();
+        let err = Grammar::regex_within("regex", "(a|b)*a(a|b){30}", tokens, limits).unwrap_err();
         assert!(matches!(err, Error::Input(_)), "{err}");
     }
 

@@ -42,9 +42,7 @@ impl Decoding {
         let max_new = config.max_new_tokens.min(max_positions - prompt_ids.len());
         Ok(Decoding {
             sampler: Sampler::new(config.clone())?,
-            constraint: grammar
-                .map(Constrained::new)
-                .transpose()?,
+            constraint: grammar.map(Constrained::new).transpose()?,
             history: prompt_ids.to_vec(),
             generated: Vec::new(),
             stop: config.eos_token_ids.clone(),
@@ -83,4 +81,3 @@ impl Decoding {
         Some(token)
     }
 }
-

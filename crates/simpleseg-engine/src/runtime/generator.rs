@@ -69,19 +69,13 @@ struct Row<T> {
     decode_start: Instant,
 }
 
-/// A place in the session: a row decoding, or one that finished and stays, padded (see
-/// [`Generator::keep_finished`]).
-enum Slot<T> {
-    Live(Row<T>),
-    Done,
-}
-
 /// Rows of several prompts decoded together (see the module documentation).
 pub struct Generator<'m, T> {
     model: &'m dyn Sessions,
     session: Option<Box<dyn Session + 'm>>,
-    /// In session order.
-    slots: Vec<Slot<T>>,
+    /// In session order: a row decoding, or `None` for one that finished and stays, padded
+    /// (see [`Generator::keep_finished`]).
+    slots: Vec<Option<Row<T>>>,
     /// The token fed to finished rows kept in the session.
     padding: Option<u32>,
 }
@@ -131,7 +125,7 @@ impl<'m, T> Generator<'m, T> {
         let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
         let now = Instant::now();
         for ((tag, _), decoding) in rows.into_iter().zip(decodings) {
-            self.slots.push(Slot::Live(Row {
+            self.slots.push(Some(Row {
                 tag,
                 decoding,
                 prompt_tokens: prompt.input_ids.len(),
@@ -144,7 +138,7 @@ impl<'m, T> Generator<'m, T> {
 
     /// Rows still decoding.
     pub fn live(&self) -> usize {
-        self.slots.iter().filter(|s| matches!(s, Slot::Live(_))).count()
+        self.slots.iter().filter(|s| s.is_some()).count()
     }
 
     /// One step: every live row whose listener does not cancel it chooses a token; rows that
@@ -160,7 +154,7 @@ impl<'m, T> Generator<'m, T> {
         let mut tokens = Vec::with_capacity(self.slots.len());
         let mut stopped = false;
         for (i, slot) in self.slots.iter_mut().enumerate() {
-            let Slot::Live(row) = slot else {
+            let Some(row) = slot else {
                 tokens.push(pad.unwrap_or_default());
                 continue;
             };
@@ -187,8 +181,8 @@ impl<'m, T> Generator<'m, T> {
                 .slots
                 .iter()
                 .map(|s| match s {
-                    Slot::Live(row) => row.decoding.stop_reason.is_none(),
-                    Slot::Done => pad.is_some(),
+                    Some(row) => row.decoding.stop_reason.is_none(),
+                    None => pad.is_some(),
                 })
                 .collect();
             if pad.is_none() {
@@ -196,10 +190,10 @@ impl<'m, T> Generator<'m, T> {
             }
             for slot in std::mem::take(&mut self.slots) {
                 match slot {
-                    Slot::Live(row) if row.decoding.stop_reason.is_some() => {
+                    Some(row) if row.decoding.stop_reason.is_some() => {
                         finished.push(finish(row));
                         if pad.is_some() {
-                            self.slots.push(Slot::Done);
+                            self.slots.push(None);
                         }
                     }
                     other => self.slots.push(other),

@@ -130,4 +130,3 @@ pub struct GenerationOutput {
     pub stop_reason: StopReason,
     pub timings: Timings,
 }
-

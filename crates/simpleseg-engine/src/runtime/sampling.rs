@@ -73,7 +73,9 @@ impl GenerationConfig {
         }
         // Logits are divided by the temperature in f32: below this they overflow to
         // infinities (and the distribution to NaN) for ordinary logit values.
-        if self.do_sample && !((self.temperature as f32) >= MIN_TEMPERATURE) {
+        if self.do_sample
+            && (self.temperature.is_nan() || (self.temperature as f32) < MIN_TEMPERATURE)
+        {
             return Err(format!(
                 "temperature must be at least {MIN_TEMPERATURE:e} when sampling (0 means greedy), got {}",
                 self.temperature

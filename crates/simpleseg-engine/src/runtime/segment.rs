@@ -77,8 +77,10 @@ impl SegmentJob {
         target: &Target,
         options: &SegmentOptions,
     ) -> Result<Self> {
-        let question =
-            target.prompt_within(options.prompt_template.as_deref(), options.max_question_bytes)?;
+        let question = target.prompt_within(
+            options.prompt_template.as_deref(),
+            options.max_question_bytes,
+        )?;
         let prompt = model.prompt(image, &question, options.pixels)?;
         Ok(SegmentJob {
             question,
@@ -99,7 +101,8 @@ impl SegmentJob {
     /// Reads the model's answer: parsed, and its polygons rasterized on the image.
     pub fn finish(&self, output: GenerationOutput) -> Result<SegmentResult> {
         let parsed = parse_answer(&output.text, self.mode);
-        let segmentation = Segmentation::from_parsed(&parsed, self.width, self.height, self.coords)?;
+        let segmentation =
+            Segmentation::from_parsed(&parsed, self.width, self.height, self.coords)?;
         Ok(SegmentResult {
             question: self.question.clone(),
             output,
@@ -198,10 +201,13 @@ pub fn segment(
 ) -> Result<SegmentResult> {
     let job = SegmentJob::new(model, image, target, options)?;
     let mut on_token = on_token;
-    let mut results =
-        segment_batch(model, std::slice::from_ref(&job), std::slice::from_ref(config), grammar, |_, t| {
-            on_token(t)
-        })?;
+    let mut results = segment_batch(
+        model,
+        std::slice::from_ref(&job),
+        std::slice::from_ref(config),
+        grammar,
+        |_, t| on_token(t),
+    )?;
     results
         .pop()
         .ok_or_else(|| crate::error::Error::Input("generation produced no answer".into()))

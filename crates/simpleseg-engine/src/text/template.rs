@@ -146,4 +146,3 @@ impl ChatTemplate {
         self.render(&messages, true)
     }
 }
-

@@ -154,7 +154,10 @@ impl IncrementalText {
         self.ids.push(token);
         let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
         let now = tokenizer.decode(&self.ids[self.prefix..])?;
-        if now.ends_with('\u{FFFD}') || now.len() <= before.len() || !now.is_char_boundary(before.len()) {
+        if now.ends_with('\u{FFFD}')
+            || now.len() <= before.len()
+            || !now.is_char_boundary(before.len())
+        {
             return Ok(None);
         }
         let piece = now[before.len()..].to_string();
@@ -193,7 +196,10 @@ mod tests {
         (1..=ids.len())
             .map(|n| {
                 let text = tokenizer.decode(&ids[..n]).unwrap();
-                if text.ends_with('\u{FFFD}') || text.len() <= emitted || !text.is_char_boundary(emitted) {
+                if text.ends_with('\u{FFFD}')
+                    || text.len() <= emitted
+                    || !text.is_char_boundary(emitted)
+                {
                     return None;
                 }
                 let piece = text[emitted..].to_string();
@@ -209,12 +215,16 @@ mod tests {
             let mut ids = tokenizer.encode(text).unwrap();
             // And random tokens: pieces of characters, special tokens.
             for _ in 0..40 {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ids.push((seed >> 33) as u32 % tokenizer.vocab_size() as u32);
             }
             let mut stream = IncrementalText::default();
-            let pieces: Vec<Option<String>> =
-                ids.iter().map(|&t| stream.push(tokenizer, t).unwrap()).collect();
+            let pieces: Vec<Option<String>> = ids
+                .iter()
+                .map(|&t| stream.push(tokenizer, t).unwrap())
+                .collect();
             assert_eq!(pieces, whole(tokenizer, &ids), "{text}");
         }
     }
@@ -227,9 +237,10 @@ mod tests {
             "Sure, you can find it at [[[0.1, 0.2], [0.3, 0.4]]]. 你好 🙂 é",
             "  leading spaces\n\tand tabs",
         ];
-        let qwen = TextTokenizer::from_file(&root.join("models/simpleseg-tiny/tokenizer.json")).unwrap();
+        let qwen =
+            TextTokenizer::from_file(&root.join("models/simpleseg-tiny/tokenizer.json")).unwrap();
         check(&qwen, &texts);
-        let folder = crate::io::hf::HfFolder::open(&root.join("fixtures/kimi/kimi-tiny")).unwrap();
+        let folder = crate::io::hf::HfFolder::open(root.join("fixtures/kimi/kimi-tiny")).unwrap();
         let kimi = TextTokenizer::tiktoken(TiktokenTokenizer::load(&folder).unwrap());
         check(&kimi, &texts);
     }

@@ -224,7 +224,8 @@ pub fn load(folder: &HfFolder, options: &LoadOptions) -> Result<KimiVlModel> {
         message: format!("weights do not fit config.json: {e}"),
     })?;
     let prompts = PromptBuilder::load(folder, &config)?;
-    let generation = GenerationConfig::for_model(folder, &config.eos_token_ids, &prompts.tokenizer)?;
+    let generation =
+        GenerationConfig::for_model(folder, &config.eos_token_ids, &prompts.tokenizer)?;
     Ok(Family {
         architecture: "kimi_vl",
         model,

@@ -10,9 +10,9 @@ use image::RgbImage;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::io::hf::JsonFile;
 use crate::image_processing::pillow::{self, Filter};
 use crate::image_processing::{channels, PerChannel, ProcessedImage, CLIP_MEAN, CLIP_STD};
+use crate::io::hf::JsonFile;
 
 /// `preprocessor_config.json` of a Kimi-VL model.
 #[derive(Clone, Debug, PartialEq)]

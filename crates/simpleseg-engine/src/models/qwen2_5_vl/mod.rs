@@ -11,6 +11,7 @@
 
 mod config;
 pub mod processor;
+pub mod training;
 
 pub use config::{Config, TensorLayout, TextConfig, VisionConfig};
 pub use processor::{preprocess, smart_resize, ImageProcessorConfig};
@@ -279,7 +280,8 @@ pub fn load(folder: &HfFolder, options: &LoadOptions) -> Result<Qwen2_5VlModel> 
         message: format!("weights do not fit config.json: {e}"),
     })?;
     let prompts = prompt_builder(folder, &config)?;
-    let generation = GenerationConfig::for_model(folder, &config.eos_token_ids, &prompts.tokenizer)?;
+    let generation =
+        GenerationConfig::for_model(folder, &config.eos_token_ids, &prompts.tokenizer)?;
     Ok(Family {
         architecture: "qwen2_5_vl",
         model,

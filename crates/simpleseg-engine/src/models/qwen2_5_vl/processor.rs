@@ -11,9 +11,9 @@ pub use crate::image_processing::ProcessedImage;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::io::hf::JsonFile;
 use crate::image_processing::pillow::{self, Filter};
 use crate::image_processing::{channels, PerChannel, CLIP_MEAN, CLIP_STD};
+use crate::io::hf::JsonFile;
 
 /// `preprocessor_config.json` of a Qwen2-VL-family model.
 #[derive(Clone, Debug, PartialEq)]
