@@ -26,7 +26,7 @@ pub struct SynthArgs {
     #[arg(long)]
     seed: u64,
     /// Number of images.
-    #[arg(long, value_parser = crate::model_cmds::at_least_one)]
+    #[arg(long, value_parser = crate::options::at_least_one)]
     count: usize,
     /// Refer root to write (or add a split to).
     #[arg(long, value_name = "DIR")]
@@ -128,7 +128,7 @@ pub struct SftArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Passes over the data (the script makes 2).
-    #[arg(long, default_value_t = 2, value_parser = crate::model_cmds::at_least_one)]
+    #[arg(long, default_value_t = 2, value_parser = crate::options::at_least_one)]
     passes: usize,
     /// approxPolyDP epsilon as a fraction of each contour's length.
     #[arg(long, default_value_t = simpleseg_core::target::DEFAULT_EPSILON_RATIO)]

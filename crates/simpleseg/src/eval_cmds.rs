@@ -16,8 +16,7 @@ use simpleseg_eval::backends::{Backend, FileBackend, LocalBackend, OpenAiBackend
 use simpleseg_eval::metrics::BoxSource;
 use simpleseg_eval::runner::{self, default_out, markdown, EvalConfig, Report, Task, PAPER_SPLITS};
 
-use crate::model_cmds::{at_least_one, GenerationArgs, ModelArgs};
-use crate::protocol_cmds::{CoordsArg, ModeArg};
+use crate::options::{at_least_one, CoordsArg, GenerationArgs, ModeArg, ModelArgs};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum BackendArg {
@@ -69,14 +68,15 @@ pub struct EvalArgs {
     /// Folder holding the images (default: the dataset's usual folder under --refer-root).
     #[arg(long, value_name = "DIR")]
     image_root: Option<PathBuf>,
+    /// What is scored: the mask (res) or the box (rec).
     #[arg(long, value_enum, default_value = "res")]
     task: TaskArg,
+    /// Where answers come from.
     #[arg(long, value_enum, default_value = "local")]
     backend: BackendArg,
-    /// Model folder (local backend; the embedded model when omitted) or served model name
-    /// (openai backend).
-    #[arg(long, value_name = "DIR|NAME")]
-    model: Option<String>,
+    /// The model (local backend), or the served model's name as --model (openai backend).
+    #[command(flatten)]
+    model: ModelArgs,
     /// API root of the server, e.g. http://localhost:8000/v1 (openai backend).
     #[arg(long, value_name = "URL")]
     base_url: Option<String>,
@@ -92,8 +92,10 @@ pub struct EvalArgs {
     /// Answers to re-score: {"ref_id", "sent_id", "answer"} per line (file backend).
     #[arg(long, value_name = "F.jsonl")]
     predictions: Option<PathBuf>,
+    /// Parse mode for the answers: `official` matches published numbers.
     #[arg(long, value_enum, default_value = "official")]
     mode: ModeArg,
+    /// Coordinate convention of the answers.
     #[arg(long, value_enum, default_value = "normalized")]
     coords: CoordsArg,
     /// Where Acc@0.5's predicted box comes from (default: the predicted mask's extent;
@@ -116,12 +118,6 @@ pub struct EvalArgs {
     /// Output folder (default runs/<dataset>-<split>; with --all, the parent of those).
     #[arg(long, value_name = "RUN_DIR")]
     out: Option<PathBuf>,
-    /// Device to run on (local backend): cpu, cuda or metal.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Quantize the language model's linear layers at load (local backend): q8_0 or q4k.
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    quantize: Option<crate::model_cmds::QuantizeArg>,
     #[command(flatten)]
     generation: GenerationArgs,
 }
@@ -129,12 +125,7 @@ pub struct EvalArgs {
 fn backend(args: &EvalArgs) -> Result<Box<dyn Backend>> {
     Ok(match args.backend {
         BackendArg::Local => {
-            let model_args = ModelArgs {
-                model: args.model.as_ref().map(PathBuf::from),
-                device: args.device.clone(),
-                dtype: crate::model_cmds::DtypeArg::Auto,
-                quantize: args.quantize,
-            };
+            let model_args = &args.model;
             let files = HfFolder::open(model_args.dir()?)?.fingerprint()?;
             let model = model_args.load()?;
             let config = args.generation.apply(model.generation_config())?;
@@ -147,7 +138,7 @@ fn backend(args: &EvalArgs) -> Result<Box<dyn Backend>> {
             let name = model_args.model_name();
             Box::new(
                 LocalBackend::new(model, config, name, files)
-                    .quantized(args.quantize.map(|q| q.format().name()))
+                    .quantized(model_args.quantize.map(|q| q.format().name()))
                     .constrained(grammar),
             )
         }
@@ -155,13 +146,14 @@ fn backend(args: &EvalArgs) -> Result<Box<dyn Backend>> {
             let Some(url) = &args.base_url else {
                 bail!("--backend openai needs --base-url")
             };
-            let Some(model) = &args.model else {
+            let Some(model) = args.model.model.as_deref() else {
                 bail!("--backend openai needs --model NAME (the served model)")
             };
+            let model = model.to_string_lossy();
             let max_tokens = args.generation.max_new_tokens.unwrap_or(512);
             Box::new(OpenAiBackend::new(
                 url,
-                model,
+                &model,
                 std::env::var(&args.api_key_env).ok(),
                 max_tokens,
                 args.generation.temperature.unwrap_or(1.0),

@@ -8,6 +8,7 @@ mod embedded;
 mod eval_cmds;
 mod interrupts;
 mod model_cmds;
+mod options;
 mod protocol_cmds;
 mod quantize_cmd;
 mod serve_cmd;

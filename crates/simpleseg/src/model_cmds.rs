@@ -4,8 +4,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use anyhow::{bail, Result};
+use clap::Args;
 use serde_json::json;
 use simpleseg_core::images::open_image;
 use simpleseg_core::segment::Target;
@@ -15,152 +15,11 @@ use simpleseg_engine::runtime::constraint::{Constraint, Grammar, GrammarCache, P
 use simpleseg_engine::runtime::segment::{segment as run_pipeline, SegmentOptions};
 use simpleseg_engine::{
     generate_batch, generate_constrained, BatchRequest, GenerationConfig, GenerationOutput,
-    LoadOptions, VisionLanguageModel,
+    VisionLanguageModel,
 };
 
-use crate::protocol_cmds::{write_outputs, CoordsArg, MaskOutputs, ModeArg};
-
-/// Parses a count that must be at least 1 (a clap value parser).
-pub fn at_least_one(text: &str) -> std::result::Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// Parses a number from 0 to 1 (a clap value parser).
-pub fn fraction(text: &str) -> std::result::Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
-        Ok(_) => Err("must be a number from 0 to 1".into()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// Compute precision.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum DtypeArg {
-    /// f32 when the weights fit in 8 GiB as f32, else bf16.
-    Auto,
-    F32,
-    Bf16,
-    F16,
-}
-
-/// Where and how to load a model.
-#[derive(Args, Debug)]
-pub struct ModelArgs {
-    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json, ...). Without
-    /// it, the built-in simpleseg-tiny model (trained on synthetic scenes only) is used.
-    #[arg(long, value_name = "DIR")]
-    pub model: Option<PathBuf>,
-    /// Device to run on: cpu, cuda or metal (the last two need a build with that feature).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Compute precision.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub dtype: DtypeArg,
-    /// Quantize the language model's linear layers at load: q8_0 (8.5 bits per weight) or
-    /// q4k (4.5 bits; q4_0 for rows that are not a multiple of 256). The vision tower keeps
-    /// its weights. A folder written by `simpleseg quantize` is quantized already and needs
-    /// no flag.
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    pub quantize: Option<QuantizeArg>,
-}
-
-/// Quantized formats.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum QuantizeArg {
-    /// 8-bit blocks of 32 (8.5 bits per weight).
-    #[value(name = "q8_0")]
-    Q8_0,
-    /// 4-bit k-quants in blocks of 256 (4.5 bits per weight; q4_0 where rows are shorter).
-    #[value(name = "q4k")]
-    Q4k,
-}
-
-impl QuantizeArg {
-    /// The engine's format.
-    pub fn format(self) -> simpleseg_engine::io::weights::Quantization {
-        match self {
-            QuantizeArg::Q8_0 => simpleseg_engine::io::weights::Quantization::Q8_0,
-            QuantizeArg::Q4k => simpleseg_engine::io::weights::Quantization::Q4K,
-        }
-    }
-}
-
-impl ModelArgs {
-    /// How the model is named in reports.
-    pub fn model_name(&self) -> String {
-        self.model
-            .as_ref()
-            .map_or_else(|| crate::embedded::NAME.into(), |p| p.display().to_string())
-    }
-
-    /// The model folder: `--model`, or the embedded model's cached copy.
-    pub fn dir(&self) -> Result<PathBuf> {
-        match &self.model {
-            Some(dir) => Ok(dir.clone()),
-            None => crate::embedded::folder(),
-        }
-    }
-
-    /// Loads the model named by `--model`.
-    pub fn load(&self) -> Result<Box<dyn VisionLanguageModel>> {
-        let dir = self.dir()?;
-        let options = LoadOptions {
-            device: simpleseg_engine::device(&self.device)?,
-            dtype: match self.dtype {
-                DtypeArg::Auto => None,
-                DtypeArg::F32 => Some(candle_core::DType::F32),
-                DtypeArg::Bf16 => Some(candle_core::DType::BF16),
-                DtypeArg::F16 => Some(candle_core::DType::F16),
-            },
-            quantize: self.quantize.map(QuantizeArg::format),
-        };
-        simpleseg_engine::load(&dir, &options)
-            .with_context(|| format!("loading the model in {}", dir.display()))
-    }
-}
-
-/// Decoding options; defaults come from the model's generation_config.json.
-#[derive(Args, Debug)]
-pub struct GenerationArgs {
-    /// Most tokens to generate.
-    #[arg(long, value_name = "N", value_parser = at_least_one)]
-    pub max_new_tokens: Option<usize>,
-    /// Always take the most likely token (keeps the repetition penalty).
-    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k", "seed"])]
-    pub greedy: bool,
-    /// Sample with this temperature.
-    #[arg(long, value_name = "T")]
-    pub temperature: Option<f64>,
-    /// Sample from the smallest set of tokens whose probability reaches P.
-    #[arg(long, value_name = "P")]
-    pub top_p: Option<f64>,
-    /// Sample from the K most likely tokens (0 disables).
-    #[arg(long, value_name = "K")]
-    pub top_k: Option<usize>,
-    /// Penalty on tokens already present (1.0 disables).
-    #[arg(long, value_name = "R")]
-    pub repetition_penalty: Option<f64>,
-    /// Seed of the sampler.
-    #[arg(long, value_name = "S")]
-    pub seed: Option<u64>,
-    /// Only allow answers of this form (constrained decoding): `polygon` (the point protocol,
-    /// so every answer parses: one or more polygons of at least 3 points, numbers in [0, 1]
-    /// with at most 3 decimals) or `box` ([x1, y1, x2, y2]).
-    #[arg(long, value_name = "FORM", value_parser = constraint_preset())]
-    pub constrain: Option<Constraint>,
-}
-
-/// The presets `--constrain` takes (a regular expression comes only from server requests).
-fn constraint_preset() -> impl clap::builder::TypedValueParser<Value = Constraint> {
-    use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(["polygon", "box"])
-        .try_map(|s| s.parse::<Constraint>())
-}
+use crate::options::{at_least_one, CoordsArg, GenerationArgs, MaskOutputs, ModeArg, ModelArgs};
+use crate::protocol_cmds::write_outputs;
 
 /// The compiled grammar of `constraint` over `model`'s vocabulary.
 pub fn grammar(
@@ -170,43 +29,6 @@ pub fn grammar(
 ) -> Result<Arc<Grammar>> {
     let cache = GrammarCache::new(PatternLimits::default());
     Ok(cache.get(model.tokenizer(), &config.eos_token_ids, constraint)?)
-}
-
-impl GenerationArgs {
-    /// The model's defaults with these options applied.
-    pub fn apply(&self, defaults: &GenerationConfig) -> Result<GenerationConfig> {
-        let mut c = defaults.clone();
-        if let Some(n) = self.max_new_tokens {
-            c.max_new_tokens = n;
-        }
-        if self.greedy {
-            c.do_sample = false;
-        }
-        if self.temperature.is_some()
-            || self.top_p.is_some()
-            || self.top_k.is_some()
-            || self.seed.is_some()
-        {
-            c.do_sample = true;
-        }
-        if let Some(t) = self.temperature {
-            c.temperature = t;
-        }
-        if let Some(p) = self.top_p {
-            c.top_p = p;
-        }
-        if let Some(k) = self.top_k {
-            c.top_k = k;
-        }
-        if let Some(r) = self.repetition_penalty {
-            c.repetition_penalty = r;
-        }
-        if let Some(s) = self.seed {
-            c.seed = s;
-        }
-        c.validate().map_err(anyhow::Error::msg)?;
-        Ok(c)
-    }
 }
 
 /// Ask a model about an image and print its answer (streamed as it is generated).

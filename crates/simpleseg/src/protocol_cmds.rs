@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde_json::json;
 use simpleseg_core::images::open_image;
 use simpleseg_core::io::{encode_mask_png, read_mask_png, read_rle_json, Outputs};
@@ -14,55 +14,7 @@ use simpleseg_core::pyrepr::float_repr;
 use simpleseg_core::target::{target_from_rle, DEFAULT_EPSILON_RATIO};
 use simpleseg_core::{parse_answer, CoordMode, ParseMode, ParsedAnswer, RleMask};
 
-/// How answers are parsed (see `simpleseg decode --help`).
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum ModeArg {
-    /// Exactly the official decoder's grammar; where it would crash, skip with a warning.
-    Official,
-    /// Also signed numbers, exponents and an unterminated (truncated) last polygon.
-    Robust,
-}
-
-impl From<ModeArg> for ParseMode {
-    fn from(m: ModeArg) -> Self {
-        match m {
-            ModeArg::Official => ParseMode::Official,
-            ModeArg::Robust => ParseMode::Robust,
-        }
-    }
-}
-
-/// What the numbers in answers are measured in.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum CoordsArg {
-    /// Fractions of image width and height (SimpleSeg's convention).
-    Normalized,
-    /// Pixels of the original image.
-    Pixels,
-}
-
-impl From<CoordsArg> for CoordMode {
-    fn from(c: CoordsArg) -> Self {
-        match c {
-            CoordsArg::Normalized => CoordMode::Normalized,
-            CoordsArg::Pixels => CoordMode::Pixels,
-        }
-    }
-}
-
-/// Where decoded masks go; shared by `decode` and `segment`.
-#[derive(Args, Debug, Default)]
-pub struct MaskOutputs {
-    /// Write the mask as RLE JSON: {"size": [H, W], "counts": "..."}.
-    #[arg(long, value_name = "R.json")]
-    pub rle_out: Option<PathBuf>,
-    /// Write the mask as an 8-bit grey PNG (0 background, 255 foreground).
-    #[arg(long, value_name = "M.png")]
-    pub mask_out: Option<PathBuf>,
-    /// Write the image with the mask drawn over it (needs --image).
-    #[arg(long, value_name = "O.png")]
-    pub overlay_out: Option<PathBuf>,
-}
+use crate::options::{CoordsArg, MaskOutputs, ModeArg};
 
 /// Decode a model answer into a mask: the union of all polygons in it, rasterized exactly as
 /// pycocotools does. Boxes, points, \boxed{} and fenced blocks are reported with --json.
@@ -112,8 +64,10 @@ pub struct TargetArgs {
 /// Print the intersection over union of two RLE masks of the same size.
 #[derive(Args, Debug)]
 pub struct IouArgs {
+    /// The first mask, as RLE JSON ({"size": [H, W], "counts": ...}, compressed or not).
     #[arg(long, value_name = "A.json")]
     rle_a: PathBuf,
+    /// The second mask, the same size.
     #[arg(long, value_name = "B.json")]
     rle_b: PathBuf,
 }

@@ -15,7 +15,7 @@ use simpleseg_engine::{HfFolder, LoadOptions};
 use simpleseg_eval::agreement::{compare, Expressions};
 use simpleseg_eval::runner::samples;
 
-use crate::model_cmds::{at_least_one, fraction, QuantizeArg};
+use crate::options::{at_least_one, fraction, ModelArgs, QuantizeArg};
 
 /// Write a quantized copy of a model folder: the language model's linear layers (and experts)
 /// in GGUF (`model.gguf`) beside the unchanged config, tokenizer, template and processor files.
@@ -24,13 +24,20 @@ use crate::model_cmds::{at_least_one, fraction, QuantizeArg};
 /// agree (mean IoU >= --min-agreement), and quantization.json records the comparison.
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
-    /// Model folder to quantize (default: the built-in simpleseg-tiny).
-    #[arg(long, value_name = "DIR")]
-    model: Option<PathBuf>,
+    /// The model folder to quantize, and how the check runs both models (`--quantize` names
+    /// the format, as --format does).
+    #[command(flatten)]
+    model: ModelArgs,
     /// q8_0 (8.5 bits per weight) or q4k (4.5 bits; layers whose rows are not a multiple of
     /// 256 get q4_0, and those not a multiple of 32 stay as stored).
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    format: QuantizeArg,
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        required_unless_present = "quantize",
+        conflicts_with = "quantize"
+    )]
+    format: Option<QuantizeArg>,
     /// Folder to write; it must not exist. Nothing is left there if the run fails or the check
     /// refuses the model.
     #[arg(long, value_name = "DIR")]
@@ -59,9 +66,6 @@ pub struct QuantizeArgs {
     /// Write the folder even when the check finds less agreement than --min-agreement.
     #[arg(long)]
     force: bool,
-    /// Device for the check: cpu, cuda or metal.
-    #[arg(long, default_value = "cpu")]
-    device: String,
 }
 
 /// Where the folder is written before it is moved into place.
@@ -88,13 +92,10 @@ impl Drop for Staging {
 }
 
 pub fn quantize(args: QuantizeArgs) -> Result<()> {
-    let (src_dir, src_name) = match &args.model {
-        Some(dir) => (dir.clone(), dir.display().to_string()),
-        None => (
-            crate::embedded::folder()?,
-            crate::embedded::NAME.to_string(),
-        ),
+    let Some(format) = args.format.or(args.model.quantize).map(QuantizeArg::format) else {
+        bail!("name the format with --format q8_0 or --format q4k");
     };
+    let (src_dir, src_name) = (args.model.dir()?, args.model.model_name());
     let src = HfFolder::open(&src_dir)?;
     if args.out.exists() {
         bail!(
@@ -119,19 +120,15 @@ pub fn quantize(args: QuantizeArgs) -> Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let summary = simpleseg_engine::quantize::quantize_folder(
-        &src,
-        args.format.format(),
-        &staging,
-        |done, total| {
+    let summary =
+        simpleseg_engine::quantize::quantize_folder(&src, format, &staging, |done, total| {
             bar.set_length(total);
             bar.set_position(done);
-        },
-    )?;
+        })?;
     bar.finish_and_clear();
 
     let mut record = json!({
-        "format": args.format.format().name(),
+        "format": format.name(),
         "source": src_name,
         "vision_tower": "kept as stored (not quantized)",
         "tensors_by_type": summary.tensors_by_type,
@@ -157,9 +154,10 @@ pub fn quantize(args: QuantizeArgs) -> Result<()> {
         if chosen.is_empty() {
             bail!("{dataset} has no expressions in split {split:?}");
         }
+        // The reference as stored: --quantize names what is written, not how it loads.
         let options = LoadOptions {
-            device: simpleseg_engine::device(&args.device)?,
-            ..LoadOptions::default()
+            quantize: None,
+            ..args.model.load_options()?
         };
         let reference = simpleseg_engine::load(&src_dir, &options)
             .with_context(|| format!("loading {}", src_dir.display()))?;
@@ -185,7 +183,7 @@ pub fn quantize(args: QuantizeArgs) -> Result<()> {
             100.0 * agreement.share_at_least_0_9,
             agreement.giou_reference,
             agreement.giou_candidate,
-            args.format.format().name(),
+            format.name(),
             agreement.token_agreement,
         );
         record["check"] = json!({
@@ -209,7 +207,7 @@ pub fn quantize(args: QuantizeArgs) -> Result<()> {
         println!("{text}");
         bail!(
             "the {} model's masks agree with the original's at a mean IoU of {mean:.4}, below --min-agreement {}; nothing was written (--force writes it anyway)",
-            args.format.format().name(),
+            format.name(),
             args.min_agreement
         );
     }

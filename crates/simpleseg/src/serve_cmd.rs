@@ -10,7 +10,7 @@ use simpleseg_engine::runtime::constraint::PatternLimits;
 use simpleseg_engine::runtime::scheduler::SchedulerOptions;
 use simpleseg_serve::ServeOptions;
 
-use crate::model_cmds::{at_least_one, ModelArgs};
+use crate::options::{at_least_one, ModelArgs};
 
 /// Serve a model over HTTP: the OpenAI chat API (`/v1/chat/completions`), masks
 /// (`/v1/segment`), `/v1/models`, `/health`, `/metrics`, and a web page at `/` that draws the

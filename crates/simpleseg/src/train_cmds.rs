@@ -2,14 +2,24 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
-use clap::{Args, Subcommand};
+use anyhow::Result;
+use clap::{Args, Subcommand, ValueEnum};
 use simpleseg_train::optim::AdamWConfig;
 use simpleseg_train::rl::{train_rl, Algorithm, RlSettings};
 use simpleseg_train::run::EvalSpec;
 use simpleseg_train::sft::{train_sft, SftSettings, Start};
 
-use crate::model_cmds::{at_least_one, fraction};
+use crate::options::{at_least_one, fraction};
+
+/// RL objectives.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum AlgorithmArg {
+    /// Group Sequence Policy Optimization: one clipped ratio per answer (its tokens' mean
+    /// log-ratio).
+    Gspo,
+    /// Group Relative Policy Optimization: a clipped ratio per token.
+    Grpo,
+}
 
 #[derive(Subcommand, Debug)]
 pub enum TrainCommand {
@@ -36,9 +46,10 @@ pub struct RlArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
-    /// gspo (sequence-level ratio) or grpo (token-level ratios).
-    #[arg(long, default_value = "gspo")]
-    algorithm: String,
+    /// The policy-gradient objective.
+    #[arg(long, value_enum, default_value = "gspo")]
+    algorithm: AlgorithmArg,
+    /// Optimizer steps to run (a resumed run continues to this count).
     #[arg(long, default_value_t = 300, value_parser = at_least_one)]
     steps: usize,
     /// Prompts per optimizer step.
@@ -47,12 +58,16 @@ pub struct RlArgs {
     /// Answers sampled per prompt.
     #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     group_size: usize,
+    /// Peak learning rate.
     #[arg(long, default_value_t = 1e-4, value_parser = positive)]
     lr: f64,
+    /// Steps of linear warmup from 0 to --lr.
     #[arg(long, default_value_t = 10)]
     warmup: usize,
+    /// Final learning rate as a fraction of --lr (cosine decay; 1 keeps it constant).
     #[arg(long, default_value_t = 1.0, value_parser = fraction)]
     min_lr_ratio: f64,
+    /// Gradients are scaled down to this global L2 norm when larger.
     #[arg(long, default_value_t = 1.0, value_parser = positive)]
     max_grad_norm: f64,
     /// Clip range of the importance ratio (default: 0.0004 for GSPO, 0.2 for GRPO).
@@ -73,14 +88,21 @@ pub struct RlArgs {
     /// Subtracted from the reward per point beyond --max-points.
     #[arg(long, default_value_t = 0.0, value_parser = non_negative, requires = "max_points")]
     point_penalty: f64,
+    /// Sampling temperature of the answers.
     #[arg(long, default_value_t = 1.0, value_parser = positive)]
     temperature: f64,
+    /// Most tokens per sampled answer (a longer answer is cut and scored as it is).
     #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     max_new_tokens: usize,
+    /// Seed of data order and sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Save the model folder and a resumable checkpoint every N steps and at the end (every
+    /// tenth is also kept under OUT/training/checkpoints).
     #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     save_every: usize,
+    /// Log reward, IoU, parse failures, answer length, KL and gradient norm to
+    /// OUT/training/log.jsonl every N steps.
     #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     log_every: usize,
     /// Threads: each step's prompts are split into this many shards run side by side, one
@@ -98,8 +120,10 @@ pub struct EvalDuringArgs {
     /// Refer root of the evaluation split (enables evaluation).
     #[arg(long, value_name = "DIR")]
     eval_refer_root: Option<PathBuf>,
+    /// Dataset of the evaluation split (a folder under --eval-refer-root).
     #[arg(long, default_value = "synth")]
     eval_dataset: String,
+    /// The evaluation split.
     #[arg(long, default_value = "val")]
     eval_split: String,
     /// Evaluate on the first N samples only.
@@ -108,6 +132,7 @@ pub struct EvalDuringArgs {
     /// Evaluate every N steps (and at the end).
     #[arg(long, default_value_t = 0)]
     eval_every: usize,
+    /// Most tokens per evaluation answer.
     #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     eval_max_new_tokens: usize,
 }
@@ -154,20 +179,25 @@ pub struct SftArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Optimizer steps to run (a resumed run continues to this count).
     #[arg(long, default_value_t = 2000, value_parser = at_least_one)]
     steps: usize,
+    /// Examples per optimizer step.
     #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     batch_size: usize,
     /// Peak learning rate (2e-3 and more did not learn the tiny configuration's text prior).
     #[arg(long, default_value_t = 1e-3, value_parser = positive)]
     lr: f64,
+    /// Steps of linear warmup from 0 to --lr (then cosine decay to --min-lr-ratio).
     #[arg(long, default_value_t = 100)]
     warmup: usize,
     /// Final learning rate as a fraction of --lr.
     #[arg(long, default_value_t = 0.05, value_parser = fraction)]
     min_lr_ratio: f64,
+    /// AdamW weight decay (decoupled; norms and biases too).
     #[arg(long, default_value_t = 0.01, value_parser = non_negative)]
     weight_decay: f64,
+    /// Gradients are scaled down to this global L2 norm when larger.
     #[arg(long, default_value_t = 1.0, value_parser = positive)]
     max_grad_norm: f64,
     /// Standard deviation of fresh weights. The tiny configuration learns to read positions
@@ -178,10 +208,14 @@ pub struct SftArgs {
     /// Standard deviation of the fresh vision tower's weights (default: --init-std).
     #[arg(long, value_parser = non_negative_f32)]
     vision_init_std: Option<f32>,
+    /// Seed of initialization, data order and anything else random.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Save the model folder and a resumable checkpoint every N steps and at the end (every
+    /// tenth is also kept under OUT/training/checkpoints).
     #[arg(long, default_value_t = 100, value_parser = at_least_one)]
     save_every: usize,
+    /// Log loss, learning rate and gradient norm to OUT/training/log.jsonl every N steps.
     #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     log_every: usize,
     /// Threads: each batch is split into this many shards computed side by side, one thread
@@ -234,9 +268,6 @@ fn take_threads(requested: Option<usize>) -> usize {
 pub fn run(command: TrainCommand) -> Result<()> {
     match command {
         TrainCommand::Sft(a) => {
-            if a.steps == 0 || a.batch_size == 0 || a.save_every == 0 || a.log_every == 0 {
-                bail!("--steps, --batch-size, --save-every and --log-every must be at least 1");
-            }
             let start = match (&a.init, &a.config) {
                 (Some(dir), _) => Start::Init { dir: dir.clone() },
                 (None, Some(path)) => Start::Config {
@@ -281,16 +312,10 @@ pub fn run(command: TrainCommand) -> Result<()> {
             );
         }
         TrainCommand::Rl(a) => {
-            let algorithm = match a.algorithm.as_str() {
-                "gspo" => Algorithm::Gspo,
-                "grpo" => Algorithm::Grpo,
-                other => bail!("unknown --algorithm {other:?} (expected gspo or grpo)"),
+            let algorithm = match a.algorithm {
+                AlgorithmArg::Gspo => Algorithm::Gspo,
+                AlgorithmArg::Grpo => Algorithm::Grpo,
             };
-            if a.steps == 0 || a.prompts_per_step == 0 || a.save_every == 0 || a.log_every == 0 {
-                bail!(
-                    "--steps, --prompts-per-step, --save-every and --log-every must be at least 1"
-                );
-            }
             let settings = RlSettings {
                 data: a.data.clone(),
                 refer_root: a.refer_root.clone(),

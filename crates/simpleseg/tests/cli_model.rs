@@ -83,7 +83,7 @@ fn model_errors_are_clear() {
             vec![
                 "chat", "--image", "x.png", "--prompt", "p", "--device", "tpu", "--model", ".",
             ],
-            "unknown device",
+            "invalid value 'tpu' for '--device <DEVICE>'",
         ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_simpleseg"))
