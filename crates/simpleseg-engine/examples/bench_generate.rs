@@ -1,6 +1,6 @@
 //! Times one generation: load, preprocessing + prefill (time to first token) and decoding,
 //! plus peak resident memory. Ignores end-of-sequence tokens so every run decodes the same
-//! number of tokens. Prints one JSON line. `scripts/bench_engine.py` runs this next to
+//! number of tokens. Prints one JSON line. `scripts/bench/bench_engine.py` runs this next to
 //! transformers on the same checkpoint and image.
 //!
 //! Run: `cargo run --release -p simpleseg-engine --example bench_generate -- MODEL_DIR IMAGE [TOKENS] [DTYPE] [RUNS] [QUANTIZE]`

@@ -27,6 +27,7 @@
 //! - [`registry`] (families by `model_type`) and [`quantize`] (quantized folders).
 
 #![warn(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod error;
 pub mod image_processing;
 pub mod io;

@@ -1,5 +1,5 @@
 //! Kimi-VL against what references compute on tiny checkpoints in the real layout
-//! (`scripts/gen_kimi_fixtures.py`): the processor's pixel values and the prompt's token ids
+//! (`scripts/fixtures/gen_kimi_fixtures.py`): the processor's pixel values and the prompt's token ids
 //! (PIL, torch and tiktoken), the vision tower and projector's features (transformers'
 //! `Kimi_K25VisionModel` on converted weights, which NeMo Automodel's MoonViT matched within
 //! 2e-6), the logits at every prompt position (transformers' `DeepseekV3ForCausalLM`, which

@@ -1,4 +1,4 @@
-//! Qwen2.5-VL against transformers, on the tiny checkpoints `scripts/gen_qwen_fixtures.py`
+//! Qwen2.5-VL against transformers, on the tiny checkpoints `scripts/fixtures/gen_qwen_fixtures.py`
 //! writes with transformers 5.24 (PIL image processor): Pillow resampling, the processor's
 //! pixel values, prompt token ids, logits at every prompt position, and greedy decoding.
 

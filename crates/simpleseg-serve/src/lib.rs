@@ -15,6 +15,7 @@
 //! `Retry-After`; a request over its time 504.
 
 #![warn(clippy::unwrap_used, clippy::expect_used)]
+
 mod admission;
 mod chat;
 mod connections;

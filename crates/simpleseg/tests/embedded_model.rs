@@ -1,6 +1,6 @@
 //! The built-in model: the README's main command segments a bundled example, and the shipped
 //! folder gives transformers' greedy answers (fixtures/tiny-model, from
-//! scripts/gen_tiny_model_fixture.py).
+//! scripts/fixtures/gen_tiny_model_fixture.py).
 
 mod common;
 use common::root;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where does simpleseg-tiny lose the query's colour? Two probes with transformers.
 
-    .venv-ml/bin/python scripts/probe_tiny_grounding.py ROOT [MODEL]
+    .venv-ml/bin/python scripts/experiments/probe_tiny_grounding.py ROOT [MODEL]
 
 ROOT is a `simpleseg data synth` folder with train and val splits; MODEL defaults to
 models/simpleseg-tiny.
@@ -154,5 +154,5 @@ def main(root, model_dir):
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     main(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) == 3 else here / "models" / "simpleseg-tiny")

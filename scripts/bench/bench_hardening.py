@@ -5,7 +5,7 @@ reports the answer's status, the wall time, and the server's peak resident memor
 that the server died. `--old-bin` runs the same cases against a second binary in the same run
 (an earlier build), for before/after tables.
 
-    python3 scripts/bench_hardening.py --bin target/release/simpleseg --old-bin /tmp/old/simpleseg
+    python3 scripts/bench/bench_hardening.py --bin target/release/simpleseg --old-bin /tmp/old/simpleseg
 
 The rasterizer case runs `decode` on 320,000 triangles at 1000x800 and 4000x3000 (time and
 peak memory of the command, from getrusage).
@@ -27,7 +27,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples/synth/images/synth/demo_0000008.png"
 
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """llama.cpp's text decode at Q4_K_M on the language model of a Qwen2.5-VL folder (the 7B-size
-random folder `scripts/bench_engine.py --big7b --keep` writes): the llama.cpp row of the
+random folder `scripts/bench/bench_engine.py --big7b --keep` writes): the llama.cpp row of the
 real-size benchmark, to set beside `bench_engine.py`'s simpleseg q4k row on the same folder.
 
     pip install llama-cpp-python gguf numpy    # llama.cpp builds from source (cmake from PyPI)
-    python scripts/bench_llamacpp.py --model target/bench-7b --work target --tokens 32
+    python scripts/bench/bench_llamacpp.py --model target/bench-7b --work target --tokens 32
 
 The language model's tensors are written to a BF16 GGUF under llama.cpp's qwen2 names (the
 same values), quantized to Q4_K_M by llama.cpp itself (`llama_model_quantize`), then timed:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Does a model pick the object a colour-only (or other) query names?
 
-    python3 scripts/colour_grounding_check.py ROOT MODEL [LIMIT [SPLIT [KIND]]]
+    python3 scripts/experiments/colour_grounding_check.py ROOT MODEL [LIMIT [SPLIT [KIND]]]
 
 For each colour-only query ("the red shape"; or each query of KIND, a kind from
 `synth_error_breakdown.query_kind` such as "shape only") in a scene of SPLIT (default val) of a
@@ -27,7 +27,7 @@ from synth_error_breakdown import query_kind
 
 
 def main(root, model, limit, split, kind):
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     binary = os.environ.get("SIMPLESEG", str(here / "target" / "release" / "simpleseg"))
     instances = json.loads((root / "synth" / "instances.json").read_text())
     images = {i["id"]: i for i in instances["images"]}

@@ -3,11 +3,11 @@
 # headers NVIDIA publishes on PyPI (no system CUDA toolkit needed; the machine that runs the
 # binary needs the NVIDIA driver, and loads cuBLAS/cuRAND/NVRTC at run time).
 #
-#     bash scripts/build_cuda.sh [COMPUTE_CAP]      # default 90 (H100/H200); 80 for A100, 89 for L4/L40
+#     bash scripts/build/build_cuda.sh [COMPUTE_CAP]      # default 90 (H100/H200); 80 for A100, 89 for L4/L40
 #
 # Writes target/cuda/release/simpleseg. The wheels go to target/cuda-toolkit (re-used).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 CAP="${1:-90}"
 TOOLKIT="$PWD/target/cuda-toolkit"
 CUDA="$TOOLKIT/nvidia/cu13"

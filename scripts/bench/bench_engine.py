@@ -4,9 +4,9 @@ sequence ignored). Each engine runs in its own process, one after the other, so 
 is its own. Reports load time, time to first token (preprocessing + vision tower + prefill),
 decode tokens/s and peak RSS, with `lscpu`'s model name and flags above every table.
 
-    .venv-ml/bin/python scripts/bench_engine.py                    # tiny checkpoint, f32
-    .venv-ml/bin/python scripts/bench_engine.py --big7b --tokens 32
-    .venv-ml/bin/python scripts/bench_engine.py --kimi16b --tokens 32
+    .venv-ml/bin/python scripts/bench/bench_engine.py                    # tiny checkpoint, f32
+    .venv-ml/bin/python scripts/bench/bench_engine.py --big7b --tokens 32
+    .venv-ml/bin/python scripts/bench/bench_engine.py --kimi16b --tokens 32
 
 --big7b writes a Qwen2.5-VL-7B-size folder of random BF16 weights (~16.6 GB), quantizes it with
 `simpleseg quantize` (q8_0, q4k), times transformers (BF16) and simpleseg (BF16 weights, q8_0,
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "target/release/simpleseg"
 BENCH = ROOT / "target/release/examples/bench_generate"
 PROMPT = "Output the polygon coordinates of the object in the image."

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Times the Python reference paths and simpleseg's protocol bench in one run; prints ratios.
 
-    .venv/bin/python scripts/bench_protocol.py
+    .venv/bin/python scripts/bench/bench_protocol.py
 
 Python paths, single-threaded, on the same committed fixtures the Rust bench reads:
 - official: the official README decoder (regex, json.loads, pycocotools per polygon, numpy
@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 cv2.setNumThreads(1)
 
 NUM = r"(?:[1-9]\d*\.\d+|0\.\d+|\d+)"

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Selects training records by query kind and object count.
 
-    python3 scripts/query_subset.py ROOT DATA.jsonl KINDS MIN_OBJECTS > SUBSET.jsonl
+    python3 scripts/experiments/query_subset.py ROOT DATA.jsonl KINDS MIN_OBJECTS > SUBSET.jsonl
 
 DATA.jsonl is `simpleseg data sft` output, of which the point questions ("Point to EXPRESSION in
 the image.") are considered, or `simpleseg data rl` output, of which every record is ("Output
 the polygon coordinates of EXPRESSION in the image."). A record is kept when EXPRESSION's kind
-(scripts/synth_error_breakdown.py's query_kind: "colour only", "shape only", "colour + shape",
+(scripts/experiments/synth_error_breakdown.py's query_kind: "colour only", "shape only", "colour + shape",
 "relation", "extreme (...)"; KINDS is a comma-separated list of kinds or prefixes, or "all") is
 wanted and the image (of a `simpleseg data synth` folder ROOT) holds at least MIN_OBJECTS
 objects. Used to build the curricula of the model card. Standard library only.

@@ -5,7 +5,7 @@ gIoU per number of objects in the scene and, for scenes with several objects, ho
 predicted box overlaps the named object most (did the model pick the right object?), per kind
 of query. Needs only the Python standard library.
 
-    python scripts/synth_error_breakdown.py ROOT OUT/predictions.jsonl
+    python scripts/experiments/synth_error_breakdown.py ROOT OUT/predictions.jsonl
 """
 
 import collections

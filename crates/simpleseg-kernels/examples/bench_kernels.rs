@@ -1,0 +1,265 @@
+//! Microbenchmarks of every kernel path this CPU has, each beside candle's equivalent on the
+//! same operands:
+//!
+//!     RAYON_NUM_THREADS=2 cargo run --release -p simpleseg-kernels --example bench_kernels
+//!
+//! - prefill products (`m x k` activations against an `n x k` BF16 weight): `bf16_gemm`
+//!   (AVX512-BF16), `f32_gemm` (the weight widened a block at a time), candle's f32 matmul on
+//!   the widened weight;
+//! - a decode product (one row against a BF16 weight larger than the cache): `rows`, candle's
+//!   BF16 matmul (whose input and output are rounded to BF16: its difference from ours);
+//! - the integer dot products of decoding, one thread: `q4k` and `q4_0` against candle's
+//!   `vec_dot` on the same blocks (the input quantized once, as decoding does).
+//!
+//! Prints one JSON line per case: the median of several runs, GFLOP/s or GB/s of weights read,
+//! and the largest difference from candle's result relative to the result's scale.
+
+use std::time::Instant;
+
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0, GgmlType};
+use candle_core::{DType, Device, Tensor};
+use simpleseg_kernels::testing::Values;
+use simpleseg_kernels::{bf16_gemm, blocks, cpu, f32_gemm, q4_0, q4k, rows};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn median_seconds(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Largest difference between `a` and `b`, relative to `b`'s largest magnitude.
+fn relative_difference(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn main() -> Result<()> {
+    println!(
+        "{{\"cpu\": {{\"avx2_fma\": {}, \"avx512_bf16\": {}, \"avx512_vnni\": {}}}, \"threads\": {}}}",
+        cpu::avx2_fma(),
+        cpu::avx512_bf16(),
+        cpu::avx512_vnni(),
+        rayon::current_num_threads()
+    );
+    for (m, k, n) in [(256, 2048, 2048), (1024, 1280, 3420)] {
+        prefill(m, k, n)?;
+    }
+    decode(3584, 18944)?;
+    q4k_dot(18944, 3584)?;
+    q4_0_dot(16384, 1408)?;
+    Ok(())
+}
+
+/// `m x k` f32 activations against an `n x k` BF16 weight.
+fn prefill(m: usize, k: usize, n: usize) -> Result<()> {
+    let x = Values(1).take(m * k);
+    let w: Vec<half::bf16> = Values(2)
+        .take(n * k)
+        .into_iter()
+        .map(half::bf16::from_f32)
+        .collect();
+    let flops = 2.0 * (m * k * n) as f64;
+    let widened: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+    let device = Device::Cpu;
+    let xt = Tensor::from_slice(&x, (m, k), &device)?;
+    let wt = Tensor::from_slice(&widened, (n, k), &device)?.t()?;
+    let candle: Vec<f32> = xt.matmul(&wt)?.flatten_all()?.to_vec1()?;
+    let candle_s = median_seconds(5, || {
+        std::hint::black_box(xt.matmul(&wt).ok());
+    });
+    let report = |kernel: &str, seconds: f64, y: &[f32]| {
+        println!(
+            "{{\"case\": \"prefill\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"kernel\": \"{kernel}\", \"ms\": {:.2}, \"gflops\": {:.1}, \"candle_f32_ms\": {:.2}, \"speedup_vs_candle\": {:.2}, \"relative_difference\": {:.2e}}}",
+            seconds * 1e3,
+            flops / seconds / 1e9,
+            candle_s * 1e3,
+            candle_s / seconds,
+            relative_difference(y, &candle)
+        );
+    };
+    let widen_row =
+        |j: usize, out: &mut [f32]| simpleseg_kernels::dot::widen_bf16(&w[j * k..(j + 1) * k], out);
+    let y = f32_gemm::matmul(&x, m, n, k, None, widen_row).ok_or("f32_gemm sizes")?;
+    let seconds = median_seconds(5, || {
+        std::hint::black_box(f32_gemm::matmul(&x, m, n, k, None, widen_row));
+    });
+    report("f32_gemm (widened bf16)", seconds, &y);
+    if bf16_gemm::available() {
+        let xb: Vec<u16> = x
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        let row = |j: usize, out: &mut [u16]| {
+            for (o, v) in out.iter_mut().zip(&w[j * k..(j + 1) * k]) {
+                *o = v.to_bits();
+            }
+        };
+        let y = bf16_gemm::gemm(&xb, row, m, n, k).ok_or("bf16_gemm")?;
+        let seconds = median_seconds(5, || {
+            std::hint::black_box(bf16_gemm::gemm(&xb, row, m, n, k));
+        });
+        // The activations are rounded to BF16 here, hence a larger difference.
+        report("bf16_gemm (avx512_bf16)", seconds, &y);
+    } else {
+        println!("{{\"case\": \"prefill\", \"kernel\": \"bf16_gemm\", \"skipped\": \"this CPU lacks AVX512-BF16\"}}");
+    }
+    Ok(())
+}
+
+/// One row against an `n x k` BF16 weight, eight copies in turn so that weights come from
+/// memory, as a layer's do.
+fn decode(k: usize, n: usize) -> Result<()> {
+    const COPIES: usize = 4;
+    let x = Values(3).take(k);
+    let copies: Vec<Vec<half::bf16>> = (0..COPIES as u64)
+        .map(|c| {
+            Values(10 + c)
+                .take(n * k)
+                .into_iter()
+                .map(half::bf16::from_f32)
+                .collect()
+        })
+        .collect();
+    let y = rows::matmul(&x, 1, rows::Weights::Bf16(&copies[0]), n, k).ok_or("rows sizes")?;
+    let ours = median_seconds(7, || {
+        for w in &copies {
+            std::hint::black_box(rows::matmul(&x, 1, rows::Weights::Bf16(w), n, k));
+        }
+    }) / COPIES as f64;
+    let device = Device::Cpu;
+    let xt = Tensor::from_slice(&x, (1, k), &device)?.to_dtype(DType::BF16)?;
+    let tensors = copies
+        .iter()
+        .map(|w| Tensor::from_slice(w, (n, k), &device)?.t())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let candle: Vec<f32> = xt
+        .matmul(&tensors[0])?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let theirs = median_seconds(7, || {
+        for w in &tensors {
+            std::hint::black_box(xt.matmul(w).ok());
+        }
+    }) / COPIES as f64;
+    let gb = (n * k * 2) as f64 / 1e9;
+    println!(
+        "{{\"case\": \"decode\", \"k\": {k}, \"n\": {n}, \"kernel\": \"rows (bf16)\", \"ms\": {:.2}, \"gb_per_s\": {:.1}, \"candle_bf16_ms\": {:.2}, \"speedup_vs_candle\": {:.2}, \"relative_difference\": {:.2e}}}",
+        ours * 1e3,
+        gb / ours,
+        theirs * 1e3,
+        theirs / ours,
+        relative_difference(&y, &candle)
+    );
+    Ok(())
+}
+
+/// `n` rows of q4k weights against one q8k-quantized input, one thread.
+fn q4k_dot(n: usize, k: usize) -> Result<()> {
+    if !q4k::available() {
+        println!("{{\"case\": \"q4k dot\", \"skipped\": \"this CPU lacks AVX-512 VNNI\"}}");
+        return Ok(());
+    }
+    let mut blocks_ = vec![BlockQ4K::zeros(); n * k / 256];
+    BlockQ4K::from_float(&Values(4).take(n * k), &mut blocks_);
+    let x = Values(5).take(k);
+    let mut xq = vec![BlockQ8K::zeros(); k / 256];
+    BlockQ8K::from_float(&x, &mut xq);
+    let ours_blocks: &[q4k::Q4KBlock] =
+        blocks::view(blocks::bytes_of(&blocks_)).ok_or("q4k view")?;
+    let prepared = q4k::PreparedQ8K::new(&x);
+    let per_row = k / 256;
+    let ours = |out: &mut Vec<f32>| {
+        out.clear();
+        for row in ours_blocks.chunks(per_row) {
+            out.push(q4k::dot([row], &prepared).map_or(f32::NAN, |[v]| v));
+        }
+    };
+    let theirs = |out: &mut Vec<f32>| {
+        out.clear();
+        for row in blocks_.chunks(per_row) {
+            out.push(BlockQ4K::vec_dot(k, row, &xq));
+        }
+    };
+    integer_report(
+        "q4k dot",
+        n,
+        k,
+        std::mem::size_of_val(&blocks_[..]),
+        ours,
+        theirs,
+    );
+    Ok(())
+}
+
+/// `n` rows of q4_0 weights against one q8_0-quantized input, one thread.
+fn q4_0_dot(n: usize, k: usize) -> Result<()> {
+    if !q4_0::available() {
+        println!("{{\"case\": \"q4_0 dot\", \"skipped\": \"this CPU lacks AVX-512 VNNI\"}}");
+        return Ok(());
+    }
+    let mut blocks_ = vec![BlockQ4_0::zeros(); n * k / 32];
+    BlockQ4_0::from_float(&Values(6).take(n * k), &mut blocks_);
+    let x = Values(7).take(k);
+    let mut xq = vec![BlockQ8_0::zeros(); k / 32];
+    BlockQ8_0::from_float(&x, &mut xq);
+    let ours_blocks: &[q4_0::Q4_0Block] =
+        blocks::view(blocks::bytes_of(&blocks_)).ok_or("q4_0 view")?;
+    let prepared = q4_0::PreparedQ8_0::new(&x);
+    let per_row = k / 32;
+    let ours = |out: &mut Vec<f32>| {
+        out.clear();
+        for row in ours_blocks.chunks(per_row) {
+            out.push(q4_0::dot(row, &prepared).unwrap_or(f32::NAN));
+        }
+    };
+    let theirs = |out: &mut Vec<f32>| {
+        out.clear();
+        for row in blocks_.chunks(per_row) {
+            out.push(BlockQ4_0::vec_dot(k, row, &xq));
+        }
+    };
+    integer_report(
+        "q4_0 dot",
+        n,
+        k,
+        std::mem::size_of_val(&blocks_[..]),
+        ours,
+        theirs,
+    );
+    Ok(())
+}
+
+fn integer_report(
+    case: &str,
+    n: usize,
+    k: usize,
+    bytes: usize,
+    mut ours: impl FnMut(&mut Vec<f32>),
+    mut theirs: impl FnMut(&mut Vec<f32>),
+) {
+    let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let ours_s = median_seconds(7, || ours(&mut a));
+    let theirs_s = median_seconds(7, || theirs(&mut b));
+    let gb = bytes as f64 / 1e9;
+    println!(
+        "{{\"case\": \"{case}\", \"n\": {n}, \"k\": {k}, \"threads\": 1, \"ms\": {:.2}, \"gb_per_s\": {:.1}, \"candle_ms\": {:.2}, \"speedup_vs_candle\": {:.2}, \"relative_difference\": {:.2e}}}",
+        ours_s * 1e3,
+        gb / ours_s,
+        theirs_s * 1e3,
+        theirs_s / ours_s,
+        relative_difference(&a, &b)
+    );
+}
