@@ -8,7 +8,7 @@ import shutil
 import urllib.request
 
 import pytest
-from conftest import DEMO, ROOT
+from conftest import DEMO, ROOT, start_server
 
 webdriver = pytest.importorskip("selenium.webdriver")
 
@@ -22,6 +22,7 @@ def chromium():
 
     options = Options()
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1300,900",
                  "--disable-background-networking", "--disable-component-update", "--no-first-run"):
         options.add_argument(flag)
@@ -89,3 +90,34 @@ def test_a_photo_turned_by_its_exif_is_segmented_as_shown(server):
     finally:
         browser.quit()
     assert shown["rle"]["size"] == [12, 8]
+
+
+@pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_with_an_api_key_the_page_asks_for_it_before_any_request():
+    """The page learns from /health that a key is needed: no request goes out without it (no
+    401 in the console), the model's name appears once the key is typed, and segmenting works."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    proc, base = start_server("--api-key", "s3cret")
+    browser = chromium()
+    try:
+        browser.get(base + "/")
+        model = lambda b: b.find_element(By.ID, "model").text
+        WebDriverWait(browser, 30).until(lambda b: "enter the API key" in model(b))
+        browser.find_element(By.ID, "key").send_keys("s3cret", Keys.TAB)
+        WebDriverWait(browser, 30).until(lambda b: model(b).startswith("model: ") and "key" not in model(b))
+        name = model(browser)
+        browser.find_element(By.ID, "file").send_keys(str(DEMO))
+        WebDriverWait(browser, 30).until(lambda b: not b.find_element(By.ID, "go").get_property("disabled"))
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 120).until(lambda b: b.execute_script("return window.simpleseg.done"))
+        console = browser.get_log("browser")
+    finally:
+        browser.quit()
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert name != "model: unknown"
+    # Nothing was refused, the browser's own /favicon.ico request included.
+    assert not [e for e in console if "401" in e["message"]], console

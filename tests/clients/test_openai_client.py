@@ -16,9 +16,9 @@ def data_url(path):
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def local_greedy(image, prompt, max_tokens):
+def local_greedy(image, prompt, max_tokens, *extra):
     out = subprocess.run([str(BIN), "chat", "--image", str(image), "--prompt", prompt, "--greedy",
-                          "--max-new-tokens", str(max_tokens), "--json"],
+                          "--max-new-tokens", str(max_tokens), "--json", *extra],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)["text"]
 
@@ -62,3 +62,24 @@ def test_eval_over_the_server_matches_local(server, tmp_path):
     answers = lambda p: {(r["ref_id"], r["sent_id"]): r["answer"]
                          for r in map(json.loads, (p / "predictions.jsonl").read_text().splitlines())}
     assert answers(tmp_path / "local") == answers(tmp_path / "served")
+
+
+def test_langchain_with_a_system_message(server, demo_image):
+    """LangChain's ChatOpenAI always may send a SystemMessage: it is applied as the command
+    line's --system is, and the penalties as OpenAI defines them."""
+    langchain_openai = __import__("pytest").importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    base, _ = server
+    chat = langchain_openai.ChatOpenAI(base_url=base + "/v1", api_key="unused", model="default",
+                                       temperature=0, max_tokens=48)
+    messages = [SystemMessage(content="You segment objects."),
+                HumanMessage(content=[{"type": "image_url", "image_url": {"url": data_url(demo_image)}},
+                                      {"type": "text", "text": PROMPT}])]
+    reply = chat.invoke(messages)
+    assert reply.content == local_greedy(demo_image, PROMPT, 48, "--system", "You segment objects.")
+    penalized = langchain_openai.ChatOpenAI(base_url=base + "/v1", api_key="unused", model="default",
+                                            temperature=0, max_tokens=48, presence_penalty=1.5,
+                                            frequency_penalty=0.75).invoke(messages[1:])
+    assert penalized.content == local_greedy(demo_image, PROMPT, 48, "--presence-penalty", "1.5",
+                                             "--frequency-penalty", "0.75")

@@ -44,7 +44,8 @@ pub use io::load::{auto_dtype, device, init_threads, LoadOptions};
 pub use registry::load;
 pub use runtime::generator::{generate, generate_batch, generate_constrained, BatchRequest};
 pub use runtime::model::{
-    GenerationOutput, PixelLimits, Prompt, Session, StopReason, Timings, VisionLanguageModel,
+    GenerationOutput, PixelLimits, Prompt, PromptOptions, Session, StopReason, Timings,
+    VisionLanguageModel,
 };
 pub use runtime::sampling::{GenerationConfig, Sampler};
 pub use text::{ChatTemplate, TextTokenizer};

@@ -69,6 +69,43 @@ def test_verl_and_trl_signatures():
     assert custom(prompts[:1], [SQUARE], mask=[gt]) == [1.0]
 
 
+def test_verl_loads_the_file_outside_the_package():
+    """verl loads `custom_reward_function.path` with spec_from_file_location under its own module
+    name (verl.trainer.ppo.reward.get_custom_reward_fn), passes reward_kwargs and, in the reward
+    loop, its own keyword arguments; BatchRewardManager calls a batch function by keyword."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("custom_module", simpleseg.verl.__file__)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["custom_module"] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["custom_module"]
+    gt = square_rle()
+    extra = {"simpleseg": {"format_weight": 0.5}}
+    assert module.compute_score("synth", SQUARE, gt, None, reward_router_address=None,
+                                reward_model_tokenizer=None) == 1.0
+    # reward_kwargs apply to every row; a row's own options win.
+    assert module.compute_score("synth", SQUARE, gt, None, format_weight=0.25) == 1.25
+    assert module.compute_score("synth", SQUARE, gt, extra, format_weight=0.25) == 1.5
+    answers = [SQUARE, "nothing", SQUARE]
+    batch = module.compute_score_batch(data_sources=["synth"] * 3, solution_strs=answers,
+                                       ground_truths=[gt, json.dumps(gt), gt], extra_infos=[{}, {}, {}],
+                                       format_weight=0.25)
+    assert batch == [module.compute_score("synth", a, gt, None, format_weight=0.25) for a in answers]
+    mixed = module.compute_score_batch(data_sources=["synth"] * 3, solution_strs=answers,
+                                       ground_truths=[gt] * 3, extra_infos=[extra, None, {}])
+    assert mixed == [1.5, 0.0, 1.0]
+
+
+def test_trl_rows_without_a_mask_get_none():
+    gt = square_rle()
+    rewards = simpleseg.trl.iou_reward(["a", "b", "c"], [SQUARE, SQUARE, "nothing"], rle=[gt, None, gt])
+    assert rewards == [1.0, None, 0.0]
+
+
 @pytest.mark.parametrize("call", [
     lambda: simpleseg.answer_to_rle(TRIANGLE, 0, 10),
     lambda: simpleseg.answer_to_rle(TRIANGLE, 10, 10, mode="fancy"),

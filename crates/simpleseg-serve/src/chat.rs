@@ -37,6 +37,8 @@ pub struct ChatRequest {
     pub stream: bool,
     pub stream_options: Option<Value>,
     pub repetition_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
     pub min_pixels: Option<usize>,
     pub max_pixels: Option<usize>,
     pub mm_processor_kwargs: Option<Value>,
@@ -63,6 +65,8 @@ const CHAT_FIELDS: &[&str] = &[
     "stream",
     "stream_options",
     "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
     "min_pixels",
     "max_pixels",
     "mm_processor_kwargs",
@@ -82,7 +86,7 @@ pub const IGNORED_FIELDS: &[&str] = &[
 
 /// Refuses a request with a field that is neither read (`known`), nor without effect
 /// ([`IGNORED_FIELDS`]), nor an OpenAI option at the value that asks for nothing (`logprobs`
-/// false, penalties 0, no tools...): clients get an error rather than an answer that silently
+/// false, no tools...): clients get an error naming it rather than an answer that silently
 /// ignores what they asked for.
 pub fn check_fields(body: &Value, known: &[&str]) -> Result<(), ApiError> {
     let Some(fields) = body.as_object() else {
@@ -96,9 +100,7 @@ pub fn check_fields(body: &Value, known: &[&str]) -> Result<(), ApiError> {
         }
         let neutral = match name.as_str() {
             "logprobs" => matches!(value, Value::Null | Value::Bool(false)),
-            "top_logprobs" | "presence_penalty" | "frequency_penalty" => {
-                value.is_null() || value.as_f64() == Some(0.0)
-            }
+            "top_logprobs" => value.is_null() || value.as_f64() == Some(0.0),
             "logit_bias" | "tools" | "functions" => {
                 value.is_null()
                     || value.as_object().is_some_and(|o| o.is_empty())
@@ -130,6 +132,8 @@ pub struct Sampling {
     pub top_k: Option<i64>,
     pub seed: Option<u64>,
     pub repetition_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
 }
 
 impl Sampling {
@@ -168,24 +172,64 @@ impl Sampling {
         if let Some(r) = self.repetition_penalty {
             c.repetition_penalty = r;
         }
+        if let Some(p) = self.presence_penalty {
+            c.presence_penalty = p;
+        }
+        if let Some(f) = self.frequency_penalty {
+            c.frequency_penalty = f;
+        }
         c.validate().map_err(ApiError::bad_request)?;
         Ok(c)
     }
 }
 
-/// The image and the text of the single user turn.
-fn user_turn(messages: &[Value]) -> Result<(String, String), ApiError> {
+/// What a chat request asks: the image, the text of the single user turn, and a system
+/// message if one is given (the chat template adds its own default only when none is).
+struct Turn {
+    image: String,
+    text: String,
+    system: Option<String>,
+}
+
+/// A system message's text: a string, or text parts.
+fn system_text(message: &Value) -> Result<String, ApiError> {
+    match message.get("content") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(
+                |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                    _ => Err(ApiError::bad_request(
+                        "a system message holds text only (a string or text parts)",
+                    )),
+                },
+            )
+            .collect::<Result<Vec<&str>, ApiError>>()
+            .map(|texts| texts.concat()),
+        _ => Err(ApiError::bad_request("the system message needs content")),
+    }
+}
+
+/// The request's turn: one user message (with one image), after at most one system message.
+fn user_turn(messages: &[Value]) -> Result<Turn, ApiError> {
     let mut user = None;
+    let mut system = None;
     for m in messages {
         match m.get("role").and_then(Value::as_str) {
             Some("user") if user.is_none() => user = Some(m),
             Some("user") | Some("assistant") => return Err(ApiError::bad_request(
                 "one user message is supported (SimpleSeg answers one question about one image)",
             )),
-            Some("system") | Some("developer") => {
+            Some("system") | Some("developer") if user.is_some() => {
                 return Err(ApiError::bad_request(
-                    "system messages are not supported: the model's chat template supplies its own",
+                    "a system message must come before the user message",
                 ))
+            }
+            Some("system") | Some("developer") => {
+                if system.replace(system_text(m)?).is_some() {
+                    return Err(ApiError::bad_request("one system message is supported"));
+                }
             }
             other => {
                 return Err(ApiError::bad_request(format!(
@@ -234,7 +278,11 @@ fn user_turn(messages: &[Value]) -> Result<(String, String), ApiError> {
             "the user message needs an image (an image_url part with a data: URL)",
         ));
     };
-    Ok((image, text))
+    Ok(Turn {
+        image,
+        text,
+        system,
+    })
 }
 
 /// The constraint a request asks for, from any of the fields that can carry one: `constrain`
@@ -435,7 +483,7 @@ pub async fn completions(
     drop(body);
     check_model(&state, req.model.as_deref())?;
     let model = state.model()?;
-    let (url, text) = user_turn(&req.messages)?;
+    let turn = user_turn(&req.messages)?;
     let n = req.n.unwrap_or(1);
     if n == 0 || n > 16 {
         return Err(ApiError::bad_request("n must be from 1 to 16"));
@@ -447,6 +495,8 @@ pub async fn completions(
         top_k: req.top_k,
         seed: req.seed,
         repetition_penalty: req.repetition_penalty,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
     };
     let config = sampling.config(&model.defaults)?;
     let configs: Vec<GenerationConfig> = (0..n as u64)
@@ -463,8 +513,11 @@ pub async fn completions(
     )?;
     let stop_strings = stops(req.stop.as_ref())?;
     let job = Job {
-        image: url,
-        ask: Ask::Chat(text),
+        image: turn.image,
+        ask: Ask::Chat {
+            text: turn.text,
+            system: turn.system,
+        },
         pixels: pixel_limits(
             req.min_pixels,
             req.max_pixels,

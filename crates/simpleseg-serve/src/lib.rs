@@ -294,12 +294,19 @@ async fn favicon() -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+/// `{"status": "ok" | "loading", "api_key_required": bool}`: open to all, so that the page
+/// knows whether to ask for a key before calling the routes that need one.
 async fn health(State(state): State<AppState>) -> Response {
+    let key = state.options.api_key.is_some();
     match state.loaded.get() {
-        Some(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Some(_) => (
+            StatusCode::OK,
+            Json(json!({"status": "ok", "api_key_required": key})),
+        )
+            .into_response(),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "loading"})),
+            Json(json!({"status": "loading", "api_key_required": key})),
         )
             .into_response(),
     }

@@ -18,7 +18,7 @@ use axum::http::StatusCode;
 use simpleseg_core::segment::Target;
 use simpleseg_engine::runtime::constraint::{Constraint, Grammar};
 use simpleseg_engine::runtime::segment::{SegmentJob, SegmentOptions};
-use simpleseg_engine::{GenerationConfig, PixelLimits};
+use simpleseg_engine::{GenerationConfig, PixelLimits, PromptOptions};
 
 use crate::guard::Admitted;
 use crate::stream::{submit, Submitted};
@@ -26,8 +26,11 @@ use crate::{media, ApiError, AppState, Loaded};
 
 /// What a request asks about its image.
 pub enum Ask {
-    /// A chat turn's text, asked as written.
-    Chat(String),
+    /// A chat turn's text, asked as written, after a system message if any.
+    Chat {
+        text: String,
+        system: Option<String>,
+    },
     /// A segmentation, through the engine's pipeline ([`SegmentJob`]); its pixel limits are
     /// the job's.
     Segment(Target, SegmentOptions),
@@ -90,14 +93,17 @@ pub async fn queue(
     let pixels = checked_pixels(state, loaded, job.pixels)?;
     let longest_prompt = prompt_bound(loaded);
     let ask = match job.ask {
-        Ask::Chat(text) => {
-            check_prompt_length(loaded, &text)?;
-            Ask::Chat(text)
+        Ask::Chat { text, system } => {
+            check_prompt_length(loaded, text.len() + system.as_ref().map_or(0, String::len))?;
+            Ask::Chat { text, system }
         }
         Ask::Segment(target, options) => Ask::Segment(
             target,
             SegmentOptions {
-                pixels,
+                prompt: PromptOptions {
+                    pixels,
+                    ..options.prompt
+                },
                 max_question_bytes: options.max_question_bytes.min(longest_prompt),
                 ..options
             },
@@ -116,9 +122,16 @@ pub async fn queue(
         let (image, decoded) = media::decode(&bytes, &source, &budgets)?;
         drop(bytes);
         let (prompt, segment) = match &ask {
-            Ask::Chat(text) => (
+            Ask::Chat { text, system } => (
                 model
-                    .prepare_with(&image, text, pixels)
+                    .prepare_with(
+                        &image,
+                        text,
+                        &PromptOptions {
+                            pixels,
+                            system: system.clone(),
+                        },
+                    )
                     .map_err(engine_error)?,
                 None,
             ),
@@ -204,13 +217,12 @@ fn prompt_bound(loaded: &Loaded) -> usize {
 }
 
 /// A prompt of more bytes than [`prompt_bound`] cannot fit: refused before tokenizing it.
-fn check_prompt_length(loaded: &Loaded, prompt: &str) -> Result<(), ApiError> {
+fn check_prompt_length(loaded: &Loaded, prompt_bytes: usize) -> Result<(), ApiError> {
     let context = loaded.model.max_positions();
     let max = prompt_bound(loaded);
-    if prompt.len() > max {
+    if prompt_bytes > max {
         return Err(ApiError::bad_request(format!(
-            "This model's maximum context length is {context} tokens. However, the prompt has {} bytes, more than that many tokens can hold ({max}). Please reduce the length of the messages.",
-            prompt.len()
+            "This model's maximum context length is {context} tokens. However, the prompt has {prompt_bytes} bytes, more than that many tokens can hold ({max}). Please reduce the length of the messages."
         )));
     }
     Ok(())

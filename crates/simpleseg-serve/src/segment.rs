@@ -18,7 +18,7 @@ use simpleseg_core::segment::Target;
 use simpleseg_core::{CoordMode, ParseMode};
 use simpleseg_engine::runtime::scheduler::Event;
 use simpleseg_engine::runtime::segment::{SegmentJob, SegmentOptions};
-use simpleseg_engine::PixelLimits;
+use simpleseg_engine::PromptOptions;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::chat::{constraint_of, pixel_limits, read_body, timed_out, Sampling};
@@ -85,6 +85,8 @@ const SEGMENT_FIELDS: &[&str] = &[
     "top_k",
     "seed",
     "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
     "min_pixels",
     "max_pixels",
     "stream",
@@ -126,7 +128,7 @@ pub async fn segment(
         prompt_template: req.prompt_template.clone(),
         mode: req.mode.unwrap_or(ParseMode::Robust),
         coords: req.coords.unwrap_or(CoordMode::Normalized),
-        pixels: PixelLimits::default(),
+        prompt: PromptOptions::default(),
         max_question_bytes: state.options.max_body_bytes,
     };
     let job = Job {

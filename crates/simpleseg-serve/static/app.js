@@ -159,4 +159,14 @@ $("dlPng").addEventListener("click", () => {
   for (let i = 0; i < maskBits.length; i++) { const v = maskBits[i] ? 255 : 0; d.data[i * 4] = d.data[i * 4 + 1] = d.data[i * 4 + 2] = v; d.data[i * 4 + 3] = 255; }
   g.putImageData(d, 0, 0); c.toBlob((b) => download("mask.png", b), "image/png");
 });
-fetch("/v1/models", { headers: headers() }).then((r) => r.json()).then((m) => { if (m.data) $("model").textContent = "model: " + m.data[0].id; }).catch(() => {});
+// The model's name needs the key when the server has one: ask /health (open to all) first, and
+// ask for the name once a key is typed, so that no request goes out without it.
+let keyRequired = false;
+function showModel() {
+  if (keyRequired && !$("key").value) { $("model").textContent = "model: enter the API key"; return; }
+  fetch("/v1/models", { headers: headers() }).then((r) => r.json()).then((m) => {
+    $("model").textContent = m.data ? "model: " + m.data[0].id : "model: " + ((m.error && m.error.message) || "unknown");
+  }).catch(() => {});
+}
+fetch("/health").then((r) => r.json()).then((h) => { keyRequired = !!h.api_key_required; showModel(); }).catch(() => {});
+$("key").addEventListener("change", showModel);

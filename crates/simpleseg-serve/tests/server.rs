@@ -337,6 +337,77 @@ fn concurrent_requests_get_the_answers_they_get_alone() {
     assert_eq!(got, want);
 }
 
+/// The engine's greedy answer with a system message and presence/frequency penalties.
+fn engine_answer_with(
+    system: Option<&str>,
+    presence: f64,
+    frequency: f64,
+) -> (String, usize, String) {
+    let model = simpleseg_engine::load(&model_dir(), &LoadOptions::default()).unwrap();
+    let image = simpleseg_core::images::open_image(&demo_image()).unwrap();
+    let options = simpleseg_engine::PromptOptions {
+        system: system.map(str::to_string),
+        ..Default::default()
+    };
+    let prepared = model.prepare_with(&image, PROMPT, &options).unwrap();
+    let mut config = model.generation_config().clone();
+    config.max_new_tokens = 40;
+    config.do_sample = false;
+    config.presence_penalty = presence;
+    config.frequency_penalty = frequency;
+    let prompt_text = model.tokenizer().decode(&prepared.input_ids).unwrap();
+    let out = generate(model.as_ref(), &prepared, config, |_| {}).unwrap();
+    (out.text, out.prompt_tokens, prompt_text)
+}
+
+#[test]
+fn system_messages_and_openai_penalties_are_applied() {
+    let addr = start(ServeOptions::default());
+    // LangChain's SystemMessage shape: a system turn before the user's.
+    let mut body = chat_body(PROMPT, json!({}));
+    let user = body["messages"][0].clone();
+    body["messages"] = json!([{"role": "system", "content": "You segment objects."}, user]);
+    let (status, text) = post(addr, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    let (expected, prompt_tokens, prompt) =
+        engine_answer_with(Some("You segment objects."), 0.0, 0.0);
+    assert_eq!(answer["choices"][0]["message"]["content"], expected);
+    assert_eq!(answer["usage"]["prompt_tokens"], prompt_tokens);
+    // The template's default system message is replaced, not kept beside it.
+    assert!(prompt.contains("You segment objects."), "{prompt}");
+    assert!(!prompt.contains("helpful assistant"), "{prompt}");
+    assert!(engine_answer_with(None, 0.0, 0.0)
+        .2
+        .contains("helpful assistant"));
+    // Text parts work as a string does; two system messages, or one after the user's, do not.
+    body["messages"][0]["content"] = json!([{"type": "text", "text": "You segment objects."}]);
+    let (status, again) = post(addr, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{again}");
+    let again: Value = serde_json::from_str(&again).unwrap();
+    assert_eq!(again["choices"][0]["message"]["content"], expected);
+    let two = json!([body["messages"][0], body["messages"][0], user]);
+    let after = json!([user, body["messages"][0]]);
+    for (messages, needle) in [(two, "one system message"), (after, "before the user")] {
+        let mut bad = body.clone();
+        bad["messages"] = messages;
+        let (status, text) = post(addr, "/v1/chat/completions", &bad);
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains(needle), "{text}");
+    }
+    // Penalties as OpenAI defines them, applied by the engine's sampler.
+    let body = chat_body(
+        PROMPT,
+        json!({"presence_penalty": 1.5, "frequency_penalty": 0.75}),
+    );
+    let (status, text) = post(addr, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    let (penalized, _, _) = engine_answer_with(None, 1.5, 0.75);
+    assert_eq!(answer["choices"][0]["message"]["content"], penalized);
+    assert_ne!(penalized, engine_answer_with(None, 0.0, 0.0).0);
+}
+
 #[test]
 fn bad_requests_get_clear_4xx() {
     let addr = start(ServeOptions {

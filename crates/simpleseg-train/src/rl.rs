@@ -378,10 +378,9 @@ pub fn train_rl(settings: RlSettings, out: &Path, resume: bool) -> Result<RlSumm
         temperature: settings.temperature,
         top_k: 0,
         top_p: 1.0,
-        repetition_penalty: 1.0,
         max_new_tokens: settings.max_new_tokens,
         eos_token_ids: vec![model.model.end_of_turn()],
-        seed: 0,
+        ..GenerationConfig::default()
     };
     let per_epoch = examples.len() / settings.prompts_per_step;
     if per_epoch == 0 {

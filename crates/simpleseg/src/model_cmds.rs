@@ -1,7 +1,7 @@
 //! `chat` and `segment`: running a vision-language model on an image.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
@@ -14,8 +14,8 @@ use simpleseg_core::{CoordMode, ParseMode};
 use simpleseg_engine::runtime::constraint::{Constraint, Grammar, GrammarCache, PatternLimits};
 use simpleseg_engine::runtime::segment::{segment as run_pipeline, SegmentOptions};
 use simpleseg_engine::{
-    generate_batch, generate_constrained, BatchRequest, GenerationConfig, GenerationOutput,
-    VisionLanguageModel,
+    generate_batch, generate_constrained, BatchRequest, GenerationConfig, GenerationOutput, Prompt,
+    PromptOptions, VisionLanguageModel,
 };
 
 use crate::options::{at_least_one, CoordsArg, GenerationArgs, MaskOutputs, ModeArg, ModelArgs};
@@ -42,6 +42,9 @@ pub struct ChatArgs {
     /// The question.
     #[arg(long, value_name = "TEXT")]
     prompt: String,
+    /// A system message before the question (without one, the chat template's default).
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
     #[command(flatten)]
     generation: GenerationArgs,
     /// Sample N answers from one prefill (needs sampling); answer i uses seed --seed + i.
@@ -112,21 +115,28 @@ impl SegmentArgs {
     }
 }
 
+/// The chat prompt: the question with the image, after `--system` when given.
+fn chat_prompt(model: &dyn VisionLanguageModel, args: &ChatArgs) -> Result<Prompt> {
+    let rgb = open_image(&args.image)?;
+    let options = PromptOptions {
+        system: args.system.clone(),
+        ..PromptOptions::default()
+    };
+    Ok(model.prepare_with(&rgb, &args.prompt, &options)?)
+}
+
 /// Runs generation, streaming text to stdout when `stream`.
 fn run(
     model: &dyn VisionLanguageModel,
-    image: &Path,
-    prompt: &str,
+    prepared: &Prompt,
     config: GenerationConfig,
     constrain: Option<&Constraint>,
     stream: bool,
 ) -> Result<GenerationOutput> {
-    let rgb = open_image(image)?;
-    let prepared = model.prepare(&rgb, prompt)?;
     let grammar = constrain.map(|c| grammar(c, model, &config)).transpose()?;
     let mut decoder = model.tokenizer().stream();
     let mut stdout = std::io::stdout().lock();
-    let out = generate_constrained(model, &prepared, config, grammar, |token| {
+    let out = generate_constrained(model, prepared, config, grammar, |token| {
         if stream {
             if let Ok(Some(chunk)) = decoder.step(token) {
                 let _ = stdout.write_all(chunk.as_bytes());
@@ -148,8 +158,7 @@ pub fn chat(args: ChatArgs) -> Result<()> {
     }
     let out = run(
         model.as_ref(),
-        &args.image,
-        &args.prompt,
+        &chat_prompt(model.as_ref(), &args)?,
         config.clone(),
         args.generation.constrain.as_ref(),
         !args.json,
@@ -187,8 +196,7 @@ fn chat_samples(
             args.n
         );
     }
-    let rgb = open_image(&args.image)?;
-    let prompt = model.prepare(&rgb, &args.prompt)?;
+    let prompt = chat_prompt(model, args)?;
     let configs: Vec<GenerationConfig> = (0..args.n as u64)
         .map(|i| GenerationConfig {
             seed: config.seed.wrapping_add(i),

@@ -147,12 +147,22 @@ pub struct GenerationArgs {
     /// Penalty on tokens already present (1.0 disables).
     #[arg(long, value_name = "R")]
     pub repetition_penalty: Option<f64>,
+    /// OpenAI's presence penalty: subtracted from the logit of each token the answer already
+    /// has (-2 to 2; 0 disables).
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub presence_penalty: Option<f64>,
+    /// OpenAI's frequency penalty: subtracted once per occurrence in the answer so far (-2 to
+    /// 2; 0 disables).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub frequency_penalty: Option<f64>,
     /// Seed of the sampler.
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
     /// Only allow answers of this form (constrained decoding): `polygon` (the point protocol,
     /// so every answer parses: one or more polygons of at least 3 points, numbers in [0, 1]
-    /// with at most 3 decimals) or `box` ([x1, y1, x2, y2]).
+    /// with at most 3 decimals) or `box` ([x1, y1, x2, y2]); bare, or in the answer forms the
+    /// released data trains (`{a}.`, `Sure, you can find it at {a}.`, `It is found at {a}.`,
+    /// `It is at {a}.`).
     #[arg(long, value_name = "FORM", value_parser = constraint_preset())]
     pub constrain: Option<Constraint>,
 }
@@ -192,6 +202,12 @@ impl GenerationArgs {
         }
         if let Some(r) = self.repetition_penalty {
             c.repetition_penalty = r;
+        }
+        if let Some(p) = self.presence_penalty {
+            c.presence_penalty = p;
+        }
+        if let Some(f) = self.frequency_penalty {
+            c.frequency_penalty = f;
         }
         if let Some(s) = self.seed {
             c.seed = s;

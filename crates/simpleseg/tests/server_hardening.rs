@@ -312,10 +312,16 @@ fn one_small_request_cannot_take_the_server_down() {
             "'logprobs' is not supported",
         ),
         (
-            "penalty",
-            chat_body("x", json!({"presence_penalty": 0.5})),
+            "top_logprobs",
+            chat_body("x", json!({"top_logprobs": 3})),
             400,
-            "'presence_penalty' is not supported",
+            "'top_logprobs' is not supported",
+        ),
+        (
+            "penalty out of range",
+            chat_body("x", json!({"presence_penalty": 2.5})),
+            400,
+            "presence_penalty must be in [-2, 2]",
         ),
     ];
     for (case, body, status, needle) in cases {
@@ -339,7 +345,7 @@ fn one_small_request_cannot_take_the_server_down() {
         "/v1/chat/completions",
         &chat_body(
             "x",
-            json!({"logprobs": false, "presence_penalty": 0, "user": "u1", "tools": []}),
+            json!({"logprobs": false, "top_logprobs": 0, "user": "u1", "tools": []}),
         ),
     );
     assert_eq!(status, 200, "{answer}");

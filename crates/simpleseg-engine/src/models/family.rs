@@ -8,7 +8,7 @@ use image::RgbImage;
 
 use crate::error::{Error, Result};
 use crate::runtime::model::{
-    PixelLimits, Prompt, PromptSource, Session, Sessions, VisionLanguageModel,
+    PixelLimits, Prompt, PromptOptions, PromptSource, Session, Sessions, VisionLanguageModel,
 };
 use crate::runtime::sampling::GenerationConfig;
 use crate::runtime::session::{BatchSession, Decoder};
@@ -25,13 +25,20 @@ pub trait Network: Decoder + Send + Sized {
 pub trait PromptPreparer: Send + Sync {
     /// The tokenizer.
     fn tokenizer(&self) -> &TextTokenizer;
-    /// One user turn with the image and the question.
-    fn prepare(&self, image: &RgbImage, prompt: &str) -> Result<Prompt>;
-    /// [`prepare`](Self::prepare) with the image resized within other pixel limits, for a
-    /// family whose processor has them ([`pixel_range`](Self::pixel_range)).
-    fn prepare_with(&self, image: &RgbImage, prompt: &str, _pixels: PixelLimits) -> Result<Prompt> {
-        self.prepare(image, prompt)
+    /// One user turn with the image and the question, the processor's own settings, the
+    /// template's default system message.
+    fn prepare(&self, image: &RgbImage, prompt: &str) -> Result<Prompt> {
+        self.prepare_with(image, prompt, &PromptOptions::default())
     }
+    /// One user turn with the image and the question, after `options`' system message, the
+    /// image resized within its pixel limits (families whose processor has none are only
+    /// asked with none: [`pixel_range`](Self::pixel_range)).
+    fn prepare_with(
+        &self,
+        image: &RgbImage,
+        prompt: &str,
+        options: &PromptOptions,
+    ) -> Result<Prompt>;
     /// The processor's own `(min_pixels, max_pixels)`, where it has such limits (without,
     /// requests that give some are refused).
     fn pixel_range(&self) -> Option<(usize, usize)> {
@@ -72,14 +79,14 @@ impl<N: Network, P: PromptPreparer> Sessions for Family<N, P> {
 
 /// A family's prompt preparation makes prompts on its own (training has one beside the network).
 impl<P: PromptPreparer> PromptSource for P {
-    fn prompt(&self, image: &RgbImage, question: &str, pixels: PixelLimits) -> Result<Prompt> {
-        self.prepare_with(image, question, pixels)
+    fn prompt(&self, image: &RgbImage, question: &str, options: &PromptOptions) -> Result<Prompt> {
+        self.prepare_with(image, question, options)
     }
 }
 
 impl<N: Network, P: PromptPreparer> PromptSource for Family<N, P> {
-    fn prompt(&self, image: &RgbImage, question: &str, pixels: PixelLimits) -> Result<Prompt> {
-        VisionLanguageModel::prepare_with(self, image, question, pixels)
+    fn prompt(&self, image: &RgbImage, question: &str, options: &PromptOptions) -> Result<Prompt> {
+        VisionLanguageModel::prepare_with(self, image, question, options)
     }
 }
 
@@ -96,14 +103,19 @@ impl<N: Network, P: PromptPreparer> VisionLanguageModel for Family<N, P> {
         self.prompts.prepare(image, prompt)
     }
 
-    fn prepare_with(&self, image: &RgbImage, prompt: &str, pixels: PixelLimits) -> Result<Prompt> {
-        if self.prompts.pixel_range().is_none() && pixels != PixelLimits::default() {
+    fn prepare_with(
+        &self,
+        image: &RgbImage,
+        prompt: &str,
+        options: &PromptOptions,
+    ) -> Result<Prompt> {
+        if self.prompts.pixel_range().is_none() && options.pixels != PixelLimits::default() {
             return Err(Error::Input(format!(
                 "min_pixels / max_pixels do not apply to {} models",
                 self.architecture
             )));
         }
-        self.prompts.prepare_with(image, prompt, pixels)
+        self.prompts.prepare_with(image, prompt, options)
     }
 
     fn generation_config(&self) -> &GenerationConfig {

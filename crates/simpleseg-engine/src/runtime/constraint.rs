@@ -9,7 +9,8 @@
 //! a step costs a lookup.
 //!
 //! Presets: [`Grammar::polygon`] (the point protocol with normalized numbers of at most three
-//! decimals, one or more polygons of at least three points) and [`Grammar::bbox`].
+//! decimals, one or more polygons, at least one of three points or more) and
+//! [`Grammar::bbox`], each bare or in the answer forms the released data script trains.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use regex_automata::dfa::{dense, Automaton};
 use regex_automata::util::primitives::StateID;
 use regex_automata::{Anchored, Input};
+use simpleseg_core::templates::ANSWER_TEMPLATES;
 
 use crate::error::{Error, Result};
 use crate::text::TextTokenizer;
@@ -44,6 +46,26 @@ impl Default for PatternLimits {
 
 /// A normalized coordinate as SimpleSeg writes them: 0 or 1, or a fraction with 1-3 decimals.
 const NUMBER: &str = r"(?:0(?:\.[0-9]{1,3})?|1(?:\.0{1,3})?)";
+
+/// `body` bare, or in one of the answer forms the released data script trains
+/// ([`ANSWER_TEMPLATES`]: `{a}.`, `Sure, you can find it at {a}.`, `It is found at {a}.`,
+/// `It is at {a}.`), exactly: those prefixes and the final period, nothing else.
+fn answer_forms(body: &str) -> String {
+    let mut forms = vec![body.to_string()];
+    for template in ANSWER_TEMPLATES {
+        if let Some((before, after)) = template.split_once("{a}") {
+            let form = format!(
+                "{}{body}{}",
+                regex_syntax::escape(before),
+                regex_syntax::escape(after)
+            );
+            if !forms.contains(&form) {
+                forms.push(form);
+            }
+        }
+    }
+    format!("(?:{})", forms.join("|"))
+}
 
 /// Every token's bytes (`None` for tokens that are not whole UTF-8 text, never allowed) and
 /// the stop tokens.
@@ -152,22 +174,27 @@ impl Grammar {
     }
 
     /// The polygon answer: `[[[x, y], [x, y], [x, y], ...]]`, several polygons separated by
-    /// `, `, an optional final period.
+    /// `, `, at least one of three points or more, bare or in one of the trained answer forms
+    /// (`{a}.`, `It is at {a}.`, ...).
     pub fn polygon(tokens: Arc<TokenBytes>) -> Result<Self> {
         let point = format!(r"\[{NUMBER}, {NUMBER}\]");
+        // The data script writes every contour, one- and two-point ones too (the parser skips
+        // those, as pycocotools cannot draw them); at least one polygon has three points.
+        let short = format!(r"\[{point}(?:, {point})?\]");
         let polygon = format!(r"\[{point}(?:, {point}){{2,}}\]");
+        let any = format!(r"\[{point}(?:, {point})*\]");
         Grammar::regex(
             "polygon",
-            &format!(r"\[{polygon}(?:, {polygon})*\]\.?"),
+            &answer_forms(&format!(r"\[(?:{short}, )*{polygon}(?:, {any})*\]")),
             tokens,
         )
     }
 
-    /// A box answer: `[x1, y1, x2, y2]`, an optional final period.
+    /// A box answer: `[x1, y1, x2, y2]`, bare or in one of the trained answer forms.
     pub fn bbox(tokens: Arc<TokenBytes>) -> Result<Self> {
         Grammar::regex(
             "box",
-            &format!(r"\[{NUMBER}, {NUMBER}, {NUMBER}, {NUMBER}\]\.?"),
+            &answer_forms(&format!(r"\[{NUMBER}, {NUMBER}, {NUMBER}, {NUMBER}\]")),
             tokens,
         )
     }
@@ -197,6 +224,14 @@ impl Grammar {
     /// Whether the output so far (which led to `state`) is a complete answer.
     pub fn accepts(&self, state: StateID) -> bool {
         self.dfa.is_match_state(self.dfa.next_eoi_state(state))
+    }
+
+    /// Whether `text` is a whole answer the constraint accepts.
+    pub fn matches(&self, text: &str) -> bool {
+        self.start()
+            .ok()
+            .and_then(|start| self.walk(start, text.as_bytes()))
+            .is_some_and(|end| self.accepts(end))
     }
 
     /// The tokens allowed in `state`, by id.
@@ -435,6 +470,33 @@ mod tests {
     }
 
     #[test]
+    fn presets_accept_the_trained_answer_forms_exactly() {
+        let g = Grammar::polygon(vocabulary(&["<eos>", "x"], 0)).unwrap();
+        let a = "[[[0.1, 0.25], [0.9, 0.1], [0.5, 1.0]]]";
+        for form in [
+            a.to_string(),
+            format!("{a}."),
+            format!("Sure, you can find it at {a}."),
+            format!("It is found at {a}."),
+            format!("It is at {a}."),
+        ] {
+            assert!(g.matches(&form), "{form}");
+        }
+        for form in [
+            format!("It is at {a}"),
+            format!("It's at {a}."),
+            format!("Sure, you can find it at {a}.."),
+            format!(" {a}."),
+            "It is at .".to_string(),
+        ] {
+            assert!(!g.matches(&form), "{form}");
+        }
+        let b = Grammar::bbox(vocabulary(&["<eos>", "x"], 0)).unwrap();
+        assert!(b.matches("It is found at [0.1, 0.2, 0.3, 0.4]."));
+        assert!(!b.matches("It is found at [0.1, 0.2, 0.3]."));
+    }
+
+    #[test]
     fn polygon_grammar_allows_answers_and_their_prefixes_only() {
         let vocab = [
             "<eos>", "[", "[[", "[[[", "]", "]]", "]]]", ", ", ",", " ", "0", "1", "0.", ".", "5",
@@ -455,13 +517,18 @@ mod tests {
         assert!(!g.allowed(mid)[20]);
         let (ok, _) = allowed_path(&g, &vocab, &["[[[", "0.", "123", "4"]);
         assert!(!ok, "at most three decimals");
-        // Two points are not a polygon.
-        let (ok, _) = allowed_path(
+        // A two-point polygon alone is not an answer: the data script writes such contours,
+        // so one may come, but a polygon of three points or more must follow.
+        let (ok, short) = allowed_path(
             &g,
             &vocab,
             &["[[[", "0", ", ", "0", "]", ", ", "[", "1", ", ", "1", "]]"],
         );
-        assert!(!ok);
+        assert!(ok);
+        let close = vocab.iter().position(|t| *t == "]").unwrap();
+        assert!(!g.allowed(short)[0] && !g.allowed(short)[close]);
+        let (ok, _) = allowed_path(&g, &vocab, &["[[[", "0", ", ", "0", "]]]"]);
+        assert!(!ok, "a one-point polygon alone");
         // Numbers above 1 are refused.
         let (ok, _) = allowed_path(&g, &vocab, &["[[[", "12"]);
         assert!(!ok);

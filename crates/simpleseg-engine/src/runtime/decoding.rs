@@ -64,7 +64,9 @@ impl Decoding {
                 return None;
             }
         }
-        let token = self.sampler.next_token(&mut logits, &self.history);
+        let token = self
+            .sampler
+            .next_token(&mut logits, &self.history, self.generated.len());
         if self.stop.contains(&token) {
             self.stop_reason = Some(StopReason::Eos);
             self.stop_token = Some(token);

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use image::RgbImage;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::image_processing::ProcessedImage;
 use crate::runtime::sampling::GenerationConfig;
 use crate::text::TextTokenizer;
@@ -23,6 +23,15 @@ pub struct Prompt {
 pub struct PixelLimits {
     pub min_pixels: Option<usize>,
     pub max_pixels: Option<usize>,
+}
+
+/// How a prompt is prepared beyond its image and question.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PromptOptions {
+    /// Resizing limits for the image (families whose processor has them).
+    pub pixels: PixelLimits,
+    /// A system message before the user turn (the chat template's own default when `None`).
+    pub system: Option<String>,
 }
 
 /// Decoding state of sequences decoded together (see [`crate::runtime::session`]): the caches and positions
@@ -60,8 +69,9 @@ pub trait Sessions: Sync {
 /// [`VisionLanguageModel`], and a family's prompt preparation alone (training has one beside
 /// the network it trains).
 pub trait PromptSource: Sync {
-    /// Chat template applied, image processed within `pixels`, placeholders expanded.
-    fn prompt(&self, image: &RgbImage, question: &str, pixels: PixelLimits) -> Result<Prompt>;
+    /// Chat template applied (with `options`' system message), image processed within its
+    /// pixel limits, placeholders expanded.
+    fn prompt(&self, image: &RgbImage, question: &str, options: &PromptOptions) -> Result<Prompt>;
 }
 
 /// What every model architecture provides.
@@ -72,18 +82,15 @@ pub trait VisionLanguageModel: Sessions + PromptSource + Send + Sync {
     fn tokenizer(&self) -> &TextTokenizer;
     /// Chat template applied, image processed, placeholders expanded.
     fn prepare(&self, image: &RgbImage, prompt: &str) -> Result<Prompt>;
-    /// [`prepare`](Self::prepare) with the image resized within other pixel limits (as
-    /// vLLM's `mm_processor_kwargs` `min_pixels` / `max_pixels`); families whose processor has
-    /// no such limits refuse them.
-    fn prepare_with(&self, image: &RgbImage, prompt: &str, pixels: PixelLimits) -> Result<Prompt> {
-        if pixels != PixelLimits::default() {
-            return Err(Error::Input(format!(
-                "min_pixels / max_pixels do not apply to {} models",
-                self.architecture()
-            )));
-        }
-        self.prepare(image, prompt)
-    }
+    /// [`prepare`](Self::prepare) with a system message and the image resized within other
+    /// pixel limits (as vLLM's `mm_processor_kwargs` `min_pixels` / `max_pixels`); families
+    /// whose processor has no such limits refuse them.
+    fn prepare_with(
+        &self,
+        image: &RgbImage,
+        prompt: &str,
+        options: &PromptOptions,
+    ) -> Result<Prompt>;
     /// Decoding defaults from `generation_config.json`, with the stop tokens filled in.
     fn generation_config(&self) -> &GenerationConfig;
     /// The processor's own `(min_pixels, max_pixels)` for resized images, for families whose

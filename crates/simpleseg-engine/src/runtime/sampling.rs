@@ -1,5 +1,6 @@
 //! Decoding settings and the next-token choice, as transformers' `generate()` applies them:
-//! repetition penalty over every previous token (prompt included), then, when sampling,
+//! repetition penalty over every previous token (prompt included), OpenAI's presence and
+//! frequency penalties over the answer's tokens (as vLLM applies them), then, when sampling,
 //! temperature, top-k and top-p, and a draw from the resulting distribution.
 
 use rand::rngs::StdRng;
@@ -20,6 +21,10 @@ pub struct GenerationConfig {
     pub top_k: usize,
     pub top_p: f64,
     pub repetition_penalty: f64,
+    /// OpenAI's: subtracted from the logit of every token the answer already has.
+    pub presence_penalty: f64,
+    /// OpenAI's: subtracted once per occurrence in the answer so far.
+    pub frequency_penalty: f64,
     pub max_new_tokens: usize,
     /// Stop tokens; generation also stops on `<|im_end|>` when the tokenizer has it.
     pub eos_token_ids: Vec<u32>,
@@ -34,6 +39,8 @@ impl Default for GenerationConfig {
             top_k: 50,
             top_p: 1.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             max_new_tokens: 512,
             eos_token_ids: Vec::new(),
             seed: 0,
@@ -80,6 +87,14 @@ impl GenerationConfig {
                 "temperature must be at least {MIN_TEMPERATURE:e} when sampling (0 means greedy), got {}",
                 self.temperature
             ));
+        }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(format!("{name} must be in [-2, 2], got {value}"));
+            }
         }
         if !(0.0..=1.0).contains(&self.top_p) {
             return Err(format!("top_p must be in [0, 1], got {}", self.top_p));
@@ -130,9 +145,9 @@ impl Sampler {
     }
 
     /// Applies the logits processors to `logits` (one row of the vocabulary) given every
-    /// previous token, and picks the next token: the arg-max when not sampling (the first on
-    /// ties, as `torch.argmax`), a draw otherwise.
-    pub fn next_token(&mut self, logits: &mut [f32], previous: &[u32]) -> u32 {
+    /// previous token (the last `answer` of them the answer's own), and picks the next token:
+    /// the arg-max when not sampling (the first on ties, as `torch.argmax`), a draw otherwise.
+    pub fn next_token(&mut self, logits: &mut [f32], previous: &[u32], answer: usize) -> u32 {
         let c = &self.config;
         if c.repetition_penalty != 1.0 {
             let penalty = c.repetition_penalty as f32;
@@ -143,6 +158,20 @@ impl Sampler {
                     seen[t] = true;
                     let s = logits[t];
                     logits[t] = if s < 0.0 { s * penalty } else { s / penalty };
+                }
+            }
+        }
+        // OpenAI's definition, after the repetition penalty as vLLM orders them:
+        // logit -= count * frequency_penalty + (count > 0) * presence_penalty.
+        if c.presence_penalty != 0.0 || c.frequency_penalty != 0.0 {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &t in &previous[previous.len().saturating_sub(answer)..] {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= c.frequency_penalty as f32 * n as f32;
+                    *l -= c.presence_penalty as f32;
                 }
             }
         }
@@ -223,17 +252,36 @@ mod tests {
     }
 
     #[test]
+    fn presence_and_frequency_penalties_count_the_answer_only() {
+        let mut s = sampler(GenerationConfig {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..GenerationConfig::default()
+        });
+        // Token 2 is only in the prompt; the answer has token 0 twice and token 1 once:
+        // logits become [1 - 0.5 - 0.5, 1 - 0.5 - 0.25, 1].
+        let mut logits = [1.0, 1.0, 1.0];
+        assert_eq!(s.next_token(&mut logits, &[2, 0, 0, 1], 3), 2);
+        assert_eq!(logits, [0.0, 0.25, 1.0]);
+        let bad = GenerationConfig {
+            frequency_penalty: 2.5,
+            ..GenerationConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("frequency_penalty"));
+    }
+
+    #[test]
     fn greedy_with_repetition_penalty() {
         let mut s = sampler(GenerationConfig {
             repetition_penalty: 2.0,
             ..GenerationConfig::default()
         });
         // Token 0 wins unless penalized: 3.0 / 2 = 1.5 < 2.0.
-        assert_eq!(s.next_token(&mut [3.0, 2.0, -1.0], &[]), 0);
-        assert_eq!(s.next_token(&mut [3.0, 2.0, -1.0], &[0, 0]), 1);
+        assert_eq!(s.next_token(&mut [3.0, 2.0, -1.0], &[], 0), 0);
+        assert_eq!(s.next_token(&mut [3.0, 2.0, -1.0], &[0, 0], 0), 1);
         // Negative logits are multiplied.
         let mut l = [-1.0, -3.0];
-        s.next_token(&mut l, &[0]);
+        s.next_token(&mut l, &[0], 0);
         assert_eq!(l[0], -2.0);
     }
 
@@ -245,7 +293,7 @@ mod tests {
             ..GenerationConfig::default()
         });
         for _ in 0..20 {
-            assert_eq!(s.next_token(&mut [0.1, 5.0, 4.9], &[]), 1);
+            assert_eq!(s.next_token(&mut [0.1, 5.0, 4.9], &[], 0), 1);
         }
         let draws = |seed| {
             let mut s = sampler(GenerationConfig {
@@ -254,7 +302,7 @@ mod tests {
                 ..GenerationConfig::default()
             });
             (0..30)
-                .map(|_| s.next_token(&mut [1.0, 1.0, 1.0, 1.0], &[]))
+                .map(|_| s.next_token(&mut [1.0, 1.0, 1.0, 1.0], &[], 0))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draws(7), draws(7));

@@ -20,7 +20,7 @@ use crate::error::Result;
 use crate::runtime::constraint::Grammar;
 use crate::runtime::generator::{generate_batch, BatchRequest};
 use crate::runtime::model::{
-    GenerationOutput, PixelLimits, Prompt, PromptSource, StopReason, VisionLanguageModel,
+    GenerationOutput, Prompt, PromptOptions, PromptSource, StopReason, VisionLanguageModel,
 };
 use crate::runtime::sampling::GenerationConfig;
 
@@ -34,8 +34,8 @@ pub struct SegmentOptions {
     pub mode: ParseMode,
     /// What its numbers are measured in.
     pub coords: CoordMode,
-    /// Resizing limits for the image (families whose processor has them).
-    pub pixels: PixelLimits,
+    /// The system message and the image's resizing limits.
+    pub prompt: PromptOptions,
     /// The longest question, checked before it is built (a template may repeat `{query}`).
     pub max_question_bytes: usize,
 }
@@ -48,7 +48,7 @@ impl Default for SegmentOptions {
             prompt_template: None,
             mode: ParseMode::Robust,
             coords: CoordMode::Normalized,
-            pixels: PixelLimits::default(),
+            prompt: PromptOptions::default(),
             max_question_bytes: usize::try_from(simpleseg_core::limits::Limit::TextBytes.value())
                 .unwrap_or(usize::MAX),
         }
@@ -81,7 +81,7 @@ impl SegmentJob {
             options.prompt_template.as_deref(),
             options.max_question_bytes,
         )?;
-        let prompt = model.prompt(image, &question, options.pixels)?;
+        let prompt = model.prompt(image, &question, &options.prompt)?;
         Ok(SegmentJob {
             question,
             prompt,

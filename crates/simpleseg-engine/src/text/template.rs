@@ -137,12 +137,16 @@ impl ChatTemplate {
     }
 
     /// One user turn holding an image followed by a text prompt, as the official example builds
-    /// it.
-    pub fn image_prompt(&self, prompt: &str) -> Result<String> {
-        let messages = json!([{
+    /// it, after a system message when one is given (without, the template's own default).
+    pub fn image_prompt(&self, prompt: &str, system: Option<&str>) -> Result<String> {
+        let user = json!({
             "role": "user",
             "content": [{"type": "image"}, {"type": "text", "text": prompt}],
-        }]);
+        });
+        let messages = match system {
+            Some(system) => json!([{"role": "system", "content": system}, user]),
+            None => json!([user]),
+        };
         self.render(&messages, true)
     }
 }

@@ -33,13 +33,21 @@ def _text(completion):
 
 def make_iou_reward(column="rle", **options):
     """A reward function reading the ground truth from dataset column `column`, with reward
-    options as `simpleseg.iou_reward` takes them."""
+    options as `simpleseg.iou_reward` takes them. A row whose ground truth is None gets None
+    (TRL then leaves it out of this reward: rows of other tasks)."""
 
     def iou_reward(prompts, completions, **columns):
         if column not in columns:
             raise ValueError(f"the dataset has no {column!r} column with the ground-truth RLE")
         truths = [json.loads(t) if isinstance(t, str) else t for t in columns[column]]
-        return iou_rewards([_text(c) for c in completions], truths, **options)
+        # Rows without a mask (other tasks of a multi-task dataset) get None, which TRL
+        # leaves out of this reward.
+        scored = [i for i, t in enumerate(truths) if t is not None]
+        rewards = iou_rewards([_text(completions[i]) for i in scored], [truths[i] for i in scored], **options)
+        out = [None] * len(truths)
+        for i, r in zip(scored, rewards):
+            out[i] = r
+        return out
 
     iou_reward.__name__ = "simpleseg_iou"
     return iou_reward

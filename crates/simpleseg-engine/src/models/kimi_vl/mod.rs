@@ -27,7 +27,7 @@ use crate::models::deepseek_v3::DeepseekV3;
 use crate::models::family::{Family, Network, PromptPreparer};
 use crate::models::moonvit::MoonVit;
 use crate::runtime::kv_cache::KvCache;
-use crate::runtime::model::Prompt;
+use crate::runtime::model::{Prompt, PromptOptions};
 use crate::runtime::sampling::GenerationConfig;
 use crate::runtime::session::{last_position, Cohort, Decoder};
 use crate::text::tiktoken::TiktokenTokenizer;
@@ -185,9 +185,16 @@ impl PromptPreparer for PromptBuilder {
         &self.tokenizer
     }
 
-    fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
+    fn prepare_with(
+        &self,
+        image: &image::RgbImage,
+        prompt: &str,
+        options: &PromptOptions,
+    ) -> Result<Prompt> {
         let processed = preprocess(image, &self.image_config)?;
-        let text = self.template.image_prompt(prompt)?;
+        let text = self
+            .template
+            .image_prompt(prompt, options.system.as_deref())?;
         let count = processed.patches() / self.image_config.merge_area();
         let text = expand_placeholders(&text, &self.media_pad, &[count])?;
         Ok(Prompt {

@@ -28,7 +28,7 @@ use crate::models::family::{Family, Network, PromptPreparer};
 use crate::models::qwen2::{rope_index, TextModel};
 use crate::models::qwen2_5_vit::VisionTransformer;
 use crate::runtime::kv_cache::KvCache;
-use crate::runtime::model::{PixelLimits, Prompt};
+use crate::runtime::model::{Prompt, PromptOptions};
 use crate::runtime::sampling::GenerationConfig;
 use crate::runtime::session::{last_position, Cohort, Decoder};
 use crate::text::{ChatTemplate, TextTokenizer};
@@ -193,15 +193,17 @@ impl PromptBuilder {
         expand_placeholders(text, &self.image_token, &counts)
     }
 
-    /// One user turn with the image and the prompt, the image processed with `image_config`.
+    /// One user turn with the image and the prompt (after a system message when given), the
+    /// image processed with `image_config`.
     pub fn prepare_resized(
         &self,
         image: &image::RgbImage,
         prompt: &str,
+        system: Option<&str>,
         image_config: &ImageProcessorConfig,
     ) -> Result<Prompt> {
         let processed = preprocess(image, image_config)?;
-        let text = self.template.image_prompt(prompt)?;
+        let text = self.template.image_prompt(prompt, system)?;
         let text = self.expand_placeholders(&text, &[processed.grid_thw])?;
         Ok(Prompt {
             input_ids: self.tokenizer.encode(&text)?,
@@ -215,21 +217,17 @@ impl PromptPreparer for PromptBuilder {
         &self.tokenizer
     }
 
-    fn prepare(&self, image: &image::RgbImage, prompt: &str) -> Result<Prompt> {
-        self.prepare_resized(image, prompt, &self.image_config)
-    }
-
     fn prepare_with(
         &self,
         image: &image::RgbImage,
         prompt: &str,
-        pixels: PixelLimits,
+        options: &PromptOptions,
     ) -> Result<Prompt> {
         let mut config = self.image_config.clone();
-        if let Some(min) = pixels.min_pixels {
+        if let Some(min) = options.pixels.min_pixels {
             config.min_pixels = min;
         }
-        if let Some(max) = pixels.max_pixels {
+        if let Some(max) = options.pixels.max_pixels {
             config.max_pixels = max;
         }
         if config.min_pixels > config.max_pixels || config.max_pixels == 0 {
@@ -238,7 +236,7 @@ impl PromptPreparer for PromptBuilder {
                 config.min_pixels, config.max_pixels
             )));
         }
-        self.prepare_resized(image, prompt, &config)
+        self.prepare_resized(image, prompt, options.system.as_deref(), &config)
     }
 
     fn pixel_range(&self) -> Option<(usize, usize)> {

@@ -284,7 +284,7 @@ impl TrainingModel for Trainable {
             c.max_pixels,
         )?;
         let grid = [1, rh / c.patch_size, rw / c.patch_size];
-        let text = self.prompts.template.image_prompt(question)?;
+        let text = self.prompts.template.image_prompt(question, None)?;
         let text = self.prompts.expand_placeholders(&text, &[grid])?;
         let tokenizer = &self.prompts.tokenizer;
         let mut ids = tokenizer.encode(&text)?;
