@@ -28,6 +28,7 @@ pub mod contour;
 pub mod error;
 pub mod images;
 pub mod io;
+pub mod journal;
 pub mod limits;
 pub mod metrics;
 pub mod outputs;

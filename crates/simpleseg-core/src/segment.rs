@@ -153,12 +153,51 @@ impl Segmentation {
         })
     }
 
-    /// The result as JSON: polygons (normalized and pixel), `rle` (`{size, counts}`), bbox,
-    /// area, mode, coords, warnings.
+    /// The outline as SVG path data in pixels of the image, one closed subpath per polygon
+    /// (`M x,y L x,y ... Z`; coordinates to 3 decimals): what an editor imports.
+    pub fn svg_path(&self) -> String {
+        self.polygons_pixels
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let points: Vec<String> = p
+                    .iter()
+                    .map(|&[x, y]| format!("{},{}", svg_number(x), svg_number(y)))
+                    .collect();
+                format!("M {} Z", points.join(" L "))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// A standalone SVG document of the image's size with the outline: one filled path per
+    /// polygon, so that overlapping polygons add up as the mask's union does.
+    pub fn svg_document(&self) -> String {
+        let (w, h) = (self.mask.width(), self.mask.height());
+        let mut doc = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\">\n"
+        );
+        for polygon in self.polygons_pixels.iter().filter(|p| !p.is_empty()) {
+            let single = Segmentation {
+                polygons_pixels: vec![polygon.clone()],
+                ..self.clone()
+            };
+            doc.push_str(&format!(
+                "  <path d=\"{}\" fill=\"#ff3b30\" fill-opacity=\"0.5\" stroke=\"#ff3b30\"/>\n",
+                single.svg_path()
+            ));
+        }
+        doc.push_str("</svg>\n");
+        doc
+    }
+
+    /// The result as JSON: polygons (normalized and pixel), `svg` (the outline as SVG path
+    /// data in pixels), `rle` (`{size, counts}`), bbox, area, mode, coords, warnings.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "polygons": self.polygons_normalized,
             "polygons_pixels": self.polygons_pixels,
+            "svg": self.svg_path(),
             "rle": self.mask.to_json_value(),
             "bbox": self.bbox,
             "area": self.area,
@@ -168,6 +207,17 @@ impl Segmentation {
             "coords": self.coords,
             "warnings": self.warnings,
         })
+    }
+}
+
+/// A coordinate with at most 3 decimals and no trailing zeros (`12`, `12.5`, `12.346`).
+fn svg_number(v: f64) -> String {
+    let text = format!("{v:.3}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    if text == "-0" {
+        "0".to_string()
+    } else {
+        text.to_string()
     }
 }
 
@@ -195,6 +245,40 @@ mod tests {
         assert!(err.to_string().contains("12000 bytes"), "{err}");
         let fits = Target::Query("q".into()).prompt_within(Some(&repeated), 1000);
         assert_eq!(fits.unwrap(), "q".repeat(1000));
+    }
+
+    #[test]
+    fn the_svg_outline_draws_the_same_mask() {
+        let answer = "[[[0.1, 0.05], [0.6, 0.1], [0.45, 0.7]], [[0.7, 0.7], [0.95, 0.72], [0.8, 0.99], [0.66, 0.9]]]";
+        let s =
+            Segmentation::from_answer(answer, 40, 30, ParseMode::Official, CoordMode::Normalized)
+                .unwrap();
+        let path = s.svg_path();
+        assert!(
+            path.starts_with("M 4,1.5 L 24,3 L 18,21 Z M 28,21"),
+            "{path}"
+        );
+        // The path's subpaths, read back as an answer in pixels, rasterize to the same mask.
+        let polygons: Vec<String> = path
+            .split(" Z")
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                let points: Vec<String> = p
+                    .trim()
+                    .trim_start_matches("M ")
+                    .split(" L ")
+                    .map(|xy| format!("[{xy}]"))
+                    .collect();
+                format!("[{}]", points.join(", "))
+            })
+            .collect();
+        let back = format!("[{}]", polygons.join(", "));
+        let again =
+            Segmentation::from_answer(&back, 40, 30, ParseMode::Robust, CoordMode::Pixels).unwrap();
+        assert_eq!(again.mask, s.mask);
+        let doc = s.svg_document();
+        assert!(doc.contains("viewBox=\"0 0 40 30\""));
+        assert_eq!(doc.matches("<path ").count(), 2);
     }
 
     #[test]

@@ -128,6 +128,15 @@ impl Backend for LocalBackend {
             "top_k": c.top_k,
             "eos_token_ids": c.eos_token_ids,
         });
+        // Recorded when used, so that runs made before these options existed still resume.
+        for (name, value) in [
+            ("presence_penalty", c.presence_penalty),
+            ("frequency_penalty", c.frequency_penalty),
+        ] {
+            if value != 0.0 {
+                identity[name] = json!(value);
+            }
+        }
         if let Some(q) = &self.quantize {
             identity["quantize"] = json!(q);
         }

@@ -13,7 +13,8 @@ use std::sync::{mpsc, OnceLock};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use simpleseg_core::io::{write_atomic, Outputs};
+use simpleseg_core::io::Outputs;
+use simpleseg_core::journal::{check_settings, read_journal};
 use simpleseg_core::limits::{read_text_file_bounded, Limit};
 use simpleseg_core::templates::fill_prompt;
 use simpleseg_core::{CoordMode, ParseMode, RleMask};
@@ -158,42 +159,6 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Reads finished predictions, dropping (and truncating away) a half-written last line.
-fn read_predictions(path: &Path) -> Result<Vec<Prediction>> {
-    if !path.is_file() {
-        return Ok(Vec::new());
-    }
-    let text = read_text_file_bounded(path, Limit::DataBytes)?;
-    let mut out = Vec::new();
-    let mut good_bytes = 0usize;
-    let lines: Vec<&str> = text.split_inclusive('\n').collect();
-    for (n, line) in lines.iter().enumerate() {
-        let complete = line.ends_with('\n');
-        match serde_json::from_str::<Prediction>(line.trim_end()) {
-            Ok(p) if complete => {
-                out.push(p);
-                good_bytes += line.len();
-            }
-            _ if n + 1 == lines.len() => break, // the half-written last line
-            Err(e) => {
-                return Err(Error::BadFile {
-                    path: path.to_path_buf(),
-                    message: format!("line {}: {e}", n + 1),
-                })
-            }
-            Ok(_) => unreachable!("only the last line can lack a newline"),
-        }
-    }
-    if good_bytes < text.len() {
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(io(path))?;
-        file.set_len(good_bytes as u64).map_err(io(path))?;
-    }
-    Ok(out)
-}
-
 /// Metrics from predictions, in (ref_id, sent_id) order.
 pub fn metrics_of(predictions: &[Prediction]) -> Metrics {
     let sorted: BTreeMap<(u64, u64), Score> = predictions
@@ -218,35 +183,16 @@ pub fn run(
         ));
     }
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
-    let run_path = out_dir.join("run.json");
     // Everything that changes answers or scores; a resumed run must match it exactly.
-    let record = json!({"config": config, "backend": backend.identity()});
-    if run_path.is_file() {
-        let text = read_text_file_bounded(&run_path, Limit::DataBytes)?;
-        let previous: Value = serde_json::from_str(&text).map_err(|e| Error::BadFile {
-            path: run_path.clone(),
-            message: e.to_string(),
-        })?;
-        let mut changes = Vec::new();
-        differences(&previous, &record, "", &mut changes);
-        if !changes.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{} holds a run with other settings: {}; use another --out or remove it",
-                out_dir.display(),
-                changes.join("; ")
-            )));
-        }
-    } else {
-        write_atomic(&run_path, |w| {
-            serde_json::to_writer_pretty(&mut *w, &record).map_err(|e| e.to_string())?;
-            writeln!(w).map_err(|e| e.to_string())
-        })?;
-    }
+    check_settings(
+        out_dir,
+        &json!({"config": config, "backend": backend.identity()}),
+    )?;
     let pred_path = out_dir.join("predictions.jsonl");
     let all = samples(items, config.limit);
     // Only the current split's samples count, whatever else the file holds.
     let wanted: HashSet<(u64, u64)> = all.iter().map(|s| (s.ref_id, s.sent_id)).collect();
-    let mut predictions = read_predictions(&pred_path)?;
+    let mut predictions: Vec<Prediction> = read_journal(&pred_path)?;
     predictions.retain(|p| wanted.contains(&(p.ref_id, p.sent_id)));
     let done: HashSet<(u64, u64)> = predictions.iter().map(|p| (p.ref_id, p.sent_id)).collect();
     let todo: Vec<&Sample> = all
@@ -390,43 +336,6 @@ pub fn write_report(out_dir: &Path, report: &Report) -> Result<()> {
     })?;
     outputs.commit()?;
     Ok(())
-}
-
-/// The places where two records differ, as `path: before -> now` lines.
-fn differences(before: &Value, now: &Value, path: &str, out: &mut Vec<String>) {
-    let show = |v: Option<&Value>| match v {
-        None => "(not recorded)".to_string(),
-        Some(v) => {
-            let text = v.to_string();
-            if text.chars().count() > 80 {
-                format!("{}...", text.chars().take(77).collect::<String>())
-            } else {
-                text
-            }
-        }
-    };
-    match (before, now) {
-        (Value::Object(a), Value::Object(b)) => {
-            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-            for key in keys {
-                let sub = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
-                match (a.get(key), b.get(key)) {
-                    (Some(x), Some(y)) => differences(x, y, &sub, out),
-                    (x, y) => out.push(format!("{sub} was {} and is now {}", show(x), show(y))),
-                }
-            }
-        }
-        _ if before != now => out.push(format!(
-            "{path} was {} and is now {}",
-            show(Some(before)),
-            show(Some(now))
-        )),
-        _ => {}
-    }
 }
 
 fn pct(x: f64) -> String {

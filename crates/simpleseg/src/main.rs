@@ -3,6 +3,7 @@
 // Every unwrap or expect outside tests is a decision: a panic reachable from input is a bug.
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
+mod batch_cmd;
 mod data_cmds;
 mod embedded;
 mod eval_cmds;

@@ -18,7 +18,9 @@ use simpleseg_engine::{
     PromptOptions, VisionLanguageModel,
 };
 
-use crate::options::{at_least_one, CoordsArg, GenerationArgs, MaskOutputs, ModeArg, ModelArgs};
+use crate::options::{
+    at_least_one, numbers, CoordsArg, GenerationArgs, MaskOutputs, ModeArg, ModelArgs,
+};
 use crate::protocol_cmds::write_outputs;
 
 /// The compiled grammar of `constraint` over `model`'s vocabulary.
@@ -57,34 +59,31 @@ pub struct ChatArgs {
 }
 
 /// Segment an object: ask the model for its outline, decode the answer into a mask, write it.
-/// With no output flag, writes <image stem>.mask.png and <image stem>.overlay.png here.
+/// With no output flag, writes <image stem>.mask.png and <image stem>.overlay.png here. With
+/// --batch, segments every item of a JSON lines file or every image of a folder into --out
+/// (answers.jsonl, coco_results.json, masks/), decoding --batch-size items together; a rerun
+/// resumes.
 #[derive(Args, Debug)]
 pub struct SegmentArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// The image.
-    #[arg(long, value_name = "IMG")]
-    image: PathBuf,
-    /// What to segment, e.g. "the man in red".
-    #[arg(long, value_name = "TEXT", required_unless_present_any = ["point", "r#box"], conflicts_with_all = ["point", "r#box"])]
-    query: Option<String>,
-    /// Or a point on the object, normalized: `--point 0.62,0.59`.
     #[arg(
         long,
-        value_name = "X,Y",
-        value_delimiter = ',',
-        num_args = 2,
-        conflicts_with = "r#box"
+        value_name = "IMG",
+        required_unless_present = "batch",
+        conflicts_with = "batch"
     )]
-    point: Option<Vec<f64>>,
+    image: Option<PathBuf>,
+    /// What to segment, e.g. "the man in red" (with --batch: for items that name nothing).
+    #[arg(long, value_name = "TEXT", required_unless_present_any = ["point", "box", "batch"], conflicts_with_all = ["point", "box"])]
+    query: Option<String>,
+    /// Or a point on the object, normalized: `--point 0.62,0.59`.
+    #[arg(long, value_name = "X,Y", value_parser = numbers::<2>, conflicts_with = "box")]
+    point: Option<[f64; 2]>,
     /// Or a box around it, normalized: `--box 0.37,0.16,0.78,0.61`.
-    #[arg(
-        long = "box",
-        value_name = "X1,Y1,X2,Y2",
-        value_delimiter = ',',
-        num_args = 4
-    )]
-    r#box: Option<Vec<f64>>,
+    #[arg(long = "box", value_name = "X1,Y1,X2,Y2", value_parser = numbers::<4>)]
+    r#box: Option<[f64; 4]>,
     /// The prompt; {query} is replaced by the query.
     #[arg(long, default_value = DEFAULT_PROMPT)]
     prompt_template: String,
@@ -99,8 +98,28 @@ pub struct SegmentArgs {
     #[command(flatten)]
     generation: GenerationArgs,
     /// Print one JSON line: the answer, its polygons, the mask and timings.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "batch")]
     json: bool,
+    /// Segment many images: a JSON lines file of {"image", "query" | "point" | "box", "id"?,
+    /// "image_id"?, "category_id"?} (image paths relative to the file), or a folder of images
+    /// (each segmented for --query, --point or --box).
+    #[arg(long, value_name = "FILE|DIR", requires = "out")]
+    batch: Option<PathBuf>,
+    /// The batch's output folder: answers.jsonl (one line per item, in input order: the
+    /// segmentation or the item's error), coco_results.json (COCO results: image_id,
+    /// category_id, segmentation as RLE, bbox, area, score, id), masks/ID.png, run.json. A
+    /// rerun resumes where a killed run stopped, and refuses other settings.
+    #[arg(long, value_name = "DIR", requires = "batch")]
+    out: Option<PathBuf>,
+    /// Items decoded together in a batch.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = at_least_one, requires = "batch")]
+    batch_size: usize,
+    /// Write no masks/ID.png files (the masks stay in answers.jsonl and coco_results.json).
+    #[arg(long, requires = "batch")]
+    no_masks: bool,
+    /// Also write each outline as svg/ID.svg in the batch's folder.
+    #[arg(long, requires = "batch")]
+    svg: bool,
 }
 
 impl SegmentArgs {
@@ -108,10 +127,15 @@ impl SegmentArgs {
     fn target(&self) -> Result<Target> {
         Ok(match (&self.query, &self.point, &self.r#box) {
             (Some(q), _, _) => Target::Query(q.clone()),
-            (_, Some(p), _) => Target::Point([p[0], p[1]]),
-            (_, _, Some(b)) => Target::Box([b[0], b[1], b[2], b[3]]),
+            (_, Some(p), _) => Target::Point(*p),
+            (_, _, Some(b)) => Target::Box(*b),
             _ => bail!("give --query, --point or --box"),
         })
+    }
+
+    /// The target the command line gives, if any (a batch's items may name their own).
+    fn given_target(&self) -> Option<Target> {
+        self.target().ok()
     }
 }
 
@@ -230,9 +254,17 @@ fn chat_samples(
 }
 
 pub fn segment(args: SegmentArgs) -> Result<()> {
+    let o = &args.outputs;
+    if args.batch.is_some()
+        && (o.rle_out.is_some()
+            || o.mask_out.is_some()
+            || o.overlay_out.is_some()
+            || o.svg_out.is_some())
+    {
+        bail!("--batch writes its outputs into --out; --rle-out, --mask-out, --overlay-out and --svg-out are for one image");
+    }
     let model = args.model.load()?;
     let config = args.generation.apply(model.generation_config())?;
-    let rgb = open_image(&args.image)?;
     let options = SegmentOptions {
         prompt_template: Some(args.prompt_template.clone()),
         mode: ParseMode::from(args.mode),
@@ -245,6 +277,28 @@ pub fn segment(args: SegmentArgs) -> Result<()> {
         .as_ref()
         .map(|c| grammar(c, model.as_ref(), &config))
         .transpose()?;
+    if let (Some(input), Some(out)) = (&args.batch, &args.out) {
+        return crate::batch_cmd::run(
+            model.as_ref(),
+            &crate::batch_cmd::BatchSettings {
+                input,
+                out,
+                default_target: args.given_target(),
+                batch_size: args.batch_size,
+                masks: !args.no_masks,
+                svg: args.svg,
+                options,
+                config,
+                grammar,
+                model_name: args.model.model_name(),
+                model_dir: args.model.dir()?,
+            },
+        );
+    }
+    let Some(image) = &args.image else {
+        bail!("give --image, or --batch with --out");
+    };
+    let rgb = open_image(image)?;
     let result = run_pipeline(
         model.as_ref(),
         &rgb,
@@ -255,16 +309,19 @@ pub fn segment(args: SegmentArgs) -> Result<()> {
         |_| {},
     )?;
     let mut outputs = args.outputs;
-    if outputs.rle_out.is_none() && outputs.mask_out.is_none() && outputs.overlay_out.is_none() {
-        let stem = args
-            .image
+    if outputs.rle_out.is_none()
+        && outputs.mask_out.is_none()
+        && outputs.overlay_out.is_none()
+        && outputs.svg_out.is_none()
+    {
+        let stem = image
             .file_stem()
             .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
         outputs.mask_out = Some(PathBuf::from(format!("{stem}.mask.png")));
         outputs.overlay_out = Some(PathBuf::from(format!("{stem}.overlay.png")));
     }
     let mask = &result.segmentation.mask;
-    let written = write_outputs(&outputs, mask, Some(&rgb))?;
+    let written = write_outputs(&outputs, &result.segmentation, Some(&rgb))?;
     if args.json {
         let mut report = result.to_json();
         report["written"] = json!(written);

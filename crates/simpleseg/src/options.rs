@@ -265,6 +265,10 @@ pub struct MaskOutputs {
     /// Write the image with the mask drawn over it (needs --image).
     #[arg(long, value_name = "O.png")]
     pub overlay_out: Option<PathBuf>,
+    /// Write the outline as an SVG document of the image's size (one path per polygon, in
+    /// pixels), for vector editors.
+    #[arg(long, value_name = "O.svg")]
+    pub svg_out: Option<PathBuf>,
 }
 
 /// Parses a count that must be at least 1 (a clap value parser).
@@ -274,6 +278,23 @@ pub fn at_least_one(text: &str) -> std::result::Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Parses `N` comma-separated finite numbers, `0.62,0.59` (a clap value parser).
+pub fn numbers<const N: usize>(text: &str) -> std::result::Result<[f64; N], String> {
+    let values: Vec<f64> = text
+        .split(',')
+        .map(|v| v.trim().parse::<f64>().map_err(|e| format!("{v:?}: {e}")))
+        .collect::<std::result::Result<_, _>>()?;
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err("the numbers must be finite".into());
+    }
+    <[f64; N]>::try_from(values.as_slice()).map_err(|_| {
+        format!(
+            "expected {N} numbers separated by commas, got {}",
+            values.len()
+        )
+    })
 }
 
 /// Parses a number from 0 to 1 (a clap value parser).

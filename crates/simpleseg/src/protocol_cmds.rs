@@ -11,6 +11,7 @@ use simpleseg_core::io::{encode_mask_png, read_mask_png, read_rle_json, Outputs}
 use simpleseg_core::limits::{read_file_bounded, read_to_end_bounded, Limit};
 use simpleseg_core::overlay::draw_overlay;
 use simpleseg_core::pyrepr::float_repr;
+use simpleseg_core::segment::Segmentation;
 use simpleseg_core::target::{target_from_rle, DEFAULT_EPSILON_RATIO};
 use simpleseg_core::{parse_answer, CoordMode, ParseMode, ParsedAnswer, RleMask};
 
@@ -91,9 +92,10 @@ pub fn read_text(path: &Path) -> Result<String> {
 /// Writes the requested mask outputs, all or none; returns the paths written.
 pub fn write_outputs(
     outputs: &MaskOutputs,
-    mask: &RleMask,
+    segmentation: &Segmentation,
     image: Option<&image::RgbImage>,
 ) -> Result<Vec<PathBuf>> {
+    let mask = &segmentation.mask;
     let mut staged = Outputs::default();
     if let Some(path) = &outputs.rle_out {
         staged.add(path, |w| {
@@ -114,6 +116,12 @@ pub fn write_outputs(
         let overlay = draw_overlay(image, mask)?;
         staged.add(path, |w| {
             overlay.write_to(w, format).map_err(|e| e.to_string())
+        })?;
+    }
+    if let Some(path) = &outputs.svg_out {
+        staged.add(path, |w| {
+            w.write_all(segmentation.svg_document().as_bytes())
+                .map_err(|e| e.to_string())
         })?;
     }
     Ok(staged.commit()?)
@@ -158,10 +166,11 @@ pub fn decode(args: DecodeArgs) -> Result<()> {
     let mode = ParseMode::from(args.mode);
     let coords = CoordMode::from(args.coords);
     let parsed = parse_answer(&text, mode);
-    let mask = parsed.mask(width, height, coords)?;
-    let written = write_outputs(&args.outputs, &mask, image.as_ref())?;
+    let segmentation = Segmentation::from_parsed(&parsed, width, height, coords)?;
+    let mask = &segmentation.mask;
+    let written = write_outputs(&args.outputs, &segmentation, image.as_ref())?;
     if args.json {
-        println!("{}", answer_json(&parsed, coords, &mask));
+        println!("{}", answer_json(&parsed, coords, mask));
     } else {
         for w in &parsed.warnings {
             eprintln!("warning: {}", w.message);
