@@ -47,5 +47,5 @@ pub use runtime::model::{
     GenerationOutput, PixelLimits, Prompt, PromptOptions, Session, StopReason, Timings,
     VisionLanguageModel,
 };
-pub use runtime::sampling::{GenerationConfig, Sampler};
+pub use runtime::sampling::{GenerationConfig, Sampler, SamplingOverrides};
 pub use text::{ChatTemplate, TextTokenizer};

@@ -1,6 +1,9 @@
-//! `simpleseg._simpleseg`: simpleseg's protocol core for Python. Thin wrappers only: every
-//! computation is `simpleseg-core`'s, so answers, masks, targets, metrics and rewards are the
-//! same numbers the command line gives. Errors raise `ValueError` with the core's messages.
+//! `simpleseg._simpleseg`: simpleseg for Python. Thin wrappers only: every computation is
+//! `simpleseg-core`'s or the engine's ([`model`]), so answers, masks, targets, metrics and
+//! rewards are the same numbers the command line gives. Errors raise `ValueError` (bad
+//! input) and the like with the command line's messages.
+
+mod model;
 
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray2, PyReadonlyArray2, PyUntypedArrayMethods};
@@ -25,7 +28,7 @@ fn coord_mode(coords: &str) -> PyResult<CoordMode> {
 }
 
 /// A JSON value as Python objects (through the `json` module, exact for numbers).
-fn to_python(py: Python<'_>, value: &serde_json::Value) -> PyResult<Py<PyAny>> {
+pub(crate) fn to_python(py: Python<'_>, value: &serde_json::Value) -> PyResult<Py<PyAny>> {
     let json = py.import("json")?;
     Ok(json.call_method1("loads", (value.to_string(),))?.unbind())
 }
@@ -70,7 +73,7 @@ fn rle_from_py(obj: &Bound<'_, PyAny>) -> PyResult<RleMask> {
 }
 
 /// A COCO RLE dict as pycocotools writes it: `{"size": [h, w], "counts": str}`.
-fn rle_to_py(py: Python<'_>, mask: &RleMask) -> PyResult<Py<PyAny>> {
+pub(crate) fn rle_to_py(py: Python<'_>, mask: &RleMask) -> PyResult<Py<PyAny>> {
     let d = PyDict::new(py);
     d.set_item("size", PyList::new(py, [mask.height(), mask.width()])?)?;
     d.set_item("counts", mask.to_compressed())?;
@@ -107,7 +110,10 @@ fn mask_from_array(mask: &Bound<'_, PyAny>) -> PyResult<RleMask> {
     result.map_err(value_error)
 }
 
-fn mask_to_array<'py>(py: Python<'py>, mask: &RleMask) -> PyResult<Bound<'py, PyArray2<u8>>> {
+pub(crate) fn mask_to_array<'py>(
+    py: Python<'py>,
+    mask: &RleMask,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let (h, w) = (mask.height() as usize, mask.width() as usize);
     let values = mask.to_row_major().map_err(value_error)?;
     let array = Array2::from_shape_vec((h, w), values).map_err(value_error)?;
@@ -456,5 +462,8 @@ fn _simpleseg(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(iou_rewards, m)?)?;
     m.add_function(wrap_pyfunction!(reward_histogram, m)?)?;
     m.add_class::<Metrics>()?;
+    m.add_class::<model::Model>()?;
+    m.add_class::<model::Segmentation>()?;
+    m.add_class::<model::ChatAnswer>()?;
     Ok(())
 }

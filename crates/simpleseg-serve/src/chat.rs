@@ -12,7 +12,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use simpleseg_engine::runtime::scheduler::{Constraint, Event};
-use simpleseg_engine::{GenerationConfig, PixelLimits};
+use simpleseg_engine::{GenerationConfig, PixelLimits, SamplingOverrides};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::guard::Admitted;
@@ -141,45 +141,23 @@ impl Sampling {
     /// turn sampling on; temperature 0 is greedy. `max_tokens` defaults to the model's
     /// generation config (512 when it says nothing).
     pub fn config(&self, defaults: &GenerationConfig) -> Result<GenerationConfig, ApiError> {
-        let mut c = defaults.clone();
-        if let Some(m) = self.max_tokens {
-            if m == 0 {
-                return Err(ApiError::bad_request("max_tokens must be at least 1"));
-            }
-            c.max_new_tokens = m;
+        if self.max_tokens == Some(0) {
+            return Err(ApiError::bad_request("max_tokens must be at least 1"));
         }
-        if self.top_p.is_some() || self.top_k.is_some() || self.seed.is_some() {
-            c.do_sample = true;
-        }
-        match self.temperature {
-            Some(0.0) => c.do_sample = false,
-            Some(t) => {
-                c.do_sample = true;
-                c.temperature = t;
-            }
-            None => {}
-        }
-        if let Some(p) = self.top_p {
-            c.top_p = p;
-        }
-        if let Some(k) = self.top_k {
+        SamplingOverrides {
+            max_new_tokens: self.max_tokens,
+            greedy: false,
+            temperature: self.temperature,
+            top_p: self.top_p,
             // vLLM's -1 (and 0) mean no top-k.
-            c.top_k = usize::try_from(k).unwrap_or(0);
+            top_k: self.top_k.map(|k| usize::try_from(k).unwrap_or(0)),
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
         }
-        if let Some(s) = self.seed {
-            c.seed = s;
-        }
-        if let Some(r) = self.repetition_penalty {
-            c.repetition_penalty = r;
-        }
-        if let Some(p) = self.presence_penalty {
-            c.presence_penalty = p;
-        }
-        if let Some(f) = self.frequency_penalty {
-            c.frequency_penalty = f;
-        }
-        c.validate().map_err(ApiError::bad_request)?;
-        Ok(c)
+        .apply(defaults)
+        .map_err(ApiError::bad_request)
     }
 }
 

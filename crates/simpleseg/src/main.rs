@@ -5,7 +5,6 @@
 
 mod batch_cmd;
 mod data_cmds;
-mod embedded;
 mod eval_cmds;
 mod interrupts;
 mod model_cmds;
@@ -126,7 +125,7 @@ fn main() -> ExitCode {
         Command::Train(command) => train_cmds::run(command),
         Command::Target(args) => protocol_cmds::target(args),
         Command::Iou(args) => protocol_cmds::iou(args),
-        Command::ExportModel(args) => embedded::export(&args.out),
+        Command::ExportModel(args) => simpleseg_builtin::export(&args.out).map_err(Into::into),
         Command::Quantize(args) => quantize_cmd::quantize(args),
         Command::Serve(args) => serve_cmd::serve(args),
     };

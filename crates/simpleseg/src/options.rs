@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use simpleseg_core::{CoordMode, ParseMode};
 use simpleseg_engine::runtime::constraint::Constraint;
-use simpleseg_engine::{GenerationConfig, LoadOptions, VisionLanguageModel};
+use simpleseg_engine::{GenerationConfig, LoadOptions, SamplingOverrides, VisionLanguageModel};
 
 /// Where and how to load a model.
 #[derive(Args, Debug)]
@@ -91,16 +91,17 @@ impl QuantizeArg {
 impl ModelArgs {
     /// How the model is named in reports.
     pub fn model_name(&self) -> String {
-        self.model
-            .as_ref()
-            .map_or_else(|| crate::embedded::NAME.into(), |p| p.display().to_string())
+        self.model.as_ref().map_or_else(
+            || simpleseg_builtin::NAME.into(),
+            |p| p.display().to_string(),
+        )
     }
 
     /// The model folder: `--model`, or the embedded model's cached copy.
     pub fn dir(&self) -> Result<PathBuf> {
         match &self.model {
             Some(dir) => Ok(dir.clone()),
-            None => crate::embedded::folder(),
+            None => Ok(simpleseg_builtin::folder()?),
         }
     }
 
@@ -135,7 +136,7 @@ pub struct GenerationArgs {
     /// Always take the most likely token (keeps the repetition penalty).
     #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k", "seed"])]
     pub greedy: bool,
-    /// Sample with this temperature.
+    /// Sample with this temperature (0: greedy).
     #[arg(long, value_name = "T")]
     pub temperature: Option<f64>,
     /// Sample from the smallest set of tokens whose probability reaches P.
@@ -177,43 +178,19 @@ fn constraint_preset() -> impl clap::builder::TypedValueParser<Value = Constrain
 impl GenerationArgs {
     /// The model's defaults with these options applied.
     pub fn apply(&self, defaults: &GenerationConfig) -> Result<GenerationConfig> {
-        let mut c = defaults.clone();
-        if let Some(n) = self.max_new_tokens {
-            c.max_new_tokens = n;
+        SamplingOverrides {
+            max_new_tokens: self.max_new_tokens,
+            greedy: self.greedy,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
         }
-        if self.greedy {
-            c.do_sample = false;
-        }
-        if self.temperature.is_some()
-            || self.top_p.is_some()
-            || self.top_k.is_some()
-            || self.seed.is_some()
-        {
-            c.do_sample = true;
-        }
-        if let Some(t) = self.temperature {
-            c.temperature = t;
-        }
-        if let Some(p) = self.top_p {
-            c.top_p = p;
-        }
-        if let Some(k) = self.top_k {
-            c.top_k = k;
-        }
-        if let Some(r) = self.repetition_penalty {
-            c.repetition_penalty = r;
-        }
-        if let Some(p) = self.presence_penalty {
-            c.presence_penalty = p;
-        }
-        if let Some(f) = self.frequency_penalty {
-            c.frequency_penalty = f;
-        }
-        if let Some(s) = self.seed {
-            c.seed = s;
-        }
-        c.validate().map_err(anyhow::Error::msg)?;
-        Ok(c)
+        .apply(defaults)
+        .map_err(anyhow::Error::msg)
     }
 }
 

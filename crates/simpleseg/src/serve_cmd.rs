@@ -94,7 +94,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             .and_then(|p| p.file_name())
             .map_or_else(
                 || {
-                    crate::embedded::NAME
+                    simpleseg_builtin::NAME
                         .split(' ')
                         .next()
                         .unwrap_or("simpleseg-tiny")

@@ -125,6 +125,71 @@ impl GenerationConfig {
     }
 }
 
+/// A caller's changes to a model's decoding defaults, as the command line, the server and the
+/// Python `Model` take them: `greedy`, or a temperature of 0, decodes greedily; a temperature,
+/// `top_p`, `top_k` or a seed otherwise turns sampling on.
+#[derive(Clone, Debug, Default)]
+pub struct SamplingOverrides {
+    pub max_new_tokens: Option<usize>,
+    pub greedy: bool,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<u64>,
+}
+
+impl SamplingOverrides {
+    /// `defaults` with these changes, checked ([`GenerationConfig::validate`]).
+    pub fn apply(
+        &self,
+        defaults: &GenerationConfig,
+    ) -> std::result::Result<GenerationConfig, String> {
+        let mut c = defaults.clone();
+        if let Some(n) = self.max_new_tokens {
+            if n == 0 {
+                return Err("max_new_tokens must be at least 1".into());
+            }
+            c.max_new_tokens = n;
+        }
+        if self.temperature.is_some()
+            || self.top_p.is_some()
+            || self.top_k.is_some()
+            || self.seed.is_some()
+        {
+            c.do_sample = true;
+        }
+        if let Some(t) = self.temperature {
+            c.temperature = t;
+        }
+        if self.greedy || self.temperature == Some(0.0) {
+            c.do_sample = false;
+        }
+        if let Some(p) = self.top_p {
+            c.top_p = p;
+        }
+        if let Some(k) = self.top_k {
+            c.top_k = k;
+        }
+        if let Some(r) = self.repetition_penalty {
+            c.repetition_penalty = r;
+        }
+        if let Some(p) = self.presence_penalty {
+            c.presence_penalty = p;
+        }
+        if let Some(f) = self.frequency_penalty {
+            c.frequency_penalty = f;
+        }
+        if let Some(s) = self.seed {
+            c.seed = s;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
 /// Chooses next tokens.
 pub struct Sampler {
     config: GenerationConfig,

@@ -1,5 +1,12 @@
-"""SimpleSeg's exact protocol for Python: answer parsing, pycocotools-exact masks, the data
-script's targets, metrics and the IoU reward, computed by simpleseg's Rust core.
+"""SimpleSeg for Python: models that segment (`simpleseg.Model`), and the exact protocol:
+answer parsing, pycocotools-exact masks, the data script's targets, metrics and the IoU
+reward, computed by simpleseg's Rust core.
+
+    import simpleseg
+    model = simpleseg.Model()                         # the built-in model; or Model("path/to/folder")
+    result = model.segment("photo.jpg", "the dog")    # path, bytes, numpy array or PIL image
+    result.mask                                       # (height, width) uint8 of 0/1
+    result.rle, result.polygons, result.answer
 
     import simpleseg
     rle = simpleseg.answer_to_rle("[[[0.1, 0.1], [0.9, 0.1], [0.5, 0.9]]]", 64, 48)
@@ -11,7 +18,10 @@ Trainer hooks: `simpleseg.verl.compute_score` (verl) and `simpleseg.trl.iou_rewa
 """
 
 from ._simpleseg import (
+    ChatAnswer,
     Metrics,
+    Model,
+    Segmentation,
     answer_to_mask,
     answer_to_rle,
     iou_reward,
@@ -28,7 +38,10 @@ from ._simpleseg import (
 )
 
 __all__ = [
+    "ChatAnswer",
     "Metrics",
+    "Model",
+    "Segmentation",
     "answer_to_mask",
     "answer_to_rle",
     "iou_reward",

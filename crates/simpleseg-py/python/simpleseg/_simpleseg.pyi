@@ -1,6 +1,7 @@
 """Type stubs of simpleseg's native module."""
 
-from typing import Any, Dict, List, Optional, Sequence, Union
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -63,3 +64,52 @@ class Metrics:
     @property
     def acc50(self) -> float: ...
     def to_dict(self) -> Dict[str, float]: ...
+
+
+Image = Union[str, "os.PathLike[str]", bytes, npt.NDArray[np.uint8], Any]
+"""A path, encoded bytes, a (height, width[, 3 | 4]) uint8 array or a PIL image."""
+
+class Segmentation:
+    """A segmentation, as `simpleseg segment --json` prints it (`to_dict()`)."""
+    answer: str
+    prompt: str
+    polygons: List[List[List[float]]]
+    polygons_pixels: List[List[List[float]]]
+    mask: npt.NDArray[np.uint8]
+    rle: Dict[str, Any]
+    bbox: List[float]
+    area: int
+    svg: str
+    warnings: List[Dict[str, Any]]
+    timings: Dict[str, float]
+    stop_reason: str
+    token_ids: List[int]
+    def to_dict(self) -> Dict[str, Any]: ...
+
+class ChatAnswer:
+    """A chat answer; str() is its text."""
+    text: str
+    token_ids: List[int]
+    prompt_tokens: int
+    stop_reason: str
+    seed: Optional[int]
+    timings: Dict[str, float]
+    def to_dict(self) -> Dict[str, Any]: ...
+
+class Model:
+    """A model folder (or the built-in model when path is None), loaded in this process."""
+    name: str
+    architecture: str
+    dtype: str
+    def __init__(self, path: Optional[Union[str, "os.PathLike[str]"]] = None, *, quantize: Optional[str] = None,
+                 dtype: str = "auto", device: str = "cpu", threads: Optional[int] = None) -> None: ...
+    def segment(self, image: Image, query: Optional[str] = None, *, point: Optional[Sequence[float]] = None,
+                box: Optional[Sequence[float]] = None, constrain: Optional[str] = None,
+                prompt_template: Optional[str] = None, mode: str = "robust", coords: str = "normalized",
+                **sampling: Any) -> Segmentation: ...
+    def segment_batch(self, items: Sequence[Union[Dict[str, Any], Tuple[Image, str]]], *,
+                      constrain: Optional[str] = None, prompt_template: Optional[str] = None,
+                      mode: str = "robust", coords: str = "normalized", batch_size: int = 8,
+                      **sampling: Any) -> List[Segmentation]: ...
+    def chat(self, image: Image, prompt: str, n: int = 1, *, system: Optional[str] = None,
+             constrain: Optional[str] = None, **sampling: Any) -> Union[ChatAnswer, List[ChatAnswer]]: ...

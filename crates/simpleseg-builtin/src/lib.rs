@@ -1,13 +1,15 @@
-//! The default model, built into the binary.
+//! The built-in default model.
 //!
-//! `models/simpleseg-tiny` (a Hugging Face folder of a few MB) is compiled in. Commands that
-//! take `--model` use it when the flag is omitted: its files are written once to a cache
-//! folder named after their content hash, then loaded like any other folder, so the binary
-//! works from any directory and after `cargo install` with no download.
+//! `models/simpleseg-tiny` (a Hugging Face folder of a few MB) is compiled in. The command
+//! line and the Python `Model` use it when no model is named: its files are written once to a
+//! cache folder named after their content hash, then loaded like any other folder, so the
+//! binary and the wheel work from any directory with no download.
+
+#![warn(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use simpleseg_core::{Error, Result};
 
 macro_rules! model_file {
     ($name:literal) => {
@@ -36,7 +38,7 @@ pub const FILES: [(&str, &[u8]); 9] = [
     model_file!("tokenizer_config.json"),
 ];
 
-/// How the embedded model is named in reports.
+/// How the built-in model is named in reports.
 pub const NAME: &str = "simpleseg-tiny (embedded)";
 
 /// FNV-1a over every file name and content: a stable name for this build's model.
@@ -78,21 +80,27 @@ fn is_complete(dir: &Path) -> bool {
     })
 }
 
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Writes the files into `dir` (which must not exist yet) through a temporary sibling, so a
 /// reader never sees a half-written folder.
 fn write_folder(dir: &Path) -> Result<()> {
-    let parent = dir.parent().context("cache folder has no parent")?;
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("creating the cache folder {}", parent.display()))?;
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
     let staging = parent.join(format!(
         ".{}.{}",
         dir.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
         std::process::id()
     ));
-    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
     for (name, bytes) in FILES {
         let path = staging.join(name);
-        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, bytes).map_err(io(&path))?;
     }
     match std::fs::rename(&staging, dir) {
         Ok(()) => Ok(()),
@@ -103,29 +111,30 @@ fn write_folder(dir: &Path) -> Result<()> {
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&staging);
-            Err(e).with_context(|| format!("moving the model into {}", dir.display()))
+            Err(io(dir)(e))
         }
     }
 }
 
-/// The embedded model as a folder on disk, written on first use.
+/// The built-in model as a folder on disk, written on first use.
 pub fn folder() -> Result<PathBuf> {
     let dir = cache_root().join(format!("simpleseg-tiny-{:016x}", content_hash()));
     if !is_complete(&dir) {
         if dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .with_context(|| format!("removing the incomplete copy {}", dir.display()))?;
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }
-        write_folder(&dir).context(
-            "writing the embedded model to the cache (set SIMPLESEG_CACHE to a writable folder)",
-        )?;
+        write_folder(&dir).map_err(|e| {
+            Error::Invalid(format!(
+                "writing the built-in model to the cache failed ({e}); set SIMPLESEG_CACHE to a writable folder"
+            ))
+        })?;
     }
     Ok(dir)
 }
 
-/// Writes the embedded model folder to `dir` (created if missing; existing files are replaced).
+/// Writes the built-in model folder to `dir` (created if missing; existing files are replaced).
 pub fn export(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut outputs = simpleseg_core::io::Outputs::default();
     for (name, bytes) in FILES {
         outputs.add(&dir.join(name), |w| {
