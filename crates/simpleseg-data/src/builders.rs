@@ -24,6 +24,7 @@ use simpleseg_core::target::{mask_polygons, normalize_polygons, round3};
 use simpleseg_core::templates::{self, fill_prompt};
 
 use crate::error::Result;
+use crate::formats::SftFormat;
 use crate::items::Item;
 use crate::pyjson::{to_json_line, write_python_json};
 
@@ -72,6 +73,8 @@ pub struct SftOptions {
     pub passes: usize,
     pub epsilon_ratio: f64,
     pub tasks: Vec<Task>,
+    /// How each record is written.
+    pub format: SftFormat,
 }
 
 impl Default for SftOptions {
@@ -81,6 +84,7 @@ impl Default for SftOptions {
             passes: 2,
             epsilon_ratio: simpleseg_core::target::DEFAULT_EPSILON_RATIO,
             tasks: vec![Task::TextToMask],
+            format: SftFormat::Simpleseg,
         }
     }
 }
@@ -195,8 +199,6 @@ pub fn sft_records(
         for (item, p) in items.iter().zip(&prepared) {
             for sentence in &item.sentences {
                 for task in &options.tasks {
-                    let user =
-                        |question: String| format!("<img>{}</img>{question}", item.image_rel);
                     let (question, answer) = match task {
                         Task::TextToMask => {
                             let q = templates::question(
@@ -254,12 +256,7 @@ pub fn sft_records(
                             )
                         }
                     };
-                    records.push(json!({
-                        "conversations": [
-                            {"from": "user", "value": user(question)},
-                            {"from": "assistant", "value": answer},
-                        ]
-                    }));
+                    records.push(options.format.record(&item.image_rel, &question, &answer));
                 }
             }
         }

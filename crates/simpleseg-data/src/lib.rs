@@ -7,6 +7,7 @@
 
 pub mod builders;
 pub mod error;
+pub mod formats;
 pub mod items;
 pub mod pickle_shape;
 pub mod pyjson;

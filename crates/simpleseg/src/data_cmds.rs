@@ -3,11 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use simpleseg_core::templates::DEFAULT_PROMPT;
 use simpleseg_data::builders::{
     rl_records, sft_records, write_records, BuildStats, SftOptions, Task,
 };
+use simpleseg_data::formats::{write_verl_parquet, SftFormat};
 use simpleseg_data::items::{by_image, coco_items, mask_folder_items, refer_items, Item};
 use simpleseg_data::synth::{generate, SynthOptions};
 use simpleseg_data::ReferDataset;
@@ -81,6 +82,20 @@ pub struct SourceArgs {
 }
 
 impl SourceArgs {
+    /// What the objects come from, for verl's `data_source`: the datasets, the COCO file's
+    /// name or the mask folder's.
+    fn names(&self) -> String {
+        let file_name = |p: &PathBuf| {
+            p.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        };
+        match (&self.coco_instances, &self.mask_folder) {
+            (Some(f), _) => file_name(f),
+            (_, Some(d)) => file_name(d),
+            _ => self.datasets.join(","),
+        }
+    }
+
     /// The objects of the chosen split, dataset after dataset, grouped by image.
     pub fn items(&self) -> Result<Vec<Item>> {
         if let Some(instances) = &self.coco_instances {
@@ -124,6 +139,11 @@ pub struct SftArgs {
     /// Output: .json (indented like the original) or .jsonl.
     #[arg(long, value_name = "F")]
     out: PathBuf,
+    /// Record format: simpleseg (the released script's `conversations`), llamafactory
+    /// (`messages` with `<image>` + `images`) or trl (`messages` with typed content parts +
+    /// `images`). Image paths are relative to --refer-root (LLaMA-Factory: its media_dir).
+    #[arg(long, value_enum, default_value = "simpleseg")]
+    format: SftFormatArg,
     /// Seed of the template choices.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -139,14 +159,21 @@ pub struct SftArgs {
     tasks: Vec<Task>,
 }
 
-/// Build RL data: one JSON line per expression with the ground-truth mask as RLE.
+/// Build RL data: one row per expression with the ground-truth mask as RLE: simpleseg's JSON
+/// lines (`train rl` reads them), or a parquet file of verl's RLHF dataset rows.
 #[derive(Args, Debug)]
 pub struct RlArgs {
     #[command(flatten)]
     source: SourceArgs,
-    /// Output JSON lines file.
-    #[arg(long, value_name = "F.jsonl")]
+    /// Output: a JSON lines file (simpleseg), or a .parquet file (verl).
+    #[arg(long, value_name = "F.jsonl|F.parquet")]
     out: PathBuf,
+    /// Row format: simpleseg (`{ref_id, sent_id, image, width, height, prompt, rle}` lines) or
+    /// verl (parquet: data_source, prompt as chat messages with `<image>`, images with the
+    /// image file's bytes, ability, reward_model.ground_truth = the mask's RLE JSON for
+    /// simpleseg.verl.compute_score, extra_info).
+    #[arg(long, value_enum, default_value = "simpleseg")]
+    format: RlFormatArg,
     /// The prompt; {query} is replaced by the expression.
     #[arg(long, default_value = DEFAULT_PROMPT)]
     prompt_template: String,
@@ -161,6 +188,26 @@ fn report(stats: &BuildStats, out: &std::path::Path) {
         stats.objects_per_second,
         out.display()
     );
+}
+
+/// SFT record formats.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SftFormatArg {
+    /// The released data script's `conversations` records.
+    Simpleseg,
+    /// LLaMA-Factory's multimodal `messages` + `images`.
+    Llamafactory,
+    /// TRL's conversational vision records.
+    Trl,
+}
+
+/// RL row formats.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RlFormatArg {
+    /// JSON lines for `train rl`.
+    Simpleseg,
+    /// verl's RLHF dataset parquet.
+    Verl,
 }
 
 pub fn run(command: DataCommand) -> Result<()> {
@@ -196,17 +243,52 @@ pub fn run(command: DataCommand) -> Result<()> {
                 passes: a.passes,
                 epsilon_ratio: a.epsilon_ratio,
                 tasks: a.tasks.clone(),
+                format: match a.format {
+                    SftFormatArg::Simpleseg => SftFormat::Simpleseg,
+                    SftFormatArg::Llamafactory => SftFormat::LlamaFactory,
+                    SftFormatArg::Trl => SftFormat::Trl,
+                },
             };
             let (records, stats) = sft_records(&refs, &options)?;
             write_records(&a.out, &records)?;
             report(&stats, &a.out);
         }
         DataCommand::Rl(a) => {
+            let parquet = a.out.extension().is_some_and(|e| e == "parquet");
+            match (a.format, parquet) {
+                (RlFormatArg::Verl, false) => {
+                    bail!("--format verl writes parquet: name --out F.parquet")
+                }
+                (RlFormatArg::Simpleseg, true) => {
+                    bail!("parquet is verl's format: add --format verl, or name --out F.jsonl")
+                }
+                _ => {}
+            }
             let items = a.source.items()?;
             let refs: Vec<&Item> = items.iter().collect();
-            let (records, stats) = rl_records(&refs, &a.prompt_template)?;
-            write_records(&a.out, &records)?;
-            report(&stats, &a.out);
+            match a.format {
+                RlFormatArg::Simpleseg => {
+                    let (records, stats) = rl_records(&refs, &a.prompt_template)?;
+                    write_records(&a.out, &records)?;
+                    report(&stats, &a.out);
+                }
+                RlFormatArg::Verl => {
+                    let start = std::time::Instant::now();
+                    let rows = write_verl_parquet(
+                        &a.out,
+                        &refs,
+                        &a.prompt_template,
+                        &format!("simpleseg/{}", a.source.names()),
+                        &a.source.split,
+                    )?;
+                    eprintln!(
+                        "{} objects -> {rows} rows in {:.1}s, wrote {}",
+                        refs.len(),
+                        start.elapsed().as_secs_f64(),
+                        a.out.display()
+                    );
+                }
+            }
         }
     }
     Ok(())
