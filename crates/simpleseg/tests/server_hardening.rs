@@ -24,6 +24,8 @@ const SERVER_MEMORY: u64 = 4 << 30;
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// The server's own model cache, removed with it.
+    cache: std::path::PathBuf,
 }
 
 impl Server {
@@ -75,7 +77,7 @@ impl Server {
         };
         // Keep reading the server's messages so it never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-        let server = Server { child, addr };
+        let server = Server { child, addr, cache };
         for _ in 0..600 {
             if server.get("/health").0 == 200 {
                 return server;
@@ -137,6 +139,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.cache);
     }
 }
 
