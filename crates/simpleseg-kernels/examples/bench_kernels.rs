@@ -8,8 +8,9 @@
 //!   the widened weight;
 //! - a decode product (one row against a BF16 weight larger than the cache): `rows`, candle's
 //!   BF16 matmul (whose input and output are rounded to BF16: its difference from ours);
-//! - the integer dot products of decoding, one thread: `q4k` and `q4_0` against candle's
-//!   `vec_dot` on the same blocks (the input quantized once, as decoding does).
+//! - the integer dot products of decoding, one thread: `q4k`, `q4_0` and `q8_0` (each of its
+//!   paths this CPU has) against candle's `vec_dot` on the same blocks (the input quantized
+//!   once, as decoding does).
 //!
 //! Prints one JSON line per case: the median of several runs, GFLOP/s or GB/s of weights read,
 //! and the largest difference from candle's result relative to the result's scale.
@@ -19,7 +20,7 @@ use std::time::Instant;
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0, GgmlType};
 use candle_core::{DType, Device, Tensor};
 use simpleseg_kernels::testing::Values;
-use simpleseg_kernels::{bf16_gemm, blocks, cpu, f32_gemm, q4_0, q4k, rows};
+use simpleseg_kernels::{bf16_gemm, blocks, cpu, f32_gemm, q4_0, q4k, q8_0, rows};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -59,6 +60,7 @@ fn main() -> Result<()> {
     decode(3584, 18944)?;
     q4k_dot(18944, 3584)?;
     q4_0_dot(16384, 1408)?;
+    q8_0_dot(18944, 3584)?;
     Ok(())
 }
 
@@ -239,6 +241,48 @@ fn q4_0_dot(n: usize, k: usize) -> Result<()> {
         ours,
         theirs,
     );
+    Ok(())
+}
+
+/// `n` rows of q8_0 weights against one q8_0-quantized input, one thread, on each path.
+fn q8_0_dot(n: usize, k: usize) -> Result<()> {
+    let mut blocks_ = vec![BlockQ8_0::zeros(); n * k / 32];
+    BlockQ8_0::from_float(&Values(8).take(n * k), &mut blocks_);
+    let mut xq = vec![BlockQ8_0::zeros(); k / 32];
+    BlockQ8_0::from_float(&Values(9).take(k), &mut xq);
+    let ours_blocks: &[q8_0::Q8_0Block] =
+        blocks::view(blocks::bytes_of(&blocks_)).ok_or("q8_0 view")?;
+    let input: &[q8_0::Q8_0Block] = blocks::view(blocks::bytes_of(&xq)).ok_or("q8_0 view")?;
+    let per_row = k / 32;
+    for (path, case) in [
+        (q8_0::Path::Avx512Vnni, "q8_0 dot (AVX-512 VNNI)"),
+        (q8_0::Path::Avx2, "q8_0 dot (AVX2)"),
+    ] {
+        if !path.available() {
+            println!("{{\"case\": \"{case}\", \"skipped\": \"this CPU lacks it\"}}");
+            continue;
+        }
+        let ours = |out: &mut Vec<f32>| {
+            out.clear();
+            for row in ours_blocks.chunks(per_row) {
+                out.push(q8_0::dot_on(path, row, input).unwrap_or(f32::NAN));
+            }
+        };
+        let theirs = |out: &mut Vec<f32>| {
+            out.clear();
+            for row in blocks_.chunks(per_row) {
+                out.push(BlockQ8_0::vec_dot(k, row, &xq));
+            }
+        };
+        integer_report(
+            case,
+            n,
+            k,
+            std::mem::size_of_val(&blocks_[..]),
+            ours,
+            theirs,
+        );
+    }
     Ok(())
 }
 

@@ -9,8 +9,10 @@
 //!   output, in parallel (decoding).
 //! - [`f32_gemm`]: many-rows products against weights widened a block at a time (prefill).
 //! - [`bf16_gemm`]: BF16 GEMM with AVX512-BF16 (prefill against BF16 weights).
-//! - [`q4k`], [`q4_0`]: q4k x q8k and q4_0 x q8_0 dot products with AVX-512 VNNI (decoding
-//!   against quantized weights), and [`blocks`], the typed view of quantized bytes they read.
+//! - [`math`]: vectorized `exp`, SiLU, tanh-GELU and softmax (activations and attention).
+//! - [`q4k`], [`q4_0`]: q4k x q8k and q4_0 x q8_0 dot products with AVX-512 VNNI, and
+//!   [`q8_0`]: q8_0 x q8_0 with AVX-512 VNNI or AVX2 (decoding against quantized weights);
+//!   [`blocks`], the typed view of quantized bytes they read.
 //!
 //! Every kernel is tested against a portable or reference computation (candle's ggml dot
 //! products for the integer kernels); `examples/bench_kernels.rs` times them.
@@ -23,9 +25,12 @@ pub mod blocks;
 pub mod cpu;
 pub mod dot;
 pub mod f32_gemm;
+pub mod math;
 #[cfg(target_arch = "x86_64")]
 pub mod q4_0;
 #[cfg(target_arch = "x86_64")]
 pub mod q4k;
+#[cfg(target_arch = "x86_64")]
+pub mod q8_0;
 pub mod rows;
 pub mod testing;

@@ -12,6 +12,8 @@ use std::arch::x86_64::*;
 
 use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ8_0, GgmlType};
 
+use crate::q8_0::Q8_0Block;
+
 /// Values per q4_0 and q8_0 block.
 const QK: usize = 32;
 
@@ -28,14 +30,6 @@ const _: () = assert!(std::mem::size_of::<Q4_0Block>() == std::mem::size_of::<Bl
 // SAFETY: `repr(C)` integers only (sizes asserted above): every bit pattern is a block, and
 // there is no padding.
 unsafe impl crate::blocks::PlainBlock for Q4_0Block {}
-
-/// A q8_0 block as ggml lays it out (`BlockQ8_0` is `repr(C)` with these fields, private).
-#[repr(C)]
-struct Q8_0Block {
-    d: u16,
-    qs: [i8; QK],
-}
-const _: () = assert!(std::mem::size_of::<Q8_0Block>() == std::mem::size_of::<BlockQ8_0>());
 
 /// Two consecutive input blocks, ready for one `vpdpbusd`.
 #[repr(C, align(64))]

@@ -3,14 +3,29 @@
 
 use candle_core::{DType, Result, Tensor, D};
 use simpleseg_kernels::dot::{bf16_to_f32, dot_bf16, dot_f32, f32_id};
+use simpleseg_kernels::math;
 
 use crate::layers::mode::Mode;
 
-/// Softmax over the last dimension, computed in f32.
+/// Softmax over the last dimension, computed in f32: on the CPU outside a training graph by
+/// [`simpleseg_kernels::math::softmax`] (vectorized `exp`, rows in parallel), else by candle's
+/// fused op (inference) or differentiable primitives (training).
 pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    use rayon::prelude::*;
+
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let y = match mode {
+        Mode::Infer if x.device().is_cpu() && !x.track_op() && x.rank() > 0 => {
+            let width = x.dim(D::Minus1)?;
+            let mut values: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            // Rows in tasks of about 16k values.
+            let rows_per_task = (16384 / width.max(1)).max(1);
+            values
+                .par_chunks_mut(rows_per_task * width.max(1))
+                .for_each(|rows| math::softmax(rows, width));
+            Tensor::from_vec(values, x.shape(), x.device())?
+        }
         Mode::Infer => candle_nn::ops::softmax_last_dim(&x.contiguous()?)?,
         Mode::Train => {
             let max = x.max_keepdim(D::Minus1)?.detach();
@@ -131,8 +146,8 @@ struct QueryShape {
     scale: f32,
 }
 
-/// Each (sequence, head) in parallel: scores against its key head, softmax (max subtracted,
-/// as candle's), then the weighted sum of the value rows.
+/// Each (sequence, head) in parallel: scores against its key head, softmax
+/// ([`math::softmax`]), then the weighted sum of the value rows.
 fn attend_one_query<T: Copy + Sync>(
     q: &[f32],
     k: &[T],
@@ -158,14 +173,8 @@ fn attend_one_query<T: Copy + Sync>(
         let (keys, values) = (&k[cache..cache + t * d], &v[cache..cache + t * d]);
         let query = &q[row * d..(row + 1) * d];
         let mut p: Vec<f32> = keys.chunks(d).map(|key| dot(query, key) * scale).collect();
-        let max = p.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
-        let mut total = 0f32;
-        for x in p.iter_mut() {
-            *x = (*x - max).exp();
-            total += *x;
-        }
+        math::softmax(&mut p, t);
         for (weight, value) in p.iter().zip(values.chunks(d)) {
-            let weight = weight / total;
             for (o, x) in o.iter_mut().zip(value) {
                 *o += weight * widen(*x);
             }

@@ -6,6 +6,7 @@
 //! `rms_norm`, `softmax_last_dim` and rotary kernels have no backward pass, so gradients
 //! through them would silently vanish). Both compute the same function; tests check that.
 
+pub mod activation;
 pub mod attention;
 pub mod embedding;
 pub mod features;
@@ -17,6 +18,7 @@ pub mod rotary;
 
 use candle_core::{DType, Result, Tensor};
 
+pub use activation::{gelu_tanh, silu};
 pub use attention::{attention, causal_mask, repeat_kv, single_query_attention, softmax_last_dim};
 pub use embedding::Embedding;
 pub use features::merge_image_features;

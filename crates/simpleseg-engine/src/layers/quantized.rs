@@ -2,8 +2,9 @@
 //! row's blocks with the input quantized to the type's dot-product blocks (q8k or q8_0), four
 //! outputs at a time so that four weight rows stream side by side; the result for a row never
 //! depends on the others. On CPUs with AVX-512 BW and VNNI, q4k and q4_0 rows use
-//! [`simpleseg_kernels::q4k`]'s and [`simpleseg_kernels::q4_0`]'s kernels instead. Several
-//! products can run as one parallel pass ([`rows_matmul_batch`]).
+//! [`simpleseg_kernels::q4k`]'s and [`simpleseg_kernels::q4_0`]'s kernels instead, and q8_0
+//! rows [`simpleseg_kernels::q8_0`]'s on CPUs with AVX-512 VNNI or AVX2. Several products can
+//! run as one parallel pass ([`rows_matmul_batch`]).
 //!
 //! Many rows (a prefill) dequantize a band of weight rows and multiply it as a BF16 or f32
 //! weight would be (see [`crate::layers::linear`]).
@@ -13,7 +14,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Result;
 use simpleseg_kernels::blocks::PlainBlock;
 #[cfg(target_arch = "x86_64")]
-use simpleseg_kernels::{q4_0 as q4_0_avx512, q4k as q4k_avx512};
+use simpleseg_kernels::{q4_0 as q4_0_avx512, q4k as q4k_avx512, q8_0 as q8_0_simd};
 
 use crate::io::quantized::QuantizedMatrix;
 
@@ -52,6 +53,10 @@ enum Kernel {
     Q4_0Avx512,
     /// Candle's, against a q8_0 input.
     Q4_0,
+    /// [`q8_0_simd`]'s, against a q8_0 input.
+    #[cfg(target_arch = "x86_64")]
+    Q8_0Simd,
+    /// Candle's, against a q8_0 input.
     Q8_0,
 }
 
@@ -67,6 +72,8 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             GgmlDType::Q4_0 if avx512 => Kernel::Q4_0Avx512,
             GgmlDType::Q4_0 => Kernel::Q4_0,
+            #[cfg(target_arch = "x86_64")]
+            _ if own && q8_0_simd::available() => Kernel::Q8_0Simd,
             _ => Kernel::Q8_0,
         }
     }
@@ -75,6 +82,8 @@ impl Kernel {
     fn same_input(self, other: Kernel) -> bool {
         let input = |k| match k {
             Kernel::Q4_0 | Kernel::Q8_0 => Kernel::Q8_0,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q8_0Simd => Kernel::Q8_0,
             k => k,
         };
         input(self) == input(other)
@@ -118,6 +127,8 @@ impl Prepared {
                     .collect(),
             ),
             Kernel::Q4_0 | Kernel::Q8_0 => Prepared::Q8_0(blocks(x, k)),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q8_0Simd => Prepared::Q8_0(blocks(x, k)),
         }
     }
 }
@@ -126,6 +137,7 @@ impl Prepared {
 /// a time.
 struct Job<'a> {
     matrix: &'a QuantizedMatrix,
+    kernel: Kernel,
     rows: usize,
     /// Index into the batch's prepared inputs (products of one input share them).
     input: usize,
@@ -169,6 +181,10 @@ impl Job<'_> {
             // (Taken one at a time; see `rows_matmul_batch`.)
             #[cfg(target_arch = "x86_64")]
             Prepared::Q4_0Avx512(_) => std::array::from_fn(|i| self.one(input, f + i, r)),
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Q8_0(_) if self.kernel == Kernel::Q8_0Simd => {
+                std::array::from_fn(|i| self.one(input, f + i, r))
+            }
             Prepared::Q8K(x) => four_typed::<BlockQ4K>(m, x, f, r),
             Prepared::Q8_0(x) if m.ggml == GgmlDType::Q4_0 => four_typed::<BlockQ4_0>(m, x, f, r),
             Prepared::Q8_0(x) => four_typed::<BlockQ8_0>(m, x, f, r),
@@ -187,6 +203,17 @@ impl Job<'_> {
             #[cfg(target_arch = "x86_64")]
             Prepared::Q4_0Avx512(x) => {
                 q4_0_avx512::dot(self.q4_0_row(f), &x[r]).unwrap_or(f32::NAN)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Q8_0(x) if self.kernel == Kernel::Q8_0Simd => {
+                // The kernel was chosen for this CPU and the row has the input's blocks, so it
+                // always answers (as in `four`).
+                let (_, input) = row_and_input::<BlockQ8_0>(m, x, f, r);
+                let per_row = m.cols / BlockQ8_0::BLCK_SIZE;
+                let row = &m.typed::<q8_0_simd::Q8_0Block>()[f * per_row..(f + 1) * per_row];
+                simpleseg_kernels::blocks::view(simpleseg_kernels::blocks::bytes_of(input))
+                    .and_then(|input| q8_0_simd::dot(row, input))
+                    .unwrap_or(f32::NAN)
             }
             Prepared::Q8K(x) => one_typed::<BlockQ4K>(m, x, f, r),
             Prepared::Q8_0(x) if m.ggml == GgmlDType::Q4_0 => one_typed::<BlockQ4_0>(m, x, f, r),
@@ -257,7 +284,8 @@ fn one_typed<T: GgmlType + PlainBlock>(
 /// Returns, per product, `rows x matrix.rows` f32, row-major.
 ///
 /// - On CPUs with AVX-512 BW and VNNI, q4k weights use [`q4k_avx512`]'s kernel and q4_0
-///   weights [`q4_0_avx512`]'s. Long q4k rows (the 7B size's down projection) go four at a
+///   weights [`q4_0_avx512`]'s; q8_0 weights [`q8_0_simd`]'s there and on CPUs with AVX2
+///   (one row at a time, like q4_0). Long q4k rows (the 7B size's down projection) go four at a
 ///   time, each input block loaded once for the four (one at a time they read ~15 GB/s on 2
 ///   cores, four ~20); short rows one at a time, a single stream through memory (four streams
 ///   of a few KB each ran at half speed or less: the prefetcher has no time to follow them).
@@ -296,11 +324,12 @@ fn batch(products: &[RowsProduct], own_kernels: bool) -> Result<Vec<Vec<f32>>> {
             #[cfg(target_arch = "x86_64")]
             Kernel::Q4kAvx512 => (1, 32),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Q4_0Avx512 => (1, 32),
+            Kernel::Q4_0Avx512 | Kernel::Q8_0Simd => (1, 32),
             _ => (4, 64),
         };
         jobs.push(Job {
             matrix: m,
+            kernel,
             rows: p.rows,
             input,
             together,

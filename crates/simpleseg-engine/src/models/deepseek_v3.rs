@@ -19,7 +19,8 @@ use serde::Deserialize;
 use crate::io::hf::OneOrMany;
 use crate::io::weights::Weights;
 use crate::layers::{
-    causal_mask, forward_batch, forward_each, softmax_last_dim, Embedding, Linear, Mode, RmsNorm,
+    causal_mask, forward_batch, forward_each, silu, softmax_last_dim, Embedding, Linear, Mode,
+    RmsNorm,
 };
 use crate::runtime::kv_cache::KvCache;
 
@@ -72,7 +73,7 @@ pub struct TextConfig {
     pub rope_scaling: Option<serde_json::Value>,
     #[serde(default)]
     pub attention_bias: bool,
-    #[serde(default = "silu")]
+    #[serde(default = "silu_name")]
     pub hidden_act: String,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -94,7 +95,7 @@ fn sigmoid() -> String {
 fn noaux_tc() -> String {
     "noaux_tc".into()
 }
-fn silu() -> String {
+fn silu_name() -> String {
     "silu".into()
 }
 fn max_position_embeddings() -> usize {
@@ -206,7 +207,7 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let [gate, up] = forward_each([&self.gate_proj, &self.up_proj], x)?;
-        self.down_proj.forward(&(gate.silu()? * up)?)
+        self.down_proj.forward(&(silu(&gate)? * up)?)
     }
 }
 
@@ -292,7 +293,7 @@ impl Moe {
             .collect();
         let inner = forward_batch(&gate_up)?
             .chunks(2)
-            .map(|pair| pair[0].silu()? * &pair[1])
+            .map(|pair| silu(&pair[0])? * &pair[1])
             .collect::<CResult<Vec<_>>>()?;
         let down: Vec<(&Linear, &Tensor)> = mlps
             .iter()

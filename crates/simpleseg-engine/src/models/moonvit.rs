@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
-use crate::layers::{attention, LayerNorm, Linear, Mode};
+use crate::layers::{attention, gelu_tanh, LayerNorm, Linear, Mode};
 
 /// MoonViT, the vision tower (`vision_config`).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -203,7 +203,7 @@ impl MoonVit {
             }
             x = (x + block.wo.forward(&Tensor::cat(&outputs, 0)?)?)?;
             let h = block.norm1.forward(&x)?;
-            x = (&x + block.fc1.forward(&block.fc0.forward(&h)?.gelu()?)?)?;
+            x = (&x + block.fc1.forward(&gelu_tanh(&block.fc0.forward(&h)?)?)?)?;
         }
         Ok(self.final_layernorm.forward(&x)?)
     }

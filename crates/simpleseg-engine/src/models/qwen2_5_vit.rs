@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
-use crate::layers::{apply_rotary, attention, Linear, Mode, RmsNorm};
+use crate::layers::{apply_rotary, attention, silu, Linear, Mode, RmsNorm};
 
 #[derive(Clone, Debug)]
 struct VisionMlp {
@@ -27,7 +27,7 @@ impl VisionMlp {
     }
 
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
+        let gate = silu(&self.gate_proj.forward(x)?)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }

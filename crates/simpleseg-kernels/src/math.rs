@@ -1,0 +1,485 @@
+//! Vectorized `exp` and what is built on it: SiLU, tanh-GELU and softmax over f32 slices (the
+//! vision towers' and prefill's activations and attention weights; libm's scalar `expf` per
+//! element was a large share of a vision tower's time).
+//!
+//! `exp` is Cephes' single-precision algorithm: `x = n ln 2 + r` with `n` rounded to nearest,
+//! `r` reduced in two steps, a degree-6 polynomial for `e^r` and an exact scaling by `2^n`;
+//! within 2 ulp of the exact value over the normal range. Results below `2^-125` (inputs
+//! under about -86.64) are 0, inputs above `ln(f32::MAX)` give infinity, NaN stays NaN.
+//!
+//! Every path (AVX-512, AVX2 with FMA, portable) performs the same IEEE operations in the same
+//! order, fused multiply-adds included, so all give the same bits: a result does not depend
+//! on the CPU. Softmax sums in 16 fixed lanes for the same reason.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// `ln 2` in two parts: the first exact in few bits, so `n * LN2_HI` is exact.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes' `expf` polynomial, highest degree first.
+const P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+/// Below: 0 (so that `n - 1 >= -126` below and `2^(n-1)` is a normal number).
+const LOW: f32 = -86.643_4;
+/// Above: infinity.
+const HIGH: f32 = 88.722_84;
+/// `sqrt(2 / pi)`, tanh-GELU's constant.
+const GELU_C: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044_715;
+
+/// `e^x` as every path computes it.
+#[inline]
+fn exp_one(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    if x < LOW {
+        return 0.0;
+    }
+    if x > HIGH {
+        return f32::INFINITY;
+    }
+    let n = (x * LOG2E).round_ties_even();
+    let r = (-n).mul_add(LN2_HI, x);
+    let r = (-n).mul_add(LN2_LO, r);
+    let mut y = P[0];
+    for p in &P[1..] {
+        y = y.mul_add(r, *p);
+    }
+    let y = y.mul_add(r * r, r) + 1.0;
+    // 2^(n - 1) then 2: n may be 128 (e^88.7), whose 2^n is not a finite f32.
+    let scale = f32::from_bits(((n as i32 - 1 + 127) as u32) << 23);
+    y * scale * 2.0
+}
+
+/// The element-wise functions.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Op {
+    Exp,
+    /// `x / (1 + e^-x)`.
+    Silu,
+    /// `x / (1 + e^(-2u))` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, which is
+    /// `0.5 x (1 + tanh u)`.
+    GeluTanh,
+}
+
+#[inline]
+fn op_one(op: Op, x: f32) -> f32 {
+    match op {
+        Op::Exp => exp_one(x),
+        Op::Silu => x / (1.0 + exp_one(-x)),
+        Op::GeluTanh => {
+            let u = GELU_C * x * GELU_A.mul_add(x * x, 1.0);
+            x / (1.0 + exp_one(-2.0 * u))
+        }
+    }
+}
+
+/// The instructions the functions run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// AVX-512 F: 16 values at a time.
+    Avx512,
+    /// AVX2 and FMA: 8 values at a time.
+    Avx2,
+    /// Scalar code, the same operations.
+    Portable,
+}
+
+impl Path {
+    /// The widest path this CPU has.
+    pub fn best() -> Path {
+        if Path::Avx512.available() {
+            Path::Avx512
+        } else if Path::Avx2.available() {
+            Path::Avx2
+        } else {
+            Path::Portable
+        }
+    }
+
+    /// Whether this CPU runs this path.
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Path::Avx512 => false,
+            Path::Avx2 => crate::cpu::avx2_fma(),
+            Path::Portable => true,
+        }
+    }
+}
+
+/// `e^x` for every value, in place.
+pub fn exp(xs: &mut [f32]) {
+    map(Path::best(), Op::Exp, xs);
+}
+
+/// SiLU (`x / (1 + e^-x)`, as candle and PyTorch define it) for every value, in place.
+pub fn silu(xs: &mut [f32]) {
+    map(Path::best(), Op::Silu, xs);
+}
+
+/// GELU with the tanh approximation (PyTorch's `gelu(approximate="tanh")`, candle's `gelu`)
+/// for every value, in place.
+pub fn gelu_tanh(xs: &mut [f32]) {
+    map(Path::best(), Op::GeluTanh, xs);
+}
+
+/// Softmax of each row of `width` values (the last row may not be whole: it is a row of its
+/// own), in place: the row's maximum subtracted, exponentials divided by their sum. A row
+/// whose values are all -inf gives NaN, as the definition does.
+pub fn softmax(xs: &mut [f32], width: usize) {
+    softmax_on(Path::best(), xs, width);
+}
+
+fn map(path: Path, op: Op, xs: &mut [f32]) {
+    let done = match path {
+        // SAFETY: the CPU has the path's features (`best` or a caller checked `available`).
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512 if path.available() => unsafe { map_avx512(op, xs) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 if path.available() => unsafe { map_avx2(op, xs) },
+        _ => 0,
+    };
+    for x in &mut xs[done..] {
+        *x = op_one(op, *x);
+    }
+}
+
+fn softmax_on(path: Path, xs: &mut [f32], width: usize) {
+    for row in xs.chunks_mut(width.max(1)) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        for x in row.iter_mut() {
+            *x -= max;
+        }
+        map(path, Op::Exp, row);
+        // 16 lanes, each summing every 16th value, then added in order: the same on every path
+        // (the compiler vectorizes this loop; no reassociation is allowed to it).
+        let mut lanes = [0f32; 16];
+        let mut chunks = row.chunks_exact(16);
+        for chunk in &mut chunks {
+            for (lane, x) in lanes.iter_mut().zip(chunk) {
+                *lane += x;
+            }
+        }
+        for (lane, x) in lanes.iter_mut().zip(chunks.remainder()) {
+            *lane += x;
+        }
+        let sum: f32 = lanes.iter().sum();
+        for x in row.iter_mut() {
+            *x /= sum;
+        }
+    }
+}
+
+/// `e^x` lane by lane, as [`exp_one`] computes it.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp_avx512(x: __m512) -> __m512 {
+    let set1 = _mm512_set1_ps;
+    let clamped = _mm512_min_ps(set1(HIGH), _mm512_max_ps(set1(LOW), x));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(clamped, set1(LOG2E)),
+    );
+    let r = _mm512_fnmadd_ps(n, set1(LN2_HI), clamped);
+    let r = _mm512_fnmadd_ps(n, set1(LN2_LO), r);
+    let mut y = set1(P[0]);
+    for p in &P[1..] {
+        y = _mm512_fmadd_ps(y, r, set1(*p));
+    }
+    let y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), set1(1.0));
+    // 2^(n - 1): (n - 1 + 127) in the exponent field.
+    let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvtps_epi32(n),
+        _mm512_set1_epi32(126),
+    ));
+    let y = _mm512_mul_ps(_mm512_mul_ps(y, _mm512_castsi512_ps(bits)), set1(2.0));
+    // Below LOW: 0; above HIGH: infinity; NaN: itself.
+    let y = _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set1(LOW)),
+        y,
+        _mm512_setzero_ps(),
+    );
+    let y = _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, set1(HIGH)),
+        y,
+        set1(f32::INFINITY),
+    );
+    _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), y, x)
+}
+
+/// `e^x` lane by lane, as [`exp_one`] computes it.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp_avx2(x: __m256) -> __m256 {
+    let set1 = _mm256_set1_ps;
+    let clamped = _mm256_min_ps(set1(HIGH), _mm256_max_ps(set1(LOW), x));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        clamped,
+        set1(LOG2E),
+    ));
+    let r = _mm256_fnmadd_ps(n, set1(LN2_HI), clamped);
+    let r = _mm256_fnmadd_ps(n, set1(LN2_LO), r);
+    let mut y = set1(P[0]);
+    for p in &P[1..] {
+        y = _mm256_fmadd_ps(y, r, set1(*p));
+    }
+    let y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), set1(1.0));
+    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(126),
+    ));
+    let y = _mm256_mul_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(bits)), set1(2.0));
+    let y = _mm256_blendv_ps(
+        y,
+        _mm256_setzero_ps(),
+        _mm256_cmp_ps::<_CMP_LT_OQ>(x, set1(LOW)),
+    );
+    let y = _mm256_blendv_ps(
+        y,
+        set1(f32::INFINITY),
+        _mm256_cmp_ps::<_CMP_GT_OQ>(x, set1(HIGH)),
+    );
+    _mm256_blendv_ps(y, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
+}
+
+/// [`map`] on AVX-512 for whole groups of 16; returns how many values it did.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn map_avx512(op: Op, xs: &mut [f32]) -> usize {
+    let set1 = _mm512_set1_ps;
+    let whole = xs.len() / 16 * 16;
+    for chunk in xs[..whole].chunks_exact_mut(16) {
+        // SAFETY: 16 values, read and written unaligned.
+        let x = unsafe { _mm512_loadu_ps(chunk.as_ptr()) };
+        let y = match op {
+            Op::Exp => exp_avx512(x),
+            Op::Silu => _mm512_div_ps(
+                x,
+                _mm512_add_ps(set1(1.0), exp_avx512(_mm512_sub_ps(set1(0.0), x))),
+            ),
+            Op::GeluTanh => {
+                let inner = _mm512_fmadd_ps(set1(GELU_A), _mm512_mul_ps(x, x), set1(1.0));
+                let u = _mm512_mul_ps(_mm512_mul_ps(set1(GELU_C), x), inner);
+                let e = exp_avx512(_mm512_mul_ps(set1(-2.0), u));
+                _mm512_div_ps(x, _mm512_add_ps(set1(1.0), e))
+            }
+        };
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), y) };
+    }
+    whole
+}
+
+/// [`map`] on AVX2 for whole groups of 8; returns how many values it did.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn map_avx2(op: Op, xs: &mut [f32]) -> usize {
+    let set1 = _mm256_set1_ps;
+    let whole = xs.len() / 8 * 8;
+    for chunk in xs[..whole].chunks_exact_mut(8) {
+        // SAFETY: 8 values, read and written unaligned.
+        let x = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
+        let y = match op {
+            Op::Exp => exp_avx2(x),
+            Op::Silu => _mm256_div_ps(
+                x,
+                _mm256_add_ps(set1(1.0), exp_avx2(_mm256_sub_ps(set1(0.0), x))),
+            ),
+            Op::GeluTanh => {
+                let inner = _mm256_fmadd_ps(set1(GELU_A), _mm256_mul_ps(x, x), set1(1.0));
+                let u = _mm256_mul_ps(_mm256_mul_ps(set1(GELU_C), x), inner);
+                let e = exp_avx2(_mm256_mul_ps(set1(-2.0), u));
+                _mm256_div_ps(x, _mm256_add_ps(set1(1.0), e))
+            }
+        };
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), y) };
+    }
+    whole
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths() -> Vec<Path> {
+        [Path::Avx512, Path::Avx2, Path::Portable]
+            .into_iter()
+            .filter(|p| p.available())
+            .collect()
+    }
+
+    /// Inputs across the range, the edges and the special values.
+    fn inputs() -> Vec<f32> {
+        let mut xs = crate::testing::Values(3).take(5000);
+        xs.extend(
+            crate::testing::Values(4)
+                .take(3000)
+                .iter()
+                .map(|x| x * 20.0),
+        );
+        xs.extend([
+            0.0,
+            -0.0,
+            1e-30,
+            -1e-30,
+            LOW,
+            LOW - 0.01,
+            HIGH,
+            HIGH + 0.001,
+            88.0,
+            88.7,
+            -86.6,
+            -87.0,
+            -100.0,
+            100.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ]);
+        xs
+    }
+
+    fn ulps(a: f32, b: f32) -> u32 {
+        let key = |x: f32| {
+            let bits = x.to_bits() as i32;
+            if bits < 0 {
+                i32::MIN - bits
+            } else {
+                bits
+            }
+        };
+        key(a).abs_diff(key(b))
+    }
+
+    /// Every path gives the same bits for every function, on odd lengths (vector groups and a
+    /// scalar tail).
+    #[test]
+    fn every_path_gives_the_same_bits() {
+        let xs = inputs();
+        for op in [Op::Exp, Op::Silu, Op::GeluTanh] {
+            let mut portable = xs.clone();
+            map(Path::Portable, op, &mut portable);
+            for path in paths() {
+                let mut got = xs.clone();
+                map(path, op, &mut got);
+                for (i, (a, b)) in got.iter().zip(&portable).enumerate() {
+                    assert!(
+                        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                        "{op:?} on {path:?}, x = {}: {a} vs portable {b}",
+                        xs[i]
+                    );
+                }
+            }
+        }
+        let mut rows = xs[..4003].to_vec();
+        softmax_on(Path::Portable, &mut rows, 77);
+        for path in paths() {
+            let mut got = xs[..4003].to_vec();
+            softmax_on(path, &mut got, 77);
+            assert!(got
+                .iter()
+                .zip(&rows)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+
+    /// exp within 2 ulp of the exact (f64) value over the normal range; 0 below, infinity
+    /// above, NaN kept.
+    #[test]
+    fn exp_is_within_two_ulp() {
+        let mut xs = inputs();
+        let original = xs.clone();
+        exp(&mut xs);
+        for (x, got) in original.iter().zip(&xs) {
+            let exact = (*x as f64).exp();
+            if x.is_nan() {
+                assert!(got.is_nan());
+            } else if *x < LOW {
+                assert_eq!(*got, 0.0, "x = {x}");
+            } else if *x > HIGH {
+                assert_eq!(*got, f32::INFINITY, "x = {x}");
+            } else {
+                assert!(ulps(*got, exact as f32) <= 2, "x = {x}: {got} vs {exact}");
+            }
+        }
+    }
+
+    /// SiLU and tanh-GELU against their definitions in f64, within a few f32
+    /// roundings times the functions' condition.
+    #[test]
+    fn silu_and_gelu_match_their_definitions() {
+        let xs: Vec<f32> = inputs().into_iter().filter(|x| x.is_finite()).collect();
+        let mut s = xs.clone();
+        silu(&mut s);
+        let mut g = xs.clone();
+        gelu_tanh(&mut g);
+        for ((x, s), g) in xs.iter().zip(&s).zip(&g) {
+            let x64 = *x as f64;
+            let silu = x64 / (1.0 + (-x64).exp());
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3));
+            // 0.5 x (1 + tanh u), written without its cancellation for u << 0 (there
+            // 1 + tanh u is 0 even in f64), and checked against the tanh form where that is
+            // well conditioned.
+            let gelu = x64 / (1.0 + (-2.0 * u).exp());
+            if u > -2.0 {
+                assert!((gelu - 0.5 * x64 * (1.0 + u.tanh())).abs() <= 1e-12 * (1.0 + x64.abs()));
+            }
+            // A few roundings, times the functions' condition: an error of one rounding in
+            // the exponent's argument `a` moves e^a by `|a|` roundings.
+            let tolerance =
+                |v: f64, a: f64| 4.0 * f32::EPSILON as f64 * (1.0 + a.abs()) * v.abs() + 1e-35;
+            assert!(
+                (*s as f64 - silu).abs() <= tolerance(silu, x64),
+                "silu({x}) = {s}, exact {silu}"
+            );
+            assert!(
+                (*g as f64 - gelu).abs() <= tolerance(gelu, 2.0 * u),
+                "gelu({x}) = {g}, exact {gelu}"
+            );
+        }
+    }
+
+    /// Softmax rows sum to 1 and match the f64 definition; -inf (masked) entries get exactly 0.
+    #[test]
+    fn softmax_matches_its_definition() {
+        let mut xs = crate::testing::Values(5).take(10 * 300);
+        for row in 0..10 {
+            xs[row * 300 + row] = f32::NEG_INFINITY;
+        }
+        let original = xs.clone();
+        softmax(&mut xs, 300);
+        for (row, (got, x)) in xs.chunks(300).zip(original.chunks(300)).enumerate() {
+            let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let total: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+            for (g, v) in got.iter().zip(x) {
+                let exact = (*v as f64 - max).exp() / total;
+                assert!(
+                    (*g as f64 - exact).abs() <= 1e-6 * exact + 1e-12,
+                    "{g} vs {exact}"
+                );
+            }
+            assert_eq!(got[row], 0.0);
+        }
+    }
+}
