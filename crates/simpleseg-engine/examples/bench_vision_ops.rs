@@ -8,13 +8,14 @@
 //! multiples of 28) for both towers. MoonViT (Kimi-VL, 27 layers): tanh-GELU over
 //! 1564 x 4304, attention of 16 heads of 72 over the whole image. Qwen2.5-VL's ViT (32
 //! layers): SiLU over 1564 x 3420, attention of 16 heads of 80 in 64-patch windows (28 layers)
-//! or over the whole image (4). The 7B language model's prefill: SiLU over 466 x 18944 per
+//! or over the whole image (4), in f32 and in BF16 (BF16 goes through the BF16 GEMM on CPUs
+//! with AVX512-BF16). The 7B language model's prefill: SiLU over 466 x 18944 per
 //! layer (28 layers). Prints one JSON line per op: median milliseconds of 9 runs for one layer,
 //! and the largest difference from candle's result relative to its largest magnitude.
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use simpleseg_engine::layers::{attention, gelu_tanh, silu, softmax_last_dim, Mode};
 
 fn median_ms(mut f: impl FnMut()) -> f64 {
@@ -37,6 +38,7 @@ fn random(shape: &[usize], seed: u64) -> candle_core::Result<Tensor> {
 }
 
 fn relative(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+    let b = &b.to_dtype(DType::F32)?;
     let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     Ok(simpleseg_engine::layers::max_abs_diff(a, b)? / scale.max(f32::MIN_POSITIVE))
 }
@@ -78,21 +80,28 @@ fn elementwise(
 }
 
 /// Attention as the towers run it (`(1, heads, len, head_dim)` per image or window), against
-/// the same products with candle's softmax.
+/// candle's products and softmax on the same values (computed in f32, as candle's BF16
+/// products are slower on the CPU).
 fn attention_case(
     op: &str,
-    heads: usize,
-    len: usize,
-    head_dim: usize,
+    dtype: DType,
+    [heads, len, head_dim]: [usize; 3],
     groups: usize,
     layers: usize,
 ) -> candle_core::Result<()> {
     let shape = [groups, heads, len, head_dim];
-    let (q, k, v) = (random(&shape, 2)?, random(&shape, 3)?, random(&shape, 4)?);
+    let [q, k, v] = [2, 3, 4].map(|seed| {
+        random(&shape, seed)
+            .and_then(|t| t.to_dtype(dtype))
+            .expect("random values")
+    });
     let scale = (head_dim as f64).powf(-0.5);
     let candle_attention = || -> candle_core::Result<Tensor> {
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let scores = (f32(&q)?.matmul(&f32(&k)?.t()?)? * scale)?;
+        candle_nn::ops::softmax_last_dim(&scores)?
+            .matmul(&f32(&v)?)?
+            .to_dtype(dtype)
     };
     let ours_ms = median_ms(|| {
         std::hint::black_box(attention(&q, &k, &v, None, scale, Mode::Infer).expect("runs"));
@@ -116,13 +125,9 @@ fn main() -> candle_core::Result<()> {
         gelu_tanh,
         |x| x.gelu(),
     )?;
-    elementwise(
-        "SiLU (Qwen2.5-VL ViT MLP)",
-        &[1564, 3420],
-        32,
-        silu,
-        |x| x.silu(),
-    )?;
+    elementwise("SiLU (Qwen2.5-VL ViT MLP)", &[1564, 3420], 32, silu, |x| {
+        x.silu()
+    })?;
     elementwise(
         "SiLU (7B language model MLP, 466-token prefill)",
         &[466, 18944],
@@ -137,8 +142,23 @@ fn main() -> candle_core::Result<()> {
         |x| softmax_last_dim(x, Mode::Infer),
         candle_nn::ops::softmax_last_dim,
     )?;
-    attention_case("attention (MoonViT, whole image)", 16, 1564, 72, 1, 27)?;
-    attention_case("attention (Qwen2.5-VL ViT, 64-patch windows)", 16, 64, 80, 24, 28)?;
-    attention_case("attention (Qwen2.5-VL ViT, whole image)", 16, 1564, 80, 1, 4)?;
+    for dtype in [DType::F32, DType::BF16] {
+        let name = |what: &str| format!("attention {dtype:?} ({what})");
+        attention_case(&name("MoonViT, whole image"), dtype, [16, 1564, 72], 1, 27)?;
+        attention_case(
+            &name("Qwen2.5-VL ViT, 64-patch windows"),
+            dtype,
+            [16, 64, 80],
+            24,
+            28,
+        )?;
+        attention_case(
+            &name("Qwen2.5-VL ViT, whole image"),
+            dtype,
+            [16, 1564, 80],
+            1,
+            4,
+        )?;
+    }
     Ok(())
 }

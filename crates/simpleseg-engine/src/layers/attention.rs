@@ -50,6 +50,9 @@ pub fn attention(
     // over BF16 activations computes in f32 there (outside training, whose graph keeps dtypes).
     let dtype = q.dtype();
     if dtype == DType::BF16 && q.device().is_cpu() && mode == Mode::Infer {
+        if let Some(o) = bf16_gemm_attention(q, k, v, mask, scale)? {
+            return Ok(o);
+        }
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         let mask = mask.map(f).transpose()?;
         return attention(&f(q)?, &f(k)?, &f(v)?, mask.as_ref(), scale, mode)?.to_dtype(dtype);
@@ -60,6 +63,95 @@ pub fn attention(
         None => scores,
     };
     softmax_last_dim(&scores, mode)?.matmul(v)
+}
+
+/// Score matrices smaller than this (a window of the Qwen2.5-VL ViT, a short prompt) go
+/// through candle's batched products: per-head GEMM calls cost more than they save there.
+const MIN_BF16_GEMM_SCORES: usize = 128 * 128;
+
+/// [`attention`] over BF16 activations on a CPU with AVX512-BF16, one (sequence, head) at a
+/// time through [`simpleseg_kernels::bf16_gemm`]: scores `q k^T` in f32 from the BF16 values,
+/// scaled and masked, softmax in f32 ([`math::softmax`]), the weights rounded to BF16 and
+/// multiplied by `v` (what transformers' eager attention computes for a BF16 model: its
+/// softmax is in f32, cast back to the query's dtype before the product with `v`). One head's
+/// scores at a time, never the whole `(batch, heads, q_len, k_len)` block. `None` where it
+/// does not apply: another CPU, a mask that is not one `(q_len, k_len)` matrix, keys and
+/// values not repeated to the queries' heads, or small score matrices.
+fn bf16_gemm_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    use simpleseg_kernels::bf16_gemm;
+
+    let (b, heads, lq, d) = q.dims4()?;
+    let (_, _, lk, _) = k.dims4()?;
+    if !bf16_gemm::available()
+        || q.track_op()
+        || k.dims4()? != (b, heads, lk, d)
+        || v.dims4()? != (b, heads, lk, d)
+        || lq * lk < MIN_BF16_GEMM_SCORES
+        || [k.dtype(), v.dtype()] != [DType::BF16, DType::BF16]
+    {
+        return Ok(None);
+    }
+    let mask: Option<Vec<f32>> = match mask {
+        None => None,
+        Some(m) if m.elem_count() == lq * lk => {
+            Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        }
+        Some(_) => return Ok(None),
+    };
+    let bits = |t: &Tensor| -> Result<Vec<u16>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<half::bf16>()?
+            .into_iter()
+            .map(half::bf16::to_bits)
+            .collect())
+    };
+    let (qs, ks, vs) = (bits(q)?, bits(k)?, bits(v)?);
+    let scale = scale as f32;
+    let mut out = vec![0f32; b * heads * lq * d];
+    for (i, o) in out.chunks_mut(lq * d).enumerate() {
+        let (qi, ki, vi) = (
+            &qs[i * lq * d..(i + 1) * lq * d],
+            &ks[i * lk * d..(i + 1) * lk * d],
+            &vs[i * lk * d..(i + 1) * lk * d],
+        );
+        let key = |j: usize, row: &mut [u16]| row.copy_from_slice(&ki[j * d..(j + 1) * d]);
+        let Some(mut scores) = bf16_gemm::gemm(qi, key, lq, lk, d) else {
+            return Ok(None);
+        };
+        scores.par_chunks_mut(lk).enumerate().for_each(|(r, row)| {
+            for (c, x) in row.iter_mut().enumerate() {
+                *x *= scale;
+                if let Some(m) = &mask {
+                    *x += m[r * lk + c];
+                }
+            }
+            math::softmax(row, lk);
+        });
+        let weights: Vec<u16> = scores
+            .par_iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect();
+        // Row j of v^T: the j-th value of every position.
+        let value = |j: usize, row: &mut [u16]| {
+            for (t, x) in row.iter_mut().enumerate() {
+                *x = vi[t * d + j];
+            }
+        };
+        let Some(y) = bf16_gemm::gemm(&weights, value, lq, d, lk) else {
+            return Ok(None);
+        };
+        o.copy_from_slice(&y);
+    }
+    Tensor::from_vec(out, (b, heads, lq, d), q.device())?
+        .to_dtype(DType::BF16)
+        .map(Some)
 }
 
 /// [`attention`] for one new position per sequence (a decoding step) over a grouped-query
@@ -213,6 +305,53 @@ mod tests {
     use super::*;
     use crate::layers::max_abs_diff;
     use candle_core::Device;
+
+    /// The BF16 GEMM path (long sequences, with and without a causal mask) gives the f32
+    /// attention of the same BF16 values within BF16 roundings.
+    #[test]
+    fn bf16_gemm_attention_equals_f32_attention() {
+        if !simpleseg_kernels::bf16_gemm::available() {
+            eprintln!("skipped: this CPU lacks AVX512-BF16");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (b, heads, len, d) = (2, 3, 150, 72);
+        let random = || {
+            Tensor::randn(0f32, 1.0, (b, heads, len, d), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let (q, k, v) = (random(), random(), random());
+        let mask = causal_mask(len, 0, DType::BF16, &dev).unwrap();
+        let scale = (d as f64).powf(-0.5);
+        for mask in [None, Some(&mask)] {
+            let fast = bf16_gemm_attention(&q, &k, &v, mask, scale)
+                .unwrap()
+                .expect("applies");
+            assert_eq!(
+                (fast.dtype(), fast.dims()),
+                (DType::BF16, &[b, heads, len, d][..])
+            );
+            let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            let reference = attention(
+                &f32(&q),
+                &f32(&k),
+                &f32(&v),
+                mask.map(f32).as_ref(),
+                scale,
+                Mode::Infer,
+            )
+            .unwrap();
+            let err = max_abs_diff(&f32(&fast), &reference).unwrap();
+            assert!(err < 2e-2, "mask {}: {err}", mask.is_some());
+        }
+        // Short sequences and masks of another shape are left to candle's products.
+        let short = q.narrow(2, 0, 100).unwrap();
+        assert!(bf16_gemm_attention(&short, &short, &short, None, scale)
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn single_query_attention_equals_attention_over_repeated_heads() {
