@@ -19,6 +19,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "embedding",
             "norm",
             "rotary",
+            "activation",
             "attention",
             "features",
         ],
