@@ -7,6 +7,7 @@ decode tokens/s and peak RSS, with `lscpu`'s model name and flags above every ta
     .venv-ml/bin/python scripts/bench/bench_engine.py                    # tiny checkpoint, f32
     .venv-ml/bin/python scripts/bench/bench_engine.py --big7b --tokens 32
     .venv-ml/bin/python scripts/bench/bench_engine.py --kimi16b --tokens 32
+    .venv-ml/bin/python scripts/bench/bench_engine.py --gemm      # the GEMM row only
 
 --big7b writes a Qwen2.5-VL-7B-size folder of random BF16 weights (~16.6 GB), quantizes it with
 `simpleseg quantize` (q8_0, q4k), times transformers (BF16) and simpleseg (BF16 weights, q8_0,
@@ -356,6 +357,41 @@ def bench_7b(args):
                 shutil.rmtree(d, ignore_errors=True)
 
 
+def bench_gemm():
+    """GFLOP/s of `x w^T` with BF16 operands: simpleseg's kernel (bench_kernels' prefill case,
+    its `bf16_gemm` row) and torch's matmul, on the same shapes and thread counts."""
+    import torch
+
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "simpleseg-kernels", "--example", "bench_kernels"],
+                   cwd=ROOT, check=True)
+    kernels = ROOT / "target/release/examples/bench_kernels"
+    # (m, k, n): the 7B's 466-token prefill (q/o, gate/up, down) and Qwen2.5-VL's ViT MLP on a
+    # 640x480 image's 1564 patches.
+    shapes = [(466, 3584, 3584), (466, 3584, 18944), (466, 18944, 3584), (1564, 1280, 3420)]
+    print(f"\n### GEMM, BF16 operands, f32 sums (GFLOP/s)\n\n{cpu_header()}\n")
+    print("| m x k x n | threads | simpleseg bf16_gemm | torch matmul (BF16) | ratio |")
+    print("|---|---|---|---|---|")
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        for m, k, n in shapes:
+            out = subprocess.run([str(kernels), "prefill", str(m), str(k), str(n)], check=True, text=True,
+                                 stdout=subprocess.PIPE, env=dict(os.environ, RAYON_NUM_THREADS=str(threads))).stdout
+            ours = [json.loads(line) for line in out.splitlines() if "bf16_gemm" in line]
+            ours = ours[0].get("gflops") if ours else None
+            x = torch.randn(m, k).bfloat16()
+            w = torch.randn(n, k).bfloat16()
+            x @ w.T
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                x @ w.T
+                times.append(time.perf_counter() - t0)
+            theirs = 2 * m * k * n / sorted(times)[2] / 1e9
+            cell = f"{ours:.0f}" if ours else "(no AVX512-BF16)"
+            ratio = f"{ours / theirs:.2f}x" if ours else "-"
+            print(f"| {m} x {k} x {n} | {threads} | {cell} | {theirs:.0f} | {ratio} |")
+
+
 def extrapolate(ra, rb, layers, na=2, nb=3):
     """Figures of a `layers`-layer model from runs with `na` and `nb` layers (the first dense,
     the rest mixtures of experts): the `na`-layer run plus the per-layer difference."""
@@ -440,7 +476,13 @@ def main():
     ap.add_argument("--kimi16b", action="store_true", help="the 16B Kimi-VL size (random weights, written and deleted)")
     ap.add_argument("--work", type=Path, default=ROOT / "target", help="where the big folders are written")
     ap.add_argument("--keep", action="store_true", help="keep the written folders")
+    ap.add_argument("--gemm", action="store_true",
+                    help="only the GEMM row: simpleseg's BF16 GEMM against torch's BF16 matmul on the 7B's "
+                         "prefill shapes and a vision-tower MLP shape, 2 threads and 1")
     args = ap.parse_args()
+    if args.gemm:
+        bench_gemm()
+        return
     build()
     if args.big7b:
         bench_7b(args)

@@ -2,6 +2,7 @@
 //! same operands:
 //!
 //!     RAYON_NUM_THREADS=2 cargo run --release -p simpleseg-kernels --example bench_kernels
+//!     RAYON_NUM_THREADS=2 cargo run --release -p simpleseg-kernels --example bench_kernels -- prefill M K N
 //!
 //! - prefill products (`m x k` activations against an `n x k` BF16 weight): `bf16_gemm`
 //!   (AVX512-BF16), `f32_gemm` (the weight widened a block at a time), candle's f32 matmul on
@@ -47,6 +48,17 @@ fn relative_difference(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn main() -> Result<()> {
+    // `bench_kernels prefill M K N`: that one prefill product only (bench_engine.py's GEMM
+    // row, beside torch's matmul on the same shape).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [case, m, k, n] = &args[..] {
+        if case == "prefill" {
+            return prefill(m.parse()?, k.parse()?, n.parse()?);
+        }
+    }
+    if !args.is_empty() {
+        return Err("usage: bench_kernels [prefill M K N]".into());
+    }
     println!(
         "{{\"cpu\": {{\"avx2_fma\": {}, \"avx512_bf16\": {}, \"avx512_vnni\": {}}}, \"threads\": {}}}",
         cpu::avx2_fma(),

@@ -313,18 +313,21 @@ fn run(
         stats
             .running_rows
             .store(generator.live(), Ordering::Relaxed);
-        let stepped = generator
-            .step(&mut requests)
-            .and_then(|done| done.into_iter().try_for_each(|f| requests.finish(f)));
+        let stepped = generator.step(&mut requests).and_then(|done| {
+            // Counted before any answer goes out: a client holding its answer never sees its
+            // row still running.
+            stats
+                .running_rows
+                .store(generator.live(), Ordering::Relaxed);
+            done.into_iter().try_for_each(|f| requests.finish(f))
+        });
         if let Err(e) = stepped {
             // A failed step fails every running request; the generator starts afresh.
+            generator = Generator::new(model);
+            stats.running_rows.store(0, Ordering::Relaxed);
             for mut active in requests.active.iter_mut().filter_map(Option::take) {
                 (active.events)(Event::Failed(e.to_string()));
             }
-            generator = Generator::new(model);
         }
-        stats
-            .running_rows
-            .store(generator.live(), Ordering::Relaxed);
     }
 }
