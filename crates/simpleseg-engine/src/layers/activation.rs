@@ -8,25 +8,64 @@ use simpleseg_kernels::math;
 /// Values per parallel task.
 const CHUNK: usize = 1 << 14;
 
-/// `f` applied to every value of an f32 or BF16 tensor on the CPU, computed in f32, in
-/// parallel; `None` where it does not apply.
-fn map_in_f32(x: &Tensor, f: fn(&mut [f32])) -> Result<Option<Tensor>> {
+/// `f` applied to each run of `chunk` values (the last may be shorter) of an f32 or BF16
+/// tensor on the CPU, computed in f32, runs in parallel, into a new tensor of the same dtype
+/// and shape (BF16 results rounded to nearest even, as candle's conversion does). Each run is
+/// read from the tensor and written once, in its task: no single-threaded copy or conversion
+/// pass. `None` where it does not apply (another device or dtype, a tensor in a training
+/// graph).
+pub(crate) fn map_chunks_in_f32(
+    x: &Tensor,
+    chunk: usize,
+    f: impl Fn(&mut [f32]) + Sync,
+) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    use half::bf16;
     use rayon::prelude::*;
 
-    let dtype = x.dtype();
-    if !x.device().is_cpu() || x.track_op() || !matches!(dtype, DType::F32 | DType::BF16) {
+    if !x.device().is_cpu() || x.track_op() || !matches!(x.dtype(), DType::F32 | DType::BF16) {
         return Ok(None);
     }
-    let mut values: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    values.par_chunks_mut(CHUNK).for_each(f);
-    Tensor::from_vec(values, x.shape(), x.device())?
-        .to_dtype(dtype)
-        .map(Some)
+    let chunk = chunk.max(1);
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let y = match &*storage {
+        Storage::Cpu(CpuStorage::F32(values)) => {
+            let src = &values[start..end];
+            let mut out = vec![0f32; src.len()];
+            out.par_chunks_mut(chunk)
+                .zip(src.par_chunks(chunk))
+                .for_each(|(out, src)| {
+                    out.copy_from_slice(src);
+                    f(out);
+                });
+            Tensor::from_vec(out, x.shape(), x.device())?
+        }
+        Storage::Cpu(CpuStorage::BF16(values)) => {
+            let src = &values[start..end];
+            let mut out = vec![bf16::ZERO; src.len()];
+            out.par_chunks_mut(chunk)
+                .zip(src.par_chunks(chunk))
+                .for_each(|(out, src)| {
+                    let mut wide: Vec<f32> = src.iter().map(|v| v.to_f32()).collect();
+                    f(&mut wide);
+                    for (o, v) in out.iter_mut().zip(&wide) {
+                        *o = bf16::from_f32(*v);
+                    }
+                });
+            Tensor::from_vec(out, x.shape(), x.device())?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(y))
 }
 
 /// SiLU, `x / (1 + e^-x)` (candle's `silu`).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    match map_in_f32(x, math::silu)? {
+    match map_chunks_in_f32(x, CHUNK, math::silu)? {
         Some(y) => Ok(y),
         None => x.silu(),
     }
@@ -34,7 +73,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// GELU with the tanh approximation (candle's `gelu`, PyTorch's `approximate="tanh"`).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    match map_in_f32(x, math::gelu_tanh)? {
+    match map_chunks_in_f32(x, CHUNK, math::gelu_tanh)? {
         Some(y) => Ok(y),
         None => x.gelu(),
     }

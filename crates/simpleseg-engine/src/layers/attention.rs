@@ -5,27 +5,26 @@ use candle_core::{DType, Result, Tensor, D};
 use simpleseg_kernels::dot::{bf16_to_f32, dot_bf16, dot_f32, f32_id};
 use simpleseg_kernels::math;
 
+use crate::layers::activation::map_chunks_in_f32;
 use crate::layers::mode::Mode;
 
 /// Softmax over the last dimension, computed in f32: on the CPU outside a training graph by
 /// [`simpleseg_kernels::math::softmax`] (vectorized `exp`, rows in parallel), else by candle's
 /// fused op (inference) or differentiable primitives (training).
 pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
-    use rayon::prelude::*;
-
+    if mode == Mode::Infer && x.rank() > 0 {
+        let width = x.dim(D::Minus1)?.max(1);
+        // Whole rows in tasks of about 16k values.
+        let rows_per_task = (16384 / width).max(1);
+        if let Some(y) =
+            map_chunks_in_f32(x, rows_per_task * width, |rows| math::softmax(rows, width))?
+        {
+            return Ok(y);
+        }
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let y = match mode {
-        Mode::Infer if x.device().is_cpu() && !x.track_op() && x.rank() > 0 => {
-            let width = x.dim(D::Minus1)?;
-            let mut values: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            // Rows in tasks of about 16k values.
-            let rows_per_task = (16384 / width.max(1)).max(1);
-            values
-                .par_chunks_mut(rows_per_task * width.max(1))
-                .for_each(|rows| math::softmax(rows, width));
-            Tensor::from_vec(values, x.shape(), x.device())?
-        }
         Mode::Infer => candle_nn::ops::softmax_last_dim(&x.contiguous()?)?,
         Mode::Train => {
             let max = x.max_keepdim(D::Minus1)?.detach();
