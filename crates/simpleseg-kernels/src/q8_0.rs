@@ -76,6 +76,18 @@ pub fn dot(w: &[Q8_0Block], x: &[Q8_0Block]) -> Option<f32> {
     dot_on(Path::best()?, w, x)
 }
 
+/// [`dot`] of several rows with one input, each input block loaded once for all of them
+/// (long rows: the input no longer stays in the first-level cache beside one row's stream).
+/// Each result is bit for bit [`dot`]'s. `None` when this CPU lacks AVX-512 VNNI (take the
+/// rows one at a time there) or a row's length differs from the input's.
+pub fn dot_rows<const R: usize>(w: [&[Q8_0Block]; R], x: &[Q8_0Block]) -> Option<[f32; R]> {
+    if !Path::Avx512Vnni.available() || w.iter().any(|row| row.len() != x.len()) {
+        return None;
+    }
+    // SAFETY: the CPU has the features and every row the input's length, checked above.
+    Some(unsafe { dot_rows_avx512(w, x) })
+}
+
 /// [`dot`] on a given path; `None` when this CPU lacks it or the lengths differ.
 pub fn dot_on(path: Path, w: &[Q8_0Block], x: &[Q8_0Block]) -> Option<f32> {
     if !path.available() || w.len() != x.len() {
@@ -84,7 +96,7 @@ pub fn dot_on(path: Path, w: &[Q8_0Block], x: &[Q8_0Block]) -> Option<f32> {
     // SAFETY: the CPU has the path's features and the rows are as long, checked above.
     Some(unsafe {
         match path {
-            Path::Avx512Vnni => dot_avx512(w, x),
+            Path::Avx512Vnni => dot_rows_avx512([w], x)[0],
             Path::Avx2 => dot_avx2(w, x),
         }
     })
@@ -113,52 +125,53 @@ fn two_blocks(first: &Q8_0Block, second: &Q8_0Block) -> __m512i {
     }
 }
 
-/// [`dot`] with AVX-512.
+/// [`dot`] of `R` rows with one input on AVX-512: each pair of input blocks is loaded once for
+/// all rows. Each row's result is computed exactly as it is alone (the same operations in the
+/// same order), so grouping rows changes no bit.
 ///
 /// # Safety
-/// The CPU must have [`Path::Avx512Vnni`]'s features, and `w` and `x` the same length.
+/// The CPU must have [`Path::Avx512Vnni`]'s features, and every row the input's length.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c")]
-unsafe fn dot_avx512(w: &[Q8_0Block], x: &[Q8_0Block]) -> f32 {
+unsafe fn dot_rows_avx512<const R: usize>(w: [&[Q8_0Block]; R], x: &[Q8_0Block]) -> [f32; R] {
     // f32 lanes 0..8 take the first block's scale, 8..16 the second's.
     let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     let zero = _mm512_setzero_si512();
-    let mut acc = _mm512_setzero_ps();
-    let pairs = w.len() / 2;
+    let mut acc = [_mm512_setzero_ps(); R];
+    let pairs = x.len() / 2;
     for p in 0..pairs {
-        // SAFETY: blocks 2p and 2p + 1 exist in both rows (same length, p < len / 2).
-        let (w0, w1, x0, x1) = unsafe {
-            (
-                w.get_unchecked(2 * p),
-                w.get_unchecked(2 * p + 1),
-                x.get_unchecked(2 * p),
-                x.get_unchecked(2 * p + 1),
-            )
-        };
-        let weights = two_blocks(w0, w1);
+        // SAFETY: blocks 2p and 2p + 1 exist in the input and in every row (same length,
+        // p < len / 2).
+        let (x0, x1) = unsafe { (x.get_unchecked(2 * p), x.get_unchecked(2 * p + 1)) };
         let input = two_blocks(x0, x1);
-        let magnitudes = _mm512_abs_epi8(weights);
-        let signed = _mm512_mask_sub_epi8(input, _mm512_movepi8_mask(weights), zero, input);
-        let sums = _mm512_dpbusd_epi32(zero, magnitudes, signed);
-        let halves = u64::from(w0.d)
-            | (u64::from(w1.d) << 16)
-            | (u64::from(x0.d) << 32)
-            | (u64::from(x1.d) << 48);
-        // [w0, w1, x0, x1] -> [w0 x0, w1 x1, ..]
-        let scales = _mm_cvtph_ps(_mm_cvtsi64_si128(halves as i64));
-        let scales = _mm_mul_ps(scales, _mm_movehl_ps(scales, scales));
-        let scales = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(scales));
-        acc = _mm512_fmadd_ps(scales, _mm512_cvtepi32_ps(sums), acc);
+        let input_scales = (u64::from(x0.d) << 32) | (u64::from(x1.d) << 48);
+        for (row, acc) in w.iter().zip(acc.iter_mut()) {
+            // SAFETY: as above.
+            let (w0, w1) = unsafe { (row.get_unchecked(2 * p), row.get_unchecked(2 * p + 1)) };
+            let weights = two_blocks(w0, w1);
+            let magnitudes = _mm512_abs_epi8(weights);
+            let signed = _mm512_mask_sub_epi8(input, _mm512_movepi8_mask(weights), zero, input);
+            let sums = _mm512_dpbusd_epi32(zero, magnitudes, signed);
+            let halves = u64::from(w0.d) | (u64::from(w1.d) << 16) | input_scales;
+            // [w0, w1, x0, x1] -> [w0 x0, w1 x1, ..]
+            let scales = _mm_cvtph_ps(_mm_cvtsi64_si128(halves as i64));
+            let scales = _mm_mul_ps(scales, _mm_movehl_ps(scales, scales));
+            let scales = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(scales));
+            *acc = _mm512_fmadd_ps(scales, _mm512_cvtepi32_ps(sums), *acc);
+        }
     }
-    let mut total = _mm512_reduce_add_ps(acc);
-    if let (Some(w), Some(x)) = (w.get(2 * pairs), x.get(2 * pairs)) {
-        let sum: i32 =
-            w.qs.iter()
-                .zip(&x.qs)
-                .map(|(&a, &b)| i32::from(a) * i32::from(b))
-                .sum();
-        total += scale(w, x) * sum as f32;
+    let mut totals = [0f32; R];
+    for ((total, acc), row) in totals.iter_mut().zip(acc).zip(w) {
+        *total = _mm512_reduce_add_ps(acc);
+        if let (Some(w), Some(x)) = (row.get(2 * pairs), x.get(2 * pairs)) {
+            let sum: i32 =
+                w.qs.iter()
+                    .zip(&x.qs)
+                    .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                    .sum();
+            *total += scale(w, x) * sum as f32;
+        }
     }
-    total
+    totals
 }
 
 /// [`dot`] with AVX2.
@@ -254,6 +267,18 @@ mod tests {
                     );
                 }
             }
+        }
+        // Rows taken together give each row's own result, bit for bit.
+        if Path::Avx512Vnni.available() {
+            let k = 3616;
+            let w = blocks_of(&values.take(4 * k));
+            let x = blocks_of(&values.take(k));
+            let rows: Vec<&[Q8_0Block]> = view(&w).chunks(k / QK).collect();
+            let together = dot_rows([rows[0], rows[1], rows[2], rows[3]], view(&x)).unwrap();
+            for (row, got) in rows.iter().zip(together) {
+                assert_eq!(got.to_bits(), dot(row, view(&x)).unwrap().to_bits());
+            }
+            assert_eq!(dot_rows([rows[0], &rows[1][1..]], view(&x)), None);
         }
         // Rows of different lengths are refused.
         let a = blocks_of(&values.take(64));

@@ -182,8 +182,13 @@ impl Job<'_> {
             #[cfg(target_arch = "x86_64")]
             Prepared::Q4_0Avx512(_) => std::array::from_fn(|i| self.one(input, f + i, r)),
             #[cfg(target_arch = "x86_64")]
-            Prepared::Q8_0(_) if self.kernel == Kernel::Q8_0Simd => {
-                std::array::from_fn(|i| self.one(input, f + i, r))
+            Prepared::Q8_0(x) if self.kernel == Kernel::Q8_0Simd => {
+                let (_, xr) = row_and_input::<BlockQ8_0>(m, x, f, r);
+                let rows = [0, 1, 2, 3].map(|i| self.q8_0_row(f + i));
+                // AVX-512 takes the four together; elsewhere (AVX2) one at a time.
+                simpleseg_kernels::blocks::view(simpleseg_kernels::blocks::bytes_of(xr))
+                    .and_then(|xr| q8_0_simd::dot_rows(rows, xr))
+                    .unwrap_or_else(|| std::array::from_fn(|i| self.one(input, f + i, r)))
             }
             Prepared::Q8K(x) => four_typed::<BlockQ4K>(m, x, f, r),
             Prepared::Q8_0(x) if m.ggml == GgmlDType::Q4_0 => four_typed::<BlockQ4_0>(m, x, f, r),
@@ -209,10 +214,8 @@ impl Job<'_> {
                 // The kernel was chosen for this CPU and the row has the input's blocks, so it
                 // always answers (as in `four`).
                 let (_, input) = row_and_input::<BlockQ8_0>(m, x, f, r);
-                let per_row = m.cols / BlockQ8_0::BLCK_SIZE;
-                let row = &m.typed::<q8_0_simd::Q8_0Block>()[f * per_row..(f + 1) * per_row];
                 simpleseg_kernels::blocks::view(simpleseg_kernels::blocks::bytes_of(input))
-                    .and_then(|input| q8_0_simd::dot(row, input))
+                    .and_then(|input| q8_0_simd::dot(self.q8_0_row(f), input))
                     .unwrap_or(f32::NAN)
             }
             Prepared::Q8K(x) => one_typed::<BlockQ4K>(m, x, f, r),
@@ -226,6 +229,14 @@ impl Job<'_> {
         let per_row = self.matrix.cols / BlockQ4_0::BLCK_SIZE;
         // A q4_0 matrix's blocks (the kernel was chosen for its type).
         let blocks = self.matrix.typed::<q4_0_avx512::Q4_0Block>();
+        &blocks[f * per_row..(f + 1) * per_row]
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn q8_0_row(&self, f: usize) -> &[q8_0_simd::Q8_0Block] {
+        let per_row = self.matrix.cols / BlockQ8_0::BLCK_SIZE;
+        // A q8_0 matrix's blocks (the kernel was chosen for its type).
+        let blocks = self.matrix.typed::<q8_0_simd::Q8_0Block>();
         &blocks[f * per_row..(f + 1) * per_row]
     }
 
@@ -285,7 +296,7 @@ fn one_typed<T: GgmlType + PlainBlock>(
 ///
 /// - On CPUs with AVX-512 BW and VNNI, q4k weights use [`q4k_avx512`]'s kernel and q4_0
 ///   weights [`q4_0_avx512`]'s; q8_0 weights [`q8_0_simd`]'s there and on CPUs with AVX2
-///   (one row at a time, like q4_0). Long q4k rows (the 7B size's down projection) go four at a
+///   (long rows four at a time on AVX-512, like q4k's; otherwise one at a time). Long q4k rows (the 7B size's down projection) go four at a
 ///   time, each input block loaded once for the four (one at a time they read ~15 GB/s on 2
 ///   cores, four ~20); short rows one at a time, a single stream through memory (four streams
 ///   of a few KB each ran at half speed or less: the prefetcher has no time to follow them).
@@ -323,6 +334,8 @@ fn batch(products: &[RowsProduct], own_kernels: bool) -> Result<Vec<Vec<f32>>> {
             Kernel::Q4kAvx512 if m.cols / BlockQ4K::BLCK_SIZE >= 32 => (4, 32),
             #[cfg(target_arch = "x86_64")]
             Kernel::Q4kAvx512 => (1, 32),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q8_0Simd if m.cols >= 8192 => (4, 32),
             #[cfg(target_arch = "x86_64")]
             Kernel::Q4_0Avx512 | Kernel::Q8_0Simd => (1, 32),
             _ => (4, 64),
@@ -372,8 +385,8 @@ fn transpose(by_feature: &[f32], n: usize, rows: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    /// A batch of products (q4k short and long rows, q4_0, q8_0; some sharing an input, one
-    /// of them with a partial last group) gives candle's dot products for each, and bit for
+    /// A batch of products (q4k and q8_0 short and long rows, q4_0; some sharing an input,
+    /// some with a partial last group) gives candle's dot products for each, and bit for
     /// bit what each product gives alone; with this CPU's kernels and with candle's.
     #[test]
     fn batch_equals_each_products_own_result() {
@@ -392,6 +405,7 @@ mod tests {
         let long = matrix(9, 8192, GgmlDType::Q4K);
         let q4_0 = matrix(33, 512, GgmlDType::Q4_0);
         let q8_0 = matrix(20, 512, GgmlDType::Q8_0);
+        let long_q8_0 = matrix(9, 8192, GgmlDType::Q8_0);
         let x512 = random(2 * 512);
         let other512 = random(2 * 512);
         let x8192 = random(2 * 8192);
@@ -425,6 +439,11 @@ mod tests {
                 matrix: &q8_0,
                 x: &x512[..512],
                 rows: 1,
+            },
+            RowsProduct {
+                matrix: &long_q8_0,
+                x: &x8192,
+                rows: 2,
             },
         ];
         // This CPU's kernels, then candle's (what CPUs without AVX-512 VNNI run).
