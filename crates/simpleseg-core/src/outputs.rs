@@ -5,6 +5,11 @@
 //! rename fails, the outputs already moved are put back as they were (the previous file, or
 //! none), so a failed command changes nothing.
 //!
+//! A target that exists and is not a regular file (`/dev/null`, `/dev/stdout`, a named pipe) is
+//! written in place when it is added: it cannot be replaced by a rename (as root, a rename over
+//! `/dev/null` would turn the device into a plain file for every process on the machine), and
+//! it has no previous content to restore.
+//!
 //! Temporary files never outlive the process that made them: a failed or abandoned write
 //! removes its own, [`remove_temporaries_and_exit`] removes every one still open (the command
 //! line calls it on Ctrl-C and SIGTERM), and the first write into a folder removes those that
@@ -131,12 +136,30 @@ fn sweep(folder: &Path) {
 }
 
 impl Outputs {
-    /// Writes one output to a temporary file beside `path`.
+    /// Writes one output to a temporary file beside `path` (or into `path` itself when it is
+    /// a device or a pipe: see the module documentation).
     pub fn add(
         &mut self,
         path: &Path,
         write: impl FnOnce(&mut BufWriter<File>) -> std::result::Result<(), String>,
     ) -> Result<()> {
+        let cannot_write = |message: String| Error::BadFile {
+            path: path.into(),
+            message: format!("cannot write: {message}"),
+        };
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|source| Error::Io {
+                    path: path.into(),
+                    source,
+                })?;
+            let mut w = BufWriter::new(file);
+            return write(&mut w)
+                .and_then(|()| w.flush().map_err(|e| e.to_string()))
+                .map_err(cannot_write);
+        }
         let tmp = unique_name(path, TEMPORARY)?;
         sweep(path.parent().unwrap_or(Path::new("")));
         let file = with_pending(|p| {
@@ -154,10 +177,7 @@ impl Outputs {
         let mut w = BufWriter::new(file);
         write(&mut w)
             .and_then(|()| w.flush().map_err(|e| e.to_string()))
-            .map_err(|message| Error::BadFile {
-                path: path.into(),
-                message: format!("cannot write: {message}"),
-            })
+            .map_err(cannot_write)
     }
 
     /// Moves every output into place; returns their paths. On failure every output is as it
@@ -269,6 +289,43 @@ pub fn remove_temporaries_and_exit(code: i32) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A named pipe as a target is written through, and stays a pipe (a rename over it would
+    /// have replaced it with a plain file: over `/dev/null`, for the whole machine).
+    #[cfg(unix)]
+    #[test]
+    fn pipes_and_devices_are_written_in_place() {
+        use std::io::Read;
+        use std::os::unix::fs::FileTypeExt;
+
+        let dir = folder("fifo");
+        let fifo = dir.join("answer.json");
+        match std::process::Command::new("mkfifo").arg(&fifo).status() {
+            Ok(status) if status.success() => {}
+            _ => {
+                eprintln!("skipped: no mkfifo here");
+                return;
+            }
+        }
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                File::open(&fifo)
+                    .unwrap()
+                    .read_to_string(&mut text)
+                    .unwrap();
+                text
+            })
+        };
+        write_atomic(&fifo, write("through the pipe")).unwrap();
+        // (Checked before joining: had the pipe been replaced, its reader would wait forever.)
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        assert_eq!(reader.join().unwrap(), "through the pipe");
+        // Nothing was staged beside it.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn folder(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("simpleseg-{name}-{}", std::process::id()));
