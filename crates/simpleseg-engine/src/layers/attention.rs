@@ -6,6 +6,7 @@ use simpleseg_kernels::dot::{bf16_to_f32, dot_bf16, dot_f32, f32_id};
 use simpleseg_kernels::math;
 
 use crate::layers::activation::map_chunks_in_f32;
+use crate::layers::linear::bf16_bits;
 use crate::layers::mode::Mode;
 
 /// Softmax over the last dimension, computed in f32: on the CPU outside a training graph by
@@ -104,14 +105,7 @@ fn bf16_gemm_attention(
         }
         Some(_) => return Ok(None),
     };
-    let bits = |t: &Tensor| -> Result<Vec<u16>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<half::bf16>()?
-            .into_iter()
-            .map(half::bf16::to_bits)
-            .collect())
-    };
-    let (qs, ks, vs) = (bits(q)?, bits(k)?, bits(v)?);
+    let (qs, ks, vs) = (bf16_bits(q)?, bf16_bits(k)?, bf16_bits(v)?);
     let scale = scale as f32;
     let mut out = vec![0f32; b * heads * lq * d];
     for (i, o) in out.chunks_mut(lq * d).enumerate() {

@@ -267,6 +267,15 @@ fn many_rows_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Tensor> {
     }
 }
 
+/// A BF16 tensor's values as bits, in row-major order (what `bf16_gemm` takes).
+pub(crate) fn bf16_bits(x: &Tensor) -> Result<Vec<u16>> {
+    Ok(x.flatten_all()?
+        .to_vec1::<half::bf16>()?
+        .into_iter()
+        .map(half::bf16::to_bits)
+        .collect())
+}
+
 /// The BF16 path of [`many_rows_matmul`], rounded to BF16; `None` where it does not apply.
 fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Tensor>> {
     if x.dtype() != DType::BF16 || !simpleseg_kernels::bf16_gemm::available() {
@@ -274,12 +283,7 @@ fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Tensor>> {
     }
     let rows = x.dim(0)?;
     let (out_dim, in_dim) = w.dims();
-    let bits: Vec<u16> = x
-        .flatten_all()?
-        .to_vec1::<half::bf16>()?
-        .into_iter()
-        .map(|v| v.to_bits())
-        .collect();
+    let bits = bf16_bits(x)?;
     let row = |j: usize, out: &mut [u16]| w.row_bf16_bits(j, out);
     let Some(y) = simpleseg_kernels::bf16_gemm::gemm(&bits, row, rows, out_dim, in_dim) else {
         return Ok(None);

@@ -172,7 +172,7 @@ impl Job<'_> {
         match input {
             #[cfg(target_arch = "x86_64")]
             Prepared::Q4kAvx512(x) => {
-                let row = |f| self.q4k_row(f);
+                let row = |f| self.row::<q4k_avx512::Q4KBlock>(f);
                 // The kernel was chosen for this CPU and every row has the input's blocks, so
                 // it always answers; NaN would show a broken invariant, not hide it.
                 q4k_avx512::dot([row(f), row(f + 1), row(f + 2), row(f + 3)], &x[r])
@@ -184,7 +184,7 @@ impl Job<'_> {
             #[cfg(target_arch = "x86_64")]
             Prepared::Q8_0(x) if self.kernel == Kernel::Q8_0Simd => {
                 let (_, xr) = row_and_input::<BlockQ8_0>(m, x, f, r);
-                let rows = [0, 1, 2, 3].map(|i| self.q8_0_row(f + i));
+                let rows = [0, 1, 2, 3].map(|i| self.row::<q8_0_simd::Q8_0Block>(f + i));
                 // AVX-512 takes the four together; elsewhere (AVX2) one at a time.
                 simpleseg_kernels::blocks::view(simpleseg_kernels::blocks::bytes_of(xr))
                     .and_then(|xr| q8_0_simd::dot_rows(rows, xr))
@@ -202,12 +202,11 @@ impl Job<'_> {
         match input {
             // As in `four`.
             #[cfg(target_arch = "x86_64")]
-            Prepared::Q4kAvx512(x) => {
-                q4k_avx512::dot([self.q4k_row(f)], &x[r]).map_or(f32::NAN, |[v]| v)
-            }
+            Prepared::Q4kAvx512(x) => q4k_avx512::dot([self.row::<q4k_avx512::Q4KBlock>(f)], &x[r])
+                .map_or(f32::NAN, |[v]| v),
             #[cfg(target_arch = "x86_64")]
             Prepared::Q4_0Avx512(x) => {
-                q4_0_avx512::dot(self.q4_0_row(f), &x[r]).unwrap_or(f32::NAN)
+                q4_0_avx512::dot(self.row::<q4_0_avx512::Q4_0Block>(f), &x[r]).unwrap_or(f32::NAN)
             }
             #[cfg(target_arch = "x86_64")]
             Prepared::Q8_0(x) if self.kernel == Kernel::Q8_0Simd => {
@@ -215,7 +214,7 @@ impl Job<'_> {
                 // always answers (as in `four`).
                 let (_, input) = row_and_input::<BlockQ8_0>(m, x, f, r);
                 simpleseg_kernels::blocks::view(simpleseg_kernels::blocks::bytes_of(input))
-                    .and_then(|input| q8_0_simd::dot(self.q8_0_row(f), input))
+                    .and_then(|input| q8_0_simd::dot(self.row(f), input))
                     .unwrap_or(f32::NAN)
             }
             Prepared::Q8K(x) => one_typed::<BlockQ4K>(m, x, f, r),
@@ -224,27 +223,11 @@ impl Job<'_> {
         }
     }
 
+    /// Weight row `f` as the blocks `B` of the kernel chosen for the matrix's type.
     #[cfg(target_arch = "x86_64")]
-    fn q4_0_row(&self, f: usize) -> &[q4_0_avx512::Q4_0Block] {
-        let per_row = self.matrix.cols / BlockQ4_0::BLCK_SIZE;
-        // A q4_0 matrix's blocks (the kernel was chosen for its type).
-        let blocks = self.matrix.typed::<q4_0_avx512::Q4_0Block>();
-        &blocks[f * per_row..(f + 1) * per_row]
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn q8_0_row(&self, f: usize) -> &[q8_0_simd::Q8_0Block] {
-        let per_row = self.matrix.cols / BlockQ8_0::BLCK_SIZE;
-        // A q8_0 matrix's blocks (the kernel was chosen for its type).
-        let blocks = self.matrix.typed::<q8_0_simd::Q8_0Block>();
-        &blocks[f * per_row..(f + 1) * per_row]
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn q4k_row(&self, f: usize) -> &[q4k_avx512::Q4KBlock] {
-        let per_row = self.matrix.cols / BlockQ4K::BLCK_SIZE;
-        // A q4k matrix's blocks (the kernel was chosen for its type).
-        let blocks = self.matrix.typed::<q4k_avx512::Q4KBlock>();
+    fn row<B: PlainBlock>(&self, f: usize) -> &[B] {
+        let blocks = self.matrix.typed::<B>();
+        let per_row = blocks.len() / self.matrix.rows.max(1);
         &blocks[f * per_row..(f + 1) * per_row]
     }
 }
