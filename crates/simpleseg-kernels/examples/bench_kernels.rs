@@ -6,7 +6,7 @@
 //!
 //! - prefill products (`m x k` activations against an `n x k` BF16 weight): `bf16_gemm`
 //!   (AVX512-BF16), `f32_gemm` (the weight widened a block at a time), candle's f32 matmul on
-//!   the widened weight;
+//!   the widened weight; `int8_gemm` (AVX-512 VNNI) on the weight quantized to q8_0 and q4k;
 //! - a decode product (one row against a BF16 weight larger than the cache): `rows`, candle's
 //!   BF16 matmul (whose input and output are rounded to BF16: its difference from ours);
 //! - the integer dot products of decoding, one thread: `q4k`, `q4_0` and `q8_0` (each of its
@@ -128,6 +128,53 @@ fn prefill(m: usize, k: usize, n: usize) -> Result<()> {
         report("bf16_gemm (avx512_bf16)", seconds, &y);
     } else {
         println!("{{\"case\": \"prefill\", \"kernel\": \"bf16_gemm\", \"skipped\": \"this CPU lacks AVX512-BF16\"}}");
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use simpleseg_kernels::int8_gemm::{self, Activations, UnsignedBlock};
+        if !int8_gemm::available() {
+            println!("{{\"case\": \"prefill\", \"kernel\": \"int8_gemm\", \"skipped\": \"this CPU lacks AVX-512 VNNI\"}}");
+            return Ok(());
+        }
+        // The same weights quantized; the difference is then mostly the quantization's.
+        fn time<T: GgmlType + blocks::PlainBlock, B: blocks::PlainBlock + Sync>(
+            widened: &[f32],
+            (m, n, k): (usize, usize, usize),
+            x: &[f32],
+            activations: Activations,
+            convert: fn(&[B], &mut [UnsignedBlock]),
+        ) -> Result<(f64, Vec<f32>)> {
+            let mut q = vec![T::zeros(); n * k / T::BLCK_SIZE];
+            T::from_float(widened, &mut q);
+            let typed: &[B] = blocks::view(blocks::bytes_of(&q)).ok_or("block layout")?;
+            let per_row = k / T::BLCK_SIZE;
+            let row = |j: usize, out: &mut [UnsignedBlock]| {
+                convert(&typed[j * per_row..(j + 1) * per_row], out)
+            };
+            let y = int8_gemm::gemm(x, m, n, k, activations, row).ok_or("int8_gemm sizes")?;
+            let seconds = median_seconds(5, || {
+                std::hint::black_box(int8_gemm::gemm(x, m, n, k, activations, row));
+            });
+            Ok((seconds, y))
+        }
+        let (seconds, y) = time::<BlockQ8_0, q8_0::Q8_0Block>(
+            &widened,
+            (m, n, k),
+            &x,
+            Activations::Q8_0,
+            int8_gemm::q8_0_row,
+        )?;
+        report("int8_gemm q8_0 (avx512_vnni)", seconds, &y);
+        if k % 256 == 0 {
+            let (seconds, y) = time::<BlockQ4K, q4k::Q4KBlock>(
+                &widened,
+                (m, n, k),
+                &x,
+                Activations::Q8K,
+                int8_gemm::q4k_row,
+            )?;
+            report("int8_gemm q4k (avx512_vnni)", seconds, &y);
+        }
     }
     Ok(())
 }

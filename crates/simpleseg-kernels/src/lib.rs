@@ -9,6 +9,7 @@
 //!   output, in parallel (decoding).
 //! - [`f32_gemm`]: many-rows products against weights widened a block at a time (prefill).
 //! - [`bf16_gemm`]: BF16 GEMM with AVX512-BF16 (prefill against BF16 weights).
+//! - [`int8_gemm`]: integer GEMM with AVX-512 VNNI (prefill against quantized weights).
 //! - [`math`]: vectorized `exp`, SiLU, tanh-GELU and softmax (activations and attention).
 //! - [`q4k`], [`q4_0`]: q4k x q8k and q4_0 x q8_0 dot products with AVX-512 VNNI, and
 //!   [`q8_0`]: q8_0 x q8_0 with AVX-512 VNNI or AVX2 (decoding against quantized weights);
@@ -25,6 +26,8 @@ pub mod blocks;
 pub mod cpu;
 pub mod dot;
 pub mod f32_gemm;
+#[cfg(target_arch = "x86_64")]
+pub mod int8_gemm;
 pub mod math;
 #[cfg(target_arch = "x86_64")]
 pub mod q4_0;

@@ -21,9 +21,9 @@ const QK: usize = 32;
 #[repr(C)]
 pub struct Q4_0Block {
     /// Scale (f16 bits).
-    d: u16,
+    pub(crate) d: u16,
     /// Value `i` (low nibble) and `16 + i` (high nibble) in byte `i`, offset by 8.
-    qs: [u8; QK / 2],
+    pub(crate) qs: [u8; QK / 2],
 }
 const _: () = assert!(std::mem::size_of::<Q4_0Block>() == std::mem::size_of::<BlockQ4_0>());
 

@@ -24,20 +24,20 @@ const QK_K: usize = 256;
 #[repr(C)]
 pub struct Q4KBlock {
     /// Scale and minimum of the block (f16 bits).
-    d: u16,
-    dmin: u16,
+    pub(crate) d: u16,
+    pub(crate) dmin: u16,
     /// Eight 6-bit sub-block scales and eight 6-bit minimums, packed.
-    scales: [u8; 12],
+    pub(crate) scales: [u8; 12],
     /// Values `64j + i` (low nibble) and `64j + 32 + i` (high nibble) in byte `32j + i`.
-    qs: [u8; QK_K / 2],
+    pub(crate) qs: [u8; QK_K / 2],
 }
 const _: () = assert!(std::mem::size_of::<Q4KBlock>() == std::mem::size_of::<BlockQ4K>());
 
 /// A q8k block as ggml lays it out (`BlockQ8K` is `repr(C)` with these fields, private).
 #[repr(C)]
-struct Q8KBlock {
-    d: f32,
-    qs: [i8; QK_K],
+pub(crate) struct Q8KBlock {
+    pub(crate) d: f32,
+    pub(crate) qs: [i8; QK_K],
     bsums: [i16; QK_K / 16],
 }
 const _: () = assert!(std::mem::size_of::<Q8KBlock>() == std::mem::size_of::<BlockQ8K>());
@@ -50,6 +50,8 @@ pub fn available() -> bool {
 // SAFETY: `repr(C)` integers only (sizes asserted above): every bit pattern is a block, and
 // there is no padding.
 unsafe impl crate::blocks::PlainBlock for Q4KBlock {}
+// SAFETY: as above.
+unsafe impl crate::blocks::PlainBlock for Q8KBlock {}
 
 /// A row of input quantized to q8k (exactly as candle's `BlockQ8K::from_float` does), with
 /// each block's values reordered for [`dot`] and its 16-value sums paired into sub-block sums.
@@ -109,7 +111,7 @@ impl PreparedQ8K {
 /// The eight 6-bit scales and eight 6-bit minimums of a q4k block (ggml's `get_scale_min_k4`,
 /// done on four lanes of bytes at once as ggml's SIMD kernels do).
 #[inline(always)]
-fn scales_and_mins(packed: &[u8; 12]) -> (u64, u64) {
+pub(crate) fn scales_and_mins(packed: &[u8; 12]) -> (u64, u64) {
     const LOW6: u32 = 0x3f3f_3f3f;
     const LOW4: u32 = 0x0f0f_0f0f;
     const LOW2: u32 = 0x0303_0303;

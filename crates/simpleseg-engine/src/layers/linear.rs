@@ -62,6 +62,14 @@ impl Linear {
                     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                     Tensor::from_vec(q.rows_matmul(&xs, rows)?, (rows, q.rows), x.device())?
                         .to_dtype(x.dtype())
+                } else if crate::layers::quantized::integer_prefill() {
+                    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                    match q.integer_matmul(&xs, rows) {
+                        Some(y) => {
+                            Tensor::from_vec(y, (rows, q.rows), x.device())?.to_dtype(x.dtype())
+                        }
+                        None => many_rows_matmul(x, q),
+                    }
                 } else {
                     many_rows_matmul(x, q)
                 }

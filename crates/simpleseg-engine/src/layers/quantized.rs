@@ -6,8 +6,10 @@
 //! rows [`simpleseg_kernels::q8_0`]'s on CPUs with AVX-512 VNNI or AVX2. Several products can
 //! run as one parallel pass ([`rows_matmul_batch`]).
 //!
-//! Many rows (a prefill) dequantize a band of weight rows and multiply it as a BF16 or f32
-//! weight would be (see [`crate::layers::linear`]).
+//! Many rows (a prefill) run [`simpleseg_kernels::int8_gemm`]'s integer GEMM on CPUs with
+//! AVX-512 VNNI ([`QuantizedMatrix::integer_matmul`]: the activations quantized as ggml
+//! quantizes them for the type's dot products); elsewhere a band of weight rows is dequantized
+//! and multiplied as a BF16 or f32 weight would be (see [`crate::layers::linear`]).
 
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0, GgmlType};
 use candle_core::quantized::GgmlDType;
@@ -28,6 +30,57 @@ impl QuantizedMatrix {
             rows,
         }])?;
         Ok(out.pop().unwrap_or_default())
+    }
+}
+
+/// Whether many-rows products run [`QuantizedMatrix::integer_matmul`] on this CPU.
+pub fn integer_prefill() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        simpleseg_kernels::int8_gemm::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl QuantizedMatrix {
+    /// `x W^T` for `rows` rows of `x` (`rows x cols`, f32) by integer dot products, as ggml
+    /// computes a prefill: each row quantized to q8_0 (q8_0 and q4_0 weights) or q8K (q4k),
+    /// each output equal to ggml's dot product of the quantized row with the weight row up to
+    /// the order of f32 additions. `None` where the CPU lacks AVX-512 VNNI.
+    pub fn integer_matmul(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use simpleseg_kernels::int8_gemm::{self, Activations, UnsignedBlock};
+
+            fn run<B: PlainBlock + Sync>(
+                m: &QuantizedMatrix,
+                x: &[f32],
+                rows: usize,
+                activations: Activations,
+                convert: fn(&[B], &mut [UnsignedBlock]),
+            ) -> Option<Vec<f32>> {
+                let blocks = m.typed::<B>();
+                let per_row = blocks.len() / m.rows.max(1);
+                let row = |j: usize, out: &mut [UnsignedBlock]| {
+                    convert(&blocks[j * per_row..(j + 1) * per_row], out)
+                };
+                int8_gemm::gemm(x, rows, m.rows, m.cols, activations, row)
+            }
+            match self.ggml {
+                GgmlDType::Q4K => run(self, x, rows, Activations::Q8K, int8_gemm::q4k_row),
+                GgmlDType::Q4_0 => run(self, x, rows, Activations::Q8_0, int8_gemm::q4_0_row),
+                GgmlDType::Q8_0 => run(self, x, rows, Activations::Q8_0, int8_gemm::q8_0_row),
+                _ => None,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (x, rows);
+            None
+        }
     }
 }
 
@@ -462,6 +515,43 @@ mod tests {
             rows: 1,
         }];
         assert!(rows_matmul_batch(&wrong).is_err());
+    }
+
+    /// A prefill's integer GEMM gives, for every row, what decoding's dot products give for
+    /// that row alone (both quantize the row as ggml does), for each weight type.
+    #[test]
+    fn integer_prefill_equals_each_rows_decoding_product() {
+        if !integer_prefill() {
+            eprintln!("skipped: this CPU has no integer prefill (AVX-512 VNNI)");
+            return;
+        }
+        let mut values = simpleseg_kernels::testing::Values(21);
+        for (ggml, n, k) in [
+            (GgmlDType::Q4K, 53, 512),
+            (GgmlDType::Q4_0, 50, 1408),
+            (GgmlDType::Q8_0, 49, 8192),
+        ] {
+            let w = values.take(n * k);
+            let bytes = match ggml {
+                GgmlDType::Q4K => quantize_bytes::<BlockQ4K>(&w),
+                GgmlDType::Q4_0 => quantize_bytes::<BlockQ4_0>(&w),
+                _ => quantize_bytes::<BlockQ8_0>(&w),
+            };
+            let matrix = QuantizedMatrix::owned(&bytes, n, k, ggml).unwrap();
+            let rows = 11;
+            let x = values.take(rows * k);
+            let y = matrix.integer_matmul(&x, rows).expect("available");
+            for (r, xr) in x.chunks(k).enumerate() {
+                let alone = matrix.rows_matmul(xr, 1).unwrap();
+                for (f, want) in alone.iter().enumerate() {
+                    let got = y[r * n + f];
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{ggml:?} {n}x{k}: row {r}, feature {f}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 
     /// Candle's reference dot products (ggml's unoptimized ones) for a product, `rows x n`.
