@@ -165,7 +165,7 @@ fn prefill(m: usize, k: usize, n: usize) -> Result<()> {
             int8_gemm::q8_0_row,
         )?;
         report("int8_gemm q8_0 (avx512_vnni)", seconds, &y);
-        if k % 256 == 0 {
+        if k.is_multiple_of(256) {
             let (seconds, y) = time::<BlockQ4K, q4k::Q4KBlock>(
                 &widened,
                 (m, n, k),
