@@ -358,8 +358,9 @@ def bench_7b(args):
 
 
 def bench_gemm():
-    """GFLOP/s of `x w^T` with BF16 operands: simpleseg's kernel (bench_kernels' prefill case,
-    its `bf16_gemm` row) and torch's matmul, on the same shapes and thread counts."""
+    """GFLOP/s of `x w^T`: simpleseg's kernels (bench_kernels' prefill case: `bf16_gemm` on
+    BF16 operands, `int8_gemm` on the weight quantized to q8_0 and q4k) and torch's BF16 matmul,
+    on the same shapes and thread counts."""
     import torch
 
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "simpleseg-kernels", "--example", "bench_kernels"],
@@ -368,16 +369,22 @@ def bench_gemm():
     # (m, k, n): the 7B's 466-token prefill (q/o, gate/up, down) and Qwen2.5-VL's ViT MLP on a
     # 640x480 image's 1564 patches.
     shapes = [(466, 3584, 3584), (466, 3584, 18944), (466, 18944, 3584), (1564, 1280, 3420)]
-    print(f"\n### GEMM, BF16 operands, f32 sums (GFLOP/s)\n\n{cpu_header()}\n")
-    print("| m x k x n | threads | simpleseg bf16_gemm | torch matmul (BF16) | ratio |")
-    print("|---|---|---|---|---|")
+    print(f"\n### GEMM (GFLOP/s; int8 rows: integer operations per second)\n\n{cpu_header()}\n")
+    print("| m x k x n | threads | simpleseg bf16_gemm | simpleseg int8_gemm q8_0 | simpleseg int8_gemm q4k "
+          "| torch matmul (BF16) | bf16 ratio | q8_0 ratio | q4k ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for threads in (2, 1):
         torch.set_num_threads(threads)
         for m, k, n in shapes:
             out = subprocess.run([str(kernels), "prefill", str(m), str(k), str(n)], check=True, text=True,
                                  stdout=subprocess.PIPE, env=dict(os.environ, RAYON_NUM_THREADS=str(threads))).stdout
-            ours = [json.loads(line) for line in out.splitlines() if "bf16_gemm" in line]
-            ours = ours[0].get("gflops") if ours else None
+            lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+            def rate(kernel):
+                found = [d.get("gflops") for d in lines if d.get("kernel", "").startswith(kernel)]
+                return found[0] if found else None
+
+            ours, q8, q4k = rate("bf16_gemm"), rate("int8_gemm q8_0"), rate("int8_gemm q4k")
             x = torch.randn(m, k).bfloat16()
             w = torch.randn(n, k).bfloat16()
             x @ w.T
@@ -387,9 +394,9 @@ def bench_gemm():
                 x @ w.T
                 times.append(time.perf_counter() - t0)
             theirs = 2 * m * k * n / sorted(times)[2] / 1e9
-            cell = f"{ours:.0f}" if ours else "(no AVX512-BF16)"
-            ratio = f"{ours / theirs:.2f}x" if ours else "-"
-            print(f"| {m} x {k} x {n} | {threads} | {cell} | {theirs:.0f} | {ratio} |")
+            cells = [f"{v:.0f}" if v else "(not on this CPU)" for v in (ours, q8, q4k)]
+            ratios = [f"{v / theirs:.2f}x" if v else "-" for v in (ours, q8, q4k)]
+            print(f"| {m} x {k} x {n} | {threads} | {' | '.join(cells)} | {theirs:.0f} | {' | '.join(ratios)} |")
 
 
 def extrapolate(ra, rb, layers, na=2, nb=3):
