@@ -60,10 +60,11 @@ fn main() -> Result<()> {
         return Err("usage: bench_kernels [prefill M K N]".into());
     }
     println!(
-        "{{\"cpu\": {{\"avx2_fma\": {}, \"avx512_bf16\": {}, \"avx512_vnni\": {}}}, \"threads\": {}}}",
+        "{{\"cpu\": {{\"avx2_fma\": {}, \"avx512_bf16\": {}, \"avx512_vnni\": {}, \"amx\": {}}}, \"threads\": {}}}",
         cpu::avx2_fma(),
         cpu::avx512_bf16(),
         cpu::avx512_vnni(),
+        bf16_gemm::amx(),
         rayon::current_num_threads()
     );
     for (m, k, n) in [(256, 2048, 2048), (1024, 1280, 3420)] {
@@ -125,7 +126,12 @@ fn prefill(m: usize, k: usize, n: usize) -> Result<()> {
             std::hint::black_box(bf16_gemm::gemm(&xb, row, m, n, k));
         });
         // The activations are rounded to BF16 here, hence a larger difference.
-        report("bf16_gemm (avx512_bf16)", seconds, &y);
+        let path = if bf16_gemm::amx() {
+            "amx"
+        } else {
+            "avx512_bf16"
+        };
+        report(&format!("bf16_gemm ({path})"), seconds, &y);
     } else {
         println!("{{\"case\": \"prefill\", \"kernel\": \"bf16_gemm\", \"skipped\": \"this CPU lacks AVX512-BF16\"}}");
     }

@@ -21,23 +21,41 @@ const MR: usize = 8;
 /// Inputs per cache block (an even number).
 const KC: usize = 1024;
 
-/// Whether this CPU runs [`gemm`] (AVX-512 F and BF16).
+/// Whether this CPU runs [`gemm`]: AVX-512 F and BF16, or AMX ([`crate::amx::available`]).
 pub fn available() -> bool {
-    crate::cpu::avx512_bf16()
+    crate::cpu::avx512_bf16() || amx()
+}
+
+/// Whether [`gemm`] runs on AMX tiles here ([`crate::amx`]).
+pub fn amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// `x` (`m x k`, BF16 bits, row-major) times `w^T`, where `row(j, out)` writes row `j` of `w`
 /// (`n x k`) as BF16 bits into `out` (`k` values): `m x n` f32. Rows are asked for once each,
-/// so a weight stored otherwise (quantized) is converted a row at a time. Returns `None` when
-/// the CPU lacks AVX512-BF16 ([`available`]).
+/// so a weight stored otherwise (quantized) is converted a row at a time. Runs on AMX tiles
+/// where the CPU has them ([`amx`]). Returns `None` when the CPU has neither AVX512-BF16 nor
+/// AMX ([`available`]).
 pub fn gemm<R>(x: &[u16], row: R, m: usize, n: usize, k: usize) -> Option<Vec<f32>>
 where
     R: Fn(usize, &mut [u16]) + Sync,
 {
     #[cfg(target_arch = "x86_64")]
     {
-        if available() && x.len() >= m * k {
-            return Some(gemm_x86(x, &row, m, n, k));
+        if x.len() >= m * k {
+            if amx() {
+                return Some(crate::amx::gemm(x, &row, m, n, k));
+            }
+            if crate::cpu::avx512_bf16() {
+                return Some(gemm_x86(x, &row, m, n, k));
+            }
         }
     }
     let _ = (x, row, m, n, k);

@@ -8,7 +8,8 @@
 //! - [`rows`]: few-rows products against BF16, F16 and F32 weights, one dot product per
 //!   output, in parallel (decoding).
 //! - [`f32_gemm`]: many-rows products against weights widened a block at a time (prefill).
-//! - [`bf16_gemm`]: BF16 GEMM with AVX512-BF16 (prefill against BF16 weights).
+//! - [`bf16_gemm`]: BF16 GEMM with AVX512-BF16 (prefill against BF16 weights), on
+//!   [`amx`] tiles where the CPU has them.
 //! - [`int8_gemm`]: integer GEMM with AVX-512 VNNI (prefill against quantized weights).
 //! - [`math`]: vectorized `exp`, SiLU, tanh-GELU and softmax (activations and attention).
 //! - [`q4k`], [`q4_0`]: q4k x q8k and q4_0 x q8_0 dot products with AVX-512 VNNI, and
@@ -21,6 +22,8 @@
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 #![warn(missing_docs)]
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod bf16_gemm;
 pub mod blocks;
 pub mod cpu;
