@@ -194,19 +194,33 @@ where
 {
     use rayon::prelude::*;
 
-    // Activations padded with zeros to whole tiles: rows to 32, inputs to 32.
+    // Activations padded with zeros to whole tiles: rows to 32, inputs to 32. Tile rows start
+    // on cache lines (every buffer a tile reads or writes is 64-byte aligned).
     let (mp, kp) = (m.div_ceil(MR) * MR, k.div_ceil(KT) * KT);
-    let mut xs = vec![0u16; mp * kp];
+    let mut padded = Lines::zeroed(mp * kp * 2);
+    let xs: &mut [u16] = padded.view();
     for (dst, src) in xs.chunks_mut(kp).zip(x.chunks(k.max(1)).take(m)) {
         dst[..k].copy_from_slice(&src[..k]);
     }
+    let xs: &[u16] = xs;
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
     let steps = kp / KT;
-    let buffers = || (vec![0u32; steps * 2 * 256], vec![0u16; k], [0f32; MR * NR]);
-    let run = |(panel, scratch, sums): &mut (Vec<u32>, Vec<u16>, [f32; MR * NR]), p: usize| {
+    let buffers = || {
+        (
+            Lines::zeroed(steps * 2 * 1024),
+            vec![0u16; k],
+            Lines::zeroed(MR * NR * 4),
+        )
+    };
+    let run = |(panel, scratch, sums): &mut (Lines, Vec<u16>, Lines), p: usize| {
         let f0 = p * NR;
         let nf = NR.min(n - f0);
+        let panel: &mut [u32] = panel.view();
+        let sums: &mut [f32; MR * NR] = match sums.view::<f32>().try_into() {
+            Ok(sums) => sums,
+            Err(_) => unreachable!("MR x NR sums"),
+        };
         pack_panel(row, f0, nf, panel, scratch);
         let y_ptr = &y_ptr;
         for r0 in (0..m).step_by(MR) {
@@ -235,6 +249,34 @@ where
         (0..panels).for_each(|p| run(&mut own, p));
     }
     y
+}
+
+/// Zeroed bytes on 64-byte boundaries, viewed as values of a plain numeric type.
+struct Lines(Vec<Line>);
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([u8; 64]);
+
+/// Types every bit pattern of which is a value (u16, u32, f32).
+trait Plain: Copy {}
+impl Plain for u16 {}
+impl Plain for u32 {}
+impl Plain for f32 {}
+
+impl Lines {
+    /// At least `bytes` zeroed bytes.
+    fn zeroed(bytes: usize) -> Lines {
+        Lines(vec![Line([0; 64]); bytes.div_ceil(64)])
+    }
+
+    /// The bytes as values of `T` (as many as fit).
+    fn view<T: Plain>(&mut self) -> &mut [T] {
+        let len = self.0.len() * 64 / std::mem::size_of::<T>();
+        // SAFETY: the lines are initialized bytes, 64-byte aligned (more than `T` needs), any
+        // bits are a `T` (`Plain`), and the slice borrows them mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), len) }
+    }
 }
 
 /// A pointer moved into the parallel tasks (each writes its own columns).

@@ -164,8 +164,9 @@ impl Module for Linear {
     }
 }
 
-/// Row counts up to which the row kernels replace candle's matmul.
-const FEW_ROWS: usize = 8;
+/// Row counts up to which the row kernels replace candle's matmul (so each row's result is
+/// what it would be alone).
+pub const FEW_ROWS: usize = 8;
 
 /// `x W^T` for at most [`FEW_ROWS`] rows of `x` against a contiguous BF16 or F32 weight on the
 /// CPU, or `None` when that does not apply (other dtypes, devices, more rows, or a computation

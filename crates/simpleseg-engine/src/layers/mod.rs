@@ -22,7 +22,7 @@ pub use activation::{gelu_tanh, silu};
 pub use attention::{attention, causal_mask, repeat_kv, single_query_attention, softmax_last_dim};
 pub use embedding::Embedding;
 pub use features::merge_image_features;
-pub use linear::{forward_batch, forward_each, Linear};
+pub use linear::{forward_batch, forward_each, Linear, FEW_ROWS};
 pub use mode::Mode;
 pub use norm::{LayerNorm, RmsNorm};
 pub use rotary::{apply_rotary, rotate_half};

@@ -23,6 +23,7 @@ use crate::layers::{
     RmsNorm,
 };
 use crate::runtime::kv_cache::KvCache;
+use crate::runtime::session::StepGroup;
 
 /// The language model (`text_config`, `model_type: deepseek_v3`).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -636,19 +637,19 @@ impl DeepseekV3 {
         self.norm.forward(&x, Mode::Infer)
     }
 
-    /// One decoding step for rows grouped in cohorts (see [`crate::runtime::session`]): `embeds`
-    /// `(rows, 1, hidden)`; cohort `i` has `rows[i]` rows and `caches[i]`. The projections and
-    /// experts run once over every row; attention per cohort over its own cache.
+    /// One decoding step for rows in groups ([`StepGroup`]): `embeds` `(rows, 1, hidden)`,
+    /// group after group, each group's rows at its position over its cache. The projections
+    /// and experts run once over every row; attention group by group, in order.
     pub fn step(
         &self,
         embeds: &Tensor,
         caches: &mut [&mut KvCache],
-        rows: &[usize],
+        groups: &[StepGroup],
     ) -> CResult<Tensor> {
         let device = embeds.device();
-        let rotary = caches
+        let rotary = groups
             .iter()
-            .map(|c| self.rotary(c.len(), 1, device))
+            .map(|g| self.rotary(g.position.max(0) as usize, 1, device))
             .collect::<CResult<Vec<_>>>()?;
         let mut slots: Vec<&mut [Option<(Tensor, Tensor)>]> = caches
             .iter_mut()
@@ -659,18 +660,18 @@ impl DeepseekV3 {
             let h = layer.input_layernorm.forward(&x, Mode::Infer)?;
             let (q_nope, q_pe, c, k_pe) = layer.self_attn.project(&h)?;
             let mut start = 0;
-            let mut outputs = Vec::with_capacity(rows.len());
-            for (g, &n) in rows.iter().enumerate() {
-                let part = |t: &Tensor| t.narrow(0, start, n);
+            let mut outputs = Vec::with_capacity(groups.len());
+            for (g, group) in groups.iter().enumerate() {
+                let part = |t: &Tensor| t.narrow(0, start, group.rows);
                 let (cos, sin) = &rotary[g];
                 outputs.push(layer.self_attn.attend(
                     (part(&q_nope)?, part(&q_pe)?, part(&c)?, part(&k_pe)?),
                     cos,
                     sin,
                     None,
-                    &mut slots[g][i],
+                    &mut slots[group.cache][i],
                 )?);
-                start += n;
+                start += group.rows;
             }
             let o = Tensor::cat(&outputs, 0)?;
             x = (x + layer.self_attn.o_proj.forward(&o)?)?;

@@ -11,6 +11,7 @@ use crate::layers::{
     Embedding, Linear, Mode, RmsNorm,
 };
 use crate::runtime::kv_cache::KvCache;
+use crate::runtime::session::StepGroup;
 
 #[derive(Clone, Debug)]
 struct TextAttention {
@@ -370,21 +371,23 @@ impl TextModel {
         self.norm.forward(&x, mode)
     }
 
-    /// One decoding step for rows grouped in cohorts: `embeds` `(rows, 1, hidden)`, cohort
-    /// after cohort; `caches[i]` and `positions[i]` (its text position) belong to cohort `i`,
-    /// which has `rows[i]` rows. The projections run once over every row; attention per cohort
-    /// over its own cache. Returns the final hidden states `(rows, 1, hidden)`.
+    /// One decoding step for rows in groups ([`StepGroup`]): `embeds` `(rows, 1, hidden)`,
+    /// group after group, each group's rows at its text position over its cache. The
+    /// projections run once over every row; attention group by group, in order. Returns the
+    /// final hidden states `(rows, 1, hidden)`.
     pub fn step(
         &self,
         embeds: &Tensor,
         caches: &mut [&mut KvCache],
-        positions: &[i64],
-        rows: &[usize],
+        groups: &[StepGroup],
     ) -> CResult<Tensor> {
         let mode = Mode::Infer;
-        let rotary = positions
+        let rotary = groups
             .iter()
-            .map(|&p| self.rotary(&[vec![[p; 3]]], embeds.dtype(), embeds.device()))
+            .map(|g| {
+                let p = g.position;
+                self.rotary(&[vec![[p; 3]]], embeds.dtype(), embeds.device())
+            })
             .collect::<CResult<Vec<_>>>()?;
         let mut slots: Vec<&mut [Option<(Tensor, Tensor)>]> = caches
             .iter_mut()
@@ -395,19 +398,19 @@ impl TextModel {
             let h = layer.input_layernorm.forward(&x, mode)?;
             let (q, k, v) = layer.self_attn.project(&h)?;
             let mut start = 0;
-            let mut outputs = Vec::with_capacity(rows.len());
-            for (c, &n) in rows.iter().enumerate() {
-                let part = |t: &Tensor| t.narrow(0, start, n);
-                let (cos, sin) = &rotary[c];
+            let mut outputs = Vec::with_capacity(groups.len());
+            for (g, group) in groups.iter().enumerate() {
+                let part = |t: &Tensor| t.narrow(0, start, group.rows);
+                let (cos, sin) = &rotary[g];
                 outputs.push(layer.self_attn.attend(
                     (part(&q)?, part(&k)?, part(&v)?),
                     cos,
                     sin,
                     None,
-                    Some(&mut slots[c][i]),
+                    Some(&mut slots[group.cache][i]),
                     mode,
                 )?);
-                start += n;
+                start += group.rows;
             }
             let o = Tensor::cat(&outputs, 0)?;
             x = (x + layer.self_attn.o_proj.forward(&o)?)?;

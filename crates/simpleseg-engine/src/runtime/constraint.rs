@@ -108,6 +108,13 @@ pub struct Allowed {
     ids: Vec<u32>,
 }
 
+impl Allowed {
+    /// The allowed ids, in order.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+}
+
 impl std::ops::Index<usize> for Allowed {
     type Output = bool;
 
@@ -307,6 +314,15 @@ impl Constrained {
             logits[id] = l;
         }
         true
+    }
+
+    /// The one token allowed next, when exactly one is and it is within the model's
+    /// `vocab` (then masking leaves only it, and any sampler takes it).
+    pub fn forced(&self, vocab: usize) -> Option<u32> {
+        match self.grammar.allowed(self.state).ids[..] {
+            [only] if (only as usize) < vocab => Some(only),
+            _ => None,
+        }
     }
 
     /// Moves past a chosen token (a stop token ends the answer and changes nothing).

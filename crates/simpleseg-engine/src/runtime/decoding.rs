@@ -67,6 +67,24 @@ impl Decoding {
         let token = self
             .sampler
             .next_token(&mut logits, &self.history, self.generated.len());
+        self.accept(token)
+    }
+
+    /// The token the constraint forces next (the only one it allows, within a `vocab`-wide
+    /// model): `choose` would take it whatever the logits, so it needs none.
+    pub(crate) fn forced(&self, vocab: usize) -> Option<u32> {
+        self.constraint.as_ref()?.forced(vocab)
+    }
+
+    /// Takes the [`forced`](Self::forced) token exactly as [`choose`](Self::choose) would have
+    /// on any logits (the sampler's draw included): `None` when it is a stop token.
+    pub(crate) fn take_forced(&mut self, token: u32) -> Option<u32> {
+        self.sampler.take_only_allowed();
+        self.accept(token)
+    }
+
+    /// Records a chosen token (see [`choose`](Self::choose)).
+    fn accept(&mut self, token: u32) -> Option<u32> {
         if self.stop.contains(&token) {
             self.stop_reason = Some(StopReason::Eos);
             self.stop_token = Some(token);

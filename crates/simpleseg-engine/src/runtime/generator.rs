@@ -10,6 +10,7 @@ use std::time::Instant;
 use candle_core::DType;
 
 use crate::error::{Error, Result};
+use crate::layers::FEW_ROWS;
 use crate::runtime::constraint::Grammar;
 use crate::runtime::decoding::Decoding;
 use crate::runtime::model::{
@@ -78,6 +79,8 @@ pub struct Generator<'m, T> {
     slots: Vec<Option<Row<T>>>,
     /// The token fed to finished rows kept in the session.
     padding: Option<u32>,
+    /// Whether a lone row takes its forced tokens in runs (see [`Generator::step`]).
+    forced_runs: bool,
 }
 
 impl<'m, T> Generator<'m, T> {
@@ -88,7 +91,15 @@ impl<'m, T> Generator<'m, T> {
             session: None,
             slots: Vec::new(),
             padding: None,
+            forced_runs: true,
         }
+    }
+
+    /// Feeds every token in its own step, forced or not (the reference that runs of forced
+    /// tokens are tested against).
+    pub fn step_by_step(mut self) -> Self {
+        self.forced_runs = false;
+        self
     }
 
     /// Keeps finished rows in the session, fed `pad`, until every row has finished. Inference
@@ -145,6 +156,12 @@ impl<'m, T> Generator<'m, T> {
     /// stop leave the session (or stay, padded, with [`Generator::keep_finished`]) and come
     /// back here; the others are fed their tokens. A row with no room for a token stops at
     /// the start of its first step.
+    ///
+    /// Forced tokens: when a single row is decoding and its constraint then allows exactly one
+    /// token at a time, those tokens are taken without logits (as choosing would take them,
+    /// the sampler's draw included) and fed with the chosen token as one forward of up to
+    /// [`FEW_ROWS`] tokens ([`Session::feed_run`]), which costs about one step since decoding
+    /// reads the weights once for every row. The answer is the same as step by step.
     pub fn step(&mut self, listener: &mut impl Listener<T>) -> Result<Vec<Finished<T>>> {
         let Some(session) = self.session.as_mut() else {
             return Ok(Vec::new());
@@ -175,6 +192,15 @@ impl<'m, T> Generator<'m, T> {
             stopped = true;
             tokens.extend(pad);
         }
+        let vocab = logits.dim(1)?;
+        let run = match self.slots.as_mut_slice() {
+            [Some(row)] if self.forced_runs && pad.is_none() && !stopped => {
+                let run = forced_run(row, tokens[0], vocab, listener)?;
+                stopped = row.decoding.stop_reason.is_some();
+                run
+            }
+            _ => Vec::new(),
+        };
         let mut finished = Vec::new();
         if stopped {
             let keep: Vec<bool> = self
@@ -204,7 +230,11 @@ impl<'m, T> Generator<'m, T> {
             self.session = None;
             self.slots.clear();
         } else if let Some(session) = self.session.as_mut() {
-            session.feed(&tokens)?;
+            if run.len() > 1 {
+                session.feed_run(&run)?;
+            } else {
+                session.feed(&tokens)?;
+            }
         }
         Ok(finished)
     }
@@ -217,6 +247,38 @@ impl<'m, T> Generator<'m, T> {
         }
         Ok(finished)
     }
+}
+
+/// The chosen `token` followed by the tokens the row's constraint forces after it, taken as
+/// steps would take them (the listener asked before each, told of each), up to [`FEW_ROWS`]
+/// tokens; it stops early where the row stops.
+fn forced_run<T>(
+    row: &mut Row<T>,
+    token: u32,
+    vocab: usize,
+    listener: &mut impl Listener<T>,
+) -> Result<Vec<u32>> {
+    let mut run = vec![token];
+    while run.len() < FEW_ROWS {
+        let Some(next) = row.decoding.forced(vocab) else {
+            break;
+        };
+        if listener.cancelled(&row.tag) {
+            row.decoding.stop_reason = Some(StopReason::Cancelled);
+            break;
+        }
+        let Some(next) = row.decoding.take_forced(next) else {
+            break;
+        };
+        if !listener.token(&mut row.tag, next)? {
+            row.decoding.stop_reason = Some(StopReason::Cancelled);
+        }
+        if row.decoding.stop_reason.is_some() {
+            break;
+        }
+        run.push(next);
+    }
+    Ok(run)
 }
 
 fn finish<T>(row: Row<T>) -> Finished<T> {

@@ -41,6 +41,10 @@ pub trait Session {
     fn logits(&self) -> &Tensor;
     /// Appends one token to each row and computes the next logits.
     fn feed(&mut self, tokens: &[u32]) -> Result<()>;
+    /// Appends several tokens, in order, to a session of one row and computes the logits
+    /// after the last: the same logits as feeding them one at a time, at about the cost of one
+    /// step where the family runs them as one forward. An error for other batch sizes.
+    fn feed_run(&mut self, tokens: &[u32]) -> Result<()>;
     /// A session with every row repeated `n` times in place (a one-row session becomes `n`
     /// rows sharing its prompt).
     fn fork(&self, n: usize) -> Result<Box<dyn Session + '_>>;

@@ -209,6 +209,15 @@ impl Sampler {
         &self.config
     }
 
+    /// Takes a token that was the only one allowed, as [`Sampler::next_token`] would on
+    /// logits where every other is `-inf`: a sampling sampler still makes its one draw (so
+    /// later draws are the same), a greedy one nothing.
+    pub fn take_only_allowed(&mut self) {
+        if self.config.do_sample {
+            let _: f64 = self.rng.random();
+        }
+    }
+
     /// Applies the logits processors to `logits` (one row of the vocabulary) given every
     /// previous token (the last `answer` of them the answer's own), and picks the next token:
     /// the arg-max when not sampling (the first on ties, as `torch.argmax`), a draw otherwise.

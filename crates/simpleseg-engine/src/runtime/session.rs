@@ -22,6 +22,18 @@ pub struct Cohort<E> {
     pub extra: E,
 }
 
+/// Rows of a decoding step's input that attend over one cache: the next `rows` rows, at
+/// sequence position `position` (counted as the family counts them). Groups run in order,
+/// each appending its keys and values before the next attends, so one cache may serve several
+/// groups: a sequence extended by several tokens in one step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepGroup {
+    /// Index of the group's cache.
+    pub cache: usize,
+    pub rows: usize,
+    pub position: i64,
+}
+
 /// A family's prefill and decoding step.
 pub trait Decoder: Sync {
     /// Per-prompt state besides the cache.
@@ -32,6 +44,51 @@ pub trait Decoder: Sync {
     /// Appends one token to every row (`tokens`: `(rows,)`, cohort after cohort) and returns
     /// the next logits, `(rows, vocab)`.
     fn step(&self, tokens: &Tensor, cohorts: &mut [Cohort<Self::Extra>]) -> Result<Tensor>;
+    /// Appends `tokens` `(n,)` in order to a one-row cohort and returns the logits after the
+    /// last, `(1, vocab)`: exactly what stepping them one at a time gives (families run them as
+    /// one forward where their products do not depend on the number of rows). This default
+    /// steps them one at a time.
+    fn extend(&self, tokens: &Tensor, cohort: &mut Cohort<Self::Extra>) -> Result<Tensor> {
+        extend_by_steps(self, tokens, cohort)
+    }
+}
+
+/// [`Decoder::extend`] a step at a time.
+pub fn extend_by_steps<M: Decoder + ?Sized>(
+    model: &M,
+    tokens: &Tensor,
+    cohort: &mut Cohort<M::Extra>,
+) -> Result<Tensor> {
+    let mut logits = None;
+    for j in 0..tokens.dim(0)? {
+        logits = Some(model.step(&tokens.narrow(0, j, 1)?, std::slice::from_mut(cohort))?);
+    }
+    logits.ok_or_else(|| Error::Input("no tokens to append".into()))
+}
+
+/// The groups of a step over `cohorts`, one per cohort at its cache's length plus `offset`.
+pub fn cohort_groups<E>(cohorts: &[Cohort<E>], offset: impl Fn(&E) -> i64) -> Vec<StepGroup> {
+    cohorts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| StepGroup {
+            cache: i,
+            rows: c.rows,
+            position: c.cache.len() as i64 + offset(&c.extra),
+        })
+        .collect()
+}
+
+/// The groups of [`Decoder::extend`]: `n` tokens of one sequence whose next position is
+/// `position`, one row each, over cache 0.
+pub fn extension_groups(n: usize, position: i64) -> Vec<StepGroup> {
+    (0..n)
+        .map(|j| StepGroup {
+            cache: 0,
+            rows: 1,
+            position: position + j as i64,
+        })
+        .collect()
 }
 
 /// The [`Session`] of any [`Decoder`].
@@ -86,6 +143,19 @@ impl<M: Decoder> Session for BatchSession<'_, M> {
         }
         let ids = Tensor::new(tokens, self.logits.device())?;
         self.logits = self.model.step(&ids, &mut self.cohorts)?;
+        Ok(())
+    }
+
+    fn feed_run(&mut self, tokens: &[u32]) -> Result<()> {
+        if self.batch() != 1 || self.cohorts.len() != 1 || tokens.is_empty() {
+            return Err(Error::Input(format!(
+                "a run of {} tokens needs a session of one row (this one has {})",
+                tokens.len(),
+                self.batch()
+            )));
+        }
+        let ids = Tensor::new(tokens, self.logits.device())?;
+        self.logits = self.model.extend(&ids, &mut self.cohorts[0])?;
         Ok(())
     }
 

@@ -23,13 +23,16 @@ use crate::io::hf::HfFolder;
 use crate::io::load::{auto_dtype, LoadOptions};
 use crate::io::weights::Weights;
 use crate::layers::merge_image_features;
+use crate::layers::FEW_ROWS;
 use crate::models::deepseek_v3::DeepseekV3;
 use crate::models::family::{Family, Network, PromptPreparer};
 use crate::models::moonvit::MoonVit;
 use crate::runtime::kv_cache::KvCache;
 use crate::runtime::model::{Prompt, PromptOptions};
 use crate::runtime::sampling::GenerationConfig;
-use crate::runtime::session::{last_position, Cohort, Decoder};
+use crate::runtime::session::{
+    cohort_groups, extend_by_steps, extension_groups, last_position, Cohort, Decoder,
+};
 use crate::text::tiktoken::TiktokenTokenizer;
 use crate::text::{ChatTemplate, TextTokenizer};
 
@@ -130,10 +133,27 @@ impl Decoder for KimiVl {
 
     fn step(&self, tokens: &Tensor, cohorts: &mut [Cohort<()>]) -> Result<Tensor> {
         let embeds = self.language_model.embed(&tokens.unsqueeze(1)?)?;
-        let rows: Vec<usize> = cohorts.iter().map(|c| c.rows).collect();
+        let groups = cohort_groups(cohorts, |_| 0);
         let mut caches: Vec<&mut KvCache> = cohorts.iter_mut().map(|c| &mut c.cache).collect();
-        let hidden = self.language_model.step(&embeds, &mut caches, &rows)?;
+        let hidden = self.language_model.step(&embeds, &mut caches, &groups)?;
         Ok(self.language_model.logits(&hidden.squeeze(1)?)?)
+    }
+
+    /// One forward on the CPU, where every product of a few rows gives each row what it gives
+    /// alone (one dot product per output); a step at a time elsewhere.
+    fn extend(&self, tokens: &Tensor, cohort: &mut Cohort<()>) -> Result<Tensor> {
+        let n = tokens.dim(0)?;
+        if !tokens.device().is_cpu() || n > FEW_ROWS || cohort.rows != 1 {
+            return extend_by_steps(self, tokens, cohort);
+        }
+        let embeds = self.language_model.embed(&tokens.unsqueeze(1)?)?;
+        let groups = extension_groups(n, cohort.cache.len() as i64);
+        let hidden = self
+            .language_model
+            .step(&embeds, &mut [&mut cohort.cache], &groups)?;
+        Ok(self
+            .language_model
+            .logits(&hidden.narrow(0, n - 1, 1)?.squeeze(1)?)?)
     }
 }
 

@@ -23,6 +23,7 @@ use crate::image_processing::{expand_placeholders, pixel_tensor, ProcessedImage}
 use crate::io::hf::HfFolder;
 use crate::io::load::{auto_dtype, LoadOptions};
 use crate::io::weights::Weights;
+use crate::layers::FEW_ROWS;
 use crate::layers::{merge_image_features, Mode};
 use crate::models::family::{Family, Network, PromptPreparer};
 use crate::models::qwen2::{rope_index, TextModel};
@@ -30,7 +31,9 @@ use crate::models::qwen2_5_vit::VisionTransformer;
 use crate::runtime::kv_cache::KvCache;
 use crate::runtime::model::{Prompt, PromptOptions};
 use crate::runtime::sampling::GenerationConfig;
-use crate::runtime::session::{last_position, Cohort, Decoder};
+use crate::runtime::session::{
+    cohort_groups, extend_by_steps, extension_groups, last_position, Cohort, Decoder,
+};
 use crate::text::{ChatTemplate, TextTokenizer};
 
 #[derive(Clone, Debug)]
@@ -122,14 +125,24 @@ impl Decoder for Qwen2_5Vl {
 
     fn step(&self, tokens: &Tensor, cohorts: &mut [Cohort<i64>]) -> Result<Tensor> {
         let embeds = self.text.embed(&tokens.unsqueeze(1)?)?;
-        let positions: Vec<i64> = cohorts
-            .iter()
-            .map(|c| c.cache.len() as i64 + c.extra)
-            .collect();
-        let rows: Vec<usize> = cohorts.iter().map(|c| c.rows).collect();
+        let groups = cohort_groups(cohorts, |&delta| delta);
         let mut caches: Vec<&mut KvCache> = cohorts.iter_mut().map(|c| &mut c.cache).collect();
-        let hidden = self.text.step(&embeds, &mut caches, &positions, &rows)?;
+        let hidden = self.text.step(&embeds, &mut caches, &groups)?;
         Ok(self.text.logits(&hidden.squeeze(1)?)?)
+    }
+
+    /// One forward on the CPU, where every product of a few rows gives each row what it gives
+    /// alone (one dot product per output); a step at a time elsewhere.
+    fn extend(&self, tokens: &Tensor, cohort: &mut Cohort<i64>) -> Result<Tensor> {
+        let n = tokens.dim(0)?;
+        if !tokens.device().is_cpu() || n > FEW_ROWS || cohort.rows != 1 {
+            return extend_by_steps(self, tokens, cohort);
+        }
+        let embeds = self.text.embed(&tokens.unsqueeze(1)?)?;
+        let position = cohort.cache.len() as i64 + cohort.extra;
+        let groups = extension_groups(n, position);
+        let hidden = self.text.step(&embeds, &mut [&mut cohort.cache], &groups)?;
+        Ok(self.text.logits(&hidden.narrow(0, n - 1, 1)?.squeeze(1)?)?)
     }
 }
 
