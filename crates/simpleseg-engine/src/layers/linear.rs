@@ -66,11 +66,8 @@ impl Linear {
                     // AMX tiles multiply BF16 several times faster than VNNI integers.
                     && !(x.dtype() == DType::BF16 && simpleseg_kernels::bf16_gemm::amx())
                 {
-                    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                    match q.integer_matmul(&xs, rows) {
-                        Some(y) => {
-                            Tensor::from_vec(y, (rows, q.rows), x.device())?.to_dtype(x.dtype())
-                        }
+                    match q.integer_matmul(&values_f32(x)?, rows) {
+                        Some(y) => rounded_to(y, (rows, q.rows), x),
                         None => many_rows_matmul(x, q),
                     }
                 } else {
@@ -288,6 +285,27 @@ pub(crate) fn bf16_bits(x: &Tensor) -> Result<Vec<u16>> {
         .collect())
 }
 
+/// `x`'s values as f32, row-major; BF16 widened in parallel (candle's conversion runs on one
+/// thread, and a prefill converts every layer's inputs).
+fn values_f32(x: &Tensor) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
+    if x.dtype() != DType::BF16 {
+        return x.to_dtype(DType::F32)?.flatten_all()?.to_vec1();
+    }
+    let values = x.flatten_all()?.to_vec1::<half::bf16>()?;
+    Ok(values.par_iter().map(|v| v.to_f32()).collect())
+}
+
+/// `y` as a tensor of `shape` in `like`'s dtype and device; rounded to BF16 in parallel.
+fn rounded_to(y: Vec<f32>, shape: (usize, usize), like: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    if like.dtype() != DType::BF16 {
+        return Tensor::from_vec(y, shape, like.device())?.to_dtype(like.dtype());
+    }
+    let rounded: Vec<half::bf16> = y.par_iter().map(|&v| half::bf16::from_f32(v)).collect();
+    Tensor::from_vec(rounded, shape, like.device())
+}
+
 /// The BF16 path of [`many_rows_matmul`], rounded to BF16; `None` where it does not apply.
 fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Tensor>> {
     if x.dtype() != DType::BF16 || !simpleseg_kernels::bf16_gemm::available() {
@@ -300,17 +318,9 @@ fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Tensor>> {
     let Some(y) = simpleseg_kernels::bf16_gemm::gemm(&bits, row, rows, out_dim, in_dim) else {
         return Ok(None);
     };
-    // Rounded here in parallel: candle's f32 -> BF16 conversion goes element by element
-    // through a closure and took a third as long as the product.
-    let rounded: Vec<half::bf16> = {
-        use rayon::prelude::*;
-        y.par_iter().map(|&v| half::bf16::from_f32(v)).collect()
-    };
-    Ok(Some(Tensor::from_vec(
-        rounded,
-        (rows, out_dim),
-        x.device(),
-    )?))
+    // Rounded in parallel: candle's f32 -> BF16 conversion goes element by element through a
+    // closure and took a third as long as the product.
+    Ok(Some(rounded_to(y, (rows, out_dim), x)?))
 }
 
 /// The f32 path of [`many_rows_matmul`] ([`simpleseg_kernels::f32_gemm`]): exact on the
@@ -318,7 +328,7 @@ fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Tensor>> {
 fn widened_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Tensor> {
     let rows = x.dim(0)?;
     let (out_dim, in_dim) = w.dims();
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let xs = values_f32(x)?;
     let y =
         simpleseg_kernels::f32_gemm::matmul(&xs, rows, out_dim, in_dim, w.f32_rows(), |j, out| {
             w.row_f32(j, out)
@@ -328,7 +338,7 @@ fn widened_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Tensor> {
                 "a {rows}-row product does not fit a {out_dim}x{in_dim} weight"
             ))
         })?;
-    Tensor::from_vec(y, (rows, out_dim), x.device())?.to_dtype(x.dtype())
+    rounded_to(y, (rows, out_dim), x)
 }
 
 #[cfg(test)]
