@@ -137,7 +137,7 @@ fn prefill(m: usize, k: usize, n: usize) -> Result<()> {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        use simpleseg_kernels::int8_gemm::{self, Activations, UnsignedBlock};
+        use simpleseg_kernels::int8_gemm::{self, UnsignedBlock, Weights};
         if !int8_gemm::available() {
             println!("{{\"case\": \"prefill\", \"kernel\": \"int8_gemm\", \"skipped\": \"this CPU lacks AVX-512 VNNI\"}}");
             return Ok(());
@@ -147,7 +147,7 @@ fn prefill(m: usize, k: usize, n: usize) -> Result<()> {
             widened: &[f32],
             (m, n, k): (usize, usize, usize),
             x: &[f32],
-            activations: Activations,
+            weights: Weights,
             convert: fn(&[B], &mut [UnsignedBlock]),
         ) -> Result<(f64, Vec<f32>)> {
             let mut q = vec![T::zeros(); n * k / T::BLCK_SIZE];
@@ -157,9 +157,9 @@ fn prefill(m: usize, k: usize, n: usize) -> Result<()> {
             let row = |j: usize, out: &mut [UnsignedBlock]| {
                 convert(&typed[j * per_row..(j + 1) * per_row], out)
             };
-            let y = int8_gemm::gemm(x, m, n, k, activations, row).ok_or("int8_gemm sizes")?;
+            let y = int8_gemm::gemm(x, m, n, k, weights, row).ok_or("int8_gemm sizes")?;
             let seconds = median_seconds(5, || {
-                std::hint::black_box(int8_gemm::gemm(x, m, n, k, activations, row));
+                std::hint::black_box(int8_gemm::gemm(x, m, n, k, weights, row));
             });
             Ok((seconds, y))
         }
@@ -167,7 +167,7 @@ fn prefill(m: usize, k: usize, n: usize) -> Result<()> {
             &widened,
             (m, n, k),
             &x,
-            Activations::Q8_0,
+            Weights::Q8_0,
             int8_gemm::q8_0_row,
         )?;
         report("int8_gemm q8_0 (avx512_vnni)", seconds, &y);
@@ -176,7 +176,7 @@ fn prefill(m: usize, k: usize, n: usize) -> Result<()> {
                 &widened,
                 (m, n, k),
                 &x,
-                Activations::Q8K,
+                Weights::Q4K,
                 int8_gemm::q4k_row,
             )?;
             report("int8_gemm q4k (avx512_vnni)", seconds, &y);

@@ -9,13 +9,21 @@
 //! `o = 128 s`; q4_0: `u` the 4-bit value, `o = 8 s`; q4k: `s` and `o` the sub-block's scale
 //! and minimum times the block's). A block's product with input values `q` (scale `d`) is then
 //! `d s sum(u q) - o d sum(q)`: the integer sum runs on `vpdpbusd` (unsigned times signed bytes,
-//! 64 products per instruction, twice a `vdpbf16ps`), the rest is two f32 multiply-adds.
+//! 64 products per instruction, twice a `vdpbf16ps`), eight per block and row and 16 features.
+//! What follows in f32 is most of the rest of the work, so it is kept to three operations:
+//! - q8_0 and q4_0 (an input scale per block, `o = c s` with `c` 128 or 8): the integer sum
+//!   starts from `-c sum(q)`, then is converted and multiplied by `d s` into the row's sums;
+//! - q4k (one input scale per 8 blocks): the converted sum times `s`, and `o` times `-sum(q)`,
+//!   are added into a q4k block's sums, which are multiplied by `d` into the output once per
+//!   8 blocks.
 //!
 //! Layout, as [`crate::bf16_gemm`]'s: the weight is packed 48 output features at a time (a
 //! panel; each block's 4-value groups of the 48 features side by side, as the instruction wants
 //! them), and a micro-kernel keeps 4 rows x 48 features of sums in registers while it walks the
 //! panel a cache block ([`KB`] blocks) at a time. Products differ from ggml's dot products on
 //! the same quantized values only in the order in which f32 terms are added.
+
+use std::arch::x86_64::*;
 
 use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, GgmlType};
 
@@ -32,6 +40,8 @@ const NR: usize = 48;
 const MR: usize = 4;
 /// Blocks per cache block of the panel (512 inputs: 30 KB of packed weights, about L1).
 const KB: usize = 16;
+// q4k's kernel takes whole q4k blocks (8 of these blocks) from each cache block.
+const _: () = assert!(KB.is_multiple_of(8));
 
 /// A block of 32 weights as the GEMM multiplies it: weight `i` is
 /// `scale * values[i] - offset`.
@@ -45,22 +55,33 @@ pub struct UnsignedBlock {
     pub offset: f32,
 }
 
-/// How the activations are quantized: as ggml quantizes the input of the weight type's dot
-/// product.
+/// The weight types the GEMM multiplies; each decides how the activations are quantized (as
+/// ggml quantizes its dot products' input) and how offsets are applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activations {
-    /// q8_0: 32 values per scale, the scale stored as f16 (q8_0 and q4_0 weights).
+pub enum Weights {
+    /// q8_0 blocks ([`q8_0_row`]): q8_0 activations, offset 128 scales.
     Q8_0,
-    /// q8K: 256 values per f32 scale (q4k weights).
-    Q8K,
+    /// q4_0 blocks ([`q4_0_row`]): q8_0 activations, offset 8 scales.
+    Q4_0,
+    /// q4k blocks ([`q4k_row`]): q8K activations, offsets of their own.
+    Q4K,
 }
 
-impl Activations {
-    /// Values per scale.
-    pub fn block_len(self) -> usize {
+impl Weights {
+    /// Input values per activation scale (32 for q8_0, 256 for q8K).
+    pub fn input_block(self) -> usize {
         match self {
-            Activations::Q8_0 => QK,
-            Activations::Q8K => 256,
+            Weights::Q8_0 | Weights::Q4_0 => QK,
+            Weights::Q4K => 256,
+        }
+    }
+
+    /// `c` where every block's offset is `c` times its scale.
+    fn offset_in_scales(self) -> Option<i32> {
+        match self {
+            Weights::Q8_0 => Some(128),
+            Weights::Q4_0 => Some(8),
+            Weights::Q4K => None,
         }
     }
 }
@@ -119,26 +140,26 @@ pub fn q4k_row(row: &[Q4KBlock], out: &mut [UnsignedBlock]) {
 }
 
 /// `x` (`m x k` f32, row-major) times `w^T`, where `row(j, out)` writes row `j` of `w`
-/// (`n x k`) in the GEMM's form into `out` (`k / 32` blocks): `m x n` f32. The activations are
-/// quantized as `activations` says; rows of `w` are asked for once each. `None` when the CPU
-/// lacks the instructions ([`available`]), `k` is not a whole number of activation blocks or
-/// `x` holds fewer than `m x k` values.
+/// (`n x k`, of type `weights`) in the GEMM's form into `out` (`k / 32` blocks): `m x n` f32.
+/// The activations are quantized as ggml quantizes them for `weights`; rows of `w` are asked
+/// for once each. `None` when the CPU lacks the instructions ([`available`]), `k` is not a
+/// whole number of activation blocks or `x` holds fewer than `m x k` values.
 pub fn gemm<R>(
     x: &[f32],
     m: usize,
     n: usize,
     k: usize,
-    activations: Activations,
+    weights: Weights,
     row: R,
 ) -> Option<Vec<f32>>
 where
     R: Fn(usize, &mut [UnsignedBlock]) + Sync,
 {
-    if !available() || !k.is_multiple_of(activations.block_len()) || x.len() < m * k {
+    if !available() || !k.is_multiple_of(weights.input_block()) || x.len() < m * k {
         return None;
     }
-    let input = QuantizedInput::new(&x[..m * k], k, activations)?;
-    Some(gemm_x86(&input, &row, m, n, k))
+    let input = QuantizedInput::new(&x[..m * k], k, weights)?;
+    Some(gemm_x86(&input, &row, m, n, k, weights))
 }
 
 /// Activation rows quantized for the kernel.
@@ -147,17 +168,17 @@ struct QuantizedInput {
     values: Vec<i8>,
     /// Per row and 32-value block: the scale `d`.
     scale: Vec<f32>,
-    /// Per row and block: `-d sum(q)`, what the block's offsets are multiplied by.
-    negative_sum: Vec<f32>,
+    /// Per row and block: the sum of the values.
+    sum: Vec<i32>,
 }
 
 impl QuantizedInput {
-    /// `x` (rows of `k` values) quantized as ggml quantizes each row for a dot product
-    /// (candle's `from_float`), or `None` when `k` is not a whole number of blocks.
-    fn new(x: &[f32], k: usize, activations: Activations) -> Option<Self> {
+    /// `x` (rows of `k` values) quantized as ggml quantizes each row for a dot product with
+    /// `weights` (candle's `from_float`), or `None` when `k` is not a whole number of blocks.
+    fn new(x: &[f32], k: usize, weights: Weights) -> Option<Self> {
         use rayon::prelude::*;
 
-        if k == 0 || !k.is_multiple_of(activations.block_len()) {
+        if k == 0 || !k.is_multiple_of(weights.input_block()) {
             return None;
         }
         let rows = x.len() / k;
@@ -165,18 +186,18 @@ impl QuantizedInput {
         let mut input = QuantizedInput {
             values: vec![0; rows * k],
             scale: vec![0.0; rows * blocks],
-            negative_sum: vec![0.0; rows * blocks],
+            sum: vec![0; rows * blocks],
         };
         input
             .values
             .par_chunks_mut(k)
             .zip(input.scale.par_chunks_mut(blocks))
-            .zip(input.negative_sum.par_chunks_mut(blocks))
+            .zip(input.sum.par_chunks_mut(blocks))
             .zip(x.par_chunks(k))
-            .for_each(|(((values, scale), negative_sum), x)| {
-                quantize_row(x, activations, values, scale);
-                for ((s, ns), q) in scale.iter().zip(negative_sum).zip(values.chunks(QK)) {
-                    *ns = -s * q.iter().map(|&v| f32::from(v)).sum::<f32>();
+            .for_each(|(((values, scale), sum), x)| {
+                quantize_row(x, weights, values, scale);
+                for (s, q) in sum.iter_mut().zip(values.chunks(QK)) {
+                    *s = q.iter().map(|&v| i32::from(v)).sum();
                 }
             });
         Some(input)
@@ -184,9 +205,9 @@ impl QuantizedInput {
 }
 
 /// One row quantized with candle's (ggml's) own code: values and a scale per 32 values.
-fn quantize_row(x: &[f32], activations: Activations, values: &mut [i8], scale: &mut [f32]) {
-    match activations {
-        Activations::Q8_0 => {
+fn quantize_row(x: &[f32], weights: Weights, values: &mut [i8], scale: &mut [f32]) {
+    match weights {
+        Weights::Q8_0 | Weights::Q4_0 => {
             let mut blocks = vec![BlockQ8_0::zeros(); x.len() / QK];
             BlockQ8_0::from_float(x, &mut blocks);
             let blocks: &[Q8_0Block] = view(bytes_of(&blocks)).unwrap_or_default();
@@ -195,7 +216,7 @@ fn quantize_row(x: &[f32], activations: Activations, values: &mut [i8], scale: &
                 *s = half::f16::from_bits(b.d).to_f32();
             }
         }
-        Activations::Q8K => {
+        Weights::Q4K => {
             let mut blocks = vec![BlockQ8K::zeros(); x.len() / 256];
             BlockQ8K::from_float(x, &mut blocks);
             let blocks: &[Q8KBlock] = view(bytes_of(&blocks)).unwrap_or_default();
@@ -227,7 +248,14 @@ const EMPTY_BLOCK: PanelBlock = PanelBlock {
     offset: [0.0; NR],
 };
 
-fn gemm_x86<R>(input: &QuantizedInput, row: &R, m: usize, n: usize, k: usize) -> Vec<f32>
+fn gemm_x86<R>(
+    input: &QuantizedInput,
+    row: &R,
+    m: usize,
+    n: usize,
+    k: usize,
+    weights: Weights,
+) -> Vec<f32>
 where
     R: Fn(usize, &mut [UnsignedBlock]) + Sync,
 {
@@ -256,7 +284,7 @@ where
                         values: &input.values[r0 * k..],
                         k,
                         scale: &input.scale[r0 * blocks..],
-                        negative_sum: &input.negative_sum[r0 * blocks..],
+                        sum: &input.sum[r0 * blocks..],
                         blocks,
                         b0,
                         panel: &panel[b0..b0 + nb],
@@ -268,14 +296,19 @@ where
                     };
                     // SAFETY: the CPU has AVX-512 F, BW and VNNI (checked by `gemm`); the
                     // kernel reads rows r0..r0+mr of the input over blocks b0..b0+nb and the
-                    // panel's blocks, and writes y[r, f0..f0+nf] for those rows only: no other
-                    // task touches those columns.
+                    // panel's blocks, and adds to y[r, f0..f0+nf] for those rows only: no
+                    // other task touches those columns. q4k's cache blocks hold whole q4k
+                    // blocks (KB is a multiple of 8, as is every q4k row's block count).
                     unsafe {
-                        match MR.min(m - r0) {
-                            4 => kernel::<4>(&args),
-                            3 => kernel::<3>(&args),
-                            2 => kernel::<2>(&args),
-                            _ => kernel::<1>(&args),
+                        match (weights.offset_in_scales(), MR.min(m - r0)) {
+                            (Some(c), 4) => kernel_block_scales::<4>(&args, c),
+                            (Some(c), 3) => kernel_block_scales::<3>(&args, c),
+                            (Some(c), 2) => kernel_block_scales::<2>(&args, c),
+                            (Some(c), _) => kernel_block_scales::<1>(&args, c),
+                            (None, 4) => kernel_q8k::<4>(&args),
+                            (None, 3) => kernel_q8k::<3>(&args),
+                            (None, 2) => kernel_q8k::<2>(&args),
+                            (None, _) => kernel_q8k::<1>(&args),
                         }
                     }
                 }
@@ -319,13 +352,14 @@ fn pack_panel<R>(
 }
 
 /// A micro-kernel's operands: the input from its first row (row strides `k` values and
-/// `blocks` scales), the first block `b0` of the panel's cache block `panel`, and `y` at
-/// `y_offset` (row stride `ldy`, `nf` valid columns), added to when `accumulate`, else stored.
+/// `blocks` scales and sums), the first block `b0` of the panel's cache block `panel`, and `y`
+/// at `y_offset` (row stride `ldy`, `nf` valid columns), which the kernel adds to when
+/// `accumulate`, else stores into (a first write, which does not read the untouched pages).
 struct KernelArgs<'a> {
     values: &'a [i8],
     k: usize,
     scale: &'a [f32],
-    negative_sum: &'a [f32],
+    sum: &'a [i32],
     blocks: usize,
     b0: usize,
     panel: &'a [PanelBlock],
@@ -336,56 +370,48 @@ struct KernelArgs<'a> {
     accumulate: bool,
 }
 
-/// Sums for the `R` rows over a panel's cache block.
+/// The integer sums of block `b` for `R` rows: per row, three registers of 16 features, each
+/// lane `init[r] + sum(u q)` over the block.
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW and VNNI; the input holds `R` rows from its start (values,
-/// scales and sums at the strides in `a`) covering blocks `b0..b0 + panel.len()`; `y` is valid
-/// for `R` rows of `nf` values at stride `ldy` from `y_offset`.
+/// As the kernels': the CPU has AVX-512 F, BW and VNNI; `R` input rows hold block `b`.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn kernel<const R: usize>(a: &KernelArgs) {
-    use std::arch::x86_64::*;
-
-    let mut acc = [[_mm512_setzero_ps(); 3]; R];
+unsafe fn block_sums<const R: usize>(
+    a: &KernelArgs,
+    block: &PanelBlock,
+    b: usize,
+    init: [i32; R],
+) -> [[__m512i; 3]; R] {
     let xp = a.values.as_ptr();
-    for (i, block) in a.panel.iter().enumerate() {
-        let b = a.b0 + i;
-        let vp = block.values.as_ptr();
-        let mut sums = [[_mm512_setzero_si512(); 3]; R];
-        for g in 0..QK / 4 {
-            // SAFETY: the block holds 8 groups of 3 x 64 bytes (aligned: the block is).
-            let w: [__m512i; 3] =
-                [0, 1, 2].map(|c| unsafe { _mm512_load_si512(vp.add(g * 4 * NR + 64 * c).cast()) });
-            for (r, row) in sums.iter_mut().enumerate() {
-                // SAFETY: row r < R holds block b's four values g from r * k + 32 b + 4 g.
-                let four = unsafe {
-                    _mm512_set1_epi32(
-                        (xp.add(r * a.k + b * QK + 4 * g) as *const i32).read_unaligned(),
-                    )
-                };
-                for c in 0..3 {
-                    row[c] = _mm512_dpbusd_epi32(row[c], w[c], four);
-                }
-            }
-        }
-        // SAFETY: 48 scales and offsets per block, aligned (64-byte fields at 64-byte offsets).
-        let (scale, offset): ([__m512; 3], [__m512; 3]) = unsafe {
-            (
-                [0, 1, 2].map(|c| _mm512_load_ps(block.scale.as_ptr().add(16 * c))),
-                [0, 1, 2].map(|c| _mm512_load_ps(block.offset.as_ptr().add(16 * c))),
-            )
-        };
-        for (r, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
-            let d = _mm512_set1_ps(a.scale[r * a.blocks + b]);
-            let negative_sum = _mm512_set1_ps(a.negative_sum[r * a.blocks + b]);
+    let vp = block.values.as_ptr();
+    let mut sums = init.map(|i| [_mm512_set1_epi32(i); 3]);
+    for g in 0..QK / 4 {
+        // SAFETY: the block holds 8 groups of 3 x 64 bytes (aligned: the block is).
+        let w: [__m512i; 3] =
+            [0, 1, 2].map(|c| unsafe { _mm512_load_si512(vp.add(g * 4 * NR + 64 * c).cast()) });
+        for (r, row) in sums.iter_mut().enumerate() {
+            // SAFETY: row r < R holds block b's four values g from r * k + 32 b + 4 g.
+            let four = unsafe {
+                _mm512_set1_epi32((xp.add(r * a.k + b * QK + 4 * g) as *const i32).read_unaligned())
+            };
             for c in 0..3 {
-                let scaled = _mm512_mul_ps(scale[c], d);
-                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[c]), scaled, acc[c]);
-                acc[c] = _mm512_fmadd_ps(offset[c], negative_sum, acc[c]);
+                row[c] = _mm512_dpbusd_epi32(row[c], w[c], four);
             }
         }
     }
-    for (r, row) in acc.iter().enumerate() {
+    sums
+}
+
+/// Adds `R` rows of 48 sums to `y` (masked to `nf` columns), or stores them unless
+/// `accumulate`.
+///
+/// # Safety
+/// `y` is valid for `R` rows of `nf` values at stride `ldy` from `y_offset`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_to_y<const R: usize>(a: &KernelArgs, sums: &[[__m512; 3]; R], accumulate: bool) {
+    for (r, row) in sums.iter().enumerate() {
         for (c, sums) in row.iter().enumerate() {
             let valid = a.nf.saturating_sub(c * 16).min(16);
             if valid == 0 {
@@ -399,7 +425,7 @@ unsafe fn kernel<const R: usize>(a: &KernelArgs) {
             // SAFETY: columns c * 16 .. c * 16 + valid of row r are within y (see above).
             unsafe {
                 let dst = a.y.add(a.y_offset + r * a.ldy + c * 16);
-                let value = if a.accumulate {
+                let value = if accumulate {
                     _mm512_add_ps(*sums, _mm512_maskz_loadu_ps(mask, dst))
                 } else {
                     *sums
@@ -407,6 +433,78 @@ unsafe fn kernel<const R: usize>(a: &KernelArgs) {
                 _mm512_mask_storeu_ps(dst, mask, value);
             }
         }
+    }
+}
+
+/// Sums for the `R` rows over a panel's cache block, for weights whose offsets are `c` scales
+/// (q8_0, q4_0) and activations with a scale per block: `d s (sum(u q) - c sum(q))`.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VNNI; the input holds `R` rows from its start (values, scales
+/// and sums at the strides in `a`) covering blocks `b0..b0 + panel.len()`; `y` is valid for
+/// `R` rows of `nf` values at stride `ldy` from `y_offset`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn kernel_block_scales<const R: usize>(a: &KernelArgs, c: i32) {
+    let mut acc = [[_mm512_setzero_ps(); 3]; R];
+    for (i, block) in a.panel.iter().enumerate() {
+        let b = a.b0 + i;
+        let init: [i32; R] = std::array::from_fn(|r| -c * a.sum[r * a.blocks + b]);
+        // SAFETY: as this function's.
+        let sums = unsafe { block_sums::<R>(a, block, b, init) };
+        // SAFETY: 48 aligned scales per block (a 64-byte field at a 64-byte offset).
+        let scale: [__m512; 3] =
+            [0, 1, 2].map(|c| unsafe { _mm512_load_ps(block.scale.as_ptr().add(16 * c)) });
+        for (r, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
+            let d = _mm512_set1_ps(a.scale[r * a.blocks + b]);
+            for c in 0..3 {
+                let scaled = _mm512_mul_ps(scale[c], d);
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[c]), scaled, acc[c]);
+            }
+        }
+    }
+    // SAFETY: as this function's.
+    unsafe { add_to_y::<R>(a, &acc, a.accumulate) };
+}
+
+/// Sums for the `R` rows over a panel's cache block, for q4k weights and q8K activations (one
+/// scale per 8 blocks, `b0` and the block count multiples of 8): per q4k block,
+/// `d sum_blocks(s sum(u q) - o sum(q))`.
+///
+/// # Safety
+/// As [`kernel_block_scales`]'s.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn kernel_q8k<const R: usize>(a: &KernelArgs) {
+    for (first, eight) in a.panel.chunks(8).enumerate() {
+        let mut acc = [[_mm512_setzero_ps(); 3]; R];
+        for (i, block) in eight.iter().enumerate() {
+            let b = a.b0 + 8 * first + i;
+            // SAFETY: as this function's.
+            let sums = unsafe { block_sums::<R>(a, block, b, [0; R]) };
+            // SAFETY: 48 aligned scales and offsets per block (64-byte fields at 64-byte
+            // offsets).
+            let (scale, offset): ([__m512; 3], [__m512; 3]) = unsafe {
+                (
+                    [0, 1, 2].map(|c| _mm512_load_ps(block.scale.as_ptr().add(16 * c))),
+                    [0, 1, 2].map(|c| _mm512_load_ps(block.offset.as_ptr().add(16 * c))),
+                )
+            };
+            for (r, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
+                let negative_sum = _mm512_set1_ps(-(a.sum[r * a.blocks + b] as f32));
+                for c in 0..3 {
+                    acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[c]), scale[c], acc[c]);
+                    acc[c] = _mm512_fmadd_ps(offset[c], negative_sum, acc[c]);
+                }
+            }
+        }
+        let b = a.b0 + 8 * first;
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let d = _mm512_set1_ps(a.scale[r * a.blocks + b]);
+            for sums in acc.iter_mut() {
+                *sums = _mm512_mul_ps(*sums, d);
+            }
+        }
+        // SAFETY: as this function's.
+        unsafe { add_to_y::<R>(a, &acc, a.accumulate || first > 0) };
     }
 }
 
@@ -428,7 +526,7 @@ mod tests {
         m: usize,
         n: usize,
         k: usize,
-        activations: Activations,
+        weights: Weights,
         convert: fn(&[B], &mut [UnsignedBlock]),
     ) where
         T: GgmlType + crate::blocks::PlainBlock,
@@ -446,7 +544,7 @@ mod tests {
         let row = |j: usize, out: &mut [UnsignedBlock]| {
             convert(&typed[j * per_row..(j + 1) * per_row], out)
         };
-        let y = gemm(&x, m, n, k, activations, row).expect("available");
+        let y = gemm(&x, m, n, k, weights, row).expect("available");
         for r in 0..m {
             let xq = quantized::<T::VecDotType>(&x[r * k..(r + 1) * k]);
             for f in 0..n {
@@ -469,25 +567,19 @@ mod tests {
             7,
             101,
             32 * 70,
-            Activations::Q8_0,
+            Weights::Q8_0,
             q8_0_row,
         );
     }
 
     #[test]
     fn q4_0_equals_ggmls_dot_products() {
-        equals_ggmls_dot_products::<BlockQ4_0, Q4_0Block>(
-            6,
-            50,
-            32 * 37,
-            Activations::Q8_0,
-            q4_0_row,
-        );
+        equals_ggmls_dot_products::<BlockQ4_0, Q4_0Block>(6, 50, 32 * 37, Weights::Q4_0, q4_0_row);
     }
 
     #[test]
     fn q4k_equals_ggmls_dot_products() {
-        equals_ggmls_dot_products::<BlockQ4K, Q4KBlock>(9, 97, 256 * 9, Activations::Q8K, q4k_row);
+        equals_ggmls_dot_products::<BlockQ4K, Q4KBlock>(9, 97, 256 * 9, Weights::Q4K, q4k_row);
     }
 
     /// Each form's blocks, dequantized (`scale * value - offset`), are candle's dequantized
@@ -519,7 +611,7 @@ mod tests {
     fn refuses_sizes_it_cannot_take() {
         let x = vec![0.5f32; 2 * 100];
         let row = |_: usize, _: &mut [UnsignedBlock]| {};
-        assert!(gemm(&x, 2, 3, 100, Activations::Q8_0, row).is_none());
-        assert!(gemm(&x, 3, 3, 96, Activations::Q8K, row).is_none());
+        assert!(gemm(&x, 2, 3, 100, Weights::Q8_0, row).is_none());
+        assert!(gemm(&x, 3, 3, 96, Weights::Q4K, row).is_none());
     }
 }

@@ -53,13 +53,13 @@ impl QuantizedMatrix {
     pub fn integer_matmul(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
         #[cfg(target_arch = "x86_64")]
         {
-            use simpleseg_kernels::int8_gemm::{self, Activations, UnsignedBlock};
+            use simpleseg_kernels::int8_gemm::{self, UnsignedBlock, Weights};
 
             fn run<B: PlainBlock + Sync>(
                 m: &QuantizedMatrix,
                 x: &[f32],
                 rows: usize,
-                activations: Activations,
+                weights: Weights,
                 convert: fn(&[B], &mut [UnsignedBlock]),
             ) -> Option<Vec<f32>> {
                 let blocks = m.typed::<B>();
@@ -67,12 +67,12 @@ impl QuantizedMatrix {
                 let row = |j: usize, out: &mut [UnsignedBlock]| {
                     convert(&blocks[j * per_row..(j + 1) * per_row], out)
                 };
-                int8_gemm::gemm(x, rows, m.rows, m.cols, activations, row)
+                int8_gemm::gemm(x, rows, m.rows, m.cols, weights, row)
             }
             match self.ggml {
-                GgmlDType::Q4K => run(self, x, rows, Activations::Q8K, int8_gemm::q4k_row),
-                GgmlDType::Q4_0 => run(self, x, rows, Activations::Q8_0, int8_gemm::q4_0_row),
-                GgmlDType::Q8_0 => run(self, x, rows, Activations::Q8_0, int8_gemm::q8_0_row),
+                GgmlDType::Q4K => run(self, x, rows, Weights::Q4K, int8_gemm::q4k_row),
+                GgmlDType::Q4_0 => run(self, x, rows, Weights::Q4_0, int8_gemm::q4_0_row),
+                GgmlDType::Q8_0 => run(self, x, rows, Weights::Q8_0, int8_gemm::q8_0_row),
                 _ => None,
             }
         }
