@@ -11,7 +11,9 @@ decode tokens/s and peak RSS, with `lscpu`'s model name and flags above every ta
 
 --big7b writes a Qwen2.5-VL-7B-size folder of random BF16 weights (~16.6 GB), quantizes it with
 `simpleseg quantize` (q8_0, q4k), times transformers (BF16) and simpleseg (BF16 weights, q8_0,
-q4k; 2 threads and 1) on a 640x480 image, and deletes everything.
+q4k; 2 threads and 1) on a 640x480 image, then the time to mask (`simpleseg segment` process
+start to mask file against transformers' process making as many tokens; --mask-tokens), and
+deletes everything.
 
 --kimi16b writes the 16B Kimi-VL size (MoonViT + DeepSeek-V3 MoE, ~32 GB of random BF16),
 quantizes it to q4k and times simpleseg on the full quantized model; the BF16 rows (which do not
@@ -351,10 +353,47 @@ def bench_7b(args):
                              child("simpleseg", args.work / f"bench-7b-{fmt}", image, args.tokens, threads, None)))
         table(f"Qwen2.5-VL-7B size, random BF16 weights, 640x480 image, {args.tokens} tokens", rows,
               [f"`simpleseg quantize` took {seconds['q8_0']:.0f} s (q8_0) and {seconds['q4k']:.0f} s (q4k)."])
+        if args.mask_tokens:
+            time_to_mask(big, args.work / "bench-7b-q4k", image, args.mask_tokens)
     finally:
         if not args.keep:
             for d in (big, args.work / "bench-7b-q8_0", args.work / "bench-7b-q4k"):
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def time_to_mask(big, q4k, image, max_tokens):
+    """`simpleseg segment` end to end, process start to mask file, on the BF16 and q4k folders
+    (greedy, under the polygon constraint, at most `max_tokens` tokens), beside transformers'
+    process (start, imports, load, preprocessing, generation) producing as many tokens as
+    simpleseg's BF16 answer. The model card's own parsing and pycocotools rasterization take
+    milliseconds and are not added to transformers' time."""
+    mask = big.parent / "time-to-mask.png"
+    rows = []
+    for label, folder in (("simpleseg BF16 weights", big), ("simpleseg q4k folder", q4k)):
+        mask.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        out = subprocess.run(
+            [str(BIN), "segment", "--model", str(folder), "--image", str(image), "--query", "the object",
+             "--constrain", "polygon", "--greedy", "--max-new-tokens", str(max_tokens), "--mask-out", str(mask),
+             "--json"],
+            check=True, stdout=subprocess.PIPE, text=True, env=dict(os.environ, RAYON_NUM_THREADS="2")).stdout
+        seconds = time.perf_counter() - t0
+        if not mask.exists():
+            raise SystemExit(f"{label}: segment wrote no mask")
+        rows.append((label, json.loads(out)["usage"]["completion_tokens"], seconds))
+    tokens = rows[0][1]
+    t0 = time.perf_counter()
+    child("transformers-qwen", big, image, tokens, 1, "bf16", 2)
+    rows.insert(0, ("transformers BF16 (its process, as many tokens)", tokens, time.perf_counter() - t0))
+    mask.unlink(missing_ok=True)
+    print(f"\n### Time to mask: Qwen2.5-VL-7B size, 640x480 image, polygon constraint, 2 threads\n\n{cpu_header()}\n")
+    print("| | answer tokens | process start to mask (s) | ratio to transformers |")
+    print("|---|---|---|---|")
+    for label, n, seconds in rows:
+        print(f"| {label} | {n} | {seconds:.1f} | {seconds / rows[0][2]:.2f}x |")
+    print("\n(simpleseg: `segment --constrain polygon --greedy --mask-out`; random weights write a random "
+          "polygon. transformers: the benchmark's generation of the same number of tokens, without the "
+          "model card's millisecond postprocessing.)")
 
 
 def bench_gemm():
@@ -483,6 +522,9 @@ def main():
     ap.add_argument("--kimi16b", action="store_true", help="the 16B Kimi-VL size (random weights, written and deleted)")
     ap.add_argument("--work", type=Path, default=ROOT / "target", help="where the big folders are written")
     ap.add_argument("--keep", action="store_true", help="keep the written folders")
+    ap.add_argument("--mask-tokens", type=int, default=450,
+                    help="with --big7b, the time-to-mask rows' token limit (a 7B answer of ~30 points is "
+                         "~450 tokens); 0 skips them")
     ap.add_argument("--gemm", action="store_true",
                     help="only the GEMM row: simpleseg's BF16 GEMM against torch's BF16 matmul on the 7B's "
                          "prefill shapes and a vision-tower MLP shape, 2 threads and 1")

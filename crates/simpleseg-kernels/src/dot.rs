@@ -36,6 +36,51 @@ fn widen_bf16_portable(src: &[half::bf16], dst: &mut [f32]) {
     }
 }
 
+/// `a + b` for BF16 values, each sum computed in f32 and rounded to nearest even: with
+/// `vcvtneps2bf16` on CPUs with AVX512-BF16 (what candle's own BF16 add runs there, one
+/// feature check per 8 values), with `half`'s rounding elsewhere (what candle runs there).
+/// Takes as many values as the shortest of the three slices.
+pub fn add_bf16(a: &[half::bf16], b: &[half::bf16], out: &mut [half::bf16]) {
+    let n = a.len().min(b.len()).min(out.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::cpu::avx512_bf16() && std::arch::is_x86_feature_detected!("avx512vl") {
+            done = n / 16 * 16;
+            // SAFETY: the CPU has AVX-512 F, VL and BF16 (checked just above); the first
+            // `done` values of each slice exist.
+            unsafe { add_bf16_avx512(&a[..done], &b[..done], &mut out[..done]) };
+        }
+    }
+    for ((o, x), y) in out[done..n].iter_mut().zip(&a[done..n]).zip(&b[done..n]) {
+        *o = half::bf16::from_f32(x.to_f32() + y.to_f32());
+    }
+}
+
+/// [`add_bf16`] on 16 values at a time.
+///
+/// # Safety
+/// The CPU has AVX-512 F, VL and BF16; the three slices hold the same multiple of 16 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
+unsafe fn add_bf16_avx512(a: &[half::bf16], b: &[half::bf16], out: &mut [half::bf16]) {
+    use std::arch::x86_64::*;
+    let widen = |p: *const half::bf16| {
+        // SAFETY: 16 values (32 bytes) from p, within the slice (see below).
+        let bits = unsafe { _mm256_loadu_si256(p.cast()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+    };
+    for i in (0..out.len()).step_by(16) {
+        // SAFETY: i + 16 <= len for each slice (a multiple of 16 values); a vector of 16 BF16
+        // values has the bits of a 256-bit integer vector.
+        unsafe {
+            let sum = _mm512_add_ps(widen(a.as_ptr().add(i)), widen(b.as_ptr().add(i)));
+            let rounded = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(sum));
+            _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), rounded);
+        }
+    }
+}
+
 /// Dot product of f32 values with F16 values in f32: the weights are widened a chunk at a time
 /// (half's converter uses F16C where the CPU has it) and multiplied by [`dot_f32`].
 pub fn dot_f16(x: &[f32], w: &[half::f16]) -> f32 {
@@ -248,6 +293,30 @@ pub fn dot_bf16_rows<const G: usize>(x: &[f32], w: [&[half::bf16]; G]) -> [f32; 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// BF16 sums equal f32 sums rounded to nearest even (ties included), on every path and
+    /// tail length.
+    #[test]
+    fn bf16_sums_round_to_nearest_even() {
+        let values = crate::testing::Values(3).take(2 * 1000);
+        let (a, b): (Vec<half::bf16>, Vec<half::bf16>) = values
+            .chunks(2)
+            .map(|p| {
+                (
+                    half::bf16::from_f32(p[0]),
+                    half::bf16::from_f32(p[1] * 0.01),
+                )
+            })
+            .unzip();
+        for n in [0, 5, 16, 999, 1000] {
+            let mut out = vec![half::bf16::ZERO; n];
+            add_bf16(&a[..n], &b[..n], &mut out);
+            for i in 0..n {
+                let want = half::bf16::from_f32(a[i].to_f32() + b[i].to_f32());
+                assert_eq!(out[i].to_bits(), want.to_bits(), "{n} values, value {i}");
+            }
+        }
+    }
     use crate::testing::Values;
 
     fn exact(x: &[f32], w: impl Iterator<Item = f32>) -> f64 {

@@ -1,6 +1,7 @@
-//! Activations: SiLU and tanh-GELU through the vectorized kernels of
-//! [`simpleseg_kernels::math`] on the CPU, candle's ops elsewhere and wherever gradients flow
-//! (a tensor that tracks its op is part of a training graph; the kernels have no backward pass).
+//! Element-wise ops: SiLU and tanh-GELU through the vectorized kernels of
+//! [`simpleseg_kernels::math`], and residual sums of BF16 tensors, on the CPU; candle's ops
+//! elsewhere and wherever gradients flow (a tensor that tracks its op is part of a training
+//! graph; the kernels have no backward pass).
 
 use candle_core::{DType, Result, Tensor};
 use simpleseg_kernels::math;
@@ -79,10 +80,78 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `x + y` (tensors of one shape): BF16 tensors on the CPU outside training graphs are added
+/// in parallel by [`simpleseg_kernels::dot::add_bf16`], with the roundings of candle's BF16 add
+/// (whose conversions make a feature check per 8 values, on one thread per chunk); candle's
+/// add otherwise.
+pub fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    match add_bf16(x, y)? {
+        Some(sum) => Ok(sum),
+        None => x + y,
+    }
+}
+
+/// The BF16 path of [`add`]; `None` where it does not apply.
+fn add_bf16(x: &Tensor, y: &Tensor) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+
+    let applies = |t: &Tensor| t.dtype() == DType::BF16 && t.device().is_cpu() && !t.track_op();
+    if !applies(x) || !applies(y) || x.dims() != y.dims() {
+        return Ok(None);
+    }
+    let (x, y) = (x.contiguous()?, y.contiguous()?);
+    let (xs, xl) = x.storage_and_layout();
+    let (ys, yl) = y.storage_and_layout();
+    let (Some((x0, x1)), Some((y0, y1))) = (xl.contiguous_offsets(), yl.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let (Storage::Cpu(CpuStorage::BF16(a)), Storage::Cpu(CpuStorage::BF16(b))) = (&*xs, &*ys)
+    else {
+        return Ok(None);
+    };
+    let (a, b) = (&a[x0..x1], &b[y0..y1]);
+    let mut out = vec![half::bf16::ZERO; a.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(out, (a, b))| simpleseg_kernels::dot::add_bf16(a, b, out));
+    Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// BF16 sums are candle's, bit for bit (a non-contiguous operand included); f32 sums are
+    /// candle's own.
+    #[test]
+    fn sums_are_candles() {
+        let values = simpleseg_kernels::testing::Values(4).take(2 * 3 * 1000);
+        let all = Tensor::from_vec(values, (2, 3, 1000), &Device::Cpu).unwrap();
+        let (x, y) = (all.get(0).unwrap(), all.get(1).unwrap());
+        for dtype in [DType::BF16, DType::F32] {
+            let (x, y) = (x.to_dtype(dtype).unwrap(), y.to_dtype(dtype).unwrap());
+            let y_strided = y.t().unwrap().contiguous().unwrap().t().unwrap();
+            for y in [&y, &y_strided] {
+                let bits = |t: &Tensor| -> Vec<u32> {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .into_iter()
+                        .map(f32::to_bits)
+                        .collect()
+                };
+                let ours = add(&x, y).unwrap();
+                assert_eq!(ours.dtype(), dtype);
+                assert_eq!(bits(&ours), bits(&(&x + y).unwrap()), "{dtype:?}");
+            }
+        }
+    }
 
     /// The kernels give candle's values (within f32 roundings: candle's tanh-GELU loses more
     /// to cancellation than the kernel), in f32 and BF16; a tensor in a training graph keeps

@@ -18,7 +18,7 @@ pub mod rotary;
 
 use candle_core::{DType, Result, Tensor};
 
-pub use activation::{gelu_tanh, silu};
+pub use activation::{add, gelu_tanh, silu};
 pub use attention::{attention, causal_mask, repeat_kv, single_query_attention, softmax_last_dim};
 pub use embedding::Embedding;
 pub use features::merge_image_features;

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use crate::io::hf::OneOrMany;
 use crate::io::weights::Weights;
 use crate::layers::{
-    causal_mask, forward_batch, forward_each, silu, softmax_last_dim, Embedding, Linear, Mode,
+    add, causal_mask, forward_batch, forward_each, silu, softmax_last_dim, Embedding, Linear, Mode,
     RmsNorm,
 };
 use crate::runtime::kv_cache::KvCache;
@@ -630,9 +630,9 @@ impl DeepseekV3 {
             let o = layer
                 .self_attn
                 .attend(parts, &cos, &sin, mask.as_ref(), &mut slots[i])?;
-            x = (x + layer.self_attn.o_proj.forward(&o)?)?;
+            x = add(&x, &layer.self_attn.o_proj.forward(&o)?)?;
             let h = layer.post_attention_layernorm.forward(&x, Mode::Infer)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            x = add(&x, &layer.mlp.forward(&h)?)?;
         }
         self.norm.forward(&x, Mode::Infer)
     }
@@ -674,9 +674,9 @@ impl DeepseekV3 {
                 start += group.rows;
             }
             let o = Tensor::cat(&outputs, 0)?;
-            x = (x + layer.self_attn.o_proj.forward(&o)?)?;
+            x = add(&x, &layer.self_attn.o_proj.forward(&o)?)?;
             let h = layer.post_attention_layernorm.forward(&x, Mode::Infer)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            x = add(&x, &layer.mlp.forward(&h)?)?;
         }
         self.norm.forward(&x, Mode::Infer)
     }

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
-use crate::layers::{attention, gelu_tanh, LayerNorm, Linear, Mode};
+use crate::layers::{add, attention, gelu_tanh, LayerNorm, Linear, Mode};
 
 /// MoonViT, the vision tower (`vision_config`).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -201,9 +201,12 @@ impl MoonVit {
                 );
                 start += len;
             }
-            x = (x + block.wo.forward(&Tensor::cat(&outputs, 0)?)?)?;
+            x = add(&x, &block.wo.forward(&Tensor::cat(&outputs, 0)?)?)?;
             let h = block.norm1.forward(&x)?;
-            x = (&x + block.fc1.forward(&gelu_tanh(&block.fc0.forward(&h)?)?)?)?;
+            x = add(
+                &x,
+                &block.fc1.forward(&gelu_tanh(&block.fc0.forward(&h)?)?)?,
+            )?;
         }
         Ok(self.final_layernorm.forward(&x)?)
     }

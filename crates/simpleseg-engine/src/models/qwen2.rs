@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
 use crate::layers::{
-    apply_rotary, attention, causal_mask, forward_each, repeat_kv, silu, single_query_attention,
-    Embedding, Linear, Mode, RmsNorm,
+    add, apply_rotary, attention, causal_mask, forward_each, repeat_kv, silu,
+    single_query_attention, Embedding, Linear, Mode, RmsNorm,
 };
 use crate::runtime::kv_cache::KvCache;
 use crate::runtime::session::StepGroup;
@@ -364,9 +364,9 @@ impl TextModel {
             let h = layer
                 .self_attn
                 .forward(&h, &cos, &sin, mask.as_ref(), slot, mode)?;
-            x = (x + h)?;
+            x = add(&x, &h)?;
             let h = layer.post_attention_layernorm.forward(&x, mode)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            x = add(&x, &layer.mlp.forward(&h)?)?;
         }
         self.norm.forward(&x, mode)
     }
@@ -413,9 +413,9 @@ impl TextModel {
                 start += group.rows;
             }
             let o = Tensor::cat(&outputs, 0)?;
-            x = (x + layer.self_attn.o_proj.forward(&o)?)?;
+            x = add(&x, &layer.self_attn.o_proj.forward(&o)?)?;
             let h = layer.post_attention_layernorm.forward(&x, mode)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            x = add(&x, &layer.mlp.forward(&h)?)?;
         }
         self.norm.forward(&x, mode)
     }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
-use crate::layers::{apply_rotary, attention, silu, Linear, Mode, RmsNorm};
+use crate::layers::{add, apply_rotary, attention, silu, Linear, Mode, RmsNorm};
 
 #[derive(Clone, Debug)]
 struct VisionMlp {
@@ -335,9 +335,9 @@ impl VisionTransformer {
                 &cu_window
             };
             let h = block.norm1.forward(&x, mode)?;
-            x = (x + block.attn.forward(&h, cu, &cos, &sin, mode)?)?;
+            x = add(&x, &block.attn.forward(&h, cu, &cos, &sin, mode)?)?;
             let h = block.norm2.forward(&x, mode)?;
-            x = (&x + block.mlp.forward(&h)?)?;
+            x = add(&x, &block.mlp.forward(&h)?)?;
         }
         let merged = self.merger.forward(&x, mode)?;
         // Undo the window order (argsort of the window index).
