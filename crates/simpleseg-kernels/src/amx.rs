@@ -204,7 +204,7 @@ where
     }
     let xs: &[u16] = xs;
     let mut y = vec![0f32; m * n];
-    let y_ptr = SendPtr(y.as_mut_ptr());
+    let y_ptr = crate::output::SharedOutput(y.as_mut_ptr());
     let steps = kp / KT;
     let buffers = || {
         (
@@ -278,12 +278,6 @@ impl Lines {
         unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), len) }
     }
 }
-
-/// A pointer moved into the parallel tasks (each writes its own columns).
-struct SendPtr(*mut f32);
-// SAFETY: see `gemm`: tasks write disjoint parts of the buffer.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 /// Packs features f0..f0+nf (zero beyond, and beyond the row's `scratch.len()` inputs) as
 /// weight tiles: for step `s`

@@ -79,7 +79,7 @@ where
     // Each task owns one panel's columns of y; rows are independent, so tasks write disjoint
     // parts. y is split by panel through raw parts because a panel's columns are strided.
     let panels = n.div_ceil(NR);
-    let y_ptr = SendPtr(y.as_mut_ptr());
+    let y_ptr = crate::output::SharedOutput(y.as_mut_ptr());
     (0..panels).into_par_iter().for_each_init(
         || (vec![0u32; NR * k2 / 2], vec![0u16; k]),
         |(packed, scratch), p| {
@@ -123,12 +123,6 @@ where
     );
     y
 }
-
-/// A pointer moved into the parallel tasks (each writes its own columns).
-struct SendPtr(*mut f32);
-// SAFETY: see `gemm_x86`: tasks write disjoint parts of the buffer.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 /// Packs features f0..f0+nf (zero beyond) into `out`: for each input pair kp, the 48
 /// features' pairs side by side (`out[kp * 48 + j]`, the pair's first value in the low half).
@@ -206,29 +200,8 @@ unsafe fn kernel<const R: usize>(args: KernelArgs) {
             }
         }
     }
-    for (r, row) in acc.iter().enumerate() {
-        for (c, sums) in row.iter().enumerate() {
-            let valid = nf.saturating_sub(c * 16).min(16);
-            if valid == 0 {
-                break;
-            }
-            let mask: __mmask16 = if valid == 16 {
-                0xffff
-            } else {
-                (1u16 << valid) - 1
-            };
-            // SAFETY: columns c * 16 .. c * 16 + valid of row r are within y (see above).
-            unsafe {
-                let dst = y.add(r * ldy + c * 16);
-                let value = if accumulate {
-                    _mm512_add_ps(*sums, _mm512_maskz_loadu_ps(mask, dst))
-                } else {
-                    *sums
-                };
-                _mm512_mask_storeu_ps(dst, mask, value);
-            }
-        }
-    }
+    // SAFETY: rows r0.. of y hold nf columns from here (see above).
+    unsafe { crate::output::store_rows::<R>(&acc, y, ldy, nf, accumulate) };
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ use std::arch::x86_64::*;
 use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, GgmlType};
 
 use crate::blocks::{bytes_of, view};
+use crate::output::store_rows;
 use crate::q4_0::Q4_0Block;
 use crate::q4k::{Q4KBlock, Q8KBlock};
 use crate::q8_0::Q8_0Block;
@@ -264,7 +265,7 @@ where
     let blocks = k / QK;
     let mut y = vec![0f32; m * n];
     let panels = n.div_ceil(NR);
-    let y_ptr = SendPtr(y.as_mut_ptr());
+    let y_ptr = crate::output::SharedOutput(y.as_mut_ptr());
     (0..panels).into_par_iter().for_each_init(
         || {
             (
@@ -317,12 +318,6 @@ where
     );
     y
 }
-
-/// A pointer moved into the parallel tasks (each writes its own columns).
-struct SendPtr(*mut f32);
-// SAFETY: see `gemm_x86`: tasks write disjoint parts of the buffer.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 /// Packs features f0..f0+nf (zero beyond) into `panel`. Rows are read one after the other (the
 /// weight streams from memory); the scattered writes land in the panel, which stays in cache.
@@ -403,39 +398,6 @@ unsafe fn block_sums<const R: usize>(
     sums
 }
 
-/// Adds `R` rows of 48 sums to `y` (masked to `nf` columns), or stores them unless
-/// `accumulate`.
-///
-/// # Safety
-/// `y` is valid for `R` rows of `nf` values at stride `ldy` from `y_offset`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn add_to_y<const R: usize>(a: &KernelArgs, sums: &[[__m512; 3]; R], accumulate: bool) {
-    for (r, row) in sums.iter().enumerate() {
-        for (c, sums) in row.iter().enumerate() {
-            let valid = a.nf.saturating_sub(c * 16).min(16);
-            if valid == 0 {
-                break;
-            }
-            let mask: __mmask16 = if valid == 16 {
-                0xffff
-            } else {
-                (1u16 << valid) - 1
-            };
-            // SAFETY: columns c * 16 .. c * 16 + valid of row r are within y (see above).
-            unsafe {
-                let dst = a.y.add(a.y_offset + r * a.ldy + c * 16);
-                let value = if accumulate {
-                    _mm512_add_ps(*sums, _mm512_maskz_loadu_ps(mask, dst))
-                } else {
-                    *sums
-                };
-                _mm512_mask_storeu_ps(dst, mask, value);
-            }
-        }
-    }
-}
-
 /// Sums for the `R` rows over a panel's cache block, for weights whose offsets are `c` scales
 /// (q8_0, q4_0) and activations with a scale per block: `d s (sum(u q) - c sum(q))`.
 ///
@@ -463,7 +425,7 @@ unsafe fn kernel_block_scales<const R: usize>(a: &KernelArgs, c: i32) {
         }
     }
     // SAFETY: as this function's.
-    unsafe { add_to_y::<R>(a, &acc, a.accumulate) };
+    unsafe { store_rows::<R>(&acc, a.y.add(a.y_offset), a.ldy, a.nf, a.accumulate) };
 }
 
 /// Sums for the `R` rows over a panel's cache block, for q4k weights and q8K activations (one
@@ -504,7 +466,15 @@ unsafe fn kernel_q8k<const R: usize>(a: &KernelArgs) {
             }
         }
         // SAFETY: as this function's.
-        unsafe { add_to_y::<R>(a, &acc, a.accumulate || first > 0) };
+        unsafe {
+            store_rows::<R>(
+                &acc,
+                a.y.add(a.y_offset),
+                a.ldy,
+                a.nf,
+                a.accumulate || first > 0,
+            )
+        };
     }
 }
 

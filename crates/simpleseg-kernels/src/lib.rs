@@ -32,6 +32,7 @@ pub mod f32_gemm;
 #[cfg(target_arch = "x86_64")]
 pub mod int8_gemm;
 pub mod math;
+mod output;
 #[cfg(target_arch = "x86_64")]
 pub mod q4_0;
 #[cfg(target_arch = "x86_64")]

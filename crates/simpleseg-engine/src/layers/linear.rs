@@ -130,8 +130,7 @@ pub fn forward_batch(pairs: &[(&Linear, &Tensor)]) -> Result<Vec<Tensor>> {
         if x.rank() < 2 || rows > FEW_ROWS || x.dim(D::Minus1)? != q.cols {
             break;
         }
-        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        batched.push((q, xs, rows));
+        batched.push((q, values_f32(x)?, rows));
     }
     if batched.len() < pairs.len() {
         return pairs.iter().map(|(layer, x)| layer.forward(x)).collect();

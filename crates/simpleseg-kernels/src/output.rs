@@ -1,0 +1,51 @@
+//! Where the GEMMs write: one output buffer shared by parallel tasks that each write their own
+//! columns, and the masked store of a micro-kernel's rows of 48 sums.
+
+/// The output's pointer, moved into parallel tasks that write disjoint parts of it.
+pub(crate) struct SharedOutput(pub(crate) *mut f32);
+// SAFETY: every user hands each task its own columns of the buffer (see the GEMMs).
+unsafe impl Sync for SharedOutput {}
+unsafe impl Send for SharedOutput {}
+
+/// Writes `R` rows of 48 sums (three registers each) at `y`, rows `ldy` apart, masked to the
+/// first `nf` columns: added to what is there when `accumulate`, else stored (a first write,
+/// which reads nothing).
+///
+/// # Safety
+/// The CPU has AVX-512 F; `y` is valid for `R` rows of `nf` values at stride `ldy`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn store_rows<const R: usize>(
+    sums: &[[std::arch::x86_64::__m512; 3]; R],
+    y: *mut f32,
+    ldy: usize,
+    nf: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+
+    for (r, row) in sums.iter().enumerate() {
+        for (c, sums) in row.iter().enumerate() {
+            let valid = nf.saturating_sub(c * 16).min(16);
+            if valid == 0 {
+                break;
+            }
+            let mask: __mmask16 = if valid == 16 {
+                0xffff
+            } else {
+                (1u16 << valid) - 1
+            };
+            // SAFETY: columns c * 16 .. c * 16 + valid of row r are within y (see above).
+            unsafe {
+                let dst = y.add(r * ldy + c * 16);
+                let value = if accumulate {
+                    _mm512_add_ps(*sums, _mm512_maskz_loadu_ps(mask, dst))
+                } else {
+                    *sums
+                };
+                _mm512_mask_storeu_ps(dst, mask, value);
+            }
+        }
+    }
+}
