@@ -201,7 +201,7 @@ unsafe fn kernel<const R: usize>(args: KernelArgs) {
         }
     }
     // SAFETY: rows r0.. of y hold nf columns from here (see above).
-    unsafe { crate::output::store_rows::<R>(&acc, y, ldy, nf, accumulate) };
+    unsafe { crate::output::store_rows::<R, 3>(&acc, y, ldy, nf, accumulate) };
 }
 
 #[cfg(test)]

@@ -17,9 +17,9 @@
 //!   are added into a q4k block's sums, which are multiplied by `d` into the output once per
 //!   8 blocks.
 //!
-//! Layout, as [`crate::bf16_gemm`]'s: the weight is packed 48 output features at a time (a
-//! panel; each block's 4-value groups of the 48 features side by side, as the instruction wants
-//! them), and a micro-kernel keeps 4 rows x 48 features of sums in registers while it walks the
+//! Layout: the weight is packed [`NR`] output features at a time (a panel; each block's 4-value
+//! groups of the features side by side, as the instruction wants them), and a micro-kernel
+//! keeps [`MR`] rows x [`NR`] features of sums in registers while it walks the
 //! panel a cache block ([`KB`] blocks) at a time. Products differ from ggml's dot products on
 //! the same quantized values only in the order in which f32 terms are added.
 
@@ -35,10 +35,13 @@ use crate::q8_0::Q8_0Block;
 
 /// Values per block.
 pub const QK: usize = 32;
-/// Output features per packed panel (three registers of 16).
-const NR: usize = 48;
-/// Rows of `x` per micro-kernel call (4 x 3 registers of integer sums, as many of f32 sums).
-const MR: usize = 4;
+/// Registers of 16 output features per panel.
+const NC: usize = 2;
+/// Output features per packed panel.
+const NR: usize = 16 * NC;
+/// Rows of `x` per micro-kernel call: 6 x 2 registers of integer sums, as many of f32 sums,
+/// two of weights and one of input, 27 of the 32 registers, so nothing is spilled.
+const MR: usize = 6;
 /// Blocks per cache block of the panel (512 inputs: 30 KB of packed weights, about L1).
 const KB: usize = 16;
 // q4k's kernel takes whole q4k blocks (8 of these blocks) from each cache block.
@@ -233,8 +236,8 @@ fn quantize_row(x: &[f32], weights: Weights, values: &mut [i8], scale: &mut [f32
     }
 }
 
-/// One block of a panel: for each 4-value group `g`, the 48 features' four values side by side
-/// (`values[g * 192 + 4 * j..]` for feature `j`), then the features' scales and offsets.
+/// One block of a panel: for each 4-value group `g`, the [`NR`] features' four values side by
+/// side (`values[g * 4 * NR + 4 * j..]` for feature `j`), then the features' scales and offsets.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 struct PanelBlock {
@@ -302,10 +305,14 @@ where
                     // blocks (KB is a multiple of 8, as is every q4k row's block count).
                     unsafe {
                         match (weights.offset_in_scales(), MR.min(m - r0)) {
+                            (Some(c), 6) => kernel_block_scales::<6>(&args, c),
+                            (Some(c), 5) => kernel_block_scales::<5>(&args, c),
                             (Some(c), 4) => kernel_block_scales::<4>(&args, c),
                             (Some(c), 3) => kernel_block_scales::<3>(&args, c),
                             (Some(c), 2) => kernel_block_scales::<2>(&args, c),
                             (Some(c), _) => kernel_block_scales::<1>(&args, c),
+                            (None, 6) => kernel_q8k::<6>(&args),
+                            (None, 5) => kernel_q8k::<5>(&args),
                             (None, 4) => kernel_q8k::<4>(&args),
                             (None, 3) => kernel_q8k::<3>(&args),
                             (None, 2) => kernel_q8k::<2>(&args),
@@ -365,7 +372,7 @@ struct KernelArgs<'a> {
     accumulate: bool,
 }
 
-/// The integer sums of block `b` for `R` rows: per row, three registers of 16 features, each
+/// The integer sums of block `b` for `R` rows: per row, [`NC`] registers of 16 features, each
 /// lane `init[r] + sum(u q)` over the block.
 ///
 /// # Safety
@@ -377,25 +384,106 @@ unsafe fn block_sums<const R: usize>(
     block: &PanelBlock,
     b: usize,
     init: [i32; R],
-) -> [[__m512i; 3]; R] {
+) -> [[__m512i; NC]; R] {
     let xp = a.values.as_ptr();
     let vp = block.values.as_ptr();
-    let mut sums = init.map(|i| [_mm512_set1_epi32(i); 3]);
+    // Plain loops, no closures: a closure's intrinsics may not be inlined into the kernel.
+    let mut sums = [[_mm512_setzero_si512(); NC]; R];
+    for (row, &init) in sums.iter_mut().zip(&init) {
+        *row = [_mm512_set1_epi32(init); NC];
+    }
+    if R == MR {
+        // SAFETY: as this function's; `sums` holds MR rows.
+        unsafe { full_tile_sums(xp.add(b * QK), a.k, vp, sums.as_mut_ptr().cast()) };
+        return sums;
+    }
     for g in 0..QK / 4 {
-        // SAFETY: the block holds 8 groups of 3 x 64 bytes (aligned: the block is).
-        let w: [__m512i; 3] =
-            [0, 1, 2].map(|c| unsafe { _mm512_load_si512(vp.add(g * 4 * NR + 64 * c).cast()) });
+        let mut w = [_mm512_setzero_si512(); NC];
+        for (c, w) in w.iter_mut().enumerate() {
+            // SAFETY: the block holds 8 groups of NC x 64 bytes (aligned: the block is).
+            *w = unsafe { _mm512_load_si512(vp.add(g * 4 * NR + 64 * c).cast()) };
+        }
         for (r, row) in sums.iter_mut().enumerate() {
             // SAFETY: row r < R holds block b's four values g from r * k + 32 b + 4 g.
             let four = unsafe {
                 _mm512_set1_epi32((xp.add(r * a.k + b * QK + 4 * g) as *const i32).read_unaligned())
             };
-            for c in 0..3 {
+            for c in 0..NC {
                 row[c] = _mm512_dpbusd_epi32(row[c], w[c], four);
             }
         }
     }
     sums
+}
+
+/// [`block_sums`] for a full tile of 6 rows, in assembly: the compiler, given the intrinsics,
+/// walks one row at a time through the block, which makes each of its two sums a chain of 8
+/// dependent `vpdpbusd` and halves the rate; here the 8 groups are the outer loop, so 12
+/// independent sums advance together.
+///
+/// # Safety
+/// The CPU has AVX-512 F and VNNI; `x` is a block's first value in row 0 of 6 rows `k` apart,
+/// each holding the block's 32 values; `values` is a [`PanelBlock`]'s values (64-byte aligned);
+/// `sums` is 6 rows of 2 registers, which the block's sums are added to.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn full_tile_sums(x: *const i8, k: usize, values: *const u8, sums: *mut [__m512i; 2]) {
+    const _: () = assert!(MR == 6 && NC == 2);
+    // SAFETY: `sums` holds 6 rows (the caller's).
+    let s = unsafe { &mut *sums.cast::<[[__m512i; 2]; 6]>() };
+    // SAFETY: rows 0..6 of `x` (rows 3..6 from `x + 3k`) are read at 32 bytes from `x`, the
+    // panel block's 8 groups of 128 bytes from `values`; only the named registers change.
+    unsafe {
+        std::arch::asm!(
+            "2:",
+            "vmovdqa64 {w0}, [{v}]",
+            "vmovdqa64 {w1}, [{v} + 64]",
+            "vpbroadcastd {b}, dword ptr [{x0}]",
+            "vpdpbusd {s00}, {w0}, {b}",
+            "vpdpbusd {s01}, {w1}, {b}",
+            "vpbroadcastd {b}, dword ptr [{x0} + {k}]",
+            "vpdpbusd {s10}, {w0}, {b}",
+            "vpdpbusd {s11}, {w1}, {b}",
+            "vpbroadcastd {b}, dword ptr [{x0} + 2*{k}]",
+            "vpdpbusd {s20}, {w0}, {b}",
+            "vpdpbusd {s21}, {w1}, {b}",
+            "vpbroadcastd {b}, dword ptr [{x3}]",
+            "vpdpbusd {s30}, {w0}, {b}",
+            "vpdpbusd {s31}, {w1}, {b}",
+            "vpbroadcastd {b}, dword ptr [{x3} + {k}]",
+            "vpdpbusd {s40}, {w0}, {b}",
+            "vpdpbusd {s41}, {w1}, {b}",
+            "vpbroadcastd {b}, dword ptr [{x3} + 2*{k}]",
+            "vpdpbusd {s50}, {w0}, {b}",
+            "vpdpbusd {s51}, {w1}, {b}",
+            "add {v}, 128",
+            "add {x0}, 4",
+            "add {x3}, 4",
+            "dec {n}",
+            "jnz 2b",
+            v = inout(reg) values => _,
+            x0 = inout(reg) x => _,
+            x3 = inout(reg) x.add(3 * k) => _,
+            k = in(reg) k,
+            n = inout(reg) QK / 4 => _,
+            w0 = out(zmm_reg) _,
+            w1 = out(zmm_reg) _,
+            b = out(zmm_reg) _,
+            s00 = inout(zmm_reg) s[0][0],
+            s01 = inout(zmm_reg) s[0][1],
+            s10 = inout(zmm_reg) s[1][0],
+            s11 = inout(zmm_reg) s[1][1],
+            s20 = inout(zmm_reg) s[2][0],
+            s21 = inout(zmm_reg) s[2][1],
+            s30 = inout(zmm_reg) s[3][0],
+            s31 = inout(zmm_reg) s[3][1],
+            s40 = inout(zmm_reg) s[4][0],
+            s41 = inout(zmm_reg) s[4][1],
+            s50 = inout(zmm_reg) s[5][0],
+            s51 = inout(zmm_reg) s[5][1],
+            options(nostack, readonly),
+        );
+    }
 }
 
 /// Sums for the `R` rows over a panel's cache block, for weights whose offsets are `c` scales
@@ -407,25 +495,27 @@ unsafe fn block_sums<const R: usize>(
 /// `R` rows of `nf` values at stride `ldy` from `y_offset`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn kernel_block_scales<const R: usize>(a: &KernelArgs, c: i32) {
-    let mut acc = [[_mm512_setzero_ps(); 3]; R];
+    let mut acc = [[_mm512_setzero_ps(); NC]; R];
     for (i, block) in a.panel.iter().enumerate() {
         let b = a.b0 + i;
-        let init: [i32; R] = std::array::from_fn(|r| -c * a.sum[r * a.blocks + b]);
+        let mut init = [0; R];
+        for (r, init) in init.iter_mut().enumerate() {
+            *init = -c * a.sum[r * a.blocks + b];
+        }
         // SAFETY: as this function's.
         let sums = unsafe { block_sums::<R>(a, block, b, init) };
-        // SAFETY: 48 aligned scales per block (a 64-byte field at a 64-byte offset).
-        let scale: [__m512; 3] =
-            [0, 1, 2].map(|c| unsafe { _mm512_load_ps(block.scale.as_ptr().add(16 * c)) });
         for (r, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
             let d = _mm512_set1_ps(a.scale[r * a.blocks + b]);
-            for c in 0..3 {
-                let scaled = _mm512_mul_ps(scale[c], d);
+            for c in 0..NC {
+                // SAFETY: NR aligned scales per block (a 64-byte field at a 64-byte offset).
+                let scale = unsafe { _mm512_load_ps(block.scale.as_ptr().add(16 * c)) };
+                let scaled = _mm512_mul_ps(scale, d);
                 acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[c]), scaled, acc[c]);
             }
         }
     }
     // SAFETY: as this function's.
-    unsafe { store_rows::<R>(&acc, a.y.add(a.y_offset), a.ldy, a.nf, a.accumulate) };
+    unsafe { store_rows::<R, NC>(&acc, a.y.add(a.y_offset), a.ldy, a.nf, a.accumulate) };
 }
 
 /// Sums for the `R` rows over a panel's cache block, for q4k weights and q8K activations (one
@@ -437,24 +527,24 @@ unsafe fn kernel_block_scales<const R: usize>(a: &KernelArgs, c: i32) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn kernel_q8k<const R: usize>(a: &KernelArgs) {
     for (first, eight) in a.panel.chunks(8).enumerate() {
-        let mut acc = [[_mm512_setzero_ps(); 3]; R];
+        let mut acc = [[_mm512_setzero_ps(); NC]; R];
         for (i, block) in eight.iter().enumerate() {
             let b = a.b0 + 8 * first + i;
             // SAFETY: as this function's.
             let sums = unsafe { block_sums::<R>(a, block, b, [0; R]) };
-            // SAFETY: 48 aligned scales and offsets per block (64-byte fields at 64-byte
-            // offsets).
-            let (scale, offset): ([__m512; 3], [__m512; 3]) = unsafe {
-                (
-                    [0, 1, 2].map(|c| _mm512_load_ps(block.scale.as_ptr().add(16 * c))),
-                    [0, 1, 2].map(|c| _mm512_load_ps(block.offset.as_ptr().add(16 * c))),
-                )
-            };
             for (r, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
                 let negative_sum = _mm512_set1_ps(-(a.sum[r * a.blocks + b] as f32));
-                for c in 0..3 {
-                    acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[c]), scale[c], acc[c]);
-                    acc[c] = _mm512_fmadd_ps(offset[c], negative_sum, acc[c]);
+                for c in 0..NC {
+                    // SAFETY: NR aligned scales and offsets per block (64-byte fields at
+                    // 64-byte offsets).
+                    let (scale, offset) = unsafe {
+                        (
+                            _mm512_load_ps(block.scale.as_ptr().add(16 * c)),
+                            _mm512_load_ps(block.offset.as_ptr().add(16 * c)),
+                        )
+                    };
+                    acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[c]), scale, acc[c]);
+                    acc[c] = _mm512_fmadd_ps(offset, negative_sum, acc[c]);
                 }
             }
         }
@@ -467,7 +557,7 @@ unsafe fn kernel_q8k<const R: usize>(a: &KernelArgs) {
         }
         // SAFETY: as this function's.
         unsafe {
-            store_rows::<R>(
+            store_rows::<R, NC>(
                 &acc,
                 a.y.add(a.y_offset),
                 a.ldy,
@@ -528,7 +618,7 @@ mod tests {
         }
     }
 
-    // Awkward sizes: rows not a multiple of 4, features not a multiple of 48, several cache
+    // Awkward sizes: rows not a multiple of MR, features not a multiple of NR, several cache
     // blocks with a partial last one.
 
     #[test]

@@ -1,5 +1,5 @@
 //! Where the GEMMs write: one output buffer shared by parallel tasks that each write their own
-//! columns, and the masked store of a micro-kernel's rows of 48 sums.
+//! columns, and the masked store of a micro-kernel's rows of sums.
 
 /// The output's pointer, moved into parallel tasks that write disjoint parts of it.
 pub(crate) struct SharedOutput(pub(crate) *mut f32);
@@ -7,7 +7,7 @@ pub(crate) struct SharedOutput(pub(crate) *mut f32);
 unsafe impl Sync for SharedOutput {}
 unsafe impl Send for SharedOutput {}
 
-/// Writes `R` rows of 48 sums (three registers each) at `y`, rows `ldy` apart, masked to the
+/// Writes `R` rows of `16 C` sums (`C` registers each) at `y`, rows `ldy` apart, masked to the
 /// first `nf` columns: added to what is there when `accumulate`, else stored (a first write,
 /// which reads nothing).
 ///
@@ -16,8 +16,8 @@ unsafe impl Send for SharedOutput {}
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn store_rows<const R: usize>(
-    sums: &[[std::arch::x86_64::__m512; 3]; R],
+pub(crate) unsafe fn store_rows<const R: usize, const C: usize>(
+    sums: &[[std::arch::x86_64::__m512; C]; R],
     y: *mut f32,
     ldy: usize,
     nf: usize,
