@@ -42,8 +42,10 @@ const NR: usize = 16 * NC;
 /// Rows of `x` per micro-kernel call: 6 x 2 registers of integer sums, as many of f32 sums,
 /// two of weights and one of input, 27 of the 32 registers, so nothing is spilled.
 const MR: usize = 6;
-/// Blocks per cache block of the panel (512 inputs: 30 KB of packed weights, about L1).
-const KB: usize = 16;
+/// Blocks per cache block of the panel (2048 inputs: 80 KB of packed weights, in L2). Fewer
+/// trips through the output per row pass matter more than L1: 16 blocks (20 KB) ran 2-10%
+/// slower on Zen 4 (`bench_kernels prefill` on the 7B's shapes).
+const KB: usize = 64;
 // q4k's kernel takes whole q4k blocks (8 of these blocks) from each cache block.
 const _: () = assert!(KB.is_multiple_of(8));
 
