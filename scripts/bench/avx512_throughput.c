@@ -50,6 +50,20 @@ static double now(void) {
 #define GROUP(o) "vmovdqa64 " #o "*128(%%rax), %%zmm24\nvmovdqa64 " #o "*128+64(%%rax), %%zmm25\n" \
     ROW(o, 0, 0, 1) ROW(o, 1, 2, 3) ROW(o, 2, 4, 5) ROW(o, 3, 6, 7) ROW(o, 4, 8, 9) ROW(o, 5, 10, 11)
 
+/* A whole block of the 6 x 32 int8 kernel: the sums start from zero, take the block's 8 groups,
+ * then q4k's f32 scaling (per row: a broadcast input sum; per register: a conversion, an FMA by
+ * the scales and an FMA by the offsets, both from memory) into 12 f32 accumulators. */
+#define ZERO(i) "vpxord %%zmm" #i ", %%zmm" #i ", %%zmm" #i "\n"
+#define SCALE(r, a, b, x, y) "vbroadcastss " #r "*4+4096(%%rdx), %%zmm26\n" \
+    "vcvtdq2ps %%zmm" #a ", %%zmm" #a "\nvfmadd231ps 4096(%%rax), %%zmm" #a ", %%zmm" #x "\n" \
+    "vfnmadd231ps 4224(%%rax), %%zmm26, %%zmm" #x "\n" \
+    "vcvtdq2ps %%zmm" #b ", %%zmm" #b "\nvfmadd231ps 4160(%%rax), %%zmm" #b ", %%zmm" #y "\n" \
+    "vfnmadd231ps 4288(%%rax), %%zmm26, %%zmm" #y "\n"
+#define Q4K_BLOCK ZERO(0) ZERO(1) ZERO(2) ZERO(3) ZERO(4) ZERO(5) ZERO(6) ZERO(7) ZERO(8) ZERO(9) \
+    ZERO(10) ZERO(11) GROUP(0) GROUP(1) GROUP(2) GROUP(3) GROUP(4) GROUP(5) GROUP(6) GROUP(7) \
+    SCALE(0, 0, 1, 12, 13) SCALE(1, 2, 3, 14, 15) SCALE(2, 4, 5, 16, 17) SCALE(3, 6, 7, 18, 19) \
+    SCALE(4, 8, 9, 20, 21) SCALE(5, 10, 11, 22, 23)
+
 int main(void) {
     long n = 3000000;
     char *w = aligned_alloc(64, 8192), *x = aligned_alloc(64, 8192);
@@ -57,6 +71,8 @@ int main(void) {
         w[i] = (char)i;
         x[i] = (char)(7 * i);
     }
+    for (int i = 4096; i < 8192; i += 4) /* scales, offsets and input sums: ordinary floats */
+        *(float *)(w + i) = *(float *)(x + i) = 0.5f;
     RUN("vpdpbusd zmm (64 int8 MACs)", 96, DPBUSD96)
     RUN("vdpbf16ps zmm (32 BF16 MACs)", 96, ALL12(DPBF16) ALL12(DPBF16) ALL12(DPBF16) ALL12(DPBF16)
         ALL12(DPBF16) ALL12(DPBF16) ALL12(DPBF16) ALL12(DPBF16))
@@ -67,5 +83,6 @@ int main(void) {
     RUN("vpdpbusd, with 24 vfmadd231ps per 96", 96, DPBUSD96 FMA12 FMA12)
     RUN("vpdpbusd of a 6x32 tile, operands from L1", 96,
         GROUP(0) GROUP(1) GROUP(2) GROUP(3) GROUP(4) GROUP(5) GROUP(6) GROUP(7))
+    RUN("vpdpbusd of a whole q4k block (tile + f32 scaling)", 96, Q4K_BLOCK)
     return 0;
 }
