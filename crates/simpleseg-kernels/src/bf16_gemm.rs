@@ -69,13 +69,16 @@ where
 {
     use rayon::prelude::*;
 
+    if k == 0 {
+        return vec![0f32; m * n];
+    }
     // Inputs padded to an even count: pairs of x values are read as one u32.
     let k2 = k.div_ceil(2) * 2;
     let mut xs = vec![0u16; m * k2];
-    for (dst, src) in xs.chunks_mut(k2).zip(x.chunks(k)) {
-        dst[..k].copy_from_slice(&src[..k]);
-    }
-    let mut y = vec![0f32; m * n];
+    xs.par_chunks_mut(k2)
+        .zip(x.par_chunks(k))
+        .for_each(|(dst, src)| dst[..k].copy_from_slice(&src[..k]));
+    let mut y = crate::output::output_room(m * n);
     // Each task owns one panel's columns of y; rows are independent, so tasks write disjoint
     // parts. y is split by panel through raw parts because a panel's columns are strided.
     let panels = n.div_ceil(NR);
@@ -121,7 +124,9 @@ where
             }
         },
     );
-    y
+    // SAFETY: k > 0, so every task's first cache block (kb = 0) stored rows 0..m of its
+    // panel's columns, and the panels cover columns 0..n.
+    unsafe { crate::output::filled(y, m * n) }
 }
 
 /// Packs features f0..f0+nf (zero beyond) into `out`: for each input pair kp, the 48

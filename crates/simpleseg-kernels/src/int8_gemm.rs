@@ -268,7 +268,7 @@ where
     use rayon::prelude::*;
 
     let blocks = k / QK;
-    let mut y = vec![0f32; m * n];
+    let mut y = crate::output::output_room(m * n);
     let panels = n.div_ceil(NR);
     let y_ptr = crate::output::SharedOutput(y.as_mut_ptr());
     (0..panels).into_par_iter().for_each_init(
@@ -325,7 +325,9 @@ where
             }
         },
     );
-    y
+    // SAFETY: k > 0 (`QuantizedInput::new`), so every task's first cache block (b0 = 0) stored
+    // rows 0..m of its panel's columns, and the panels cover columns 0..n.
+    unsafe { crate::output::filled(y, m * n) }
 }
 
 /// Packs features f0..f0+nf (zero beyond) into `panel`. Rows are read one after the other (the

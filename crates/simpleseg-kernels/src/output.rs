@@ -1,6 +1,24 @@
 //! Where the GEMMs write: one output buffer shared by parallel tasks that each write their own
 //! columns, and the masked store of a micro-kernel's rows of sums.
 
+/// Room for a GEMM's `len` output values, not zeroed: `vec![0.0; len]` zeroes it on the calling
+/// thread alone while the parallel workers wait, and every GEMM here stores each output value
+/// before reading any. Write it through [`SharedOutput`], then take it with [`filled`].
+pub(crate) fn output_room(len: usize) -> Vec<f32> {
+    Vec::with_capacity(len)
+}
+
+/// The output whose room [`output_room`] gave, once written.
+///
+/// # Safety
+/// Each of the first `len` values of `y`'s room has been written.
+pub(crate) unsafe fn filled(mut y: Vec<f32>, len: usize) -> Vec<f32> {
+    debug_assert!(y.capacity() >= len);
+    // SAFETY: the caller's: `len` values written, within the capacity.
+    unsafe { y.set_len(len) };
+    y
+}
+
 /// The output's pointer, moved into parallel tasks that write disjoint parts of it.
 pub(crate) struct SharedOutput(pub(crate) *mut f32);
 // SAFETY: every user hands each task its own columns of the buffer (see the GEMMs).

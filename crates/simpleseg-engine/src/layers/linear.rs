@@ -94,11 +94,12 @@ impl Linear {
                     if b.len() != n {
                         candle_core::bail!("a bias of {} for {n} outputs", b.len());
                     }
-                    for row in y.chunks_mut(n.max(1)) {
+                    use rayon::prelude::*;
+                    y.par_chunks_mut(n.max(1)).for_each(|row| {
                         for (v, b) in row.iter_mut().zip(&b) {
                             *v += b;
                         }
-                    }
+                    });
                 }
                 rounded_to(y, (rows, n), like)
             }
