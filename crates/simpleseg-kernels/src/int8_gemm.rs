@@ -511,6 +511,8 @@ unsafe fn kernel_block_scales<const R: usize>(a: &KernelArgs, c: i32) {
         for (r, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
             let d = _mm512_set1_ps(a.scale[r * a.blocks + b]);
             for c in 0..NC {
+                // Loaded again for each row, as memory operands: held across the rows they
+                // would take registers the sums need.
                 // SAFETY: NR aligned scales per block (a 64-byte field at a 64-byte offset).
                 let scale = unsafe { _mm512_load_ps(block.scale.as_ptr().add(16 * c)) };
                 let scaled = _mm512_mul_ps(scale, d);
