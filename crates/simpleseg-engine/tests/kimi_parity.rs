@@ -113,6 +113,53 @@ fn grouped_routing_and_low_rank_queries_match_the_references() {
     check_checkpoint("kimi-tiny-grouped");
 }
 
+/// In BF16 (on CPUs with AVX512-BF16: the fused vision attention and the BF16 GEMM) the vision
+/// tower and projector stay within BF16 roundings of the f32 reference's features.
+#[test]
+fn bf16_image_features_stay_within_bf16_roundings_of_the_reference() {
+    let name = "kimi-tiny";
+    let folder = HfFolder::open(fixtures().join(name)).unwrap();
+    let options = LoadOptions {
+        dtype: Some(DType::BF16),
+        ..LoadOptions::default()
+    };
+    let model = kimi_vl::load(&folder, &options).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("{name}.expected.json"))).unwrap(),
+    )
+    .unwrap();
+    let expected = candle_core::safetensors::load(
+        fixtures().join(format!("{name}.expected.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let case = &meta["cases"][0];
+    let key = case["name"].as_str().unwrap();
+    let image = open_image(&folder.path(case["image"].as_str().unwrap())).unwrap();
+    let prompt = model
+        .prompts
+        .prepare(&image, case["prompt"].as_str().unwrap())
+        .unwrap();
+    let features = model.model.image_features(&prompt.images).unwrap().unwrap();
+    assert_eq!(features.dtype(), DType::BF16);
+    let want = &expected[&format!("{key}.image_features")];
+    let scale = want
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let gap = max_abs_diff(&features, want).unwrap() / scale;
+    eprintln!("{name}/{key}: BF16 image features within {gap:e} of the largest");
+    assert!(
+        gap < 3e-2,
+        "{name}/{key} BF16 image features differ by {gap} of the largest"
+    );
+}
+
 #[test]
 fn the_real_config_asks_for_exactly_the_real_tensors() {
     let real: serde_json::Value = serde_json::from_str(

@@ -235,3 +235,48 @@ fn greedy_decoding_matches_transformers_end_to_end() {
         assert_eq!(out.token_ids, want, "{case}: greedy tokens");
     }
 }
+
+/// In BF16 (on CPUs with AVX512-BF16: the fused window and full attention and the BF16 GEMM)
+/// the vision tower stays within BF16 roundings of its f32 features, which the logits above
+/// tie to transformers.
+#[test]
+fn bf16_vision_tower_stays_within_bf16_roundings_of_f32() {
+    for case in CASES {
+        let folder = HfFolder::open(fixtures().join(case)).unwrap();
+        let exp = expected(case);
+        let grid: Vec<i64> = exp["image_grid_thw"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let grids = [[grid[0] as usize, grid[1] as usize, grid[2] as usize]];
+        let features = |dtype| {
+            let options = LoadOptions {
+                dtype: Some(dtype),
+                ..f32_options()
+            };
+            let m = qwen2_5_vl::load(&folder, &options).unwrap();
+            m.model
+                .visual
+                .forward(&exp["pixel_values"], &grids, Mode::Infer)
+                .unwrap()
+        };
+        let (bf16, f32) = (features(DType::BF16), features(DType::F32));
+        assert_eq!(bf16.dtype(), DType::BF16);
+        let scale = f32
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let gap = max_abs_diff(&bf16, &f32).unwrap() / scale;
+        eprintln!("{case}: BF16 vision features within {gap:e} of the largest");
+        assert!(
+            gap < 3e-2,
+            "{case}: BF16 features differ by {gap} of the largest"
+        );
+    }
+}

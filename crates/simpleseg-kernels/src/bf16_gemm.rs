@@ -15,11 +15,11 @@
 //! cache while every row of `x` passes over it.
 
 /// Output features per packed panel (three registers of 16).
-const NR: usize = 48;
+pub(crate) const NR: usize = 48;
 /// Rows of `x` per micro-kernel call (8 x 3 registers of sums).
-const MR: usize = 8;
+pub(crate) const MR: usize = 8;
 /// Inputs per cache block (an even number).
-const KC: usize = 1024;
+pub(crate) const KC: usize = 1024;
 
 /// Whether this CPU runs [`gemm`]: AVX-512 F and BF16, or AMX ([`crate::amx::available`]).
 pub fn available() -> bool {
@@ -72,16 +72,26 @@ where
     if k == 0 {
         return vec![0f32; m * n];
     }
-    // Inputs padded to an even count: pairs of x values are read as one u32.
+    // Inputs padded to an even count: pairs of x values are read as one u32. An even count is
+    // read in place.
     let k2 = k.div_ceil(2) * 2;
-    let mut xs = vec![0u16; m * k2];
-    xs.par_chunks_mut(k2)
-        .zip(x.par_chunks(k))
-        .for_each(|(dst, src)| dst[..k].copy_from_slice(&src[..k]));
+    let padded;
+    let xs = if k2 == k {
+        &x[..m * k]
+    } else {
+        let mut xs = vec![0u16; m * k2];
+        xs.par_chunks_mut(k2)
+            .zip(x.par_chunks(k))
+            .for_each(|(dst, src)| dst[..k].copy_from_slice(&src[..k]));
+        padded = xs;
+        &padded
+    };
     let mut y = crate::output::output_room(m * n);
     // Each task owns one panel's columns of y; rows are independent, so tasks write disjoint
     // parts. y is split by panel through raw parts because a panel's columns are strided.
     let panels = n.div_ceil(NR);
+    // Cache blocks of equal size, at most KC (1152 inputs as two of 576, not 1024 and 128).
+    let block = k2.div_ceil(k2.div_ceil(KC)).div_ceil(2) * 2;
     let y_ptr = crate::output::SharedOutput(y.as_mut_ptr());
     (0..panels).into_par_iter().for_each_init(
         || (vec![0u32; NR * k2 / 2], vec![0u16; k]),
@@ -90,8 +100,8 @@ where
             let nf = NR.min(n - f0);
             pack_panel(row, k2, f0, nf, packed, scratch);
             let y_ptr = &y_ptr;
-            for kb in (0..k2).step_by(KC) {
-                let kc = KC.min(k2 - kb);
+            for kb in (0..k2).step_by(block) {
+                let kc = block.min(k2 - kb);
                 for r0 in (0..m).step_by(MR) {
                     let mr = MR.min(m - r0);
                     // SAFETY: the CPU has AVX512-BF16/F (checked by `gemm`); the kernel reads
@@ -99,26 +109,19 @@ where
                     // writes y[r, f0..f0+nf] for those rows only: no other task touches those
                     // columns.
                     unsafe {
-                        let args = (
-                            &xs[r0 * k2 + kb..],
-                            k2,
-                            &packed[kb / 2 * NR..],
-                            kc,
-                            y_ptr.0.add(r0 * n + f0),
-                            n,
-                            nf,
-                            kb > 0,
-                        );
-                        match mr {
-                            8 => kernel::<8>(args),
-                            7 => kernel::<7>(args),
-                            6 => kernel::<6>(args),
-                            5 => kernel::<5>(args),
-                            4 => kernel::<4>(args),
-                            3 => kernel::<3>(args),
-                            2 => kernel::<2>(args),
-                            _ => kernel::<1>(args),
-                        }
+                        kernel_rows(
+                            mr,
+                            (
+                                &xs[r0 * k2 + kb..],
+                                k2,
+                                &packed[kb / 2 * NR..],
+                                kc,
+                                y_ptr.0.add(r0 * n + f0),
+                                n,
+                                nf,
+                                kb > 0,
+                            ),
+                        )
                     };
                 }
             }
@@ -157,9 +160,30 @@ where
     }
 }
 
+/// [`kernel`] for `rows` rows (1 to [`MR`]; more are taken as [`MR`]).
+///
+/// # Safety
+/// As [`kernel`]'s, for `rows` rows.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn kernel_rows(rows: usize, args: KernelArgs) {
+    // SAFETY: the caller's.
+    unsafe {
+        match rows {
+            8.. => kernel::<8>(args),
+            7 => kernel::<7>(args),
+            6 => kernel::<6>(args),
+            5 => kernel::<5>(args),
+            4 => kernel::<4>(args),
+            3 => kernel::<3>(args),
+            2 => kernel::<2>(args),
+            _ => kernel::<1>(args),
+        }
+    }
+}
+
 /// A micro-kernel's operands: `x` (row stride `k2`), the packed panel block, its input count
 /// `kc`, then `y` (row stride `ldy`, `nf` valid columns) and whether to add to it.
-type KernelArgs<'a> = (
+pub(crate) type KernelArgs<'a> = (
     &'a [u16],
     usize,
     &'a [u32],

@@ -11,6 +11,8 @@
 //! - [`bf16_gemm`]: BF16 GEMM with AVX512-BF16 (prefill against BF16 weights), on
 //!   [`amx`] tiles where the CPU has them.
 //! - [`int8_gemm`]: integer GEMM with AVX-512 VNNI (prefill against quantized weights).
+//! - [`attention`]: self-attention within segments (vision towers' images and windows)
+//!   over BF16 heads read in place, on the BF16 GEMM's micro-kernel.
 //! - [`math`]: vectorized `exp`, SiLU, tanh-GELU and softmax (activations and attention).
 //! - [`q4k`], [`q4_0`]: q4k x q8k and q4_0 x q8_0 dot products with AVX-512 VNNI, and
 //!   [`q8_0`]: q8_0 x q8_0 with AVX-512 VNNI or AVX2 (decoding against quantized weights);
@@ -24,6 +26,7 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
+pub mod attention;
 pub mod bf16_gemm;
 pub mod blocks;
 pub mod cpu;

@@ -142,6 +142,32 @@ pub fn softmax(xs: &mut [f32], width: usize) {
     softmax_on(Path::best(), xs, width);
 }
 
+/// LayerNorm of each row of `weight.len()` values, in place: `(x - mean) / sqrt(var + eps) *
+/// weight + bias`, the mean and the (biased) variance in f32 summed in 16 fixed lanes (the same
+/// bits on every CPU), the operations in the order of the composed definition (a division by
+/// the root, not a multiplication by its inverse).
+pub fn layer_norm(xs: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+    let width = weight.len().max(1);
+    for row in xs.chunks_mut(width) {
+        let n = row.len() as f32;
+        let mean = lane_sum(row.iter().copied()) / n;
+        let var = lane_sum(row.iter().map(|x| (x - mean) * (x - mean))) / n;
+        let root = (var + eps).sqrt();
+        for ((x, w), b) in row.iter_mut().zip(weight).zip(bias) {
+            *x = (*x - mean) / root * w + b;
+        }
+    }
+}
+
+/// The sum of `values` in 16 lanes (each every 16th value), the lanes then added in order.
+fn lane_sum(values: impl Iterator<Item = f32>) -> f32 {
+    let mut lanes = [0f32; 16];
+    for (i, x) in values.enumerate() {
+        lanes[i % 16] += x;
+    }
+    lanes.iter().sum()
+}
+
 fn map(path: Path, op: Op, xs: &mut [f32]) {
     let done = match path {
         // SAFETY: the CPU has the path's features (`best` or a caller checked `available`).
@@ -187,7 +213,7 @@ fn softmax_on(path: Path, xs: &mut [f32], width: usize) {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn exp_avx512(x: __m512) -> __m512 {
+pub(crate) fn exp_avx512(x: __m512) -> __m512 {
     let set1 = _mm512_set1_ps;
     let clamped = _mm512_min_ps(set1(HIGH), _mm512_max_ps(set1(LOW), x));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(

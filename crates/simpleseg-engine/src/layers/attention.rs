@@ -8,6 +8,7 @@ use simpleseg_kernels::math;
 use crate::layers::activation::map_chunks_in_f32;
 use crate::layers::linear::bf16_bits;
 use crate::layers::mode::Mode;
+use crate::layers::rotary::Rotation;
 
 /// Softmax over the last dimension, computed in f32: on the CPU outside a training graph by
 /// [`simpleseg_kernels::math::softmax`] (vectorized `exp`, rows in parallel), else by candle's
@@ -145,6 +146,95 @@ fn bf16_gemm_attention(
     Tensor::from_vec(out, (b, heads, lq, d), q.device())?
         .to_dtype(DType::BF16)
         .map(Some)
+}
+
+/// Self-attention of a vision tower within segments, fused: `qkv` `(n, 3 * heads * head_dim)`
+/// is the fused projection's BF16 output (queries, keys, values, each `heads x head_dim`);
+/// queries and keys are turned by `rotation` (in f32, rounded to BF16, as the towers' own
+/// rotations round), then each position attends to the positions of its segment
+/// `[cu_seqlens[i], cu_seqlens[i + 1])` through [`simpleseg_kernels::attention`]: what
+/// [`attention`] computes for BF16 (f32 scores and softmax, weights rounded to BF16 before the
+/// product with the values), without per-head copies or whole score matrices. Returns the
+/// `(n, heads * head_dim)` BF16 output. `None` where it does not apply: not BF16 on the CPU,
+/// training, a CPU without AVX512-BF16, or one with AMX (whose tiles [`attention`]'s GEMMs
+/// use).
+pub fn segment_attention(
+    qkv: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    rotation: &Rotation,
+    cu_seqlens: &[usize],
+    scale: f64,
+    mode: Mode,
+) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    use simpleseg_kernels::attention::{self as kernel, Heads};
+
+    if mode != Mode::Infer
+        || qkv.dtype() != DType::BF16
+        || !qkv.device().is_cpu()
+        || qkv.track_op()
+        || !kernel::available()
+        || simpleseg_kernels::bf16_gemm::amx()
+    {
+        return Ok(None);
+    }
+    let (n, columns) = qkv.dims2()?;
+    let width = heads * head_dim;
+    if columns != 3 * width || cu_seqlens.first() != Some(&0) || cu_seqlens.last() != Some(&n) {
+        candle_core::bail!(
+            "segment attention: qkv {n}x{columns} for {heads} heads of {head_dim}, segments {cu_seqlens:?}"
+        );
+    }
+    let angles = rotation.angles(n, head_dim)?;
+    let qkv = qkv.contiguous()?;
+    let (storage, layout) = qkv.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::BF16(values)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    // Queries and keys turned, values copied: one pass, positions in parallel.
+    let mut turned = vec![0u16; n * 3 * width];
+    turned
+        .par_chunks_mut(3 * width)
+        .zip(values[start..end].par_chunks(3 * width))
+        .enumerate()
+        .for_each(|(t, (out, row))| {
+            for (o, (out, x)) in out
+                .chunks_exact_mut(head_dim)
+                .zip(row.chunks_exact(head_dim))
+                .enumerate()
+            {
+                if o < 2 * heads {
+                    angles.turn(t, x, out);
+                } else {
+                    for (o, x) in out.iter_mut().zip(x) {
+                        *o = x.to_bits();
+                    }
+                }
+            }
+        });
+    let view = |part: usize| Heads {
+        values: &turned,
+        offset: part * width,
+        stride: 3 * width,
+    };
+    let segments: Vec<_> = cu_seqlens.windows(2).map(|w| w[0]..w[1]).collect();
+    let Some(out) = kernel::attention(
+        view(0),
+        view(1),
+        view(2),
+        &segments,
+        heads,
+        head_dim,
+        scale as f32,
+    ) else {
+        return Ok(None);
+    };
+    let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
+    Tensor::from_vec(out, (n, width), qkv.device()).map(Some)
 }
 
 /// [`attention`] for one new position per sequence (a decoding step) over a grouped-query
@@ -344,6 +434,117 @@ mod tests {
         assert!(bf16_gemm_attention(&short, &short, &short, None, scale)
             .unwrap()
             .is_none());
+    }
+
+    /// The fused vision attention equals each tower's unfused steps (queries and keys turned
+    /// by candle's ops in f32 and rounded to BF16, then f32 attention within each segment)
+    /// within BF16 roundings, for both rotations and segments that are not block multiples.
+    #[test]
+    fn segment_attention_equals_rotation_then_attention_per_segment() {
+        if !simpleseg_kernels::attention::available() || simpleseg_kernels::bf16_gemm::amx() {
+            eprintln!("skipped: this CPU lacks AVX512-BF16 or has AMX (the unfused path runs)");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (n, heads, d) = (90, 2, 8);
+        let cu = [0, 37, 90];
+        let scale = (d as f64).powf(-0.5);
+        let qkv = Tensor::randn(0f32, 1.0, (n, 3 * heads * d), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let x = qkv
+            .to_dtype(DType::F32)
+            .unwrap()
+            .reshape((n, 3, heads, d))
+            .unwrap();
+        let part = |i: usize| x.narrow(1, i, 1).unwrap().squeeze(1).unwrap(); // (n, heads, d)
+        for pairs in [true, false] {
+            let theta = Tensor::randn(0f32, 3.0, (n, if pairs { d / 2 } else { d }), &dev).unwrap();
+            let (cos, sin) = (theta.cos().unwrap(), theta.sin().unwrap());
+            let rotation = if pairs {
+                Rotation::Pairs {
+                    cos: &cos,
+                    sin: &sin,
+                }
+            } else {
+                Rotation::Halves {
+                    cos: &cos,
+                    sin: &sin,
+                }
+            };
+            let fused = segment_attention(&qkv, heads, d, &rotation, &cu, scale, Mode::Infer)
+                .unwrap()
+                .expect("applies");
+            assert_eq!(
+                (fused.dtype(), fused.dims()),
+                (DType::BF16, &[n, heads * d][..])
+            );
+            let turn = |t: Tensor| -> Tensor {
+                let turned = if pairs {
+                    let p = t.reshape((n, heads, d / 2, 2)).unwrap();
+                    let re = p.narrow(3, 0, 1).unwrap().squeeze(3).unwrap();
+                    let im = p.narrow(3, 1, 1).unwrap().squeeze(3).unwrap();
+                    let (c, s) = (cos.unsqueeze(1).unwrap(), sin.unsqueeze(1).unwrap());
+                    let mul = |a: &Tensor, b: &Tensor| a.broadcast_mul(b).unwrap();
+                    let out_re = (mul(&re, &c) - mul(&im, &s)).unwrap();
+                    let out_im = (mul(&re, &s) + mul(&im, &c)).unwrap();
+                    Tensor::stack(&[out_re, out_im], 3)
+                        .unwrap()
+                        .reshape((n, heads, d))
+                        .unwrap()
+                } else {
+                    let t = t.transpose(0, 1).unwrap().contiguous().unwrap();
+                    crate::layers::apply_rotary(
+                        &t,
+                        &cos.unsqueeze(0).unwrap(),
+                        &sin.unsqueeze(0).unwrap(),
+                    )
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+                };
+                turned
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            };
+            let (q, k, v) = (turn(part(0)), turn(part(1)), part(2));
+            let outputs: Vec<Tensor> = cu
+                .windows(2)
+                .map(|w| {
+                    let segment = |t: &Tensor| {
+                        t.narrow(0, w[0], w[1] - w[0])
+                            .unwrap()
+                            .transpose(0, 1)
+                            .unwrap()
+                            .contiguous()
+                            .unwrap()
+                            .unsqueeze(0)
+                            .unwrap()
+                    };
+                    attention(
+                        &segment(&q),
+                        &segment(&k),
+                        &segment(&v),
+                        None,
+                        scale,
+                        Mode::Infer,
+                    )
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+                    .reshape((w[1] - w[0], heads * d))
+                    .unwrap()
+                })
+                .collect();
+            let reference = Tensor::cat(&outputs, 0).unwrap();
+            let err = max_abs_diff(&fused.to_dtype(DType::F32).unwrap(), &reference).unwrap();
+            assert!(err < 2e-2, "pairs {pairs}: {err}");
+        }
     }
 
     #[test]

@@ -338,10 +338,26 @@ fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Vec<f32>>> {
     if x.dtype() != DType::BF16 || !simpleseg_kernels::bf16_gemm::available() {
         return Ok(None);
     }
+    use candle_core::{CpuStorage, Storage};
+    use half::slice::HalfFloatSliceExt;
+
     let rows = x.dim(0)?;
     let (out_dim, in_dim) = w.dims();
-    let bits = bf16_bits(x)?;
     let row = |j: usize, out: &mut [u16]| w.row_bf16_bits(j, out);
+    // A contiguous tensor's values are read in place (a copy of every layer's input, on one
+    // thread, cost more than the copy saves).
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    if let (Storage::Cpu(CpuStorage::BF16(values)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        let bits = values[start..end].reinterpret_cast();
+        return Ok(simpleseg_kernels::bf16_gemm::gemm(
+            bits, row, rows, out_dim, in_dim,
+        ));
+    }
+    drop(storage);
+    let bits = bf16_bits(&x)?;
     Ok(simpleseg_kernels::bf16_gemm::gemm(
         &bits, row, rows, out_dim, in_dim,
     ))

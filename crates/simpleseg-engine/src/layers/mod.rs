@@ -19,13 +19,15 @@ pub mod rotary;
 use candle_core::{DType, Result, Tensor};
 
 pub use activation::{add, gelu_tanh, silu};
-pub use attention::{attention, causal_mask, repeat_kv, single_query_attention, softmax_last_dim};
+pub use attention::{
+    attention, causal_mask, repeat_kv, segment_attention, single_query_attention, softmax_last_dim,
+};
 pub use embedding::Embedding;
 pub use features::merge_image_features;
 pub use linear::{forward_batch, forward_each, Linear, FEW_ROWS};
 pub use mode::Mode;
 pub use norm::{LayerNorm, RmsNorm};
-pub use rotary::{apply_rotary, rotate_half};
+pub use rotary::{apply_rotary, rotate_half, Rotation};
 
 pub use crate::io::weights::Weight;
 
@@ -68,6 +70,41 @@ mod tests {
             )
             .unwrap()
                 < 1e-6
+        );
+    }
+
+    /// LayerNorm's row kernel gives candle's composed ops' values (the definition), in f32 and
+    /// BF16, and keeps candle's ops for a tensor in a training graph.
+    #[test]
+    fn layer_norm_equals_its_definition() {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 2.0, (7, 100), &dev).unwrap() + 3.0).unwrap();
+        let norm = LayerNorm {
+            weight: Tensor::randn(1f32, 0.1, 100, &dev).unwrap(),
+            bias: Tensor::randn(0f32, 0.1, 100, &dev).unwrap(),
+            eps: 1e-5,
+        };
+        let mean = x.mean_keepdim(1).unwrap();
+        let centered = x.broadcast_sub(&mean).unwrap();
+        let var = centered.sqr().unwrap().mean_keepdim(1).unwrap();
+        let reference = centered
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&norm.weight)
+            .unwrap()
+            .broadcast_add(&norm.bias)
+            .unwrap();
+        assert!(max_abs_diff(&norm.forward(&x).unwrap(), &reference).unwrap() < 1e-5);
+        let bf16 = norm.forward(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert_eq!(bf16.dtype(), DType::BF16);
+        // The input's BF16 rounding (x near 3, 2^-8 relative) scaled by 1 / std, plus the result's.
+        assert!(max_abs_diff(&bf16, &reference).unwrap() < 4e-2);
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let y = norm.forward(var.as_tensor()).unwrap();
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(var.as_tensor()).is_some(),
+            "no gradient through LayerNorm"
         );
     }
 

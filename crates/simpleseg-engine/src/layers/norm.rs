@@ -3,6 +3,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::io::weights::Weights;
+use crate::layers::activation::map_chunks_in_f32;
 use crate::layers::mode::Mode;
 
 /// RMSNorm as transformers computes it: in f32, then scaled by the weight in the input's dtype.
@@ -54,7 +55,24 @@ impl LayerNorm {
         })
     }
 
+    /// On the CPU outside training graphs, rows in parallel through
+    /// [`simpleseg_kernels::math::layer_norm`]; candle's ops otherwise.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let width = self.weight.elem_count();
+        if !x.track_op() && x.dim(D::Minus1)? == width {
+            let f32s = |t: &Tensor| -> Result<Vec<f32>> {
+                t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+            };
+            let (weight, bias) = (f32s(&self.weight)?, f32s(&self.bias)?);
+            let eps = self.eps as f32;
+            // Whole rows in tasks of about 16k values.
+            let rows = (16384 / width.max(1)).max(1) * width;
+            if let Some(y) = map_chunks_in_f32(x, rows, |xs| {
+                simpleseg_kernels::math::layer_norm(xs, &weight, &bias, eps)
+            })? {
+                return Ok(y);
+            }
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;

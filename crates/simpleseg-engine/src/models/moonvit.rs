@@ -6,7 +6,7 @@
 //!   is 64x64).
 //! - Blocks: LayerNorm (eps 1e-5) -> fused `wqkv` -> 2D rotary on interleaved pairs (pair `2i`
 //!   turns by the column times `theta^(-4i / head_dim)`, pair `2i + 1` by the row) -> attention
-//!   within each image -> `wo`; LayerNorm -> MLP with tanh-GELU. A final LayerNorm.
+//!   within each image (fused, [`segment_attention`], for BF16 on CPUs with AVX512-BF16) -> `wo`; LayerNorm -> MLP with tanh-GELU. A final LayerNorm.
 //! - 2x2 merge: each merged token is the 4 patches of a 2x2 block, row-major.
 
 use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
@@ -14,7 +14,9 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
-use crate::layers::{add, attention, gelu_tanh, LayerNorm, Linear, Mode};
+use crate::layers::{
+    add, attention, gelu_tanh, segment_attention, LayerNorm, Linear, Mode, Rotation,
+};
 
 /// MoonViT, the vision tower (`vision_config`).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -169,39 +171,31 @@ impl MoonVit {
         let (cos, sin) = self.rotary(grids, device)?;
         let heads = c.num_attention_heads;
         let head_dim = c.hidden_size / heads;
-        let sizes: Vec<usize> = grids.iter().map(|g| g[0] * g[1] * g[2]).collect();
+        let mut cu_seqlens = vec![0];
+        for g in grids {
+            cu_seqlens.push(cu_seqlens[cu_seqlens.len() - 1] + g[0] * g[1] * g[2]);
+        }
+        let scale = (head_dim as f64).powf(-0.5);
+        let rotation = Rotation::Pairs {
+            cos: &cos,
+            sin: &sin,
+        };
         for block in &self.blocks {
             let h = block.norm0.forward(&x)?;
-            let qkv = block.wqkv.forward(&h)?.reshape((n, 3, heads, head_dim))?;
-            let q = rotate_pairs(&qkv.narrow(1, 0, 1)?.squeeze(1)?, &cos, &sin)?;
-            let k = rotate_pairs(&qkv.narrow(1, 1, 1)?.squeeze(1)?, &cos, &sin)?;
-            let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
-            let mut outputs = Vec::with_capacity(sizes.len());
-            let mut start = 0;
-            for &len in &sizes {
-                // (1, heads, len, head_dim) within one image.
-                let part = |t: &Tensor| -> CResult<Tensor> {
-                    t.narrow(0, start, len)?
-                        .transpose(0, 1)?
-                        .contiguous()?
-                        .unsqueeze(0)
-                };
-                let o = attention(
-                    &part(&q)?,
-                    &part(&k)?,
-                    &part(&v)?,
-                    None,
-                    (head_dim as f64).powf(-0.5),
-                    Mode::Infer,
-                )?;
-                outputs.push(
-                    o.squeeze(0)?
-                        .transpose(0, 1)?
-                        .reshape((len, c.hidden_size))?,
-                );
-                start += len;
-            }
-            x = add(&x, &block.wo.forward(&Tensor::cat(&outputs, 0)?)?)?;
+            let qkv = block.wqkv.forward(&h)?;
+            let attended = match segment_attention(
+                &qkv,
+                heads,
+                head_dim,
+                &rotation,
+                &cu_seqlens,
+                scale,
+                Mode::Infer,
+            )? {
+                Some(o) => o,
+                None => unfused_attention(&qkv, heads, &cos, &sin, &cu_seqlens, scale)?,
+            };
+            x = add(&x, &block.wo.forward(&attended)?)?;
             let h = block.norm1.forward(&x)?;
             x = add(
                 &x,
@@ -236,6 +230,39 @@ impl MoonVit {
         }
         Ok(Tensor::cat(&out, 0)?)
     }
+}
+
+/// What [`segment_attention`] computes, step by step with candle's ops (f32 models, training
+/// graphs, other devices, CPUs without AVX512-BF16): `qkv` `(n, 3 * hidden)`, queries and keys
+/// turned by [`rotate_pairs`], attention within each image.
+fn unfused_attention(
+    qkv: &Tensor,
+    heads: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    cu_seqlens: &[usize],
+    scale: f64,
+) -> CResult<Tensor> {
+    let (n, width) = qkv.dims2()?;
+    let hidden = width / 3;
+    let qkv = qkv.reshape((n, 3, heads, hidden / heads))?;
+    let q = rotate_pairs(&qkv.narrow(1, 0, 1)?.squeeze(1)?, cos, sin)?;
+    let k = rotate_pairs(&qkv.narrow(1, 1, 1)?.squeeze(1)?, cos, sin)?;
+    let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
+    let mut outputs = Vec::with_capacity(cu_seqlens.len());
+    for w in cu_seqlens.windows(2) {
+        let (start, len) = (w[0], w[1] - w[0]);
+        // (1, heads, len, head_dim) within one image.
+        let part = |t: &Tensor| -> CResult<Tensor> {
+            t.narrow(0, start, len)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)
+        };
+        let o = attention(&part(&q)?, &part(&k)?, &part(&v)?, None, scale, Mode::Infer)?;
+        outputs.push(o.squeeze(0)?.transpose(0, 1)?.reshape((len, hidden))?);
+    }
+    Tensor::cat(&outputs, 0)
 }
 
 /// Rotates interleaved pairs `(2p, 2p + 1)` of the last dimension of `x` `(n, heads, dim)` by

@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
-use crate::layers::{add, apply_rotary, attention, silu, Linear, Mode, RmsNorm};
+use crate::layers::{
+    add, apply_rotary, attention, segment_attention, silu, Linear, Mode, RmsNorm, Rotation,
+};
 
 #[derive(Clone, Debug)]
 struct VisionMlp {
@@ -51,9 +53,21 @@ impl VisionAttention {
         mode: Mode,
     ) -> CResult<Tensor> {
         let seq = x.dim(0)?;
-        let qkv = self
-            .qkv
-            .forward(x)?
+        let qkv = self.qkv.forward(x)?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let rotation = Rotation::Halves { cos, sin };
+        if let Some(out) = segment_attention(
+            &qkv,
+            self.num_heads,
+            self.head_dim,
+            &rotation,
+            cu_seqlens,
+            scale,
+            mode,
+        )? {
+            return self.proj.forward(&out);
+        }
+        let qkv = qkv
             .reshape((seq, 3, self.num_heads, self.head_dim))?
             .permute((1, 2, 0, 3))?; // (3, heads, seq, head_dim)
         let rope = |t: Tensor| -> CResult<Tensor> {
@@ -63,7 +77,6 @@ impl VisionAttention {
         let q = rope(qkv.get(0)?)?;
         let k = rope(qkv.get(1)?)?;
         let v = qkv.get(2)?;
-        let scale = (self.head_dim as f64).powf(-0.5);
         let mut outputs = Vec::with_capacity(cu_seqlens.len());
         for w in cu_seqlens.windows(2) {
             let (start, len) = (w[0], w[1] - w[0]);

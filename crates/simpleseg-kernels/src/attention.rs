@@ -1,0 +1,487 @@
+//! Self-attention over BF16 queries, keys and values within segments of a sequence (the
+//! images of a vision tower, or its windows), on CPUs with AVX512-BF16, as one parallel pass
+//! over (segment, head, block of 48 queries): no per-head copies of the inputs, no score
+//! matrix larger than one block's, and the queries', keys' and values' heads read in place
+//! from the fused `qkv` projection.
+//!
+//! For each block it computes what transformers' eager attention computes for a BF16 model:
+//! scores `k q^T` in f32 (the [`crate::bf16_gemm`] micro-kernel, one key row of the block's
+//! 48 queries per step), scaled, softmax in f32 over each query's keys ([`crate::math`]'s
+//! `exp`, the exponentials multiplied by their sum's inverse), the weights rounded to BF16 and multiplied by the values in f32 (`v^T p^T`, the
+//! same micro-kernel), the result rounded to BF16. The scores are laid out key by key, 48
+//! queries side by side, so the softmax runs down columns in three registers and its rounded
+//! weights land, pair by pair, in the layout the second product reads: no transposition.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::bf16_gemm::{KC, MR, NR};
+
+/// Queries per block: one panel of the micro-kernel.
+const QB: usize = NR;
+
+/// The heads of one projection, BF16 bits: value `j` of head `h` at position `t` is
+/// `values[offset + t * stride + h * head_dim + j]` (for a fused `qkv` output `(n, 3, heads,
+/// head_dim)`: `stride = 3 * heads * head_dim` and `offset` 0, 1 or 2 times `heads * head_dim`).
+#[derive(Clone, Copy, Debug)]
+pub struct Heads<'a> {
+    /// The projection's values.
+    pub values: &'a [u16],
+    /// Where position 0's head 0 starts.
+    pub offset: usize,
+    /// Values from one position to the next.
+    pub stride: usize,
+}
+
+/// Whether this CPU runs [`attention`]: AVX-512 F and BF16.
+pub fn available() -> bool {
+    crate::cpu::avx512_bf16()
+}
+
+/// Attention of every position to the positions of its segment (no mask within a segment):
+/// `softmax(scale q k^T) v` per head, as described in the module docs. `segments` must tile
+/// `0..n` in order (`n` the last one's end); returns the `(n, heads * head_dim)` output as
+/// BF16 bits, row-major. `None` when the CPU lacks AVX512-BF16 ([`available`]), `head_dim` is
+/// odd or zero, the segments do not tile `0..n`, or a view is too short for `n` positions.
+pub fn attention(
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    segments: &[Range<usize>],
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+) -> Option<Vec<u16>> {
+    let n = segments.last().map_or(0, |s| s.end);
+    let tiled = segments
+        .iter()
+        .zip(std::iter::once(0).chain(segments.iter().map(|s| s.end)))
+        .all(|(s, start)| s.start == start && s.end >= s.start);
+    let width = heads * head_dim;
+    let fits = |h: &Heads| n == 0 || h.offset + (n - 1) * h.stride + width <= h.values.len();
+    if !available()
+        || heads == 0
+        || head_dim == 0
+        || !head_dim.is_multiple_of(2)
+        || !tiled
+        || ![q, k, v].iter().all(fits)
+    {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        Some(attention_x86(q, k, v, segments, heads, head_dim, scale, n))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = scale;
+        None
+    }
+}
+
+/// One (segment, head)'s values transposed, `head_dim` rows of the segment's length rounded up
+/// to even (zero beyond), the left operand of `v^T p^T`.
+struct ValuesT {
+    values: Vec<u16>,
+    /// Row stride (even).
+    len2: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the public function's operands, passed on"
+)]
+fn attention_x86(
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    segments: &[Range<usize>],
+    heads: usize,
+    d: usize,
+    scale: f32,
+    n: usize,
+) -> Vec<u16> {
+    let width = heads * d;
+    let pairs = |s: &Range<usize>| s.len().div_ceil(2);
+    // The values of every (segment, head), transposed once for all its query blocks.
+    let values_t: Vec<ValuesT> = (0..segments.len() * heads)
+        .into_par_iter()
+        .map(|i| {
+            let (s, h) = (&segments[i / heads], i % heads);
+            let len2 = 2 * pairs(s);
+            let mut values = vec![0u16; d * len2];
+            for (t, pos) in s.clone().enumerate() {
+                let src = &v.values[v.offset + pos * v.stride + h * d..][..d];
+                for (j, &x) in src.iter().enumerate() {
+                    values[j * len2 + t] = x;
+                }
+            }
+            ValuesT { values, len2 }
+        })
+        .collect();
+    // Tasks: (segment, head, first query of the block).
+    let tasks: Vec<(usize, usize, usize)> = segments
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| {
+            (0..heads).flat_map(move |h| (0..s.len()).step_by(QB).map(move |q0| (si, h, q0)))
+        })
+        .collect();
+    let longest = segments.iter().map(Range::len).max().unwrap_or(0);
+    let mut out = vec![0u16; n * width];
+    let out_ptr = SharedBits(out.as_mut_ptr());
+    tasks.into_par_iter().for_each_init(
+        || Scratch {
+            queries: vec![0u32; d / 2 * QB],
+            scores: vec![0f32; longest.div_ceil(2) * 2 * QB],
+            weights: vec![0u32; longest.div_ceil(2) * QB],
+            sums: vec![0f32; d * QB],
+        },
+        |scratch, (si, h, q0)| {
+            let out_ptr = &out_ptr;
+            let s = &segments[si];
+            let qn = QB.min(s.len() - q0);
+            let vt = &values_t[si * heads + h];
+            // SAFETY: the CPU has AVX512-BF16 and F (`attention` checked); the views hold every
+            // position of the segments (checked); the task writes rows s.start + q0 .. + qn of
+            // head h's columns only, which no other task writes.
+            unsafe {
+                block(
+                    scratch,
+                    BlockArgs {
+                        q,
+                        k,
+                        vt,
+                        first_query: s.start + q0,
+                        queries: qn,
+                        keys: s.clone(),
+                        head: h,
+                        d,
+                        scale,
+                        out: out_ptr.0.add((s.start + q0) * width + h * d),
+                        out_stride: width,
+                    },
+                )
+            };
+        },
+    );
+    out
+}
+
+/// The output's pointer, moved into the tasks, each of which writes its own rows and columns.
+struct SharedBits(*mut u16);
+// SAFETY: every task writes a disjoint part (its block's rows, its head's columns).
+unsafe impl Sync for SharedBits {}
+unsafe impl Send for SharedBits {}
+
+/// A task's buffers, reused from block to block.
+struct Scratch {
+    /// The block's queries packed as a panel: pair `p` of the 48 queries side by side.
+    queries: Vec<u32>,
+    /// Scores, then weights, key by key: `scores[key * 48 + query]`.
+    scores: Vec<f32>,
+    /// The weights rounded to BF16 and packed as a panel: pair of keys `p`, 48 queries.
+    weights: Vec<u32>,
+    /// `v^T p^T`: `sums[j * 48 + query]`.
+    sums: Vec<f32>,
+}
+
+struct BlockArgs<'a> {
+    q: Heads<'a>,
+    k: Heads<'a>,
+    vt: &'a ValuesT,
+    first_query: usize,
+    queries: usize,
+    keys: Range<usize>,
+    head: usize,
+    d: usize,
+    scale: f32,
+    /// The block's first output value (row `first_query`, head `head`).
+    out: *mut u16,
+    out_stride: usize,
+}
+
+/// One block of queries against its segment's keys.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16; the views hold the block's queries and the segment's keys;
+/// `out` is valid for `queries` rows of `d` values at stride `out_stride`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn block(scratch: &mut Scratch, a: BlockArgs) {
+    use crate::bf16_gemm::kernel_rows;
+    use std::arch::x86_64::*;
+
+    let d = a.d;
+    let len = a.keys.len();
+    let len2 = a.vt.len2;
+    // The queries as a panel (zero beyond the block).
+    scratch.queries.fill(0);
+    for r in 0..a.queries {
+        let row = &a.q.values[a.q.offset + (a.first_query + r) * a.q.stride + a.head * d..][..d];
+        for (p, pair) in row.chunks_exact(2).enumerate() {
+            scratch.queries[p * QB + r] = u32::from(pair[0]) | u32::from(pair[1]) << 16;
+        }
+    }
+    // Scores: key rows against the query panel, 8 keys per call.
+    let keys = &a.k.values[a.k.offset + a.keys.start * a.k.stride + a.head * d..];
+    for k0 in (0..len).step_by(MR) {
+        // SAFETY: rows k0..k0+8 (at most) of the segment's keys, d values each at stride
+        // k.stride; the panel holds d / 2 pairs of 48; the scores hold rows k0.. of 48.
+        unsafe {
+            kernel_rows(
+                len - k0,
+                (
+                    &keys[k0 * a.k.stride..],
+                    a.k.stride,
+                    &scratch.queries,
+                    d,
+                    scratch.scores.as_mut_ptr().add(k0 * QB),
+                    QB,
+                    QB,
+                    false,
+                ),
+            )
+        };
+    }
+    // Softmax down each query's column: scaled scores, their maximum, exponentials and their
+    // sum (key by key), then the weights rounded to BF16 in pairs of keys.
+    let scores = &mut scratch.scores[..len * QB];
+    let scale = _mm512_set1_ps(a.scale);
+    let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); 3];
+    for row in scores.chunks_exact_mut(QB) {
+        for (c, m) in max.iter_mut().enumerate() {
+            // SAFETY: 16 values at c * 16 of a 48-value row.
+            unsafe {
+                let p = row.as_mut_ptr().add(c * 16);
+                let x = _mm512_mul_ps(_mm512_loadu_ps(p), scale);
+                _mm512_storeu_ps(p, x);
+                *m = _mm512_max_ps(*m, x);
+            }
+        }
+    }
+    let mut sum = [_mm512_setzero_ps(); 3];
+    for row in scores.chunks_exact_mut(QB) {
+        for c in 0..3 {
+            // SAFETY: as above.
+            unsafe {
+                let p = row.as_mut_ptr().add(c * 16);
+                let e = crate::math::exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(p), max[c]));
+                _mm512_storeu_ps(p, e);
+                sum[c] = _mm512_add_ps(sum[c], e);
+            }
+        }
+    }
+    // Weights: the exponentials times their sum's inverse (one division per query, not one
+    // per weight; within an f32 rounding of the quotient).
+    let inverse = sum.map(|s| _mm512_div_ps(_mm512_set1_ps(1.0), s));
+    let weights = &mut scratch.weights[..len2 / 2 * QB];
+    for (p, pair) in weights.chunks_exact_mut(QB).enumerate() {
+        for (c, inverse) in inverse.iter().enumerate() {
+            let weight = |key: usize| {
+                if key < len {
+                    // SAFETY: key < len rows of 48.
+                    let e = unsafe { _mm512_loadu_ps(scores.as_ptr().add(key * QB + c * 16)) };
+                    bf16_in_high_half(_mm512_mul_ps(e, *inverse))
+                } else {
+                    _mm512_setzero_si512()
+                }
+            };
+            let (lo, hi) = (weight(2 * p), weight(2 * p + 1));
+            let packed = _mm512_or_si512(
+                _mm512_and_si512(hi, _mm512_set1_epi32(0xffff_0000_u32 as i32)),
+                _mm512_srli_epi32::<16>(lo),
+            );
+            // SAFETY: 16 values at c * 16 of a 48-value row.
+            unsafe { _mm512_storeu_si512(pair.as_mut_ptr().add(c * 16).cast(), packed) };
+        }
+    }
+    // v^T p^T: d rows of transposed values against the weights' panel, in cache blocks of keys.
+    for r0 in (0..d).step_by(MR) {
+        for kb in (0..len2).step_by(KC) {
+            // SAFETY: rows r0.. of the transposed values (len2 each), the panel's pairs from
+            // kb / 2, the sums' rows r0.. of 48.
+            unsafe {
+                kernel_rows(
+                    d - r0,
+                    (
+                        &a.vt.values[r0 * len2 + kb..],
+                        len2,
+                        &weights[kb / 2 * QB..],
+                        KC.min(len2 - kb),
+                        scratch.sums.as_mut_ptr().add(r0 * QB),
+                        QB,
+                        QB,
+                        kb > 0,
+                    ),
+                )
+            };
+        }
+    }
+    for r in 0..a.queries {
+        // SAFETY: row r < queries of the output, d values.
+        let row = unsafe { std::slice::from_raw_parts_mut(a.out.add(r * a.out_stride), d) };
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = half::bf16::from_f32(scratch.sums[j * QB + r]).to_bits();
+        }
+    }
+}
+
+/// Each lane rounded to BF16 (to nearest, ties to even; NaN kept quiet), as
+/// `half::bf16::from_f32` rounds, in the high 16 bits of its lane.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn bf16_in_high_half(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let bits = _mm512_castps_si512(x);
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+    let rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    let quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x0040_0000));
+    _mm512_mask_blend_epi32(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), rounded, quiet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Values;
+    use half::bf16;
+
+    /// Every (position, head) against a reference in f64 from the same BF16 values: the
+    /// scores and their softmax exact, then the weights rounded to BF16 as the kernel rounds
+    /// them. Segments of awkward lengths (1, odd, several blocks of 48, more than a cache
+    /// block of keys), inputs read in place from a fused qkv layout.
+    #[test]
+    fn matches_a_reference_within_each_segment() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let (heads, d) = (3, 10);
+        let lens = [1, 37, 100, 1100];
+        let n: usize = lens.iter().sum();
+        let width = heads * d;
+        let qkv: Vec<u16> = Values(7)
+            .take(n * 3 * width)
+            .into_iter()
+            .map(|x| bf16::from_f32(2.0 * x).to_bits())
+            .collect();
+        let mut segments = Vec::new();
+        let mut start = 0;
+        for len in lens {
+            segments.push(start..start + len);
+            start += len;
+        }
+        let view = |part: usize| Heads {
+            values: &qkv,
+            offset: part * width,
+            stride: 3 * width,
+        };
+        let scale = 0.4;
+        let got =
+            attention(view(0), view(1), view(2), &segments, heads, d, scale).expect("available");
+        let at = |part: usize, t: usize, h: usize, j: usize| {
+            f64::from(bf16::from_bits(qkv[t * 3 * width + part * width + h * d + j]).to_f32())
+        };
+        let mut worst = 0f64;
+        for s in &segments {
+            for h in 0..heads {
+                for t in s.clone() {
+                    let scores: Vec<f64> = s
+                        .clone()
+                        .map(|u| (0..d).map(|j| at(0, t, h, j) * at(1, u, h, j)).sum::<f64>())
+                        .map(|x| x * f64::from(scale))
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                    let total: f64 = e.iter().sum();
+                    let w: Vec<f64> = e
+                        .iter()
+                        .map(|x| f64::from(bf16::from_f64(x / total).to_f32()))
+                        .collect();
+                    for j in 0..d {
+                        let want: f64 = s.clone().zip(&w).map(|(u, w)| w * at(2, u, h, j)).sum();
+                        // What the roundings allow: the output's (half a BF16 step, 2^-9
+                        // relative) and each weight's rounding going the other way (a step,
+                        // 2^-8 relative) where f32 and f64 land on either side of a tie.
+                        let spread: f64 = s
+                            .clone()
+                            .zip(&w)
+                            .map(|(u, w)| (w * at(2, u, h, j)).abs())
+                            .sum();
+                        let bound = want.abs() / 512.0 + spread / 256.0 + 1e-6;
+                        let g = f64::from(bf16::from_bits(got[t * width + h * d + j]).to_f32());
+                        worst = worst.max((g - want).abs() / bound);
+                    }
+                }
+            }
+        }
+        assert!(
+            worst <= 1.0,
+            "a difference {worst} times what the roundings allow"
+        );
+        eprintln!("largest difference: {worst:.3} of the roundings' bound");
+    }
+
+    #[test]
+    fn refuses_segments_that_do_not_tile_the_sequence() {
+        let values = vec![0u16; 3 * 4 * 2];
+        let view = |offset| Heads {
+            values: &values,
+            offset,
+            stride: 6,
+        };
+        let (q, k, v) = (view(0), view(2), view(4));
+        assert!(attention(q, k, v, &[1..2, 2..4], 1, 2, 1.0).is_none());
+        assert!(attention(q, k, v, &[0..2, 3..4], 1, 2, 1.0).is_none());
+        // Odd head size, and more positions than the values hold.
+        assert!(attention(q, k, v, &[0..2, 2..4], 1, 1, 1.0).is_none());
+        assert!(attention(q, k, v, &[0..2, 2..5], 1, 2, 1.0).is_none());
+        // The same operands, tiled and in bounds, are taken.
+        assert_eq!(
+            attention(q, k, v, &[0..2, 2..4], 1, 2, 1.0).is_some(),
+            available()
+        );
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn rounds_to_bf16_as_half_does() {
+        if !crate::cpu::avx512_bf16() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let cases = [
+            0.0f32,
+            -0.0,
+            1.0,
+            1.0 + f32::EPSILON * 64.0,
+            3.0e-39,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            1.003_906_2,
+            1.011_718_8,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x7fa0_0000),
+        ];
+        for chunk in cases.chunks(16).chain(Values(3).take(64).chunks(16)) {
+            let mut lanes = [0f32; 16];
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            let mut out = [0u32; 16];
+            // SAFETY: the CPU has AVX-512 F; 16 values each way.
+            unsafe {
+                use std::arch::x86_64::*;
+                let x = _mm512_loadu_ps(lanes.as_ptr());
+                _mm512_storeu_si512(out.as_mut_ptr().cast(), bf16_in_high_half(x));
+            }
+            for (x, o) in lanes.iter().zip(out) {
+                assert_eq!((o >> 16) as u16, bf16::from_f32(*x).to_bits(), "{x:e}");
+            }
+        }
+    }
+}
