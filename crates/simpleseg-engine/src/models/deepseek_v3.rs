@@ -306,17 +306,63 @@ impl Moe {
             Some(_) => outputs.pop(),
             None => None,
         };
-        // Expert by expert, as the reference sums them.
-        let mut out = Tensor::zeros((tokens, hidden), DType::F32, device)?;
-        for ((_, index, weights, _), y) in chosen.iter().zip(&outputs) {
-            out = out.index_add(index, &y.to_dtype(DType::F32)?.broadcast_mul(weights)?, 0)?;
-        }
+        let out = match combine_on_cpu(&chosen, &outputs, tokens, hidden)? {
+            Some(out) => out,
+            None => {
+                // Expert by expert, as the reference sums them.
+                let mut out = Tensor::zeros((tokens, hidden), DType::F32, device)?;
+                for ((_, index, weights, _), y) in chosen.iter().zip(&outputs) {
+                    out =
+                        out.index_add(index, &y.to_dtype(DType::F32)?.broadcast_mul(weights)?, 0)?;
+                }
+                out
+            }
+        };
         let out = out.to_dtype(x.dtype())?;
         match shared_out {
             Some(shared) => out + shared,
             None => Ok(out),
         }
     }
+}
+
+/// The chosen experts' outputs weighted and summed per token in f32, expert by expert in
+/// order, as the reference's `index_add` sums them (each product rounded, then added: the same
+/// bits), tokens in parallel and in place: the reference's form made a new `(tokens, hidden)`
+/// tensor per expert. `None` outside the CPU or inside a training graph.
+fn combine_on_cpu(
+    chosen: &[(&Mlp, Tensor, Tensor, Tensor)],
+    outputs: &[Tensor],
+    tokens: usize,
+    hidden: usize,
+) -> CResult<Option<Tensor>> {
+    use rayon::prelude::*;
+
+    if outputs.iter().any(|y| !y.device().is_cpu() || y.track_op()) {
+        return Ok(None);
+    }
+    // Per token, its (expert, row, weight) in expert order.
+    let mut routes: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); tokens];
+    let mut values = Vec::with_capacity(chosen.len());
+    for (c, ((_, index, weights, _), y)) in chosen.iter().zip(outputs).enumerate() {
+        let rows: Vec<u32> = index.to_vec1()?;
+        let weights: Vec<f32> = weights.flatten_all()?.to_vec1()?;
+        for (r, (&t, w)) in rows.iter().zip(weights).enumerate() {
+            routes[t as usize].push((c, r, w));
+        }
+        values.push(y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let mut out = vec![0f32; tokens * hidden];
+    out.par_chunks_mut(hidden.max(1))
+        .zip(&routes)
+        .for_each(|(row, routes)| {
+            for &(c, r, w) in routes {
+                for (o, y) in row.iter_mut().zip(&values[c][r * hidden..(r + 1) * hidden]) {
+                    *o += y * w;
+                }
+            }
+        });
+    Tensor::from_vec(out, (tokens, hidden), outputs[0].device()).map(Some)
 }
 
 impl Ffn {
