@@ -8,6 +8,7 @@ decode tokens/s and peak RSS, with `lscpu`'s model name and flags above every ta
     .venv-ml/bin/python scripts/bench/bench_engine.py --big7b --tokens 32
     .venv-ml/bin/python scripts/bench/bench_engine.py --kimi16b --tokens 32
     .venv-ml/bin/python scripts/bench/bench_engine.py --gemm      # the GEMM row only
+    .venv-ml/bin/python scripts/bench/bench_engine.py --kimi-vision  # Kimi-VL's vision tower only
 
 --big7b writes a Qwen2.5-VL-7B-size folder of random BF16 weights (~16.6 GB), quantizes it with
 `simpleseg quantize` (q8_0, q4k), times transformers (BF16) and simpleseg (BF16 weights, q8_0,
@@ -19,7 +20,9 @@ deletes everything.
 quantizes it to q4k and times simpleseg on the full quantized model; the BF16 rows (which do not
 fit in this machine's memory) are measured per layer: both engines run the full vision tower
 with 2 and with 3 language-model layers, and the 27-layer figures are extrapolated linearly
-(first + 25 x the difference), as stated in the table.
+(first + 25 x the difference), as stated in the table. It also times the vision tower and
+projector alone (`examples/bench_vision`) against transformers' tower on the same image size;
+--kimi-vision does only that (a ~3.4 GB folder: the tower and 2 language-model layers).
 
 Random weights give random answers, so every run decodes exactly N tokens; speed does not
 depend on the values (the MoE routers are random too: experts are chosen about uniformly).
@@ -39,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "target/release/simpleseg"
 BENCH = ROOT / "target/release/examples/bench_generate"
+BENCH_VISION = ROOT / "target/release/examples/bench_vision"
 PROMPT = "Output the polygon coordinates of the object in the image."
 
 
@@ -183,8 +187,49 @@ def child(kind, *args):
 
 def build():
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "simpleseg"], cwd=ROOT, check=True)
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "simpleseg-engine", "--example", "bench_generate"],
-                   cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "simpleseg-engine", "--example", "bench_generate",
+                    "--example", "bench_vision"], cwd=ROOT, check=True)
+
+
+def vision_child(folder, image, threads, runs=3):
+    """simpleseg's vision tower and projector alone (BF16), median of `runs`: its JSON line."""
+    out = subprocess.run([str(BENCH_VISION), str(folder), str(image), str(runs), "bf16"], check=True,
+                         stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, RAYON_NUM_THREADS=str(threads))).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def vision_table(folder, image, references):
+    """The Kimi-VL vision tower (and projector) of both engines, 2 threads; `references`:
+    transformers' runs (their `vision_ms`)."""
+    ours = vision_child(folder, image, 2)
+    print(f"\n### Kimi-VL vision tower and projector, BF16, 640x480 image ({ours['patches']} patches), "
+          f"2 threads\n\n{cpu_header()}\n")
+    print("| | time (s) | simpleseg's time as a share of it |")
+    print("|---|---|---|")
+    for i, r in enumerate(references):
+        print(f"| transformers (sdpa), run {i + 1} | {r['vision_ms'] / 1e3:.2f} | "
+              f"{ours['vision_ms'] / r['vision_ms']:.2f}x |")
+    print(f"| simpleseg (median of {ours['runs']}) | {ours['vision_ms'] / 1e3:.2f} | |")
+    print(json.dumps({"simpleseg": ours, "transformers": references}))
+
+
+def bench_kimi_vision(args):
+    folder = args.work / "bench-kimi-2l"
+    image = args.work / "image-640x480.png"
+    try:
+        from PIL import Image
+
+        Image.open(args.image).convert("RGB").resize((640, 480), Image.BICUBIC).save(image)
+        if not folder.exists():
+            check_disk(args.work, 5)
+            write_random_kimi(folder, 2)
+        # transformers' tower with one language-model layer (the tower does not depend on it),
+        # three runs in their own processes.
+        vision_table(folder, image, [child("transformers-kimi", folder, 2, 2, 1) for _ in range(3)])
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def quantize(src, fmt, out):
@@ -471,6 +516,7 @@ def bench_kimi(args):
         # transformers' models are built in memory (random weights): 2 and 6 layers, for a
         # per-layer difference well above its run-to-run noise.
         reference = {n: child("transformers-kimi", parts[2], args.tokens, 2, n) for n in (2, 6)}
+        vision_table(parts[2], image, list(reference.values()))
         if not full.exists():
             write_random_kimi(full)
         seconds = quantize(full, "q4k", q4k)
@@ -520,6 +566,9 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--big7b", action="store_true", help="the 7B size (random weights, written and deleted)")
     ap.add_argument("--kimi16b", action="store_true", help="the 16B Kimi-VL size (random weights, written and deleted)")
+    ap.add_argument("--kimi-vision", action="store_true",
+                    help="only the Kimi-VL vision tower and projector against transformers' (a folder of the "
+                         "tower and 2 language-model layers, written and deleted)")
     ap.add_argument("--work", type=Path, default=ROOT / "target", help="where the big folders are written")
     ap.add_argument("--keep", action="store_true", help="keep the written folders")
     ap.add_argument("--mask-tokens", type=int, default=450,
@@ -537,7 +586,9 @@ def main():
         bench_7b(args)
     if args.kimi16b:
         bench_kimi(args)
-    if not (args.big7b or args.kimi16b):
+    if args.kimi_vision:
+        bench_kimi_vision(args)
+    if not (args.big7b or args.kimi16b or args.kimi_vision):
         bench_tiny(args)
 
 
