@@ -9,6 +9,9 @@
 //!   the widened weight; `int8_gemm` (AVX-512 VNNI) on the weight quantized to q8_0 and q4k;
 //! - a decode product (one row against a BF16 weight larger than the cache): `rows`, candle's
 //!   BF16 matmul (whose input and output are rounded to BF16: its difference from ours);
+//! - vision-tower attention (`attention`, BF16 heads read in place from a fused qkv layout)
+//!   within segments at MoonViT's and Qwen2.5-VL's ViT's shapes for a 640x480 image, beside
+//!   candle's f32 products and softmax per segment on the same values;
 //! - the integer dot products of decoding, one thread: `q4k`, `q4_0` and `q8_0` (each of its
 //!   paths this CPU has) against candle's `vec_dot` on the same blocks (the input quantized
 //!   once, as decoding does).
@@ -21,7 +24,7 @@ use std::time::Instant;
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0, GgmlType};
 use candle_core::{DType, Device, Tensor};
 use simpleseg_kernels::testing::Values;
-use simpleseg_kernels::{bf16_gemm, blocks, cpu, f32_gemm, q4_0, q4k, q8_0, rows};
+use simpleseg_kernels::{attention, bf16_gemm, blocks, cpu, f32_gemm, q4_0, q4k, q8_0, rows};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -70,10 +73,93 @@ fn main() -> Result<()> {
     for (m, k, n) in [(256, 2048, 2048), (1024, 1280, 3420)] {
         prefill(m, k, n)?;
     }
+    // MoonViT (one image of 1656 patches), Qwen2.5-VL's ViT in 64-patch windows and whole.
+    for (n, heads, d, segment) in [
+        (1656, 16, 72, 1656),
+        (1564, 16, 80, 64),
+        (1564, 16, 80, 1564),
+    ] {
+        vision_attention(n, heads, d, segment)?;
+    }
     decode(3584, 18944)?;
     q4k_dot(18944, 3584)?;
     q4_0_dot(16384, 1408)?;
     q8_0_dot(18944, 3584)?;
+    Ok(())
+}
+
+/// Self-attention of `heads` heads of `d` values within segments of `segment` positions (the
+/// last one shorter) over `n` positions, on BF16 values in a fused qkv layout: the fused kernel
+/// beside candle's f32 products and softmax, segment by segment, on the same values.
+fn vision_attention(n: usize, heads: usize, d: usize, segment: usize) -> Result<()> {
+    use half::bf16;
+
+    if !attention::available() {
+        println!("{{\"case\": \"attention\", \"skipped\": \"this CPU lacks AVX512-BF16\"}}");
+        return Ok(());
+    }
+    let width = heads * d;
+    let qkv: Vec<u16> = Values(5)
+        .take(n * 3 * width)
+        .iter()
+        .map(|x| bf16::from_f32(*x).to_bits())
+        .collect();
+    let segments: Vec<std::ops::Range<usize>> = (0..n)
+        .step_by(segment)
+        .map(|s| s..(s + segment).min(n))
+        .collect();
+    let view = |part: usize| attention::Heads {
+        values: &qkv,
+        offset: part * width,
+        stride: 3 * width,
+    };
+    let scale = (d as f32).powf(-0.5);
+    let run = || attention::attention(view(0), view(1), view(2), &segments, heads, d, scale);
+    let seconds = median_seconds(5, || {
+        std::hint::black_box(run());
+    });
+    let ours: Vec<f32> = run()
+        .ok_or("attention")?
+        .iter()
+        .map(|b| bf16::from_bits(*b).to_f32())
+        .collect();
+    let values: Vec<f32> = qkv.iter().map(|b| bf16::from_bits(*b).to_f32()).collect();
+    let all = Tensor::from_vec(values, (n, 3, heads, d), &Device::Cpu)?;
+    let candle = || -> candle_core::Result<Tensor> {
+        let mut outputs = Vec::with_capacity(segments.len());
+        for s in &segments {
+            // (heads, len, d)
+            let part = |i: usize| {
+                all.narrow(0, s.start, s.len())?
+                    .narrow(1, i, 1)?
+                    .squeeze(1)?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+            let scores = (q.matmul(&k.t()?)? * f64::from(scale))?;
+            let e = scores.broadcast_sub(&scores.max_keepdim(2)?)?.exp()?;
+            let p = e.broadcast_div(&e.sum_keepdim(2)?)?;
+            outputs.push(p.matmul(&v)?.transpose(0, 1)?.reshape((s.len(), width))?);
+        }
+        Tensor::cat(&outputs, 0)
+    };
+    let reference: Vec<f32> = candle()?.flatten_all()?.to_vec1()?;
+    let candle_seconds = median_seconds(3, || {
+        std::hint::black_box(candle().ok());
+    });
+    let flops: usize = segments
+        .iter()
+        .map(|s| 4 * s.len() * s.len() * d * heads)
+        .sum();
+    println!(
+        "{{\"case\": \"attention\", \"n\": {n}, \"heads\": {heads}, \"d\": {d}, \"segment\": {segment}, \"ms\": {:.2}, \"gflops\": {:.1}, \"candle_f32_ms\": {:.2}, \"speedup_vs_candle\": {:.2}, \"relative_difference\": {:.2e}}}",
+        seconds * 1e3,
+        flops as f64 / seconds / 1e9,
+        candle_seconds * 1e3,
+        candle_seconds / seconds,
+        relative_difference(&ours, &reference)
+    );
     Ok(())
 }
 

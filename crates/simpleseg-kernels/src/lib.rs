@@ -13,7 +13,8 @@
 //! - [`int8_gemm`]: integer GEMM with AVX-512 VNNI (prefill against quantized weights).
 //! - [`attention`]: self-attention within segments (vision towers' images and windows)
 //!   over BF16 heads read in place, on the BF16 GEMM's micro-kernel.
-//! - [`math`]: vectorized `exp`, SiLU, tanh-GELU and softmax (activations and attention).
+//! - [`math`]: vectorized `exp`, SiLU, tanh-GELU and softmax (activations and attention),
+//!   and LayerNorm rows.
 //! - [`q4k`], [`q4_0`]: q4k x q8k and q4_0 x q8_0 dot products with AVX-512 VNNI, and
 //!   [`q8_0`]: q8_0 x q8_0 with AVX-512 VNNI or AVX2 (decoding against quantized weights);
 //!   [`blocks`], the typed view of quantized bytes they read.

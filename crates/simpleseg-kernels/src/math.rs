@@ -1,6 +1,6 @@
 //! Vectorized `exp` and what is built on it: SiLU, tanh-GELU and softmax over f32 slices (the
 //! vision towers' and prefill's activations and attention weights; libm's scalar `expf` per
-//! element was a large share of a vision tower's time).
+//! element was a large share of a vision tower's time); and LayerNorm rows.
 //!
 //! `exp` is Cephes' single-precision algorithm: `x = n ln 2 + r` with `n` rounded to nearest,
 //! `r` reduced in two steps, a degree-6 polynomial for `e^r` and an exact scaling by `2^n`;
