@@ -25,12 +25,12 @@
 
 use std::arch::x86_64::*;
 
-use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, GgmlType};
+use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
 
 use crate::blocks::{bytes_of, view};
 use crate::output::store_rows;
 use crate::q4_0::Q4_0Block;
-use crate::q4k::{Q4KBlock, Q8KBlock};
+use crate::q4k::Q4KBlock;
 use crate::q8_0::Q8_0Block;
 
 /// Values per block.
@@ -223,19 +223,53 @@ fn quantize_row(x: &[f32], weights: Weights, values: &mut [i8], scale: &mut [f32
             }
         }
         Weights::Q4K => {
-            let mut blocks = vec![BlockQ8K::zeros(); x.len() / 256];
-            BlockQ8K::from_float(x, &mut blocks);
-            let blocks: &[Q8KBlock] = view(bytes_of(&blocks)).unwrap_or_default();
-            for ((b, v), s) in blocks
-                .iter()
+            for ((x, v), s) in x
+                .chunks_exact(256)
                 .zip(values.chunks_mut(256))
                 .zip(scale.chunks_mut(256 / QK))
             {
-                v.copy_from_slice(&b.qs);
-                s.fill(b.d);
+                // SAFETY: the CPU has AVX-512 F (the kernels' `available`).
+                let d = unsafe { quantize_q8k_block(x, v) };
+                s.fill(d);
             }
         }
     }
+}
+
+/// One block of 256 values quantized as candle's `BlockQ8K::from_float` quantizes it (ggml's
+/// `quantize_row_q8_K` with candle's rounding), the same values and scale bit for bit: the
+/// first value of the largest magnitude sets the scale `-127 / max`, each value is rounded
+/// half away from zero (candle's `f32::round`, a libm call per value there) and clamped to
+/// the i8 range, NaN giving 0. Returns the scale `d = 1 / iscale` (0 for an all-zero block).
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_q8k_block(x: &[f32], values: &mut [i8]) -> f32 {
+    let mut max = 0f32;
+    let mut amax = 0f32;
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        values.fill(0);
+        return 0.0;
+    }
+    let iscale = -127f32 / max;
+    for (q, &v) in values.iter_mut().zip(x) {
+        let v = iscale * v;
+        let t = v.trunc();
+        let rounded = if (v - t).abs() >= 0.5 {
+            t + 1f32.copysign(v)
+        } else {
+            t
+        };
+        *q = rounded.clamp(-128.0, 127.0) as i8;
+    }
+    1.0 / iscale
 }
 
 /// One block of a panel: for each 4-value group `g`, the [`NR`] features' four values side by
@@ -577,7 +611,9 @@ unsafe fn kernel_q8k<const R: usize>(a: &KernelArgs) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0};
+    use crate::q4k::Q8KBlock;
+    use crate::testing::Values;
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K};
 
     /// Quantizes `n x k` values as `T` and returns the blocks.
     fn quantized<T: GgmlType>(values: &[f32]) -> Vec<T> {
@@ -650,6 +686,49 @@ mod tests {
 
     /// Each form's blocks, dequantized (`scale * value - offset`), are candle's dequantized
     /// weights.
+    /// The q8K quantizer gives candle's blocks bit for bit: random blocks at several scales,
+    /// and blocks of ties (values landing on k + 0.5), a largest magnitude met first with the
+    /// opposite sign later, zeros, a NaN and an infinity.
+    #[test]
+    fn q8k_quantization_is_candles() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+            return;
+        }
+        let mut blocks: Vec<Vec<f32>> = [1e-3f32, 1.0, 37.0, 1e4]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Values(40 + i as u64)
+                    .take(256)
+                    .iter()
+                    .map(|v| v * s)
+                    .collect()
+            })
+            .collect();
+        // max -127: iscale 1, so these are exact ties.
+        let mut ties: Vec<f32> = (0..256).map(|i| (i % 50) as f32 - 24.5).collect();
+        ties[3] = -127.0;
+        ties[9] = 127.0;
+        blocks.push(ties);
+        blocks.push(vec![0.0; 256]);
+        let mut special = Values(50).take(256);
+        special[5] = f32::NAN;
+        blocks.push(special.clone());
+        special[7] = f32::INFINITY;
+        blocks.push(special);
+        for x in &blocks {
+            let mut want = [BlockQ8K::zeros()];
+            BlockQ8K::from_float(x, &mut want);
+            let want: &[Q8KBlock] = view(bytes_of(&want)).unwrap_or_default();
+            let mut got = vec![0i8; 256];
+            // SAFETY: the CPU has AVX-512 F (VNNI implies it).
+            let d = unsafe { quantize_q8k_block(x, &mut got) };
+            assert_eq!(got.as_slice(), &want[0].qs[..]);
+            assert_eq!(d.to_bits(), want[0].d.to_bits());
+        }
+    }
+
     #[test]
     fn forms_dequantize_as_candle_does() {
         fn check<T: GgmlType + crate::blocks::PlainBlock, B: crate::blocks::PlainBlock>(
