@@ -15,6 +15,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 use candle_core::DType;
 use simpleseg_core::images::open_image;
+use simpleseg_engine::image_processing::ProcessedImage;
 use simpleseg_engine::layers::Mode;
 use simpleseg_engine::models::family::PromptPreparer;
 use simpleseg_engine::models::{kimi_vl, qwen2_5_vl};
@@ -55,27 +56,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ms.sort_by(f64::total_cmp);
         Ok((ms[ms.len() / 2], patches))
     };
+    let patches = |images: &[ProcessedImage]| {
+        images
+            .iter()
+            .map(|i| i.grid_thw.iter().product::<usize>())
+            .sum()
+    };
     let (ms, patches) = if kimi {
         let model = kimi_vl::load(&folder, &options)?;
         let prompt = model.prompts.prepare(&rgb, question)?;
         time(&mut || {
             model.model.image_features(&prompt.images)?;
-            Ok(prompt
-                .images
-                .iter()
-                .map(|i| i.grid_thw.iter().product::<usize>())
-                .sum())
+            Ok(patches(&prompt.images))
         })?
     } else {
         let model = qwen2_5_vl::load(&folder, &options)?;
         let prompt = model.prompts.prepare(&rgb, question)?;
         time(&mut || {
             model.model.image_features(&prompt.images, Mode::Infer)?;
-            Ok(prompt
-                .images
-                .iter()
-                .map(|i| i.grid_thw.iter().product::<usize>())
-                .sum())
+            Ok(patches(&prompt.images))
         })?
     };
     println!(

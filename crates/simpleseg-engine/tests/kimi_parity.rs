@@ -24,10 +24,20 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kimi")
 }
 
-fn check_checkpoint(name: &str) {
+/// A fixture checkpoint loaded in `dtype`, with its folder, the references' metadata and their
+/// expected tensors.
+fn load_fixture(
+    name: &str,
+    dtype: DType,
+) -> (
+    HfFolder,
+    kimi_vl::KimiVlModel,
+    serde_json::Value,
+    std::collections::HashMap<String, candle_core::Tensor>,
+) {
     let folder = HfFolder::open(fixtures().join(name)).unwrap();
     let options = LoadOptions {
-        dtype: Some(DType::F32),
+        dtype: Some(dtype),
         ..LoadOptions::default()
     };
     let model = kimi_vl::load(&folder, &options).unwrap();
@@ -40,6 +50,11 @@ fn check_checkpoint(name: &str) {
         &Device::Cpu,
     )
     .unwrap();
+    (folder, model, meta, expected)
+}
+
+fn check_checkpoint(name: &str) {
+    let (folder, model, meta, expected) = load_fixture(name, DType::F32);
     for case in meta["cases"].as_array().unwrap() {
         let key = case["name"].as_str().unwrap();
         let image = open_image(&folder.path(case["image"].as_str().unwrap())).unwrap();
@@ -118,21 +133,7 @@ fn grouped_routing_and_low_rank_queries_match_the_references() {
 #[test]
 fn bf16_image_features_stay_within_bf16_roundings_of_the_reference() {
     let name = "kimi-tiny";
-    let folder = HfFolder::open(fixtures().join(name)).unwrap();
-    let options = LoadOptions {
-        dtype: Some(DType::BF16),
-        ..LoadOptions::default()
-    };
-    let model = kimi_vl::load(&folder, &options).unwrap();
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(format!("{name}.expected.json"))).unwrap(),
-    )
-    .unwrap();
-    let expected = candle_core::safetensors::load(
-        fixtures().join(format!("{name}.expected.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (folder, model, meta, expected) = load_fixture(name, DType::BF16);
     let case = &meta["cases"][0];
     let key = case["name"].as_str().unwrap();
     let image = open_image(&folder.path(case["image"].as_str().unwrap())).unwrap();

@@ -28,6 +28,16 @@ fn expected(case: &str) -> HashMap<String, Tensor> {
     .expect("expected tensors")
 }
 
+/// The fixture's one image grid `[t, h, w]`.
+fn image_grids(exp: &HashMap<String, Tensor>) -> [[usize; 3]; 1] {
+    let grid: Vec<i64> = exp["image_grid_thw"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    [[grid[0] as usize, grid[1] as usize, grid[2] as usize]]
+}
+
 fn f32_options() -> LoadOptions {
     LoadOptions {
         device: Device::Cpu,
@@ -161,12 +171,7 @@ fn logits_match_transformers_within_1e4() {
         let folder = HfFolder::open(fixtures().join(case)).unwrap();
         let m = qwen2_5_vl::load(&folder, &f32_options()).unwrap();
         let exp = expected(case);
-        let grid: Vec<i64> = exp["image_grid_thw"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let grids = [[grid[0] as usize, grid[1] as usize, grid[2] as usize]];
+        let grids = image_grids(&exp);
         let features = m
             .model
             .visual
@@ -244,12 +249,7 @@ fn bf16_vision_tower_stays_within_bf16_roundings_of_f32() {
     for case in CASES {
         let folder = HfFolder::open(fixtures().join(case)).unwrap();
         let exp = expected(case);
-        let grid: Vec<i64> = exp["image_grid_thw"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let grids = [[grid[0] as usize, grid[1] as usize, grid[2] as usize]];
+        let grids = image_grids(&exp);
         let features = |dtype| {
             let options = LoadOptions {
                 dtype: Some(dtype),
