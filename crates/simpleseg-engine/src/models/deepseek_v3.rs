@@ -3,10 +3,12 @@
 //! - Multi-head latent attention: queries from `q_proj` (or the `q_a`/`q_b` low-rank pair);
 //!   keys and values from a compressed latent `c = kv_a_layernorm(kv_a_proj_with_mqa(x))`
 //!   (`kv_a_layernorm` eps 1e-6, as the original code has it) and one rotary key `k_pe` shared by
-//!   the heads. The cache keeps `c` and the rotated `k_pe` only, and attention runs on them
-//!   directly: `kv_b_proj` is split into its key and value halves and folded into the query and
-//!   the output ("absorbed"), so a step costs the latent's width per cached position, not every
-//!   head's keys and values.
+//!   the heads. The cache keeps `c` and the rotated `k_pe` only. A decoding step attends on
+//!   them directly: `kv_b_proj` is split into its key and value halves and folded into the query
+//!   and the output ("absorbed"), so a step costs the latent's width per cached position, not
+//!   every head's keys and values. A prompt expands every head's keys and values from the
+//!   latent instead, as the reference does, which costs less than half the absorbed form's
+//!   multiply-adds at a prompt's length; the form with fewer is chosen per call.
 //! - Rotary embeddings on interleaved pairs (`rope_interleave`), plain 1D positions, no scaling.
 //! - MLPs: dense SwiGLU in the first `first_k_dense_replace` layers; then mixtures of experts:
 //!   sigmoid scores, the top-k chosen by score + `e_score_correction_bias` (within the best
@@ -498,20 +500,59 @@ impl Attention {
         mask: Option<&Tensor>,
         slot: &mut Option<(Tensor, Tensor)>,
     ) -> CResult<Tensor> {
-        let (b, _, s, _) = q_nope.dims4()?;
+        let b = q_nope.dim(0)?;
         let dtype = c.dtype();
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let q_pe = rotate(&f32(&q_pe)?, cos, sin, self.interleave)?;
         let k_pe = rotate(&f32(&k_pe)?, cos, sin, self.interleave)?.to_dtype(dtype)?;
         let (c_all, k_pe_all) = crate::runtime::kv_cache::append(slot, c, k_pe)?;
-        let (c_all, k_pe_all) = (f32(&c_all)?, f32(&k_pe_all)?);
+        let (c_all, k_pe_all) = (f32(&c_all)?.squeeze(1)?, f32(&k_pe_all)?.squeeze(1)?);
+        let q_nope = f32(&q_nope)?;
+        let (s, t) = (q_nope.dim(2)?, c_all.dim(1)?);
+        let o = if self.expanding_is_cheaper(s, t) {
+            self.attend_expanded(&q_nope, &q_pe, &c_all, &k_pe_all, mask)?
+        } else {
+            self.attend_absorbed(&q_nope, &q_pe, &c_all, &k_pe_all, mask)?
+        };
+        o.transpose(1, 2)?
+            .reshape((b, s, self.heads * self.v_dim))?
+            .to_dtype(dtype)
+    }
+}
+
+impl Attention {
+    /// Whether `s` queries over `t` cached positions cost fewer multiply-adds with every head's
+    /// keys and values expanded from the latent cache (as transformers runs MLA) than in the
+    /// absorbed form. A prompt's prefill is (about 2.3x fewer at Kimi-VL's sizes: the scores
+    /// and the weighted sum run over 192 and 128 values per head instead of the latent's
+    /// 576 and 512); a decoding step, which would expand the whole cache for one row, is not.
+    /// A tie goes to the expanded form, the reference's own association of the products.
+    fn expanding_is_cheaper(&self, s: usize, t: usize) -> bool {
+        let (h, latent) = (self.heads, self.latent);
+        let expand = t * latent * h * (self.nope + self.v_dim)
+            + s * t * h * (self.nope + self.rope + self.v_dim);
+        let absorbed =
+            s * h * latent * (self.nope + self.v_dim) + s * t * h * (2 * latent + self.rope);
+        expand <= absorbed
+    }
+
+    /// [`Self::attend`]'s attention in the absorbed form: `q_nope` `(b, heads, s, nope)` and
+    /// `q_pe` (rotated) in f32, the latent cache `(b, t, latent)` and the rotary keys
+    /// `(b, t, rope)` in f32; the output `(b, heads, s, v_dim)` in f32.
+    fn attend_absorbed(
+        &self,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        c_all: &Tensor,
+        k_pe_all: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> CResult<Tensor> {
+        let (b, h, s, _) = q_nope.dims4()?;
+        let t = c_all.dim(1)?;
         // Every head attends over the one shared latent cache. Batched products broadcast
         // over heads would copy the cache once per head at every step, so the products are
         // laid out per head (against kv_b's halves) or with heads folded into the rows
         // (against the cache).
-        let h = self.heads;
-        let t = c_all.dim(2)?;
-        let (c_all, k_pe_all) = (c_all.squeeze(1)?, k_pe_all.squeeze(1)?);
         // (b, h, s, d) <-> (h, b * s, d)
         let per_head = |x: &Tensor| -> CResult<Tensor> {
             let d = x.dim(3)?;
@@ -527,25 +568,63 @@ impl Attention {
             x.contiguous()?.reshape((b, h * s, d))
         };
         // Query folded through the key half of kv_b: (b, heads, s, latent).
-        let q_latent = from_per_head(per_head(&f32(&q_nope)?)?.matmul(&self.w_uk)?)?;
+        let q_latent = from_per_head(per_head(q_nope)?.matmul(&self.w_uk)?)?;
         let scores = (rows(&q_latent)?.matmul(&c_all.t()?)?
-            + rows(&q_pe)?.matmul(&k_pe_all.t()?)?)?
+            + rows(q_pe)?.matmul(&k_pe_all.t()?)?)?
         .reshape((b, h, s, t))?;
+        let p = self.attention_weights(scores, mask)?;
+        // Attention over the latent, then the value half of kv_b.
+        let o_latent = p
+            .reshape((b, h * s, t))?
+            .matmul(c_all)?
+            .reshape((b, h, s, self.latent))?;
+        from_per_head(per_head(&o_latent)?.matmul(&self.w_uv_t)?)
+    }
+
+    /// Softmax of scaled, masked scores `(b, heads, s, t)`.
+    fn attention_weights(&self, scores: Tensor, mask: Option<&Tensor>) -> CResult<Tensor> {
         let scores = (scores * self.scale)?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
             None => scores,
         };
-        let p = softmax_last_dim(&scores, Mode::Infer)?;
-        // Attention over the latent, then the value half of kv_b: (b, heads, s, v_dim).
-        let o_latent = p
-            .reshape((b, h * s, t))?
-            .matmul(&c_all)?
-            .reshape((b, h, s, self.latent))?;
-        let o = from_per_head(per_head(&o_latent)?.matmul(&self.w_uv_t)?)?;
-        o.transpose(1, 2)?
-            .reshape((b, s, self.heads * self.v_dim))?
-            .to_dtype(dtype)
+        softmax_last_dim(&scores, Mode::Infer)
+    }
+
+    /// [`Self::attend`]'s attention with keys and values expanded per head: `q_nope`
+    /// `(b, heads, s, nope)` and `q_pe` (rotated) in f32, the latent cache `(b, t, latent)` and
+    /// the rotary keys `(b, t, rope)` in f32, as [`Self::attend_absorbed`]'s. The same products,
+    /// associated the other way (`(q W_uk) c^T = q (c W_uk^T)^T`): equal up to f32 rounding.
+    fn attend_expanded(
+        &self,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        c_all: &Tensor,
+        k_pe_all: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> CResult<Tensor> {
+        let (b, h, s, _) = q_nope.dims4()?;
+        let t = c_all.dim(1)?;
+        let c_rows = c_all.reshape((b * t, self.latent))?;
+        // Every cached position's keys and values, per head: (b, heads, t, d).
+        let per_head = |x: Tensor, d: usize| -> CResult<Tensor> {
+            x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()
+        };
+        let w_uk = self.w_uk.reshape((h * self.nope, self.latent))?;
+        let k_nope = per_head(c_rows.matmul(&w_uk.t()?)?, self.nope)?;
+        let w_uv = self
+            .w_uv_t
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((self.latent, h * self.v_dim))?;
+        let v = per_head(c_rows.matmul(&w_uv)?, self.v_dim)?;
+        let scores = (q_nope.contiguous()?.matmul(&k_nope.t()?)?
+            + q_pe
+                .contiguous()?
+                .reshape((b, h * s, self.rope))?
+                .matmul(&k_pe_all.t()?)?
+                .reshape((b, h, s, t))?)?;
+        self.attention_weights(scores, mask)?.matmul(&v)
     }
 }
 
@@ -730,5 +809,99 @@ impl DeepseekV3 {
     /// Logits `(..., vocab)` from hidden states.
     pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
         self.lm_head.forward(hidden)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// An attention layer with random weights; value heads narrower than key heads, so that a
+    /// transposed or misassigned head fails on shapes or values.
+    fn attention() -> Attention {
+        let config: TextConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 16, "hidden_size": 24, "intermediate_size": 8,
+            "moe_intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 3,
+            "num_experts_per_tok": 1, "kv_lora_rank": 20, "q_lora_rank": null,
+            "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6,
+            "rms_norm_eps": 1e-6, "rope_scaling": null, "eos_token_id": null
+        }))
+        .unwrap();
+        let tensors = [
+            ("q_proj.weight", vec![3 * 12, 24]),
+            ("kv_a_proj_with_mqa.weight", vec![20 + 4, 24]),
+            ("kv_a_layernorm.weight", vec![20]),
+            ("kv_b_proj.weight", vec![3 * (8 + 6), 20]),
+            ("o_proj.weight", vec![24, 3 * 6]),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape))| (name.to_string(), random(&shape, i as u64 + 1)))
+        .collect();
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        Attention::load(&Weights::from_var_builder(vb), &config).unwrap()
+    }
+
+    #[test]
+    fn expanded_and_absorbed_attention_agree() {
+        let a = attention();
+        // Two rows, five queries after four cached positions, causal mask.
+        let (b, s, t) = (2, 5, 9);
+        let q_nope = random(&[b, 3, s, 8], 11);
+        let q_pe = random(&[b, 3, s, 4], 12);
+        let c_all = random(&[b, t, 20], 13);
+        let k_pe_all = random(&[b, t, 4], 14);
+        let mask = causal_mask(s, t - s, DType::F32, &Device::Cpu).unwrap();
+        for mask in [None, Some(&mask)] {
+            let absorbed = a
+                .attend_absorbed(&q_nope, &q_pe, &c_all, &k_pe_all, mask)
+                .unwrap();
+            let expanded = a
+                .attend_expanded(&q_nope, &q_pe, &c_all, &k_pe_all, mask)
+                .unwrap();
+            assert_eq!(absorbed.dims(), &[b, 3, s, 6]);
+            assert_eq!(expanded.dims(), absorbed.dims());
+            let largest = absorbed.abs().unwrap().max_all().unwrap();
+            let difference = (expanded - &absorbed)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            let (largest, difference) = (
+                largest.to_scalar::<f32>().unwrap(),
+                difference.to_scalar::<f32>().unwrap(),
+            );
+            assert!(largest > 0.1, "{largest}");
+            assert!(difference <= 1e-5 * largest, "{difference} of {largest}");
+        }
+    }
+
+    #[test]
+    fn prompts_expand_and_steps_stay_absorbed() {
+        // Kimi-VL's sizes.
+        let mut a = attention();
+        (a.heads, a.latent, a.nope, a.rope, a.v_dim) = (16, 512, 128, 64, 128);
+        assert!(a.expanding_is_cheaper(467, 467));
+        // A chunk of a prompt after a cached part: expanding the whole cache pays off for a
+        // long enough chunk only.
+        assert!(a.expanding_is_cheaper(200, 500));
+        assert!(!a.expanding_is_cheaper(64, 500));
+        assert!(!a.expanding_is_cheaper(1, 467));
+        assert!(!a.expanding_is_cheaper(4, 2000));
     }
 }
