@@ -317,6 +317,8 @@ def write_random_7b(folder):
         **{k: v for k, v in json.loads((src / "config.json").read_text()).items()
            if k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
         tie_word_embeddings=False,
+        # As the released checkpoint's config names it (llama.cpp's converter reads it).
+        architectures=["Qwen2_5_VLForConditionalGeneration"],
     )
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Qwen2_5_VLForConditionalGeneration(config).state_dict().items()}

@@ -20,7 +20,9 @@ What it does:
 1. `convert_hf_to_gguf.py` writes the language model (`--outtype q8_0` by default: a BF16 GGUF
    of the 7B size needs 15 GB more disk) and, with `--mmproj`, the vision tower and merger
    (`--mmproj-type`, f16 by default, the converter's own default and the form llama.cpp's
-   Qwen2.5-VL projectors are published in). `llama-quantize` then makes Q4_K_M
+   Qwen2.5-VL projectors are published in; vision tensors saved by transformers 5 as
+   `model.visual.*` are first copied under the released `visual.*` names the converter's
+   projector code reads). `llama-quantize` then makes Q4_K_M
    (`--allow-requantize` from q8_0). The benchmark folders carry a small test tokenizer whose
    vocabulary llama.cpp's pre-tokenizer check (a hash of a sample's tokens) cannot know; its
    pre-tokenizer is Qwen2's own regex, so the converter is told `qwen2` instead of stopping.
@@ -37,6 +39,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -57,11 +60,41 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def convert(src, model, out, *extra):
+    """The converter's output, written under a temporary name so that a failed run leaves none."""
     if out.exists():
         print(f"{out} exists, kept", file=sys.stderr)
         return
-    subprocess.run([sys.executable, "-c", CONVERT, str(src), str(model), "--outfile", str(out), *extra],
+    partial = out.with_suffix(".partial")
+    subprocess.run([sys.executable, "-c", CONVERT, str(src), str(model), "--outfile", str(partial), *extra],
                    check=True)
+    partial.rename(out)
+
+
+def released_vision_names(model, work):
+    """A folder with `model`'s vision tensors under the released checkpoint's names
+    (`visual.*`), which the converter's projector code expects, or `model` itself when they
+    already are. transformers 5 saves them as `model.visual.*` (bench_engine's folders)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shards = sorted(model.glob("*.safetensors"))
+    nested = {}
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            nested.update({name: shard for name in f.keys() if name.startswith("model.visual.")})
+    if not nested:
+        return model
+    out = work / "llamacpp-vision-names"
+    out.mkdir(exist_ok=True)
+    tensors = {}
+    for name, shard in nested.items():
+        with safe_open(shard, "pt") as f:
+            tensors[name[len("model."):]] = f.get_tensor(name)
+    save_file(tensors, str(out / "model.safetensors"))
+    for f in model.iterdir():
+        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json" and f.is_file():
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
 
 
 def run(src, build, lm, mmproj, image, threads, tokens):
@@ -126,7 +159,11 @@ def main():
     mmproj = args.work / f"llamacpp-mmproj-{args.mmproj_type}.gguf"
     try:
         t0 = time.perf_counter()
-        convert(args.llama_cpp, args.model, mmproj, "--mmproj", "--outtype", args.mmproj_type)
+        if not mmproj.exists():
+            vision = released_vision_names(args.model, args.work)
+            convert(args.llama_cpp, vision, mmproj, "--mmproj", "--outtype", args.mmproj_type)
+            if vision != args.model:
+                shutil.rmtree(vision)
         if not lm.exists():
             convert(args.llama_cpp, args.model, lm_src, "--outtype", args.outtype)
             subprocess.run([str(build / "bin/llama-quantize"), "--allow-requantize", str(lm_src), str(lm),
