@@ -116,12 +116,11 @@ fn request_tile_data() -> bool {
 
 /// The product of the self-check: sizes that leave partial tiles on every side.
 fn self_check() -> Result<(), String> {
-    check_kernel(block)
+    check_kernel(block, 37, 45, (KC_STEPS + 3) * KT - 9)
 }
 
-/// [`self_check`] with a given block kernel.
-fn check_kernel(kernel: Block) -> Result<(), String> {
-    let (m, n, k) = (37, 45, 100);
+/// [`self_check`] with a given block kernel and sizes.
+fn check_kernel(kernel: Block, m: usize, n: usize, k: usize) -> Result<(), String> {
     let value =
         |i: usize, s: f32| half::bf16::from_f32(((i * 7919 % 1000) as f32 / 500.0 - 1.0) * s);
     let x: Vec<half::bf16> = (0..m * k).map(|i| value(i, 1.0)).collect();
@@ -175,11 +174,30 @@ where
     gemm_on(x, row, m, n, k, true, block)
 }
 
-/// A kernel computing one 32 x 32 block of sums ([`block`], or the tests' emulation of it).
-type Block = unsafe fn(&[u16], usize, &[u32], usize, &mut [f32; MR * NR]);
+/// A kernel adding one 32 x 32 block of products to its sums ([`block`], or the tests'
+/// emulation of it); see [`block`] for the arguments.
+type Block = unsafe fn(*const u16, *const u32, usize, *mut f32, usize, bool);
 
-/// [`gemm`], its panels in parallel or (the self-check, which may run inside a parallel task
+/// Output features per parallel task (a group of panels): the activation block a kernel call
+/// reads is reused across the group's panels while it sits in the core's first-level cache.
+const GROUP: usize = 4 * NR;
+/// Tile steps (of [`KT`] inputs) per cache block: one row block's activations (32 x 1024
+/// values, 64 KB) and the group's weights (128 x 1024 values, 256 KB) stay in the core's
+/// second-level cache while the block's products run (fewer, longer blocks measured faster
+/// than blocks that fit the first level: the sums' reloads cost more than they save).
+const KC_STEPS: usize = 32;
+/// Rows per row chunk: the chunk's sums for a group (256 KB) and its activations for a cache
+/// block (1 MB) stay in the second-level cache.
+const MC: usize = 16 * MR;
+
+/// [`gemm`], its groups in parallel or (the self-check, which may run inside a parallel task
 /// waiting on it) one after the other.
+///
+/// Activations are copied once into tile order: for each 16 rows and each 32 inputs, one 1 KB
+/// tile (rows of 64 bytes, consecutive), zero-padded to whole tiles, so that every tile load
+/// reads one contiguous kilobyte. Each task packs its group of weight panels for all inputs,
+/// then walks row chunks of [`MC`] and cache blocks of [`KC_STEPS`] steps, keeping its sums in
+/// a scratch buffer from which the tiles are reloaded for the next cache block.
 fn gemm_on<R>(
     x: &[u16],
     row: &R,
@@ -194,46 +212,82 @@ where
 {
     use rayon::prelude::*;
 
-    // Activations padded with zeros to whole tiles: rows to 32, inputs to 32. Tile rows start
-    // on cache lines (every buffer a tile reads or writes is 64-byte aligned).
-    let (mp, kp) = (m.div_ceil(MR) * MR, k.div_ceil(KT) * KT);
-    let mut padded = Lines::zeroed(mp * kp * 2);
-    let xs: &mut [u16] = padded.view();
-    for (dst, src) in xs.chunks_mut(kp).zip(x.chunks(k.max(1)).take(m)) {
-        dst[..k].copy_from_slice(&src[..k]);
+    let (mp, steps) = (m.div_ceil(MR) * MR, k.div_ceil(KT));
+    let mut tiled = Lines::zeroed(mp * steps * KT * 2);
+    let xs: &mut [u16] = tiled.view();
+    // Row r, inputs 32 s.. land in tile (r / 16, s), row r % 16.
+    for (r, src) in x.chunks(k.max(1)).take(m).enumerate() {
+        for (s, values) in src[..k].chunks(KT).enumerate() {
+            let at = ((r / 16 * steps + s) * 16 + r % 16) * KT;
+            xs[at..at + values.len()].copy_from_slice(values);
+        }
     }
     let xs: &[u16] = xs;
     let mut y = crate::output::output_room(m * n);
     let y_ptr = crate::output::SharedOutput(y.as_mut_ptr());
-    let steps = kp / KT;
     let buffers = || {
         (
-            Lines::zeroed(steps * 2 * 1024),
-            vec![0u16; k],
-            Lines::zeroed(MR * NR * 4),
+            Lines::zeroed(GROUP / NR * steps * 2 * 1024),
+            vec![0u16; 16 * steps * KT],
+            Lines::zeroed(MC * GROUP * 4),
         )
     };
-    let run = |(panel, scratch, sums): &mut (Lines, Vec<u16>, Lines), p: usize| {
-        let f0 = p * NR;
-        let nf = NR.min(n - f0);
-        let panel: &mut [u32] = panel.view();
-        let sums: &mut [f32; MR * NR] = match sums.view::<f32>().try_into() {
-            Ok(sums) => sums,
-            Err(_) => unreachable!("MR x NR sums"),
-        };
-        pack_panel(row, f0, nf, panel, scratch);
+    let run = |(panels, scratch, sums): &mut (Lines, Vec<u16>, Lines), g: usize| {
+        let f0 = g * GROUP;
+        let nf = GROUP.min(n - f0);
+        let count = nf.div_ceil(NR);
+        let panels: &mut [u32] = panels.view();
+        let sums: &mut [f32] = sums.view();
+        for q in 0..count {
+            let at = q * steps * 512;
+            let features = NR.min(nf - q * NR);
+            pack_panel(
+                row,
+                f0 + q * NR,
+                features,
+                k,
+                &mut panels[at..at + steps * 512],
+                scratch,
+            );
+        }
         let y_ptr = &y_ptr;
-        for r0 in (0..m).step_by(MR) {
-            // SAFETY: the OS granted tile data (`available` or the self-check); the block
-            // reads 32 padded rows of xs from r0 over kp inputs and the panel's
-            // steps x 2 KB, and writes the 32 x 32 sums.
-            unsafe { kernel(&xs[r0 * kp..], kp, panel, steps, sums) };
-            for r in 0..MR.min(m - r0) {
-                // SAFETY: row r0 + r < m, columns f0..f0 + nf < n: within y, and only this
-                // task writes this panel's columns.
+        for r0 in (0..m).step_by(MC) {
+            let rows = MC.min(m - r0);
+            for s0 in (0..steps).step_by(KC_STEPS) {
+                let ks = KC_STEPS.min(steps - s0);
+                for rb in (0..rows).step_by(MR) {
+                    // The two 16-row tiles of rows r0 + rb.., from step s0.
+                    let a = ((r0 + rb) / 16 * steps + s0) * 512;
+                    for q in 0..count {
+                        let b = (q * steps + s0) * 512;
+                        let c = rb * GROUP + q * NR;
+                        debug_assert!(a + 512 * (steps + ks) <= xs.len());
+                        debug_assert!(b + 512 * ks <= panels.len());
+                        debug_assert!(c + 31 * GROUP + NR <= sums.len());
+                        // SAFETY: the OS granted tile data (`available` or the self-check);
+                        // the activation tiles (two streams `steps` tiles apart, `ks` tiles
+                        // each), the panel's `ks` steps and the 32 x 32 sums at stride GROUP
+                        // lie within xs, panels and sums (asserted above in debug builds:
+                        // rows are padded to 32 and the scratch holds MC x GROUP sums).
+                        unsafe {
+                            kernel(
+                                xs[a..].as_ptr(),
+                                panels[b..].as_ptr(),
+                                ks,
+                                sums[c..].as_mut_ptr(),
+                                steps,
+                                s0 > 0,
+                            )
+                        };
+                    }
+                }
+            }
+            for r in 0..rows {
+                // SAFETY: row r0 + r < m, columns f0..f0 + nf <= n: within y, and only this
+                // task writes this group's columns.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
-                        sums[r * NR..].as_ptr(),
+                        sums[r * GROUP..].as_ptr(),
                         y_ptr.0.add((r0 + r) * n + f0),
                         nf,
                     );
@@ -241,14 +295,14 @@ where
             }
         }
     };
-    let panels = n.div_ceil(NR);
+    let groups = n.div_ceil(GROUP);
     if parallel {
-        (0..panels).into_par_iter().for_each_init(buffers, run);
+        (0..groups).into_par_iter().for_each_init(buffers, run);
     } else {
         let mut own = buffers();
-        (0..panels).for_each(|p| run(&mut own, p));
+        (0..groups).for_each(|g| run(&mut own, g));
     }
-    // SAFETY: every panel copied its nf columns of rows 0..m (whatever k), and the panels
+    // SAFETY: every group copied its nf columns of rows 0..m (whatever k), and the groups
     // cover columns 0..n.
     unsafe { crate::output::filled(y, m * n) }
 }
@@ -281,78 +335,183 @@ impl Lines {
     }
 }
 
-/// Packs features f0..f0+nf (zero beyond, and beyond the row's `scratch.len()` inputs) as
-/// weight tiles: for step `s`
-/// and tile `t`, 16 rows (input pairs `16 s + i`) of 16 features' pairs (`t * 16 + j`), the
-/// pair's first value in the low half.
-fn pack_panel<R>(row: &R, f0: usize, nf: usize, panel: &mut [u32], scratch: &mut [u16])
+/// Packs features f0..f0+nf (zero beyond, and beyond each row's `k` inputs) as weight tiles:
+/// for step `s` and tile `t`, 16 rows (input pairs `16 s + i`) of 16 features' pairs
+/// (`t * 16 + j`), the pair's first value in the low half. `rows` is scratch for 16 rows of
+/// `panel.len() / 16` inputs (whole steps) whose tail beyond `k` is zero.
+fn pack_panel<R>(row: &R, f0: usize, nf: usize, k: usize, panel: &mut [u32], rows: &mut [u16])
 where
     R: Fn(usize, &mut [u16]),
 {
-    panel.fill(0);
-    for f in 0..nf {
-        row(f0 + f, scratch);
-        let (t, j) = (f / 16, f % 16);
-        for (pair, values) in scratch.chunks(2).enumerate() {
-            let (s, i) = (pair / 16, pair % 16);
-            let high = values.get(1).map_or(0, |&v| u32::from(v));
-            panel[((s * 2 + t) * 16 + i) * 16 + j] = u32::from(values[0]) | high << 16;
+    let steps = panel.len() / 512;
+    let kp = steps * KT;
+    for t in 0..NR / 16 {
+        for j in 0..16 {
+            let line = &mut rows[j * kp..(j + 1) * kp];
+            let f = t * 16 + j;
+            if f < nf {
+                row(f0 + f, &mut line[..k]);
+            } else {
+                line[..k].fill(0);
+            }
+        }
+        for s in 0..steps {
+            let tile = &mut panel[(s * 2 + t) * 256..(s * 2 + t + 1) * 256];
+            transpose_pairs(rows, kp, s * KT, tile);
         }
     }
 }
 
-/// The 32 x 32 sums of 32 rows of `x` (row stride `kp` values, `steps * 32` inputs) and a
-/// packed panel, into `sums` (row-major, 32 per row).
+/// `tile[i * 16 + j]` = the pair of values `from + 2 i, from + 2 i + 1` of row `j` of `rows`
+/// (16 rows of `kp` values): a 16 x 16 transpose of 32-bit pairs.
+fn transpose_pairs(rows: &[u16], kp: usize, from: usize, tile: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        assert!(rows.len() >= 15 * kp + from + KT && tile.len() >= 256);
+        // SAFETY: AVX-512 F is present; the 16 rows' 32 values from `from` and the 256 words
+        // of the tile are in bounds (asserted).
+        unsafe { transpose_pairs_avx512(rows.as_ptr().add(from), kp, tile.as_mut_ptr()) };
+        return;
+    }
+    transpose_pairs_scalar(rows, kp, from, tile);
+}
+
+/// [`transpose_pairs`] one word at a time.
+fn transpose_pairs_scalar(rows: &[u16], kp: usize, from: usize, tile: &mut [u32]) {
+    for (i, out) in tile[..256].chunks_mut(16).enumerate() {
+        for (j, word) in out.iter_mut().enumerate() {
+            let at = j * kp + from + 2 * i;
+            *word = u32::from(rows[at]) | u32::from(rows[at + 1]) << 16;
+        }
+    }
+}
+
+/// [`transpose_pairs`] in 64 two-source permutes: the transpose swaps each bit of the row
+/// index with the same bit of the column index, one bit per stage (the swaps commute).
 ///
 /// # Safety
-/// The OS granted this process tile data; `x` holds 32 rows of `kp` values; `panel` holds
-/// `steps * 512` words.
-unsafe fn block(x: &[u16], kp: usize, panel: &[u32], steps: usize, sums: &mut [f32; MR * NR]) {
-    let x_stride = kp * 2;
-    let x0 = x.as_ptr();
-    // SAFETY: 16 rows below x0 (x holds 32 rows).
-    let x1 = unsafe { x0.add(16 * kp) };
-    let b = panel.as_ptr();
+/// The CPU has AVX-512 F; `src` starts 16 readable rows of 32 values, `stride` values apart;
+/// `dst` has room for 256 words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_pairs_avx512(src: *const u16, stride: usize, dst: *mut u32) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's bounds.
+    let mut r: [__m512i; 16] =
+        std::array::from_fn(|j| unsafe { _mm512_loadu_si512(src.add(j * stride).cast()) });
+    for d in [1usize, 2, 4, 8] {
+        // Row j (bit d clear) keeps its columns with bit d clear and takes row j + d's
+        // columns c - d; row j + d takes row j's columns c + d and keeps the rest. An index
+        // of 16 or more picks from the second source.
+        let pick = |upper: bool| {
+            let index: [i32; 16] = std::array::from_fn(|c| {
+                let c_bit = c & d != 0;
+                (match (upper, c_bit) {
+                    (false, false) => c,
+                    (false, true) => c - d + 16,
+                    (true, false) => c + d,
+                    (true, true) => c + 16,
+                }) as i32
+            });
+            // SAFETY: 64 bytes of a local array.
+            unsafe { _mm512_loadu_si512(index.as_ptr().cast()) }
+        };
+        let (lower, upper) = (pick(false), pick(true));
+        for j in (0..16).filter(|j| j & d == 0) {
+            let (a, b) = (r[j], r[j + d]);
+            r[j] = _mm512_permutex2var_epi32(a, lower, b);
+            r[j + d] = _mm512_permutex2var_epi32(a, upper, b);
+        }
+    }
+    for (i, row) in r.iter().enumerate() {
+        // SAFETY: row i of the 256 words.
+        unsafe { _mm512_storeu_si512(dst.add(i * 16).cast(), *row) };
+    }
+}
+
+/// Adds the products of 32 rows of activations and one packed panel over `steps` tile steps to
+/// a 32 x 32 block of f32 sums (or stores them, when not `accumulate`).
+///
+/// `a`: the first 16 rows' tiles in tile order (1 KB per step), the next 16 rows' tiles
+/// `gap` tiles further; `b`: the panel's steps (2 KB each: two 1 KB tiles of 16 features);
+/// `c`: the sums, rows [`GROUP`] values apart.
+///
+/// # Safety
+/// The OS granted this process tile data; `a` holds `gap + steps` tiles, `b` `steps * 512`
+/// words, `c` 32 rows of 32 sums at stride [`GROUP`].
+unsafe fn block(
+    a: *const u16,
+    b: *const u32,
+    steps: usize,
+    c: *mut f32,
+    gap: usize,
+    accumulate: bool,
+) {
+    let sc = GROUP * 4;
+    // SAFETY (for the pointer arithmetic below): within the ranges the caller guarantees.
+    let (a1, c1, c2, c3) = unsafe {
+        (
+            a.add(gap * 512),
+            c.add(16),
+            c.add(16 * GROUP),
+            c.add(16 * GROUP + 16),
+        )
+    };
     // SAFETY: the configuration is 64 readable bytes; tile registers are this thread's (the
-    // permission was granted) and no other code uses them.
+    // permission was granted) and no other code uses them. The sums are 4 tiles of 16 rows of
+    // 64 bytes at stride sc, within c's 32 rows.
     unsafe {
         asm!(
             "ldtilecfg [{cfg}]",
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
             cfg = in(reg) &CONFIG as *const TileConfig,
             options(nostack, readonly, preserves_flags)
         );
+        if accumulate {
+            asm!(
+                "tileloadd tmm0, [{c0} + {sc}*1]",
+                "tileloadd tmm1, [{c1} + {sc}*1]",
+                "tileloadd tmm2, [{c2} + {sc}*1]",
+                "tileloadd tmm3, [{c3} + {sc}*1]",
+                c0 = in(reg) c,
+                c1 = in(reg) c1,
+                c2 = in(reg) c2,
+                c3 = in(reg) c3,
+                sc = in(reg) sc,
+                options(nostack, readonly, preserves_flags)
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem, preserves_flags)
+            );
+        }
     }
     for s in 0..steps {
-        // SAFETY: activation tiles: 16 rows of 64 bytes from input 32 s of rows 0..16 and
-        // 16..32 (stride x_stride bytes), within x; weight tiles: the step's two 1 KB tiles
-        // (stride 64 bytes), within the panel.
+        // SAFETY: activation tiles: step s of both row halves (1 KB each, rows 64 bytes
+        // apart); weight tiles: the step's two 1 KB tiles; all within the caller's ranges.
         unsafe {
             asm!(
-                "tileloadd tmm4, [{a0} + {sa}*1]",
-                "tileloadd tmm5, [{a1} + {sa}*1]",
-                "tileloadd tmm6, [{b0} + {sb}*1]",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tileloadd tmm4, [{a0} + {s64}*1]",
+                "tileloadd tmm6, [{b0} + {s64}*1]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s64}*1]",
                 "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {s64}*1]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) x0.add(s * KT),
-                a1 = in(reg) x1.add(s * KT),
-                sa = in(reg) x_stride,
+                a0 = in(reg) a.add(s * 512),
+                a1 = in(reg) a1.add(s * 512),
                 b0 = in(reg) b.add(s * 512),
                 b1 = in(reg) b.add(s * 512 + 256),
-                sb = in(reg) 64usize,
+                s64 = in(reg) 64usize,
                 options(nostack, readonly, preserves_flags)
             );
         }
     }
-    let c = sums.as_mut_ptr();
-    // SAFETY: the four 16 x 16 f32 tiles land in `sums` (32 rows of 128 bytes): at row 0 and
-    // 16, column 0 and 16.
+    // SAFETY: the four 16 x 16 f32 tiles land in the sums (see above).
     unsafe {
         asm!(
             "tilestored [{c0} + {sc}*1], tmm0",
@@ -361,10 +520,10 @@ unsafe fn block(x: &[u16], kp: usize, panel: &[u32], steps: usize, sums: &mut [f
             "tilestored [{c3} + {sc}*1], tmm3",
             "tilerelease",
             c0 = in(reg) c,
-            c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * NR),
-            c3 = in(reg) c.add(16 * NR + 16),
-            sc = in(reg) NR * 4,
+            c1 = in(reg) c1,
+            c2 = in(reg) c2,
+            c3 = in(reg) c3,
+            sc = in(reg) sc,
             options(nostack, preserves_flags)
         );
     }
@@ -382,6 +541,7 @@ mod tests {
             return;
         }
         self_check().unwrap();
+        check_kernel(block, MC + 9, GROUP + 13, (KC_STEPS + 1) * KT - 5).unwrap();
         assert!(available() || std::env::var("SIMPLESEG_AMX").is_ok_and(|v| v == "0"));
     }
 
@@ -409,36 +569,83 @@ mod tests {
             }
         }
         unsafe fn emulated(
-            x: &[u16],
-            kp: usize,
-            panel: &[u32],
+            a: *const u16,
+            b: *const u32,
             steps: usize,
-            sums: &mut [f32; MR * NR],
+            c: *mut f32,
+            gap: usize,
+            accumulate: bool,
         ) {
-            let mut c = [[[0f32; 16]; 16]; 4];
-            let (x0, b) = (x.as_ptr() as *const u8, panel.as_ptr() as *const u8);
+            let (a, b, c) = (a as *const u8, b as *const u8, c as *mut u8);
+            let tiles = [(0, 0), (0, 64), (16 * GROUP * 4, 0), (16 * GROUP * 4, 64)];
+            let mut sums = [[[0f32; 16]; 16]; 4];
+            if accumulate {
+                for (sum, &(row, col)) in sums.iter_mut().zip(&tiles) {
+                    let t = unsafe { load(c.add(row + col), GROUP * 4) };
+                    for (r, line) in t.iter().enumerate() {
+                        for (j, v) in line.chunks(4).enumerate() {
+                            sum[r][j] = f32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+                        }
+                    }
+                }
+            }
             for s in 0..steps {
                 let (a0, a1, b0, b1) = unsafe {
                     (
-                        load(x0.add(2 * s * KT), 2 * kp),
-                        load(x0.add(2 * (16 * kp + s * KT)), 2 * kp),
-                        load(b.add(4 * s * 512), 64),
-                        load(b.add(4 * (s * 512 + 256)), 64),
+                        load(a.add(1024 * s), 64),
+                        load(a.add(1024 * (gap + s)), 64),
+                        load(b.add(2048 * s), 64),
+                        load(b.add(2048 * s + 1024), 64),
                     )
                 };
-                dp(&mut c[0], &a0, &b0);
-                dp(&mut c[1], &a0, &b1);
-                dp(&mut c[2], &a1, &b0);
-                dp(&mut c[3], &a1, &b1);
+                dp(&mut sums[0], &a0, &b0);
+                dp(&mut sums[1], &a0, &b1);
+                dp(&mut sums[2], &a1, &b0);
+                dp(&mut sums[3], &a1, &b1);
             }
-            for (t, tile) in c.iter().enumerate() {
-                for (r, row) in tile.iter().enumerate() {
-                    let at = (16 * (t / 2) + r) * NR + 16 * (t % 2);
-                    sums[at..at + 16].copy_from_slice(row);
+            for (sum, &(row, col)) in sums.iter().zip(&tiles) {
+                for (r, line) in sum.iter().enumerate() {
+                    for (j, v) in line.iter().enumerate() {
+                        let at = row + col + r * GROUP * 4 + j * 4;
+                        unsafe { *(c.add(at) as *mut [u8; 4]) = v.to_le_bytes() };
+                    }
                 }
             }
         }
-        check_kernel(emulated).unwrap();
+        // Every loop of the GEMM: two row chunks, two groups and two cache blocks, each
+        // with a partial last one.
+        check_kernel(
+            emulated,
+            MC + 9,
+            2 * GROUP + 13,
+            (2 * KC_STEPS + 3) * KT - 5,
+        )
+        .unwrap();
+    }
+
+    /// Both transposes (AVX-512 where the CPU has it) put row j's pair i at word 16 i + j.
+    #[test]
+    fn transposes_put_pair_i_of_row_j_at_word_16i_plus_j() {
+        let (kp, from) = (96, 32);
+        let rows: Vec<u16> = (0..16 * kp).map(|v| (v * 7 + 3) as u16).collect();
+        let want: Vec<u32> = (0..256)
+            .map(|w| {
+                let at = (w % 16) * kp + from + 2 * (w / 16);
+                u32::from(rows[at]) | u32::from(rows[at + 1]) << 16
+            })
+            .collect();
+        let mut tile = vec![0u32; 256];
+        transpose_pairs_scalar(&rows, kp, from, &mut tile);
+        assert_eq!(tile, want);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            tile.fill(0);
+            // SAFETY: AVX-512 F; 16 rows of kp >= from + 32 values; 256 words.
+            unsafe { transpose_pairs_avx512(rows[from..].as_ptr(), kp, tile.as_mut_ptr()) };
+            assert_eq!(tile, want);
+        } else {
+            eprintln!("AVX-512 transpose skipped: this CPU lacks AVX-512 F");
+        }
     }
 
     /// The packing puts each input pair where a weight tile row wants it.
@@ -452,7 +659,7 @@ mod tests {
         };
         let steps = k.div_ceil(KT);
         let mut panel = vec![0u32; steps * 512];
-        pack_panel(&row, 0, nf, &mut panel, &mut vec![0u16; k]);
+        pack_panel(&row, 0, nf, k, &mut panel, &mut vec![0u16; 16 * steps * KT]);
         for f in 0..NR {
             for i in 0..steps * KT {
                 let (s, pair, t, j) = (i / 32, (i % 32) / 2, f / 16, f % 16);
