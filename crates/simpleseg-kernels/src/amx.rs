@@ -131,15 +131,25 @@ fn check_kernel(kernel: Block, m: usize, n: usize, k: usize) -> Result<(), Strin
             *o = v.to_bits();
         }
     };
-    let y = gemm_on(&bits, &row, m, n, k, false, kernel);
-    for r in 0..m {
-        for f in 0..n {
-            let want: f64 = (0..k)
+    let stored: Vec<u16> = w.iter().map(|v| v.to_bits()).collect();
+    let want: Vec<f64> = (0..m * n)
+        .map(|at| {
+            let (r, f) = (at / n, at % n);
+            (0..k)
                 .map(|i| f64::from(x[r * k + i].to_f32()) * f64::from(w[f * k + i].to_f32()))
-                .sum();
-            let got = f64::from(y[r * n + f]);
+                .sum()
+        })
+        .collect();
+    // The weight asked for a row at a time, and read where it lies.
+    for source in [None, Some(&stored[..])] {
+        let y = gemm_on(&bits, &row, source, m, n, k, false, kernel);
+        for (at, (&got, &want)) in y.iter().zip(&want).enumerate() {
+            let got = f64::from(got);
             if (got - want).abs() > 1e-3 * (1.0 + want.abs()) {
-                return Err(format!("({r}, {f}): {got} instead of {want}"));
+                let (r, f, place) = (at / n, at % n, source.is_some());
+                return Err(format!(
+                    "({r}, {f}): {got} instead of {want} (in place: {place})"
+                ));
             }
         }
     }
@@ -171,7 +181,14 @@ pub(crate) fn gemm<R>(x: &[u16], row: &R, m: usize, n: usize, k: usize) -> Vec<f
 where
     R: Fn(usize, &mut [u16]) + Sync,
 {
-    gemm_on(x, row, m, n, k, true, block)
+    gemm_on(x, row, None, m, n, k, true, block)
+}
+
+/// [`gemm`] against a weight stored as BF16 (`n x k` bits, row-major), packed straight from
+/// where it lies (no copy of its rows first).
+pub(crate) fn gemm_stored(x: &[u16], w: &[u16], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let row = |j: usize, out: &mut [u16]| out.copy_from_slice(&w[j * k..(j + 1) * k]);
+    gemm_on(x, &row, Some(w), m, n, k, true, block)
 }
 
 /// A kernel adding one 32 x 32 block of products to its sums ([`block`], or the tests'
@@ -198,9 +215,11 @@ const MC: usize = 16 * MR;
 /// reads one contiguous kilobyte. Each task packs its group of weight panels for all inputs,
 /// then walks row chunks of [`MC`] and cache blocks of [`KC_STEPS`] steps, keeping its sums in
 /// a scratch buffer from which the tiles are reloaded for the next cache block.
+#[allow(clippy::too_many_arguments)]
 fn gemm_on<R>(
     x: &[u16],
     row: &R,
+    stored: Option<&[u16]>,
     m: usize,
     n: usize,
     k: usize,
@@ -232,7 +251,24 @@ where
             Lines::zeroed(MC * GROUP * 4),
         )
     };
-    let run = |(panels, scratch, sums): &mut (Lines, Vec<u16>, Lines), g: usize| {
+    // Tasks: a group of features over a band of rows. The rows are one band unless there are
+    // too few groups to keep every thread busy (a product with few outputs: attention's
+    // values, a key-value projection); then they are split, each band packing its group anew.
+    let groups = n.div_ceil(GROUP);
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let bands = (4 * threads)
+        .div_ceil(groups.max(1))
+        .min(m.div_ceil(MR))
+        .max(1);
+    let band = m.div_ceil(bands).div_ceil(MR) * MR;
+    let bands = m.div_ceil(band.max(1)).max(1);
+    let run = |(panels, scratch, sums): &mut (Lines, Vec<u16>, Lines), task: usize| {
+        let (g, rows_from) = (task / bands, task % bands * band);
+        let rows_to = (rows_from + band).min(m);
         let f0 = g * GROUP;
         let nf = GROUP.min(n - f0);
         let count = nf.div_ceil(NR);
@@ -243,6 +279,7 @@ where
             let features = NR.min(nf - q * NR);
             pack_panel(
                 row,
+                stored,
                 f0 + q * NR,
                 features,
                 k,
@@ -251,8 +288,8 @@ where
             );
         }
         let y_ptr = &y_ptr;
-        for r0 in (0..m).step_by(MC) {
-            let rows = MC.min(m - r0);
+        for r0 in (rows_from..rows_to).step_by(MC) {
+            let rows = MC.min(rows_to - r0);
             for s0 in (0..steps).step_by(KC_STEPS) {
                 let ks = KC_STEPS.min(steps - s0);
                 for rb in (0..rows).step_by(MR) {
@@ -284,7 +321,7 @@ where
             }
             for r in 0..rows {
                 // SAFETY: row r0 + r < m, columns f0..f0 + nf <= n: within y, and only this
-                // task writes this group's columns.
+                // task writes these rows of this group's columns.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         sums[r * GROUP..].as_ptr(),
@@ -295,15 +332,16 @@ where
             }
         }
     };
-    let groups = n.div_ceil(GROUP);
     if parallel {
-        (0..groups).into_par_iter().for_each_init(buffers, run);
+        (0..groups * bands)
+            .into_par_iter()
+            .for_each_init(buffers, run);
     } else {
         let mut own = buffers();
-        (0..groups).for_each(|g| run(&mut own, g));
+        (0..groups * bands).for_each(|task| run(&mut own, task));
     }
-    // SAFETY: every group copied its nf columns of rows 0..m (whatever k), and the groups
-    // cover columns 0..n.
+    // SAFETY: every task copied its group's nf columns of its band's rows (whatever k); the
+    // groups cover columns 0..n and the bands rows 0..m.
     unsafe { crate::output::filled(y, m * n) }
 }
 
@@ -337,25 +375,48 @@ impl Lines {
 
 /// Packs features f0..f0+nf (zero beyond, and beyond each row's `k` inputs) as weight tiles:
 /// for step `s` and tile `t`, 16 rows (input pairs `16 s + i`) of 16 features' pairs
-/// (`t * 16 + j`), the pair's first value in the low half. `rows` is scratch for 16 rows of
-/// `panel.len() / 16` inputs (whole steps) whose tail beyond `k` is zero.
-fn pack_panel<R>(row: &R, f0: usize, nf: usize, k: usize, panel: &mut [u32], rows: &mut [u16])
-where
+/// (`t * 16 + j`), the pair's first value in the low half. Sixteen whole rows of a `stored`
+/// weight (`k` values per row) are transposed where they lie; other rows are first asked of
+/// `row` into `rows`, scratch for 16 rows of `panel.len() / 16` inputs (whole steps) whose tail
+/// beyond `k` is zero.
+fn pack_panel<R>(
+    row: &R,
+    stored: Option<&[u16]>,
+    f0: usize,
+    nf: usize,
+    k: usize,
+    panel: &mut [u32],
+    rows: &mut [u16],
+) where
     R: Fn(usize, &mut [u16]),
 {
     let steps = panel.len() / 512;
     let kp = steps * KT;
     for t in 0..NR / 16 {
-        for j in 0..16 {
-            let line = &mut rows[j * kp..(j + 1) * kp];
-            let f = t * 16 + j;
-            if f < nf {
-                row(f0 + f, &mut line[..k]);
-            } else {
-                line[..k].fill(0);
+        let first = t * 16;
+        let in_place = stored.filter(|_| first + 16 <= nf);
+        // Steps read in place: the whole ones of a stored weight's 16 rows.
+        let whole = in_place.map_or(0, |_| k / KT);
+        if let Some(w) = in_place {
+            for s in 0..whole {
+                let tile = &mut panel[(s * 2 + t) * 256..(s * 2 + t + 1) * 256];
+                transpose_pairs(w, k, (f0 + first) * k + s * KT, tile);
             }
         }
-        for s in 0..steps {
+        if whole == steps {
+            continue;
+        }
+        for j in 0..16 {
+            let line = &mut rows[j * kp..(j + 1) * kp];
+            let f = f0 + first + j;
+            match in_place {
+                // Only the last, partial step is read through the scratch.
+                Some(w) => line[whole * KT..k].copy_from_slice(&w[f * k + whole * KT..(f + 1) * k]),
+                None if first + j < nf => row(f, &mut line[..k]),
+                None => line[..k].fill(0),
+            }
+        }
+        for s in whole..steps {
             let tile = &mut panel[(s * 2 + t) * 256..(s * 2 + t + 1) * 256];
             transpose_pairs(rows, kp, s * KT, tile);
         }
@@ -612,15 +673,10 @@ mod tests {
                 }
             }
         }
-        // Every loop of the GEMM: two row chunks, two groups and two cache blocks, each
-        // with a partial last one.
-        check_kernel(
-            emulated,
-            MC + 9,
-            2 * GROUP + 13,
-            (2 * KC_STEPS + 3) * KT - 5,
-        )
-        .unwrap();
+        // Every loop of the GEMM: two row chunks in one band, four groups and two cache
+        // blocks, each with a partial last one; then one group over two bands of rows.
+        check_kernel(emulated, MC + 9, 3 * GROUP + 13, (KC_STEPS + 1) * KT - 5).unwrap();
+        check_kernel(emulated, 37, 45, 100).unwrap();
     }
 
     /// Both transposes (AVX-512 where the CPU has it) put row j's pair i at word 16 i + j.
@@ -648,33 +704,45 @@ mod tests {
         }
     }
 
-    /// The packing puts each input pair where a weight tile row wants it.
+    /// The packing puts each input pair where a weight tile row wants it, from rows asked for
+    /// one at a time and from a weight read in place (whose first 16 features are transposed
+    /// where they lie, the last partial step and the next 4 features through the scratch).
     #[test]
     fn packing_puts_pairs_in_tile_order() {
         let (k, nf): (usize, usize) = (70, 20);
+        let value = |j: usize, i: usize| (j * 1000 + i) as u16;
         let row = |j: usize, out: &mut [u16]| {
             for (i, o) in out.iter_mut().enumerate() {
-                *o = (j * 1000 + i) as u16;
+                *o = value(j, i);
             }
         };
+        let stored: Vec<u16> = (0..nf * k).map(|v| value(v / k, v % k)).collect();
         let steps = k.div_ceil(KT);
-        let mut panel = vec![0u32; steps * 512];
-        pack_panel(&row, 0, nf, k, &mut panel, &mut vec![0u16; 16 * steps * KT]);
-        for f in 0..NR {
-            for i in 0..steps * KT {
-                let (s, pair, t, j) = (i / 32, (i % 32) / 2, f / 16, f % 16);
-                let word = panel[((s * 2 + t) * 16 + pair) * 16 + j];
-                let got = if i % 2 == 0 {
-                    word & 0xffff
-                } else {
-                    word >> 16
-                };
-                let want = if f < nf && i < k {
-                    (f * 1000 + i) as u32
-                } else {
-                    0
-                };
-                assert_eq!(got, want, "feature {f}, input {i}");
+        for source in [None, Some(&stored[..])] {
+            let mut panel = vec![0u32; steps * 512];
+            let mut scratch = vec![0u16; 16 * steps * KT];
+            pack_panel(&row, source, 0, nf, k, &mut panel, &mut scratch);
+            for f in 0..NR {
+                for i in 0..steps * KT {
+                    let (s, pair, t, j) = (i / 32, (i % 32) / 2, f / 16, f % 16);
+                    let word = panel[((s * 2 + t) * 16 + pair) * 16 + j];
+                    let got = if i % 2 == 0 {
+                        word & 0xffff
+                    } else {
+                        word >> 16
+                    };
+                    let want = if f < nf && i < k {
+                        u32::from(value(f, i))
+                    } else {
+                        0
+                    };
+                    assert_eq!(
+                        got,
+                        want,
+                        "feature {f}, input {i}, in place: {}",
+                        source.is_some()
+                    );
+                }
             }
         }
     }

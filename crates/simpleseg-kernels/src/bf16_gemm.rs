@@ -62,6 +62,26 @@ where
     None
 }
 
+/// [`gemm`] against a weight stored as BF16 (`w`: `n x k` bits, row-major): on AMX its rows
+/// are packed from where they lie, without a copy of each row first. Returns `None` where
+/// [`gemm`] does, or when `w` is shorter than `n x k`.
+pub fn gemm_stored(x: &[u16], w: &[u16], m: usize, n: usize, k: usize) -> Option<Vec<f32>> {
+    if w.len() < n * k {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if amx() && x.len() >= m * k {
+        return Some(crate::amx::gemm_stored(x, &w[..n * k], m, n, k));
+    }
+    gemm(
+        x,
+        |j: usize, out: &mut [u16]| out.copy_from_slice(&w[j * k..(j + 1) * k]),
+        m,
+        n,
+        k,
+    )
+}
+
 #[cfg(target_arch = "x86_64")]
 fn gemm_x86<R>(x: &[u16], row: &R, m: usize, n: usize, k: usize) -> Vec<f32>
 where
@@ -256,17 +276,34 @@ mod tests {
                 *o = v.to_bits();
             }
         };
-        let got = gemm(&bits, row, m, n, k).expect("available");
-        for r in 0..m {
-            for f in 0..n {
-                let want: f64 = (0..k)
-                    .map(|i| f64::from(x[r * k + i].to_f32()) * f64::from(w[f * k + i].to_f32()))
-                    .sum();
-                let g = f64::from(got[r * n + f]);
-                assert!(
-                    (g - want).abs() < 1e-3 * (1.0 + want.abs()),
-                    "({r}, {f}): {g} vs {want}"
-                );
+        let stored: Vec<u16> = w.iter().map(|v| v.to_bits()).collect();
+        // The dispatching entries (AMX tiles where the CPU has them), and the AVX512-BF16
+        // kernel itself wherever it runs, AMX or not.
+        let mut results = vec![
+            ("gemm", gemm(&bits, row, m, n, k).expect("available")),
+            (
+                "gemm_stored",
+                gemm_stored(&bits, &stored, m, n, k).expect("available"),
+            ),
+        ];
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::avx512_bf16() {
+            results.push(("avx512_bf16", gemm_x86(&bits, &row, m, n, k)));
+        }
+        for (path, got) in results {
+            for r in 0..m {
+                for f in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|i| {
+                            f64::from(x[r * k + i].to_f32()) * f64::from(w[f * k + i].to_f32())
+                        })
+                        .sum();
+                    let g = f64::from(got[r * n + f]);
+                    assert!(
+                        (g - want).abs() < 1e-3 * (1.0 + want.abs()),
+                        "{path} ({r}, {f}): {g} vs {want}"
+                    );
+                }
             }
         }
     }

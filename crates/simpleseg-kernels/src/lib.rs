@@ -17,7 +17,8 @@
 //!   and LayerNorm rows.
 //! - [`q4k`], [`q4_0`]: q4k x q8k and q4_0 x q8_0 dot products with AVX-512 VNNI, and
 //!   [`q8_0`]: q8_0 x q8_0 with AVX-512 VNNI or AVX2 (decoding against quantized weights);
-//!   [`blocks`], the typed view of quantized bytes they read.
+//!   [`blocks`], the typed view of quantized bytes they read; [`dequantize`]: q8_0 and q4k
+//!   rows widened to BF16 for the BF16 GEMM (prefill against quantized weights on AMX).
 //!
 //! Every kernel is tested against a portable or reference computation (candle's ggml dot
 //! products for the integer kernels); `examples/bench_kernels.rs` times them.
@@ -31,6 +32,8 @@ pub mod attention;
 pub mod bf16_gemm;
 pub mod blocks;
 pub mod cpu;
+#[cfg(target_arch = "x86_64")]
+pub mod dequantize;
 pub mod dot;
 pub mod f32_gemm;
 #[cfg(target_arch = "x86_64")]

@@ -107,6 +107,13 @@ impl QuantizedMatrix {
         view(self.bytes()).unwrap_or_default()
     }
 
+    /// Row `r`'s blocks, viewed as `B` (which must be this matrix's block type).
+    pub(crate) fn row_blocks<B: PlainBlock>(&self, r: usize) -> &[B] {
+        let blocks = self.typed::<B>();
+        let per_row = blocks.len() / self.rows.max(1);
+        &blocks[r * per_row..(r + 1) * per_row]
+    }
+
     /// Row `r` dequantized into `out` (`cols` values).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         fn run<T: GgmlType + PlainBlock>(m: &QuantizedMatrix, r: usize, out: &mut [f32]) {

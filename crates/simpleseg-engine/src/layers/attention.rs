@@ -115,8 +115,7 @@ fn bf16_gemm_attention(
             &ks[i * lk * d..(i + 1) * lk * d],
             &vs[i * lk * d..(i + 1) * lk * d],
         );
-        let key = |j: usize, row: &mut [u16]| row.copy_from_slice(&ki[j * d..(j + 1) * d]);
-        let Some(mut scores) = bf16_gemm::gemm(qi, key, lq, lk, d) else {
+        let Some(mut scores) = bf16_gemm::gemm_stored(qi, ki, lq, lk, d) else {
             return Ok(None);
         };
         scores.par_chunks_mut(lk).enumerate().for_each(|(r, row)| {

@@ -3,6 +3,7 @@
 //! rows (decoding) are multiplied one dot product per output ([`simpleseg_kernels::rows`], the
 //! quantized driver); many rows (a prefill) by a GEMM over the weight as stored.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Module, Result, Tensor, D};
 use simpleseg_kernels::rows::Weights as Rows;
 
@@ -253,6 +254,11 @@ pub trait RowSource: Sync {
     fn f32_rows(&self) -> Option<&[f32]> {
         None
     }
+    /// The whole matrix as stored, when it is BF16: its bits, row-major (packed for the BF16
+    /// GEMM from where they lie).
+    fn bf16_rows(&self) -> Option<&[u16]> {
+        None
+    }
 }
 
 impl RowSource for MappedMatrix {
@@ -279,6 +285,10 @@ impl RowSource for MappedMatrix {
     fn f32_rows(&self) -> Option<&[f32]> {
         (self.dtype == DType::F32).then(|| self.f32())
     }
+    fn bf16_rows(&self) -> Option<&[u16]> {
+        use half::slice::HalfFloatSliceExt;
+        (self.dtype == DType::BF16).then(|| self.bf16().reinterpret_cast())
+    }
 }
 
 impl RowSource for QuantizedMatrix {
@@ -287,6 +297,26 @@ impl RowSource for QuantizedMatrix {
     }
     fn row_f32(&self, r: usize, out: &mut [f32]) {
         self.row_into(r, out)
+    }
+    fn row_bf16_bits(&self, r: usize, out: &mut [u16]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use simpleseg_kernels::{dequantize, q4k, q8_0};
+            match self.ggml {
+                GgmlDType::Q8_0 => {
+                    return dequantize::q8_0_to_bf16(self.row_blocks::<q8_0::Q8_0Block>(r), out)
+                }
+                GgmlDType::Q4K => {
+                    return dequantize::q4k_to_bf16(self.row_blocks::<q4k::Q4KBlock>(r), out)
+                }
+                _ => {}
+            }
+        }
+        let mut wide = vec![0f32; out.len()];
+        self.row_into(r, &mut wide);
+        for (o, v) in out.iter_mut().zip(wide) {
+            *o = half::bf16::from_f32(v).to_bits();
+        }
     }
 }
 
@@ -348,19 +378,19 @@ fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Vec<f32>>> {
     // thread, cost more than the copy saves).
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
+    let product = |bits: &[u16]| match w.bf16_rows() {
+        Some(stored) => {
+            simpleseg_kernels::bf16_gemm::gemm_stored(bits, stored, rows, out_dim, in_dim)
+        }
+        None => simpleseg_kernels::bf16_gemm::gemm(bits, row, rows, out_dim, in_dim),
+    };
     if let (Storage::Cpu(CpuStorage::BF16(values)), Some((start, end))) =
         (&*storage, layout.contiguous_offsets())
     {
-        let bits = values[start..end].reinterpret_cast();
-        return Ok(simpleseg_kernels::bf16_gemm::gemm(
-            bits, row, rows, out_dim, in_dim,
-        ));
+        return Ok(product(values[start..end].reinterpret_cast()));
     }
     drop(storage);
-    let bits = bf16_bits(&x)?;
-    Ok(simpleseg_kernels::bf16_gemm::gemm(
-        &bits, row, rows, out_dim, in_dim,
-    ))
+    Ok(product(&bf16_bits(&x)?))
 }
 
 /// The f32 path of [`many_rows_matmul`] ([`simpleseg_kernels::f32_gemm`]): exact on the

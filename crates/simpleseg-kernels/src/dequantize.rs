@@ -1,0 +1,215 @@
+//! Quantized rows widened to BF16 for the BF16 GEMM (a prefill against q8_0 or q4k weights on
+//! AMX tiles): each value computed in f32 exactly as candle's (ggml's) `to_float` computes it,
+//! then rounded to the nearest BF16 (ties to even) as `half::bf16::from_f32` rounds.
+//!
+//! The arithmetic is written once, plainly; on CPUs with AVX-512 it is compiled a second time
+//! with those instructions enabled, where the compiler turns each block's loop into vector
+//! code (the scalar row conversion through f32 cost a prefill seconds).
+
+use crate::q4k::{scales_and_mins, Q4KBlock};
+use crate::q8_0::Q8_0Block;
+
+/// Values per q8_0 block.
+const QK8_0: usize = 32;
+/// Values per q4k block.
+const QK_K: usize = 256;
+
+/// The blocks' values as BF16 bits into `out` (`32` per block). Panics when `out` is shorter.
+pub fn q8_0_to_bf16(blocks: &[Q8_0Block], out: &mut [u16]) {
+    assert!(
+        out.len() >= blocks.len() * QK8_0,
+        "q8_0 row longer than its output"
+    );
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F is present.
+        unsafe { q8_0_avx512(blocks, out) };
+    } else {
+        q8_0_plain(blocks, out);
+    }
+}
+
+/// The blocks' values as BF16 bits into `out` (`256` per block). Panics when `out` is shorter.
+pub fn q4k_to_bf16(blocks: &[Q4KBlock], out: &mut [u16]) {
+    assert!(
+        out.len() >= blocks.len() * QK_K,
+        "q4k row longer than its output"
+    );
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F is present.
+        unsafe { q4k_avx512(blocks, out) };
+    } else {
+        q4k_plain(blocks, out);
+    }
+}
+
+/// [`q8_0_to_bf16`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn q8_0_avx512(blocks: &[Q8_0Block], out: &mut [u16]) {
+    q8_0_plain(blocks, out)
+}
+
+/// [`q4k_to_bf16`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn q4k_avx512(blocks: &[Q4KBlock], out: &mut [u16]) {
+    q4k_plain(blocks, out)
+}
+
+#[inline(always)]
+fn q8_0_plain(blocks: &[Q8_0Block], out: &mut [u16]) {
+    for (block, out) in blocks.iter().zip(out.chunks_exact_mut(QK8_0)) {
+        let d = half::f16::from_bits(block.d).to_f32();
+        for (o, &q) in out.iter_mut().zip(&block.qs) {
+            *o = bf16_bits(f32::from(q) * d);
+        }
+    }
+}
+
+#[inline(always)]
+fn q4k_plain(blocks: &[Q4KBlock], out: &mut [u16]) {
+    for (block, out) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+        let d = half::f16::from_bits(block.d).to_f32();
+        let min = half::f16::from_bits(block.dmin).to_f32();
+        let (scales, mins) = scales_and_mins(&block.scales);
+        // Bytes 32 j.. hold values 64 j.. (low nibbles, sub-block 2 j) and 64 j + 32..
+        // (high nibbles, sub-block 2 j + 1).
+        for (j, (qs, out)) in block
+            .qs
+            .chunks_exact(32)
+            .zip(out.chunks_exact_mut(64))
+            .enumerate()
+        {
+            let byte = |packed: u64, i: usize| f32::from((packed >> (8 * i)) as u8);
+            let (d1, m1) = (d * byte(scales, 2 * j), min * byte(mins, 2 * j));
+            let (d2, m2) = (d * byte(scales, 2 * j + 1), min * byte(mins, 2 * j + 1));
+            let (low, high) = out.split_at_mut(32);
+            for ((l, h), &q) in low.iter_mut().zip(high.iter_mut()).zip(qs) {
+                *l = bf16_bits(d1 * f32::from(q & 0xf) - m1);
+                *h = bf16_bits(d2 * f32::from(q >> 4) - m2);
+            }
+        }
+    }
+}
+
+/// `half::bf16::from_f32(v).to_bits()` without branches on the value's class (so that loops
+/// of it vectorize): NaNs stay NaNs (quiet, sign and high payload kept), the rest round to
+/// nearest, ties to even.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
+    let nan = (x >> 16) | 0x40;
+    (if x & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0, GgmlType};
+
+    /// Candle's own dequantization of the same blocks, rounded by `half`.
+    fn reference<T: GgmlType>(blocks: &[T], values: usize) -> Vec<u16> {
+        let mut wide = vec![0f32; values];
+        T::to_float(blocks, &mut wide);
+        wide.iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect()
+    }
+
+    /// Weights spanning several magnitudes, quantized by candle, and a few hand-made scales
+    /// (infinite, NaN, subnormal) written over some blocks' bits.
+    fn weights(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let t = (i * 7919 % 2003) as f32 / 1001.0 - 1.0;
+                t * 10f32.powi((i / 97 % 7) as i32 - 3)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn q8_0_equals_candles_dequantization_rounded() {
+        let x = weights(32 * 64);
+        let mut blocks = vec![BlockQ8_0::zeros(); 64];
+        BlockQ8_0::from_float(&x, &mut blocks);
+        // SAFETY: `Q8_0Block` is `BlockQ8_0`'s layout (asserted in q8_0.rs).
+        let ours: &mut [Q8_0Block] =
+            unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast(), blocks.len()) };
+        for (i, d) in [0x7c00u16, 0x7e01, 0x0001, 0xfc00].into_iter().enumerate() {
+            ours[3 + 10 * i].d = d;
+        }
+        let want = reference(&blocks, x.len());
+        // SAFETY: as above.
+        let ours: &[Q8_0Block] =
+            unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), blocks.len()) };
+        let mut got = vec![0u16; x.len()];
+        q8_0_plain(ours, &mut got);
+        assert_eq!(got, want, "plain");
+        got.fill(0);
+        q8_0_to_bf16(ours, &mut got);
+        assert_eq!(got, want, "dispatched (AVX-512 where present)");
+    }
+
+    #[test]
+    fn q4k_equals_candles_dequantization_rounded() {
+        let x = weights(256 * 24);
+        let mut blocks = vec![BlockQ4K::zeros(); 24];
+        BlockQ4K::from_float(&x, &mut blocks);
+        // SAFETY: `Q4KBlock` is `BlockQ4K`'s layout (asserted in q4k.rs).
+        let ours: &mut [Q4KBlock] =
+            unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast(), blocks.len()) };
+        for (i, d) in [0x7c00u16, 0x7e01, 0x0001].into_iter().enumerate() {
+            ours[2 + 5 * i].d = d;
+            ours[4 + 5 * i].dmin = d;
+        }
+        let want = reference(&blocks, x.len());
+        // SAFETY: as above.
+        let ours: &[Q4KBlock] =
+            unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), blocks.len()) };
+        let mut got = vec![0u16; x.len()];
+        q4k_plain(ours, &mut got);
+        assert_eq!(got, want, "plain");
+        got.fill(0);
+        q4k_to_bf16(ours, &mut got);
+        assert_eq!(got, want, "dispatched (AVX-512 where present)");
+    }
+
+    #[test]
+    fn bf16_rounding_equals_half() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xff80_0001),
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            1.0 + f32::EPSILON * 64.0,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x7f7f_ffff),
+        ];
+        let sweep = (0..1 << 20).map(|i: u32| f32::from_bits(i.wrapping_mul(4099)));
+        for v in specials.into_iter().chain(sweep) {
+            assert_eq!(
+                bf16_bits(v),
+                half::bf16::from_f32(v).to_bits(),
+                "{:#x}",
+                v.to_bits()
+            );
+        }
+    }
+}
