@@ -155,8 +155,8 @@ fn bf16_gemm_attention(
 /// [`attention`] computes for BF16 (f32 scores and softmax, weights rounded to BF16 before the
 /// product with the values), without per-head copies or whole score matrices. Returns the
 /// `(n, heads * head_dim)` BF16 output. `None` where it does not apply: not BF16 on the CPU,
-/// training, a CPU without AVX512-BF16, or one with AMX (whose tiles [`attention`]'s GEMMs
-/// use).
+/// training, or a CPU without AVX512-BF16. (On AMX CPUs too it beats [`attention`]'s per-head
+/// tile GEMMs: the Qwen2.5-VL ViT on a 640x480 image 3.8 s instead of 4.5 s on 2 cores.)
 pub fn segment_attention(
     qkv: &Tensor,
     heads: usize,
@@ -175,7 +175,6 @@ pub fn segment_attention(
         || !qkv.device().is_cpu()
         || qkv.track_op()
         || !kernel::available()
-        || simpleseg_kernels::bf16_gemm::amx()
     {
         return Ok(None);
     }
@@ -440,8 +439,8 @@ mod tests {
     /// within BF16 roundings, for both rotations and segments that are not block multiples.
     #[test]
     fn segment_attention_equals_rotation_then_attention_per_segment() {
-        if !simpleseg_kernels::attention::available() || simpleseg_kernels::bf16_gemm::amx() {
-            eprintln!("skipped: this CPU lacks AVX512-BF16 or has AMX (the unfused path runs)");
+        if !simpleseg_kernels::attention::available() {
+            eprintln!("skipped: this CPU lacks AVX512-BF16 (the unfused path runs)");
             return;
         }
         let dev = Device::Cpu;
