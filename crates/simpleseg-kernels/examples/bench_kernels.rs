@@ -50,7 +50,16 @@ fn relative_difference(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc.h.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> Result<()> {
+    // SAFETY: sets a process-wide allocator option before any other thread exists (as the
+    // simpleseg binary does).
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     // `bench_kernels prefill M K N`: that one prefill product only (bench_engine.py's GEMM
     // row, beside torch's matmul on the same shape).
     let args: Vec<String> = std::env::args().skip(1).collect();
