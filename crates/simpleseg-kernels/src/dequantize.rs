@@ -114,19 +114,10 @@ fn bf16_bits(v: f32) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blocks::{bytes_of, view, PlainBlock};
     use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0, GgmlType};
 
-    /// Candle's own dequantization of the same blocks, rounded by `half`.
-    fn reference<T: GgmlType>(blocks: &[T], values: usize) -> Vec<u16> {
-        let mut wide = vec![0f32; values];
-        T::to_float(blocks, &mut wide);
-        wide.iter()
-            .map(|&v| half::bf16::from_f32(v).to_bits())
-            .collect()
-    }
-
-    /// Weights spanning several magnitudes, quantized by candle, and a few hand-made scales
-    /// (infinite, NaN, subnormal) written over some blocks' bits.
+    /// Weights spanning several magnitudes.
     fn weights(n: usize) -> Vec<f32> {
         (0..n)
             .map(|i| {
@@ -136,51 +127,72 @@ mod tests {
             .collect()
     }
 
+    /// `blocks` blocks of [`weights`] quantized by candle, then for each `(block, byte, bits)`
+    /// of `scales` an f16 scale written over that block's bytes (infinite, NaN, subnormal).
+    fn quantized<T: GgmlType + PlainBlock>(
+        blocks: usize,
+        scales: &[(usize, usize, u16)],
+    ) -> Vec<T> {
+        let mut quantized = vec![T::zeros(); blocks];
+        T::from_float(&weights(blocks * T::BLCK_SIZE), &mut quantized);
+        let size = std::mem::size_of::<T>();
+        // SAFETY: plain data (`PlainBlock`): every byte is initialized and any bytes are a
+        // block; the slice borrows `quantized` mutably.
+        let bytes: &mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(quantized.as_mut_ptr().cast(), blocks * size) };
+        for &(block, byte, bits) in scales {
+            let at = block * size + byte;
+            bytes[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+        }
+        quantized
+    }
+
+    /// A row of blocks to BF16 bits.
+    type Conversion<B> = fn(&[B], &mut [u16]);
+
+    /// The plain and the dispatched conversion of `blocks`, read in our layout `B`, against
+    /// candle's own dequantization of them rounded by `half`.
+    fn assert_equals_candle<T: GgmlType + PlainBlock, B: PlainBlock>(
+        blocks: &[T],
+        [plain, dispatched]: [Conversion<B>; 2],
+    ) {
+        let mut wide = vec![0f32; blocks.len() * T::BLCK_SIZE];
+        T::to_float(blocks, &mut wide);
+        let want: Vec<u16> = wide
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        let ours = view::<B>(bytes_of(blocks)).expect("the same layout as candle's block");
+        for (path, convert) in [
+            ("plain", plain),
+            ("dispatched (AVX-512 where present)", dispatched),
+        ] {
+            let mut got = vec![0u16; want.len()];
+            convert(ours, &mut got);
+            assert_eq!(got, want, "{path}");
+        }
+    }
+
     #[test]
     fn q8_0_equals_candles_dequantization_rounded() {
-        let x = weights(32 * 64);
-        let mut blocks = vec![BlockQ8_0::zeros(); 64];
-        BlockQ8_0::from_float(&x, &mut blocks);
-        // SAFETY: `Q8_0Block` is `BlockQ8_0`'s layout (asserted in q8_0.rs).
-        let ours: &mut [Q8_0Block] =
-            unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast(), blocks.len()) };
-        for (i, d) in [0x7c00u16, 0x7e01, 0x0001, 0xfc00].into_iter().enumerate() {
-            ours[3 + 10 * i].d = d;
-        }
-        let want = reference(&blocks, x.len());
-        // SAFETY: as above.
-        let ours: &[Q8_0Block] =
-            unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), blocks.len()) };
-        let mut got = vec![0u16; x.len()];
-        q8_0_plain(ours, &mut got);
-        assert_eq!(got, want, "plain");
-        got.fill(0);
-        q8_0_to_bf16(ours, &mut got);
-        assert_eq!(got, want, "dispatched (AVX-512 where present)");
+        // The scale `d` is a block's first two bytes.
+        let scales = [
+            (3, 0, 0x7c00),
+            (13, 0, 0x7e01),
+            (23, 0, 0x0001),
+            (33, 0, 0xfc00),
+        ];
+        let blocks = quantized::<BlockQ8_0>(64, &scales);
+        assert_equals_candle(&blocks, [q8_0_plain, q8_0_to_bf16]);
     }
 
     #[test]
     fn q4k_equals_candles_dequantization_rounded() {
-        let x = weights(256 * 24);
-        let mut blocks = vec![BlockQ4K::zeros(); 24];
-        BlockQ4K::from_float(&x, &mut blocks);
-        // SAFETY: `Q4KBlock` is `BlockQ4K`'s layout (asserted in q4k.rs).
-        let ours: &mut [Q4KBlock] =
-            unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast(), blocks.len()) };
-        for (i, d) in [0x7c00u16, 0x7e01, 0x0001].into_iter().enumerate() {
-            ours[2 + 5 * i].d = d;
-            ours[4 + 5 * i].dmin = d;
-        }
-        let want = reference(&blocks, x.len());
-        // SAFETY: as above.
-        let ours: &[Q4KBlock] =
-            unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), blocks.len()) };
-        let mut got = vec![0u16; x.len()];
-        q4k_plain(ours, &mut got);
-        assert_eq!(got, want, "plain");
-        got.fill(0);
-        q4k_to_bf16(ours, &mut got);
-        assert_eq!(got, want, "dispatched (AVX-512 where present)");
+        // `d` is a block's first two bytes, `dmin` the next two.
+        let scales = [(2, 0, 0x7c00), (7, 0, 0x7e01), (12, 0, 0x0001)];
+        let mins = [(4, 2, 0x7c00), (9, 2, 0x7e01), (14, 2, 0x0001)];
+        let blocks = quantized::<BlockQ4K>(24, &[scales, mins].concat());
+        assert_equals_candle(&blocks, [q4k_plain, q4k_to_bf16]);
     }
 
     #[test]

@@ -244,11 +244,7 @@ pub trait RowSource: Sync {
     fn row_f32(&self, r: usize, out: &mut [f32]);
     /// Row `r` as BF16 bits (rounded to nearest even where the stored values are wider).
     fn row_bf16_bits(&self, r: usize, out: &mut [u16]) {
-        let mut wide = vec![0f32; out.len()];
-        self.row_f32(r, &mut wide);
-        for (o, v) in out.iter_mut().zip(wide) {
-            *o = half::bf16::from_f32(v).to_bits();
-        }
+        rounded_row(self, r, out)
     }
     /// The whole matrix as stored, when it is f32 (multiplied without a copy).
     fn f32_rows(&self) -> Option<&[f32]> {
@@ -258,6 +254,15 @@ pub trait RowSource: Sync {
     /// GEMM from where they lie).
     fn bf16_rows(&self) -> Option<&[u16]> {
         None
+    }
+}
+
+/// Row `r` of `w` as f32 ([`RowSource::row_f32`]), rounded to BF16 bits (nearest even).
+fn rounded_row<W: RowSource + ?Sized>(w: &W, r: usize, out: &mut [u16]) {
+    let mut wide = vec![0f32; out.len()];
+    w.row_f32(r, &mut wide);
+    for (o, v) in out.iter_mut().zip(wide) {
+        *o = half::bf16::from_f32(v).to_bits();
     }
 }
 
@@ -275,11 +280,7 @@ impl RowSource for MappedMatrix {
                 *o = v.to_bits();
             }
         } else {
-            let mut wide = vec![0f32; out.len()];
-            self.row_into(r, &mut wide);
-            for (o, v) in out.iter_mut().zip(wide) {
-                *o = half::bf16::from_f32(v).to_bits();
-            }
+            rounded_row(self, r, out)
         }
     }
     fn f32_rows(&self) -> Option<&[f32]> {
@@ -312,11 +313,7 @@ impl RowSource for QuantizedMatrix {
                 _ => {}
             }
         }
-        let mut wide = vec![0f32; out.len()];
-        self.row_into(r, &mut wide);
-        for (o, v) in out.iter_mut().zip(wide) {
-            *o = half::bf16::from_f32(v).to_bits();
-        }
+        rounded_row(self, r, out)
     }
 }
 
