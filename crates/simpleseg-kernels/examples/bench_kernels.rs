@@ -162,7 +162,8 @@ fn vision_attention(n: usize, heads: usize, d: usize, segment: usize) -> Result<
         .map(|s| 4 * s.len() * s.len() * d * heads)
         .sum();
     println!(
-        "{{\"case\": \"attention\", \"n\": {n}, \"heads\": {heads}, \"d\": {d}, \"segment\": {segment}, \"ms\": {:.2}, \"gflops\": {:.1}, \"candle_f32_ms\": {:.2}, \"speedup_vs_candle\": {:.2}, \"relative_difference\": {:.2e}}}",
+        "{{\"case\": \"attention\", \"kernel\": \"{}\", \"n\": {n}, \"heads\": {heads}, \"d\": {d}, \"segment\": {segment}, \"ms\": {:.2}, \"gflops\": {:.1}, \"candle_f32_ms\": {:.2}, \"speedup_vs_candle\": {:.2}, \"relative_difference\": {:.2e}}}",
+        if bf16_gemm::amx() { "amx" } else { "avx512bf16" },
         seconds * 1e3,
         flops as f64 / seconds / 1e9,
         candle_seconds * 1e3,

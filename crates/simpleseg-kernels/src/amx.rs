@@ -453,8 +453,7 @@ fn transpose_pairs_scalar(rows: &[u16], kp: usize, from: usize, tile: &mut [u32]
     }
 }
 
-/// [`transpose_pairs`] in 64 two-source permutes: the transpose swaps each bit of the row
-/// index with the same bit of the column index, one bit per stage (the swaps commute).
+/// [`transpose_pairs`] in 64 two-source permutes ([`transpose_pair_registers`]).
 ///
 /// # Safety
 /// The CPU has AVX-512 F; `src` starts 16 readable rows of 32 values, `stride` values apart;
@@ -464,8 +463,24 @@ fn transpose_pairs_scalar(rows: &[u16], kp: usize, from: usize, tile: &mut [u32]
 unsafe fn transpose_pairs_avx512(src: *const u16, stride: usize, dst: *mut u32) {
     use std::arch::x86_64::*;
     // SAFETY: the caller's bounds.
-    let mut r: [__m512i; 16] =
+    let r: [__m512i; 16] =
         std::array::from_fn(|j| unsafe { _mm512_loadu_si512(src.add(j * stride).cast()) });
+    for (i, row) in transpose_pair_registers(r).iter().enumerate() {
+        // SAFETY: row i of the 256 words.
+        unsafe { _mm512_storeu_si512(dst.add(i * 16).cast(), *row) };
+    }
+}
+
+/// The 16 x 16 transpose of 32-bit words held in 16 registers: the transpose swaps each bit
+/// of the row index with the same bit of the column index, one bit per stage (the swaps
+/// commute), 64 two-source permutes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn transpose_pair_registers(
+    mut r: [std::arch::x86_64::__m512i; 16],
+) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
     for d in [1usize, 2, 4, 8] {
         // Row j (bit d clear) keeps its columns with bit d clear and takes row j + d's
         // columns c - d; row j + d takes row j's columns c + d and keeps the rest. An index
@@ -490,10 +505,7 @@ unsafe fn transpose_pairs_avx512(src: *const u16, stride: usize, dst: *mut u32) 
             r[j + d] = _mm512_permutex2var_epi32(a, upper, b);
         }
     }
-    for (i, row) in r.iter().enumerate() {
-        // SAFETY: row i of the 256 words.
-        unsafe { _mm512_storeu_si512(dst.add(i * 16).cast(), *row) };
-    }
+    r
 }
 
 /// Adds the products of 32 rows of activations and one packed panel over `steps` tile steps to
@@ -591,6 +603,80 @@ unsafe fn block(
             c2 = in(reg) c2,
             c3 = in(reg) c3,
             sc = in(reg) sc,
+            options(nostack, preserves_flags)
+        );
+    }
+}
+
+/// The operands of [`tiles_2x2`]: two rows of A tiles and two columns of B tiles, each
+/// advancing by a fixed number of bytes per step, and a 2 x 2 block of f32 sums.
+pub(crate) struct Tiles2x2 {
+    /// The first A tile of each row of tiles: 16 rows of 64 bytes.
+    pub a: [*const u8; 2],
+    /// Bytes from one row of an A tile to the next.
+    pub a_stride: usize,
+    /// Bytes from one step's A tile to the next one's.
+    pub a_step: usize,
+    /// The first B tile of each column of tiles: 16 rows of 64 bytes, consecutive (1 KB).
+    pub b: [*const u8; 2],
+    /// Bytes from one step's B tile to the next one's.
+    pub b_step: usize,
+    /// The sums' first value: tile (i, j) at `16 i` rows and `16 j` values from it.
+    pub c: *mut f32,
+    /// Bytes from one row of sums to the next.
+    pub c_stride: usize,
+}
+
+/// `C[i][j] = sum over steps of A[i](step) B[j](step)` for a 2 x 2 block of 16 x 16 f32 tiles
+/// (stored, not added to what `c` holds): the tile product of [`block`] over operands laid out
+/// by the caller (attention's queries, keys, weights and values).
+///
+/// # Safety
+/// [`available`] answered `true`; every tile the steps read and the 32 x 32 sums lie in
+/// memory the caller owns (readable, and writable for the sums).
+pub(crate) unsafe fn tiles_2x2(t: &Tiles2x2, steps: usize) {
+    let (cs, c) = (t.c_stride, t.c as *mut u8);
+    // SAFETY: the caller's ranges; tile registers are this thread's.
+    unsafe {
+        asm!(
+            "ldtilecfg [{cfg}]",
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            cfg = in(reg) &CONFIG as *const TileConfig,
+            options(nostack, readonly, preserves_flags)
+        );
+        for s in 0..steps {
+            asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {s64}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s64}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) t.a[0].add(s * t.a_step),
+                a1 = in(reg) t.a[1].add(s * t.a_step),
+                b0 = in(reg) t.b[0].add(s * t.b_step),
+                b1 = in(reg) t.b[1].add(s * t.b_step),
+                sa = in(reg) t.a_stride,
+                s64 = in(reg) 64usize,
+                options(nostack, readonly, preserves_flags)
+            );
+        }
+        asm!(
+            "tilestored [{c0} + {cs}*1], tmm0",
+            "tilestored [{c1} + {cs}*1], tmm1",
+            "tilestored [{c2} + {cs}*1], tmm2",
+            "tilestored [{c3} + {cs}*1], tmm3",
+            "tilerelease",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(64),
+            c2 = in(reg) c.add(16 * cs),
+            c3 = in(reg) c.add(16 * cs + 64),
+            cs = in(reg) cs,
             options(nostack, preserves_flags)
         );
     }

@@ -12,7 +12,7 @@
 //!   [`amx`] tiles where the CPU has them.
 //! - [`int8_gemm`]: integer GEMM with AVX-512 VNNI (prefill against quantized weights).
 //! - [`attention`]: self-attention within segments (vision towers' images and windows)
-//!   over BF16 heads read in place, on the BF16 GEMM's micro-kernel.
+//!   over BF16 heads read in place, on the BF16 GEMM's micro-kernel or on AMX tiles.
 //! - [`math`]: vectorized `exp`, SiLU, tanh-GELU and softmax (activations and attention),
 //!   and LayerNorm rows.
 //! - [`q4k`], [`q4_0`]: q4k x q8k and q4_0 x q8_0 dot products with AVX-512 VNNI, and
@@ -28,6 +28,8 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
+#[cfg(target_arch = "x86_64")]
+mod amx_attention;
 pub mod attention;
 pub mod bf16_gemm;
 pub mod blocks;
