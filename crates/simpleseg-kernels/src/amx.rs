@@ -199,7 +199,15 @@ pub(crate) fn gemm_stored(x: &[u16], w: &[u16], m: usize, n: usize, k: usize) ->
 
 /// A kernel adding one 32 x 32 block of products to its sums ([`block`], or the tests'
 /// emulation of it); see [`block`] for the arguments.
-type Block = unsafe fn(*const u16, *const u32, usize, *mut f32, usize, bool);
+type Block = unsafe fn(*const u16, *const u32, usize, *mut f32, usize, bool, Sums);
+
+/// Where a kernel call stores its 32 x 32 sums: the first one and the bytes from one row to
+/// the next.
+#[derive(Clone, Copy)]
+struct Sums {
+    at: *mut f32,
+    stride: usize,
+}
 
 /// Output features per parallel task (a group of panels): the activation block a kernel call
 /// reads is reused across the group's panels while it sits in the core's first-level cache.
@@ -212,6 +220,12 @@ const KC_STEPS: usize = 32;
 /// Rows per row chunk: the chunk's sums for a group (256 KB) and its activations for a cache
 /// block (1 MB) stay in the second-level cache.
 const MC: usize = 16 * MR;
+
+/// Whether the block of rows `rb..rb + 32` of a chunk of `rows` and panel `q` of a group of
+/// `nf` features is whole (its sums can be stored straight into the output).
+fn direct(rb: usize, rows: usize, q: usize, nf: usize) -> bool {
+    rb + MR <= rows && (q + 1) * NR <= nf
+}
 
 /// [`gemm`], its groups in parallel or (the self-check, which may run inside a parallel task
 /// waiting on it) one after the other.
@@ -298,12 +312,28 @@ where
             let rows = MC.min(rows_to - r0);
             for s0 in (0..steps).step_by(KC_STEPS) {
                 let ks = KC_STEPS.min(steps - s0);
+                let last = s0 + ks == steps;
                 for rb in (0..rows).step_by(MR) {
                     // The two 16-row tiles of rows r0 + rb.., from step s0.
                     let a = ((r0 + rb) / 16 * steps + s0) * 512;
                     for q in 0..count {
                         let b = (q * steps + s0) * 512;
                         let c = rb * GROUP + q * NR;
+                        // The last cache block stores a whole block of sums straight into the
+                        // output (no copy through the scratch afterwards).
+                        let out = if last && direct(rb, rows, q, nf) {
+                            Sums {
+                                // SAFETY: rows r0 + rb.. + 32 <= m, columns f0 + 32 q.. + 32
+                                // <= n (`direct`): within y.
+                                at: unsafe { y_ptr.0.add((r0 + rb) * n + f0 + q * NR) },
+                                stride: n * 4,
+                            }
+                        } else {
+                            Sums {
+                                at: sums[c..].as_mut_ptr(),
+                                stride: GROUP * 4,
+                            }
+                        };
                         debug_assert!(a + 512 * (steps + ks) <= xs.len());
                         debug_assert!(b + 512 * ks <= panels.len());
                         debug_assert!(c + 31 * GROUP + NR <= sums.len());
@@ -320,19 +350,27 @@ where
                                 sums[c..].as_mut_ptr(),
                                 steps,
                                 s0 > 0,
+                                out,
                             )
                         };
                     }
                 }
             }
+            // The sums not stored straight into the output: a partial last row block's, and
+            // a partial last panel's.
             for r in 0..rows {
-                // SAFETY: row r0 + r < m, columns f0..f0 + nf <= n: within y, and only this
-                // task writes these rows of this group's columns.
+                let from = if direct(r / MR * MR, rows, 0, nf) {
+                    nf / NR * NR
+                } else {
+                    0
+                };
+                // SAFETY: row r0 + r < m, columns f0 + from..f0 + nf <= n: within y, and only
+                // this task writes these rows of this group's columns.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
-                        sums[r * GROUP..].as_ptr(),
-                        y_ptr.0.add((r0 + r) * n + f0),
-                        nf,
+                        sums[r * GROUP + from..].as_ptr(),
+                        y_ptr.0.add((r0 + r) * n + f0 + from),
+                        nf - from,
                     );
                 }
             }
@@ -513,11 +551,12 @@ pub(crate) fn transpose_pair_registers(
 ///
 /// `a`: the first 16 rows' tiles in tile order (1 KB per step), the next 16 rows' tiles
 /// `gap` tiles further; `b`: the panel's steps (2 KB each: two 1 KB tiles of 16 features);
-/// `c`: the sums, rows [`GROUP`] values apart.
+/// `c`: the sums added to (when `accumulate`), rows [`GROUP`] values apart; `out`: where the
+/// new sums are stored (`c` itself, or the output).
 ///
 /// # Safety
 /// The OS granted this process tile data; `a` holds `gap + steps` tiles, `b` `steps * 512`
-/// words, `c` 32 rows of 32 sums at stride [`GROUP`].
+/// words, `c` 32 rows of 32 sums at stride [`GROUP`], `out` 32 rows of 32 at its stride.
 unsafe fn block(
     a: *const u16,
     b: *const u32,
@@ -525,6 +564,7 @@ unsafe fn block(
     c: *mut f32,
     gap: usize,
     accumulate: bool,
+    out: Sums,
 ) {
     let sc = GROUP * 4;
     // SAFETY (for the pointer arithmetic below): within the ranges the caller guarantees.
@@ -590,19 +630,20 @@ unsafe fn block(
             );
         }
     }
-    // SAFETY: the four 16 x 16 f32 tiles land in the sums (see above).
+    // SAFETY: the four 16 x 16 f32 tiles land in `out`'s 32 rows (the caller's range).
     unsafe {
+        let (o, os) = (out.at as *mut u8, out.stride);
         asm!(
-            "tilestored [{c0} + {sc}*1], tmm0",
-            "tilestored [{c1} + {sc}*1], tmm1",
-            "tilestored [{c2} + {sc}*1], tmm2",
-            "tilestored [{c3} + {sc}*1], tmm3",
+            "tilestored [{c0} + {os}*1], tmm0",
+            "tilestored [{c1} + {os}*1], tmm1",
+            "tilestored [{c2} + {os}*1], tmm2",
+            "tilestored [{c3} + {os}*1], tmm3",
             "tilerelease",
-            c0 = in(reg) c,
-            c1 = in(reg) c1,
-            c2 = in(reg) c2,
-            c3 = in(reg) c3,
-            sc = in(reg) sc,
+            c0 = in(reg) o,
+            c1 = in(reg) o.add(64),
+            c2 = in(reg) o.add(16 * os),
+            c3 = in(reg) o.add(16 * os + 64),
+            os = in(reg) os,
             options(nostack, preserves_flags)
         );
     }
@@ -728,6 +769,7 @@ mod tests {
             c: *mut f32,
             gap: usize,
             accumulate: bool,
+            out: Sums,
         ) {
             let (a, b, c) = (a as *const u8, b as *const u8, c as *mut u8);
             let tiles = [(0, 0), (0, 64), (16 * GROUP * 4, 0), (16 * GROUP * 4, 64)];
@@ -756,11 +798,13 @@ mod tests {
                 dp(&mut sums[2], &a1, &b0);
                 dp(&mut sums[3], &a1, &b1);
             }
-            for (sum, &(row, col)) in sums.iter().zip(&tiles) {
+            let (o, os) = (out.at as *mut u8, out.stride);
+            let places = [(0, 0), (0, 64), (16 * os, 0), (16 * os, 64)];
+            for (sum, &(row, col)) in sums.iter().zip(&places) {
                 for (r, line) in sum.iter().enumerate() {
                     for (j, v) in line.iter().enumerate() {
-                        let at = row + col + r * GROUP * 4 + j * 4;
-                        unsafe { *(c.add(at) as *mut [u8; 4]) = v.to_le_bytes() };
+                        let at = row + col + r * os + j * 4;
+                        unsafe { *(o.add(at) as *mut [u8; 4]) = v.to_le_bytes() };
                     }
                 }
             }
