@@ -103,6 +103,9 @@ pub fn dot(w: &[Q4_0Block], x: &PreparedQ8_0) -> Option<f32> {
     Some(unsafe { dot_unchecked(w, x) })
 }
 
+/// How far ahead of the blocks being multiplied a row is prefetched.
+const PREFETCH_BYTES: usize = 512;
+
 /// [`dot`] without its checks.
 ///
 /// # Safety
@@ -131,6 +134,11 @@ unsafe fn dot_unchecked(w: &[Q4_0Block], x: &PreparedQ8_0) -> f32 {
             // read unaligned.
             let (packed, scales) = unsafe {
                 let first = w.get_unchecked(2 * p);
+                // The row PREFETCH_BYTES ahead (past its end: the next row's, where rows lie
+                // one after another).
+                _mm_prefetch::<_MM_HINT_T0>(
+                    (first as *const Q4_0Block as *const i8).wrapping_add(PREFETCH_BYTES),
+                );
                 if second {
                     let next = w.get_unchecked(2 * p + 1);
                     (

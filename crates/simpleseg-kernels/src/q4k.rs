@@ -20,6 +20,9 @@ use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8K, GgmlType};
 /// Values per k-quant block.
 const QK_K: usize = 256;
 
+/// How many blocks ahead of the one being multiplied a row is prefetched.
+const PREFETCH_BLOCKS: usize = 8;
+
 /// A q4k block as ggml lays it out (`BlockQ4K` is `repr(C)` with these fields, private).
 #[repr(C)]
 pub struct Q4KBlock {
@@ -180,6 +183,12 @@ unsafe fn dot_unchecked<const R: usize>(w: [&[Q4KBlock]; R], x: &PreparedQ8K) ->
         for r in 0..R {
             // SAFETY: every row holds x.blocks() blocks (the caller's contract).
             let block = unsafe { w[r].get_unchecked(b) };
+            // The block PREFETCH_BLOCKS ahead (past the row's end: the next row's, where
+            // rows lie one after another), its three cache lines.
+            let ahead = (block as *const Q4KBlock).wrapping_add(PREFETCH_BLOCKS) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(143));
             let both = _mm_cvtph_ps(_mm_cvtsi32_si128(
                 (u32::from(block.d) | (u32::from(block.dmin) << 16)) as i32,
             ));

@@ -125,6 +125,10 @@ fn two_blocks(first: &Q8_0Block, second: &Q8_0Block) -> __m512i {
     }
 }
 
+/// How far ahead of the blocks being multiplied a row is prefetched (the hardware prefetcher
+/// alone left two Xeon cores at ~14 GB/s on rows of 3584 values; with this, 20-21).
+const PREFETCH_BYTES: usize = 512;
+
 /// [`dot`] of `R` rows with one input on AVX-512: each pair of input blocks is loaded once for
 /// all rows. Each row's result is computed exactly as it is alone (the same operations in the
 /// same order), so grouping rows changes no bit.
@@ -147,6 +151,11 @@ unsafe fn dot_rows_avx512<const R: usize>(w: [&[Q8_0Block]; R], x: &[Q8_0Block])
         for (row, acc) in w.iter().zip(acc.iter_mut()) {
             // SAFETY: as above.
             let (w0, w1) = unsafe { (row.get_unchecked(2 * p), row.get_unchecked(2 * p + 1)) };
+            // The row PREFETCH_BYTES ahead (past its end: the next row's, where rows lie one
+            // after another), both cache lines a pair of blocks may touch.
+            let ahead = (w0 as *const Q8_0Block as *const i8).wrapping_add(PREFETCH_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             let weights = two_blocks(w0, w1);
             let magnitudes = _mm512_abs_epi8(weights);
             let signed = _mm512_mask_sub_epi8(input, _mm512_movepi8_mask(weights), zero, input);
