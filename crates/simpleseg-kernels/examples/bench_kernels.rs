@@ -121,6 +121,7 @@ fn vision_attention(n: usize, heads: usize, d: usize, segment: usize) -> Result<
         values: &qkv,
         offset: part * width,
         stride: 3 * width,
+        head_stride: d,
     };
     let scale = (d as f32).powf(-0.5);
     let run = || attention::attention(view(0), view(1), view(2), &segments, heads, d, scale);

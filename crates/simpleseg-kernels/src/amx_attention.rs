@@ -31,29 +31,39 @@ const KT: usize = 32;
 /// Whether this path runs here: AMX ([`crate::amx::available`]) and AVX-512 BW and VL (the
 /// packing's masked loads; every AMX CPU has them).
 pub(crate) fn available() -> bool {
-    crate::amx::available()
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl")
+    crate::amx::available() && crate::cpu::avx512_bw_vl()
 }
 
-/// [`crate::attention::attention`] on tiles, its operands already checked (`n` positions,
-/// segments tiling `0..n`, views long enough, `d` even and non-zero).
+/// The heads of an attention and how they see each other.
+#[derive(Clone, Copy)]
+pub(crate) struct Shape {
+    /// Query heads.
+    pub heads: usize,
+    /// Query heads per key and value head (grouped-query attention; 1: one each).
+    pub group: usize,
+    /// Values per head (even).
+    pub d: usize,
+    /// Whether a position attends only to itself and the positions before it in its segment.
+    pub causal: bool,
+}
+
+/// [`crate::attention::attention`] (or, `causal`, [`crate::attention::causal`]) on tiles, its
+/// operands already checked (`n` positions, segments tiling `0..n`, views long enough for
+/// the shape's heads, `d` even and non-zero).
 ///
 /// Call only where [`available`] and [`crate::attention::available`] answered `true`.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the public function's operands, passed on"
-)]
 pub(crate) fn attention(
     q: Heads,
     k: Heads,
     v: Heads,
     segments: &[Range<usize>],
-    heads: usize,
-    d: usize,
+    shape: Shape,
     scale: f32,
     n: usize,
 ) -> Vec<u16> {
+    let Shape {
+        heads, group, d, ..
+    } = shape;
     let width = heads * d;
     // Tasks: (segment, head, query blocks); a head's blocks are split into runs when there
     // are too few (segment, head) pairs to keep every thread busy.
@@ -80,9 +90,9 @@ pub(crate) fn attention(
         .into_par_iter()
         .for_each_init(Scratch::default, |scratch, (si, h, blocks)| {
             let out_ptr = &out_ptr;
-            let layout = Layout::new(segments[si].clone(), d);
+            let layout = Layout::new(segments[si].clone(), d, shape.causal);
             // SAFETY: AVX-512 F, BW and VL (the caller's); the views hold every position.
-            unsafe { scratch.pack(&layout, k, v, h) };
+            unsafe { scratch.pack(&layout, k, v, h / group) };
             for b in blocks {
                 let first = layout.keys.start + b * QB;
                 let queries = QB.min(layout.keys.end - first);
@@ -118,16 +128,28 @@ struct Layout {
     len: usize,
     /// The head's values padded to a whole number of pairs of 16-value tiles.
     dv: usize,
+    /// Whether a query sees only the keys up to its own position.
+    causal: bool,
 }
 
 impl Layout {
-    fn new(keys: Range<usize>, d: usize) -> Layout {
+    fn new(keys: Range<usize>, d: usize, causal: bool) -> Layout {
         Layout {
             len: keys.len().div_ceil(KT) * KT,
             keys,
             d,
             steps: d.div_ceil(KT),
             dv: d.div_ceil(32) * 32,
+            causal,
+        }
+    }
+
+    /// How many of the segment's keys the query at position `t` sees.
+    fn seen(&self, t: usize) -> usize {
+        if self.causal {
+            t + 1 - self.keys.start
+        } else {
+            self.keys.len()
         }
     }
 }
@@ -258,8 +280,7 @@ impl Scratch {
                 unsafe {
                     use std::arch::x86_64::*;
                     let row = if r < queries {
-                        let values =
-                            &q.values[q.offset + (first + r) * q.stride + h * l.d..][..l.d];
+                        let values = &q.values[q.at(first + r, h)..][..l.d];
                         let m = if l.d - from >= KT {
                             u32::MAX
                         } else {
@@ -274,8 +295,10 @@ impl Scratch {
             }
         }
         let len = l.len;
+        // Keys the block's last query sees, in whole tiles: the rest of the row is unused.
+        let seen = l.seen(first + queries - 1).div_ceil(KT) * KT;
         let scores = room(&mut self.scores, QB * len);
-        for c in 0..len / KT {
+        for c in 0..seen / KT {
             let b = |i: usize| self.keys[(2 * c + i) * steps * 256..].as_ptr().cast();
             // SAFETY: two rows of `steps` query tiles (1 KB apart), two blocks of 16 keys'
             // `steps` tiles, the 32 x 32 sums at columns 32 c of 32 rows of `len`: all within
@@ -296,21 +319,23 @@ impl Scratch {
             };
         }
         let weights = room(&mut self.weights, QB * len);
-        let n = l.keys.len();
         for (r, (scores, weights)) in scores
             .chunks_exact_mut(len)
             .zip(weights.chunks_exact_mut(len))
             .enumerate()
         {
+            let (scores, weights) = (&mut scores[..seen], &mut weights[..seen]);
             if r < queries {
-                // SAFETY: AVX-512 F (the caller's); rows of `len`, a multiple of 16, >= n.
-                unsafe { softmax_row(scores, n, scale, weights) };
+                // SAFETY: AVX-512 F (the caller's); rows of `seen`, a multiple of 16, at
+                // least the keys this query sees.
+                unsafe { softmax_row(scores, l.seen(first + r), scale, weights) };
             } else {
                 weights.fill(0);
             }
         }
         let dv = l.dv;
         let sums = room(&mut self.sums, QB * dv);
+        // The values' tiles are laid out for every key; the product reads the seen ones.
         let chunks = len / KT;
         for t in 0..dv / 32 {
             let b = |i: usize| self.values[(2 * t + i) * chunks * 256..].as_ptr().cast();
@@ -328,7 +353,7 @@ impl Scratch {
                         c: sums[t * 32..].as_mut_ptr(),
                         c_stride: dv * 4,
                     },
-                    chunks,
+                    seen / KT,
                 )
             };
         }
@@ -341,7 +366,7 @@ impl Scratch {
 
 /// Head `h`'s values at the segment's position `t`.
 fn head<'a>(view: &Heads<'a>, l: &Layout, h: usize, t: usize) -> &'a [u16] {
-    &view.values[view.offset + (l.keys.start + t) * view.stride + h * l.d..][..l.d]
+    &view.values[view.at(l.keys.start + t, h)..][..l.d]
 }
 
 /// Lanes `0..count` of a 16-lane mask.

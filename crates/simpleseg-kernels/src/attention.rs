@@ -27,8 +27,10 @@ use crate::bf16_gemm::{KC, MR, NR};
 const QB: usize = NR;
 
 /// The heads of one projection, BF16 bits: value `j` of head `h` at position `t` is
-/// `values[offset + t * stride + h * head_dim + j]` (for a fused `qkv` output `(n, 3, heads,
-/// head_dim)`: `stride = 3 * heads * head_dim` and `offset` 0, 1 or 2 times `heads * head_dim`).
+/// `values[offset + t * stride + h * head_stride + j]` (for a fused `qkv` output `(n, 3,
+/// heads, head_dim)`: `stride = 3 * heads * head_dim`, `head_stride = head_dim` and `offset`
+/// 0, 1 or 2 times `heads * head_dim`; for heads laid out one after another, `(heads, n,
+/// head_dim)`: `stride = head_dim` and `head_stride = n * head_dim`).
 #[derive(Clone, Copy, Debug)]
 pub struct Heads<'a> {
     /// The projection's values.
@@ -37,6 +39,20 @@ pub struct Heads<'a> {
     pub offset: usize,
     /// Values from one position to the next.
     pub stride: usize,
+    /// Values from one head to the next.
+    pub head_stride: usize,
+}
+
+impl Heads<'_> {
+    /// Where head `h`'s values at position `t` start.
+    pub(crate) fn at(&self, t: usize, h: usize) -> usize {
+        self.offset + t * self.stride + h * self.head_stride
+    }
+
+    /// Whether the values hold `heads` heads of `head_dim` values at positions `0..n`.
+    fn holds(&self, n: usize, heads: usize, head_dim: usize) -> bool {
+        n == 0 || heads == 0 || self.at(n - 1, heads - 1) + head_dim <= self.values.len()
+    }
 }
 
 /// Whether this CPU runs [`attention`]: AVX-512 F and BF16.
@@ -86,29 +102,88 @@ fn attention_on(
         .iter()
         .zip(std::iter::once(0).chain(segments.iter().map(|s| s.end)))
         .all(|(s, start)| s.start == start && s.end >= s.start);
-    let width = heads * head_dim;
-    let fits = |h: &Heads| n == 0 || h.offset + (n - 1) * h.stride + width <= h.values.len();
     if !available()
         || heads == 0
         || head_dim == 0
         || !head_dim.is_multiple_of(2)
         || !tiled
-        || ![q, k, v].iter().all(fits)
+        || ![q, k, v].iter().all(|x| x.holds(n, heads, head_dim))
     {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let run = if tiles {
-            crate::amx_attention::attention
+        Some(if tiles {
+            let shape = crate::amx_attention::Shape {
+                heads,
+                group: 1,
+                d: head_dim,
+                causal: false,
+            };
+            crate::amx_attention::attention(q, k, v, segments, shape, scale, n)
         } else {
-            attention_x86
-        };
-        Some(run(q, k, v, segments, heads, head_dim, scale, n))
+            attention_x86(q, k, v, segments, heads, head_dim, scale, n)
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (scale, tiles);
+        None
+    }
+}
+
+/// Causal self-attention of one sequence of `n` positions (a prompt's prefill): position `t`
+/// attends to positions `0..=t`, query head `h` to key and value head `h / (heads /
+/// kv_heads)` (grouped-query attention, no copies of the shared heads); otherwise what
+/// [`attention`] computes, the masked weights exactly zero. Returns the `(n, heads *
+/// head_dim)` output as BF16 bits, row-major. Runs on AMX tiles only: `None` on other CPUs
+/// (callers keep their own path there), or when `head_dim` is odd or zero, `kv_heads` does
+/// not divide `heads`, or a view is too short.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "three views and the sizes that read them"
+)]
+pub fn causal(
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    n: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+) -> Option<Vec<u16>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let runs = available() && crate::amx_attention::available();
+        let sizes = kv_heads > 0 && heads.is_multiple_of(kv_heads) && head_dim > 0;
+        if !runs
+            || !sizes
+            || !head_dim.is_multiple_of(2)
+            || !q.holds(n, heads, head_dim)
+            || ![k, v].iter().all(|x| x.holds(n, kv_heads, head_dim))
+        {
+            return None;
+        }
+        let shape = crate::amx_attention::Shape {
+            heads,
+            group: heads / kv_heads,
+            d: head_dim,
+            causal: true,
+        };
+        Some(crate::amx_attention::attention(
+            q,
+            k,
+            v,
+            std::slice::from_ref(&(0..n)),
+            shape,
+            scale,
+            n,
+        ))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (q, k, v, n, heads, kv_heads, head_dim, scale);
         None
     }
 }
@@ -146,7 +221,7 @@ fn attention_x86(
             let len2 = 2 * pairs(s);
             let mut values = vec![0u16; d * len2];
             for (t, pos) in s.clone().enumerate() {
-                let src = &v.values[v.offset + pos * v.stride + h * d..][..d];
+                let src = &v.values[v.at(pos, h)..][..d];
                 for (j, &x) in src.iter().enumerate() {
                     values[j * len2 + t] = x;
                 }
@@ -253,13 +328,13 @@ unsafe fn block(scratch: &mut Scratch, a: BlockArgs) {
     // The queries as a panel (zero beyond the block).
     scratch.queries.fill(0);
     for r in 0..a.queries {
-        let row = &a.q.values[a.q.offset + (a.first_query + r) * a.q.stride + a.head * d..][..d];
+        let row = &a.q.values[a.q.at(a.first_query + r, a.head)..][..d];
         for (p, pair) in row.chunks_exact(2).enumerate() {
             scratch.queries[p * QB + r] = u32::from(pair[0]) | u32::from(pair[1]) << 16;
         }
     }
     // Scores: key rows against the query panel, 8 keys per call.
-    let keys = &a.k.values[a.k.offset + a.keys.start * a.k.stride + a.head * d..];
+    let keys = &a.k.values[a.k.at(a.keys.start, a.head)..];
     for k0 in (0..len).step_by(MR) {
         // SAFETY: rows k0..k0+8 (at most) of the segment's keys, d values each at stride
         // k.stride; the panel holds d / 2 pairs of 48; the scores hold rows k0.. of 48.
@@ -440,6 +515,7 @@ mod tests {
             values: &qkv,
             offset: part * width,
             stride: 3 * width,
+            head_stride: d,
         };
         let scale = 0.4;
         let got = attention_on(tiles, view(0), view(1), view(2), &segments, heads, d, scale)
@@ -483,6 +559,114 @@ mod tests {
         worst
     }
 
+    /// [`causal`] against a reference in f64 (as above, each position over the positions up
+    /// to it): grouped-query heads laid out one after another (a prompt's `(heads, n,
+    /// head_dim)` queries, keys and values), lengths of one block, a partial block and
+    /// several, heads of 128 values (Qwen2's) and of 10.
+    #[test]
+    fn causal_matches_a_reference() {
+        #[cfg(target_arch = "x86_64")]
+        let tiles = available() && crate::amx_attention::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let tiles = false;
+        if !tiles {
+            eprintln!("skipped: this CPU has no AMX (or the OS lends no tile data)");
+            return;
+        }
+        for (n, heads, kv_heads, d) in [(32, 2, 1, 10), (77, 4, 2, 128), (200, 3, 3, 128)] {
+            let values = |seed: u64, heads: usize| -> Vec<u16> {
+                Values(seed)
+                    .take(heads * n * d)
+                    .into_iter()
+                    .map(|x| bf16::from_f32(2.0 * x).to_bits())
+                    .collect()
+            };
+            let (qs, ks, vs) = (
+                values(11, heads),
+                values(12, kv_heads),
+                values(13, kv_heads),
+            );
+            let view = |values| Heads {
+                values,
+                offset: 0,
+                stride: d,
+                head_stride: n * d,
+            };
+            let scale = 0.3;
+            let got = causal(
+                view(&qs),
+                view(&ks),
+                view(&vs),
+                n,
+                heads,
+                kv_heads,
+                d,
+                scale,
+            )
+            .expect("AMX present");
+            let at = |x: &[u16], h: usize, t: usize, j: usize| {
+                f64::from(bf16::from_bits(x[h * n * d + t * d + j]).to_f32())
+            };
+            let mut worst = 0f64;
+            for h in 0..heads {
+                let g = h / (heads / kv_heads);
+                for t in 0..n {
+                    let scores: Vec<f64> = (0..=t)
+                        .map(|u| {
+                            (0..d)
+                                .map(|j| at(&qs, h, t, j) * at(&ks, g, u, j))
+                                .sum::<f64>()
+                        })
+                        .map(|x| x * f64::from(scale))
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                    let total: f64 = e.iter().sum();
+                    let w: Vec<f64> = e
+                        .iter()
+                        .map(|x| f64::from(bf16::from_f64(x / total).to_f32()))
+                        .collect();
+                    for j in 0..d {
+                        let want: f64 = w
+                            .iter()
+                            .enumerate()
+                            .map(|(u, w)| w * at(&vs, g, u, j))
+                            .sum();
+                        let spread: f64 = w
+                            .iter()
+                            .enumerate()
+                            .map(|(u, w)| (w * at(&vs, g, u, j)).abs())
+                            .sum();
+                        let bound = want.abs() / 512.0 + spread / 256.0 + 1e-6;
+                        let o = f64::from(bf16::from_bits(got[t * heads * d + h * d + j]).to_f32());
+                        worst = worst.max((o - want).abs() / bound);
+                    }
+                }
+            }
+            assert!(
+                worst <= 1.0,
+                "n {n}, head size {d}: a difference {worst} times the bound"
+            );
+            eprintln!("n {n}, head size {d}: largest difference {worst:.3} of the bound");
+        }
+        // A view too short for its heads, and heads not a multiple of the key heads.
+        let short = vec![0u16; 10];
+        let view = Heads {
+            values: &short,
+            offset: 0,
+            stride: 2,
+            head_stride: 8,
+        };
+        assert!(causal(view, view, view, 4, 2, 2, 2, 1.0).is_none());
+        let fits = vec![0u16; 64];
+        let view = Heads {
+            values: &fits,
+            ..view
+        };
+        assert!(causal(view, view, view, 4, 3, 2, 2, 1.0).is_none());
+        assert!(causal(view, view, view, 4, 2, 2, 2, 1.0).is_some());
+    }
+
     #[test]
     fn refuses_segments_that_do_not_tile_the_sequence() {
         let values = vec![0u16; 3 * 4 * 2];
@@ -490,6 +674,7 @@ mod tests {
             values: &values,
             offset,
             stride: 6,
+            head_stride: 2,
         };
         let (q, k, v) = (view(0), view(2), view(4));
         assert!(attention(q, k, v, &[1..2, 2..4], 1, 2, 1.0).is_none());

@@ -142,6 +142,91 @@ pub fn softmax(xs: &mut [f32], width: usize) {
     softmax_on(Path::best(), xs, width);
 }
 
+/// The rotary embedding of one head's BF16 values (bits) as a BF16 model computes `x cos +
+/// rotate_half(x) sin`, `rotate_half([x1, x2]) = [-x2, x1]`, each operation rounded to BF16
+/// (to nearest even, as `half::bf16::from_f32`): `out[j] = bf16(bf16(x[j] cos[j]) +
+/// bf16(r[j] sin[j]))`. `None` unless the four slices have one even length.
+pub fn rotate_half_bf16(x: &[u16], cos: &[u16], sin: &[u16], out: &mut [u16]) -> Option<()> {
+    let d = x.len();
+    if !d.is_multiple_of(2) || [cos.len(), sin.len(), out.len()] != [d, d, d] {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::avx512_bw_vl() {
+        // SAFETY: AVX-512 F, BW and VL are present; the lengths were checked.
+        unsafe { rotate_half_bf16_avx512(x, cos, sin, out) };
+        return Some(());
+    }
+    rotate_half_bf16_scalar(x, cos, sin, out);
+    Some(())
+}
+
+/// [`rotate_half_bf16`] one value at a time, with `half`'s arithmetic.
+fn rotate_half_bf16_scalar(x: &[u16], cos: &[u16], sin: &[u16], out: &mut [u16]) {
+    use half::bf16;
+    let half = x.len() / 2;
+    let b = |v: u16| bf16::from_bits(v);
+    for j in 0..x.len() {
+        let rotated = if j < half {
+            -b(x[j + half])
+        } else {
+            b(x[j - half])
+        };
+        out[j] = (b(x[j]) * b(cos[j]) + rotated * b(sin[j])).to_bits();
+    }
+}
+
+/// [`rotate_half_bf16`] 16 values of each half at a time.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; the four slices have one even length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn rotate_half_bf16_avx512(x: &[u16], cos: &[u16], sin: &[u16], out: &mut [u16]) {
+    use crate::attention::bf16_in_high_half;
+    let half = x.len() / 2;
+    let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+    // A value rounded to BF16, kept as the f32 it is.
+    let round = |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(bf16_in_high_half(v), high));
+    for j in (0..half).step_by(16) {
+        let m = if half - j >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (half - j)) - 1
+        };
+        // SAFETY: lanes j..j + 16 of each half, masked to the half's end.
+        let load = |s: &[u16], at: usize| unsafe {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_maskz_loadu_epi16(m, s.as_ptr().add(at).cast()),
+            )))
+        };
+        let (x1, x2) = (load(x, j), load(x, half + j));
+        let (c1, c2, s1, s2) = (
+            load(cos, j),
+            load(cos, half + j),
+            load(sin, j),
+            load(sin, half + j),
+        );
+        let neg_x2 = _mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(x2),
+            _mm512_set1_epi32(i32::MIN),
+        ));
+        let o1 = round(_mm512_add_ps(
+            round(_mm512_mul_ps(x1, c1)),
+            round(_mm512_mul_ps(neg_x2, s1)),
+        ));
+        let o2 = round(_mm512_add_ps(
+            round(_mm512_mul_ps(x2, c2)),
+            round(_mm512_mul_ps(x1, s2)),
+        ));
+        for (o, at) in [(o1, j), (o2, half + j)] {
+            let bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(o)));
+            // SAFETY: as the loads.
+            unsafe { _mm256_mask_storeu_epi16(out.as_mut_ptr().add(at).cast(), m, bits) };
+        }
+    }
+}
+
 /// LayerNorm of each row of `weight.len()` values, in place: `(x - mean) / sqrt(var + eps) *
 /// weight + bias`, the mean and the (biased) variance in f32 summed in 16 fixed lanes (the same
 /// bits on every CPU), the operations in the order of the composed definition (a division by
@@ -342,6 +427,56 @@ unsafe fn map_avx2(op: Op, xs: &mut [f32]) -> usize {
         unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), y) };
     }
     whole
+}
+
+#[cfg(test)]
+mod rotary_tests {
+    use super::*;
+
+    /// The AVX-512 rotation equals the one computed with `half`'s arithmetic (each operation
+    /// rounded to BF16) bit for bit: random values, halves that are not whole vectors, and
+    /// zeros, infinities, NaN, subnormals and values whose products round at ties.
+    #[test]
+    fn rotation_equals_halfs_arithmetic() {
+        let specials = [
+            0x0000, 0x8000, 0x7f80, 0xff80, 0x7fc0, 0x0001, 0x8040, 0x3f81, 0x3f80, 0x4049, 0x7f7f,
+        ];
+        for d in [2, 10, 32, 34, 128] {
+            for seed in 0..4u64 {
+                let values = |salt: u64| -> Vec<u16> {
+                    crate::testing::Values(seed * 10 + salt)
+                        .take(d)
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            if seed == 3 {
+                                specials[(i + salt as usize) % specials.len()]
+                            } else {
+                                half::bf16::from_f32(4.0 * v).to_bits()
+                            }
+                        })
+                        .collect()
+                };
+                let (x, cos, sin) = (values(1), values(2), values(3));
+                let mut want = vec![0u16; d];
+                rotate_half_bf16_scalar(&x, &cos, &sin, &mut want);
+                let mut got = vec![0u16; d];
+                rotate_half_bf16(&x, &cos, &sin, &mut got).expect("even lengths");
+                for j in 0..d {
+                    let (g, w) = (
+                        half::bf16::from_bits(got[j]),
+                        half::bf16::from_bits(want[j]),
+                    );
+                    assert!(
+                        got[j] == want[j] || (g.is_nan() && w.is_nan()),
+                        "d {d}, seed {seed}, value {j}: {g} instead of {w}"
+                    );
+                }
+            }
+        }
+        assert!(rotate_half_bf16(&[0; 3], &[0; 3], &[0; 3], &mut [0; 3]).is_none());
+        assert!(rotate_half_bf16(&[0; 4], &[0; 2], &[0; 4], &mut [0; 4]).is_none());
+    }
 }
 
 #[cfg(test)]

@@ -147,6 +147,68 @@ fn bf16_gemm_attention(
         .map(Some)
 }
 
+/// Causal self-attention of one prompt with nothing cached before it, through
+/// [`simpleseg_kernels::attention::causal`]: queries `(1, heads, s, head_dim)` and keys and
+/// values `(1, kv_heads, s, head_dim)` (grouped-query heads shared in place, not repeated),
+/// BF16 and contiguous. What [`attention`] computes for BF16 under [`causal_mask`] (f32 scores
+/// and softmax, the weights rounded to BF16), returned as `(1, s, heads * head_dim)` (the
+/// heads side by side, as the output projection reads them). `None` where it does not apply:
+/// a CPU without AMX tiles, training, other dtypes or shapes, tensors not contiguous.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mode: Mode,
+) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    use half::slice::HalfFloatSliceExt;
+    use simpleseg_kernels::attention::{self as kernel, Heads};
+
+    let (b, heads, s, d) = q.dims4()?;
+    let (_, kv_heads, _, _) = k.dims4()?;
+    if mode != Mode::Infer
+        || b != 1
+        || k.dims4()? != (1, kv_heads, s, d)
+        || v.dims4()? != (1, kv_heads, s, d)
+        || [q, k, v]
+            .iter()
+            .any(|t| t.dtype() != DType::BF16 || t.track_op())
+    {
+        return Ok(None);
+    }
+    let guards = [q, k, v].map(|t| t.storage_and_layout());
+    let mut views = Vec::with_capacity(3);
+    for (storage, layout) in &guards {
+        let (Storage::Cpu(CpuStorage::BF16(values)), Some((start, end))) =
+            (&**storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let bits: &[u16] = values[start..end].reinterpret_cast();
+        views.push(Heads {
+            values: bits,
+            offset: 0,
+            stride: d,
+            head_stride: s * d,
+        });
+    }
+    let Some(out) = kernel::causal(
+        views[0],
+        views[1],
+        views[2],
+        s,
+        heads,
+        kv_heads,
+        d,
+        scale as f32,
+    ) else {
+        return Ok(None);
+    };
+    let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
+    Tensor::from_vec(out, (1, s, heads * d), q.device()).map(Some)
+}
+
 /// Self-attention of a vision tower within segments, fused: `qkv` `(n, 3 * heads * head_dim)`
 /// is the fused projection's BF16 output (queries, keys, values, each `heads x head_dim`);
 /// queries and keys are turned by `rotation` (in f32, rounded to BF16, as the towers' own
@@ -218,6 +280,7 @@ pub fn segment_attention(
         values: &turned,
         offset: part * width,
         stride: 3 * width,
+        head_stride: head_dim,
     };
     let segments: Vec<_> = cu_seqlens.windows(2).map(|w| w[0]..w[1]).collect();
     let Some(out) = kernel::attention(
@@ -430,6 +493,56 @@ mod tests {
         // Short sequences and masks of another shape are left to candle's products.
         let short = q.narrow(2, 0, 100).unwrap();
         assert!(bf16_gemm_attention(&short, &short, &short, None, scale)
+            .unwrap()
+            .is_none());
+    }
+
+    /// The fused causal attention of a prompt equals candle's f32 attention of the same BF16
+    /// values (keys and values repeated to the query heads, the causal mask added), within
+    /// BF16 roundings, in the layout the output projection reads; a cache before the prompt,
+    /// or a batch, is left to the other paths.
+    #[test]
+    fn causal_attention_equals_f32_attention() {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, len, d) = (6, 2, 77, 64);
+        let random = |heads: usize| {
+            Tensor::randn(0f32, 1.0, (1, heads, len, d), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let (q, k, v) = (random(heads), random(kv_heads), random(kv_heads));
+        let scale = (d as f64).powf(-0.5);
+        let Some(fast) = causal_attention(&q, &k, &v, scale, Mode::Infer).unwrap() else {
+            eprintln!("skipped: this CPU has no AMX (or the OS lends no tile data)");
+            return;
+        };
+        assert_eq!(
+            (fast.dtype(), fast.dims()),
+            (DType::BF16, &[1, len, heads * d][..])
+        );
+        let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let repeat = |x: &Tensor| repeat_kv(&f32(x), heads / kv_heads).unwrap();
+        let mask = causal_mask(len, 0, DType::F32, &dev).unwrap();
+        let reference = attention(
+            &f32(&q),
+            &repeat(&k),
+            &repeat(&v),
+            Some(&mask),
+            scale,
+            Mode::Infer,
+        )
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((1, len, heads * d))
+        .unwrap();
+        let err = max_abs_diff(&f32(&fast), &reference).unwrap();
+        assert!(err < 2e-2, "{err}");
+        // Two sequences: not this path.
+        let two = Tensor::cat(&[&q, &q], 0).unwrap();
+        let two_kv = Tensor::cat(&[&k, &k], 0).unwrap();
+        assert!(causal_attention(&two, &two_kv, &two_kv, scale, Mode::Infer)
             .unwrap()
             .is_none());
     }

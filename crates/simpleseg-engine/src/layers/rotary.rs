@@ -12,8 +12,81 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `x * cos + rotate_half(x) * sin`, with `cos`/`sin` broadcast against `x`.
+///
+/// BF16 heads `(batch, heads, seq, head_dim)` (a view of the projection is fine) with angles
+/// `(1 or batch, 1, seq, head_dim)`, outside training, take one parallel pass
+/// ([`simpleseg_kernels::math::rotate_half_bf16`]) with the same roundings as the composed
+/// candle ops (bit for bit, tested): for a prompt of the 7B size, 18 ms per layer was spent
+/// in those ops' five passes and their copies.
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if let Some(y) = rotary_bf16(x, cos, sin)? {
+        return Ok(y);
+    }
     x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+}
+
+/// [`apply_rotary`]'s one-pass BF16 path; `None` where it does not apply.
+fn rotary_bf16(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, DType, Storage};
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+
+    let Ok((b, h, s, d)) = x.dims4() else {
+        return Ok(None);
+    };
+    let angles_fit = |t: &Tensor| {
+        t.dims4()
+            .is_ok_and(|(tb, th, ts, td)| (tb == 1 || tb == b) && th == 1 && ts == s && td == d)
+    };
+    if [x, cos, sin]
+        .iter()
+        .any(|t| t.dtype() != DType::BF16 || !t.device().is_cpu() || t.track_op())
+        || !angles_fit(cos)
+        || !angles_fit(sin)
+        || !d.is_multiple_of(2)
+    {
+        return Ok(None);
+    }
+    let angle_bits = |t: &Tensor| -> Result<Vec<u16>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<half::bf16>()?
+            .into_iter()
+            .map(half::bf16::to_bits)
+            .collect())
+    };
+    let (cos_bits, sin_bits) = (angle_bits(cos)?, angle_bits(sin)?);
+    let angle_batches = cos.dim(0)?;
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(CpuStorage::BF16(values)) = &*storage else {
+        return Ok(None);
+    };
+    let strides = layout.stride();
+    if strides[3] != 1 {
+        return Ok(None);
+    }
+    let values: &[u16] = values.reinterpret_cast();
+    let start = layout.start_offset();
+    let mut out = vec![0u16; b * h * s * d];
+    let rotated = out
+        .par_chunks_mut(d)
+        .enumerate()
+        .try_for_each(|(row, out)| {
+            let (bi, hi, si) = (row / (h * s), row / s % h, row % s);
+            let at = start + bi * strides[0] + hi * strides[1] + si * strides[2];
+            let angle = ((bi % angle_batches) * s + si) * d;
+            simpleseg_kernels::math::rotate_half_bf16(
+                values.get(at..at + d)?,
+                &cos_bits[angle..angle + d],
+                &sin_bits[angle..angle + d],
+                out,
+            )
+        });
+    drop(storage);
+    if rotated.is_none() {
+        return Ok(None);
+    }
+    let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
+    Tensor::from_vec(out, (b, h, s, d), x.device()).map(Some)
 }
 
 /// How a vision tower turns its queries and keys, for the fused attention
@@ -95,5 +168,51 @@ impl Angles {
                 *o = round(x[j].to_f32() * cos[j] + turned * sin[j]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// The one-pass BF16 rotation gives candle's composed ops' bits: heads read through a
+    /// transposed view of a projection's output (as the language models' prefill passes
+    /// them), angles shared by the batch or one per sequence.
+    #[test]
+    fn bf16_rotation_equals_the_composed_ops() -> Result<()> {
+        let device = Device::Cpu;
+        let random = |shape: &[usize], scale: f64| -> Result<Tensor> {
+            (Tensor::randn(0f32, 1f32, shape, &device)? * scale)?.to_dtype(DType::BF16)
+        };
+        for (b, angle_batches) in [(1, 1), (2, 1), (2, 2)] {
+            let (h, s, d) = (4, 9, 34);
+            let projected = random(&[b, s, h, d], 3.0)?;
+            let x = projected.transpose(1, 2)?;
+            let (cos, sin) = (
+                random(&[angle_batches, 1, s, d], 1.0)?,
+                random(&[angle_batches, 1, s, d], 1.0)?,
+            );
+            let fast = rotary_bf16(&x, &cos, &sin)?.expect("BF16 heads and angles");
+            let composed = (x.broadcast_mul(&cos)? + rotate_half(&x)?.broadcast_mul(&sin)?)?;
+            let bits = |t: &Tensor| -> Result<Vec<u16>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<half::bf16>()?
+                    .into_iter()
+                    .map(half::bf16::to_bits)
+                    .collect())
+            };
+            assert_eq!(
+                bits(&fast)?,
+                bits(&composed)?,
+                "batch {b}, angles {angle_batches}"
+            );
+            assert_eq!(bits(&apply_rotary(&x, &cos, &sin)?)?, bits(&composed)?);
+        }
+        // F32 heads take the composed ops.
+        let x = Tensor::zeros((1, 2, 3, 4), DType::F32, &device)?;
+        let angles = Tensor::zeros((1, 1, 3, 4), DType::F32, &device)?;
+        assert!(rotary_bf16(&x, &angles, &angles)?.is_none());
+        Ok(())
     }
 }

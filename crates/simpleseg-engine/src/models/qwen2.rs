@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
 use crate::layers::{
-    add, apply_rotary, attention, causal_mask, forward_each, repeat_kv, silu,
+    add, apply_rotary, attention, causal_attention, causal_mask, forward_each, repeat_kv, silu,
     single_query_attention, Embedding, Linear, Mode, RmsNorm,
 };
 use crate::runtime::kv_cache::KvCache;
@@ -66,13 +66,19 @@ impl TextAttention {
         mode: Mode,
     ) -> CResult<Tensor> {
         let (b, _, s, _) = q.dims4()?;
-        let q = apply_rotary(&q.contiguous()?, cos, sin)?;
-        let k = apply_rotary(&k.contiguous()?, cos, sin)?;
+        let q = apply_rotary(&q, cos, sin)?;
+        let k = apply_rotary(&k, cos, sin)?;
         let (k, v) = match cache {
             Some(slot) => crate::runtime::kv_cache::append(slot, k, v)?,
             None => (k, v),
         };
         let scale = (self.head_dim as f64).powf(-0.5);
+        // A prompt with nothing before it: the fused causal kernel, where the CPU runs it.
+        if mask.is_some() && k.dim(2)? == s {
+            if let Some(o) = causal_attention(&q, &k, &v, scale, mode)? {
+                return Ok(o);
+            }
+        }
         let single = match mask {
             None => single_query_attention(&q, &k, &v, scale, mode)?,
             Some(_) => None,
