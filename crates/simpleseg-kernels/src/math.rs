@@ -227,6 +227,61 @@ unsafe fn rotate_half_bf16_avx512(x: &[u16], cos: &[u16], sin: &[u16], out: &mut
     }
 }
 
+/// A gated MLP's activation on BF16 values (bits) as a BF16 model computes `silu(gate) * up`:
+/// [`silu`]'s value rounded to BF16, times `up`, rounded to BF16 (to nearest even, as
+/// `half::bf16::from_f32`), in one pass. `None` where the CPU lacks AVX-512 F, BW and VL
+/// (callers keep the composed ops) or the three slices differ in length.
+pub fn silu_mul_bf16(gate: &[u16], up: &[u16], out: &mut [u16]) -> Option<()> {
+    if up.len() != gate.len() || out.len() != gate.len() || !crate::cpu::avx512_bw_vl() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: AVX-512 F, BW and VL are present; the lengths were checked.
+        unsafe { silu_mul_bf16_avx512(gate, up, out) };
+        Some(())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// [`silu_mul_bf16`]: whole vectors as [`map`]'s AVX-512 SiLU computes them, the rest as its
+/// scalar tail does.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; the slices have one length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn silu_mul_bf16_avx512(gate: &[u16], up: &[u16], out: &mut [u16]) {
+    use crate::attention::bf16_in_high_half;
+    use half::bf16;
+    let set1 = _mm512_set1_ps;
+    let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+    let round = |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(bf16_in_high_half(v), high));
+    let whole = gate.len() / 16 * 16;
+    for j in (0..whole).step_by(16) {
+        // SAFETY: values j..j + 16 < whole of each slice.
+        let load = |s: &[u16]| unsafe {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(s.as_ptr().add(j).cast()),
+            )))
+        };
+        let x = load(gate);
+        let silu = _mm512_div_ps(
+            x,
+            _mm512_add_ps(set1(1.0), exp_avx512(_mm512_sub_ps(set1(0.0), x))),
+        );
+        let y = round(_mm512_mul_ps(round(silu), load(up)));
+        let bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(y)));
+        // SAFETY: as the loads.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(j).cast(), bits) };
+    }
+    for j in whole..gate.len() {
+        let silu = bf16::from_f32(op_one(Op::Silu, bf16::from_bits(gate[j]).to_f32()));
+        out[j] = (silu * bf16::from_bits(up[j])).to_bits();
+    }
+}
+
 /// LayerNorm of each row of `weight.len()` values, in place: `(x - mean) / sqrt(var + eps) *
 /// weight + bias`, the mean and the (biased) variance in f32 summed in 16 fixed lanes (the same
 /// bits on every CPU), the operations in the order of the composed definition (a division by

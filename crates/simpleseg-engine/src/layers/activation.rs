@@ -80,6 +80,50 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `silu(gate) * up` (tensors of one shape), a gated MLP's activation: BF16 tensors on the CPU
+/// outside training graphs in one parallel pass ([`simpleseg_kernels::math::silu_mul_bf16`],
+/// bit for bit [`silu`] then candle's BF16 product); the two ops otherwise.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    match silu_mul_bf16(gate, up)? {
+        Some(y) => Ok(y),
+        None => silu(gate)? * up,
+    }
+}
+
+/// The BF16 path of [`silu_mul`]; `None` where it does not apply.
+fn silu_mul_bf16(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+
+    let applies = |t: &Tensor| t.dtype() == DType::BF16 && t.device().is_cpu() && !t.track_op();
+    if !applies(gate) || !applies(up) || gate.dims() != up.dims() {
+        return Ok(None);
+    }
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    let (gs, gl) = gate.storage_and_layout();
+    let (us, ul) = up.storage_and_layout();
+    let (Some((g0, g1)), Some((u0, u1))) = (gl.contiguous_offsets(), ul.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let (Storage::Cpu(CpuStorage::BF16(g)), Storage::Cpu(CpuStorage::BF16(u))) = (&*gs, &*us)
+    else {
+        return Ok(None);
+    };
+    let (g, u): (&[u16], &[u16]) = (g[g0..g1].reinterpret_cast(), u[u0..u1].reinterpret_cast());
+    let mut out = vec![0u16; g.len()];
+    let done = out
+        .par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .try_for_each(|(out, (g, u))| math::silu_mul_bf16(g, u, out));
+    if done.is_none() {
+        return Ok(None);
+    }
+    let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
+    Ok(Some(Tensor::from_vec(out, gate.shape(), gate.device())?))
+}
+
 /// `x + y` (tensors of one shape): BF16 tensors on the CPU outside training graphs are added
 /// in parallel by [`simpleseg_kernels::dot::add_bf16`], with the roundings of candle's BF16 add
 /// (whose conversions make a feature check per 8 values, on one thread per chunk); candle's
@@ -123,6 +167,48 @@ fn add_bf16(x: &Tensor, y: &Tensor) -> Result<Option<Tensor>> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The fused gated activation gives [`silu`] then candle's BF16 product, bit for bit
+    /// (lengths that leave a scalar tail, a non-contiguous operand); f32 takes the two ops.
+    #[test]
+    fn silu_mul_equals_the_two_ops() {
+        let bits = |t: &Tensor| -> Vec<u16> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<half::bf16>()
+                .unwrap()
+                .into_iter()
+                .map(half::bf16::to_bits)
+                .collect()
+        };
+        for len in [16, 1000, 3 * CHUNK + 5] {
+            let values = simpleseg_kernels::testing::Values(len as u64).take(2 * len);
+            let all = (Tensor::from_vec(values, (2, len), &Device::Cpu).unwrap() * 8.0)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let (gate, up) = (all.get(0).unwrap(), all.get(1).unwrap());
+            let composed = (silu(&gate).unwrap() * &up).unwrap();
+            match silu_mul_bf16(&gate, &up).unwrap() {
+                Some(fused) => assert_eq!(bits(&fused), bits(&composed), "{len} values"),
+                None => eprintln!("fused path skipped: this CPU lacks AVX-512 BW/VL"),
+            }
+            assert_eq!(bits(&silu_mul(&gate, &up).unwrap()), bits(&composed));
+        }
+        let strided = Tensor::from_vec(
+            simpleseg_kernels::testing::Values(9).take(64),
+            (8, 8),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+        let (gate, up) = (strided.t().unwrap(), strided.clone());
+        let composed = (silu(&gate).unwrap() * &up).unwrap();
+        assert_eq!(bits(&silu_mul(&gate, &up).unwrap()), bits(&composed));
+        let f = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        assert!(silu_mul_bf16(&f, &f).unwrap().is_none());
+    }
 
     /// BF16 sums are candle's, bit for bit (a non-contiguous operand included); f32 sums are
     /// candle's own.

@@ -21,8 +21,8 @@ use serde::Deserialize;
 use crate::io::hf::OneOrMany;
 use crate::io::weights::Weights;
 use crate::layers::{
-    add, causal_mask, forward_batch, forward_each, silu, softmax_last_dim, Embedding, Linear, Mode,
-    RmsNorm,
+    add, causal_mask, forward_batch, forward_each, silu_mul, softmax_last_dim, Embedding, Linear,
+    Mode, RmsNorm,
 };
 use crate::runtime::kv_cache::KvCache;
 use crate::runtime::session::StepGroup;
@@ -210,7 +210,7 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let [gate, up] = forward_each([&self.gate_proj, &self.up_proj], x)?;
-        self.down_proj.forward(&(silu(&gate)? * up)?)
+        self.down_proj.forward(&silu_mul(&gate, &up)?)
     }
 }
 
@@ -296,7 +296,7 @@ impl Moe {
             .collect();
         let inner = forward_batch(&gate_up)?
             .chunks(2)
-            .map(|pair| silu(&pair[0])? * &pair[1])
+            .map(|pair| silu_mul(&pair[0], &pair[1]))
             .collect::<CResult<Vec<_>>>()?;
         let down: Vec<(&Linear, &Tensor)> = mlps
             .iter()
