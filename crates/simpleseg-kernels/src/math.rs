@@ -282,6 +282,78 @@ unsafe fn silu_mul_bf16_avx512(gate: &[u16], up: &[u16], out: &mut [u16]) {
     }
 }
 
+/// RMSNorm of BF16 rows (bits) as a BF16 model computes it in f32 (transformers'
+/// `Qwen2RMSNorm`, candle's f32 `rms_norm`): per row of `weight.len()` values the sum of the
+/// squares in f32, in order; `m = sqrt(sum / width + eps)`; each value `x / m` rounded to
+/// BF16, times the weight, rounded to BF16 (to nearest even, as `half::bf16::from_f32`).
+/// Eight rows' sums run side by side (independent additions, each in its row's order).
+/// `None` where the CPU lacks AVX-512 F, BW and VL (callers keep candle's ops), the weight is
+/// empty, or the rows are not whole.
+pub fn rms_norm_bf16(x: &[u16], weight: &[u16], eps: f32, out: &mut [u16]) -> Option<()> {
+    let width = weight.len();
+    if width == 0
+        || !x.len().is_multiple_of(width)
+        || out.len() != x.len()
+        || !crate::cpu::avx512_bw_vl()
+    {
+        return None;
+    }
+    let wide = |v: u16| half::bf16::from_bits(v).to_f32();
+    for (rows, out) in x.chunks(8 * width).zip(out.chunks_mut(8 * width)) {
+        let n = rows.len() / width;
+        let mut sums = [0f32; 8];
+        for j in 0..width {
+            for (r, sum) in sums.iter_mut().enumerate().take(n) {
+                let v = wide(rows[r * width + j]);
+                *sum += v * v;
+            }
+        }
+        for (r, sum) in sums.iter().enumerate().take(n) {
+            let m = (sum / width as f32 + eps).sqrt();
+            let at = r * width..(r + 1) * width;
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 F, BW and VL are present; one row each, of the weight's width.
+            unsafe {
+                scale_row_bf16_avx512(&rows[at.clone()], m, weight, &mut out[at])
+            };
+        }
+    }
+    Some(())
+}
+
+/// `bf16(bf16(x / m) * weight)` for a row of BF16 bits.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; the three slices have one length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn scale_row_bf16_avx512(x: &[u16], m: f32, weight: &[u16], out: &mut [u16]) {
+    use crate::attention::bf16_in_high_half;
+    let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+    let round = |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(bf16_in_high_half(v), high));
+    let m = _mm512_set1_ps(m);
+    for j in (0..x.len()).step_by(16) {
+        let mask = if x.len() - j >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (x.len() - j)) - 1
+        };
+        // SAFETY: lanes j..j + 16 of each slice, masked to its end.
+        let load = |s: &[u16]| unsafe {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_maskz_loadu_epi16(mask, s.as_ptr().add(j).cast()),
+            )))
+        };
+        let y = round(_mm512_mul_ps(
+            round(_mm512_div_ps(load(x), m)),
+            load(weight),
+        ));
+        let bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(y)));
+        // SAFETY: as the loads.
+        unsafe { _mm256_mask_storeu_epi16(out.as_mut_ptr().add(j).cast(), mask, bits) };
+    }
+}
+
 /// LayerNorm of each row of `weight.len()` values, in place: `(x - mean) / sqrt(var + eps) *
 /// weight + bias`, the mean and the (biased) variance in f32 summed in 16 fixed lanes (the same
 /// bits on every CPU), the operations in the order of the composed definition (a division by

@@ -22,6 +22,11 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Infer {
+            if let Some(y) = self.forward_bf16(x)? {
+                return Ok(y);
+            }
+        }
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let normed = match mode {
@@ -35,6 +40,55 @@ impl RmsNorm {
             }
         };
         normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+impl RmsNorm {
+    /// [`RmsNorm::forward`] of BF16 rows (and a BF16 weight) on the CPU outside training
+    /// graphs: rows in parallel through [`simpleseg_kernels::math::rms_norm_bf16`], one pass,
+    /// bit for bit the composed ops (the conversions, candle's f32 `rms_norm`, the product);
+    /// `None` where it does not apply.
+    fn forward_bf16(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        use candle_core::{CpuStorage, Storage};
+        use half::slice::HalfFloatSliceExt;
+        use rayon::prelude::*;
+
+        let width = self.weight.elem_count();
+        let applies = |t: &Tensor| t.dtype() == DType::BF16 && t.device().is_cpu() && !t.track_op();
+        if !applies(x) || !applies(&self.weight) || x.dim(D::Minus1)? != width || width == 0 {
+            return Ok(None);
+        }
+        let weight: Vec<u16> = self
+            .weight
+            .flatten_all()?
+            .to_vec1::<half::bf16>()?
+            .into_iter()
+            .map(half::bf16::to_bits)
+            .collect();
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::BF16(values)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let rows: &[u16] = values[start..end].reinterpret_cast();
+        let mut out = vec![0u16; rows.len()];
+        // Groups of 8 rows per call (their sums run side by side), 4 groups per task.
+        let per_task = 32 * width;
+        let eps = self.eps as f32;
+        let done = out
+            .par_chunks_mut(per_task)
+            .zip(rows.par_chunks(per_task))
+            .try_for_each(|(out, rows)| {
+                simpleseg_kernels::math::rms_norm_bf16(rows, &weight, eps, out)
+            });
+        drop(storage);
+        if done.is_none() {
+            return Ok(None);
+        }
+        let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
+        Tensor::from_vec(out, x.shape(), x.device()).map(Some)
     }
 }
 
@@ -83,5 +137,57 @@ impl LayerNorm {
             .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
             .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
             .to_dtype(dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The one-pass BF16 RMSNorm gives the composed ops' bits (the f32 conversion, candle's
+    /// `rms_norm`, the rounding and the weight's product): row counts that leave a partial
+    /// group of 8 and a partial task, widths that leave a partial vector.
+    #[test]
+    fn bf16_rms_norm_equals_the_composed_ops() {
+        let device = Device::Cpu;
+        for (rows, width) in [(1, 16), (45, 100), (70, 1280)] {
+            let random = |shape: (usize, usize), scale: f64| {
+                (Tensor::randn(0f32, 1f32, shape, &device).unwrap() * scale)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+            };
+            let x = random((rows, width), 5.0);
+            let norm = RmsNorm {
+                weight: random((1, width), 1.0).squeeze(0).unwrap(),
+                eps: 1e-6,
+            };
+            let Some(fast) = norm.forward_bf16(&x).unwrap() else {
+                eprintln!("skipped: this CPU lacks AVX-512 BW/VL");
+                return;
+            };
+            let ones = Tensor::ones(width, DType::F32, &device).unwrap();
+            let composed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32).unwrap(), &ones, 1e-6)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .broadcast_mul(&norm.weight)
+                .unwrap();
+            let bits = |t: &Tensor| -> Vec<u16> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<half::bf16>()
+                    .unwrap()
+                    .into_iter()
+                    .map(half::bf16::to_bits)
+                    .collect()
+            };
+            assert_eq!(bits(&fast), bits(&composed), "{rows} x {width}");
+            assert_eq!(
+                bits(&norm.forward(&x, Mode::Infer).unwrap()),
+                bits(&composed)
+            );
+        }
     }
 }
