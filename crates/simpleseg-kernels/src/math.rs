@@ -282,6 +282,41 @@ unsafe fn silu_mul_bf16_avx512(gate: &[u16], up: &[u16], out: &mut [u16]) {
     }
 }
 
+/// `values` rounded to BF16 bits (to nearest even, NaN kept quiet: `half::bf16::from_f32`),
+/// 16 at a time where the CPU has AVX-512 F.
+pub fn round_to_bf16(values: &[f32], out: &mut [u16]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F is present; the whole vectors of the shorter slice.
+        done = unsafe { round_to_bf16_avx512(values, out) };
+    }
+    for (o, v) in out[done..].iter_mut().zip(&values[done..]) {
+        *o = half::bf16::from_f32(*v).to_bits();
+    }
+}
+
+/// [`round_to_bf16`]'s whole vectors; returns how many values it rounded.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_to_bf16_avx512(values: &[f32], out: &mut [u16]) -> usize {
+    let whole = values.len().min(out.len()) / 16 * 16;
+    for j in (0..whole).step_by(16) {
+        // SAFETY: values j..j + 16 < whole of both slices.
+        unsafe {
+            let x = _mm512_loadu_ps(values.as_ptr().add(j));
+            let bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(
+                crate::attention::bf16_in_high_half(x),
+            ));
+            _mm256_storeu_si256(out.as_mut_ptr().add(j).cast(), bits);
+        }
+    }
+    whole
+}
+
 /// RMSNorm of BF16 rows (bits) as a BF16 model computes it in f32 (transformers'
 /// `Qwen2RMSNorm`, candle's f32 `rms_norm`): per row of `weight.len()` values the sum of the
 /// squares in f32, in order; `m = sqrt(sum / width + eps)`; each value `x / m` rounded to
@@ -559,6 +594,30 @@ unsafe fn map_avx2(op: Op, xs: &mut [f32]) -> usize {
 #[cfg(test)]
 mod rotary_tests {
     use super::*;
+
+    /// The vectorized rounding equals `half`'s on random values, ties, subnormals, infinities
+    /// and NaN, over lengths that leave a tail.
+    #[test]
+    fn rounding_equals_halfs() {
+        let mut values = crate::testing::Values(21).take(1003);
+        values.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7fa0_0000),
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            1.0e-40,
+            f32::MAX,
+        ]);
+        let mut got = vec![0u16; values.len()];
+        round_to_bf16(&values, &mut got);
+        for (v, g) in values.iter().zip(&got) {
+            assert_eq!(*g, half::bf16::from_f32(*v).to_bits(), "{v:e}");
+        }
+    }
 
     /// The AVX-512 rotation equals the one computed with `half`'s arithmetic (each operation
     /// rounded to BF16) bit for bit: random values, halves that are not whole vectors, and
