@@ -12,9 +12,11 @@
 //!   [`amx`] tiles where the CPU has them.
 //! - [`int8_gemm`]: integer GEMM with AVX-512 VNNI (prefill against quantized weights).
 //! - [`attention`]: self-attention within segments (vision towers' images and windows)
-//!   over BF16 heads read in place, on the BF16 GEMM's micro-kernel or on AMX tiles.
+//!   over BF16 heads read in place, on the BF16 GEMM's micro-kernel or on AMX tiles, and a
+//!   prompt's causal attention with grouped-query heads on AMX tiles.
 //! - [`math`]: vectorized `exp`, SiLU, tanh-GELU and softmax (activations and attention),
-//!   and LayerNorm rows.
+//!   LayerNorm rows, and one-pass BF16 kernels (RMSNorm, the rotary embedding, `silu(gate) *
+//!   up`, rounding to BF16) that round as the composed ops do.
 //! - [`q4k`], [`q4_0`]: q4k x q8k and q4_0 x q8_0 dot products with AVX-512 VNNI, and
 //!   [`q8_0`]: q8_0 x q8_0 with AVX-512 VNNI or AVX2 (decoding against quantized weights);
 //!   [`blocks`], the typed view of quantized bytes they read; [`dequantize`]: q8_0 and q4k
