@@ -201,14 +201,6 @@ pub(crate) fn gemm_stored(x: &[u16], w: &[u16], m: usize, n: usize, k: usize) ->
 /// emulation of it); see [`block`] for the arguments.
 type Block = unsafe fn(*const u16, *const u32, usize, *mut f32, usize, bool, Sums);
 
-/// Where a kernel call stores its 32 x 32 sums: the first one and the bytes from one row to
-/// the next.
-#[derive(Clone, Copy)]
-struct Sums {
-    at: *mut f32,
-    stride: usize,
-}
-
 /// Output features per parallel task (a group of panels): the activation block a kernel call
 /// reads is reused across the group's panels while it sits in the core's first-level cache.
 const GROUP: usize = 4 * NR;
@@ -566,87 +558,22 @@ unsafe fn block(
     accumulate: bool,
     out: Sums,
 ) {
-    let sc = GROUP * 4;
-    // SAFETY (for the pointer arithmetic below): within the ranges the caller guarantees.
-    let (a1, c1, c2, c3) = unsafe {
-        (
-            a.add(gap * 512),
-            c.add(16),
-            c.add(16 * GROUP),
-            c.add(16 * GROUP + 16),
-        )
+    let tiles = Tiles2x2 {
+        // SAFETY (for the pointer arithmetic): the second row of tiles lies `gap` tiles on,
+        // the panel's second tile 1 KB on, within the caller's ranges.
+        a: [a.cast(), unsafe { a.add(gap * 512) }.cast()],
+        a_stride: 64,
+        a_step: 1024,
+        b: [b.cast(), unsafe { b.add(256) }.cast()],
+        b_step: 2048,
+        from: accumulate.then_some(Sums {
+            at: c,
+            stride: GROUP * 4,
+        }),
+        out,
     };
-    // SAFETY: the configuration is 64 readable bytes; tile registers are this thread's (the
-    // permission was granted) and no other code uses them. The sums are 4 tiles of 16 rows of
-    // 64 bytes at stride sc, within c's 32 rows.
-    unsafe {
-        asm!(
-            "ldtilecfg [{cfg}]",
-            cfg = in(reg) &CONFIG as *const TileConfig,
-            options(nostack, readonly, preserves_flags)
-        );
-        if accumulate {
-            asm!(
-                "tileloadd tmm0, [{c0} + {sc}*1]",
-                "tileloadd tmm1, [{c1} + {sc}*1]",
-                "tileloadd tmm2, [{c2} + {sc}*1]",
-                "tileloadd tmm3, [{c3} + {sc}*1]",
-                c0 = in(reg) c,
-                c1 = in(reg) c1,
-                c2 = in(reg) c2,
-                c3 = in(reg) c3,
-                sc = in(reg) sc,
-                options(nostack, readonly, preserves_flags)
-            );
-        } else {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem, preserves_flags)
-            );
-        }
-    }
-    for s in 0..steps {
-        // SAFETY: activation tiles: step s of both row halves (1 KB each, rows 64 bytes
-        // apart); weight tiles: the step's two 1 KB tiles; all within the caller's ranges.
-        unsafe {
-            asm!(
-                "tileloadd tmm4, [{a0} + {s64}*1]",
-                "tileloadd tmm6, [{b0} + {s64}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {s64}*1]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1} + {s64}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) a.add(s * 512),
-                a1 = in(reg) a1.add(s * 512),
-                b0 = in(reg) b.add(s * 512),
-                b1 = in(reg) b.add(s * 512 + 256),
-                s64 = in(reg) 64usize,
-                options(nostack, readonly, preserves_flags)
-            );
-        }
-    }
-    // SAFETY: the four 16 x 16 f32 tiles land in `out`'s 32 rows (the caller's range).
-    unsafe {
-        let (o, os) = (out.at as *mut u8, out.stride);
-        asm!(
-            "tilestored [{c0} + {os}*1], tmm0",
-            "tilestored [{c1} + {os}*1], tmm1",
-            "tilestored [{c2} + {os}*1], tmm2",
-            "tilestored [{c3} + {os}*1], tmm3",
-            "tilerelease",
-            c0 = in(reg) o,
-            c1 = in(reg) o.add(64),
-            c2 = in(reg) o.add(16 * os),
-            c3 = in(reg) o.add(16 * os + 64),
-            os = in(reg) os,
-            options(nostack, preserves_flags)
-        );
-    }
+    // SAFETY: the caller's ranges are the ones `tiles_2x2` needs.
+    unsafe { tiles_2x2(&tiles, steps) };
 }
 
 /// The operands of [`tiles_2x2`]: two rows of A tiles and two columns of B tiles, each
@@ -662,32 +589,67 @@ pub(crate) struct Tiles2x2 {
     pub b: [*const u8; 2],
     /// Bytes from one step's B tile to the next one's.
     pub b_step: usize,
-    /// The sums' first value: tile (i, j) at `16 i` rows and `16 j` values from it.
-    pub c: *mut f32,
-    /// Bytes from one row of sums to the next.
-    pub c_stride: usize,
+    /// Sums the products are added to (else they start from zero).
+    pub from: Option<Sums>,
+    /// Where the sums are stored.
+    pub out: Sums,
 }
 
-/// `C[i][j] = sum over steps of A[i](step) B[j](step)` for a 2 x 2 block of 16 x 16 f32 tiles
-/// (stored, not added to what `c` holds): the tile product of [`block`] over operands laid out
-/// by the caller (attention's queries, keys, weights and values).
+/// Where a 32 x 32 block of f32 sums lies: tile (i, j) at `16 i` rows and `16 j` values from
+/// `at`, rows `stride` bytes apart.
+#[derive(Clone, Copy)]
+pub(crate) struct Sums {
+    pub at: *mut f32,
+    pub stride: usize,
+}
+
+/// `out[i][j] = from[i][j] + sum over steps of A[i](step) B[j](step)` for a 2 x 2 block of
+/// 16 x 16 f32 tiles (`from` zero when absent): the tile product of the GEMM's [`block`] and
+/// of attention, over operands laid out by the caller.
 ///
 /// # Safety
-/// [`available`] answered `true`; every tile the steps read and the 32 x 32 sums lie in
-/// memory the caller owns (readable, and writable for the sums).
+/// [`available`] answered `true` (or the self-check runs after the OS granted tile data);
+/// every tile the steps read and both blocks of sums lie in memory the caller owns (readable,
+/// and writable for `out`).
 pub(crate) unsafe fn tiles_2x2(t: &Tiles2x2, steps: usize) {
-    let (cs, c) = (t.c_stride, t.c as *mut u8);
-    // SAFETY: the caller's ranges; tile registers are this thread's.
+    let corners = |s: Sums| {
+        let (c, cs) = (s.at as *mut u8, s.stride);
+        // SAFETY (for the pointer arithmetic): the four tiles of the caller's block.
+        unsafe { [c, c.add(64), c.add(16 * cs), c.add(16 * cs + 64)] }
+    };
+    // SAFETY: the configuration is 64 readable bytes; tile registers are this thread's (the
+    // permission was granted) and no other code uses them; every address is within the
+    // caller's ranges.
     unsafe {
         asm!(
             "ldtilecfg [{cfg}]",
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
             cfg = in(reg) &CONFIG as *const TileConfig,
             options(nostack, readonly, preserves_flags)
         );
+        match t.from {
+            Some(from) => {
+                let c = corners(from);
+                asm!(
+                    "tileloadd tmm0, [{c0} + {cs}*1]",
+                    "tileloadd tmm1, [{c1} + {cs}*1]",
+                    "tileloadd tmm2, [{c2} + {cs}*1]",
+                    "tileloadd tmm3, [{c3} + {cs}*1]",
+                    c0 = in(reg) c[0],
+                    c1 = in(reg) c[1],
+                    c2 = in(reg) c[2],
+                    c3 = in(reg) c[3],
+                    cs = in(reg) from.stride,
+                    options(nostack, readonly, preserves_flags)
+                );
+            }
+            None => asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem, preserves_flags)
+            ),
+        }
         for s in 0..steps {
             asm!(
                 "tileloadd tmm4, [{a0} + {sa}*1]",
@@ -707,17 +669,18 @@ pub(crate) unsafe fn tiles_2x2(t: &Tiles2x2, steps: usize) {
                 options(nostack, readonly, preserves_flags)
             );
         }
+        let c = corners(t.out);
         asm!(
             "tilestored [{c0} + {cs}*1], tmm0",
             "tilestored [{c1} + {cs}*1], tmm1",
             "tilestored [{c2} + {cs}*1], tmm2",
             "tilestored [{c3} + {cs}*1], tmm3",
             "tilerelease",
-            c0 = in(reg) c,
-            c1 = in(reg) c.add(64),
-            c2 = in(reg) c.add(16 * cs),
-            c3 = in(reg) c.add(16 * cs + 64),
-            cs = in(reg) cs,
+            c0 = in(reg) c[0],
+            c1 = in(reg) c[1],
+            c2 = in(reg) c[2],
+            c3 = in(reg) c[3],
+            cs = in(reg) t.out.stride,
             options(nostack, preserves_flags)
         );
     }

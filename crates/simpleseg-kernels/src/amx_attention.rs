@@ -20,8 +20,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::amx::{tiles_2x2, Tiles2x2};
+use crate::amx::{tiles_2x2, Sums, Tiles2x2};
 use crate::attention::{Heads, SharedBits};
+use crate::math::{bf16_bits, lanes};
 
 /// Queries per block: two rows of tiles.
 const QB: usize = 32;
@@ -91,8 +92,11 @@ pub(crate) fn attention(
         .for_each_init(Scratch::default, |scratch, (si, h, blocks)| {
             let out_ptr = &out_ptr;
             let layout = Layout::new(segments[si].clone(), d, shape.causal);
-            // SAFETY: AVX-512 F, BW and VL (the caller's); the views hold every position.
-            unsafe { scratch.pack(&layout, k, v, h / group) };
+            if scratch.packed != Some((si, h / group)) {
+                // SAFETY: AVX-512 F, BW and VL (the caller's); the views hold every position.
+                unsafe { scratch.pack(&layout, k, v, h / group) };
+                scratch.packed = Some((si, h / group));
+            }
             for b in blocks {
                 let first = layout.keys.start + b * QB;
                 let queries = QB.min(layout.keys.end - first);
@@ -172,6 +176,9 @@ struct Scratch {
     weights: Vec<u16>,
     /// `p v`: 32 rows of `dv`.
     sums: Vec<f32>,
+    /// The (segment, key and value head) whose keys and values are packed: the query heads
+    /// of a group, taken one after another, pack them once.
+    packed: Option<(usize, usize)>,
 }
 
 fn room<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
@@ -311,8 +318,11 @@ impl Scratch {
                         a_step: 1024,
                         b: [b(0), b(1)],
                         b_step: 1024,
-                        c: scores[c * KT..].as_mut_ptr(),
-                        c_stride: len * 4,
+                        from: None,
+                        out: Sums {
+                            at: scores[c * KT..].as_mut_ptr(),
+                            stride: len * 4,
+                        },
                     },
                     steps,
                 )
@@ -350,16 +360,20 @@ impl Scratch {
                         a_step: 64,
                         b: [b(0), b(1)],
                         b_step: 1024,
-                        c: sums[t * 32..].as_mut_ptr(),
-                        c_stride: dv * 4,
+                        from: None,
+                        out: Sums {
+                            at: sums[t * 32..].as_mut_ptr(),
+                            stride: dv * 4,
+                        },
                     },
                     seen / KT,
                 )
             };
         }
         for r in 0..queries {
-            // SAFETY: AVX-512 F; row r of the sums holds dv >= d values; the caller's `out`.
-            unsafe { round_row(&sums[r * dv..][..l.d], out.add(r * out_stride)) };
+            // SAFETY: `out` holds `queries` rows of `d` values (the caller's), this task's alone.
+            let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * out_stride), l.d) };
+            crate::math::round_to_bf16(&sums[r * dv..][..l.d], row);
         }
     }
 }
@@ -367,15 +381,6 @@ impl Scratch {
 /// Head `h`'s values at the segment's position `t`.
 fn head<'a>(view: &Heads<'a>, l: &Layout, h: usize, t: usize) -> &'a [u16] {
     &view.values[view.at(l.keys.start + t, h)..][..l.d]
-}
-
-/// Lanes `0..count` of a 16-lane mask.
-fn lanes(count: usize) -> u16 {
-    if count >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << count) - 1
-    }
 }
 
 /// The softmax of `scale` times the first `n` scores, as [`crate::attention`]'s kernel
@@ -426,39 +431,11 @@ unsafe fn softmax_row(scores: &mut [f32], n: usize, scale: f32, weights: &mut [u
         let bits = if i < used {
             // SAFETY: as above.
             let e = unsafe { _mm512_loadu_ps(p.add(i * 16)) };
-            crate::attention::bf16_in_high_half(_mm512_mul_ps(e, inverse))
+            bf16_bits(_mm512_mul_ps(e, inverse))
         } else {
-            _mm512_setzero_si512()
+            _mm256_setzero_si256()
         };
         // SAFETY: 16 weights at i * 16 < the row's length.
-        unsafe {
-            _mm256_storeu_si256(
-                w.add(i * 16).cast(),
-                _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(bits)),
-            )
-        };
-    }
-}
-
-/// `sums` rounded to BF16 (as `half::bf16::from_f32`) at `out`.
-///
-/// # Safety
-/// The CPU has AVX-512 F; `out` is valid for `sums.len()` values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn round_row(sums: &[f32], out: *mut u16) {
-    use std::arch::x86_64::*;
-    for (i, chunk) in sums.chunks(16).enumerate() {
-        let m = lanes(chunk.len());
-        // SAFETY: the chunk's lanes of `sums` and of `out` (masked to its length).
-        unsafe {
-            let x = _mm512_maskz_loadu_ps(m, chunk.as_ptr());
-            let bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(
-                crate::attention::bf16_in_high_half(x),
-            ));
-            let mut words = [0u16; 16];
-            _mm256_storeu_si256(words.as_mut_ptr().cast(), bits);
-            std::ptr::copy_nonoverlapping(words.as_ptr(), out.add(i * 16), chunk.len());
-        }
+        unsafe { _mm256_storeu_si256(w.add(i * 16).cast(), bits) };
     }
 }

@@ -495,6 +495,32 @@ mod tests {
         }
     }
 
+    /// The reference's weights for one query's (scaled) scores: the softmax in f64, each
+    /// weight rounded to BF16 as the kernels round them.
+    fn reference_weights(scores: &[f64]) -> Vec<f64> {
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+        let total: f64 = e.iter().sum();
+        e.iter()
+            .map(|x| f64::from(bf16::from_f64(x / total).to_f32()))
+            .collect()
+    }
+
+    /// How far an output `got` lies from the reference `sum w v` (one value of each key), as a
+    /// share of what the roundings allow: the output's (half a BF16 step, 2^-9 relative) and
+    /// each weight's rounding going the other way (a step, 2^-8 relative) where f32 and f64
+    /// land on either side of a tie.
+    fn share_of_bound(got: f64, w: &[f64], values: impl Iterator<Item = f64>) -> f64 {
+        let (want, spread) = w
+            .iter()
+            .zip(values)
+            .fold((0.0, 0.0), |(sum, spread), (w, v)| {
+                (sum + w * v, spread + (w * v).abs())
+            });
+        let bound = f64::abs(want) / 512.0 + spread / 256.0 + 1e-6;
+        (got - want).abs() / bound
+    }
+
     /// The largest difference of the kernel's output from the reference (see above), as a
     /// share of what the roundings allow.
     fn worst_difference(tiles: bool, heads: usize, d: usize, lens: &[usize]) -> f64 {
@@ -532,26 +558,11 @@ mod tests {
                         .map(|u| (0..d).map(|j| at(0, t, h, j) * at(1, u, h, j)).sum::<f64>())
                         .map(|x| x * f64::from(scale))
                         .collect();
-                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
-                    let total: f64 = e.iter().sum();
-                    let w: Vec<f64> = e
-                        .iter()
-                        .map(|x| f64::from(bf16::from_f64(x / total).to_f32()))
-                        .collect();
+                    let w = reference_weights(&scores);
                     for j in 0..d {
-                        let want: f64 = s.clone().zip(&w).map(|(u, w)| w * at(2, u, h, j)).sum();
-                        // What the roundings allow: the output's (half a BF16 step, 2^-9
-                        // relative) and each weight's rounding going the other way (a step,
-                        // 2^-8 relative) where f32 and f64 land on either side of a tie.
-                        let spread: f64 = s
-                            .clone()
-                            .zip(&w)
-                            .map(|(u, w)| (w * at(2, u, h, j)).abs())
-                            .sum();
-                        let bound = want.abs() / 512.0 + spread / 256.0 + 1e-6;
                         let g = f64::from(bf16::from_bits(got[t * width + h * d + j]).to_f32());
-                        worst = worst.max((g - want).abs() / bound);
+                        let values = s.clone().map(|u| at(2, u, h, j));
+                        worst = worst.max(share_of_bound(g, &w, values));
                     }
                 }
             }
@@ -619,27 +630,11 @@ mod tests {
                         })
                         .map(|x| x * f64::from(scale))
                         .collect();
-                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
-                    let total: f64 = e.iter().sum();
-                    let w: Vec<f64> = e
-                        .iter()
-                        .map(|x| f64::from(bf16::from_f64(x / total).to_f32()))
-                        .collect();
+                    let w = reference_weights(&scores);
                     for j in 0..d {
-                        let want: f64 = w
-                            .iter()
-                            .enumerate()
-                            .map(|(u, w)| w * at(&vs, g, u, j))
-                            .sum();
-                        let spread: f64 = w
-                            .iter()
-                            .enumerate()
-                            .map(|(u, w)| (w * at(&vs, g, u, j)).abs())
-                            .sum();
-                        let bound = want.abs() / 512.0 + spread / 256.0 + 1e-6;
                         let o = f64::from(bf16::from_bits(got[t * heads * d + h * d + j]).to_f32());
-                        worst = worst.max((o - want).abs() / bound);
+                        let values = (0..=t).map(|u| at(&vs, g, u, j));
+                        worst = worst.max(share_of_bound(o, &w, values));
                     }
                 }
             }

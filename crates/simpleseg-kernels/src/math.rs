@@ -142,6 +142,52 @@ pub fn softmax(xs: &mut [f32], width: usize) {
     softmax_on(Path::best(), xs, width);
 }
 
+/// Lanes `0..count` of a 16-lane mask (all 16 from `count >= 16`).
+pub(crate) fn lanes(count: usize) -> u16 {
+    if count >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << count) - 1
+    }
+}
+
+/// 16 BF16 values (bits) from `at`, the lanes outside `mask` zero (and not read), widened to
+/// f32.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; the lanes in `mask` are readable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn load_bf16(mask: u16, at: *const u16) -> __m512 {
+    // SAFETY: the caller's.
+    let bits = unsafe { _mm256_maskz_loadu_epi16(mask, at.cast()) };
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+}
+
+/// Each lane rounded to BF16 ([`crate::attention`]'s rounding, `half::bf16::from_f32`'s), kept
+/// as the f32 it is.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn round_bf16(v: __m512) -> __m512 {
+    let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+    _mm512_castsi512_ps(_mm512_and_si512(
+        crate::attention::bf16_in_high_half(v),
+        high,
+    ))
+}
+
+/// Each lane rounded to BF16, as 16 bits.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn bf16_bits(v: __m512) -> __m256i {
+    _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(
+        crate::attention::bf16_in_high_half(v),
+    ))
+}
+
 /// The rotary embedding of one head's BF16 values (bits) as a BF16 model computes `x cos +
 /// rotate_half(x) sin`, `rotate_half([x1, x2]) = [-x2, x1]`, each operation rounded to BF16
 /// (to nearest even, as `half::bf16::from_f32`): `out[j] = bf16(bf16(x[j] cos[j]) +
@@ -183,23 +229,11 @@ fn rotate_half_bf16_scalar(x: &[u16], cos: &[u16], sin: &[u16], out: &mut [u16])
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn rotate_half_bf16_avx512(x: &[u16], cos: &[u16], sin: &[u16], out: &mut [u16]) {
-    use crate::attention::bf16_in_high_half;
     let half = x.len() / 2;
-    let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
-    // A value rounded to BF16, kept as the f32 it is.
-    let round = |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(bf16_in_high_half(v), high));
     for j in (0..half).step_by(16) {
-        let m = if half - j >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << (half - j)) - 1
-        };
+        let m = lanes(half - j);
         // SAFETY: lanes j..j + 16 of each half, masked to the half's end.
-        let load = |s: &[u16], at: usize| unsafe {
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                _mm256_maskz_loadu_epi16(m, s.as_ptr().add(at).cast()),
-            )))
-        };
+        let load = |s: &[u16], at: usize| unsafe { load_bf16(m, s.as_ptr().add(at)) };
         let (x1, x2) = (load(x, j), load(x, half + j));
         let (c1, c2, s1, s2) = (
             load(cos, j),
@@ -211,18 +245,12 @@ unsafe fn rotate_half_bf16_avx512(x: &[u16], cos: &[u16], sin: &[u16], out: &mut
             _mm512_castps_si512(x2),
             _mm512_set1_epi32(i32::MIN),
         ));
-        let o1 = round(_mm512_add_ps(
-            round(_mm512_mul_ps(x1, c1)),
-            round(_mm512_mul_ps(neg_x2, s1)),
-        ));
-        let o2 = round(_mm512_add_ps(
-            round(_mm512_mul_ps(x2, c2)),
-            round(_mm512_mul_ps(x1, s2)),
-        ));
+        let product = |a, b| round_bf16(_mm512_mul_ps(a, b));
+        let o1 = _mm512_add_ps(product(x1, c1), product(neg_x2, s1));
+        let o2 = _mm512_add_ps(product(x2, c2), product(x1, s2));
         for (o, at) in [(o1, j), (o2, half + j)] {
-            let bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(o)));
             // SAFETY: as the loads.
-            unsafe { _mm256_mask_storeu_epi16(out.as_mut_ptr().add(at).cast(), m, bits) };
+            unsafe { _mm256_mask_storeu_epi16(out.as_mut_ptr().add(at).cast(), m, bf16_bits(o)) };
         }
     }
 }
@@ -253,28 +281,20 @@ pub fn silu_mul_bf16(gate: &[u16], up: &[u16], out: &mut [u16]) -> Option<()> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn silu_mul_bf16_avx512(gate: &[u16], up: &[u16], out: &mut [u16]) {
-    use crate::attention::bf16_in_high_half;
     use half::bf16;
     let set1 = _mm512_set1_ps;
-    let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
-    let round = |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(bf16_in_high_half(v), high));
     let whole = gate.len() / 16 * 16;
     for j in (0..whole).step_by(16) {
         // SAFETY: values j..j + 16 < whole of each slice.
-        let load = |s: &[u16]| unsafe {
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                _mm256_loadu_si256(s.as_ptr().add(j).cast()),
-            )))
-        };
+        let load = |s: &[u16]| unsafe { load_bf16(u16::MAX, s.as_ptr().add(j)) };
         let x = load(gate);
         let silu = _mm512_div_ps(
             x,
             _mm512_add_ps(set1(1.0), exp_avx512(_mm512_sub_ps(set1(0.0), x))),
         );
-        let y = round(_mm512_mul_ps(round(silu), load(up)));
-        let bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(y)));
+        let y = _mm512_mul_ps(round_bf16(silu), load(up));
         // SAFETY: as the loads.
-        unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(j).cast(), bits) };
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(j).cast(), bf16_bits(y)) };
     }
     for j in whole..gate.len() {
         let silu = bf16::from_f32(op_one(Op::Silu, bf16::from_bits(gate[j]).to_f32()));
@@ -308,10 +328,7 @@ unsafe fn round_to_bf16_avx512(values: &[f32], out: &mut [u16]) -> usize {
         // SAFETY: values j..j + 16 < whole of both slices.
         unsafe {
             let x = _mm512_loadu_ps(values.as_ptr().add(j));
-            let bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(
-                crate::attention::bf16_in_high_half(x),
-            ));
-            _mm256_storeu_si256(out.as_mut_ptr().add(j).cast(), bits);
+            _mm256_storeu_si256(out.as_mut_ptr().add(j).cast(), bf16_bits(x));
         }
     }
     whole
@@ -363,29 +380,14 @@ pub fn rms_norm_bf16(x: &[u16], weight: &[u16], eps: f32, out: &mut [u16]) -> Op
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn scale_row_bf16_avx512(x: &[u16], m: f32, weight: &[u16], out: &mut [u16]) {
-    use crate::attention::bf16_in_high_half;
-    let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
-    let round = |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(bf16_in_high_half(v), high));
     let m = _mm512_set1_ps(m);
     for j in (0..x.len()).step_by(16) {
-        let mask = if x.len() - j >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << (x.len() - j)) - 1
-        };
+        let mask = lanes(x.len() - j);
         // SAFETY: lanes j..j + 16 of each slice, masked to its end.
-        let load = |s: &[u16]| unsafe {
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                _mm256_maskz_loadu_epi16(mask, s.as_ptr().add(j).cast()),
-            )))
-        };
-        let y = round(_mm512_mul_ps(
-            round(_mm512_div_ps(load(x), m)),
-            load(weight),
-        ));
-        let bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(y)));
+        let load = |s: &[u16]| unsafe { load_bf16(mask, s.as_ptr().add(j)) };
+        let y = _mm512_mul_ps(round_bf16(_mm512_div_ps(load(x), m)), load(weight));
         // SAFETY: as the loads.
-        unsafe { _mm256_mask_storeu_epi16(out.as_mut_ptr().add(j).cast(), mask, bits) };
+        unsafe { _mm256_mask_storeu_epi16(out.as_mut_ptr().add(j).cast(), mask, bf16_bits(y)) };
     }
 }
 

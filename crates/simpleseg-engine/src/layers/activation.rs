@@ -92,8 +92,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// The BF16 path of [`silu_mul`]; `None` where it does not apply.
 fn silu_mul_bf16(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-    use candle_core::{CpuStorage, Storage};
-    use half::slice::HalfFloatSliceExt;
+    use crate::layers::linear::{bf16_tensor, with_bf16_bits};
     use rayon::prelude::*;
 
     let applies = |t: &Tensor| t.dtype() == DType::BF16 && t.device().is_cpu() && !t.track_op();
@@ -101,27 +100,19 @@ fn silu_mul_bf16(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-    let (gs, gl) = gate.storage_and_layout();
-    let (us, ul) = up.storage_and_layout();
-    let (Some((g0, g1)), Some((u0, u1))) = (gl.contiguous_offsets(), ul.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    let (Storage::Cpu(CpuStorage::BF16(g)), Storage::Cpu(CpuStorage::BF16(u))) = (&*gs, &*us)
-    else {
-        return Ok(None);
-    };
-    let (g, u): (&[u16], &[u16]) = (g[g0..g1].reinterpret_cast(), u[u0..u1].reinterpret_cast());
-    let mut out = vec![0u16; g.len()];
-    let done = out
-        .par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .try_for_each(|(out, (g, u))| math::silu_mul_bf16(g, u, out));
-    if done.is_none() {
-        return Ok(None);
+    let out = with_bf16_bits(&gate, |g| {
+        with_bf16_bits(&up, |u| {
+            let mut out = vec![0u16; g.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+                .try_for_each(|(out, (g, u))| math::silu_mul_bf16(g, u, out))
+                .map(|()| out)
+        })
+    });
+    match out.flatten().flatten() {
+        Some(out) => bf16_tensor(out, gate.shape(), gate.device()).map(Some),
+        None => Ok(None),
     }
-    let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
-    Ok(Some(Tensor::from_vec(out, gate.shape(), gate.device())?))
 }
 
 /// `x + y` (tensors of one shape): BF16 tensors on the CPU outside training graphs are added
@@ -166,21 +157,13 @@ fn add_bf16(x: &Tensor, y: &Tensor) -> Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::linear::bf16_bits;
     use candle_core::{Device, Var};
 
     /// The fused gated activation gives [`silu`] then candle's BF16 product, bit for bit
     /// (lengths that leave a scalar tail, a non-contiguous operand); f32 takes the two ops.
     #[test]
     fn silu_mul_equals_the_two_ops() {
-        let bits = |t: &Tensor| -> Vec<u16> {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<half::bf16>()
-                .unwrap()
-                .into_iter()
-                .map(half::bf16::to_bits)
-                .collect()
-        };
         for len in [16, 1000, 3 * CHUNK + 5] {
             let values = simpleseg_kernels::testing::Values(len as u64).take(2 * len);
             let all = (Tensor::from_vec(values, (2, len), &Device::Cpu).unwrap() * 8.0)
@@ -190,10 +173,17 @@ mod tests {
             let (gate, up) = (all.get(0).unwrap(), all.get(1).unwrap());
             let composed = (silu(&gate).unwrap() * &up).unwrap();
             match silu_mul_bf16(&gate, &up).unwrap() {
-                Some(fused) => assert_eq!(bits(&fused), bits(&composed), "{len} values"),
+                Some(fused) => assert_eq!(
+                    bf16_bits(&fused).unwrap(),
+                    bf16_bits(&composed).unwrap(),
+                    "{len} values"
+                ),
                 None => eprintln!("fused path skipped: this CPU lacks AVX-512 BW/VL"),
             }
-            assert_eq!(bits(&silu_mul(&gate, &up).unwrap()), bits(&composed));
+            assert_eq!(
+                bf16_bits(&silu_mul(&gate, &up).unwrap()).unwrap(),
+                bf16_bits(&composed).unwrap()
+            );
         }
         let strided = Tensor::from_vec(
             simpleseg_kernels::testing::Values(9).take(64),
@@ -205,7 +195,10 @@ mod tests {
         .unwrap();
         let (gate, up) = (strided.t().unwrap(), strided.clone());
         let composed = (silu(&gate).unwrap() * &up).unwrap();
-        assert_eq!(bits(&silu_mul(&gate, &up).unwrap()), bits(&composed));
+        assert_eq!(
+            bf16_bits(&silu_mul(&gate, &up).unwrap()).unwrap(),
+            bf16_bits(&composed).unwrap()
+        );
         let f = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
         assert!(silu_mul_bf16(&f, &f).unwrap().is_none());
     }

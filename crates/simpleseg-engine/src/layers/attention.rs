@@ -6,7 +6,7 @@ use simpleseg_kernels::dot::{bf16_to_f32, dot_bf16, dot_f32, f32_id};
 use simpleseg_kernels::math;
 
 use crate::layers::activation::map_chunks_in_f32;
-use crate::layers::linear::bf16_bits;
+use crate::layers::linear::{bf16_bits, bf16_tensor, with_bf16_bits};
 use crate::layers::mode::Mode;
 use crate::layers::rotary::Rotation;
 
@@ -161,8 +161,6 @@ pub fn causal_attention(
     scale: f64,
     mode: Mode,
 ) -> Result<Option<Tensor>> {
-    use candle_core::{CpuStorage, Storage};
-    use half::slice::HalfFloatSliceExt;
     use simpleseg_kernels::attention::{self as kernel, Heads};
 
     let (b, heads, s, d) = q.dims4()?;
@@ -177,36 +175,27 @@ pub fn causal_attention(
     {
         return Ok(None);
     }
-    let guards = [q, k, v].map(|t| t.storage_and_layout());
-    let mut views = Vec::with_capacity(3);
-    for (storage, layout) in &guards {
-        let (Storage::Cpu(CpuStorage::BF16(values)), Some((start, end))) =
-            (&**storage, layout.contiguous_offsets())
-        else {
-            return Ok(None);
-        };
-        let bits: &[u16] = values[start..end].reinterpret_cast();
-        views.push(Heads {
-            values: bits,
+    /// Heads laid out one after another, `(heads, s, d)`.
+    fn view(values: &[u16], s: usize, d: usize) -> Heads<'_> {
+        Heads {
+            values,
             offset: 0,
             stride: d,
             head_stride: s * d,
-        });
+        }
     }
-    let Some(out) = kernel::causal(
-        views[0],
-        views[1],
-        views[2],
-        s,
-        heads,
-        kv_heads,
-        d,
-        scale as f32,
-    ) else {
-        return Ok(None);
-    };
-    let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
-    Tensor::from_vec(out, (1, s, heads * d), q.device()).map(Some)
+    let out = with_bf16_bits(q, |q| {
+        with_bf16_bits(k, |k| {
+            with_bf16_bits(v, |v| {
+                let (q, k, v) = (view(q, s, d), view(k, s, d), view(v, s, d));
+                kernel::causal(q, k, v, s, heads, kv_heads, d, scale as f32)
+            })
+        })
+    });
+    match out.flatten().flatten().flatten() {
+        Some(out) => bf16_tensor(out, (1, s, heads * d), q.device()).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// Self-attention of a vision tower within segments, fused: `qkv` `(n, 3 * heads * head_dim)`
@@ -294,8 +283,7 @@ pub fn segment_attention(
     ) else {
         return Ok(None);
     };
-    let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
-    Tensor::from_vec(out, (n, width), qkv.device()).map(Some)
+    bf16_tensor(out, (n, width), qkv.device()).map(Some)
 }
 
 /// [`attention`] for one new position per sequence (a decoding step) over a grouped-query

@@ -337,6 +337,30 @@ pub(crate) fn bf16_bits(x: &Tensor) -> Result<Vec<u16>> {
         .collect())
 }
 
+/// `f` of a contiguous BF16 tensor's values on the CPU as bits, read in place (no copy);
+/// `None` for another dtype or device, or a layout that is not contiguous.
+pub(crate) fn with_bf16_bits<R>(x: &Tensor, f: impl FnOnce(&[u16]) -> R) -> Option<R> {
+    use candle_core::{CpuStorage, Storage};
+    use half::slice::HalfFloatSliceExt;
+    let (storage, layout) = x.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::BF16(values)), Some((start, end))) => {
+            Some(f(values[start..end].reinterpret_cast()))
+        }
+        _ => None,
+    }
+}
+
+/// BF16 values given as bits, as a tensor of `shape`.
+pub(crate) fn bf16_tensor(
+    bits: Vec<u16>,
+    shape: impl Into<candle_core::Shape>,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let values: Vec<half::bf16> = bits.into_iter().map(half::bf16::from_bits).collect();
+    Tensor::from_vec(values, shape, device)
+}
+
 /// `x`'s values as f32, row-major; BF16 widened in parallel (candle's conversion runs on one
 /// thread, and a prefill converts every layer's inputs).
 fn values_f32(x: &Tensor) -> Result<Vec<f32>> {
@@ -371,8 +395,6 @@ fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Vec<f32>>> {
     if x.dtype() != DType::BF16 || !simpleseg_kernels::bf16_gemm::available() {
         return Ok(None);
     }
-    use candle_core::{CpuStorage, Storage};
-    use half::slice::HalfFloatSliceExt;
 
     let rows = x.dim(0)?;
     let (out_dim, in_dim) = w.dims();
@@ -380,20 +402,16 @@ fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Vec<f32>>> {
     // A contiguous tensor's values are read in place (a copy of every layer's input, on one
     // thread, cost more than the copy saves).
     let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
     let product = |bits: &[u16]| match w.bf16_rows() {
         Some(stored) => {
             simpleseg_kernels::bf16_gemm::gemm_stored(bits, stored, rows, out_dim, in_dim)
         }
         None => simpleseg_kernels::bf16_gemm::gemm(bits, row, rows, out_dim, in_dim),
     };
-    if let (Storage::Cpu(CpuStorage::BF16(values)), Some((start, end))) =
-        (&*storage, layout.contiguous_offsets())
-    {
-        return Ok(product(values[start..end].reinterpret_cast()));
+    match with_bf16_bits(&x, product) {
+        Some(y) => Ok(y),
+        None => Ok(product(&bf16_bits(&x)?)),
     }
-    drop(storage);
-    Ok(product(&bf16_bits(&x)?))
 }
 
 /// The f32 path of [`many_rows_matmul`] ([`simpleseg_kernels::f32_gemm`]): exact on the

@@ -49,8 +49,7 @@ impl RmsNorm {
     /// bit for bit the composed ops (the conversions, candle's f32 `rms_norm`, the product);
     /// `None` where it does not apply.
     fn forward_bf16(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        use candle_core::{CpuStorage, Storage};
-        use half::slice::HalfFloatSliceExt;
+        use crate::layers::linear::{bf16_bits, bf16_tensor, with_bf16_bits};
         use rayon::prelude::*;
 
         let width = self.weight.elem_count();
@@ -58,37 +57,24 @@ impl RmsNorm {
         if !applies(x) || !applies(&self.weight) || x.dim(D::Minus1)? != width || width == 0 {
             return Ok(None);
         }
-        let weight: Vec<u16> = self
-            .weight
-            .flatten_all()?
-            .to_vec1::<half::bf16>()?
-            .into_iter()
-            .map(half::bf16::to_bits)
-            .collect();
+        let weight = bf16_bits(&self.weight)?;
         let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let (Storage::Cpu(CpuStorage::BF16(values)), Some((start, end))) =
-            (&*storage, layout.contiguous_offsets())
-        else {
-            return Ok(None);
-        };
-        let rows: &[u16] = values[start..end].reinterpret_cast();
-        let mut out = vec![0u16; rows.len()];
         // Groups of 8 rows per call (their sums run side by side), 4 groups per task.
         let per_task = 32 * width;
         let eps = self.eps as f32;
-        let done = out
-            .par_chunks_mut(per_task)
-            .zip(rows.par_chunks(per_task))
-            .try_for_each(|(out, rows)| {
-                simpleseg_kernels::math::rms_norm_bf16(rows, &weight, eps, out)
-            });
-        drop(storage);
-        if done.is_none() {
-            return Ok(None);
+        let out = with_bf16_bits(&x, |rows| {
+            let mut out = vec![0u16; rows.len()];
+            out.par_chunks_mut(per_task)
+                .zip(rows.par_chunks(per_task))
+                .try_for_each(|(out, rows)| {
+                    simpleseg_kernels::math::rms_norm_bf16(rows, &weight, eps, out)
+                })
+                .map(|()| out)
+        });
+        match out.flatten() {
+            Some(out) => bf16_tensor(out, x.shape(), x.device()).map(Some),
+            None => Ok(None),
         }
-        let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
-        Tensor::from_vec(out, x.shape(), x.device()).map(Some)
     }
 }
 
@@ -143,6 +129,7 @@ impl LayerNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::linear::bf16_bits;
     use candle_core::Device;
 
     /// The one-pass BF16 RMSNorm gives the composed ops' bits (the f32 conversion, candle's
@@ -174,19 +161,14 @@ mod tests {
                 .unwrap()
                 .broadcast_mul(&norm.weight)
                 .unwrap();
-            let bits = |t: &Tensor| -> Vec<u16> {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<half::bf16>()
-                    .unwrap()
-                    .into_iter()
-                    .map(half::bf16::to_bits)
-                    .collect()
-            };
-            assert_eq!(bits(&fast), bits(&composed), "{rows} x {width}");
             assert_eq!(
-                bits(&norm.forward(&x, Mode::Infer).unwrap()),
-                bits(&composed)
+                bf16_bits(&fast).unwrap(),
+                bf16_bits(&composed).unwrap(),
+                "{rows} x {width}"
+            );
+            assert_eq!(
+                bf16_bits(&norm.forward(&x, Mode::Infer).unwrap()).unwrap(),
+                bf16_bits(&composed).unwrap()
             );
         }
     }

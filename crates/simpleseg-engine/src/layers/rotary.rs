@@ -27,6 +27,7 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// [`apply_rotary`]'s one-pass BF16 path; `None` where it does not apply.
 fn rotary_bf16(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+    use crate::layers::linear::{bf16_bits, bf16_tensor};
     use candle_core::{CpuStorage, DType, Storage};
     use half::slice::HalfFloatSliceExt;
     use rayon::prelude::*;
@@ -47,14 +48,7 @@ fn rotary_bf16(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>>
     {
         return Ok(None);
     }
-    let angle_bits = |t: &Tensor| -> Result<Vec<u16>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<half::bf16>()?
-            .into_iter()
-            .map(half::bf16::to_bits)
-            .collect())
-    };
-    let (cos_bits, sin_bits) = (angle_bits(cos)?, angle_bits(sin)?);
+    let (cos_bits, sin_bits) = (bf16_bits(cos)?, bf16_bits(sin)?);
     let angle_batches = cos.dim(0)?;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(CpuStorage::BF16(values)) = &*storage else {
@@ -85,8 +79,7 @@ fn rotary_bf16(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>>
     if rotated.is_none() {
         return Ok(None);
     }
-    let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
-    Tensor::from_vec(out, (b, h, s, d), x.device()).map(Some)
+    bf16_tensor(out, (b, h, s, d), x.device()).map(Some)
 }
 
 /// How a vision tower turns its queries and keys, for the fused attention
@@ -174,6 +167,7 @@ impl Angles {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::linear::bf16_bits;
     use candle_core::{DType, Device};
 
     /// The one-pass BF16 rotation gives candle's composed ops' bits: heads read through a
@@ -195,19 +189,15 @@ mod tests {
             );
             let fast = rotary_bf16(&x, &cos, &sin)?.expect("BF16 heads and angles");
             let composed = (x.broadcast_mul(&cos)? + rotate_half(&x)?.broadcast_mul(&sin)?)?;
-            let bits = |t: &Tensor| -> Result<Vec<u16>> {
-                Ok(t.flatten_all()?
-                    .to_vec1::<half::bf16>()?
-                    .into_iter()
-                    .map(half::bf16::to_bits)
-                    .collect())
-            };
             assert_eq!(
-                bits(&fast)?,
-                bits(&composed)?,
+                bf16_bits(&fast)?,
+                bf16_bits(&composed)?,
                 "batch {b}, angles {angle_batches}"
             );
-            assert_eq!(bits(&apply_rotary(&x, &cos, &sin)?)?, bits(&composed)?);
+            assert_eq!(
+                bf16_bits(&apply_rotary(&x, &cos, &sin)?)?,
+                bf16_bits(&composed)?
+            );
         }
         // F32 heads take the composed ops.
         let x = Tensor::zeros((1, 2, 3, 4), DType::F32, &device)?;
