@@ -68,3 +68,16 @@ pub fn avx512_bw_vl() -> bool {
         false
     }
 }
+
+/// AVX-512 VBMI (`vpermb`, any byte of a register to any place: Intel Ice Lake and Sapphire
+/// Rapids on, AMD Zen 4), with [`avx512_vnni`]'s features.
+pub fn avx512_vbmi_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512_vnni() && std::arch::is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
