@@ -21,9 +21,10 @@ use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8K, GgmlType};
 const QK_K: usize = 256;
 
 /// How many blocks ahead of the one being multiplied a row is prefetched when `rows` rows go
-/// side by side: ~2 KB in flight per row alone, ~1 KB each for four (on 2 Xeon cores, the
-/// 7B's short gate/up rows one at a time read 15.4 GB/s at 8 blocks ahead, 16.8-17.6 at 16
-/// or 24; its long down rows four at a time 22 at 8, 21 at 16).
+/// side by side: ~2 KB ahead for a row alone, ~1 KB each for four. On 2 Xeon cores the 7B's
+/// short gate/up rows, one at a time, read 15.4-19.2 GB/s at 8 blocks ahead and 16.8-21.9 at
+/// 16 in five alternated runs (a noisy machine: one pair read 24.8 and 25.0); its long down
+/// rows, four at a time, 22 at 8 and 21 at 16.
 const fn prefetch_blocks(rows: usize) -> usize {
     if rows == 1 {
         16
