@@ -151,7 +151,8 @@ fn check_kernel(kernel: Block, m: usize, n: usize, k: usize) -> Result<(), Strin
         let y = gemm_on(&bits, &row, source, m, n, k, false, kernel);
         for (at, (&got, &want)) in y.iter().zip(&want).enumerate() {
             let got = f64::from(got);
-            if (got - want).abs() > 1e-3 * (1.0 + want.abs()) {
+            // (Written so that a NaN fails.)
+            if !((got - want).abs() <= 1e-3 * (1.0 + want.abs())) {
                 let (r, f, place) = (at / n, at % n, source.is_some());
                 return Err(format!(
                     "({r}, {f}): {got} instead of {want} (in place: {place})"
@@ -244,25 +245,10 @@ where
     use rayon::prelude::*;
 
     let (mp, steps) = (m.div_ceil(MR) * MR, k.div_ceil(KT));
-    let mut tiled = Lines::zeroed(mp * steps * KT * 2);
-    let xs: &mut [u16] = tiled.view();
-    // Row r, inputs 32 s.. land in tile (r / 16, s), row r % 16.
-    for (r, src) in x.chunks(k.max(1)).take(m).enumerate() {
-        for (s, values) in src[..k].chunks(KT).enumerate() {
-            let at = ((r / 16 * steps + s) * 16 + r % 16) * KT;
-            xs[at..at + values.len()].copy_from_slice(values);
-        }
-    }
-    let xs: &[u16] = xs;
+    let tiled = tile_rows(x, m, k, mp, steps);
+    let xs: &[u16] = tiled.view();
     let mut y = crate::output::output_room(m * n);
     let y_ptr = crate::output::SharedOutput(y.as_mut_ptr());
-    let buffers = || {
-        (
-            Lines::zeroed(GROUP / NR * steps * 2 * 1024),
-            vec![0u16; 16 * steps * KT],
-            Lines::zeroed(MC * GROUP * 4),
-        )
-    };
     // Tasks: a group of features over a band of rows. The rows are one band unless there are
     // too few groups to keep every thread busy (a product with few outputs: attention's
     // values, a key-value projection); then they are split, each band packing its group anew.
@@ -278,14 +264,20 @@ where
         .max(1);
     let band = m.div_ceil(bands).div_ceil(MR) * MR;
     let bands = m.div_ceil(band.max(1)).max(1);
-    let run = |(panels, scratch, sums): &mut (Lines, Vec<u16>, Lines), task: usize| {
+    let run = |task: usize| {
+        let mut buffers = TaskBuffers::take(steps);
+        let TaskBuffers {
+            panels,
+            rows: scratch,
+            sums,
+        } = &mut buffers;
         let (g, rows_from) = (task / bands, task % bands * band);
         let rows_to = (rows_from + band).min(m);
         let f0 = g * GROUP;
         let nf = GROUP.min(n - f0);
         let count = nf.div_ceil(NR);
-        let panels: &mut [u32] = panels.view();
-        let sums: &mut [f32] = sums.view();
+        let panels: &mut [u32] = panels.view_mut();
+        let sums: &mut [f32] = sums.view_mut();
         for q in 0..count {
             let at = q * steps * 512;
             let features = NR.min(nf - q * NR);
@@ -367,18 +359,82 @@ where
                 }
             }
         }
+        buffers.give_back();
     };
     if parallel {
-        (0..groups * bands)
-            .into_par_iter()
-            .for_each_init(buffers, run);
+        (0..groups * bands).into_par_iter().for_each(run);
     } else {
-        let mut own = buffers();
-        (0..groups * bands).for_each(|task| run(&mut own, task));
+        (0..groups * bands).for_each(run);
     }
     // SAFETY: every task copied its group's nf columns of its band's rows (whatever k); the
     // groups cover columns 0..n and the bands rows 0..m.
     unsafe { crate::output::filled(y, m * n) }
+}
+
+/// The activations in tile order: for each 16 rows and each 32 inputs, one 1 KB tile (rows
+/// of 64 bytes, consecutive), zero beyond `m` rows and `k` inputs. Each row's 32 inputs of a
+/// step are one line, so every line is written once (no zeroing pass first).
+fn tile_rows(x: &[u16], m: usize, k: usize, mp: usize, steps: usize) -> Lines {
+    let mut lines: Vec<Line> = Vec::with_capacity(mp * steps);
+    let room = lines.spare_capacity_mut();
+    for r in 0..mp {
+        for s in 0..steps {
+            // Row r, inputs 32 s.. land in tile (r / 16, s), row r % 16.
+            let mut line = [0u8; 64];
+            if r < m {
+                let values = &x[r * k + s * KT..r * k + k.min((s + 1) * KT)];
+                for (pair, v) in line.chunks_exact_mut(2).zip(values) {
+                    pair.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            room[(r / 16 * steps + s) * 16 + r % 16].write(Line(line));
+        }
+    }
+    // SAFETY: the loops wrote each of the mp * steps lines (r < mp, s < steps: every tile
+    // (r / 16, s) and row r % 16 once).
+    unsafe { lines.set_len(mp * steps) };
+    Lines(lines)
+}
+
+/// A GEMM task's buffers: the group's packed panels, 16 weight rows, and a row chunk's sums.
+/// Each thread keeps its own between tasks and products (their size follows the inputs `k`
+/// alone), so that a task neither allocates nor zeroes them: everything in them is written
+/// before it is read.
+struct TaskBuffers {
+    panels: Lines,
+    rows: Vec<u16>,
+    sums: Lines,
+}
+
+thread_local! {
+    /// This thread's [`TaskBuffers`], while no task of it holds them.
+    static TASK_BUFFERS: std::cell::Cell<Option<TaskBuffers>> =
+        const { std::cell::Cell::new(None) };
+}
+
+impl TaskBuffers {
+    /// This thread's buffers (new ones if a task of this thread already holds them), with
+    /// room for `steps` tile steps of inputs.
+    fn take(steps: usize) -> TaskBuffers {
+        let mut b = TASK_BUFFERS.take().unwrap_or_else(|| TaskBuffers {
+            panels: Lines::zeroed(0),
+            rows: Vec::new(),
+            sums: Lines::zeroed(MC * GROUP * 4),
+        });
+        let panels = GROUP / NR * steps * 2 * 1024;
+        if b.panels.bytes() < panels {
+            b.panels = Lines::zeroed(panels);
+        }
+        if b.rows.len() < 16 * steps * KT {
+            b.rows = vec![0; 16 * steps * KT];
+        }
+        b
+    }
+
+    /// Keeps the buffers for this thread's next task.
+    fn give_back(self) {
+        TASK_BUFFERS.set(Some(self));
+    }
 }
 
 /// Zeroed bytes on 64-byte boundaries, viewed as values of a plain numeric type.
@@ -400,11 +456,22 @@ impl Lines {
         Lines(vec![Line([0; 64]); bytes.div_ceil(64)])
     }
 
+    fn bytes(&self) -> usize {
+        self.0.len() * 64
+    }
+
     /// The bytes as values of `T` (as many as fit).
-    fn view<T: Plain>(&mut self) -> &mut [T] {
-        let len = self.0.len() * 64 / std::mem::size_of::<T>();
+    fn view<T: Plain>(&self) -> &[T] {
+        let len = self.bytes() / std::mem::size_of::<T>();
         // SAFETY: the lines are initialized bytes, 64-byte aligned (more than `T` needs), any
-        // bits are a `T` (`Plain`), and the slice borrows them mutably.
+        // bits are a `T` (`Plain`), and the slice borrows them.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), len) }
+    }
+
+    /// The bytes as values of `T` (as many as fit), to write.
+    fn view_mut<T: Plain>(&mut self) -> &mut [T] {
+        let len = self.bytes() / std::mem::size_of::<T>();
+        // SAFETY: as in `view`; the slice borrows them mutably.
         unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), len) }
     }
 }
@@ -413,8 +480,8 @@ impl Lines {
 /// for step `s` and tile `t`, 16 rows (input pairs `16 s + i`) of 16 features' pairs
 /// (`t * 16 + j`), the pair's first value in the low half. Sixteen whole rows of a `stored`
 /// weight (`k` values per row) are transposed where they lie; other rows are first asked of
-/// `row` into `rows`, scratch for 16 rows of `panel.len() / 16` inputs (whole steps) whose tail
-/// beyond `k` is zero.
+/// `row` into `rows`, scratch for 16 rows of `panel.len() / 512` steps of inputs, each row's
+/// tail beyond `k` zeroed here.
 fn pack_panel<R>(
     row: &R,
     stored: Option<&[u16]>,
@@ -444,6 +511,8 @@ fn pack_panel<R>(
         }
         for j in 0..16 {
             let line = &mut rows[j * kp..(j + 1) * kp];
+            // Zero past the inputs (the scratch is reused across products).
+            line[k..].fill(0);
             let f = f0 + first + j;
             match in_place {
                 // Only the last, partial step is read through the scratch.
@@ -702,80 +771,93 @@ mod tests {
         assert!(available() || std::env::var("SIMPLESEG_AMX").is_ok_and(|v| v == "0"));
     }
 
+    /// `tileloadd` of 16 rows of 64 bytes from `base`, rows `stride` bytes apart.
+    unsafe fn load(base: *const u8, stride: usize) -> [[u8; 64]; 16] {
+        std::array::from_fn(|r| unsafe { *(base.add(r * stride) as *const [u8; 64]) })
+    }
+    /// `tdpbf16ps c, a, b`.
+    fn dp(c: &mut [[f32; 16]; 16], a: &[[u8; 64]; 16], b: &[[u8; 64]; 16]) {
+        let bf = |t: &[u8; 64], i: usize| {
+            half::bf16::from_bits(u16::from_le_bytes([t[2 * i], t[2 * i + 1]])).to_f32()
+        };
+        for (m, row) in c.iter_mut().enumerate() {
+            for (n, sum) in row.iter_mut().enumerate() {
+                for (k, b) in b.iter().enumerate() {
+                    *sum +=
+                        bf(&a[m], 2 * k) * bf(b, 2 * n) + bf(&a[m], 2 * k + 1) * bf(b, 2 * n + 1);
+                }
+            }
+        }
+    }
+    unsafe fn emulated(
+        a: *const u16,
+        b: *const u32,
+        steps: usize,
+        c: *mut f32,
+        gap: usize,
+        accumulate: bool,
+        out: Sums,
+    ) {
+        let (a, b, c) = (a as *const u8, b as *const u8, c as *mut u8);
+        let tiles = [(0, 0), (0, 64), (16 * GROUP * 4, 0), (16 * GROUP * 4, 64)];
+        let mut sums = [[[0f32; 16]; 16]; 4];
+        if accumulate {
+            for (sum, &(row, col)) in sums.iter_mut().zip(&tiles) {
+                let t = unsafe { load(c.add(row + col), GROUP * 4) };
+                for (r, line) in t.iter().enumerate() {
+                    for (j, v) in line.chunks(4).enumerate() {
+                        sum[r][j] = f32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+                    }
+                }
+            }
+        }
+        for s in 0..steps {
+            let (a0, a1, b0, b1) = unsafe {
+                (
+                    load(a.add(1024 * s), 64),
+                    load(a.add(1024 * (gap + s)), 64),
+                    load(b.add(2048 * s), 64),
+                    load(b.add(2048 * s + 1024), 64),
+                )
+            };
+            dp(&mut sums[0], &a0, &b0);
+            dp(&mut sums[1], &a0, &b1);
+            dp(&mut sums[2], &a1, &b0);
+            dp(&mut sums[3], &a1, &b1);
+        }
+        let (o, os) = (out.at as *mut u8, out.stride);
+        let places = [(0, 0), (0, 64), (16 * os, 0), (16 * os, 64)];
+        for (sum, &(row, col)) in sums.iter().zip(&places) {
+            for (r, line) in sum.iter().enumerate() {
+                for (j, v) in line.iter().enumerate() {
+                    let at = row + col + r * os + j * 4;
+                    unsafe { *(o.add(at) as *mut [u8; 4]) = v.to_le_bytes() };
+                }
+            }
+        }
+    }
+
     /// Everything but the tile instructions (padding, packing, addressing, copying back) on
     /// every CPU: [`block`]'s loads and `tdpbf16ps` emulated as the instruction set manual
     /// defines them, at the same addresses.
     #[test]
     fn the_gemm_around_emulated_tiles_matches_the_reference() {
-        /// `tileloadd` of 16 rows of 64 bytes from `base`, rows `stride` bytes apart.
-        unsafe fn load(base: *const u8, stride: usize) -> [[u8; 64]; 16] {
-            std::array::from_fn(|r| unsafe { *(base.add(r * stride) as *const [u8; 64]) })
-        }
-        /// `tdpbf16ps c, a, b`.
-        fn dp(c: &mut [[f32; 16]; 16], a: &[[u8; 64]; 16], b: &[[u8; 64]; 16]) {
-            let bf = |t: &[u8; 64], i: usize| {
-                half::bf16::from_bits(u16::from_le_bytes([t[2 * i], t[2 * i + 1]])).to_f32()
-            };
-            for (m, row) in c.iter_mut().enumerate() {
-                for (n, sum) in row.iter_mut().enumerate() {
-                    for (k, b) in b.iter().enumerate() {
-                        *sum += bf(&a[m], 2 * k) * bf(b, 2 * n)
-                            + bf(&a[m], 2 * k + 1) * bf(b, 2 * n + 1);
-                    }
-                }
-            }
-        }
-        unsafe fn emulated(
-            a: *const u16,
-            b: *const u32,
-            steps: usize,
-            c: *mut f32,
-            gap: usize,
-            accumulate: bool,
-            out: Sums,
-        ) {
-            let (a, b, c) = (a as *const u8, b as *const u8, c as *mut u8);
-            let tiles = [(0, 0), (0, 64), (16 * GROUP * 4, 0), (16 * GROUP * 4, 64)];
-            let mut sums = [[[0f32; 16]; 16]; 4];
-            if accumulate {
-                for (sum, &(row, col)) in sums.iter_mut().zip(&tiles) {
-                    let t = unsafe { load(c.add(row + col), GROUP * 4) };
-                    for (r, line) in t.iter().enumerate() {
-                        for (j, v) in line.chunks(4).enumerate() {
-                            sum[r][j] = f32::from_le_bytes([v[0], v[1], v[2], v[3]]);
-                        }
-                    }
-                }
-            }
-            for s in 0..steps {
-                let (a0, a1, b0, b1) = unsafe {
-                    (
-                        load(a.add(1024 * s), 64),
-                        load(a.add(1024 * (gap + s)), 64),
-                        load(b.add(2048 * s), 64),
-                        load(b.add(2048 * s + 1024), 64),
-                    )
-                };
-                dp(&mut sums[0], &a0, &b0);
-                dp(&mut sums[1], &a0, &b1);
-                dp(&mut sums[2], &a1, &b0);
-                dp(&mut sums[3], &a1, &b1);
-            }
-            let (o, os) = (out.at as *mut u8, out.stride);
-            let places = [(0, 0), (0, 64), (16 * os, 0), (16 * os, 64)];
-            for (sum, &(row, col)) in sums.iter().zip(&places) {
-                for (r, line) in sum.iter().enumerate() {
-                    for (j, v) in line.iter().enumerate() {
-                        let at = row + col + r * os + j * 4;
-                        unsafe { *(o.add(at) as *mut [u8; 4]) = v.to_le_bytes() };
-                    }
-                }
-            }
-        }
         // Every loop of the GEMM: two row chunks in one band, four groups and two cache
         // blocks, each with a partial last one; then one group over two bands of rows.
         check_kernel(emulated, MC + 9, 3 * GROUP + 13, (KC_STEPS + 1) * KT - 5).unwrap();
         check_kernel(emulated, 37, 45, 100).unwrap();
+    }
+
+    /// A thread's task buffers are reused: a product after a wider one whose weights were all
+    /// NaN reads none of them (the weight rows' tails past the inputs are zeroed again).
+    #[test]
+    fn a_reused_scratch_keeps_nothing_of_the_product_before() {
+        let nan = |_: usize, out: &mut [u16]| out.fill(0x7fc0);
+        let x = vec![0x3f80u16; 16 * 96];
+        // 32 features: both halves of the panel leave NaN rows in the scratch.
+        let y = gemm_on(&x, &nan, None, 16, 32, 96, false, emulated);
+        assert!(y.iter().all(|v| v.is_nan()));
+        check_kernel(emulated, 16, 20, 40).unwrap();
     }
 
     /// Both transposes (AVX-512 where the CPU has it) put row j's pair i at word 16 i + j.
