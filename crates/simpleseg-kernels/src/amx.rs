@@ -151,8 +151,7 @@ fn check_kernel(kernel: Block, m: usize, n: usize, k: usize) -> Result<(), Strin
         let y = gemm_on(&bits, &row, source, m, n, k, false, kernel);
         for (at, (&got, &want)) in y.iter().zip(&want).enumerate() {
             let got = f64::from(got);
-            // (Written so that a NaN fails.)
-            if !((got - want).abs() <= 1e-3 * (1.0 + want.abs())) {
+            if got.is_nan() || (got - want).abs() > 1e-3 * (1.0 + want.abs()) {
                 let (r, f, place) = (at / n, at % n, source.is_some());
                 return Err(format!(
                     "({r}, {f}): {got} instead of {want} (in place: {place})"
