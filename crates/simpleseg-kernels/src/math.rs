@@ -255,6 +255,132 @@ unsafe fn rotate_half_bf16_avx512(x: &[u16], cos: &[u16], sin: &[u16], out: &mut
     }
 }
 
+/// One head of BF16 values (bits) turned as a vision tower turns it in f32, rounded once to
+/// BF16 (to nearest even, as `half::bf16::from_f32`): `x cos + rotate_half(x) sin` with
+/// `cos`/`sin` one angle per value (the Qwen2.5-VL ViT), or, `pairs`, the interleaved pairs
+/// `(x[2i], x[2i + 1])` as complex numbers times `cos[i] + i sin[i]` (MoonViT). Each product
+/// and sum is one f32 operation, in the order written, so the bits are the f32 ops'.
+/// `None` unless `x` and `out` have one even length and the angles the one the layout needs.
+pub fn turn_in_f32(
+    x: &[u16],
+    cos: &[f32],
+    sin: &[f32],
+    pairs: bool,
+    out: &mut [u16],
+) -> Option<()> {
+    let d = x.len();
+    let angles = if pairs { d / 2 } else { d };
+    if !d.is_multiple_of(2) || out.len() != d || cos.len() != angles || sin.len() != angles {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::avx512_bw_vl() {
+        // SAFETY: AVX-512 F, BW and VL are present; the lengths were checked.
+        unsafe {
+            if pairs {
+                turn_pairs_avx512(x, cos, sin, out)
+            } else {
+                turn_halves_avx512(x, cos, sin, out)
+            }
+        };
+        return Some(());
+    }
+    turn_in_f32_scalar(x, cos, sin, pairs, out);
+    Some(())
+}
+
+/// [`turn_in_f32`] one value at a time.
+fn turn_in_f32_scalar(x: &[u16], cos: &[f32], sin: &[f32], pairs: bool, out: &mut [u16]) {
+    let f = |v: u16| half::bf16::from_bits(v).to_f32();
+    let round = |v: f32| half::bf16::from_f32(v).to_bits();
+    if pairs {
+        for (i, (pair, o)) in x.chunks_exact(2).zip(out.chunks_exact_mut(2)).enumerate() {
+            let (re, im) = (f(pair[0]), f(pair[1]));
+            o[0] = round(re * cos[i] - im * sin[i]);
+            o[1] = round(re * sin[i] + im * cos[i]);
+        }
+    } else {
+        let half = x.len() / 2;
+        for (j, o) in out.iter_mut().enumerate() {
+            let turned = if j < half {
+                -f(x[j + half])
+            } else {
+                f(x[j - half])
+            };
+            *o = round(f(x[j]) * cos[j] + turned * sin[j]);
+        }
+    }
+}
+
+/// [`turn_in_f32`]'s halves, 16 values of each half at a time (as [`rotate_half_bf16_avx512`]).
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; `x`, `cos`, `sin` and `out` have one even length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn turn_halves_avx512(x: &[u16], cos: &[f32], sin: &[f32], out: &mut [u16]) {
+    let half = x.len() / 2;
+    for j in (0..half).step_by(16) {
+        let m = lanes(half - j);
+        // SAFETY: lanes j..j + 16 of each half, masked to the half's end.
+        let (x1, x2, c1, c2, s1, s2) = unsafe {
+            let angle = |s: &[f32], at: usize| _mm512_maskz_loadu_ps(m, s.as_ptr().add(at));
+            (
+                load_bf16(m, x.as_ptr().add(j)),
+                load_bf16(m, x.as_ptr().add(half + j)),
+                angle(cos, j),
+                angle(cos, half + j),
+                angle(sin, j),
+                angle(sin, half + j),
+            )
+        };
+        // x1 c1 + (-x2) s1 is x1 c1 - x2 s1 exactly (negation is exact).
+        let o1 = _mm512_sub_ps(_mm512_mul_ps(x1, c1), _mm512_mul_ps(x2, s1));
+        let o2 = _mm512_add_ps(_mm512_mul_ps(x2, c2), _mm512_mul_ps(x1, s2));
+        for (o, at) in [(o1, j), (o2, half + j)] {
+            // SAFETY: as the loads.
+            unsafe { _mm256_mask_storeu_epi16(out.as_mut_ptr().add(at).cast(), m, bf16_bits(o)) };
+        }
+    }
+}
+
+/// [`turn_in_f32`]'s pairs, 8 pairs at a time: lane `l` holds `p = x[l]`, its partner
+/// `q = x[l ^ 1]` and pair `l / 2`'s angle, and computes `p cos - q sin` (even lanes: `re cos -
+/// im sin`) or `p cos + q sin` (odd lanes: `im cos + re sin`, the same sum as `re sin + im
+/// cos`: addition commutes exactly).
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; `x` and `out` have one even length, `cos` and `sin` half
+/// of it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn turn_pairs_avx512(x: &[u16], cos: &[f32], sin: &[f32], out: &mut [u16]) {
+    let spread = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    // The sign bit on even lanes: p cos + (-(q sin)) is p cos - q sin exactly.
+    let even_sign = _mm512_maskz_mov_epi32(0x5555, _mm512_set1_epi32(i32::MIN));
+    for j in (0..x.len()).step_by(16) {
+        let m = lanes(x.len() - j);
+        // The angles of the pairs in these lanes.
+        let am = lanes((x.len() - j) / 2) as u8;
+        // SAFETY: values j..j + 16 and angles j / 2..j / 2 + 8, masked to the ends.
+        let (p, c, s) = unsafe {
+            let angle = |a: &[f32]| {
+                let eight = _mm256_maskz_loadu_ps(am, a.as_ptr().add(j / 2));
+                _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(eight))
+            };
+            (load_bf16(m, x.as_ptr().add(j)), angle(cos), angle(sin))
+        };
+        let q = _mm512_permute_ps::<0b10_11_00_01>(p);
+        let qs = _mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(_mm512_mul_ps(q, s)),
+            even_sign,
+        ));
+        let o = _mm512_add_ps(_mm512_mul_ps(p, c), qs);
+        // SAFETY: as the loads.
+        unsafe { _mm256_mask_storeu_epi16(out.as_mut_ptr().add(j).cast(), m, bf16_bits(o)) };
+    }
+}
+
 /// A gated MLP's activation on BF16 values (bits) as a BF16 model computes `silu(gate) * up`:
 /// [`silu`]'s value rounded to BF16, times `up`, rounded to BF16 (to nearest even, as
 /// `half::bf16::from_f32`), in one pass. `None` where the CPU lacks AVX-512 F, BW and VL
@@ -670,6 +796,39 @@ mod rotary_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX-512 turns bit for bit the scalar f32 operations (themselves checked against
+    /// candle's ops in the engine), on heads of 10, 34, 72 (MoonViT), 80 (the Qwen2.5-VL ViT)
+    /// and 128 values with zeros of both signs among them.
+    #[test]
+    fn vector_turns_equal_the_scalar_f32_operations() {
+        if !crate::cpu::avx512_bw_vl() {
+            eprintln!("skipped: this CPU lacks AVX-512 BW/VL (the scalar turn runs)");
+            return;
+        }
+        let mut values = crate::testing::Values(9);
+        for d in [10, 34, 72, 80, 128] {
+            for pairs in [false, true] {
+                let angles = if pairs { d / 2 } else { d };
+                let mut x: Vec<u16> = values
+                    .take(d)
+                    .iter()
+                    .map(|v| half::bf16::from_f32(*v).to_bits())
+                    .collect();
+                x[1] = 0x8000;
+                x[d - 2] = 0;
+                let theta = values.take(angles);
+                let mut cos: Vec<f32> = theta.iter().map(|t| t.cos()).collect();
+                let sin: Vec<f32> = theta.iter().map(|t| t.sin()).collect();
+                cos[0] = 0.0;
+                let (mut want, mut got) = (vec![0u16; d], vec![0u16; d]);
+                turn_in_f32_scalar(&x, &cos, &sin, pairs, &mut want);
+                turn_in_f32(&x, &cos, &sin, pairs, &mut got).unwrap();
+                assert_eq!(got, want, "d={d}, pairs={pairs}");
+            }
+        }
+        assert!(turn_in_f32(&[0; 4], &[0.0; 4], &[0.0; 4], true, &mut [0; 4]).is_none());
+    }
 
     fn paths() -> Vec<Path> {
         [Path::Avx512, Path::Avx2, Path::Portable]

@@ -111,6 +111,9 @@ impl Rotation<'_> {
             Rotation::Pairs { cos, sin } => (true, cos, sin, head_dim / 2),
             Rotation::Halves { cos, sin } => (false, cos, sin, head_dim),
         };
+        if !head_dim.is_multiple_of(2) {
+            candle_core::bail!("a rotary embedding of heads of {head_dim} values (odd)");
+        }
         let read = |t: &Tensor| -> Result<Vec<f32>> {
             let values = t
                 .to_dtype(candle_core::DType::F32)?
@@ -138,29 +141,16 @@ impl Angles {
     /// operations, in order, of [`apply_rotary`] on f32 values (Halves) or of MoonViT's complex
     /// rotation (Pairs), each rounded to f32, so the bits are theirs.
     pub(crate) fn turn(&self, t: usize, x: &[half::bf16], out: &mut [u16]) {
+        use half::slice::HalfFloatSliceExt;
         let at = t * self.per_position;
         let (cos, sin) = (
             &self.cos[at..at + self.per_position],
             &self.sin[at..at + self.per_position],
         );
-        let round = |v: f32| half::bf16::from_f32(v).to_bits();
-        if self.pairs {
-            for (i, (pair, o)) in x.chunks_exact(2).zip(out.chunks_exact_mut(2)).enumerate() {
-                let (re, im) = (pair[0].to_f32(), pair[1].to_f32());
-                o[0] = round(re * cos[i] - im * sin[i]);
-                o[1] = round(re * sin[i] + im * cos[i]);
-            }
-        } else {
-            let half = x.len() / 2;
-            for (j, o) in out.iter_mut().enumerate() {
-                let turned = if j < half {
-                    -x[j + half].to_f32()
-                } else {
-                    x[j - half].to_f32()
-                };
-                *o = round(x[j].to_f32() * cos[j] + turned * sin[j]);
-            }
-        }
+        // The lengths are the layout's (checked when the angles were read).
+        let turned =
+            simpleseg_kernels::math::turn_in_f32(x.reinterpret_cast(), cos, sin, self.pairs, out);
+        debug_assert!(turned.is_some());
     }
 }
 
