@@ -9,7 +9,8 @@
 //! a group of 128 output features at a time, each 32 inputs x 16 features as one 1 KB tile in
 //! the layout the instruction wants (pairs of consecutive inputs side by side, a 16 x 16
 //! transpose of 32-bit pairs, read where a BF16 weight lies). The sums of a band of rows
-//! stay in a scratch block across cache blocks of 1024 inputs. Products are exact and sums
+//! stay in a scratch block across cache blocks of 4096 inputs. A task configures the tile
+//! registers once for all its products ([`TileSession`]). Products are exact and sums
 //! are f32 (round to nearest even, denormals flushed, as the instruction defines), so results
 //! differ from an f32 GEMM on the same BF16 values only in summation order and rounding, as
 //! oneDNN's do. Measured on 2 Xeon cores (`bench_engine.py --gemm`): the 7B's prefill shapes
@@ -122,11 +123,11 @@ fn request_tile_data() -> bool {
 
 /// The product of the self-check: sizes that leave partial tiles on every side.
 fn self_check() -> Result<(), String> {
-    check_kernel(block, 37, 45, (KC_STEPS + 3) * KT - 9)
+    check_kernel(TILES, 37, 45, (KC_STEPS + 3) * KT - 9)
 }
 
 /// [`self_check`] with a given block kernel and sizes.
-fn check_kernel(kernel: Block, m: usize, n: usize, k: usize) -> Result<(), String> {
+fn check_kernel(kernel: Kernel, m: usize, n: usize, k: usize) -> Result<(), String> {
     let value =
         |i: usize, s: f32| half::bf16::from_f32(((i * 7919 % 1000) as f32 / 500.0 - 1.0) * s);
     let x: Vec<half::bf16> = (0..m * k).map(|i| value(i, 1.0)).collect();
@@ -187,28 +188,44 @@ pub(crate) fn gemm<R>(x: &[u16], row: &R, m: usize, n: usize, k: usize) -> Vec<f
 where
     R: Fn(usize, &mut [u16]) + Sync,
 {
-    gemm_on(x, row, None, m, n, k, true, block)
+    gemm_on(x, row, None, m, n, k, true, TILES)
 }
 
 /// [`gemm`] against a weight stored as BF16 (`n x k` bits, row-major), packed straight from
 /// where it lies (no copy of its rows first).
 pub(crate) fn gemm_stored(x: &[u16], w: &[u16], m: usize, n: usize, k: usize) -> Vec<f32> {
     let row = |j: usize, out: &mut [u16]| out.copy_from_slice(&w[j * k..(j + 1) * k]);
-    gemm_on(x, &row, Some(w), m, n, k, true, block)
+    gemm_on(x, &row, Some(w), m, n, k, true, TILES)
 }
 
 /// A kernel adding one 32 x 32 block of products to its sums ([`block`], or the tests'
 /// emulation of it); see [`block`] for the arguments.
 type Block = unsafe fn(*const u16, *const u32, usize, *mut f32, usize, bool, Sums);
 
+/// The block kernel a GEMM runs, and whether its tasks configure the tile registers around
+/// their products (the real instructions do; the tests' emulation needs nothing configured).
+#[derive(Clone, Copy)]
+struct Kernel {
+    block: Block,
+    configures: bool,
+}
+
+/// The AMX kernel.
+const TILES: Kernel = Kernel {
+    block,
+    configures: true,
+};
+
 /// Output features per parallel task (a group of panels): the activation block a kernel call
 /// reads is reused across the group's panels while it sits in the core's first-level cache.
 const GROUP: usize = 4 * NR;
-/// Tile steps (of [`KT`] inputs) per cache block: one row block's activations (32 x 1024
-/// values, 64 KB) and the group's weights (128 x 1024 values, 256 KB) stay in the core's
-/// second-level cache while the block's products run (fewer, longer blocks measured faster
-/// than blocks that fit the first level: the sums' reloads cost more than they save).
-const KC_STEPS: usize = 32;
+/// Tile steps (of [`KT`] inputs) per cache block: the group's weights for a block (128 x 4096
+/// values, 1 MB) stay in the core's second-level cache while the block's products run. Fewer,
+/// longer blocks measured faster than blocks that fit the first level (the sums' reloads cost
+/// more than they save); on 2 Xeon cores, blocks of 4096 inputs against 1024 took the 7B's
+/// gate/up product 39 -> 33 ms, its down product 43 -> 41 (one block for all its 18944 inputs:
+/// 63).
+const KC_STEPS: usize = 128;
 /// Rows per row chunk: the chunk's sums for a group (256 KB) and its activations for a cache
 /// block (1 MB) stay in the second-level cache.
 const MC: usize = 16 * MR;
@@ -236,7 +253,7 @@ fn gemm_on<R>(
     n: usize,
     k: usize,
     parallel: bool,
-    kernel: Block,
+    kernel: Kernel,
 ) -> Vec<f32>
 where
     R: Fn(usize, &mut [u16]) + Sync,
@@ -264,6 +281,9 @@ where
     let band = m.div_ceil(bands).div_ceil(MR) * MR;
     let bands = m.div_ceil(band.max(1)).max(1);
     let run = |task: usize| {
+        // SAFETY: the OS granted tile data (`available` or the self-check); the session ends
+        // with the task, on this thread.
+        let _session = kernel.configures.then(|| unsafe { TileSession::begin() });
         let mut buffers = TaskBuffers::take(steps);
         let TaskBuffers {
             panels,
@@ -320,13 +340,14 @@ where
                         debug_assert!(a + 512 * (steps + ks) <= xs.len());
                         debug_assert!(b + 512 * ks <= panels.len());
                         debug_assert!(c + 31 * GROUP + NR <= sums.len());
-                        // SAFETY: the OS granted tile data (`available` or the self-check);
-                        // the activation tiles (two streams `steps` tiles apart, `ks` tiles
-                        // each), the panel's `ks` steps and the 32 x 32 sums at stride GROUP
-                        // lie within xs, panels and sums (asserted above in debug builds:
-                        // rows are padded to 32 and the scratch holds MC x GROUP sums).
+                        // SAFETY: the task's tile session is open (or the kernel is the
+                        // tests' emulation); the activation tiles (two streams `steps` tiles
+                        // apart, `ks` tiles each), the panel's `ks` steps and the 32 x 32 sums
+                        // at stride GROUP lie within xs, panels and sums (asserted above in
+                        // debug builds: rows are padded to 32 and the scratch holds MC x GROUP
+                        // sums).
                         unsafe {
-                            kernel(
+                            (kernel.block)(
                                 xs[a..].as_ptr(),
                                 panels[b..].as_ptr(),
                                 ks,
@@ -615,7 +636,7 @@ pub(crate) fn transpose_pair_registers(
 /// new sums are stored (`c` itself, or the output).
 ///
 /// # Safety
-/// The OS granted this process tile data; `a` holds `gap + steps` tiles, `b` `steps * 512`
+/// A [`TileSession`] is open on this thread; `a` holds `gap + steps` tiles, `b` `steps * 512`
 /// words, `c` 32 rows of 32 sums at stride [`GROUP`], `out` 32 rows of 32 at its stride.
 unsafe fn block(
     a: *const u16,
@@ -671,29 +692,55 @@ pub(crate) struct Sums {
     pub stride: usize,
 }
 
+/// The tile registers configured (`ldtilecfg`: eight tiles of 16 rows of 64 bytes) on this
+/// thread, until the session is dropped (`tilerelease`). A task configures them once for all
+/// its products: configuring and releasing them around each product cost the 7B's prefill
+/// products 6-24% of their time on 2 Xeon cores. No tile state is left configured between
+/// tasks, for other code on the thread (oneDNN, in a process that also runs torch).
+pub(crate) struct TileSession(std::marker::PhantomData<*const ()>);
+
+impl TileSession {
+    /// Configures the tile registers.
+    ///
+    /// # Safety
+    /// The OS granted this process tile data ([`available`] answered `true`, or the
+    /// self-check runs after the request).
+    pub(crate) unsafe fn begin() -> TileSession {
+        // SAFETY: the configuration is 64 readable bytes; the caller's grant.
+        unsafe {
+            asm!(
+                "ldtilecfg [{cfg}]",
+                cfg = in(reg) &CONFIG as *const TileConfig,
+                options(nostack, readonly, preserves_flags)
+            )
+        };
+        TileSession(std::marker::PhantomData)
+    }
+}
+
+impl Drop for TileSession {
+    fn drop(&mut self) {
+        // SAFETY: tiles were configured by `begin` on this thread (the session is not Send).
+        unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
+    }
+}
+
 /// `out[i][j] = from[i][j] + sum over steps of A[i](step) B[j](step)` for a 2 x 2 block of
 /// 16 x 16 f32 tiles (`from` zero when absent): the tile product of the GEMM's [`block`] and
 /// of attention, over operands laid out by the caller.
 ///
 /// # Safety
-/// [`available`] answered `true` (or the self-check runs after the OS granted tile data);
-/// every tile the steps read and both blocks of sums lie in memory the caller owns (readable,
-/// and writable for `out`).
+/// A [`TileSession`] is open on this thread; every tile the steps read and both blocks of sums
+/// lie in memory the caller owns (readable, and writable for `out`).
 pub(crate) unsafe fn tiles_2x2(t: &Tiles2x2, steps: usize) {
     let corners = |s: Sums| {
         let (c, cs) = (s.at as *mut u8, s.stride);
         // SAFETY (for the pointer arithmetic): the four tiles of the caller's block.
         unsafe { [c, c.add(64), c.add(16 * cs), c.add(16 * cs + 64)] }
     };
-    // SAFETY: the configuration is 64 readable bytes; tile registers are this thread's (the
-    // permission was granted) and no other code uses them; every address is within the
-    // caller's ranges.
+    // SAFETY: the tiles are configured (the caller's session) and this thread's; every address
+    // is within the caller's ranges.
     unsafe {
-        asm!(
-            "ldtilecfg [{cfg}]",
-            cfg = in(reg) &CONFIG as *const TileConfig,
-            options(nostack, readonly, preserves_flags)
-        );
         match t.from {
             Some(from) => {
                 let c = corners(from);
@@ -743,7 +790,6 @@ pub(crate) unsafe fn tiles_2x2(t: &Tiles2x2, steps: usize) {
             "tilestored [{c1} + {cs}*1], tmm1",
             "tilestored [{c2} + {cs}*1], tmm2",
             "tilestored [{c3} + {cs}*1], tmm3",
-            "tilerelease",
             c0 = in(reg) c[0],
             c1 = in(reg) c[1],
             c2 = in(reg) c[2],
@@ -766,7 +812,7 @@ mod tests {
             return;
         }
         self_check().unwrap();
-        check_kernel(block, MC + 9, GROUP + 13, (KC_STEPS + 1) * KT - 5).unwrap();
+        check_kernel(TILES, MC + 9, GROUP + 13, (KC_STEPS + 1) * KT - 5).unwrap();
         assert!(available() || std::env::var("SIMPLESEG_AMX").is_ok_and(|v| v == "0"));
     }
 
@@ -788,6 +834,12 @@ mod tests {
             }
         }
     }
+    /// The emulated kernel: nothing to configure.
+    const EMULATED: Kernel = Kernel {
+        block: emulated,
+        configures: false,
+    };
+
     unsafe fn emulated(
         a: *const u16,
         b: *const u32,
@@ -843,8 +895,8 @@ mod tests {
     fn the_gemm_around_emulated_tiles_matches_the_reference() {
         // Every loop of the GEMM: two row chunks in one band, four groups and two cache
         // blocks, each with a partial last one; then one group over two bands of rows.
-        check_kernel(emulated, MC + 9, 3 * GROUP + 13, (KC_STEPS + 1) * KT - 5).unwrap();
-        check_kernel(emulated, 37, 45, 100).unwrap();
+        check_kernel(EMULATED, MC + 9, 3 * GROUP + 13, (KC_STEPS + 1) * KT - 5).unwrap();
+        check_kernel(EMULATED, 37, 45, 100).unwrap();
     }
 
     /// A thread's task buffers are reused: a product after a wider one whose weights were all
@@ -854,9 +906,9 @@ mod tests {
         let nan = |_: usize, out: &mut [u16]| out.fill(0x7fc0);
         let x = vec![0x3f80u16; 16 * 96];
         // 32 features: both halves of the panel leave NaN rows in the scratch.
-        let y = gemm_on(&x, &nan, None, 16, 32, 96, false, emulated);
+        let y = gemm_on(&x, &nan, None, 16, 32, 96, false, EMULATED);
         assert!(y.iter().all(|v| v.is_nan()));
-        check_kernel(emulated, 16, 20, 40).unwrap();
+        check_kernel(EMULATED, 16, 20, 40).unwrap();
     }
 
     /// Both transposes (AVX-512 where the CPU has it) put row j's pair i at word 16 i + j.

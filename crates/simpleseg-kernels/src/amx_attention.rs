@@ -20,7 +20,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::amx::{tiles_2x2, Sums, Tiles2x2};
+use crate::amx::{tiles_2x2, Sums, TileSession, Tiles2x2};
 use crate::attention::{Heads, SharedBits};
 use crate::math::{bf16_bits, lanes};
 
@@ -90,6 +90,9 @@ pub(crate) fn attention(
     tasks
         .into_par_iter()
         .for_each_init(Scratch::default, |scratch, (si, h, blocks)| {
+            // SAFETY: tiles were granted (the caller's `amx::available`); the session ends
+            // with the task, on this thread.
+            let _session = unsafe { TileSession::begin() };
             let out_ptr = &out_ptr;
             let layout = Layout::new(segments[si].clone(), d, shape.causal);
             if scratch.packed != Some((si, h / group)) {
