@@ -149,7 +149,7 @@ fn check_kernel(kernel: Kernel, m: usize, n: usize, k: usize) -> Result<(), Stri
         .collect();
     // The weight asked for a row at a time, and read where it lies.
     for source in [None, Some(&stored[..])] {
-        let y = gemm_on(&bits, &row, source, m, n, k, false, kernel);
+        let y = gemm_on(&bits, &row, source, m, n, k, false, kernel, Output::F32).into_f32();
         for (at, (&got, &want)) in y.iter().zip(&want).enumerate() {
             let got = f64::from(got);
             if got.is_nan() || (got - want).abs() > 1e-3 * (1.0 + want.abs()) {
@@ -188,14 +188,72 @@ pub(crate) fn gemm<R>(x: &[u16], row: &R, m: usize, n: usize, k: usize) -> Vec<f
 where
     R: Fn(usize, &mut [u16]) + Sync,
 {
-    gemm_on(x, row, None, m, n, k, true, TILES)
+    gemm_into(x, row, None, m, n, k, Output::F32).into_f32()
 }
 
 /// [`gemm`] against a weight stored as BF16 (`n x k` bits, row-major), packed straight from
 /// where it lies (no copy of its rows first).
 pub(crate) fn gemm_stored(x: &[u16], w: &[u16], m: usize, n: usize, k: usize) -> Vec<f32> {
     let row = |j: usize, out: &mut [u16]| out.copy_from_slice(&w[j * k..(j + 1) * k]);
-    gemm_on(x, &row, Some(w), m, n, k, true, TILES)
+    gemm_on(x, &row, Some(w), m, n, k, true, TILES, Output::F32).into_f32()
+}
+
+/// [`gemm`] (or, with a `stored` weight, [`gemm_stored`]) rounded to BF16 as it is stored:
+/// each sum plus `bias[j]` (when given, `n` values) rounded to the nearest BF16 (ties to
+/// even, as `half::bf16::from_f32`), bits equal to rounding [`gemm`]'s f32 output with the
+/// bias added, without the f32 output (a pass over it and its memory).
+pub(crate) fn gemm_rounded<R>(
+    x: &[u16],
+    row: &R,
+    stored: Option<&[u16]>,
+    (m, n, k): (usize, usize, usize),
+    bias: Option<&[f32]>,
+) -> Vec<u16>
+where
+    R: Fn(usize, &mut [u16]) + Sync,
+{
+    match gemm_into(x, row, stored, m, n, k, Output::Bf16 { bias }) {
+        Product::Bf16(y) => y,
+        Product::F32(_) => unreachable!("a BF16 output was asked for"),
+    }
+}
+
+/// [`gemm_on`] with the AMX kernel, in parallel.
+fn gemm_into<R>(
+    x: &[u16],
+    row: &R,
+    stored: Option<&[u16]>,
+    m: usize,
+    n: usize,
+    k: usize,
+    output: Output,
+) -> Product
+where
+    R: Fn(usize, &mut [u16]) + Sync,
+{
+    gemm_on(x, row, stored, m, n, k, true, TILES, output)
+}
+
+/// What a GEMM stores: f32 sums, or the sums (plus a bias) rounded to BF16.
+#[derive(Clone, Copy)]
+enum Output<'a> {
+    F32,
+    Bf16 { bias: Option<&'a [f32]> },
+}
+
+/// A GEMM's output, as [`Output`] asked.
+enum Product {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl Product {
+    fn into_f32(self) -> Vec<f32> {
+        match self {
+            Product::F32(y) => y,
+            Product::Bf16(_) => unreachable!("an f32 output was asked for"),
+        }
+    }
 }
 
 /// A kernel adding one 32 x 32 block of products to its sums ([`block`], or the tests'
@@ -254,7 +312,8 @@ fn gemm_on<R>(
     k: usize,
     parallel: bool,
     kernel: Kernel,
-) -> Vec<f32>
+    output: Output,
+) -> Product
 where
     R: Fn(usize, &mut [u16]) + Sync,
 {
@@ -263,8 +322,19 @@ where
     let (mp, steps) = (m.div_ceil(MR) * MR, k.div_ceil(KT));
     let tiled = tile_rows(x, m, k, mp, steps);
     let xs: &[u16] = tiled.view();
-    let mut y = crate::output::output_room(m * n);
+    // One of the two outputs is written (the other has no room).
+    let rounded = matches!(output, Output::Bf16 { .. });
+    let (mut y, mut y16) = if rounded {
+        (Vec::new(), crate::output::output_room::<u16>(m * n))
+    } else {
+        (crate::output::output_room::<f32>(m * n), Vec::new())
+    };
     let y_ptr = crate::output::SharedOutput(y.as_mut_ptr());
+    let y16_ptr = crate::output::SharedOutput(y16.as_mut_ptr());
+    let bias = match output {
+        Output::Bf16 { bias } => bias,
+        Output::F32 => None,
+    };
     // Tasks: a group of features over a band of rows. The rows are one band unless there are
     // too few groups to keep every thread busy (a product with few outputs: attention's
     // values, a key-value projection); then they are split, each band packing its group anew.
@@ -310,7 +380,9 @@ where
                 scratch,
             );
         }
-        let y_ptr = &y_ptr;
+        let (y_ptr, y16_ptr) = (&y_ptr, &y16_ptr);
+        // The sums go straight into an f32 output where whole blocks allow.
+        let direct = |rb, rows, q| !rounded && direct(rb, rows, q, nf);
         for r0 in (rows_from..rows_to).step_by(MC) {
             let rows = MC.min(rows_to - r0);
             for s0 in (0..steps).step_by(KC_STEPS) {
@@ -324,7 +396,7 @@ where
                         let c = rb * GROUP + q * NR;
                         // The last cache block stores a whole block of sums straight into the
                         // output (no copy through the scratch afterwards).
-                        let out = if last && direct(rb, rows, q, nf) {
+                        let out = if last && direct(rb, rows, q) {
                             Sums {
                                 // SAFETY: rows r0 + rb.. + 32 <= m, columns f0 + 32 q.. + 32
                                 // <= n (`direct`): within y.
@@ -360,22 +432,26 @@ where
                     }
                 }
             }
-            // The sums not stored straight into the output: a partial last row block's, and
-            // a partial last panel's.
+            // The sums not stored straight into the output: a partial last row block's, a
+            // partial last panel's, and every sum of a rounded output.
             for r in 0..rows {
-                let from = if direct(r / MR * MR, rows, 0, nf) {
+                let from = if direct(r / MR * MR, rows, 0) {
                     nf / NR * NR
                 } else {
                     0
                 };
-                // SAFETY: row r0 + r < m, columns f0 + from..f0 + nf <= n: within y, and only
-                // this task writes these rows of this group's columns.
+                let sums = &sums[r * GROUP + from..r * GROUP + nf];
+                let at = (r0 + r) * n + f0 + from;
+                // SAFETY: row r0 + r < m, columns f0 + from..f0 + nf <= n: within the output,
+                // and only this task writes these rows of this group's columns.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        sums[r * GROUP + from..].as_ptr(),
-                        y_ptr.0.add((r0 + r) * n + f0 + from),
-                        nf - from,
-                    );
+                    if rounded {
+                        let out = std::slice::from_raw_parts_mut(y16_ptr.0.add(at), nf - from);
+                        let bias = bias.map(|b| &b[f0 + from..f0 + nf]);
+                        crate::math::round_to_bf16_plus(sums, bias, out);
+                    } else {
+                        std::ptr::copy_nonoverlapping(sums.as_ptr(), y_ptr.0.add(at), nf - from);
+                    }
                 }
             }
         }
@@ -386,9 +462,15 @@ where
     } else {
         (0..groups * bands).for_each(run);
     }
-    // SAFETY: every task copied its group's nf columns of its band's rows (whatever k); the
-    // groups cover columns 0..n and the bands rows 0..m.
-    unsafe { crate::output::filled(y, m * n) }
+    // SAFETY: every task stored its group's nf columns of its band's rows (whatever k) in the
+    // output asked for; the groups cover columns 0..n and the bands rows 0..m.
+    unsafe {
+        if rounded {
+            Product::Bf16(crate::output::filled(y16, m * n))
+        } else {
+            Product::F32(crate::output::filled(y, m * n))
+        }
+    }
 }
 
 /// The activations in tile order: for each 16 rows and each 32 inputs, one 1 KB tile (rows
@@ -899,6 +981,54 @@ mod tests {
         check_kernel(EMULATED, 37, 45, 100).unwrap();
     }
 
+    /// The rounded output (bias added, then each sum rounded to BF16 as it is stored) is bit
+    /// for bit the f32 output plus the bias, rounded: through the emulated tiles on every CPU,
+    /// on AMX where the CPU has it; with and without a bias, whole and partial blocks.
+    #[test]
+    fn rounded_output_equals_the_f32_output_plus_bias_rounded() {
+        let (m, n, k) = (45, GROUP + 37, 100);
+        let mut values = crate::testing::Values(11);
+        let bf = |v: &f32| half::bf16::from_f32(*v).to_bits();
+        let x: Vec<u16> = values.take(m * k).iter().map(bf).collect();
+        let w: Vec<u16> = values.take(n * k).iter().map(bf).collect();
+        let bias = values.take(n);
+        let row = |j: usize, out: &mut [u16]| out.copy_from_slice(&w[j * k..(j + 1) * k]);
+        let mut kernels = vec![EMULATED];
+        if hardware() && request_tile_data() {
+            kernels.push(TILES);
+        }
+        for kernel in kernels {
+            for bias in [None, Some(&bias[..])] {
+                for stored in [None, Some(&w[..])] {
+                    let sums =
+                        gemm_on(&x, &row, stored, m, n, k, false, kernel, Output::F32).into_f32();
+                    let want: Vec<u16> = sums
+                        .iter()
+                        .enumerate()
+                        .map(|(at, s)| {
+                            let b = bias.map_or(0.0, |b| b[at % n]);
+                            half::bf16::from_f32(if bias.is_some() { s + b } else { *s }).to_bits()
+                        })
+                        .collect();
+                    let Product::Bf16(got) = gemm_on(
+                        &x,
+                        &row,
+                        stored,
+                        m,
+                        n,
+                        k,
+                        false,
+                        kernel,
+                        Output::Bf16 { bias },
+                    ) else {
+                        panic!("a BF16 output");
+                    };
+                    assert_eq!(got, want, "bias: {}", bias.is_some());
+                }
+            }
+        }
+    }
+
     /// A thread's task buffers are reused: a product after a wider one whose weights were all
     /// NaN reads none of them (the weight rows' tails past the inputs are zeroed again).
     #[test]
@@ -906,7 +1036,7 @@ mod tests {
         let nan = |_: usize, out: &mut [u16]| out.fill(0x7fc0);
         let x = vec![0x3f80u16; 16 * 96];
         // 32 features: both halves of the panel leave NaN rows in the scratch.
-        let y = gemm_on(&x, &nan, None, 16, 32, 96, false, EMULATED);
+        let y = gemm_on(&x, &nan, None, 16, 32, 96, false, EMULATED, Output::F32).into_f32();
         assert!(y.iter().all(|v| v.is_nan()));
         check_kernel(EMULATED, 16, 20, 40).unwrap();
     }

@@ -82,6 +82,34 @@ pub fn gemm_stored(x: &[u16], w: &[u16], m: usize, n: usize, k: usize) -> Option
     )
 }
 
+/// [`gemm`] (against a weight asked for a row at a time, or `stored` as BF16 `n x k` bits and
+/// read where it lies) with its sums rounded to BF16 as they are stored: output `(i, j)` is
+/// `sum + bias[j]` (when a bias of `n` values is given) rounded to the nearest BF16, ties to
+/// even: the bits of [`gemm`]'s f32 output plus the bias, rounded, without that output. Only
+/// on AMX tiles ([`amx`]); `None` elsewhere (callers round [`gemm`]'s output), or when the
+/// sizes do not match.
+pub fn gemm_rounded<R>(
+    x: &[u16],
+    row: R,
+    stored: Option<&[u16]>,
+    (m, n, k): (usize, usize, usize),
+    bias: Option<&[f32]>,
+) -> Option<Vec<u16>>
+where
+    R: Fn(usize, &mut [u16]) + Sync,
+{
+    let fits = x.len() >= m * k
+        && stored.is_none_or(|w| w.len() >= n * k)
+        && bias.is_none_or(|b| b.len() == n);
+    #[cfg(target_arch = "x86_64")]
+    if amx() && fits {
+        let stored = stored.map(|w| &w[..n * k]);
+        return Some(crate::amx::gemm_rounded(x, &row, stored, (m, n, k), bias));
+    }
+    let _ = (x, row, stored, m, n, k, bias, fits);
+    None
+}
+
 #[cfg(target_arch = "x86_64")]
 fn gemm_x86<R>(x: &[u16], row: &R, m: usize, n: usize, k: usize) -> Vec<f32>
 where
@@ -106,7 +134,7 @@ where
         padded = xs;
         &padded
     };
-    let mut y = crate::output::output_room(m * n);
+    let mut y = crate::output::output_room::<f32>(m * n);
     // Each task owns one panel's columns of y; rows are independent, so tasks write disjoint
     // parts. y is split by panel through raw parts because a panel's columns are strided.
     let panels = n.div_ceil(NR);

@@ -302,7 +302,7 @@ where
     use rayon::prelude::*;
 
     let blocks = k / QK;
-    let mut y = crate::output::output_room(m * n);
+    let mut y = crate::output::output_room::<f32>(m * n);
     let panels = n.div_ceil(NR);
     let y_ptr = crate::output::SharedOutput(y.as_mut_ptr());
     (0..panels).into_par_iter().for_each_init(

@@ -442,6 +442,50 @@ pub fn round_to_bf16(values: &[f32], out: &mut [u16]) {
     }
 }
 
+/// `values[j] + bias[j]` (f32, one addition; `values[j]` alone without a bias) rounded to BF16
+/// bits as [`round_to_bf16`] rounds. Panics when the slices differ in length.
+pub fn round_to_bf16_plus(values: &[f32], bias: Option<&[f32]>, out: &mut [u16]) {
+    assert_eq!(values.len(), out.len(), "as many outputs as values");
+    let Some(bias) = bias else {
+        return round_to_bf16(values, out);
+    };
+    assert_eq!(values.len(), bias.len(), "a bias for each value");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F is present; the whole vectors of the three slices (one length).
+        done = unsafe { round_plus_avx512(values, bias, out) };
+    }
+    for ((o, v), b) in out[done..]
+        .iter_mut()
+        .zip(&values[done..])
+        .zip(&bias[done..])
+    {
+        *o = half::bf16::from_f32(v + b).to_bits();
+    }
+}
+
+/// [`round_to_bf16_plus`]'s whole vectors; returns how many values it rounded.
+///
+/// # Safety
+/// The CPU has AVX-512 F; the three slices have one length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_plus_avx512(values: &[f32], bias: &[f32], out: &mut [u16]) -> usize {
+    let whole = values.len() / 16 * 16;
+    for j in (0..whole).step_by(16) {
+        // SAFETY: values j..j + 16 < whole of the three slices.
+        unsafe {
+            let x = _mm512_add_ps(
+                _mm512_loadu_ps(values.as_ptr().add(j)),
+                _mm512_loadu_ps(bias.as_ptr().add(j)),
+            );
+            _mm256_storeu_si256(out.as_mut_ptr().add(j).cast(), bf16_bits(x));
+        }
+    }
+    whole
+}
+
 /// [`round_to_bf16`]'s whole vectors; returns how many values it rounded.
 ///
 /// # Safety

@@ -4,7 +4,7 @@
 /// Room for a GEMM's `len` output values, not zeroed: `vec![0.0; len]` zeroes it on the calling
 /// thread alone while the parallel workers wait, and every GEMM here stores each output value
 /// before reading any. Write it through [`SharedOutput`], then take it with [`filled`].
-pub(crate) fn output_room(len: usize) -> Vec<f32> {
+pub(crate) fn output_room<T>(len: usize) -> Vec<T> {
     Vec::with_capacity(len)
 }
 
@@ -12,7 +12,7 @@ pub(crate) fn output_room(len: usize) -> Vec<f32> {
 ///
 /// # Safety
 /// Each of the first `len` values of `y`'s room has been written.
-pub(crate) unsafe fn filled(mut y: Vec<f32>, len: usize) -> Vec<f32> {
+pub(crate) unsafe fn filled<T>(mut y: Vec<T>, len: usize) -> Vec<T> {
     debug_assert!(y.capacity() >= len);
     // SAFETY: the caller's: `len` values written, within the capacity.
     unsafe { y.set_len(len) };
@@ -20,10 +20,10 @@ pub(crate) unsafe fn filled(mut y: Vec<f32>, len: usize) -> Vec<f32> {
 }
 
 /// The output's pointer, moved into parallel tasks that write disjoint parts of it.
-pub(crate) struct SharedOutput(pub(crate) *mut f32);
+pub(crate) struct SharedOutput<T = f32>(pub(crate) *mut T);
 // SAFETY: every user hands each task its own columns of the buffer (see the GEMMs).
-unsafe impl Sync for SharedOutput {}
-unsafe impl Send for SharedOutput {}
+unsafe impl<T> Sync for SharedOutput<T> {}
+unsafe impl<T> Send for SharedOutput<T> {}
 
 /// Writes `R` rows of `16 C` sums (`C` registers each) at `y`, rows `ldy` apart, masked to the
 /// first `nf` columns: added to what is there when `accumulate`, else stored (a first write,

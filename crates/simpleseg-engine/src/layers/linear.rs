@@ -38,8 +38,11 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    /// `x W^T` for a rank-2 `x`, before the bias.
+    /// `x W^T` for a rank-2 `x`, before the bias (or, [`Product::Rounded`], with it).
     fn matmul_rows(&self, x: &Tensor) -> Result<Product> {
+        if let Some(product) = self.rounded_matmul(x)? {
+            return Ok(product);
+        }
         let rows = x.dim(0)?;
         let sums = match &self.weight {
             Weight::Dense(w) => match few_rows_matmul(x, w)? {
@@ -84,6 +87,48 @@ impl Linear {
         Ok(Product::Sums(sums, (rows, self.weight.dims()?.0)))
     }
 
+    /// A prefill of BF16 rows on AMX tiles against a weight read in place (BF16, or quantized
+    /// and widened a group of rows at a time): the sums plus the bias rounded to BF16 as the
+    /// GEMM stores them, the bits [`Self::finish`] would give the f32 sums, without them.
+    /// `None` where this does not apply.
+    fn rounded_matmul(&self, x: &Tensor) -> Result<Option<Product>> {
+        let rows = x.dim(0)?;
+        if rows <= FEW_ROWS
+            || x.dtype() != DType::BF16
+            || !x.device().is_cpu()
+            || x.track_op()
+            || !simpleseg_kernels::bf16_gemm::amx()
+        {
+            return Ok(None);
+        }
+        let w: &dyn RowSource = match &self.weight {
+            Weight::Mapped(m) => m,
+            Weight::Quantized(q) => q,
+            _ => return Ok(None),
+        };
+        let (out_dim, in_dim) = w.dims();
+        let bias: Option<Vec<f32>> = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+            None => None,
+        };
+        let row = |j: usize, out: &mut [u16]| w.row_bf16_bits(j, out);
+        let x = x.contiguous()?;
+        let product = |bits: &[u16]| {
+            simpleseg_kernels::bf16_gemm::gemm_rounded(
+                bits,
+                row,
+                w.bf16_rows(),
+                (rows, out_dim, in_dim),
+                bias.as_deref(),
+            )
+        };
+        let rounded = match with_bf16_bits(&x, product) {
+            Some(y) => y,
+            None => product(&bf16_bits(&x)?),
+        };
+        Ok(rounded.map(|bits| Product::Rounded(bits, (rows, out_dim))))
+    }
+
     /// A product with the bias, in `like`'s dtype and device. The kernels' f32 sums get the
     /// bias before their one rounding, as torch's BF16 linear layers add it to their f32
     /// accumulators; candle's results get it added after.
@@ -104,6 +149,7 @@ impl Linear {
                 }
                 rounded_to(y, (rows, n), like)
             }
+            Product::Rounded(bits, shape) => bf16_tensor(bits, shape, like.device()),
             Product::Tensor(y) => match &self.bias {
                 Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
                 None => Ok(y),
@@ -113,9 +159,10 @@ impl Linear {
 }
 
 /// A product before its bias: f32 sums from the CPU kernels (`rows x outputs`, row-major), or
-/// candle's tensor.
+/// candle's tensor; or, with its bias, BF16 bits rounded by the GEMM (`rows x outputs`).
 enum Product {
     Sums(Vec<f32>, (usize, usize)),
+    Rounded(Vec<u16>, (usize, usize)),
     Tensor(Tensor),
 }
 
