@@ -383,9 +383,15 @@ unsafe fn turn_pairs_avx512(x: &[u16], cos: &[f32], sin: &[f32], out: &mut [u16]
 
 /// A gated MLP's activation on BF16 values (bits) as a BF16 model computes `silu(gate) * up`:
 /// [`silu`]'s value rounded to BF16, times `up`, rounded to BF16 (to nearest even, as
-/// `half::bf16::from_f32`), in one pass. `None` where the CPU lacks AVX-512 F, BW and VL
-/// (callers keep the composed ops) or the three slices differ in length.
-pub fn silu_mul_bf16(gate: &[u16], up: &[u16], out: &mut [u16]) -> Option<()> {
+/// `half::bf16::from_f32`), in one pass, every value of `out` written (it may start
+/// uninitialized: a fresh output needs no zeroing pass). `None` where the CPU lacks AVX-512
+/// F, BW and VL (callers keep the composed ops; nothing is written) or the three slices
+/// differ in length.
+pub fn silu_mul_bf16(
+    gate: &[u16],
+    up: &[u16],
+    out: &mut [std::mem::MaybeUninit<u16>],
+) -> Option<()> {
     if up.len() != gate.len() || out.len() != gate.len() || !crate::cpu::avx512_bw_vl() {
         return None;
     }
@@ -406,7 +412,7 @@ pub fn silu_mul_bf16(gate: &[u16], up: &[u16], out: &mut [u16]) -> Option<()> {
 /// The CPU has AVX-512 F, BW and VL; the slices have one length.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn silu_mul_bf16_avx512(gate: &[u16], up: &[u16], out: &mut [u16]) {
+unsafe fn silu_mul_bf16_avx512(gate: &[u16], up: &[u16], out: &mut [std::mem::MaybeUninit<u16>]) {
     use half::bf16;
     let set1 = _mm512_set1_ps;
     let whole = gate.len() / 16 * 16;
@@ -419,12 +425,12 @@ unsafe fn silu_mul_bf16_avx512(gate: &[u16], up: &[u16], out: &mut [u16]) {
             _mm512_add_ps(set1(1.0), exp_avx512(_mm512_sub_ps(set1(0.0), x))),
         );
         let y = _mm512_mul_ps(round_bf16(silu), load(up));
-        // SAFETY: as the loads.
+        // SAFETY: as the loads (a store initializes the 16 values).
         unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(j).cast(), bf16_bits(y)) };
     }
     for j in whole..gate.len() {
         let silu = bf16::from_f32(op_one(Op::Silu, bf16::from_bits(gate[j]).to_f32()));
-        out[j] = (silu * bf16::from_bits(up[j])).to_bits();
+        out[j].write((silu * bf16::from_bits(up[j])).to_bits());
     }
 }
 

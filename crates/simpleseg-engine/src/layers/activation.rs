@@ -102,11 +102,18 @@ fn silu_mul_bf16(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
     let out = with_bf16_bits(&gate, |g| {
         with_bf16_bits(&up, |u| {
-            let mut out = vec![0u16; g.len()];
-            out.par_chunks_mut(CHUNK)
+            // Not zeroed first: the kernel writes every value (a 7B prefill's MLPs spent 2%
+            // of it zeroing these outputs).
+            let mut out: Vec<u16> = Vec::with_capacity(g.len());
+            out.spare_capacity_mut()[..g.len()]
+                .par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
                 .try_for_each(|(out, (g, u))| math::silu_mul_bf16(g, u, out))
-                .map(|()| out)
+                .map(|()| {
+                    // SAFETY: every chunk answered, so every value of the g.len() was written.
+                    unsafe { out.set_len(g.len()) };
+                    out
+                })
         })
     });
     match out.flatten().flatten() {
