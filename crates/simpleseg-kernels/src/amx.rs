@@ -14,9 +14,8 @@
 //! are f32 (round to nearest even, denormals flushed, as the instruction defines), so results
 //! differ from an f32 GEMM on the same BF16 values only in summation order and rounding, as
 //! oneDNN's do. Measured on 2 Xeon cores (`bench_engine.py --gemm`): the 7B's prefill shapes
-//! at 1.3-1.4 TFLOP/s, 0.76-0.78x torch's oneDNN matmul (0.82-0.88x on one core); the tile
-//! kernel alone, its operands in the first-level cache, ~1.8 TFLOP/s per core, within the
-//! GEMM ~1, both operands' tiles coming from the second-level cache.
+//! at 1.5-2.1 TFLOP/s, 0.78-1.07x torch's oneDNN matmul (0.89-1.07x on one core). Where the
+//! output is BF16, the sums (plus a bias) are rounded as they are stored ([`gemm_rounded`]).
 //!
 //! Stable Rust has no AMX intrinsics: the tile instructions are inline assembly. Linux lends
 //! tile registers to a process only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM,
