@@ -10,12 +10,12 @@
 //! the layout the instruction wants (pairs of consecutive inputs side by side, a 16 x 16
 //! transpose of 32-bit pairs, read where a BF16 weight lies). The sums of a band of rows
 //! stay in a scratch block across cache blocks of 4096 inputs. A task configures the tile
-//! registers once for all its products ([`TileSession`]). Products are exact and sums
+//! registers once for all its products (`TileSession`). Products are exact and sums
 //! are f32 (round to nearest even, denormals flushed, as the instruction defines), so results
 //! differ from an f32 GEMM on the same BF16 values only in summation order and rounding, as
 //! oneDNN's do. Measured on 2 Xeon cores (`bench_engine.py --gemm`): the 7B's prefill shapes
 //! at 1.5-2.1 TFLOP/s, 0.78-1.07x torch's oneDNN matmul (0.89-1.07x on one core). Where the
-//! output is BF16, the sums (plus a bias) are rounded as they are stored ([`gemm_rounded`]).
+//! output is BF16, the sums (plus a bias) are rounded as they are stored (`gemm_rounded`).
 //!
 //! Stable Rust has no AMX intrinsics: the tile instructions are inline assembly. Linux lends
 //! tile registers to a process only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM,
