@@ -107,6 +107,10 @@ impl Linear {
             _ => return Ok(None),
         };
         let (out_dim, in_dim) = w.dims();
+        if x.dim(1)? != in_dim {
+            // The general path reports the mismatch.
+            return Ok(None);
+        }
         let bias: Option<Vec<f32>> = match &self.bias {
             Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
             None => None,
