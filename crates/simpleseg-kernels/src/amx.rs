@@ -187,7 +187,7 @@ pub(crate) fn gemm<R>(x: &[u16], row: &R, m: usize, n: usize, k: usize) -> Vec<f
 where
     R: Fn(usize, &mut [u16]) + Sync,
 {
-    gemm_into(x, row, None, m, n, k, Output::F32).into_f32()
+    gemm_on(x, row, None, m, n, k, true, TILES, Output::F32).into_f32()
 }
 
 /// [`gemm`] against a weight stored as BF16 (`n x k` bits, row-major), packed straight from
@@ -211,26 +211,10 @@ pub(crate) fn gemm_rounded<R>(
 where
     R: Fn(usize, &mut [u16]) + Sync,
 {
-    match gemm_into(x, row, stored, m, n, k, Output::Bf16 { bias }) {
+    match gemm_on(x, row, stored, m, n, k, true, TILES, Output::Bf16 { bias }) {
         Product::Bf16(y) => y,
         Product::F32(_) => unreachable!("a BF16 output was asked for"),
     }
-}
-
-/// [`gemm_on`] with the AMX kernel, in parallel.
-fn gemm_into<R>(
-    x: &[u16],
-    row: &R,
-    stored: Option<&[u16]>,
-    m: usize,
-    n: usize,
-    k: usize,
-    output: Output,
-) -> Product
-where
-    R: Fn(usize, &mut [u16]) + Sync,
-{
-    gemm_on(x, row, stored, m, n, k, true, TILES, output)
 }
 
 /// What a GEMM stores: f32 sums, or the sums (plus a bias) rounded to BF16.
@@ -283,8 +267,8 @@ const GROUP: usize = 4 * NR;
 /// gate/up product 39 -> 33 ms, its down product 43 -> 41 (one block for all its 18944 inputs:
 /// 63).
 const KC_STEPS: usize = 128;
-/// Rows per row chunk: the chunk's sums for a group (256 KB) and its activations for a cache
-/// block (1 MB) stay in the second-level cache.
+/// Rows per row chunk: the chunk's sums for a group (256 KB) stay in the second-level cache
+/// (its activations for a cache block, up to 4 MB, come from the last level).
 const MC: usize = 16 * MR;
 
 /// Whether the block of rows `rb..rb + 32` of a chunk of `rows` and panel `q` of a group of
