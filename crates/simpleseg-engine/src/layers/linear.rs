@@ -126,10 +126,7 @@ impl Linear {
                 bias.as_deref(),
             )
         };
-        let rounded = match with_bf16_bits(&x, product) {
-            Some(y) => y,
-            None => product(&bf16_bits(&x)?),
-        };
+        let rounded = on_bf16_bits(&x, product)?;
         Ok(rounded.map(|bits| Product::Rounded(bits, (rows, out_dim))))
     }
 
@@ -459,9 +456,15 @@ fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Vec<f32>>> {
         }
         None => simpleseg_kernels::bf16_gemm::gemm(bits, row, rows, out_dim, in_dim),
     };
-    match with_bf16_bits(&x, product) {
+    on_bf16_bits(&x, product)
+}
+
+/// `f` of a BF16 tensor's values as bits: read in place when contiguous on the CPU
+/// ([`with_bf16_bits`]), else copied out first.
+fn on_bf16_bits<R>(x: &Tensor, f: impl Fn(&[u16]) -> R) -> Result<R> {
+    match with_bf16_bits(x, &f) {
         Some(y) => Ok(y),
-        None => Ok(product(&bf16_bits(&x)?)),
+        None => Ok(f(&bf16_bits(x)?)),
     }
 }
 
