@@ -27,6 +27,8 @@
 use std::arch::asm;
 use std::sync::OnceLock;
 
+use crate::bf16_gemm::GatedWeight;
+
 /// Output features per packed panel (two tiles of 16).
 const NR: usize = 32;
 /// Rows per kernel call (two tiles of 16).
@@ -148,7 +150,18 @@ fn check_kernel(kernel: Kernel, m: usize, n: usize, k: usize) -> Result<(), Stri
         .collect();
     // The weight asked for a row at a time, and read where it lies.
     for source in [None, Some(&stored[..])] {
-        let y = gemm_on(&bits, &row, source, m, n, k, false, kernel, Output::F32).into_f32();
+        let y = gemm_on(
+            &bits,
+            &row,
+            Stored::one(source),
+            m,
+            n,
+            k,
+            false,
+            kernel,
+            Output::F32,
+        )
+        .into_f32();
         for (at, (&got, &want)) in y.iter().zip(&want).enumerate() {
             let got = f64::from(got);
             if got.is_nan() || (got - want).abs() > 1e-3 * (1.0 + want.abs()) {
@@ -187,14 +200,14 @@ pub(crate) fn gemm<R>(x: &[u16], row: &R, m: usize, n: usize, k: usize) -> Vec<f
 where
     R: Fn(usize, &mut [u16]) + Sync,
 {
-    gemm_on(x, row, None, m, n, k, true, TILES, Output::F32).into_f32()
+    gemm_on(x, row, Stored::Nowhere, m, n, k, true, TILES, Output::F32).into_f32()
 }
 
 /// [`gemm`] against a weight stored as BF16 (`n x k` bits, row-major), packed straight from
 /// where it lies (no copy of its rows first).
 pub(crate) fn gemm_stored(x: &[u16], w: &[u16], m: usize, n: usize, k: usize) -> Vec<f32> {
     let row = |j: usize, out: &mut [u16]| out.copy_from_slice(&w[j * k..(j + 1) * k]);
-    gemm_on(x, &row, Some(w), m, n, k, true, TILES, Output::F32).into_f32()
+    gemm_on(x, &row, Stored::One(w), m, n, k, true, TILES, Output::F32).into_f32()
 }
 
 /// [`gemm`] (or, with a `stored` weight, [`gemm_stored`]) rounded to BF16 as it is stored:
@@ -211,17 +224,79 @@ pub(crate) fn gemm_rounded<R>(
 where
     R: Fn(usize, &mut [u16]) + Sync,
 {
+    let stored = Stored::one(stored);
     match gemm_on(x, row, stored, m, n, k, true, TILES, Output::Bf16 { bias }) {
         Product::Bf16(y) => y,
         Product::F32(_) => unreachable!("a BF16 output was asked for"),
     }
 }
 
-/// What a GEMM stores: f32 sums, or the sums (plus a bias) rounded to BF16.
+/// [`crate::bf16_gemm::gemm_gated`] on tiles: one product over both weights' rows (in
+/// [`gated_feature`]'s order), each task turning its outputs' gate and up sums into their
+/// activations as it stores them ([`Output::Gated`]).
+pub(crate) fn gemm_gated<G, U>(
+    x: &[u16],
+    gate: &GatedWeight<G>,
+    up: &GatedWeight<U>,
+    (m, n, k): (usize, usize, usize),
+) -> Vec<u16>
+where
+    G: Fn(usize, &mut [u16]) + Sync,
+    U: Fn(usize, &mut [u16]) + Sync,
+{
+    gemm_gated_on(x, gate, up, (m, n, k), true, TILES)
+}
+
+/// [`gemm_gated`] with a given kernel, its groups in parallel or not (see [`gemm_on`]).
+fn gemm_gated_on<G, U>(
+    x: &[u16],
+    gate: &GatedWeight<G>,
+    up: &GatedWeight<U>,
+    (m, n, k): (usize, usize, usize),
+    parallel: bool,
+    kernel: Kernel,
+) -> Vec<u16>
+where
+    G: Fn(usize, &mut [u16]) + Sync,
+    U: Fn(usize, &mut [u16]) + Sync,
+{
+    let row = |f: usize, out: &mut [u16]| match gated_feature(f, n) {
+        (false, j) => (gate.row)(j, out),
+        (true, j) => (up.row)(j, out),
+    };
+    let stored = match (gate.stored, up.stored) {
+        (Some(g), Some(u)) => Stored::Pair {
+            gate: &g[..n * k],
+            up: &u[..n * k],
+            n,
+        },
+        _ => Stored::Nowhere,
+    };
+    let output = Output::Gated {
+        gate_bias: gate.bias,
+        up_bias: up.bias,
+    };
+    match gemm_on(x, &row, stored, m, 2 * n, k, parallel, kernel, output) {
+        Product::Bf16(y) => y,
+        Product::F32(_) => unreachable!("a BF16 output was asked for"),
+    }
+}
+
+/// What a GEMM stores: f32 sums, or the sums (plus a bias) rounded to BF16, or a gated
+/// product's activations.
 #[derive(Clone, Copy)]
 enum Output<'a> {
     F32,
-    Bf16 { bias: Option<&'a [f32]> },
+    Bf16 {
+        bias: Option<&'a [f32]>,
+    },
+    /// For each output `j` of a product over a [`Stored::Pair`]'s features (`2 n`): the gate
+    /// and up sums (each plus its bias) rounded to BF16, then `silu(gate) * up` as
+    /// [`crate::math::silu_mul_bf16`] computes it: `n` values a row.
+    Gated {
+        gate_bias: Option<&'a [f32]>,
+        up_bias: Option<&'a [f32]>,
+    },
 }
 
 /// A GEMM's output, as [`Output`] asked.
@@ -289,7 +364,7 @@ fn direct(rb: usize, rows: usize, q: usize, nf: usize) -> bool {
 fn gemm_on<R>(
     x: &[u16],
     row: &R,
-    stored: Option<&[u16]>,
+    stored: Stored,
     m: usize,
     n: usize,
     k: usize,
@@ -305,19 +380,20 @@ where
     let (mp, steps) = (m.div_ceil(MR) * MR, k.div_ceil(KT));
     let tiled = tile_rows(x, m, k, mp, steps);
     let xs: &[u16] = tiled.view();
-    // One of the two outputs is written (the other has no room).
-    let rounded = matches!(output, Output::Bf16 { .. });
+    // One of the two outputs is written (the other has no room). A gated product has one
+    // output for each two features.
+    let rounded = !matches!(output, Output::F32);
+    let width = match output {
+        Output::Gated { .. } => n / 2,
+        _ => n,
+    };
     let (mut y, mut y16) = if rounded {
-        (Vec::new(), crate::output::output_room::<u16>(m * n))
+        (Vec::new(), crate::output::output_room::<u16>(m * width))
     } else {
         (crate::output::output_room::<f32>(m * n), Vec::new())
     };
     let y_ptr = crate::output::SharedOutput(y.as_mut_ptr());
     let y16_ptr = crate::output::SharedOutput(y16.as_mut_ptr());
-    let bias = match output {
-        Output::Bf16 { bias } => bias,
-        Output::F32 => None,
-    };
     // Tasks: a group of features over a band of rows. The rows are one band unless there are
     // too few groups to keep every thread busy (a product with few outputs: attention's
     // values, a key-value projection); then they are split, each band packing its group anew.
@@ -415,6 +491,28 @@ where
                     }
                 }
             }
+            if let Output::Gated { gate_bias, up_bias } = output {
+                // The group's outputs: f0 / 2.. (nf / 2 of them), gate sums then up sums.
+                let (j0, outputs) = (f0 / 2, nf / 2);
+                let biases = [gate_bias, up_bias].map(|b| b.map(|b| &b[j0..j0 + outputs]));
+                for r in 0..rows {
+                    let sums = &sums[r * GROUP..r * GROUP + nf];
+                    // SAFETY: row r0 + r < m, outputs j0..j0 + outputs <= n / 2: within the
+                    // output, and only this task writes these rows of this group's outputs.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            y16_ptr.0.add((r0 + r) * width + j0).cast(),
+                            outputs,
+                        )
+                    };
+                    gated_row(sums.split_at(outputs), biases, out);
+                }
+                continue;
+            }
+            let bias = match output {
+                Output::Bf16 { bias } => bias,
+                _ => None,
+            };
             // The sums not stored straight into the output: a partial last row block's, a
             // partial last panel's, and every sum of a rounded output.
             for r in 0..rows {
@@ -445,14 +543,41 @@ where
     } else {
         (0..groups * bands).for_each(run);
     }
-    // SAFETY: every task stored its group's nf columns of its band's rows (whatever k) in the
-    // output asked for; the groups cover columns 0..n and the bands rows 0..m.
+    // SAFETY: every task stored its group's nf columns (a gated product: nf / 2 outputs) of
+    // its band's rows (whatever k) in the output asked for; the groups cover columns 0..n
+    // (outputs 0..n / 2) and the bands rows 0..m.
     unsafe {
         if rounded {
-            Product::Bf16(crate::output::filled(y16, m * n))
+            Product::Bf16(crate::output::filled(y16, m * width))
         } else {
             Product::F32(crate::output::filled(y, m * n))
         }
+    }
+}
+
+/// One row of a gated product's outputs ([`Output::Gated`]) from its gate and up sums: each
+/// sum plus its bias rounded to BF16, then `silu(gate)` rounded, times `up`, rounded
+/// ([`crate::math::silu_mul_bf16`], or the same operations one value at a time where the CPU
+/// lacks AVX-512 BW and VL).
+fn gated_row(
+    (gate, up): (&[f32], &[f32]),
+    [gate_bias, up_bias]: [Option<&[f32]>; 2],
+    out: &mut [std::mem::MaybeUninit<u16>],
+) {
+    let mut bits = [[0u16; GROUP / 2]; 2];
+    let [g, u] = &mut bits;
+    let (g, u) = (&mut g[..out.len()], &mut u[..out.len()]);
+    crate::math::round_to_bf16_plus(gate, gate_bias, g);
+    crate::math::round_to_bf16_plus(up, up_bias, u);
+    if crate::math::silu_mul_bf16(g, u, out).is_some() {
+        return;
+    }
+    let widen = |b: u16| half::bf16::from_bits(b).to_f32();
+    let mut silu: Vec<f32> = g.iter().map(|&b| widen(b)).collect();
+    crate::math::silu(&mut silu);
+    for ((o, s), &u) in out.iter_mut().zip(&silu).zip(u.iter()) {
+        let s = half::bf16::from_f32(*s).to_f32();
+        o.write(half::bf16::from_f32(s * widen(u)).to_bits());
     }
 }
 
@@ -561,15 +686,66 @@ impl Lines {
     }
 }
 
+/// Where a GEMM's weight rows lie, for the ones packed where they lie (the others are asked
+/// of its row function).
+#[derive(Clone, Copy)]
+enum Stored<'a> {
+    /// Nowhere: every row is asked for.
+    Nowhere,
+    /// One `n x k` weight: feature `j` is its row `j`.
+    One(&'a [u16]),
+    /// A gated product's two `n x k` weights, their features in [`gated_feature`]'s order.
+    Pair {
+        gate: &'a [u16],
+        up: &'a [u16],
+        n: usize,
+    },
+}
+
+impl<'a> Stored<'a> {
+    fn one(w: Option<&'a [u16]>) -> Stored<'a> {
+        w.map_or(Stored::Nowhere, Stored::One)
+    }
+
+    /// The weight holding features `f..f + 16` as 16 consecutive rows, and the row of `f`;
+    /// `None` where they are not.
+    fn rows(self, f: usize) -> Option<(&'a [u16], usize)> {
+        match self {
+            Stored::Nowhere => None,
+            Stored::One(w) => Some((w, f)),
+            Stored::Pair { gate, up, n } => {
+                let ((up0, r0), (up15, r15)) = (gated_feature(f, n), gated_feature(f + 15, n));
+                (up0 == up15 && r15 == r0 + 15).then_some((if up0 { up } else { gate }, r0))
+            }
+        }
+    }
+}
+
+/// Feature `f` of a gated product of `n` outputs (`2 n` features): whether it is a row of the
+/// up weight (else of the gate weight), and which. Each group of [`GROUP`] features holds the
+/// gate rows of `GROUP / 2` outputs then the up rows of the same outputs (the last group, of
+/// fewer outputs, as many of each), so that a task holds both sums of each of its outputs.
+pub(crate) fn gated_feature(f: usize, n: usize) -> (bool, usize) {
+    let half = GROUP / 2;
+    let (g, i) = (f / GROUP, f % GROUP);
+    let outputs = half.min(n - g * half);
+    if i < outputs {
+        (false, g * half + i)
+    } else {
+        (true, g * half + i - outputs)
+    }
+}
+
 /// Packs features f0..f0+nf (zero beyond, and beyond each row's `k` inputs) as weight tiles:
 /// for step `s` and tile `t`, 16 rows (input pairs `16 s + i`) of 16 features' pairs
-/// (`t * 16 + j`), the pair's first value in the low half. Sixteen whole rows of a `stored`
-/// weight (`k` values per row) are transposed where they lie; other rows are first asked of
+/// (`t * 16 + j`), the pair's first value in the low half. Sixteen features that are
+/// consecutive rows of a `stored` weight (`k` values per row) are transposed where they lie;
+/// other rows are first asked of
 /// `row` into `rows`, scratch for 16 rows of `panel.len() / 512` steps of inputs, each row's
 /// tail beyond `k` zeroed here.
 fn pack_panel<R>(
     row: &R,
-    stored: Option<&[u16]>,
+    stored: Stored,
     f0: usize,
     nf: usize,
     k: usize,
@@ -582,13 +758,18 @@ fn pack_panel<R>(
     let kp = steps * KT;
     for t in 0..NR / 16 {
         let first = t * 16;
-        let in_place = stored.filter(|_| first + 16 <= nf);
+        // The stored weight holding the 16 features as consecutive rows, and the first's row.
+        let in_place = if first + 16 <= nf {
+            stored.rows(f0 + first)
+        } else {
+            None
+        };
         // Steps read in place: the whole ones of a stored weight's 16 rows.
         let whole = in_place.map_or(0, |_| k / KT);
-        if let Some(w) = in_place {
+        if let Some((w, r0)) = in_place {
             for s in 0..whole {
                 let tile = &mut panel[(s * 2 + t) * 256..(s * 2 + t + 1) * 256];
-                transpose_pairs(w, k, (f0 + first) * k + s * KT, tile);
+                transpose_pairs(w, k, r0 * k + s * KT, tile);
             }
         }
         if whole == steps {
@@ -601,7 +782,10 @@ fn pack_panel<R>(
             let f = f0 + first + j;
             match in_place {
                 // Only the last, partial step is read through the scratch.
-                Some(w) => line[whole * KT..k].copy_from_slice(&w[f * k + whole * KT..(f + 1) * k]),
+                Some((w, r0)) => {
+                    let r = r0 + j;
+                    line[whole * KT..k].copy_from_slice(&w[r * k + whole * KT..(r + 1) * k])
+                }
                 None if first + j < nf => row(f, &mut line[..k]),
                 None => line[..k].fill(0),
             }
@@ -983,8 +1167,18 @@ mod tests {
         for kernel in kernels {
             for bias in [None, Some(&bias[..])] {
                 for stored in [None, Some(&w[..])] {
-                    let sums =
-                        gemm_on(&x, &row, stored, m, n, k, false, kernel, Output::F32).into_f32();
+                    let sums = gemm_on(
+                        &x,
+                        &row,
+                        Stored::one(stored),
+                        m,
+                        n,
+                        k,
+                        false,
+                        kernel,
+                        Output::F32,
+                    )
+                    .into_f32();
                     let want: Vec<u16> = sums
                         .iter()
                         .enumerate()
@@ -996,7 +1190,7 @@ mod tests {
                     let Product::Bf16(got) = gemm_on(
                         &x,
                         &row,
-                        stored,
+                        Stored::one(stored),
                         m,
                         n,
                         k,
@@ -1012,6 +1206,80 @@ mod tests {
         }
     }
 
+    /// A gated product's activations are bit for bit the composed steps: each weight's
+    /// rounded product (with its bias), SiLU of the gate in f32 rounded to BF16, times up,
+    /// rounded. Through the emulated tiles on every CPU, on AMX where the CPU has it; outputs
+    /// that fill whole groups and a last group of a whole or partial 16 (whose rows mix gate
+    /// and up weights in a tile), with and without biases, rows asked for or read in place.
+    #[test]
+    fn gated_output_equals_the_rounded_products_composed() {
+        let (m, k) = (45, 100);
+        let mut values = crate::testing::Values(23);
+        let bf = |v: &f32| half::bf16::from_f32(*v).to_bits();
+        let widen = |b: u16| half::bf16::from_bits(b).to_f32();
+        let x: Vec<u16> = values.take(m * k).iter().map(bf).collect();
+        let mut kernels = vec![EMULATED];
+        if hardware() && request_tile_data() {
+            kernels.push(TILES);
+        }
+        for n in [GROUP + 32, GROUP + 21] {
+            let gate: Vec<u16> = values.take(n * k).iter().map(bf).collect();
+            let up: Vec<u16> = values.take(n * k).iter().map(bf).collect();
+            let (gate_bias, up_bias) = (values.take(n), values.take(n));
+            let rows = |w: &[u16]| {
+                let w = w.to_vec();
+                move |j: usize, out: &mut [u16]| out.copy_from_slice(&w[j * k..(j + 1) * k])
+            };
+            for &kernel in &kernels {
+                for biased in [false, true] {
+                    let bias = |b: &[f32]| biased.then(|| b.to_vec());
+                    let (gb, ub) = (bias(&gate_bias), bias(&up_bias));
+                    let rounded = |w: &[u16], b: Option<&[f32]>| {
+                        let output = Output::Bf16 { bias: b };
+                        match gemm_on(
+                            &x,
+                            &rows(w),
+                            Stored::Nowhere,
+                            m,
+                            n,
+                            k,
+                            false,
+                            kernel,
+                            output,
+                        ) {
+                            Product::Bf16(y) => y,
+                            Product::F32(_) => unreachable!(),
+                        }
+                    };
+                    let (g, u) = (rounded(&gate, gb.as_deref()), rounded(&up, ub.as_deref()));
+                    let mut silu: Vec<f32> = g.iter().map(|&b| widen(b)).collect();
+                    crate::math::silu(&mut silu);
+                    let want: Vec<u16> = silu
+                        .iter()
+                        .zip(&u)
+                        .map(|(s, &u)| bf(&(widen(bf(s)) * widen(u))))
+                        .collect();
+                    for in_place in [false, true] {
+                        let weight = |w: &'static str| {
+                            let (stored, bias) = match w {
+                                "gate" => (&gate, gb.as_deref()),
+                                _ => (&up, ub.as_deref()),
+                            };
+                            GatedWeight {
+                                row: rows(stored),
+                                stored: in_place.then_some(&stored[..]),
+                                bias,
+                            }
+                        };
+                        let (gw, uw) = (weight("gate"), weight("up"));
+                        let got = gemm_gated_on(&x, &gw, &uw, (m, n, k), false, kernel);
+                        assert_eq!(got, want, "n {n}, bias {biased}, in place {in_place}");
+                    }
+                }
+            }
+        }
+    }
+
     /// A thread's task buffers are reused: a product after a wider one whose weights were all
     /// NaN reads none of them (the weight rows' tails past the inputs are zeroed again).
     #[test]
@@ -1019,7 +1287,18 @@ mod tests {
         let nan = |_: usize, out: &mut [u16]| out.fill(0x7fc0);
         let x = vec![0x3f80u16; 16 * 96];
         // 32 features: both halves of the panel leave NaN rows in the scratch.
-        let y = gemm_on(&x, &nan, None, 16, 32, 96, false, EMULATED, Output::F32).into_f32();
+        let y = gemm_on(
+            &x,
+            &nan,
+            Stored::Nowhere,
+            16,
+            32,
+            96,
+            false,
+            EMULATED,
+            Output::F32,
+        )
+        .into_f32();
         assert!(y.iter().all(|v| v.is_nan()));
         check_kernel(EMULATED, 16, 20, 40).unwrap();
     }
@@ -1066,7 +1345,15 @@ mod tests {
         for source in [None, Some(&stored[..])] {
             let mut panel = vec![0u32; steps * 512];
             let mut scratch = vec![0u16; 16 * steps * KT];
-            pack_panel(&row, source, 0, nf, k, &mut panel, &mut scratch);
+            pack_panel(
+                &row,
+                Stored::one(source),
+                0,
+                nf,
+                k,
+                &mut panel,
+                &mut scratch,
+            );
             for f in 0..NR {
                 for i in 0..steps * KT {
                     let (s, pair, t, j) = (i / 32, (i % 32) / 2, f / 16, f % 16);

@@ -110,6 +110,44 @@ where
     None
 }
 
+/// One weight of [`gemm_gated`] (`n x k`) and its bias.
+pub struct GatedWeight<'a, R> {
+    /// `row(j, out)` writes row `j` (`k` values) as BF16 bits.
+    pub row: R,
+    /// The weight as BF16 bits (`n x k`, row-major), read where it lies, where it is so.
+    pub stored: Option<&'a [u16]>,
+    /// `n` values added to the sums before their rounding, or none.
+    pub bias: Option<&'a [f32]>,
+}
+
+/// A gated MLP's activation in one product: `silu(gate) * up`, where `gate` and `up` are
+/// [`gemm_rounded`] of `x` against each weight (with its bias), and the activation is
+/// [`crate::math::silu_mul_bf16`]'s of those BF16 values: `m x n` BF16 bits, bit for bit the
+/// three steps, without their two outputs (written and read back) or the activation's pass.
+/// Only on AMX tiles ([`amx`]); `None` elsewhere (callers compose the steps), or when the
+/// sizes do not match.
+pub fn gemm_gated<G, U>(
+    x: &[u16],
+    gate: GatedWeight<G>,
+    up: GatedWeight<U>,
+    (m, n, k): (usize, usize, usize),
+) -> Option<Vec<u16>>
+where
+    G: Fn(usize, &mut [u16]) + Sync,
+    U: Fn(usize, &mut [u16]) + Sync,
+{
+    let fits = |stored: Option<&[u16]>, bias: Option<&[f32]>| {
+        stored.is_none_or(|s| s.len() >= n * k) && bias.is_none_or(|b| b.len() == n)
+    };
+    let fits = x.len() >= m * k && fits(gate.stored, gate.bias) && fits(up.stored, up.bias);
+    #[cfg(target_arch = "x86_64")]
+    if amx() && fits {
+        return Some(crate::amx::gemm_gated(x, &gate, &up, (m, n, k)));
+    }
+    let _ = (x, gate, up, m, n, k, fits);
+    None
+}
+
 #[cfg(target_arch = "x86_64")]
 fn gemm_x86<R>(x: &[u16], row: &R, m: usize, n: usize, k: usize) -> Vec<f32>
 where

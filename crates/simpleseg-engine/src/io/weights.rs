@@ -731,7 +731,8 @@ mod tests {
     use crate::layers::{max_abs_diff, Linear};
     use candle_core::Module;
 
-    /// A safetensors file holding `w` (512 x 256 weights) in BF16, F16 and F32.
+    /// A safetensors file holding `w` (512 x 256 weights) in BF16, F16 and F32, and another
+    /// 512 x 256 BF16 weight (`other`).
     fn files(dir: &Path) -> (Tensor, TensorFiles) {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 0.05, (512, 256), &dev)
@@ -744,6 +745,13 @@ mod tests {
             ("bf16.weight", w.to_dtype(DType::BF16).unwrap()),
             ("f16.weight", w.to_dtype(DType::F16).unwrap()),
             ("f32.weight", w.clone()),
+            (
+                "other.weight",
+                Tensor::randn(0f32, 0.05, (512, 256), &dev)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -806,6 +814,68 @@ mod tests {
                 // Against the unquantized product: the format's own rounding.
                 let err = rms(&(&got - &want).unwrap()) / rms(&want);
                 assert!(err < tolerance, "{format:?}, {rows} rows: {err}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A gated MLP's activation in one product on AMX tiles is bit for bit the composed ops
+    /// (both layers' outputs, then `silu_mul`): weights read in place (both, or one) and
+    /// quantized, with and without biases, on rank-2 and rank-3 prefills.
+    #[test]
+    fn gated_activation_equals_the_composed_ops() {
+        use crate::layers::{gated, gated_batch, silu_mul};
+        if !simpleseg_kernels::bf16_gemm::amx() {
+            eprintln!("skipped: the fused gated product runs on AMX tiles, which this CPU lacks");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("simpleseg-gated-{}", std::process::id()));
+        let (_, files) = files(&dir);
+        let weights = Weights::from_files(files, DType::BF16, &Device::Cpu);
+        let dev = Device::Cpu;
+        let layer = |name: &str, format: Option<Quantization>, bias: bool| {
+            let mut layer =
+                Linear::load(&weights.pp(name).quantized(format), 256, 512, false).unwrap();
+            layer.bias = bias.then(|| {
+                Tensor::randn(0f32, 1.0, 512, &dev)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+            });
+            layer
+        };
+        let bits = |t: &Tensor| -> Vec<u16> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<half::bf16>()
+                .unwrap()
+                .into_iter()
+                .map(half::bf16::to_bits)
+                .collect()
+        };
+        let x = Tensor::randn(0f32, 1.0, (2, 23, 256), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        for (gate, up, format) in [
+            ("bf16", "other", None),
+            ("f16", "other", None),
+            ("bf16", "other", Some(Quantization::Q8_0)),
+            ("bf16", "other", Some(Quantization::Q4K)),
+        ] {
+            for bias in [false, true] {
+                let (g, u) = (layer(gate, format, bias), layer(up, format, false));
+                for x in [x.clone(), x.reshape((46, 256)).unwrap()] {
+                    let want = silu_mul(&g.forward(&x).unwrap(), &u.forward(&x).unwrap()).unwrap();
+                    let got = gated(&g, &u, &x).unwrap();
+                    assert_eq!(got.dims(), want.dims());
+                    assert_eq!(bits(&got), bits(&want), "{gate}, {format:?}, bias {bias}");
+                    let both = gated_batch(&[(&g, &u, &x), (&u, &g, &x)]).unwrap();
+                    assert_eq!(bits(&both[0]), bits(&want));
+                    let swapped =
+                        silu_mul(&u.forward(&x).unwrap(), &g.forward(&x).unwrap()).unwrap();
+                    assert_eq!(bits(&both[1]), bits(&swapped));
+                }
             }
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -6,6 +6,8 @@
 use candle_core::{DType, Result, Tensor};
 use simpleseg_kernels::math;
 
+use crate::layers::linear::{forward_batch, Linear};
+
 /// Values per parallel task.
 const CHUNK: usize = 1 << 14;
 
@@ -120,6 +122,90 @@ fn silu_mul_bf16(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         Some(out) => bf16_tensor(out, gate.shape(), gate.device()).map(Some),
         None => Ok(None),
     }
+}
+
+/// `silu(gate(x)) * up(x)`, a gated MLP's activation ([`silu_mul`] of both layers' outputs),
+/// for each `(gate, up, x)`. A prefill of BF16 rows on AMX tiles against weights read in
+/// place or quantized runs as one product of both weights whose tasks store the activation
+/// ([`simpleseg_kernels::bf16_gemm::gemm_gated`]), bit for bit the composed ops without
+/// their two outputs; the others go through [`forward_batch`] (decoding's few rows in one
+/// parallel pass) and [`silu_mul`].
+pub fn gated_batch(triples: &[(&Linear, &Linear, &Tensor)]) -> Result<Vec<Tensor>> {
+    let fused = triples
+        .iter()
+        .map(|&(gate, up, x)| gated_on_tiles(gate, up, x))
+        .collect::<Result<Vec<_>>>()?;
+    let rest: Vec<(&Linear, &Tensor)> = triples
+        .iter()
+        .zip(&fused)
+        .filter(|(_, y)| y.is_none())
+        .flat_map(|(&(gate, up, x), _)| [(gate, x), (up, x)])
+        .collect();
+    let mut products = forward_batch(&rest)?.into_iter();
+    fused
+        .into_iter()
+        .map(|y| match (y, products.next(), products.next()) {
+            (Some(y), _, _) => Ok(y),
+            (None, Some(gate), Some(up)) => silu_mul(&gate, &up),
+            _ => candle_core::bail!("two products for each gated activation"),
+        })
+        .collect()
+}
+
+/// [`gated_batch`] of one layer pair.
+pub fn gated(gate: &Linear, up: &Linear, x: &Tensor) -> Result<Tensor> {
+    let mut y = gated_batch(&[(gate, up, x)])?;
+    y.pop()
+        .ok_or_else(|| candle_core::Error::Msg("one gated activation".into()))
+}
+
+/// The fused path of [`gated_batch`]; `None` where it does not apply (see
+/// `Linear::tiled_prefill`; both weights of one shape).
+fn gated_on_tiles(gate: &Linear, up: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+    use crate::layers::linear::{bf16_tensor, on_bf16_bits, RowSource};
+    use simpleseg_kernels::bf16_gemm::{gemm_gated, GatedWeight};
+
+    let dims = x.dims().to_vec();
+    let Some(&in_dim) = dims.last() else {
+        return Ok(None);
+    };
+    let x2 = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
+    let (Some((g, gate_bias)), Some((u, up_bias))) =
+        (gate.tiled_prefill(&x2)?, up.tiled_prefill(&x2)?)
+    else {
+        return Ok(None);
+    };
+    if g.dims() != u.dims() {
+        return Ok(None);
+    }
+    let (rows, (n, k)) = (x2.dim(0)?, g.dims());
+    fn weight<'a>(
+        w: &'a dyn RowSource,
+        bias: Option<&'a [f32]>,
+    ) -> GatedWeight<'a, impl Fn(usize, &mut [u16]) + Sync + 'a> {
+        GatedWeight {
+            row: move |j: usize, out: &mut [u16]| w.row_bf16_bits(j, out),
+            stored: w.bf16_rows(),
+            bias,
+        }
+    }
+    let x2 = x2.contiguous()?;
+    let product = |bits: &[u16]| {
+        gemm_gated(
+            bits,
+            weight(g, gate_bias.as_deref()),
+            weight(u, up_bias.as_deref()),
+            (rows, n, k),
+        )
+    };
+    let Some(bits) = on_bf16_bits(&x2, product)? else {
+        return Ok(None);
+    };
+    let mut out_dims = dims;
+    if let Some(last) = out_dims.last_mut() {
+        *last = n;
+    }
+    bf16_tensor(bits, out_dims, x.device()).map(Some)
 }
 
 /// `x + y` (tensors of one shape): BF16 tensors on the CPU outside training graphs are added

@@ -92,29 +92,10 @@ impl Linear {
     /// GEMM stores them, the bits [`Self::finish`] would give the f32 sums, without them.
     /// `None` where this does not apply.
     fn rounded_matmul(&self, x: &Tensor) -> Result<Option<Product>> {
-        let rows = x.dim(0)?;
-        if rows <= FEW_ROWS
-            || x.dtype() != DType::BF16
-            || !x.device().is_cpu()
-            || x.track_op()
-            || !simpleseg_kernels::bf16_gemm::amx()
-        {
+        let Some((w, bias)) = self.tiled_prefill(x)? else {
             return Ok(None);
-        }
-        let w: &dyn RowSource = match &self.weight {
-            Weight::Mapped(m) => m,
-            Weight::Quantized(q) => q,
-            _ => return Ok(None),
         };
-        let (out_dim, in_dim) = w.dims();
-        if x.dim(1)? != in_dim {
-            // The general path reports the mismatch.
-            return Ok(None);
-        }
-        let bias: Option<Vec<f32>> = match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
-            None => None,
-        };
+        let (rows, (out_dim, in_dim)) = (x.dim(0)?, w.dims());
         let row = |j: usize, out: &mut [u16]| w.row_bf16_bits(j, out);
         let x = x.contiguous()?;
         let product = |bits: &[u16]| {
@@ -128,6 +109,34 @@ impl Linear {
         };
         let rounded = on_bf16_bits(&x, product)?;
         Ok(rounded.map(|bits| Product::Rounded(bits, (rows, out_dim))))
+    }
+
+    /// The weight and its bias (in f32) where a prefill of `x` (rank 2) runs on AMX tiles
+    /// with BF16 outputs: more than [`FEW_ROWS`] BF16 rows of the weight's width on the CPU
+    /// outside training graphs, the weight read in place or quantized; `None` elsewhere.
+    pub(crate) fn tiled_prefill(&self, x: &Tensor) -> Result<Option<TiledWeight<'_>>> {
+        if x.dim(0)? <= FEW_ROWS
+            || x.dtype() != DType::BF16
+            || !x.device().is_cpu()
+            || x.track_op()
+            || !simpleseg_kernels::bf16_gemm::amx()
+        {
+            return Ok(None);
+        }
+        let w: &dyn RowSource = match &self.weight {
+            Weight::Mapped(m) => m,
+            Weight::Quantized(q) => q,
+            _ => return Ok(None),
+        };
+        if x.dim(1)? != w.dims().1 {
+            // The general path reports the mismatch.
+            return Ok(None);
+        }
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+            None => None,
+        };
+        Ok(Some((w, bias)))
     }
 
     /// A product with the bias, in `like`'s dtype and device. The kernels' f32 sums get the
@@ -158,6 +167,9 @@ impl Linear {
         }
     }
 }
+
+/// A layer's weight and its bias in f32, as a prefill on AMX tiles reads them.
+pub(crate) type TiledWeight<'a> = (&'a dyn RowSource, Option<Vec<f32>>);
 
 /// A product before its bias: f32 sums from the CPU kernels (`rows x outputs`, row-major), or
 /// candle's tensor; or, with its bias, BF16 bits rounded by the GEMM (`rows x outputs`).
@@ -461,7 +473,7 @@ fn bf16_matmul(x: &Tensor, w: &dyn RowSource) -> Result<Option<Vec<f32>>> {
 
 /// `f` of a BF16 tensor's values as bits: read in place when contiguous on the CPU
 /// ([`with_bf16_bits`]), else copied out first.
-fn on_bf16_bits<R>(x: &Tensor, f: impl Fn(&[u16]) -> R) -> Result<R> {
+pub(crate) fn on_bf16_bits<R>(x: &Tensor, f: impl Fn(&[u16]) -> R) -> Result<R> {
     match with_bf16_bits(x, &f) {
         Some(y) => Ok(y),
         None => Ok(f(&bf16_bits(x)?)),

@@ -21,8 +21,8 @@ use serde::Deserialize;
 use crate::io::hf::OneOrMany;
 use crate::io::weights::Weights;
 use crate::layers::{
-    add, causal_mask, forward_batch, forward_each, silu_mul, softmax_last_dim, Embedding, Linear,
-    Mode, RmsNorm,
+    add, causal_mask, forward_batch, forward_each, gated, gated_batch, softmax_last_dim, Embedding,
+    Linear, Mode, RmsNorm,
 };
 use crate::runtime::kv_cache::KvCache;
 use crate::runtime::session::StepGroup;
@@ -209,8 +209,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let [gate, up] = forward_each([&self.gate_proj, &self.up_proj], x)?;
-        self.down_proj.forward(&silu_mul(&gate, &up)?)
+        self.down_proj
+            .forward(&gated(&self.gate_proj, &self.up_proj, x)?)
     }
 }
 
@@ -290,14 +290,11 @@ impl Moe {
             .map(|(expert, _, _, input)| (*expert, input))
             .chain(shared)
             .collect();
-        let gate_up: Vec<(&Linear, &Tensor)> = mlps
+        let gate_up: Vec<(&Linear, &Linear, &Tensor)> = mlps
             .iter()
-            .flat_map(|&(mlp, input)| [(&mlp.gate_proj, input), (&mlp.up_proj, input)])
+            .map(|&(mlp, input)| (&mlp.gate_proj, &mlp.up_proj, input))
             .collect();
-        let inner = forward_batch(&gate_up)?
-            .chunks(2)
-            .map(|pair| silu_mul(&pair[0], &pair[1]))
-            .collect::<CResult<Vec<_>>>()?;
+        let inner = gated_batch(&gate_up)?;
         let down: Vec<(&Linear, &Tensor)> = mlps
             .iter()
             .zip(&inner)

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
 use crate::layers::{
-    add, apply_rotary, attention, causal_attention, causal_mask, forward_each, repeat_kv, silu_mul,
+    add, apply_rotary, attention, causal_attention, causal_mask, forward_each, gated, repeat_kv,
     single_query_attention, Embedding, Linear, Mode, RmsNorm,
 };
 use crate::runtime::kv_cache::KvCache;
@@ -112,8 +112,8 @@ impl TextAttention {
 
 impl TextMlp {
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let [gate, up] = forward_each([&self.gate_proj, &self.up_proj], x)?;
-        self.down_proj.forward(&silu_mul(&gate, &up)?)
+        self.down_proj
+            .forward(&gated(&self.gate_proj, &self.up_proj, x)?)
     }
 }
 

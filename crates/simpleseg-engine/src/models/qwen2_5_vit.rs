@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
 use crate::layers::{
-    add, apply_rotary, attention, segment_attention, silu_mul, Linear, Mode, RmsNorm, Rotation,
+    add, apply_rotary, attention, gated, segment_attention, Linear, Mode, RmsNorm, Rotation,
 };
 
 #[derive(Clone, Debug)]
@@ -29,9 +29,8 @@ impl VisionMlp {
     }
 
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
         self.down_proj
-            .forward(&silu_mul(&gate, &self.up_proj.forward(x)?)?)
+            .forward(&gated(&self.gate_proj, &self.up_proj, x)?)
     }
 }
 
