@@ -870,11 +870,19 @@ mod tests {
                     let got = gated(&g, &u, &x).unwrap();
                     assert_eq!(got.dims(), want.dims());
                     assert_eq!(bits(&got), bits(&want), "{gate}, {format:?}, bias {bias}");
-                    let both = gated_batch(&[(&g, &u, &x), (&u, &g, &x)]).unwrap();
-                    assert_eq!(bits(&both[0]), bits(&want));
-                    let swapped =
-                        silu_mul(&u.forward(&x).unwrap(), &g.forward(&x).unwrap()).unwrap();
-                    assert_eq!(bits(&both[1]), bits(&swapped));
+                    // A batch: fused products among composed ones (a decoding row's, before
+                    // and after them), each in its place.
+                    let row = x.flatten_to(x.rank() - 2).unwrap().narrow(0, 0, 1).unwrap();
+                    let batch =
+                        gated_batch(&[(&g, &u, &row), (&g, &u, &x), (&u, &g, &row), (&u, &g, &x)])
+                            .unwrap();
+                    let composed = |a: &Linear, b: &Linear, x: &Tensor| {
+                        silu_mul(&a.forward(x).unwrap(), &b.forward(x).unwrap()).unwrap()
+                    };
+                    assert_eq!(bits(&batch[0]), bits(&composed(&g, &u, &row)));
+                    assert_eq!(bits(&batch[1]), bits(&want));
+                    assert_eq!(bits(&batch[2]), bits(&composed(&u, &g, &row)));
+                    assert_eq!(bits(&batch[3]), bits(&composed(&u, &g, &x)));
                 }
             }
         }

@@ -144,10 +144,12 @@ pub fn gated_batch(triples: &[(&Linear, &Linear, &Tensor)]) -> Result<Vec<Tensor
     let mut products = forward_batch(&rest)?.into_iter();
     fused
         .into_iter()
-        .map(|y| match (y, products.next(), products.next()) {
-            (Some(y), _, _) => Ok(y),
-            (None, Some(gate), Some(up)) => silu_mul(&gate, &up),
-            _ => candle_core::bail!("two products for each gated activation"),
+        .map(|y| match y {
+            Some(y) => Ok(y),
+            None => match (products.next(), products.next()) {
+                (Some(gate), Some(up)) => silu_mul(&gate, &up),
+                _ => candle_core::bail!("two products for each gated activation"),
+            },
         })
         .collect()
 }
