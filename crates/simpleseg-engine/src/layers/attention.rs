@@ -198,6 +198,29 @@ pub fn causal_attention(
     }
 }
 
+/// [`causal_attention`] of one prompt of `s` positions whose queries, keys and values are BF16
+/// bits laid out by position, `(s, heads, d)` each (the heads side by side, as projections
+/// write them; no grouped heads): the `(s, heads, d)` output's bits. `None` where the kernel
+/// does not run (a CPU without AMX tiles, `d` odd or zero, operands shorter than the sizes).
+pub fn causal_attention_by_position(
+    q: &[u16],
+    k: &[u16],
+    v: &[u16],
+    s: usize,
+    heads: usize,
+    d: usize,
+    scale: f64,
+) -> Option<Vec<u16>> {
+    use simpleseg_kernels::attention::{self as kernel, Heads};
+    let view = |values| Heads {
+        values,
+        offset: 0,
+        stride: heads * d,
+        head_stride: d,
+    };
+    kernel::causal(view(q), view(k), view(v), s, heads, heads, d, scale as f32)
+}
+
 /// Self-attention of a vision tower within segments, fused: `qkv` `(n, 3 * heads * head_dim)`
 /// is the fused projection's BF16 output (queries, keys, values, each `heads x head_dim`);
 /// queries and keys are turned by `rotation` (in f32, rounded to BF16, as the towers' own

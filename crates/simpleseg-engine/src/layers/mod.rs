@@ -20,8 +20,8 @@ use candle_core::{DType, Result, Tensor};
 
 pub use activation::{add, gated, gated_batch, gelu_tanh, silu, silu_mul};
 pub use attention::{
-    attention, causal_attention, causal_mask, repeat_kv, segment_attention, single_query_attention,
-    softmax_last_dim,
+    attention, causal_attention, causal_attention_by_position, causal_mask, repeat_kv,
+    segment_attention, single_query_attention, softmax_last_dim,
 };
 pub use embedding::Embedding;
 pub use features::merge_image_features;
