@@ -9,6 +9,7 @@ decode tokens/s and peak RSS, with `lscpu`'s model name and flags above every ta
     .venv-ml/bin/python scripts/bench/bench_engine.py --kimi16b --tokens 32
     .venv-ml/bin/python scripts/bench/bench_engine.py --gemm      # the GEMM row only
     .venv-ml/bin/python scripts/bench/bench_engine.py --kimi-vision  # Kimi-VL's vision tower only
+    .venv-ml/bin/python scripts/bench/bench_engine.py --kimi16b-bf16 --tokens 32  # its BF16 rows only
 
 --big7b writes a Qwen2.5-VL-7B-size folder of random BF16 weights (~16.6 GB), quantizes it with
 `simpleseg quantize` (q8_0, q4k), times transformers (BF16) and simpleseg (BF16 weights, q8_0,
@@ -22,7 +23,8 @@ fit in this machine's memory) are measured per layer: both engines run the full 
 with 2 and with 3 language-model layers, and the 27-layer figures are extrapolated linearly
 (first + 25 x the difference), as stated in the table. It also times the vision tower and
 projector alone (`examples/bench_vision`) against transformers' tower on the same image size;
---kimi-vision does only that (a ~3.4 GB folder: the tower and 2 language-model layers).
+--kimi-vision does only that (a ~3.4 GB folder: the tower and 2 language-model layers);
+--kimi16b-bf16 only the BF16 rows and the tower (the 2- and 3-layer folders, ~9 GB).
 
 Each engine's folder is read into the page cache just before it runs (the BF16 folder and a
 quantized one may not both fit in memory: a cold start would time the disk, and the two
@@ -234,11 +236,8 @@ def vision_table(folder, image, references):
 
 def bench_kimi_vision(args):
     folder = args.work / "bench-kimi-2l"
-    image = args.work / "image-640x480.png"
     try:
-        from PIL import Image
-
-        Image.open(args.image).convert("RGB").resize((640, 480), Image.BICUBIC).save(image)
+        image = kimi_image(args)
         if not folder.exists():
             check_disk(args.work, 5)
             write_random_kimi(folder, 2)
@@ -518,46 +517,79 @@ def extrapolate(ra, rb, layers, na=2, nb=3):
     return out
 
 
+def kimi_bf16_rows(args, parts, image):
+    """The BF16 rows of the Kimi-VL size, per layer: simpleseg on the 2- and 3-layer folders,
+    transformers with 2 and 6 layers, each extrapolated to the real layer count; prints the
+    vision tower's table on the way. Returns the rows and the layer count."""
+    layers = json.loads((ROOT / "fixtures/kimi/real-tensors.json").read_text())["config"]["text_config"][
+        "num_hidden_layers"]
+    measured = {}
+    for n, folder in parts.items():
+        if not folder.exists():
+            write_random_kimi(folder, n)
+        # BF16 as the full model would run (auto picks f32 for a folder this small).
+        measured[n] = child("simpleseg", folder, image, args.tokens, 2, None, "bf16")
+    # transformers' models are built in memory (random weights): 2 and 6 layers, for a
+    # per-layer difference well above its run-to-run noise.
+    reference = {n: child("transformers-kimi", parts[2], args.tokens, 2, n) for n in (2, 6)}
+    vision_table(parts[2], image, list(reference.values()))
+    rows = [
+        ("transformers BF16 (per layer, extrapolated)", extrapolate(reference[2], reference[6], layers, 2, 6)),
+        ("simpleseg BF16 weights (per layer, extrapolated)", extrapolate(measured[2], measured[3], layers)),
+    ]
+    return rows, layers
+
+
+def kimi_bf16_note(layers):
+    return ("BF16 rows: the full vision tower with a few language-model layers, measured (simpleseg: 2 and 3 "
+            f"layers from files; transformers: 2 and 6 layers), {layers} layers extrapolated linearly from the "
+            "per-layer difference (load, first token, per-token time, RSS). transformers' models are built "
+            "randomly initialized in memory, so its load is not a file load.")
+
+
+def kimi_image(args):
+    from PIL import Image
+
+    image = args.work / "image-640x480.png"
+    Image.open(args.image).convert("RGB").resize((640, 480), Image.BICUBIC).save(image)
+    return image
+
+
 def bench_kimi(args):
     full, q4k = args.work / "bench-kimi", args.work / "bench-kimi-q4k"
     parts = {n: args.work / f"bench-kimi-{n}l" for n in (2, 3)}
-    image = args.work / "image-640x480.png"
     check_disk(args.work, 45)
     try:
-        from PIL import Image
-
-        Image.open(args.image).convert("RGB").resize((640, 480), Image.BICUBIC).save(image)
-        layers = json.loads((ROOT / "fixtures/kimi/real-tensors.json").read_text())["config"]["text_config"][
-            "num_hidden_layers"]
-        measured = {}
-        for n, folder in parts.items():
-            if not folder.exists():
-                write_random_kimi(folder, n)
-            # BF16 as the full model would run (auto picks f32 for a folder this small).
-            measured[n] = child("simpleseg", folder, image, args.tokens, 2, None, "bf16")
-        # transformers' models are built in memory (random weights): 2 and 6 layers, for a
-        # per-layer difference well above its run-to-run noise.
-        reference = {n: child("transformers-kimi", parts[2], args.tokens, 2, n) for n in (2, 6)}
-        vision_table(parts[2], image, list(reference.values()))
+        image = kimi_image(args)
+        rows, layers = kimi_bf16_rows(args, parts, image)
         if not full.exists():
             write_random_kimi(full)
         seconds = quantize(full, "q4k", q4k)
         shutil.rmtree(full, ignore_errors=True)
-        rows = [
-            ("transformers BF16 (per layer, extrapolated)", extrapolate(reference[2], reference[6], layers, 2, 6)),
-            ("simpleseg BF16 weights (per layer, extrapolated)", extrapolate(measured[2], measured[3], layers)),
+        rows += [
             ("simpleseg q4k (full model, quantized folder), 2 threads", child("simpleseg", q4k, image, args.tokens, 2, None)),
             ("simpleseg q4k (full model, quantized folder), 1 thread", child("simpleseg", q4k, image, args.tokens, 1, None)),
         ]
         table(f"SimpleSeg-Kimi-VL size (16B MoE), random weights, 640x480 image, {args.tokens} tokens", rows, [
-            "BF16 rows: the full vision tower with a few language-model layers, measured (simpleseg: 2 and 3 "
-            f"layers from files; transformers: 2 and 6 layers), {layers} layers extrapolated linearly from the "
-            "per-layer difference (load, first token, per-token time, RSS). transformers' models are built "
-            "randomly initialized in memory, so its load is not a file load.",
+            kimi_bf16_note(layers),
             f"`simpleseg quantize --format q4k` on the 32 GB folder took {seconds:.0f} s."])
     finally:
         if not args.keep:
             for d in (full, q4k, *parts.values()):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def bench_kimi_layers(args):
+    """--kimi16b's BF16 rows alone (no full-size folder: ~9 GB of disk instead of ~45)."""
+    parts = {n: args.work / f"bench-kimi-{n}l" for n in (2, 3)}
+    check_disk(args.work, 10)
+    try:
+        rows, layers = kimi_bf16_rows(args, parts, kimi_image(args))
+        table(f"SimpleSeg-Kimi-VL size (16B MoE) in BF16, per layer, random weights, 640x480 image, "
+              f"{args.tokens} tokens", rows, [kimi_bf16_note(layers)])
+    finally:
+        if not args.keep:
+            for d in parts.values():
                 shutil.rmtree(d, ignore_errors=True)
 
 
@@ -588,6 +620,9 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--big7b", action="store_true", help="the 7B size (random weights, written and deleted)")
     ap.add_argument("--kimi16b", action="store_true", help="the 16B Kimi-VL size (random weights, written and deleted)")
+    ap.add_argument("--kimi16b-bf16", action="store_true",
+                    help="only --kimi16b's BF16 rows, per layer (2- and 3-layer folders, written and deleted; "
+                         "no full-size folder)")
     ap.add_argument("--kimi-vision", action="store_true",
                     help="only the Kimi-VL vision tower and projector against transformers' (a folder of the "
                          "tower and 2 language-model layers, written and deleted)")
@@ -608,9 +643,11 @@ def main():
         bench_7b(args)
     if args.kimi16b:
         bench_kimi(args)
+    if args.kimi16b_bf16:
+        bench_kimi_layers(args)
     if args.kimi_vision:
         bench_kimi_vision(args)
-    if not (args.big7b or args.kimi16b or args.kimi_vision):
+    if not (args.big7b or args.kimi16b or args.kimi16b_bf16 or args.kimi_vision):
         bench_tiny(args)
 
 
