@@ -15,7 +15,9 @@
 //! differ from an f32 GEMM on the same BF16 values only in summation order and rounding, as
 //! oneDNN's do. Measured on 2 Xeon cores (`bench_engine.py --gemm`): the 7B's prefill shapes
 //! at 1.5-2.1 TFLOP/s, 0.78-1.07x torch's oneDNN matmul (0.89-1.07x on one core). Where the
-//! output is BF16, the sums (plus a bias) are rounded as they are stored (`gemm_rounded`).
+//! output is BF16, the sums (plus a bias) are rounded as they are stored (`gemm_rounded`); a
+//! gated MLP's two products run as one over both weights' rows, each task storing
+//! `silu(gate) * up` for its outputs (`gemm_gated`: neither product is written out).
 //!
 //! Stable Rust has no AMX intrinsics: the tile instructions are inline assembly. Linux lends
 //! tile registers to a process only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM,

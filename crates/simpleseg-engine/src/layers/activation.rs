@@ -1,5 +1,6 @@
 //! Element-wise ops: SiLU and tanh-GELU through the vectorized kernels of
-//! [`simpleseg_kernels::math`], and residual sums of BF16 tensors, on the CPU; candle's ops
+//! [`simpleseg_kernels::math`], a gated MLP's activation (on AMX tiles fused with its two
+//! products, [`gated_batch`]), and residual sums of BF16 tensors, on the CPU; candle's ops
 //! elsewhere and wherever gradients flow (a tensor that tracks its op is part of a training
 //! graph; the kernels have no backward pass).
 

@@ -8,7 +8,9 @@
 //!   and the output ("absorbed"), so a step costs the latent's width per cached position, not
 //!   every head's keys and values. A prompt expands every head's keys and values from the
 //!   latent instead, as the reference does, which costs less than half the absorbed form's
-//!   multiply-adds at a prompt's length; the form with fewer is chosen per call.
+//!   multiply-adds at a prompt's length; the form with fewer is chosen per call. A BF16 prompt
+//!   on AMX tiles expands them with a BF16 `kv_b_proj` product and attends through the fused
+//!   causal kernel, as the reference's BF16 model computes it; elsewhere attention runs in f32.
 //! - Rotary embeddings on interleaved pairs (`rope_interleave`), plain 1D positions, no scaling.
 //! - MLPs: dense SwiGLU in the first `first_k_dense_replace` layers; then mixtures of experts:
 //!   sigmoid scores, the top-k chosen by score + `e_score_correction_bias` (within the best
