@@ -1085,6 +1085,15 @@ mod tests {
             }
         }
     }
+    /// The kernels to test here: the emulation, and the tiles where the CPU has them.
+    fn kernels() -> Vec<Kernel> {
+        let mut kernels = vec![EMULATED];
+        if hardware() && request_tile_data() {
+            kernels.push(TILES);
+        }
+        kernels
+    }
+
     /// The emulated kernel: nothing to configure.
     const EMULATED: Kernel = Kernel {
         block: emulated,
@@ -1162,11 +1171,7 @@ mod tests {
         let w: Vec<u16> = values.take(n * k).iter().map(bf).collect();
         let bias = values.take(n);
         let row = |j: usize, out: &mut [u16]| out.copy_from_slice(&w[j * k..(j + 1) * k]);
-        let mut kernels = vec![EMULATED];
-        if hardware() && request_tile_data() {
-            kernels.push(TILES);
-        }
-        for kernel in kernels {
+        for kernel in kernels() {
             for bias in [None, Some(&bias[..])] {
                 for stored in [None, Some(&w[..])] {
                     let sums = gemm_on(
@@ -1220,10 +1225,7 @@ mod tests {
         let bf = |v: &f32| half::bf16::from_f32(*v).to_bits();
         let widen = |b: u16| half::bf16::from_bits(b).to_f32();
         let x: Vec<u16> = values.take(m * k).iter().map(bf).collect();
-        let mut kernels = vec![EMULATED];
-        if hardware() && request_tile_data() {
-            kernels.push(TILES);
-        }
+        let kernels = kernels();
         for n in [GROUP + 32, GROUP + 21] {
             let gate: Vec<u16> = values.take(n * k).iter().map(bf).collect();
             let up: Vec<u16> = values.take(n * k).iter().map(bf).collect();

@@ -957,6 +957,7 @@ impl DeepseekV3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::max_abs_diff;
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
         let n = shape.iter().product::<usize>();
@@ -1065,10 +1066,11 @@ mod tests {
         assert_eq!(fused.dims(), &[1, s, 3 * 6]);
         let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let mask = causal_mask(s, 0, DType::F32, &Device::Cpu).unwrap();
-        let expanded = a
-            .attend_expanded(
+        // The f32 expanded form on the given rotated rotary parts, laid out as `attend`'s.
+        let expanded = |q_pe: &Tensor, k_pe: &Tensor| {
+            a.attend_expanded(
                 &f32(&q_nope),
-                &q_pe,
+                q_pe,
                 &f32(&c.squeeze(1).unwrap()),
                 &f32(&k_pe.squeeze(1).unwrap()),
                 Some(&mask),
@@ -1077,22 +1079,11 @@ mod tests {
             .transpose(1, 2)
             .unwrap()
             .reshape((1, s, 3 * 6))
-            .unwrap();
-        let largest: f32 = expanded
-            .abs()
             .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let difference: f32 = (f32(&fused) - &expanded)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        };
+        let want = expanded(&q_pe, &k_pe);
+        let largest: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let difference = max_abs_diff(&fused, &want).unwrap();
         assert!(largest > 0.1, "{largest}");
         assert!(difference <= 1e-2 * largest, "{difference} of {largest}");
         // Through `attend`, as a prefill calls it: the rotations (the query's rotary part as
@@ -1105,7 +1096,6 @@ mod tests {
             Tensor::from_vec(values, (s, 2), &Device::Cpu).unwrap()
         };
         let (cos, sin) = (table(f32::cos), table(f32::sin));
-        let q_pe_raw = q.narrow(3, 8, 4).unwrap();
         let mut slot = None;
         let through = a
             .attend(
@@ -1120,32 +1110,12 @@ mod tests {
             slot.is_some(),
             "the prompt's latent and rotary key are cached"
         );
-        let q_pe = rotate(&f32(&q_pe_raw), &cos, &sin, a.interleave).unwrap();
+        let q_pe = rotate(&f32(&q.narrow(3, 8, 4).unwrap()), &cos, &sin, a.interleave).unwrap();
         let k_pe = rotate(&f32(&k_pe), &cos, &sin, a.interleave)
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let want = a
-            .attend_expanded(
-                &f32(&q_nope),
-                &q_pe,
-                &f32(&c.squeeze(1).unwrap()),
-                &f32(&k_pe.squeeze(1).unwrap()),
-                Some(&mask),
-            )
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((1, s, 3 * 6))
-            .unwrap();
-        let difference: f32 = (f32(&through) - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let difference = max_abs_diff(&through, &expanded(&q_pe, &k_pe)).unwrap();
         assert!(
             difference <= 1e-2 * largest,
             "through attend: {difference} of {largest}"
