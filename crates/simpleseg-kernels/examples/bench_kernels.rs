@@ -3,7 +3,11 @@
 //!
 //!     RAYON_NUM_THREADS=2 cargo run --release -p simpleseg-kernels --example bench_kernels
 //!     RAYON_NUM_THREADS=2 cargo run --release -p simpleseg-kernels --example bench_kernels -- prefill M K N
+//!     RAYON_NUM_THREADS=2 cargo run --release -p simpleseg-kernels --example bench_kernels -- experts M K N
 //!
+//! - a mixture layer's expert products in a prompt (`experts M K N`: 64 experts, each `M` rows
+//!   through its gated `k -> n` product and its `n -> k` down product, BF16 weights read in
+//!   place; Kimi-VL's 16B size: `experts 44 2048 1408`);
 //! - prefill products (`m x k` activations against an `n x k` BF16 weight): `bf16_gemm`
 //!   (AVX512-BF16), `f32_gemm` (the weight widened a block at a time), candle's f32 matmul on
 //!   the widened weight; `int8_gemm` (AVX-512 VNNI) on the weight quantized to q8_0 and q4k;
@@ -64,12 +68,14 @@ fn main() -> Result<()> {
     // row, beside torch's matmul on the same shape).
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let [case, m, k, n] = &args[..] {
-        if case == "prefill" {
-            return prefill(m.parse()?, k.parse()?, n.parse()?);
+        match case.as_str() {
+            "prefill" => return prefill(m.parse()?, k.parse()?, n.parse()?),
+            "experts" => return experts(m.parse()?, k.parse()?, n.parse()?),
+            _ => {}
         }
     }
     if !args.is_empty() {
-        return Err("usage: bench_kernels [prefill M K N]".into());
+        return Err("usage: bench_kernels [prefill M K N | experts M K N]".into());
     }
     println!(
         "{{\"cpu\": {{\"avx2_fma\": {}, \"avx512_bf16\": {}, \"avx512_vnni\": {}, \"amx\": {}}}, \"threads\": {}}}",
@@ -94,6 +100,60 @@ fn main() -> Result<()> {
     q4k_dot(18944, 3584)?;
     q4_0_dot(16384, 1408)?;
     q8_0_dot(18944, 3584)?;
+    Ok(())
+}
+
+/// A mixture layer's 64 experts in a prompt, `m` rows each: the gated product (`k -> n`, gate
+/// and up weights) and the down product (`n -> k`), BF16 weights read where they lie (each
+/// expert's own, as a prompt's layer reads them: from memory, not cache).
+fn experts(m: usize, k: usize, n: usize) -> Result<()> {
+    const EXPERTS: usize = 64;
+    if !bf16_gemm::amx() {
+        println!(
+            "{{\"case\": \"experts\", \"skipped\": \"the gated product runs on AMX tiles only\"}}"
+        );
+        return Ok(());
+    }
+    let mut values = Values(5);
+    let bf = |v: &f32| half::bf16::from_f32(*v / 64.0).to_bits();
+    let gate: Vec<u16> = values.take(EXPERTS * n * k).iter().map(bf).collect();
+    let up: Vec<u16> = values.take(EXPERTS * n * k).iter().map(bf).collect();
+    let down: Vec<u16> = values.take(EXPERTS * k * n).iter().map(bf).collect();
+    let x: Vec<u16> = values.take(m * k).iter().map(bf).collect();
+    let unused = |_: usize, _: &mut [u16]| unreachable!("the weights are read in place");
+    let layer = || -> Option<()> {
+        for e in 0..EXPERTS {
+            let weight = |stored| bf16_gemm::GatedWeight {
+                row: unused,
+                stored: Some(stored),
+                bias: None,
+            };
+            let expert = e * n * k..(e + 1) * n * k;
+            let (g, u) = (weight(&gate[expert.clone()]), weight(&up[expert]));
+            let h = bf16_gemm::gemm_gated(&x, g, u, (m, n, k))?;
+            let w = &down[e * k * n..(e + 1) * k * n];
+            std::hint::black_box(bf16_gemm::gemm_rounded(
+                &h,
+                unused,
+                Some(w),
+                (m, k, n),
+                None,
+            )?);
+        }
+        Some(())
+    };
+    layer().ok_or("the expert products' sizes")?;
+    let seconds = median_seconds(5, || {
+        std::hint::black_box(layer());
+    });
+    let flops = (EXPERTS * 3 * 2 * m * k * n) as f64;
+    let bytes = (EXPERTS * 3 * k * n * 2) as f64;
+    println!(
+        "{{\"case\": \"experts\", \"experts\": {EXPERTS}, \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {:.2}, \"gflops\": {:.1}, \"weight_gb_per_s\": {:.1}}}",
+        seconds * 1e3,
+        flops / seconds / 1e9,
+        bytes / seconds / 1e9
+    );
     Ok(())
 }
 

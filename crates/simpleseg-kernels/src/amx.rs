@@ -316,21 +316,21 @@ impl Product {
     }
 }
 
-/// A kernel adding one 32 x 32 block of products to its sums ([`block`], or the tests'
-/// emulation of it); see [`block`] for the arguments.
-type Block = unsafe fn(*const u16, *const u32, usize, *mut f32, usize, bool, Sums);
-
-/// The block kernel a GEMM runs, and whether its tasks configure the tile registers around
-/// their products (the real instructions do; the tests' emulation needs nothing configured).
+/// The tile products a GEMM runs ([`tiles_2x2`] and [`tiles_1xn`], or the tests' emulation
+/// of them), and whether
+/// its tasks configure the tile registers around their products (the real instructions do;
+/// the emulation needs nothing configured).
 #[derive(Clone, Copy)]
 struct Kernel {
-    block: Block,
+    tiles: unsafe fn(&Tiles2x2, usize),
+    row_tiles: unsafe fn(&Tiles1xN, usize),
     configures: bool,
 }
 
 /// The AMX kernel.
 const TILES: Kernel = Kernel {
-    block,
+    tiles: tiles_2x2,
+    row_tiles: tiles_1xn,
     configures: true,
 };
 
@@ -379,23 +379,16 @@ where
 {
     use rayon::prelude::*;
 
+    if few_rows(stored, m, n, k) {
+        return gemm_few_rows(x, stored, m, n, k, parallel, kernel, output);
+    }
     let (mp, steps) = (m.div_ceil(MR) * MR, k.div_ceil(KT));
     let tiled = tile_rows(x, m, k, mp, steps);
     let xs: &[u16] = tiled.view();
-    // One of the two outputs is written (the other has no room). A gated product has one
-    // output for each two features.
-    let rounded = !matches!(output, Output::F32);
-    let width = match output {
-        Output::Gated { .. } => n / 2,
-        _ => n,
-    };
-    let (mut y, mut y16) = if rounded {
-        (Vec::new(), crate::output::output_room::<u16>(m * width))
-    } else {
-        (crate::output::output_room::<f32>(m * n), Vec::new())
-    };
-    let y_ptr = crate::output::SharedOutput(y.as_mut_ptr());
-    let y16_ptr = crate::output::SharedOutput(y16.as_mut_ptr());
+    // A gated product has one output for each two features.
+    let mut room = Room::new(output, m, n);
+    let (rounded, width) = (room.rounded, room.width);
+    let (y_ptr, y16_ptr) = room.pointers();
     // Tasks: a group of features over a band of rows. The rows are one band unless there are
     // too few groups to keep every thread busy (a product with few outputs: attention's
     // values, a key-value projection); then they are split, each band packing its group anew.
@@ -480,7 +473,8 @@ where
                         // debug builds: rows are padded to 32 and the scratch holds MC x GROUP
                         // sums).
                         unsafe {
-                            (kernel.block)(
+                            block(
+                                kernel,
                                 xs[a..].as_ptr(),
                                 panels[b..].as_ptr(),
                                 ks,
@@ -548,11 +542,278 @@ where
     // SAFETY: every task stored its group's nf columns (a gated product: nf / 2 outputs) of
     // its band's rows (whatever k) in the output asked for; the groups cover columns 0..n
     // (outputs 0..n / 2) and the bands rows 0..m.
-    unsafe {
-        if rounded {
-            Product::Bf16(crate::output::filled(y16, m * width))
+    unsafe { room.filled() }
+}
+
+/// Rows up to which a product against a weight stored as BF16 reads the weight where it lies
+/// as tiles ([`gemm_few_rows`]) instead of packing it: packing a weight tile costs about as
+/// much as multiplying it by 64 rows, so the products of a mixture's experts in a prompt (tens
+/// of rows each) were bound by it. Measured on one Xeon core (`bench_kernels prefill M K N`,
+/// the weight in cache): 44 x 2048 x 1408 345 -> 483 GFLOP/s, 128 rows 602-653 -> 723-830
+/// on the 2048, 1408 and 3584 inputs tried; at 256 rows the packed path won on 3584 and 1408
+/// inputs (the packed activations no longer stay in the second-level cache).
+const FEW_ROWS: usize = 128;
+
+/// Whether [`gemm_on`] takes [`gemm_few_rows`]: at most [`FEW_ROWS`] rows, a weight stored
+/// as BF16, whole tile steps of inputs, and features in whole tiles of 16 (a gated pair's
+/// outputs too).
+fn few_rows(stored: Stored, m: usize, n: usize, k: usize) -> bool {
+    let whole = match stored {
+        Stored::Nowhere => false,
+        Stored::One(_) => n.is_multiple_of(16),
+        Stored::Pair { n: outputs, .. } => outputs.is_multiple_of(16) && n == 2 * outputs,
+    };
+    whole && m <= FEW_ROWS && k > 0 && k.is_multiple_of(KT)
+}
+
+/// [`gemm_on`] for few rows ([`few_rows`]), the roles of the operands swapped: 16 rows of the
+/// weight are one A tile, loaded where they lie (32 inputs of each row, a row's length
+/// apart), and the activations, packed once into tile order as [`pack_panel`] packs a weight,
+/// are the B tiles, 16 rows each, four at a time ([`tiles_1xn`]: each weight tile is loaded
+/// once for 64 rows, from memory for the first 64, from cache after); each tile of sums is 16
+/// features x 16 rows, turned back as it is stored. A task takes blocks of 16 outputs (a gated
+/// pair's: their gate rows, then their up rows) over every input, its sums staying in the tile
+/// registers. The products and their order are the packed path's, so the results are its
+/// bits.
+#[allow(clippy::too_many_arguments)]
+fn gemm_few_rows(
+    x: &[u16],
+    stored: Stored,
+    m: usize,
+    n: usize,
+    k: usize,
+    parallel: bool,
+    kernel: Kernel,
+    output: Output,
+) -> Product {
+    use rayon::prelude::*;
+
+    let steps = k / KT;
+    let panels = m.div_ceil(NR);
+    let mut packed = Lines::zeroed(panels * steps * 2048);
+    {
+        let packed: &mut [u32] = packed.view_mut();
+        let mut scratch = vec![0u16; 16 * k];
+        let row = |j: usize, out: &mut [u16]| out.copy_from_slice(&x[j * k..(j + 1) * k]);
+        for (p, panel) in packed.chunks_exact_mut(steps * 512).enumerate() {
+            let rows = NR.min(m - p * NR);
+            pack_panel(
+                &row,
+                Stored::One(&x[..m * k]),
+                p * NR,
+                rows,
+                k,
+                panel,
+                &mut scratch,
+            );
+        }
+    }
+    let xt: &[u32] = packed.view();
+    // Row tile j: panel j / 2's tile j % 2, its steps 2 KB apart.
+    let count = m.div_ceil(16);
+    let b = |first: usize| -> [*const u8; 4] {
+        std::array::from_fn(|j| {
+            let j = first + j;
+            xt[(j / 2 * steps * 2 + j % 2) * 256 % xt.len()..]
+                .as_ptr()
+                .cast()
+        })
+    };
+    let mut room = Room::new(output, m, n);
+    let (y_ptr, y16_ptr) = room.pointers();
+    let (y_ptr, y16_ptr) = (&y_ptr, &y16_ptr);
+    let width = room.width;
+    // Blocks of 16 outputs: 16 features, or a gated pair's 16 gate and 16 up features.
+    let (blocks, weights) = match stored {
+        Stored::Pair { n: outputs, .. } => (outputs / 16, 2),
+        _ => (n / 16, 1),
+    };
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let per_task = blocks.div_ceil(4 * threads).max(1);
+    let run = |task: usize| {
+        // SAFETY: the OS granted tile data (`available` or the self-check); the session ends
+        // with the task, on this thread.
+        let _session = kernel.configures.then(|| unsafe { TileSession::begin() });
+        // Each weight's sums: 16 features x 64 rows.
+        let mut sums = Lines::zeroed(2 * 16 * FEW_ROWS * 4);
+        let sums: &mut [f32] = sums.view_mut();
+        let mut by_row = [[0f32; 16 * FEW_ROWS]; 2];
+        for block in task * per_task..((task + 1) * per_task).min(blocks) {
+            for (w, (sums, by_row)) in sums
+                .chunks_exact_mut(16 * FEW_ROWS)
+                .zip(&mut by_row)
+                .enumerate()
+                .take(weights)
+            {
+                let (weight, r0) = match stored {
+                    Stored::One(weight) => (weight, block * 16),
+                    Stored::Pair { gate, up, .. } => ([gate, up][w], block * 16),
+                    Stored::Nowhere => unreachable!("few_rows asks for a stored weight"),
+                };
+                debug_assert!((r0 + 16) * k <= weight.len());
+                for first in (0..count).step_by(4) {
+                    let tiles = Tiles1xN {
+                        a: weight[r0 * k..].as_ptr().cast(),
+                        a_stride: 2 * k,
+                        a_step: 64,
+                        b: b(first),
+                        count: 4.min(count - first),
+                        b_step: 2048,
+                        out: sums[16 * first..].as_mut_ptr(),
+                        out_stride: FEW_ROWS * 4,
+                    };
+                    // SAFETY: the task's tile session is open (or the kernel is the tests'
+                    // emulation); the A tile's 16 rows hold `steps` tiles of 32 inputs within
+                    // the weight (asserted above in debug builds: `few_rows` asks for whole
+                    // tiles and whole steps), the row tiles `steps` tiles 2 KB apart within
+                    // the packed activations, and the sums 16 rows of FEW_ROWS.
+                    unsafe { (kernel.row_tiles)(&tiles, steps) };
+                }
+                transpose_sums(sums, count, by_row);
+            }
+            let j0 = block * 16;
+            for row in 0..m {
+                let sums = &by_row[0][row * 16..(row + 1) * 16];
+                // SAFETY: row < m; this block's outputs are within the row and only this task
+                // writes them.
+                unsafe {
+                    match output {
+                        Output::F32 => std::ptr::copy_nonoverlapping(
+                            sums.as_ptr(),
+                            y_ptr.0.add(row * n + j0),
+                            16,
+                        ),
+                        Output::Bf16 { bias } => {
+                            let out =
+                                std::slice::from_raw_parts_mut(y16_ptr.0.add(row * n + j0), 16);
+                            let bias = bias.map(|bias| &bias[j0..j0 + 16]);
+                            crate::math::round_to_bf16_plus(sums, bias, out);
+                        }
+                        Output::Gated { gate_bias, up_bias } => {
+                            let at = y16_ptr.0.add(row * width + j0);
+                            let out = std::slice::from_raw_parts_mut(at.cast(), 16);
+                            let up = &by_row[1][row * 16..(row + 1) * 16];
+                            let biases = [gate_bias, up_bias]
+                                .map(|bias| bias.map(|bias| &bias[j0..j0 + 16]));
+                            gated_row((sums, up), biases, out);
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let tasks = blocks.div_ceil(per_task);
+    if parallel {
+        (0..tasks).into_par_iter().for_each(run);
+    } else {
+        (0..tasks).for_each(run);
+    }
+    // SAFETY: the blocks cover outputs 0..n (a gated pair's 0..n / 2), each of rows 0..m
+    // stored in the output asked for.
+    unsafe { room.filled() }
+}
+
+/// `count` tiles of sums (16 features x 16 rows each, side by side: 16 rows of [`FEW_ROWS`]
+/// values) turned by row: `by_row[16 r + f] = sums[FEW_ROWS f + r]` for rows `r < 16 count`.
+fn transpose_sums(sums: &[f32], count: usize, by_row: &mut [f32; 16 * FEW_ROWS]) {
+    for j in 0..count {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512 F is present; tile j's 16 rows of 16 values lie within `sums`
+            // (16 rows of FEW_ROWS >= 16 count values), its 256 turned values within
+            // `by_row`.
+            unsafe {
+                transpose_tile_avx512(sums[16 * j..].as_ptr(), by_row[256 * j..].as_mut_ptr())
+            };
+            continue;
+        }
+        for f in 0..16 {
+            for r in 0..16 {
+                by_row[(16 * j + r) * 16 + f] = sums[f * FEW_ROWS + 16 * j + r];
+            }
+        }
+    }
+}
+
+/// One 16 x 16 tile of f32 values, rows [`FEW_ROWS`] apart, turned into 256 consecutive values
+/// ([`transpose_pair_registers`]).
+///
+/// # Safety
+/// The CPU has AVX-512 F; `src` holds 16 rows of 16 values [`FEW_ROWS`] apart, `dst` 256.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_tile_avx512(src: *const f32, dst: *mut f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's bounds.
+    let r: [__m512i; 16] =
+        std::array::from_fn(|i| unsafe { _mm512_loadu_si512(src.add(i * FEW_ROWS).cast()) });
+    for (j, row) in transpose_pair_registers(r).iter().enumerate() {
+        // SAFETY: the caller's bounds.
+        unsafe { _mm512_storeu_si512(dst.add(j * 16).cast(), *row) };
+    }
+}
+
+/// Room for a GEMM's output as [`Output`] asks: `m x n` f32 sums, or BF16 values (`width` a
+/// row: `n`, or a gated product's `n / 2`), not zeroed ([`crate::output::output_room`]).
+struct Room {
+    y: Vec<f32>,
+    y16: Vec<u16>,
+    rounded: bool,
+    width: usize,
+    len: usize,
+}
+
+impl Room {
+    fn new(output: Output, m: usize, n: usize) -> Room {
+        let rounded = !matches!(output, Output::F32);
+        let width = match output {
+            Output::Gated { .. } => n / 2,
+            _ => n,
+        };
+        let len = m * width;
+        let (y, y16) = if rounded {
+            (Vec::new(), crate::output::output_room::<u16>(len))
         } else {
-            Product::F32(crate::output::filled(y, m * n))
+            (crate::output::output_room::<f32>(len), Vec::new())
+        };
+        Room {
+            y,
+            y16,
+            rounded,
+            width,
+            len,
+        }
+    }
+
+    /// The output's pointers (the f32 sums', the BF16 values'), for tasks writing their parts.
+    fn pointers(
+        &mut self,
+    ) -> (
+        crate::output::SharedOutput<f32>,
+        crate::output::SharedOutput<u16>,
+    ) {
+        (
+            crate::output::SharedOutput(self.y.as_mut_ptr()),
+            crate::output::SharedOutput(self.y16.as_mut_ptr()),
+        )
+    }
+
+    /// The output, once written.
+    ///
+    /// # Safety
+    /// Every value of the output asked for has been written.
+    unsafe fn filled(self) -> Product {
+        // SAFETY: the caller's.
+        unsafe {
+            if self.rounded {
+                Product::Bf16(crate::output::filled(self.y16, self.len))
+            } else {
+                Product::F32(crate::output::filled(self.y, self.len))
+            }
         }
     }
 }
@@ -887,9 +1148,12 @@ pub(crate) fn transpose_pair_registers(
 /// new sums are stored (`c` itself, or the output).
 ///
 /// # Safety
-/// A [`TileSession`] is open on this thread; `a` holds `gap + steps` tiles, `b` `steps * 512`
-/// words, `c` 32 rows of 32 sums at stride [`GROUP`], `out` 32 rows of 32 at its stride.
+/// A [`TileSession`] is open on this thread (or the kernel is the tests' emulation); `a` holds
+/// `gap + steps` tiles, `b` `steps * 512` words, `c` 32 rows of 32 sums at stride [`GROUP`],
+/// `out` 32 rows of 32 at its stride.
+#[allow(clippy::too_many_arguments)]
 unsafe fn block(
+    kernel: Kernel,
     a: *const u16,
     b: *const u32,
     steps: usize,
@@ -913,7 +1177,7 @@ unsafe fn block(
         out,
     };
     // SAFETY: the caller's ranges are the ones `tiles_2x2` needs.
-    unsafe { tiles_2x2(&tiles, steps) };
+    unsafe { (kernel.tiles)(&tiles, steps) };
 }
 
 /// The operands of [`tiles_2x2`]: two rows of A tiles and two columns of B tiles, each
@@ -1051,6 +1315,110 @@ pub(crate) unsafe fn tiles_2x2(t: &Tiles2x2, steps: usize) {
     }
 }
 
+/// The operands of [`tiles_1xn`]: one A tile and `count` B tiles per step, and a row of
+/// `count` 16 x 16 tiles of f32 sums.
+pub(crate) struct Tiles1xN {
+    /// The A tile of the first step: 16 rows of 64 bytes, `a_stride` bytes apart.
+    pub a: *const u8,
+    pub a_stride: usize,
+    /// Bytes from one step's A tile to the next one's.
+    pub a_step: usize,
+    /// The first step's B tiles (16 rows of 64 bytes, consecutive), the first `count` used.
+    pub b: [*const u8; 4],
+    /// How many B tiles (1 to 4).
+    pub count: usize,
+    /// Bytes from one step's B tile to the next one's.
+    pub b_step: usize,
+    /// Where the sums are stored: tile j at `16 j` values from here, rows `out_stride` bytes
+    /// apart.
+    pub out: *mut f32,
+    pub out_stride: usize,
+}
+
+/// `out[j] = sum over steps of A(step) B[j](step)` for `count` (1 to 4) 16 x 16 f32 tiles:
+/// each A tile is loaded once for all of them (four tiles of sums, one of A, and the B tiles
+/// in the remaining three registers, the first reused for the fourth).
+///
+/// # Safety
+/// A [`TileSession`] is open on this thread; every tile the steps read and the sums lie in
+/// memory the caller owns (readable, and writable for `out`); `count` is 1 to 4.
+pub(crate) unsafe fn tiles_1xn(t: &Tiles1xN, steps: usize) {
+    // SAFETY: the tiles are configured (the caller's session) and this thread's; every
+    // address is within the caller's ranges.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem, preserves_flags)
+        );
+        for s in 0..steps {
+            let a = t.a.add(s * t.a_step);
+            let b = t.b.map(|b| b.wrapping_add(s * t.b_step));
+            match t.count {
+                1 => asm!(
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm5, [{b0} + {s64}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm5",
+                    a = in(reg) a, sa = in(reg) t.a_stride,
+                    b0 = in(reg) b[0], s64 = in(reg) 64usize,
+                    options(nostack, readonly, preserves_flags)
+                ),
+                2 => asm!(
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm5, [{b0} + {s64}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm5",
+                    "tileloadd tmm6, [{b1} + {s64}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm6",
+                    a = in(reg) a, sa = in(reg) t.a_stride,
+                    b0 = in(reg) b[0], b1 = in(reg) b[1], s64 = in(reg) 64usize,
+                    options(nostack, readonly, preserves_flags)
+                ),
+                3 => asm!(
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm5, [{b0} + {s64}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm5",
+                    "tileloadd tmm6, [{b1} + {s64}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm6",
+                    "tileloadd tmm7, [{b2} + {s64}*1]",
+                    "tdpbf16ps tmm2, tmm4, tmm7",
+                    a = in(reg) a, sa = in(reg) t.a_stride,
+                    b0 = in(reg) b[0], b1 = in(reg) b[1], b2 = in(reg) b[2],
+                    s64 = in(reg) 64usize,
+                    options(nostack, readonly, preserves_flags)
+                ),
+                _ => asm!(
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm5, [{b0} + {s64}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm5",
+                    "tileloadd tmm6, [{b1} + {s64}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm6",
+                    "tileloadd tmm7, [{b2} + {s64}*1]",
+                    "tdpbf16ps tmm2, tmm4, tmm7",
+                    "tileloadd tmm5, [{b3} + {s64}*1]",
+                    "tdpbf16ps tmm3, tmm4, tmm5",
+                    a = in(reg) a, sa = in(reg) t.a_stride,
+                    b0 = in(reg) b[0], b1 = in(reg) b[1], b2 = in(reg) b[2],
+                    b3 = in(reg) b[3], s64 = in(reg) 64usize,
+                    options(nostack, readonly, preserves_flags)
+                ),
+            }
+        }
+        let (o, cs) = (t.out as *mut u8, t.out_stride);
+        asm!("tilestored [{c} + {cs}*1], tmm0", c = in(reg) o, cs = in(reg) cs, options(nostack, preserves_flags));
+        if t.count > 1 {
+            asm!("tilestored [{c} + {cs}*1], tmm1", c = in(reg) o.add(64), cs = in(reg) cs, options(nostack, preserves_flags));
+        }
+        if t.count > 2 {
+            asm!("tilestored [{c} + {cs}*1], tmm2", c = in(reg) o.add(128), cs = in(reg) cs, options(nostack, preserves_flags));
+        }
+        if t.count > 3 {
+            asm!("tilestored [{c} + {cs}*1], tmm3", c = in(reg) o.add(192), cs = in(reg) cs, options(nostack, preserves_flags));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1096,26 +1464,42 @@ mod tests {
 
     /// The emulated kernel: nothing to configure.
     const EMULATED: Kernel = Kernel {
-        block: emulated,
+        tiles: emulated,
+        row_tiles: emulated_row,
         configures: false,
     };
 
-    unsafe fn emulated(
-        a: *const u16,
-        b: *const u32,
-        steps: usize,
-        c: *mut f32,
-        gap: usize,
-        accumulate: bool,
-        out: Sums,
-    ) {
-        let (a, b, c) = (a as *const u8, b as *const u8, c as *mut u8);
-        let tiles = [(0, 0), (0, 64), (16 * GROUP * 4, 0), (16 * GROUP * 4, 64)];
+    /// [`tiles_1xn`] with its loads and `tdpbf16ps` emulated at the same addresses.
+    unsafe fn emulated_row(t: &Tiles1xN, steps: usize) {
+        let mut sums = vec![[[0f32; 16]; 16]; t.count];
+        for s in 0..steps {
+            let a = unsafe { load(t.a.add(s * t.a_step), t.a_stride) };
+            for (j, sum) in sums.iter_mut().enumerate() {
+                dp(sum, &a, &unsafe { load(t.b[j].add(s * t.b_step), 64) });
+            }
+        }
+        for (j, sum) in sums.iter().enumerate() {
+            for (r, line) in sum.iter().enumerate() {
+                for (c, v) in line.iter().enumerate() {
+                    let at = (t.out as *mut u8).wrapping_add(r * t.out_stride + 64 * j + 4 * c);
+                    unsafe { *(at as *mut [u8; 4]) = v.to_le_bytes() };
+                }
+            }
+        }
+    }
+
+    /// [`tiles_2x2`] with its loads and `tdpbf16ps` emulated at the same addresses.
+    unsafe fn emulated(t: &Tiles2x2, steps: usize) {
+        let corners = |s: Sums| {
+            let c = s.at as *mut u8;
+            let cs = s.stride;
+            [0, 64, 16 * cs, 16 * cs + 64].map(|at| unsafe { c.add(at) })
+        };
         let mut sums = [[[0f32; 16]; 16]; 4];
-        if accumulate {
-            for (sum, &(row, col)) in sums.iter_mut().zip(&tiles) {
-                let t = unsafe { load(c.add(row + col), GROUP * 4) };
-                for (r, line) in t.iter().enumerate() {
+        if let Some(from) = t.from {
+            for (sum, at) in sums.iter_mut().zip(corners(from)) {
+                let tile = unsafe { load(at, from.stride) };
+                for (r, line) in tile.iter().enumerate() {
                     for (j, v) in line.chunks(4).enumerate() {
                         sum[r][j] = f32::from_le_bytes([v[0], v[1], v[2], v[3]]);
                     }
@@ -1125,10 +1509,10 @@ mod tests {
         for s in 0..steps {
             let (a0, a1, b0, b1) = unsafe {
                 (
-                    load(a.add(1024 * s), 64),
-                    load(a.add(1024 * (gap + s)), 64),
-                    load(b.add(2048 * s), 64),
-                    load(b.add(2048 * s + 1024), 64),
+                    load(t.a[0].add(s * t.a_step), t.a_stride),
+                    load(t.a[1].add(s * t.a_step), t.a_stride),
+                    load(t.b[0].add(s * t.b_step), 64),
+                    load(t.b[1].add(s * t.b_step), 64),
                 )
             };
             dp(&mut sums[0], &a0, &b0);
@@ -1136,13 +1520,11 @@ mod tests {
             dp(&mut sums[2], &a1, &b0);
             dp(&mut sums[3], &a1, &b1);
         }
-        let (o, os) = (out.at as *mut u8, out.stride);
-        let places = [(0, 0), (0, 64), (16 * os, 0), (16 * os, 64)];
-        for (sum, &(row, col)) in sums.iter().zip(&places) {
+        for (sum, at) in sums.iter().zip(corners(t.out)) {
             for (r, line) in sum.iter().enumerate() {
                 for (j, v) in line.iter().enumerate() {
-                    let at = row + col + r * os + j * 4;
-                    unsafe { *(o.add(at) as *mut [u8; 4]) = v.to_le_bytes() };
+                    let place = unsafe { at.add(r * t.out.stride + j * 4) };
+                    unsafe { *(place as *mut [u8; 4]) = v.to_le_bytes() };
                 }
             }
         }
@@ -1279,6 +1661,81 @@ mod tests {
                         let got = gemm_gated_on(&x, &gw, &uw, (m, n, k), false, kernel);
                         assert_eq!(got, want, "n {n}, bias {biased}, in place {in_place}");
                     }
+                }
+            }
+        }
+    }
+
+    /// A product of few rows against a stored weight (the weight's rows as A tiles read where
+    /// they lie, [`gemm_few_rows`]) is bit for bit the packed path's (the weight's rows asked
+    /// for and packed): f32 sums, rounded sums with and without a bias, a gated pair's
+    /// activations with and without biases; row counts that fill one to eight row tiles, whole
+    /// or not; through the emulated tiles on every CPU, on AMX where the CPU has it.
+    #[test]
+    fn few_rows_read_in_place_equal_the_packed_path() {
+        let k = 3 * KT;
+        let mut values = crate::testing::Values(31);
+        let bf = |v: &f32| half::bf16::from_f32(*v).to_bits();
+        let kernels = kernels();
+        for (m, n) in [
+            (1, 16),
+            (17, 48),
+            (44, 80),
+            (64, 32),
+            (65, 16),
+            (FEW_ROWS, 48),
+        ] {
+            assert!(few_rows(Stored::One(&[]), m, n, k));
+            let x: Vec<u16> = values.take(m * k).iter().map(bf).collect();
+            let gate: Vec<u16> = values.take(n * k).iter().map(bf).collect();
+            let up: Vec<u16> = values.take(n * k).iter().map(bf).collect();
+            let (gate_bias, up_bias) = (values.take(n), values.take(n));
+            let rows = |w: &[u16]| {
+                let w = w.to_vec();
+                move |j: usize, out: &mut [u16]| out.copy_from_slice(&w[j * k..(j + 1) * k])
+            };
+            for &kernel in &kernels {
+                for output in [
+                    Output::F32,
+                    Output::Bf16 { bias: None },
+                    Output::Bf16 {
+                        bias: Some(&gate_bias),
+                    },
+                ] {
+                    let product = |stored| match gemm_on(
+                        &x,
+                        &rows(&gate),
+                        stored,
+                        m,
+                        n,
+                        k,
+                        false,
+                        kernel,
+                        output,
+                    ) {
+                        Product::F32(y) => y.iter().map(|v| v.to_bits()).collect(),
+                        Product::Bf16(y) => y.iter().map(|&v| u32::from(v)).collect(),
+                    };
+                    let want: Vec<u32> = product(Stored::Nowhere);
+                    assert_eq!(product(Stored::One(&gate)), want, "m {m}, n {n}");
+                }
+                for biased in [false, true] {
+                    let bias = |b: &[f32]| biased.then(|| b.to_vec());
+                    let (gb, ub) = (bias(&gate_bias), bias(&up_bias));
+                    let gated = |in_place: bool| {
+                        let g = GatedWeight {
+                            row: rows(&gate),
+                            stored: in_place.then_some(&gate[..]),
+                            bias: gb.as_deref(),
+                        };
+                        let u = GatedWeight {
+                            row: rows(&up),
+                            stored: in_place.then_some(&up[..]),
+                            bias: ub.as_deref(),
+                        };
+                        gemm_gated_on(&x, &g, &u, (m, n, k), false, kernel)
+                    };
+                    assert_eq!(gated(true), gated(false), "m {m}, n {n}, bias {biased}");
                 }
             }
         }
