@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::dot::{dot_bf16, dot_bf16_rows, dot_f16, dot_f32};
+use crate::dot::{dot_bf16, dot_bf16_rows, dot_bf16_rows_of, dot_f16, dot_f32};
 
 /// Weight rows multiplied side by side by the BF16 row kernel.
 const GROUP: usize = 8;
@@ -67,18 +67,31 @@ pub fn matmul(
                     .with_min_len(16)
                     .for_each(|(out, w_rows)| {
                         let group: Vec<&[half::bf16]> = w_rows.chunks(in_dim).collect();
-                        for r in 0..rows {
-                            let x_row = &xs[r * in_dim..(r + 1) * in_dim];
-                            if let Ok(rows_of_group) =
-                                <[&[half::bf16]; GROUP]>::try_from(&group[..])
-                            {
-                                let together = dot_bf16_rows(x_row, rows_of_group);
-                                for (k, v) in together.into_iter().enumerate() {
-                                    out[k * rows + r] = v;
-                                }
-                            } else {
+                        let x_row = |r: usize| &xs[r * in_dim..(r + 1) * in_dim];
+                        let Ok(g) = <[&[half::bf16]; GROUP]>::try_from(&group[..]) else {
+                            // The weight's last, partial group.
+                            for r in 0..rows {
                                 for (k, w_row) in group.iter().enumerate() {
-                                    out[k * rows + r] = dot_bf16(x_row, w_row);
+                                    out[k * rows + r] = dot_bf16(x_row(r), w_row);
+                                }
+                            }
+                            return;
+                        };
+                        let mut store = |r: usize, sums: &[[f32; GROUP]]| {
+                            for (s, together) in sums.iter().enumerate() {
+                                for (k, v) in together.iter().enumerate() {
+                                    out[k * rows + r + s] = *v;
+                                }
+                            }
+                        };
+                        // Rows in threes: each weight value widened once for three.
+                        for r in (0..rows).step_by(3) {
+                            match rows - r {
+                                1 => store(r, &[dot_bf16_rows(x_row(r), g)]),
+                                2 => store(r, &dot_bf16_rows_of([x_row(r), x_row(r + 1)], g)),
+                                _ => {
+                                    let three = [x_row(r), x_row(r + 1), x_row(r + 2)];
+                                    store(r, &dot_bf16_rows_of(three, g))
                                 }
                             }
                         }
