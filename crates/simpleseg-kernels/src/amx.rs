@@ -17,7 +17,10 @@
 //! at 1.5-2.1 TFLOP/s, 0.78-1.07x torch's oneDNN matmul (0.89-1.07x on one core). Where the
 //! output is BF16, the sums (plus a bias) are rounded as they are stored (`gemm_rounded`); a
 //! gated MLP's two products run as one over both weights' rows, each task storing
-//! `silu(gate) * up` for its outputs (`gemm_gated`: neither product is written out).
+//! `silu(gate) * up` for its outputs (`gemm_gated`: neither product is written out). A product
+//! of at most 128 rows against a weight stored as BF16 (a mixture's expert in a prompt) swaps
+//! the operands instead: the weight's rows are loaded as tiles where they lie, unpacked, and
+//! only the few rows of activations are packed (`gemm_few_rows`).
 //!
 //! Stable Rust has no AMX intrinsics: the tile instructions are inline assembly. Linux lends
 //! tile registers to a process only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM,

@@ -7,7 +7,7 @@
 use candle_core::{DType, Result, Tensor};
 use simpleseg_kernels::math;
 
-use crate::layers::linear::{forward_batch, Linear};
+use crate::layers::linear::{each, forward_batch, Linear};
 
 /// Values per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -130,12 +130,13 @@ fn silu_mul_bf16(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
 /// place or quantized runs as one product of both weights whose tasks store the activation
 /// ([`simpleseg_kernels::bf16_gemm::gemm_gated`]), bit for bit the composed ops without
 /// their two outputs; the others go through [`forward_batch`] (decoding's few rows in one
-/// parallel pass) and [`silu_mul`].
+/// parallel pass) and [`silu_mul`]. On the CPU the triples run in parallel (a mixture's
+/// experts), each result as it would be alone.
 pub fn gated_batch(triples: &[(&Linear, &Linear, &Tensor)]) -> Result<Vec<Tensor>> {
-    let fused = triples
-        .iter()
-        .map(|&(gate, up, x)| gated_on_tiles(gate, up, x))
-        .collect::<Result<Vec<_>>>()?;
+    let on_cpu = triples.iter().all(|(_, _, x)| x.device().is_cpu());
+    let fused = each(triples, on_cpu, |&(gate, up, x)| {
+        gated_on_tiles(gate, up, x)
+    })?;
     let rest: Vec<(&Linear, &Tensor)> = triples
         .iter()
         .zip(&fused)

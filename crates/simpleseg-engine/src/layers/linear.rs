@@ -195,7 +195,8 @@ pub fn forward_batch(pairs: &[(&Linear, &Tensor)]) -> Result<Vec<Tensor>> {
         batched.push((q, values_f32(x)?, rows));
     }
     if batched.len() < pairs.len() {
-        return pairs.iter().map(|(layer, x)| layer.forward(x)).collect();
+        let on_cpu = pairs.iter().all(|(_, x)| x.device().is_cpu());
+        return each(pairs, on_cpu, |(layer, x)| layer.forward(x));
     }
     let products: Vec<RowsProduct> = batched
         .iter()
@@ -219,6 +220,23 @@ pub fn forward_batch(pairs: &[(&Linear, &Tensor)]) -> Result<Vec<Tensor>> {
             y.reshape(dims)
         })
         .collect()
+}
+
+/// `f` of each item, in order, or (`in_parallel`: tensors on the CPU) in parallel: a
+/// mixture's experts in a prompt, each product parallel inside, left the threads idle between
+/// products, about a sixth of a 467-token Kimi-VL mixture layer on 2 Xeon cores. Each result
+/// is the same either way.
+pub(crate) fn each<T: Sync, R: Send>(
+    items: &[T],
+    in_parallel: bool,
+    f: impl Fn(&T) -> Result<R> + Sync + Send,
+) -> Result<Vec<R>> {
+    use rayon::prelude::*;
+    if in_parallel {
+        items.par_iter().map(f).collect()
+    } else {
+        items.iter().map(f).collect()
+    }
 }
 
 /// Each of `layers` applied to `x`, as one [`forward_batch`].
