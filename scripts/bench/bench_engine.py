@@ -20,11 +20,12 @@ deletes everything.
 --kimi16b writes the 16B Kimi-VL size (MoonViT + DeepSeek-V3 MoE, ~32 GB of random BF16),
 quantizes it to q4k and times simpleseg on the full quantized model; the BF16 rows (which do not
 fit in this machine's memory) are measured per layer: both engines run the full vision tower
-with 2 and with 3 language-model layers, and the 27-layer figures are extrapolated linearly
-(first + 25 x the difference), as stated in the table. It also times the vision tower and
+with 2 and with 6 language-model layers, and the 27-layer figures are extrapolated linearly
+(the 2-layer run + 25 x a quarter of the difference: one mixture layer is ~0.2 s, within one
+run's noise), as stated in the table. It also times the vision tower and
 projector alone (`examples/bench_vision`) against transformers' tower on the same image size;
 --kimi-vision does only that (a ~3.4 GB folder: the tower and 2 language-model layers);
---kimi16b-bf16 only the BF16 rows and the tower (the 2- and 3-layer folders, ~9 GB).
+--kimi16b-bf16 only the BF16 rows and the tower (the 2- and 6-layer folders, ~12 GB).
 
 Each engine's folder is read into the page cache just before it runs (the BF16 folder and a
 quantized one may not both fit in memory: a cold start would time the disk, and the two
@@ -506,13 +507,21 @@ def bench_gemm():
             print(f"| {m} x {k} x {n} | {threads} | {' | '.join(cells)} | {theirs:.0f} | {' | '.join(ratios)} |")
 
 
-def extrapolate(ra, rb, layers, na=2, nb=3):
+# The language-model layer counts of the Kimi-VL size's per-layer runs (the first layer dense,
+# the others mixtures of experts): 4 layers apart, so that the per-layer difference stands above
+# one run's noise.
+KIMI_PARTS = (2, 6)
+
+
+def extrapolate(ra, rb, layers, na, nb):
     """Figures of a `layers`-layer model from runs with `na` and `nb` layers (the first dense,
-    the rest mixtures of experts): the `na`-layer run plus the per-layer difference."""
+    the rest mixtures of experts): the `na`-layer run plus the per-layer difference, and never
+    less than the `nb`-layer run's own figure (a load of a few hundredths of a second can
+    measure shorter with more layers)."""
     out = dict(rb)
     k = (layers - na) / (nb - na)
     for key in ("load_ms", "time_to_first_token_ms", "peak_rss_mib"):
-        out[key] = ra[key] + k * (rb[key] - ra[key])
+        out[key] = max(ra[key] + k * (rb[key] - ra[key]), rb[key])
     per_token = lambda r: 1e3 / r["decode_tokens_per_s"]
     out["decode_tokens_per_s"] = 1e3 / (per_token(ra) + k * (per_token(rb) - per_token(ra)))
     out["extrapolated_from"] = {f"{na} layers": ra, f"{nb} layers": rb}
@@ -520,7 +529,7 @@ def extrapolate(ra, rb, layers, na=2, nb=3):
 
 
 def kimi_bf16_rows(args, parts, image):
-    """The BF16 rows of the Kimi-VL size, per layer: simpleseg on the 2- and 3-layer folders,
+    """The BF16 rows of the Kimi-VL size, per layer: simpleseg on the 2- and 6-layer folders,
     transformers with 2 and 6 layers, each extrapolated to the real layer count; prints the
     vision tower's table on the way. Returns the rows and the layer count."""
     layers = json.loads((ROOT / "fixtures/kimi/real-tensors.json").read_text())["config"]["text_config"][
@@ -533,18 +542,18 @@ def kimi_bf16_rows(args, parts, image):
         measured[n] = child("simpleseg", folder, image, args.tokens, 2, None, "bf16")
     # transformers' models are built in memory (random weights): 2 and 6 layers, for a
     # per-layer difference well above its run-to-run noise.
-    reference = {n: child("transformers-kimi", parts[2], args.tokens, 2, n) for n in (2, 6)}
+    reference = {n: child("transformers-kimi", parts[2], args.tokens, 2, n) for n in KIMI_PARTS}
     vision_table(parts[2], image, list(reference.values()))
     rows = [
         ("transformers BF16 (per layer, extrapolated)", extrapolate(reference[2], reference[6], layers, 2, 6)),
-        ("simpleseg BF16 weights (per layer, extrapolated)", extrapolate(measured[2], measured[3], layers)),
+        ("simpleseg BF16 weights (per layer, extrapolated)", extrapolate(measured[2], measured[6], layers, 2, 6)),
     ]
     return rows, layers
 
 
 def kimi_bf16_note(layers):
-    return ("BF16 rows: the full vision tower with a few language-model layers, measured (simpleseg: 2 and 3 "
-            f"layers from files; transformers: 2 and 6 layers), {layers} layers extrapolated linearly from the "
+    return ("BF16 rows: the full vision tower with a few language-model layers, measured (simpleseg from files, "
+            f"transformers in memory: 2 and 6 layers each), {layers} layers extrapolated linearly from the "
             "per-layer difference (load, first token, per-token time, RSS). transformers' models are built "
             "randomly initialized in memory, so its load is not a file load.")
 
@@ -559,8 +568,8 @@ def kimi_image(args):
 
 def bench_kimi(args):
     full, q4k = args.work / "bench-kimi", args.work / "bench-kimi-q4k"
-    parts = {n: args.work / f"bench-kimi-{n}l" for n in (2, 3)}
-    check_disk(args.work, 45)
+    parts = {n: args.work / f"bench-kimi-{n}l" for n in KIMI_PARTS}
+    check_disk(args.work, 49)
     try:
         image = kimi_image(args)
         rows, layers = kimi_bf16_rows(args, parts, image)
@@ -582,9 +591,9 @@ def bench_kimi(args):
 
 
 def bench_kimi_layers(args):
-    """--kimi16b's BF16 rows alone (no full-size folder: ~9 GB of disk instead of ~45)."""
-    parts = {n: args.work / f"bench-kimi-{n}l" for n in (2, 3)}
-    check_disk(args.work, 10)
+    """--kimi16b's BF16 rows alone (no full-size folder: ~12 GB of disk instead of ~49)."""
+    parts = {n: args.work / f"bench-kimi-{n}l" for n in KIMI_PARTS}
+    check_disk(args.work, 13)
     try:
         rows, layers = kimi_bf16_rows(args, parts, kimi_image(args))
         table(f"SimpleSeg-Kimi-VL size (16B MoE) in BF16, per layer, random weights, 640x480 image, "
@@ -623,7 +632,7 @@ def main():
     ap.add_argument("--big7b", action="store_true", help="the 7B size (random weights, written and deleted)")
     ap.add_argument("--kimi16b", action="store_true", help="the 16B Kimi-VL size (random weights, written and deleted)")
     ap.add_argument("--kimi16b-bf16", action="store_true",
-                    help="only --kimi16b's BF16 rows, per layer (2- and 3-layer folders, written and deleted; "
+                    help="only --kimi16b's BF16 rows, per layer (2- and 6-layer folders, written and deleted; "
                          "no full-size folder)")
     ap.add_argument("--kimi-vision", action="store_true",
                     help="only the Kimi-VL vision tower and projector against transformers' (a folder of the "
