@@ -569,10 +569,14 @@ def kimi_image(args):
 def bench_kimi(args):
     full, q4k = args.work / "bench-kimi", args.work / "bench-kimi-q4k"
     parts = {n: args.work / f"bench-kimi-{n}l" for n in KIMI_PARTS}
-    check_disk(args.work, 49)
+    # The per-layer folders (~12 GB) go before the full one is written, unless kept.
+    check_disk(args.work, 55 if args.keep else 43)
     try:
         image = kimi_image(args)
         rows, layers = kimi_bf16_rows(args, parts, image)
+        if not args.keep:
+            for d in parts.values():
+                shutil.rmtree(d, ignore_errors=True)
         if not full.exists():
             write_random_kimi(full)
         seconds = quantize(full, "q4k", q4k)
@@ -591,7 +595,7 @@ def bench_kimi(args):
 
 
 def bench_kimi_layers(args):
-    """--kimi16b's BF16 rows alone (no full-size folder: ~12 GB of disk instead of ~49)."""
+    """--kimi16b's BF16 rows alone (no full-size folder: ~12 GB of disk instead of ~43)."""
     parts = {n: args.work / f"bench-kimi-{n}l" for n in KIMI_PARTS}
     check_disk(args.work, 13)
     try:
