@@ -612,14 +612,18 @@ fn gemm_few_rows(
         }
     }
     let xt: &[u32] = packed.view();
-    // Row tile j: panel j / 2's tile j % 2, its steps 2 KB apart.
+    // Row tile j: panel j / 2's tile j % 2, its steps 2 KB apart. Four from `first` (those
+    // past the last, unused, point at the first).
     let count = m.div_ceil(16);
     let b = |first: usize| -> [*const u8; 4] {
         std::array::from_fn(|j| {
             let j = first + j;
-            xt[(j / 2 * steps * 2 + j % 2) * 256 % xt.len()..]
-                .as_ptr()
-                .cast()
+            let at = if j < count {
+                (j / 2 * steps * 2 + j % 2) * 256
+            } else {
+                0
+            };
+            xt[at..].as_ptr().cast()
         })
     };
     let mut room = Room::new(output, m, n);
@@ -641,7 +645,7 @@ fn gemm_few_rows(
         // SAFETY: the OS granted tile data (`available` or the self-check); the session ends
         // with the task, on this thread.
         let _session = kernel.configures.then(|| unsafe { TileSession::begin() });
-        // Each weight's sums: 16 features x 64 rows.
+        // Each weight's sums: 16 features x FEW_ROWS rows, and the same turned by row.
         let mut sums = Lines::zeroed(2 * 16 * FEW_ROWS * 4);
         let sums: &mut [f32] = sums.view_mut();
         let mut by_row = [[0f32; 16 * FEW_ROWS]; 2];
