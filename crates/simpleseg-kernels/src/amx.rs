@@ -127,9 +127,12 @@ fn request_tile_data() -> bool {
     false
 }
 
-/// The product of the self-check: sizes that leave partial tiles on every side.
+/// The products of the self-check: sizes that leave partial tiles on every side (the packed
+/// path), and few rows against whole tiles (the weight read as tiles where it lies,
+/// [`gemm_few_rows`]).
 fn self_check() -> Result<(), String> {
-    check_kernel(TILES, 37, 45, (KC_STEPS + 3) * KT - 9)
+    check_kernel(TILES, 37, 45, (KC_STEPS + 3) * KT - 9)?;
+    check_kernel(TILES, 44, 48, 2 * KT)
 }
 
 /// [`self_check`] with a given block kernel and sizes.

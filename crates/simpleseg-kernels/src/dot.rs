@@ -309,9 +309,9 @@ unsafe fn dot_rows_bf16_avx512vl<const G: usize, const R: usize>(
     out
 }
 
-/// [`dot_bf16_rows`] for `R` rows of `x`: `out[r]` is bit for bit `dot_bf16_rows(x[r], w)`,
-/// each weight value widened once for all rows where the CPU has AVX-512 VL (else one call
-/// per row).
+/// [`dot_bf16_rows`] for `R` rows of `x` of one length: `out[r]` is bit for bit
+/// `dot_bf16_rows(x[r], w)`, each weight value widened once for all rows where the CPU has
+/// AVX-512 VL (else one call per row). Rows of different lengths are all cut to the shortest.
 pub fn dot_bf16_rows_of<const G: usize, const R: usize>(
     x: [&[f32]; R],
     w: [&[half::bf16]; G],
