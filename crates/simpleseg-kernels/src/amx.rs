@@ -1364,67 +1364,61 @@ pub(crate) unsafe fn tiles_1xn(t: &Tiles1xN, steps: usize) {
             options(nostack, nomem, preserves_flags)
         );
         for s in 0..steps {
-            let a = t.a.add(s * t.a_step);
-            let b = t.b.map(|b| b.wrapping_add(s * t.b_step));
-            match t.count {
-                1 => asm!(
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm5, [{b0} + {s64}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm5",
-                    a = in(reg) a, sa = in(reg) t.a_stride,
-                    b0 = in(reg) b[0], s64 = in(reg) 64usize,
-                    options(nostack, readonly, preserves_flags)
-                ),
-                2 => asm!(
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm5, [{b0} + {s64}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm5",
-                    "tileloadd tmm6, [{b1} + {s64}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm6",
-                    a = in(reg) a, sa = in(reg) t.a_stride,
-                    b0 = in(reg) b[0], b1 = in(reg) b[1], s64 = in(reg) 64usize,
-                    options(nostack, readonly, preserves_flags)
-                ),
-                3 => asm!(
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm5, [{b0} + {s64}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm5",
-                    "tileloadd tmm6, [{b1} + {s64}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm6",
-                    "tileloadd tmm7, [{b2} + {s64}*1]",
-                    "tdpbf16ps tmm2, tmm4, tmm7",
-                    a = in(reg) a, sa = in(reg) t.a_stride,
-                    b0 = in(reg) b[0], b1 = in(reg) b[1], b2 = in(reg) b[2],
-                    s64 = in(reg) 64usize,
-                    options(nostack, readonly, preserves_flags)
-                ),
-                _ => asm!(
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm5, [{b0} + {s64}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm5",
-                    "tileloadd tmm6, [{b1} + {s64}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm6",
-                    "tileloadd tmm7, [{b2} + {s64}*1]",
-                    "tdpbf16ps tmm2, tmm4, tmm7",
-                    "tileloadd tmm5, [{b3} + {s64}*1]",
-                    "tdpbf16ps tmm3, tmm4, tmm5",
-                    a = in(reg) a, sa = in(reg) t.a_stride,
-                    b0 = in(reg) b[0], b1 = in(reg) b[1], b2 = in(reg) b[2],
-                    b3 = in(reg) b[3], s64 = in(reg) 64usize,
-                    options(nostack, readonly, preserves_flags)
-                ),
+            asm!(
+                "tileloadd tmm4, [{a} + {sa}*1]",
+                a = in(reg) t.a.add(s * t.a_step),
+                sa = in(reg) t.a_stride,
+                options(nostack, readonly, preserves_flags)
+            );
+            for (j, b) in t.b.iter().enumerate().take(t.count) {
+                row_tile_step(j, b.add(s * t.b_step));
             }
         }
-        let (o, cs) = (t.out as *mut u8, t.out_stride);
-        asm!("tilestored [{c} + {cs}*1], tmm0", c = in(reg) o, cs = in(reg) cs, options(nostack, preserves_flags));
-        if t.count > 1 {
-            asm!("tilestored [{c} + {cs}*1], tmm1", c = in(reg) o.add(64), cs = in(reg) cs, options(nostack, preserves_flags));
+        for j in 0..t.count {
+            store_row_tile(j, (t.out as *mut u8).add(64 * j), t.out_stride);
         }
-        if t.count > 2 {
-            asm!("tilestored [{c} + {cs}*1], tmm2", c = in(reg) o.add(128), cs = in(reg) cs, options(nostack, preserves_flags));
+    }
+}
+
+/// One step of row tile `j` (0 to 3) of [`tiles_1xn`]: its B tile loaded (into tmm5, tmm6,
+/// tmm7, then tmm5 again) and multiplied by the A tile in tmm4 into sums tile `j`.
+///
+/// # Safety
+/// As [`tiles_1xn`]'s, with the step's A tile in tmm4; `b` starts 16 readable rows of 64 bytes.
+#[inline(always)]
+unsafe fn row_tile_step(j: usize, b: *const u8) {
+    // SAFETY: the caller's.
+    unsafe {
+        match j {
+            0 => asm!("tileloadd tmm5, [{b} + {s}*1]", "tdpbf16ps tmm0, tmm4, tmm5",
+                b = in(reg) b, s = in(reg) 64usize, options(nostack, readonly, preserves_flags)),
+            1 => asm!("tileloadd tmm6, [{b} + {s}*1]", "tdpbf16ps tmm1, tmm4, tmm6",
+                b = in(reg) b, s = in(reg) 64usize, options(nostack, readonly, preserves_flags)),
+            2 => asm!("tileloadd tmm7, [{b} + {s}*1]", "tdpbf16ps tmm2, tmm4, tmm7",
+                b = in(reg) b, s = in(reg) 64usize, options(nostack, readonly, preserves_flags)),
+            _ => asm!("tileloadd tmm5, [{b} + {s}*1]", "tdpbf16ps tmm3, tmm4, tmm5",
+                b = in(reg) b, s = in(reg) 64usize, options(nostack, readonly, preserves_flags)),
         }
-        if t.count > 3 {
-            asm!("tilestored [{c} + {cs}*1], tmm3", c = in(reg) o.add(192), cs = in(reg) cs, options(nostack, preserves_flags));
+    }
+}
+
+/// Stores sums tile `j` (0 to 3) of [`tiles_1xn`] at `at`, rows `stride` bytes apart.
+///
+/// # Safety
+/// As [`tiles_1xn`]'s; `at` starts 16 writable rows of 64 bytes, `stride` apart.
+#[inline(always)]
+unsafe fn store_row_tile(j: usize, at: *mut u8, stride: usize) {
+    // SAFETY: the caller's.
+    unsafe {
+        match j {
+            0 => asm!("tilestored [{c} + {s}*1], tmm0", c = in(reg) at, s = in(reg) stride,
+                options(nostack, preserves_flags)),
+            1 => asm!("tilestored [{c} + {s}*1], tmm1", c = in(reg) at, s = in(reg) stride,
+                options(nostack, preserves_flags)),
+            2 => asm!("tilestored [{c} + {s}*1], tmm2", c = in(reg) at, s = in(reg) stride,
+                options(nostack, preserves_flags)),
+            _ => asm!("tilestored [{c} + {s}*1], tmm3", c = in(reg) at, s = in(reg) stride,
+                options(nostack, preserves_flags)),
         }
     }
 }

@@ -55,19 +55,6 @@ pub fn avx512_vnni() -> bool {
     }
 }
 
-/// AVX-512 F and VL (256-bit operations in 32 registers).
-pub fn avx512_vl() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// AVX-512 F, BW and VL (masked 16-bit loads and stores: Intel Skylake-SP, AMD Zen 4 on).
 pub fn avx512_bw_vl() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -318,8 +318,8 @@ pub fn dot_bf16_rows_of<const G: usize, const R: usize>(
 ) -> [[f32; G]; R] {
     #[cfg(target_arch = "x86_64")]
     {
-        if crate::cpu::avx2_fma() && crate::cpu::avx512_vl() {
-            // SAFETY: the CPU supports AVX2, FMA, AVX-512 F and VL, checked just above.
+        if crate::cpu::avx2_fma() && crate::cpu::avx512_bw_vl() {
+            // SAFETY: the CPU supports AVX2, FMA, AVX-512 F, BW and VL, checked just above.
             return unsafe { dot_rows_bf16_avx512vl(x, w) };
         }
     }
