@@ -4,6 +4,7 @@
 //!     RAYON_NUM_THREADS=2 cargo run --release -p simpleseg-kernels --example bench_kernels
 //!     RAYON_NUM_THREADS=2 cargo run --release -p simpleseg-kernels --example bench_kernels -- prefill M K N
 //!     RAYON_NUM_THREADS=2 cargo run --release -p simpleseg-kernels --example bench_kernels -- experts M K N
+//!     RAYON_NUM_THREADS=2 cargo run --release -p simpleseg-kernels --example bench_kernels -- attention N HEADS D SEGMENT
 //!
 //! - a mixture layer's expert products in a prompt (`experts M K N`: 64 experts, each `M` rows
 //!   through its gated `k -> n` product and its `n -> k` down product, BF16 weights read in
@@ -15,7 +16,8 @@
 //!   BF16 matmul (whose input and output are rounded to BF16: its difference from ours);
 //! - vision-tower attention (`attention`, BF16 heads read in place from a fused qkv layout)
 //!   within segments at MoonViT's and Qwen2.5-VL's ViT's shapes for a 640x480 image, beside
-//!   candle's f32 products and softmax per segment on the same values;
+//!   candle's f32 products and softmax per segment on the same values (`attention N HEADS D
+//!   SEGMENT`: that case only; MoonViT's: `attention 1656 16 72 1656`);
 //! - the integer dot products of decoding, one thread: `q4k`, `q4_0` and `q8_0` (each of its
 //!   paths this CPU has) against candle's `vec_dot` on the same blocks (the input quantized
 //!   once, as decoding does).
@@ -74,8 +76,16 @@ fn main() -> Result<()> {
             _ => {}
         }
     }
+    if let [case, n, heads, d, segment] = &args[..] {
+        if case == "attention" {
+            return vision_attention(n.parse()?, heads.parse()?, d.parse()?, segment.parse()?);
+        }
+    }
     if !args.is_empty() {
-        return Err("usage: bench_kernels [prefill M K N | experts M K N]".into());
+        return Err(
+            "usage: bench_kernels [prefill M K N | experts M K N | attention N HEADS D SEGMENT]"
+                .into(),
+        );
     }
     println!(
         "{{\"cpu\": {{\"avx2_fma\": {}, \"avx512_bf16\": {}, \"avx512_vnni\": {}, \"amx\": {}}}, \"threads\": {}}}",
@@ -137,6 +147,7 @@ fn experts(m: usize, k: usize, n: usize) -> Result<()> {
                 unused,
                 Some(w),
                 (m, k, n),
+                None,
                 None,
             )?);
         }

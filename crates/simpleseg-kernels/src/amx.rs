@@ -33,6 +33,7 @@ use std::arch::asm;
 use std::sync::OnceLock;
 
 use crate::bf16_gemm::GatedWeight;
+use crate::math::Activation;
 
 /// Output features per packed panel (two tiles of 16).
 const NR: usize = 32;
@@ -228,12 +229,14 @@ pub(crate) fn gemm_rounded<R>(
     stored: Option<&[u16]>,
     (m, n, k): (usize, usize, usize),
     bias: Option<&[f32]>,
+    activation: Option<Activation>,
 ) -> Vec<u16>
 where
     R: Fn(usize, &mut [u16]) + Sync,
 {
     let stored = Stored::one(stored);
-    match gemm_on(x, row, stored, m, n, k, true, TILES, Output::Bf16 { bias }) {
+    let output = Output::Bf16 { bias, activation };
+    match gemm_on(x, row, stored, m, n, k, true, TILES, output) {
         Product::Bf16(y) => y,
         Product::F32(_) => unreachable!("a BF16 output was asked for"),
     }
@@ -295,8 +298,10 @@ where
 #[derive(Clone, Copy)]
 enum Output<'a> {
     F32,
+    /// With an activation, applied to the rounded values ([`crate::math::activate_bf16`]).
     Bf16 {
         bias: Option<&'a [f32]>,
+        activation: Option<Activation>,
     },
     /// For each output `j` of a product over a [`Stored::Pair`]'s features (`2 n`): the gate
     /// and up sums (each plus its bias) rounded to BF16, then `silu(gate) * up` as
@@ -406,8 +411,10 @@ where
     };
     let bands = (4 * threads)
         .div_ceil(groups.max(1))
+        .max(if groups.is_multiple_of(threads) { 1 } else { 2 })
         .min(m.div_ceil(MR))
         .max(1);
+    let block_steps = steps.div_ceil(steps.div_ceil(KC_STEPS));
     let band = m.div_ceil(bands).div_ceil(MR) * MR;
     let bands = m.div_ceil(band.max(1)).max(1);
     let run = |task: usize| {
@@ -445,8 +452,8 @@ where
         let direct = |rb, rows, q| !rounded && direct(rb, rows, q, nf);
         for r0 in (rows_from..rows_to).step_by(MC) {
             let rows = MC.min(rows_to - r0);
-            for s0 in (0..steps).step_by(KC_STEPS) {
-                let ks = KC_STEPS.min(steps - s0);
+            for s0 in (0..steps).step_by(block_steps) {
+                let ks = block_steps.min(steps - s0);
                 let last = s0 + ks == steps;
                 for rb in (0..rows).step_by(MR) {
                     // The two 16-row tiles of rows r0 + rb.., from step s0.
@@ -511,9 +518,9 @@ where
                 }
                 continue;
             }
-            let bias = match output {
-                Output::Bf16 { bias } => bias,
-                _ => None,
+            let (bias, activation) = match output {
+                Output::Bf16 { bias, activation } => (bias, activation),
+                _ => (None, None),
             };
             // The sums not stored straight into the output: a partial last row block's, a
             // partial last panel's, and every sum of a rounded output.
@@ -532,6 +539,9 @@ where
                         let out = std::slice::from_raw_parts_mut(y16_ptr.0.add(at), nf - from);
                         let bias = bias.map(|b| &b[f0 + from..f0 + nf]);
                         crate::math::round_to_bf16_plus(sums, bias, out);
+                        if let Some(activation) = activation {
+                            crate::math::activate_bf16(activation, out);
+                        }
                     } else {
                         std::ptr::copy_nonoverlapping(sums.as_ptr(), y_ptr.0.add(at), nf - from);
                     }
@@ -697,11 +707,14 @@ fn gemm_few_rows(
                             y_ptr.0.add(row * n + j0),
                             16,
                         ),
-                        Output::Bf16 { bias } => {
+                        Output::Bf16 { bias, activation } => {
                             let out =
                                 std::slice::from_raw_parts_mut(y16_ptr.0.add(row * n + j0), 16);
                             let bias = bias.map(|bias| &bias[j0..j0 + 16]);
                             crate::math::round_to_bf16_plus(sums, bias, out);
+                            if let Some(activation) = activation {
+                                crate::math::activate_bf16(activation, out);
+                            }
                         }
                         Output::Gated { gate_bias, up_bias } => {
                             let at = y16_ptr.0.add(row * width + j0);
@@ -1546,8 +1559,10 @@ mod tests {
     }
 
     /// The rounded output (bias added, then each sum rounded to BF16 as it is stored) is bit
-    /// for bit the f32 output plus the bias, rounded: through the emulated tiles on every CPU,
-    /// on AMX where the CPU has it; with and without a bias, whole and partial blocks.
+    /// for bit the f32 output plus the bias, rounded, and with an activation, those values
+    /// widened, mapped by the f32 function ([`crate::math::gelu_tanh`]) and rounded again:
+    /// through the emulated tiles on every CPU, on AMX where the CPU has it; with and without a
+    /// bias, whole and partial blocks.
     #[test]
     fn rounded_output_equals_the_f32_output_plus_bias_rounded() {
         let (m, n, k) = (45, GROUP + 37, 100);
@@ -1572,7 +1587,7 @@ mod tests {
                         Output::F32,
                     )
                     .into_f32();
-                    let want: Vec<u16> = sums
+                    let rounded: Vec<u16> = sums
                         .iter()
                         .enumerate()
                         .map(|(at, s)| {
@@ -1580,20 +1595,30 @@ mod tests {
                             half::bf16::from_f32(if bias.is_some() { s + b } else { *s }).to_bits()
                         })
                         .collect();
-                    let Product::Bf16(got) = gemm_on(
-                        &x,
-                        &row,
-                        Stored::one(stored),
-                        m,
-                        n,
-                        k,
-                        false,
-                        kernel,
-                        Output::Bf16 { bias },
-                    ) else {
-                        panic!("a BF16 output");
-                    };
-                    assert_eq!(got, want, "bias: {}", bias.is_some());
+                    let mut gelu: Vec<f32> = rounded
+                        .iter()
+                        .map(|&b| half::bf16::from_bits(b).to_f32())
+                        .collect();
+                    crate::math::gelu_tanh(&mut gelu);
+                    let gelu: Vec<u16> = gelu.iter().map(bf).collect();
+                    for (activation, want) in
+                        [(None, &rounded), (Some(Activation::GeluTanh), &gelu)]
+                    {
+                        let Product::Bf16(got) = gemm_on(
+                            &x,
+                            &row,
+                            Stored::one(stored),
+                            m,
+                            n,
+                            k,
+                            false,
+                            kernel,
+                            Output::Bf16 { bias, activation },
+                        ) else {
+                            panic!("a BF16 output");
+                        };
+                        assert_eq!(&got, want, "bias: {}, {activation:?}", bias.is_some());
+                    }
                 }
             }
         }
@@ -1625,7 +1650,10 @@ mod tests {
                     let bias = |b: &[f32]| biased.then(|| b.to_vec());
                     let (gb, ub) = (bias(&gate_bias), bias(&up_bias));
                     let rounded = |w: &[u16], b: Option<&[f32]>| {
-                        let output = Output::Bf16 { bias: b };
+                        let output = Output::Bf16 {
+                            bias: b,
+                            activation: None,
+                        };
                         match gemm_on(
                             &x,
                             &rows(w),
@@ -1701,9 +1729,17 @@ mod tests {
             for &kernel in &kernels {
                 for output in [
                     Output::F32,
-                    Output::Bf16 { bias: None },
+                    Output::Bf16 {
+                        bias: None,
+                        activation: None,
+                    },
                     Output::Bf16 {
                         bias: Some(&gate_bias),
+                        activation: None,
+                    },
+                    Output::Bf16 {
+                        bias: Some(&gate_bias),
+                        activation: Some(Activation::GeluTanh),
                     },
                 ] {
                     let product = |stored| match gemm_on(

@@ -85,15 +85,17 @@ pub fn gemm_stored(x: &[u16], w: &[u16], m: usize, n: usize, k: usize) -> Option
 /// [`gemm`] (against a weight asked for a row at a time, or `stored` as BF16 `n x k` bits and
 /// read where it lies) with its sums rounded to BF16 as they are stored: output `(i, j)` is
 /// `sum + bias[j]` (when a bias of `n` values is given) rounded to the nearest BF16, ties to
-/// even: the bits of [`gemm`]'s f32 output plus the bias, rounded, without that output. Only
-/// on AMX tiles ([`amx`]); `None` elsewhere (callers round [`gemm`]'s output), or when the
-/// sizes do not match.
+/// even: the bits of [`gemm`]'s f32 output plus the bias, rounded, without that output; with
+/// an `activation`, those values then go through [`crate::math::activate_bf16`] as they are
+/// stored (bit for bit the separate pass, without it). Only on AMX tiles ([`amx`]); `None`
+/// elsewhere (callers round [`gemm`]'s output), or when the sizes do not match.
 pub fn gemm_rounded<R>(
     x: &[u16],
     row: R,
     stored: Option<&[u16]>,
     (m, n, k): (usize, usize, usize),
     bias: Option<&[f32]>,
+    activation: Option<crate::math::Activation>,
 ) -> Option<Vec<u16>>
 where
     R: Fn(usize, &mut [u16]) + Sync,
@@ -104,9 +106,16 @@ where
     #[cfg(target_arch = "x86_64")]
     if amx() && fits {
         let stored = stored.map(|w| &w[..n * k]);
-        return Some(crate::amx::gemm_rounded(x, &row, stored, (m, n, k), bias));
+        return Some(crate::amx::gemm_rounded(
+            x,
+            &row,
+            stored,
+            (m, n, k),
+            bias,
+            activation,
+        ));
     }
-    let _ = (x, row, stored, m, n, k, bias, fits);
+    let _ = (x, row, stored, m, n, k, bias, activation, fits);
     None
 }
 

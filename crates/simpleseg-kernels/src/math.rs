@@ -135,6 +135,57 @@ pub fn gelu_tanh(xs: &mut [f32]) {
     map(Path::best(), Op::GeluTanh, xs);
 }
 
+/// An activation a product can apply to its BF16 outputs as it stores them
+/// ([`crate::bf16_gemm::gemm_rounded`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Activation {
+    /// [`gelu_tanh`].
+    GeluTanh,
+}
+
+/// `activation` of BF16 values (bits), in place: each value widened to f32, the f32 function
+/// ([`gelu_tanh`]), the result rounded to BF16 as [`round_to_bf16`] rounds: bit for bit a BF16
+/// tensor widened, mapped and rounded back. AVX-512 (F, BW, VL) where the CPU has it, whole
+/// vectors as [`map`]'s vector path and the rest as its scalar tail.
+pub fn activate_bf16(activation: Activation, bits: &mut [u16]) {
+    let op = match activation {
+        Activation::GeluTanh => Op::GeluTanh,
+    };
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::avx512_bw_vl() {
+        // SAFETY: AVX-512 F, BW and VL are present.
+        done = unsafe { activate_bf16_avx512(op, bits) };
+    }
+    let mut wide = [0f32; 64];
+    for chunk in bits[done..].chunks_mut(wide.len()) {
+        let wide = &mut wide[..chunk.len()];
+        for (w, b) in wide.iter_mut().zip(chunk.iter()) {
+            *w = half::bf16::from_bits(*b).to_f32();
+        }
+        map(Path::best(), op, wide);
+        round_to_bf16(wide, chunk);
+    }
+}
+
+/// [`activate_bf16`]'s whole vectors; returns how many values it did.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn activate_bf16_avx512(op: Op, bits: &mut [u16]) -> usize {
+    let whole = bits.len() / 16 * 16;
+    for j in (0..whole).step_by(16) {
+        // SAFETY: values j..j + 16 < whole.
+        let x = unsafe { load_bf16(u16::MAX, bits.as_ptr().add(j)) };
+        let y = op_avx512(op, x);
+        // SAFETY: as the load.
+        unsafe { _mm256_storeu_si256(bits.as_mut_ptr().add(j).cast(), bf16_bits(y)) };
+    }
+    whole
+}
+
 /// Softmax of each row of `width` values (the last row may not be whole: it is a row of its
 /// own), in place: the row's maximum subtracted, exponentials divided by their sum. A row
 /// whose values are all -inf gives NaN, as the definition does.
@@ -414,16 +465,11 @@ pub fn silu_mul_bf16(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn silu_mul_bf16_avx512(gate: &[u16], up: &[u16], out: &mut [std::mem::MaybeUninit<u16>]) {
     use half::bf16;
-    let set1 = _mm512_set1_ps;
     let whole = gate.len() / 16 * 16;
     for j in (0..whole).step_by(16) {
         // SAFETY: values j..j + 16 < whole of each slice.
         let load = |s: &[u16]| unsafe { load_bf16(u16::MAX, s.as_ptr().add(j)) };
-        let x = load(gate);
-        let silu = _mm512_div_ps(
-            x,
-            _mm512_add_ps(set1(1.0), exp_avx512(_mm512_sub_ps(set1(0.0), x))),
-        );
+        let silu = op_avx512(Op::Silu, load(gate));
         let y = _mm512_mul_ps(round_bf16(silu), load(up));
         // SAFETY: as the loads (a store initializes the 16 values).
         unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(j).cast(), bf16_bits(y)) };
@@ -584,6 +630,93 @@ pub fn layer_norm(xs: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
     }
 }
 
+/// [`layer_norm`] of BF16 rows (bits) into `out`: each row widened to f32, normalized as
+/// [`layer_norm`] computes it (the same sums in the same lanes, the same operations), rounded
+/// to BF16 as [`round_to_bf16`] rounds: bit for bit the rows widened, normalized and rounded
+/// back, in one pass. `None` where the CPU lacks AVX-512 F, BW and VL (callers widen and call
+/// [`layer_norm`]), the weight is empty, the bias is not the weight's length or the rows are
+/// not whole.
+pub fn layer_norm_bf16(
+    x: &[u16],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    out: &mut [u16],
+) -> Option<()> {
+    let width = weight.len();
+    if width == 0
+        || bias.len() != width
+        || !x.len().is_multiple_of(width)
+        || out.len() != x.len()
+        || !crate::cpu::avx512_bw_vl()
+    {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        for (row, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+            // SAFETY: AVX-512 F, BW and VL are present; a row, its output, the weight and the
+            // bias have one length.
+            unsafe { layer_norm_row_bf16_avx512(row, weight, bias, eps, out) };
+        }
+        Some(())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// One row of [`layer_norm_bf16`].
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; the four slices have one length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn layer_norm_row_bf16_avx512(
+    x: &[u16],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    out: &mut [u16],
+) {
+    let width = x.len();
+    // SAFETY (each closure): lanes j..j + 16 of a slice of the row's length, masked to its end.
+    let load = |j: usize, mask: u16| unsafe { load_bf16(mask, x.as_ptr().add(j)) };
+    let load_f32 =
+        |s: &[f32], j: usize, mask: u16| unsafe { _mm512_maskz_loadu_ps(mask, s.as_ptr().add(j)) };
+    // The lanes' sums added in order, as `lane_sum` adds them.
+    let total = |v: __m512| {
+        let mut lanes = [0f32; 16];
+        // SAFETY: 16 values.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+        lanes.iter().sum::<f32>()
+    };
+    let n = width as f32;
+    let mut sum = _mm512_setzero_ps();
+    for j in (0..width).step_by(16) {
+        let mask = lanes(width - j);
+        sum = _mm512_mask_add_ps(sum, mask, sum, load(j, mask));
+    }
+    let mean = total(sum) / n;
+    let mean_v = _mm512_set1_ps(mean);
+    let mut squares = _mm512_setzero_ps();
+    for j in (0..width).step_by(16) {
+        let mask = lanes(width - j);
+        let d = _mm512_sub_ps(load(j, mask), mean_v);
+        squares = _mm512_mask_add_ps(squares, mask, squares, _mm512_mul_ps(d, d));
+    }
+    let root = _mm512_set1_ps((total(squares) / n + eps).sqrt());
+    for j in (0..width).step_by(16) {
+        let mask = lanes(width - j);
+        let normed = _mm512_div_ps(_mm512_sub_ps(load(j, mask), mean_v), root);
+        let y = _mm512_add_ps(
+            _mm512_mul_ps(normed, load_f32(weight, j, mask)),
+            load_f32(bias, j, mask),
+        );
+        // SAFETY: as the loads.
+        unsafe { _mm256_mask_storeu_epi16(out.as_mut_ptr().add(j).cast(), mask, bf16_bits(y)) };
+    }
+}
+
 /// The sum of `values` in 16 lanes (each every 16th value), the lanes then added in order.
 fn lane_sum(values: impl Iterator<Item = f32>) -> f32 {
     let mut lanes = [0f32; 16];
@@ -714,28 +847,36 @@ fn exp_avx2(x: __m256) -> __m256 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn map_avx512(op: Op, xs: &mut [f32]) -> usize {
-    let set1 = _mm512_set1_ps;
     let whole = xs.len() / 16 * 16;
     for chunk in xs[..whole].chunks_exact_mut(16) {
         // SAFETY: 16 values, read and written unaligned.
         let x = unsafe { _mm512_loadu_ps(chunk.as_ptr()) };
-        let y = match op {
-            Op::Exp => exp_avx512(x),
-            Op::Silu => _mm512_div_ps(
-                x,
-                _mm512_add_ps(set1(1.0), exp_avx512(_mm512_sub_ps(set1(0.0), x))),
-            ),
-            Op::GeluTanh => {
-                let inner = _mm512_fmadd_ps(set1(GELU_A), _mm512_mul_ps(x, x), set1(1.0));
-                let u = _mm512_mul_ps(_mm512_mul_ps(set1(GELU_C), x), inner);
-                let e = exp_avx512(_mm512_mul_ps(set1(-2.0), u));
-                _mm512_div_ps(x, _mm512_add_ps(set1(1.0), e))
-            }
-        };
+        let y = op_avx512(op, x);
         // SAFETY: as above.
         unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), y) };
     }
     whole
+}
+
+/// `op` of 16 lanes, as [`op_one`] computes each.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn op_avx512(op: Op, x: __m512) -> __m512 {
+    let set1 = _mm512_set1_ps;
+    match op {
+        Op::Exp => exp_avx512(x),
+        Op::Silu => _mm512_div_ps(
+            x,
+            _mm512_add_ps(set1(1.0), exp_avx512(_mm512_sub_ps(set1(0.0), x))),
+        ),
+        Op::GeluTanh => {
+            let inner = _mm512_fmadd_ps(set1(GELU_A), _mm512_mul_ps(x, x), set1(1.0));
+            let u = _mm512_mul_ps(_mm512_mul_ps(set1(GELU_C), x), inner);
+            let e = exp_avx512(_mm512_mul_ps(set1(-2.0), u));
+            _mm512_div_ps(x, _mm512_add_ps(set1(1.0), e))
+        }
+    }
 }
 
 /// [`map`] on AVX2 for whole groups of 8; returns how many values it did.

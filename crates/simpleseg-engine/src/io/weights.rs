@@ -888,4 +888,55 @@ mod tests {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A linear layer with tanh-GELU applied as its AMX prefill stores its outputs is bit for
+    /// bit the composed ops (the layer's output, then `gelu_tanh`): weights read in place and
+    /// quantized, with and without a bias.
+    #[test]
+    fn linear_gelu_tanh_equals_the_composed_ops() {
+        use crate::layers::{gelu_tanh, linear_gelu_tanh};
+        use simpleseg_kernels::math::Activation;
+        if !simpleseg_kernels::bf16_gemm::amx() {
+            eprintln!("skipped: the fused activation runs on AMX tiles, which this CPU lacks");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("simpleseg-gelu-{}", std::process::id()));
+        let (_, files) = files(&dir);
+        let weights = Weights::from_files(files, DType::BF16, &Device::Cpu);
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1.0, (46, 256), &dev).unwrap() * 0.2)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let bits = |t: &Tensor| -> Vec<u16> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<half::bf16>()
+                .unwrap()
+                .into_iter()
+                .map(half::bf16::to_bits)
+                .collect()
+        };
+        for format in [None, Some(Quantization::Q8_0), Some(Quantization::Q4K)] {
+            for bias in [false, true] {
+                let mut layer =
+                    Linear::load(&weights.pp("bf16").quantized(format), 256, 512, false).unwrap();
+                layer.bias = bias.then(|| {
+                    Tensor::randn(0f32, 1.0, 512, &dev)
+                        .unwrap()
+                        .to_dtype(DType::BF16)
+                        .unwrap()
+                });
+                let want = gelu_tanh(&layer.forward(&x).unwrap()).unwrap();
+                let fused = layer
+                    .forward_activated(&x, Activation::GeluTanh)
+                    .unwrap()
+                    .expect("the fused path applies to a BF16 prefill on AMX");
+                assert_eq!(bits(&fused), bits(&want), "{format:?}, bias {bias}");
+                let got = linear_gelu_tanh(&layer, &x).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{format:?}, bias {bias}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

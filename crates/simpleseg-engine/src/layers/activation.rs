@@ -83,6 +83,15 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `gelu_tanh(layer.forward(x))`, bit for bit: a prefill on AMX tiles applies the activation
+/// as the GEMM stores its outputs (no pass over a vision tower's widest activations).
+pub fn linear_gelu_tanh(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    match layer.forward_activated(x, simpleseg_kernels::math::Activation::GeluTanh)? {
+        Some(y) => Ok(y),
+        None => gelu_tanh(&candle_core::Module::forward(layer, x)?),
+    }
+}
+
 /// `silu(gate) * up` (tensors of one shape), a gated MLP's activation: BF16 tensors on the CPU
 /// outside training graphs in one parallel pass ([`simpleseg_kernels::math::silu_mul_bf16`],
 /// bit for bit [`silu`] then candle's BF16 product); the two ops otherwise.

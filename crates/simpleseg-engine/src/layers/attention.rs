@@ -241,6 +241,7 @@ pub fn segment_attention(
     mode: Mode,
 ) -> Result<Option<Tensor>> {
     use candle_core::{CpuStorage, Storage};
+    use half::slice::HalfFloatSliceExt;
     use rayon::prelude::*;
     use simpleseg_kernels::attention::{self as kernel, Heads};
 
@@ -267,38 +268,39 @@ pub fn segment_attention(
     else {
         return Ok(None);
     };
-    // Queries and keys turned, values copied: one pass, positions in parallel.
-    let mut turned = vec![0u16; n * 3 * width];
+    // Queries and keys turned in one pass, positions in parallel; the values are read where
+    // they lie.
+    let values = &values[start..end];
+    let mut turned = vec![0u16; n * 2 * width];
     turned
-        .par_chunks_mut(3 * width)
-        .zip(values[start..end].par_chunks(3 * width))
+        .par_chunks_mut(2 * width)
+        .zip(values.par_chunks(3 * width))
         .enumerate()
         .for_each(|(t, (out, row))| {
-            for (o, (out, x)) in out
+            for (out, x) in out
                 .chunks_exact_mut(head_dim)
                 .zip(row.chunks_exact(head_dim))
-                .enumerate()
             {
-                if o < 2 * heads {
-                    angles.turn(t, x, out);
-                } else {
-                    for (o, x) in out.iter_mut().zip(x) {
-                        *o = x.to_bits();
-                    }
-                }
+                angles.turn(t, x, out);
             }
         });
-    let view = |part: usize| Heads {
+    let turned_view = |part: usize| Heads {
         values: &turned,
         offset: part * width,
+        stride: 2 * width,
+        head_stride: head_dim,
+    };
+    let values_view = Heads {
+        values: values.reinterpret_cast(),
+        offset: 2 * width,
         stride: 3 * width,
         head_stride: head_dim,
     };
     let segments: Vec<_> = cu_seqlens.windows(2).map(|w| w[0]..w[1]).collect();
     let Some(out) = kernel::attention(
-        view(0),
-        view(1),
-        view(2),
+        turned_view(0),
+        turned_view(1),
+        values_view,
         &segments,
         heads,
         head_dim,

@@ -5,6 +5,7 @@
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Module, Result, Tensor, D};
+use simpleseg_kernels::math::Activation;
 use simpleseg_kernels::rows::Weights as Rows;
 
 use crate::io::quantized::QuantizedMatrix;
@@ -40,7 +41,7 @@ impl Linear {
 
     /// `x W^T` for a rank-2 `x`, before the bias (or, [`Product::Rounded`], with it).
     fn matmul_rows(&self, x: &Tensor) -> Result<Product> {
-        if let Some(product) = self.rounded_matmul(x)? {
+        if let Some(product) = self.rounded_matmul(x, None)? {
             return Ok(product);
         }
         let rows = x.dim(0)?;
@@ -89,9 +90,13 @@ impl Linear {
 
     /// A prefill of BF16 rows on AMX tiles against a weight read in place (BF16, or quantized
     /// and widened a group of rows at a time): the sums plus the bias rounded to BF16 as the
-    /// GEMM stores them, the bits [`Self::finish`] would give the f32 sums, without them.
-    /// `None` where this does not apply.
-    fn rounded_matmul(&self, x: &Tensor) -> Result<Option<Product>> {
+    /// GEMM stores them, the bits [`Self::finish`] would give the f32 sums, without them;
+    /// with an `activation`, applied as they are stored. `None` where this does not apply.
+    fn rounded_matmul(
+        &self,
+        x: &Tensor,
+        activation: Option<Activation>,
+    ) -> Result<Option<Product>> {
         let Some((w, bias)) = self.tiled_prefill(x)? else {
             return Ok(None);
         };
@@ -105,10 +110,29 @@ impl Linear {
                 w.bf16_rows(),
                 (rows, out_dim, in_dim),
                 bias.as_deref(),
+                activation,
             )
         };
         let rounded = on_bf16_bits(&x, product)?;
         Ok(rounded.map(|bits| Product::Rounded(bits, (rows, out_dim))))
+    }
+
+    /// `x W^T + b` with `activation` applied as a prefill on AMX tiles stores its rounded
+    /// outputs (BF16 bits, as [`simpleseg_kernels::math::activate_bf16`] computes them);
+    /// `None` where that path does not apply (callers apply the activation to
+    /// [`Module::forward`]'s output).
+    pub(crate) fn forward_activated(
+        &self,
+        x: &Tensor,
+        activation: Activation,
+    ) -> Result<Option<Tensor>> {
+        if x.rank() != 2 {
+            return Ok(None);
+        }
+        match self.rounded_matmul(x, Some(activation))? {
+            Some(Product::Rounded(bits, shape)) => bf16_tensor(bits, shape, x.device()).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// The weight and its bias (in f32) where a prefill of `x` (rank 2) runs on AMX tiles

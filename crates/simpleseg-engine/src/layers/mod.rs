@@ -18,7 +18,7 @@ pub mod rotary;
 
 use candle_core::{DType, Result, Tensor};
 
-pub use activation::{add, gated, gated_batch, gelu_tanh, silu, silu_mul};
+pub use activation::{add, gated, gated_batch, gelu_tanh, linear_gelu_tanh, silu, silu_mul};
 pub use attention::{
     attention, causal_attention, causal_attention_by_position, causal_mask, repeat_kv,
     segment_attention, single_query_attention, softmax_last_dim,

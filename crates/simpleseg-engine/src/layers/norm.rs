@@ -96,7 +96,8 @@ impl LayerNorm {
     }
 
     /// On the CPU outside training graphs, rows in parallel through
-    /// [`simpleseg_kernels::math::layer_norm`]; candle's ops otherwise.
+    /// [`simpleseg_kernels::math::layer_norm`] (BF16 rows in one pass through
+    /// [`simpleseg_kernels::math::layer_norm_bf16`], the same bits); candle's ops otherwise.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let width = self.weight.elem_count();
         if !x.track_op() && x.dim(D::Minus1)? == width {
@@ -105,6 +106,9 @@ impl LayerNorm {
             };
             let (weight, bias) = (f32s(&self.weight)?, f32s(&self.bias)?);
             let eps = self.eps as f32;
+            if let Some(y) = layer_norm_bf16(x, &weight, &bias, eps)? {
+                return Ok(y);
+            }
             // Whole rows in tasks of about 16k values.
             let rows = (16384 / width.max(1)).max(1) * width;
             if let Some(y) = map_chunks_in_f32(x, rows, |xs| {
@@ -123,6 +127,34 @@ impl LayerNorm {
             .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
             .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
             .to_dtype(dtype)
+    }
+}
+
+/// LayerNorm of BF16 rows on the CPU in one parallel pass
+/// ([`simpleseg_kernels::math::layer_norm_bf16`]); `None` where it does not apply (another
+/// dtype or device, a CPU without AVX-512 BW and VL).
+fn layer_norm_bf16(x: &Tensor, weight: &[f32], bias: &[f32], eps: f32) -> Result<Option<Tensor>> {
+    use crate::layers::linear::{bf16_tensor, with_bf16_bits};
+    use rayon::prelude::*;
+
+    if x.dtype() != DType::BF16 || !x.device().is_cpu() || weight.is_empty() {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    // Whole rows in tasks of about 16k values.
+    let per_task = (16384 / weight.len()).max(1) * weight.len();
+    let out = with_bf16_bits(&x, |rows| {
+        let mut out = vec![0u16; rows.len()];
+        out.par_chunks_mut(per_task)
+            .zip(rows.par_chunks(per_task))
+            .try_for_each(|(out, rows)| {
+                simpleseg_kernels::math::layer_norm_bf16(rows, weight, bias, eps, out)
+            })
+            .map(|()| out)
+    });
+    match out.flatten() {
+        Some(out) => bf16_tensor(out, x.shape(), x.device()).map(Some),
+        None => Ok(None),
     }
 }
 
@@ -170,6 +202,50 @@ mod tests {
                 bf16_bits(&norm.forward(&x, Mode::Infer).unwrap()).unwrap(),
                 bf16_bits(&composed).unwrap()
             );
+        }
+    }
+
+    /// The one-pass BF16 LayerNorm gives the bits of the rows widened to f32, normalized by
+    /// the f32 kernel and rounded back (the path it replaces, which the towers' parity tests
+    /// check against transformers): widths with and without a partial vector, values far from
+    /// zero (a large mean), a partial last task.
+    #[test]
+    fn bf16_layer_norm_equals_the_f32_kernel_rounded() {
+        let device = Device::Cpu;
+        for (rows, width) in [(1, 16), (45, 100), (70, 1152)] {
+            let random = |shape: (usize, usize), scale: f64, shift: f64| {
+                ((Tensor::randn(0f32, 1f32, shape, &device).unwrap() * scale).unwrap() + shift)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+            };
+            let x = random((rows, width), 5.0, 3.0);
+            let norm = LayerNorm {
+                weight: random((1, width), 1.0, 0.0).squeeze(0).unwrap(),
+                bias: random((1, width), 1.0, 0.0).squeeze(0).unwrap(),
+                eps: 1e-5,
+            };
+            let f32s = |t: &Tensor| -> Vec<f32> {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let (weight, bias) = (f32s(&norm.weight), f32s(&norm.bias));
+            let Some(fast) = layer_norm_bf16(&x, &weight, &bias, 1e-5).unwrap() else {
+                eprintln!("skipped: this CPU lacks AVX-512 BW/VL");
+                return;
+            };
+            let mut wide = f32s(&x);
+            simpleseg_kernels::math::layer_norm(&mut wide, &weight, &bias, 1e-5);
+            let want: Vec<u16> = wide
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            assert_eq!(bf16_bits(&fast).unwrap(), want, "{rows} x {width}");
+            assert_eq!(bf16_bits(&norm.forward(&x).unwrap()).unwrap(), want);
         }
     }
 }

@@ -2,11 +2,13 @@
 //!
 //! - Patch embedding: a Conv2d run as one matmul over `(3, patch, patch)` patches, plus a
 //!   learned `(64, 64, hidden)` position table resized to each image's grid as torch's
-//!   `F.interpolate(mode="bicubic", align_corners=False)` resizes it (used as is when the grid
-//!   is 64x64).
+//!   `F.interpolate(mode="bicubic", align_corners=False)` resizes it, tap by tap in its order
+//!   (used as is when the grid is 64x64).
 //! - Blocks: LayerNorm (eps 1e-5) -> fused `wqkv` -> 2D rotary on interleaved pairs (pair `2i`
 //!   turns by the column times `theta^(-4i / head_dim)`, pair `2i + 1` by the row) -> attention
-//!   within each image (fused, [`segment_attention`], for BF16 on CPUs with AVX512-BF16) -> `wo`; LayerNorm -> MLP with tanh-GELU. A final LayerNorm.
+//!   within each image (fused, [`segment_attention`], for BF16 on CPUs with AVX512-BF16) ->
+//!   `wo`; LayerNorm -> MLP with tanh-GELU (applied as `fc0`'s prefill stores its outputs,
+//!   where it runs on AMX tiles). A final LayerNorm.
 //! - 2x2 merge: each merged token is the 4 patches of a 2x2 block, row-major.
 
 use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
@@ -15,7 +17,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
 use crate::layers::{
-    add, attention, gelu_tanh, segment_attention, LayerNorm, Linear, Mode, Rotation,
+    add, attention, linear_gelu_tanh, segment_attention, LayerNorm, Linear, Mode, Rotation,
 };
 
 /// MoonViT, the vision tower (`vision_config`).
@@ -104,12 +106,18 @@ impl MoonVit {
         if (rows, cols) == (ih, iw) {
             return Ok(table.reshape((rows * cols, c.hidden_size))?);
         }
-        let (wy, wx) = (bicubic_taps(ih, rows), bicubic_taps(iw, cols));
-        let device = table.device();
-        // Along columns for every table row, then along rows, as torch's kernel sums.
-        let along_x = resize_axis(&table, 1, &wx, device)?; // (ih, cols, d)
-        let both = resize_axis(&along_x, 0, &wy, device)?; // (rows, cols, d)
-        Ok(both.reshape((rows * cols, c.hidden_size))?)
+        let table: Vec<f32> = table.flatten_all()?.to_vec1()?;
+        let resized = resize_bicubic(
+            &table,
+            (ih, iw, c.hidden_size),
+            &bicubic_taps(ih, rows),
+            &bicubic_taps(iw, cols),
+        );
+        Ok(Tensor::from_vec(
+            resized,
+            (rows * cols, c.hidden_size),
+            self.pos_emb.device(),
+        )?)
     }
 
     /// Rotary cos/sin `(patches, head_dim / 2)` for the grids, one angle per complex pair.
@@ -197,10 +205,7 @@ impl MoonVit {
             };
             x = add(&x, &block.wo.forward(&attended)?)?;
             let h = block.norm1.forward(&x)?;
-            x = add(
-                &x,
-                &block.fc1.forward(&gelu_tanh(&block.fc0.forward(&h)?)?)?,
-            )?;
+            x = add(&x, &block.fc1.forward(&linear_gelu_tanh(&block.fc0, &h)?)?)?;
         }
         Ok(self.final_layernorm.forward(&x)?)
     }
@@ -301,35 +306,54 @@ fn bicubic_taps(input: usize, output: usize) -> Vec<([usize; 4], [f32; 4])> {
         .collect()
 }
 
-/// `x` resized along `axis` (0 or 1 of a rank-3 f32 tensor) with the given taps.
-fn resize_axis(
-    x: &Tensor,
-    axis: usize,
-    taps: &[([usize; 4], [f32; 4])],
-    device: &Device,
-) -> CResult<Tensor> {
-    let len = x.dim(axis)?;
-    // A (output, input) matrix of weights: the resize as one matmul, each output row summing
-    // its four taps in order.
-    let mut m = vec![0f32; taps.len() * len];
-    for (o, (idx, w)) in taps.iter().enumerate() {
-        for k in 0..4 {
-            m[o * len + idx[k]] += w[k];
-        }
+/// A `(height, width, d)` table resized to `(rows, cols, d)` (`taps_y` for each output row,
+/// `taps_x` for each output column), summed as torch's bicubic kernel sums in f32: for each
+/// output, the four source rows each interpolated along the columns (`x0 w0 + x1 w1 + x2 w2 +
+/// x3 w3`, left to right, a clamped index weighted on its own), then those four along the rows
+/// in the same way. The column sums of a source row do not depend on the output row, so they
+/// are computed once per source row and output column.
+fn resize_bicubic(
+    table: &[f32],
+    (height, width, d): (usize, usize, usize),
+    taps_y: &[([usize; 4], [f32; 4])],
+    taps_x: &[([usize; 4], [f32; 4])],
+) -> Vec<f32> {
+    use rayon::prelude::*;
+
+    let cols = taps_x.len();
+    let mut along_x = vec![0f32; height * cols * d];
+    along_x
+        .par_chunks_mut(cols * d)
+        .enumerate()
+        .for_each(|(y, row)| {
+            for (out, (idx, weights)) in row.chunks_exact_mut(d).zip(taps_x) {
+                let source = |k: usize| &table[(y * width + idx[k]) * d..][..d];
+                interpolate(out, weights, source);
+            }
+        });
+    let mut resized = vec![0f32; taps_y.len() * cols * d];
+    resized
+        .par_chunks_mut(cols * d)
+        .zip(taps_y)
+        .for_each(|(row, (idx, weights))| {
+            for (c, out) in row.chunks_exact_mut(d).enumerate() {
+                let source = |k: usize| &along_x[(idx[k] * cols + c) * d..][..d];
+                interpolate(out, weights, source);
+            }
+        });
+    resized
+}
+
+/// One output of [`resize_bicubic`]: the taps' values (`sources(k)`, `out.len()` each)
+/// weighted and summed in order.
+fn interpolate<'a>(out: &mut [f32], weights: &[f32; 4], sources: impl Fn(usize) -> &'a [f32]) {
+    for (o, x) in out.iter_mut().zip(sources(0)) {
+        *o = x * weights[0];
     }
-    let m = Tensor::from_vec(m, (taps.len(), len), device)?;
-    if axis == 0 {
-        let (a, b, d) = x.dims3()?;
-        m.matmul(&x.reshape((a, b * d))?)?
-            .reshape((taps.len(), b, d))
-    } else {
-        let (a, b, d) = x.dims3()?;
-        // (a, b, d) -> (a, d, b) x (b, out)^T
-        let xt = x.transpose(1, 2)?.contiguous()?.reshape((a * d, b))?;
-        xt.matmul(&m.t()?)?
-            .reshape((a, d, taps.len()))?
-            .transpose(1, 2)?
-            .contiguous()
+    for (k, w) in weights.iter().enumerate().skip(1) {
+        for (o, x) in out.iter_mut().zip(sources(k)) {
+            *o += x * w;
+        }
     }
 }
 
