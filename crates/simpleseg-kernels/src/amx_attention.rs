@@ -6,15 +6,17 @@
 //! 32 queries:
 //! - the scores `q k^T`, 32 queries x every key, in 2 x 2 blocks of 16 x 16 f32 tiles (the
 //!   head's values split into steps of 32, zero beyond the head),
-//! - each query's softmax along its row of scores, in f32: the scaled scores, their maximum,
-//!   the exponentials ([`crate::math`]'s `exp`) and their sum, the exponentials times the
-//!   sum's inverse rounded to BF16 (zero beyond the segment's keys),
+//! - each query's softmax along its row of scores, in f32, as PyTorch's CPU flash attention
+//!   computes it: the scaled scores, their maximum, the exponentials ([`crate::math`]'s
+//!   `exp`) rounded to BF16 (zero beyond the segment's keys) and their sum (before the
+//!   rounding),
 //! - the weighted values `p v`, the weights' rows read in place as tiles (32 keys per step),
-//!   in 2 x 2 blocks of tiles of 16 of the head's values, then rounded to BF16.
+//!   in 2 x 2 blocks of tiles of 16 of the head's values, times the sum's inverse, rounded to
+//!   BF16.
 //!
-//! The roundings are the AVX512-BF16 kernel's (the weights to BF16, the output to BF16); the
-//! sums run in f32 in another order. The score matrix held at once is one block's: 32 rows
-//! of the segment's length.
+//! The AVX512-BF16 kernel rounds the normalized weights instead (one pass over them more);
+//! both round the output to BF16. The score matrix held at once is one block's: 32 rows of
+//! the segment's length.
 
 use std::ops::Range;
 
@@ -332,16 +334,18 @@ impl Scratch {
             };
         }
         let weights = room(&mut self.weights, QB * len);
+        // Each query's 1 / (sum of its exponentials), applied to its output.
+        let mut inverses = [0f32; QB];
         for (r, (scores, weights)) in scores
-            .chunks_exact_mut(len)
+            .chunks_exact(len)
             .zip(weights.chunks_exact_mut(len))
             .enumerate()
         {
-            let (scores, weights) = (&mut scores[..seen], &mut weights[..seen]);
+            let (scores, weights) = (&scores[..seen], &mut weights[..seen]);
             if r < queries {
                 // SAFETY: AVX-512 F (the caller's); rows of `seen`, a multiple of 16, at
                 // least the keys this query sees.
-                unsafe { softmax_row(scores, l.seen(first + r), scale, weights) };
+                inverses[r] = unsafe { exponentials(scores, l.seen(first + r), scale, weights) };
             } else {
                 weights.fill(0);
             }
@@ -373,10 +377,29 @@ impl Scratch {
                 )
             };
         }
-        for r in 0..queries {
-            // SAFETY: `out` holds `queries` rows of `d` values (the caller's), this task's alone.
-            let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * out_stride), l.d) };
-            crate::math::round_to_bf16(&sums[r * dv..][..l.d], row);
+        for (r, inverse) in inverses.iter().enumerate().take(queries) {
+            // SAFETY: AVX-512 F, BW and VL (the caller's); `out` holds `queries` rows of `d`
+            // values (the caller's), this task's alone; a row of sums holds `dv >= d`.
+            unsafe { scaled_row(&sums[r * dv..][..l.d], *inverse, out.add(r * out_stride)) };
+        }
+    }
+}
+
+/// `d` sums times `inverse`, rounded to BF16 at `out`.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; `out` is valid for `sums.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn scaled_row(sums: &[f32], inverse: f32, out: *mut u16) {
+    use std::arch::x86_64::*;
+    let inverse = _mm512_set1_ps(inverse);
+    for j in (0..sums.len()).step_by(16) {
+        let m = lanes(sums.len() - j);
+        // SAFETY: lanes j.. of the sums and of the output, masked to their length.
+        unsafe {
+            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sums.as_ptr().add(j)), inverse);
+            _mm256_mask_storeu_epi16(out.add(j).cast(), m, bf16_bits(v));
         }
     }
 }
@@ -386,19 +409,20 @@ fn head<'a>(view: &Heads<'a>, l: &Layout, h: usize, t: usize) -> &'a [u16] {
     &view.values[view.at(l.keys.start + t, h)..][..l.d]
 }
 
-/// The softmax of `scale` times the first `n` scores, as [`crate::attention`]'s kernel
-/// computes it (scaled scores, their maximum, exponentials, their sum's inverse), rounded to
-/// BF16 into `weights`; zero weights for the rest of the row. `scores` is left holding the
-/// exponentials.
+/// The softmax of `scale` times the first `n` scores before its normalization, as
+/// PyTorch's CPU flash attention computes it: the scaled scores, their maximum, each
+/// exponential ([`crate::math`]'s `exp`) rounded to BF16 into `weights` (zero for the rest
+/// of the row), and returned, the inverse of the exponentials' sum (in f32, before their
+/// rounding), by which the weighted values are multiplied.
 ///
 /// # Safety
 /// The CPU has AVX-512 F; both rows hold a multiple of 16 values, at least `n`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_row(scores: &mut [f32], n: usize, scale: f32, weights: &mut [u16]) {
+unsafe fn exponentials(scores: &[f32], n: usize, scale: f32, weights: &mut [u16]) -> f32 {
     use std::arch::x86_64::*;
     debug_assert!(scores.len() == weights.len() && scores.len() >= n);
-    let p = scores.as_mut_ptr();
+    let p = scores.as_ptr();
     let used = n.div_ceil(16);
     let scale = _mm512_set1_ps(scale);
     let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -414,31 +438,21 @@ unsafe fn softmax_row(scores: &mut [f32], n: usize, scale: f32, weights: &mut [u
     }
     let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
     let mut sum = _mm512_setzero_ps();
-    for i in 0..used {
-        let m = lanes(n - i * 16);
-        // SAFETY: as above.
-        unsafe {
-            let x = _mm512_mul_ps(_mm512_loadu_ps(p.add(i * 16)), scale);
-            let e = crate::math::exp_avx512(_mm512_sub_ps(x, max));
-            let e = _mm512_maskz_mov_ps(m, e);
-            _mm512_storeu_ps(p.add(i * 16), e);
-            sum = _mm512_add_ps(sum, e);
-        }
-    }
-    let inverse = _mm512_div_ps(
-        _mm512_set1_ps(1.0),
-        _mm512_set1_ps(_mm512_reduce_add_ps(sum)),
-    );
     let w = weights.as_mut_ptr();
     for i in 0..scores.len() / 16 {
         let bits = if i < used {
+            let m = lanes(n - i * 16);
             // SAFETY: as above.
-            let e = unsafe { _mm512_loadu_ps(p.add(i * 16)) };
-            bf16_bits(_mm512_mul_ps(e, inverse))
+            let x = unsafe { _mm512_mul_ps(_mm512_loadu_ps(p.add(i * 16)), scale) };
+            let e = crate::math::exp_avx512(_mm512_sub_ps(x, max));
+            let e = _mm512_maskz_mov_ps(m, e);
+            sum = _mm512_add_ps(sum, e);
+            bf16_bits(e)
         } else {
             _mm256_setzero_si256()
         };
         // SAFETY: 16 weights at i * 16 < the row's length.
         unsafe { _mm256_storeu_si256(w.add(i * 16).cast(), bits) };
     }
+    1.0 / _mm512_reduce_add_ps(sum)
 }
