@@ -297,6 +297,26 @@ fn prefill(m: usize, k: usize, n: usize) -> Result<()> {
             "avx512_bf16"
         };
         report(&format!("bf16_gemm ({path})"), seconds, &y);
+        // As the engine's prefill stores its outputs: plus a bias, rounded to BF16.
+        let bias = Values(3).take(n);
+        let unused = |_: usize, _: &mut [u16]| unreachable!("the weight is read in place");
+        let rounded =
+            || bf16_gemm::gemm_rounded(&xb, unused, Some(&wb), (m, n, k), Some(&bias), None);
+        if let Some(bits) = rounded() {
+            let seconds = median_seconds(5, || {
+                std::hint::black_box(rounded());
+            });
+            let y: Vec<f32> = bits
+                .iter()
+                .zip(bias.iter().cycle())
+                .map(|(b, bias)| half::bf16::from_bits(*b).to_f32() - bias)
+                .collect();
+            report(
+                &format!("bf16_gemm ({path}), plus a bias, rounded"),
+                seconds,
+                &y,
+            );
+        }
     } else {
         println!("{{\"case\": \"prefill\", \"kernel\": \"bf16_gemm\", \"skipped\": \"this CPU lacks AVX512-BF16\"}}");
     }

@@ -939,4 +939,56 @@ mod tests {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A prefill against a dense BF16 weight (a convolution's kernel, a weight copied at load)
+    /// runs the GEMM on the tensor's values in place: bit for bit the same layer over the
+    /// weight mapped from the file, with and without a bias.
+    #[test]
+    fn dense_bf16_prefill_equals_the_mapped_layer() {
+        if !simpleseg_kernels::bf16_gemm::amx() {
+            eprintln!("skipped: the dense path runs on AMX tiles, which this CPU lacks");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("simpleseg-dense-{}", std::process::id()));
+        let (w, files) = files(&dir);
+        let weights = Weights::from_files(files, DType::BF16, &Device::Cpu);
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (46, 256), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let bits = |t: &Tensor| -> Vec<u16> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<half::bf16>()
+                .unwrap()
+                .into_iter()
+                .map(half::bf16::to_bits)
+                .collect()
+        };
+        let bias = Tensor::randn(0f32, 1.0, 512, &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        for bias in [None, Some(bias)] {
+            let mut mapped = Linear::load(&weights.pp("bf16"), 256, 512, false).unwrap();
+            assert!(matches!(mapped.weight, Weight::Mapped(_)));
+            mapped.bias = bias.clone();
+            let dense = Linear::new(w.to_dtype(DType::BF16).unwrap(), bias.clone());
+            let want = mapped.forward(&x).unwrap();
+            let got = dense.forward(&x).unwrap();
+            assert_eq!(bits(&got), bits(&want), "bias {}", bias.is_some());
+            if let Some(bias) = &bias {
+                // Not candle's product, rounded, then the bias added and rounded again.
+                let w = w.to_dtype(DType::BF16).unwrap();
+                let candle = x
+                    .matmul(&w.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(bias)
+                    .unwrap();
+                assert_ne!(bits(&got), bits(&candle), "one rounding, not two");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -97,6 +97,9 @@ impl Linear {
         x: &Tensor,
         activation: Option<Activation>,
     ) -> Result<Option<Product>> {
+        if let Weight::Dense(w) = &self.weight {
+            return self.dense_rounded_matmul(x, w, activation);
+        }
         let Some((w, bias)) = self.tiled_prefill(x)? else {
             return Ok(None);
         };
@@ -115,6 +118,60 @@ impl Linear {
         };
         let rounded = on_bf16_bits(&x, product)?;
         Ok(rounded.map(|bits| Product::Rounded(bits, (rows, out_dim))))
+    }
+
+    /// [`Self::rounded_matmul`] against a dense BF16 weight on the CPU (a convolution's
+    /// kernel, a weight copied at load), read in place from the tensor; `None` where it does
+    /// not apply (as [`Self::tiled_prefill`], or a weight in a training graph).
+    fn dense_rounded_matmul(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        activation: Option<Activation>,
+    ) -> Result<Option<Product>> {
+        let applies = |t: &Tensor| t.dtype() == DType::BF16 && t.device().is_cpu() && !t.track_op();
+        if x.dim(0)? <= FEW_ROWS
+            || !applies(x)
+            || !applies(w)
+            || w.rank() != 2
+            || !simpleseg_kernels::bf16_gemm::amx()
+        {
+            return Ok(None);
+        }
+        let (rows, (out_dim, in_dim)) = (x.dim(0)?, w.dims2()?);
+        if x.dim(1)? != in_dim {
+            // The general path reports the mismatch.
+            return Ok(None);
+        }
+        let bias = self.bias_f32()?;
+        let (w, x) = (w.contiguous()?, x.contiguous()?);
+        let rounded = with_bf16_bits(&w, |weight| {
+            let row = |j: usize, out: &mut [u16]| {
+                out.copy_from_slice(&weight[j * in_dim..(j + 1) * in_dim])
+            };
+            on_bf16_bits(&x, |bits| {
+                simpleseg_kernels::bf16_gemm::gemm_rounded(
+                    bits,
+                    row,
+                    Some(weight),
+                    (rows, out_dim, in_dim),
+                    bias.as_deref(),
+                    activation,
+                )
+            })
+        });
+        Ok(rounded
+            .transpose()?
+            .flatten()
+            .map(|bits| Product::Rounded(bits, (rows, out_dim))))
+    }
+
+    /// The bias in f32, where there is one.
+    fn bias_f32(&self) -> Result<Option<Vec<f32>>> {
+        self.bias
+            .as_ref()
+            .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1())
+            .transpose()
     }
 
     /// `x W^T + b` with `activation` applied as a prefill on AMX tiles stores its rounded
@@ -156,11 +213,7 @@ impl Linear {
             // The general path reports the mismatch.
             return Ok(None);
         }
-        let bias = match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
-            None => None,
-        };
-        Ok(Some((w, bias)))
+        Ok(Some((w, self.bias_f32()?)))
     }
 
     /// A product with the bias, in `like`'s dtype and device. The kernels' f32 sums get the

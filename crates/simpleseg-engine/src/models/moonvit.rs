@@ -51,9 +51,9 @@ struct Block {
 /// The vision tower (`vision_tower`).
 #[derive(Clone, Debug)]
 pub struct MoonVit {
-    /// Conv2d weight flattened to `(hidden, 3 * patch * patch)`.
-    patch_weight: Tensor,
-    patch_bias: Tensor,
+    /// The Conv2d over each patch as a linear layer: its weight flattened to `(hidden, 3 *
+    /// patch * patch)`, its bias.
+    patch_embed: Linear,
     /// The learned position table `(height, width, hidden)`.
     pos_emb: Tensor,
     blocks: Vec<Block>,
@@ -70,7 +70,7 @@ impl MoonVit {
             .pp("proj")
             .get((d, 3, c.patch_size, c.patch_size), "weight")?
             .reshape((d, patch_dim))?;
-        let patch_bias = pe.pp("proj").get(d, "bias")?;
+        let patch_embed = Linear::new(patch_weight, Some(pe.pp("proj").get(d, "bias")?));
         let pos_emb = pe
             .pp("pos_emb")
             .get((c.init_pos_emb_height, c.init_pos_emb_width, d), "weight")?;
@@ -89,8 +89,7 @@ impl MoonVit {
             })
             .collect::<CResult<Vec<_>>>()?;
         Ok(MoonVit {
-            patch_weight,
-            patch_bias,
+            patch_embed,
             pos_emb,
             blocks,
             final_layernorm: LayerNorm::load(&enc.pp("final_layernorm"), d, 1e-5)?,
@@ -156,18 +155,16 @@ impl MoonVit {
         let c = &self.config;
         let expected: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
         let (n, dim) = pixel_values.dims2()?;
-        if n != expected || dim != self.patch_weight.dim(1)? {
+        let (_, patch_dim) = self.patch_embed.weight.dims()?;
+        if n != expected || dim != patch_dim {
             return Err(Error::Input(format!(
-                "pixel values are {n}x{dim}, the grids need {expected}x{}",
-                self.patch_weight.dim(1)?
+                "pixel values are {n}x{dim}, the grids need {expected}x{patch_dim}"
             )));
         }
-        let dtype = self.patch_weight.dtype();
+        // The model's dtype (the tables are loaded in it).
+        let dtype = self.pos_emb.dtype();
         let device = pixel_values.device();
-        let x = pixel_values
-            .to_dtype(dtype)?
-            .matmul(&self.patch_weight.t()?)?
-            .broadcast_add(&self.patch_bias)?;
+        let x = self.patch_embed.forward(&pixel_values.to_dtype(dtype)?)?;
         let positions = grids
             .iter()
             .map(|g| {
