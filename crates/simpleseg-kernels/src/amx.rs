@@ -353,7 +353,8 @@ const GROUP: usize = 4 * NR;
 /// longer blocks measured faster than blocks that fit the first level (the sums' reloads cost
 /// more than they save); on 2 Xeon cores, blocks of 4096 inputs against 1024 took the 7B's
 /// gate/up product 39 -> 33 ms, its down product 43 -> 41 (one block for all its 18944 inputs:
-/// 63).
+/// 63). A product's steps are split into blocks of equal size, at most this many (4304 inputs:
+/// two of 68 and 67 steps, not 128 and 7).
 const KC_STEPS: usize = 128;
 /// Rows per row chunk: the chunk's sums for a group (256 KB) stay in the second-level cache
 /// (its activations for a cache block, up to 4 MB, come from the last level).
@@ -402,7 +403,10 @@ where
     let (y_ptr, y16_ptr) = room.pointers();
     // Tasks: a group of features over a band of rows. The rows are one band unless there are
     // too few groups to keep every thread busy (a product with few outputs: attention's
-    // values, a key-value projection); then they are split, each band packing its group anew.
+    // values, a key-value projection), or the groups do not share out evenly over the threads
+    // (MoonViT's 1152 outputs: 9 groups on 2 threads, one waiting on the last group; in two
+    // bands, 1656 x 4304 x 1152 took 10-10.2 ms against 11.8-14.2, a ninth group split alone
+    // 11.3-12.4, four bands 11-11.7); then they are split, each band packing its group anew.
     let groups = n.div_ceil(GROUP);
     let threads = if parallel {
         rayon::current_num_threads()
