@@ -23,7 +23,8 @@ fit in this machine's memory) are measured per layer: both engines run the full 
 with 2 and with 6 language-model layers, and the 27-layer figures are extrapolated linearly
 (the 2-layer run + 25 x a quarter of the difference: one mixture layer is ~0.2 s, within one
 run's noise), as stated in the table. It also times the vision tower and
-projector alone (`examples/bench_vision`) against transformers' tower on the same image size;
+projector alone (`examples/bench_vision`) against transformers' tower on the same image size,
+in pairs of runs one after the other (their ratios and its median);
 --kimi-vision does only that (a ~3.4 GB folder: the tower and 2 language-model layers);
 --kimi16b-bf16 only the BF16 rows and the tower (the 2- and 6-layer folders, ~12 GB).
 
@@ -41,6 +42,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -220,19 +222,21 @@ def vision_child(folder, image, threads, runs=3):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def vision_table(folder, image, references):
-    """The Kimi-VL vision tower (and projector) of both engines, 2 threads; `references`:
-    transformers' runs (their `vision_ms`)."""
-    ours = vision_child(folder, image, 2)
-    print(f"\n### Kimi-VL vision tower and projector, BF16, 640x480 image ({ours['patches']} patches), "
+def vision_table(pairs):
+    """The Kimi-VL vision tower (and projector) of both engines, 2 threads: `pairs` of
+    (transformers' run, simpleseg's median of 3), each pair run one after the other so that both
+    engines of a pair meet the same machine (a shared machine's speed drifts between runs)."""
+    patches = pairs[0][1]["patches"]
+    print(f"\n### Kimi-VL vision tower and projector, BF16, 640x480 image ({patches} patches), "
           f"2 threads\n\n{cpu_header()}\n")
-    print("| | time (s) | simpleseg's time as a share of it |")
-    print("|---|---|---|")
-    for i, r in enumerate(references):
-        print(f"| transformers (sdpa), run {i + 1} | {r['vision_ms'] / 1e3:.2f} | "
-              f"{ours['vision_ms'] / r['vision_ms']:.2f}x |")
-    print(f"| simpleseg (median of {ours['runs']}) | {ours['vision_ms'] / 1e3:.2f} | |")
-    print(json.dumps({"simpleseg": ours, "transformers": references}))
+    print("| pair | transformers (sdpa) (s) | simpleseg, median of 3 (s) | simpleseg's share |")
+    print("|---|---|---|---|")
+    shares = []
+    for i, (theirs, ours) in enumerate(pairs):
+        shares.append(ours["vision_ms"] / theirs["vision_ms"])
+        print(f"| {i + 1} | {theirs['vision_ms'] / 1e3:.2f} | {ours['vision_ms'] / 1e3:.2f} | {shares[-1]:.2f}x |")
+    print(f"\nmedian share: {statistics.median(shares):.2f}x")
+    print(json.dumps({"pairs": [{"transformers": t, "simpleseg": o} for t, o in pairs]}))
 
 
 def bench_kimi_vision(args):
@@ -243,8 +247,9 @@ def bench_kimi_vision(args):
             check_disk(args.work, 5)
             write_random_kimi(folder, 2)
         # transformers' tower with one language-model layer (the tower does not depend on it),
-        # three runs in their own processes.
-        vision_table(folder, image, [child("transformers-kimi", folder, 2, 2, 1) for _ in range(3)])
+        # three pairs of runs, each in its own process.
+        vision_table([(child("transformers-kimi", folder, 2, 2, 1), vision_child(folder, image, 2))
+                      for _ in range(3)])
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -548,7 +553,7 @@ def kimi_bf16_rows(args, parts, image):
         measured[n] = faster(lambda: child("simpleseg", folder, image, args.tokens, 2, None, "bf16"))
     # transformers' models are built in memory (random weights).
     reference = {n: faster(lambda: child("transformers-kimi", parts[2], args.tokens, 2, n)) for n in KIMI_PARTS}
-    vision_table(parts[2], image, list(reference.values()))
+    vision_table([(r, vision_child(parts[2], image, 2)) for r in reference.values()])
     rows = [
         ("transformers BF16 (per layer, extrapolated)", extrapolate(reference[2], reference[6], layers, 2, 6)),
         ("simpleseg BF16 weights (per layer, extrapolated)", extrapolate(measured[2], measured[6], layers, 2, 6)),
