@@ -728,8 +728,22 @@ pub fn folder_files(folder: &crate::io::hf::HfFolder) -> Result<TensorFiles> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::linear::bf16_bits;
     use crate::layers::{max_abs_diff, Linear};
     use candle_core::Module;
+
+    /// BF16 bits of a tensor, for exact comparisons.
+    fn bits(t: &Tensor) -> Vec<u16> {
+        bf16_bits(t).unwrap()
+    }
+
+    /// A random BF16 tensor of standard normal values times `scale`.
+    fn random_bf16(shape: impl Into<candle_core::Shape>, scale: f64) -> Tensor {
+        (Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap() * scale)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    }
 
     /// A safetensors file holding `w` (512 x 256 weights) in BF16, F16 and F32, and another
     /// 512 x 256 BF16 weight (`other`).
@@ -832,31 +846,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("simpleseg-gated-{}", std::process::id()));
         let (_, files) = files(&dir);
         let weights = Weights::from_files(files, DType::BF16, &Device::Cpu);
-        let dev = Device::Cpu;
         let layer = |name: &str, format: Option<Quantization>, bias: bool| {
             let mut layer =
                 Linear::load(&weights.pp(name).quantized(format), 256, 512, false).unwrap();
-            layer.bias = bias.then(|| {
-                Tensor::randn(0f32, 1.0, 512, &dev)
-                    .unwrap()
-                    .to_dtype(DType::BF16)
-                    .unwrap()
-            });
+            layer.bias = bias.then(|| random_bf16(512, 1.0));
             layer
         };
-        let bits = |t: &Tensor| -> Vec<u16> {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<half::bf16>()
-                .unwrap()
-                .into_iter()
-                .map(half::bf16::to_bits)
-                .collect()
-        };
-        let x = Tensor::randn(0f32, 1.0, (2, 23, 256), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let x = random_bf16((2, 23, 256), 1.0);
         for (gate, up, format) in [
             ("bf16", "other", None),
             ("f16", "other", None),
@@ -903,30 +899,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("simpleseg-gelu-{}", std::process::id()));
         let (_, files) = files(&dir);
         let weights = Weights::from_files(files, DType::BF16, &Device::Cpu);
-        let dev = Device::Cpu;
-        let x = (Tensor::randn(0f32, 1.0, (46, 256), &dev).unwrap() * 0.2)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let bits = |t: &Tensor| -> Vec<u16> {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<half::bf16>()
-                .unwrap()
-                .into_iter()
-                .map(half::bf16::to_bits)
-                .collect()
-        };
+        let x = random_bf16((46, 256), 0.2);
         for format in [None, Some(Quantization::Q8_0), Some(Quantization::Q4K)] {
             for bias in [false, true] {
                 let mut layer =
                     Linear::load(&weights.pp("bf16").quantized(format), 256, 512, false).unwrap();
-                layer.bias = bias.then(|| {
-                    Tensor::randn(0f32, 1.0, 512, &dev)
-                        .unwrap()
-                        .to_dtype(DType::BF16)
-                        .unwrap()
-                });
+                layer.bias = bias.then(|| random_bf16(512, 1.0));
                 let want = gelu_tanh(&layer.forward(&x).unwrap()).unwrap();
                 let fused = layer
                     .forward_activated(&x, Activation::GeluTanh)
@@ -952,24 +930,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("simpleseg-dense-{}", std::process::id()));
         let (w, files) = files(&dir);
         let weights = Weights::from_files(files, DType::BF16, &Device::Cpu);
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (46, 256), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let bits = |t: &Tensor| -> Vec<u16> {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<half::bf16>()
-                .unwrap()
-                .into_iter()
-                .map(half::bf16::to_bits)
-                .collect()
-        };
-        let bias = Tensor::randn(0f32, 1.0, 512, &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let x = random_bf16((46, 256), 1.0);
+        let bias = random_bf16(512, 1.0);
         for bias in [None, Some(bias)] {
             let mut mapped = Linear::load(&weights.pp("bf16"), 256, 512, false).unwrap();
             assert!(matches!(mapped.weight, Weight::Mapped(_)));
