@@ -106,11 +106,11 @@ impl LayerNorm {
             };
             let (weight, bias) = (f32s(&self.weight)?, f32s(&self.bias)?);
             let eps = self.eps as f32;
-            if let Some(y) = layer_norm_bf16(x, &weight, &bias, eps)? {
-                return Ok(y);
-            }
             // Whole rows in tasks of about 16k values.
             let rows = (16384 / width.max(1)).max(1) * width;
+            if let Some(y) = layer_norm_bf16(x, &weight, &bias, eps, rows)? {
+                return Ok(y);
+            }
             if let Some(y) = map_chunks_in_f32(x, rows, |xs| {
                 simpleseg_kernels::math::layer_norm(xs, &weight, &bias, eps)
             })? {
@@ -132,8 +132,15 @@ impl LayerNorm {
 
 /// LayerNorm of BF16 rows on the CPU in one parallel pass
 /// ([`simpleseg_kernels::math::layer_norm_bf16`]); `None` where it does not apply (another
-/// dtype or device, a CPU without AVX-512 BW and VL).
-fn layer_norm_bf16(x: &Tensor, weight: &[f32], bias: &[f32], eps: f32) -> Result<Option<Tensor>> {
+/// dtype or device, a CPU without AVX-512 BW and VL). `per_task`: values per parallel task,
+/// whole rows.
+fn layer_norm_bf16(
+    x: &Tensor,
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    per_task: usize,
+) -> Result<Option<Tensor>> {
     use crate::layers::linear::{bf16_tensor, with_bf16_bits};
     use rayon::prelude::*;
 
@@ -141,8 +148,6 @@ fn layer_norm_bf16(x: &Tensor, weight: &[f32], bias: &[f32], eps: f32) -> Result
         return Ok(None);
     }
     let x = x.contiguous()?;
-    // Whole rows in tasks of about 16k values.
-    let per_task = (16384 / weight.len()).max(1) * weight.len();
     let out = with_bf16_bits(&x, |rows| {
         let mut out = vec![0u16; rows.len()];
         out.par_chunks_mut(per_task)
@@ -234,7 +239,7 @@ mod tests {
                     .unwrap()
             };
             let (weight, bias) = (f32s(&norm.weight), f32s(&norm.bias));
-            let Some(fast) = layer_norm_bf16(&x, &weight, &bias, 1e-5).unwrap() else {
+            let Some(fast) = layer_norm_bf16(&x, &weight, &bias, 1e-5, 16 * width).unwrap() else {
                 eprintln!("skipped: this CPU lacks AVX-512 BW/VL");
                 return;
             };
