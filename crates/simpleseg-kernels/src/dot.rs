@@ -1,4 +1,5 @@
-//! Dot products in f32 of f32 activations with f32, BF16 or F16 weights, and BF16 widening:
+//! Dot products in f32 of f32 activations with f32, BF16 or F16 weights, scaled rows added
+//! to f32 sums (`y += a w`), and BF16 widening:
 //! AVX2 and FMA where the CPU has them, portable loops otherwise. Each sums in a fixed order
 //! that does not depend on anything but the operands' lengths.
 
@@ -140,6 +141,80 @@ fn mul_add_fused(a: f32, b: f32, c: f32) -> f32 {
 #[inline(always)]
 fn mul_add_plain(a: f32, b: f32, c: f32) -> f32 {
     a * b + c
+}
+
+/// `y += a * w` value by value, each weight widened to f32 by `$widen` and each step
+/// `$step(a, w, y)`: every output on its own, so the order is the same on every path.
+macro_rules! add_scaled_kernel {
+    ($name:ident, $weight:ty, $widen:expr, $step:expr) => {
+        #[inline(always)]
+        fn $name(y: &mut [f32], a: f32, w: &[$weight]) {
+            for (y, w) in y.iter_mut().zip(w) {
+                *y = $step(a, $widen(*w), *y);
+            }
+        }
+    };
+}
+
+add_scaled_kernel!(add_scaled_f32_fused, f32, f32_id, mul_add_fused);
+add_scaled_kernel!(add_scaled_f32_plain, f32, f32_id, mul_add_plain);
+add_scaled_kernel!(
+    add_scaled_bf16_fused,
+    half::bf16,
+    bf16_to_f32,
+    mul_add_fused
+);
+add_scaled_kernel!(
+    add_scaled_bf16_plain,
+    half::bf16,
+    bf16_to_f32,
+    mul_add_plain
+);
+
+/// [`add_scaled_f32_fused`] compiled for AVX2 and FMA (the compiler vectorizes it).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_scaled_f32_avx2(y: &mut [f32], a: f32, w: &[f32]) {
+    add_scaled_f32_fused(y, a, w)
+}
+
+/// [`add_scaled_bf16_fused`] compiled for AVX2 and FMA (the compiler vectorizes it).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_scaled_bf16_avx2(y: &mut [f32], a: f32, w: &[half::bf16]) {
+    add_scaled_bf16_fused(y, a, w)
+}
+
+/// `y += a * w` in f32 (a row of weights scaled and accumulated, as a vector-matrix product
+/// sums a matrix's rows): one fused multiply-add per value with AVX2 and FMA, a multiply and an
+/// add otherwise. Over the shorter of the two slices.
+pub fn add_scaled_f32(y: &mut [f32], a: f32, w: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::cpu::avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { add_scaled_f32_avx2(y, a, w) };
+        }
+    }
+    add_scaled_f32_plain(y, a, w)
+}
+
+/// [`add_scaled_f32`] with BF16 weights, widened exactly.
+pub fn add_scaled_bf16(y: &mut [f32], a: f32, w: &[half::bf16]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::cpu::avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { add_scaled_bf16_avx2(y, a, w) };
+        }
+    }
+    add_scaled_bf16_plain(y, a, w)
 }
 
 dot_kernel!(dot_f32_fused, f32, f32_id, mul_add_fused);
@@ -425,6 +500,29 @@ mod tests {
                     (f64::from(got) - want).abs() < tol,
                     "{name} n={n}: {got} vs {want}"
                 );
+            }
+            // `y + a w` on every path against the same sums in f64, per value.
+            let y0 = Values(n as u64 + 2).take(n);
+            let a = 0.37f32;
+            let (mut yf, mut yb) = (y0.clone(), y0.clone());
+            add_scaled_f32(&mut yf, a, &wf);
+            add_scaled_bf16(&mut yb, a, &wb);
+            let (mut pf, mut pb) = (y0.clone(), y0.clone());
+            add_scaled_f32_plain(&mut pf, a, &wf);
+            add_scaled_bf16_plain(&mut pb, a, &wb);
+            for i in 0..n {
+                let y = f64::from(y0[i]);
+                let want_f = y + f64::from(a) * f64::from(wf[i]);
+                let want_b = y + f64::from(a) * f64::from(wb[i].to_f32());
+                for (name, got, want) in [
+                    ("f32", yf[i], want_f),
+                    ("f32 portable", pf[i], want_f),
+                    ("bf16", yb[i], want_b),
+                    ("bf16 portable", pb[i], want_b),
+                ] {
+                    let bound = 1e-6 * (1.0 + want.abs());
+                    assert!((f64::from(got) - want).abs() <= bound, "{name} n={n} i={i}");
+                }
             }
             let rows = dot_bf16_rows(&x, [&wb[..], &wb[..], &wb[..]]);
             for v in rows {

@@ -14,6 +14,8 @@
 //! - [`attention`]: self-attention within segments (vision towers' images and windows)
 //!   over BF16 heads read in place, on the BF16 GEMM's micro-kernel or on AMX tiles, and a
 //!   prompt's causal attention with grouped-query heads on AMX tiles.
+//! - [`latent_attention`]: multi-head latent attention's decoding steps in the absorbed form,
+//!   weights and cache read in place.
 //! - [`math`]: vectorized `exp`, SiLU, tanh-GELU and softmax (activations and attention),
 //!   LayerNorm rows, and one-pass BF16 kernels (RMSNorm, the rotary embedding, `silu(gate) *
 //!   up`, rounding to BF16) that round as the composed ops do.
@@ -42,6 +44,7 @@ pub mod dot;
 pub mod f32_gemm;
 #[cfg(target_arch = "x86_64")]
 pub mod int8_gemm;
+pub mod latent_attention;
 pub mod math;
 mod output;
 #[cfg(target_arch = "x86_64")]

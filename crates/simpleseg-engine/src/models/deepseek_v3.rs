@@ -6,7 +6,8 @@
 //!   the heads. The cache keeps `c` and the rotated `k_pe` only. A decoding step attends on
 //!   them directly: `kv_b_proj` is split into its key and value halves and folded into the query
 //!   and the output ("absorbed"), so a step costs the latent's width per cached position, not
-//!   every head's keys and values. A prompt expands every head's keys and values from the
+//!   every head's keys and values; on the CPU the weights and the cache are read in place
+//!   ([`latent_attention`]). A prompt expands every head's keys and values from the
 //!   latent instead, as the reference does, which costs less than half the absorbed form's
 //!   multiply-adds at a prompt's length; the form with fewer is chosen per call. A BF16 prompt
 //!   on AMX tiles expands them with a BF16 `kv_b_proj` product and attends through the fused
@@ -29,6 +30,7 @@ use crate::layers::{
 };
 use crate::runtime::kv_cache::KvCache;
 use crate::runtime::session::StepGroup;
+use simpleseg_kernels::latent_attention;
 
 /// The language model (`text_config`, `model_type: deepseek_v3`).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -145,10 +147,9 @@ struct Attention {
     /// `kv_b_proj` as stored, for a prompt's keys and values on AMX tiles
     /// ([`Attention::attend_prompt`]).
     kv_b_proj: Linear,
-    /// `kv_b_proj` split per head, in f32: keys `(heads, nope, latent)`, values transposed
-    /// `(heads, latent, v)`.
-    w_uk: Tensor,
-    w_uv_t: Tensor,
+    /// `kv_b_proj`'s weight per head `(heads, nope + v, latent)` in the model's dtype: the
+    /// key half's rows, then the value half's (decoding steps read it in place).
+    kv_b: Tensor,
     o_proj: Linear,
     heads: usize,
     nope: usize,
@@ -492,16 +493,7 @@ impl Attention {
             )?,
             kv_a_layernorm: RmsNorm::load(&vb.pp("kv_a_layernorm"), latent, 1e-6)?,
             kv_b_proj: Linear::load(&vb.pp("kv_b_proj"), latent, heads * (nope + v_dim), false)?,
-            // Attention runs in f32: convert the two halves once here, not at every step.
-            w_uk: kv_b
-                .narrow(1, 0, nope)?
-                .to_dtype(DType::F32)?
-                .contiguous()?,
-            w_uv_t: kv_b
-                .narrow(1, nope, v_dim)?
-                .to_dtype(DType::F32)?
-                .transpose(1, 2)?
-                .contiguous()?,
+            kv_b: kv_b.contiguous()?,
             o_proj: Linear::load(&vb.pp("o_proj"), heads * v_dim, h, c.attention_bias)?,
             heads,
             nope,
@@ -565,14 +557,22 @@ impl Attention {
                 return Ok(o);
             }
         }
-        let q_nope = q.narrow(D::Minus1, 0, self.nope)?;
-        let (c_all, k_pe_all) = (f32(&c_all)?.squeeze(1)?, f32(&k_pe_all)?.squeeze(1)?);
-        let q_nope = f32(&q_nope)?;
-        let (s, t) = (q_nope.dim(2)?, c_all.dim(1)?);
-        let o = if self.expanding_is_cheaper(s, t) {
-            self.attend_expanded(&q_nope, &q_pe, &c_all, &k_pe_all, mask)?
-        } else {
-            self.attend_absorbed(&q_nope, &q_pe, &c_all, &k_pe_all, mask)?
+        let q_nope = f32(&q.narrow(D::Minus1, 0, self.nope)?)?;
+        let (s, t) = (q_nope.dim(2)?, c_all.dim(2)?);
+        let expand = self.expanding_is_cheaper(s, t);
+        let in_place = match expand {
+            true => None,
+            false => self.attend_in_place(&q_nope, &q_pe, &c_all, &k_pe_all, mask)?,
+        };
+        let o = match in_place {
+            Some(o) => o,
+            None => {
+                let (c_all, k_pe_all) = (f32(&c_all)?.squeeze(1)?, f32(&k_pe_all)?.squeeze(1)?);
+                match expand {
+                    true => self.attend_expanded(&q_nope, &q_pe, &c_all, &k_pe_all, mask)?,
+                    false => self.attend_absorbed(&q_nope, &q_pe, &c_all, &k_pe_all, mask)?,
+                }
+            }
         };
         o.transpose(1, 2)?
             .reshape((b, s, self.heads * self.v_dim))?
@@ -594,6 +594,65 @@ impl Attention {
         let absorbed =
             s * h * latent * (self.nope + self.v_dim) + s * t * h * (2 * latent + self.rope);
         expand <= absorbed
+    }
+
+    /// `kv_b_proj`'s halves per head in f32: keys `(heads, nope, latent)` and values
+    /// transposed `(heads, latent, v)`.
+    fn halves_f32(&self) -> CResult<(Tensor, Tensor)> {
+        let kv_b = self.kv_b.to_dtype(DType::F32)?;
+        let w_uk = kv_b.narrow(1, 0, self.nope)?.contiguous()?;
+        let w_uv_t = kv_b
+            .narrow(1, self.nope, self.v_dim)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        Ok((w_uk, w_uv_t))
+    }
+
+    /// [`Self::attend_absorbed`] on the CPU with `kv_b` and the cache read in place
+    /// ([`latent_attention::absorbed`]): no f32 copies of the weights or the cache. `q_nope`
+    /// and `q_pe` `(b, heads, s, ·)` in f32, the cache `(b, 1, t, ·)` as stored, in the
+    /// weights' dtype. `None` where it does not apply (another device or dtype), for the
+    /// tensor products to run instead.
+    fn attend_in_place(
+        &self,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        c_all: &Tensor,
+        k_pe_all: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> CResult<Option<Tensor>> {
+        let (b, h, s, _) = q_nope.dims4()?;
+        let t = c_all.dim(2)?;
+        let dtype = self.kv_b.dtype();
+        if !c_all.device().is_cpu()
+            || ![DType::BF16, DType::F32].contains(&dtype)
+            || [c_all, k_pe_all].iter().any(|x| x.dtype() != dtype)
+        {
+            return Ok(None);
+        }
+        let values = |x: &Tensor| -> CResult<Vec<f32>> { x.contiguous()?.flatten_all()?.to_vec1() };
+        let (q_nope, q_rope) = (values(q_nope)?, values(q_pe)?);
+        let mask = mask
+            .map(|m| values(&m.broadcast_as((b, 1, s, t))?.to_dtype(DType::F32)?))
+            .transpose()?;
+        let (c_all, k_pe_all) = (c_all.contiguous()?, k_pe_all.contiguous()?);
+        let sizes = latent_attention::Sizes {
+            heads: h,
+            nope: self.nope,
+            rope: self.rope,
+            v_dim: self.v_dim,
+            latent: self.latent,
+            scale: self.scale as f32,
+        };
+        let queries = (b, s, t, &q_nope[..], &q_rope[..], mask.as_deref());
+        let out = match dtype {
+            DType::BF16 => {
+                absorbed_in_place::<half::bf16>(&sizes, &self.kv_b, &c_all, &k_pe_all, queries)?
+            }
+            _ => absorbed_in_place::<f32>(&sizes, &self.kv_b, &c_all, &k_pe_all, queries)?,
+        };
+        out.map(|o| Tensor::from_vec(o, (b, h, s, self.v_dim), c_all.device()))
+            .transpose()
     }
 
     /// [`Self::attend`]'s attention in the absorbed form: `q_nope` `(b, heads, s, nope)` and
@@ -628,7 +687,8 @@ impl Attention {
             x.contiguous()?.reshape((b, h * s, d))
         };
         // Query folded through the key half of kv_b: (b, heads, s, latent).
-        let q_latent = from_per_head(per_head(q_nope)?.matmul(&self.w_uk)?)?;
+        let (w_uk, w_uv_t) = self.halves_f32()?;
+        let q_latent = from_per_head(per_head(q_nope)?.matmul(&w_uk)?)?;
         let scores = (rows(&q_latent)?.matmul(&c_all.t()?)?
             + rows(q_pe)?.matmul(&k_pe_all.t()?)?)?
         .reshape((b, h, s, t))?;
@@ -638,7 +698,7 @@ impl Attention {
             .reshape((b, h * s, t))?
             .matmul(c_all)?
             .reshape((b, h, s, self.latent))?;
-        from_per_head(per_head(&o_latent)?.matmul(&self.w_uv_t)?)
+        from_per_head(per_head(&o_latent)?.matmul(&w_uv_t)?)
     }
 
     /// A prompt's causal attention (nothing cached before it) as the reference computes it in
@@ -752,10 +812,10 @@ impl Attention {
         let per_head = |x: Tensor, d: usize| -> CResult<Tensor> {
             x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()
         };
-        let w_uk = self.w_uk.reshape((h * self.nope, self.latent))?;
+        let (w_uk, w_uv_t) = self.halves_f32()?;
+        let w_uk = w_uk.reshape((h * self.nope, self.latent))?;
         let k_nope = per_head(c_rows.matmul(&w_uk.t()?)?, self.nope)?;
-        let w_uv = self
-            .w_uv_t
+        let w_uv = w_uv_t
             .transpose(0, 1)?
             .contiguous()?
             .reshape((self.latent, h * self.v_dim))?;
@@ -767,6 +827,61 @@ impl Attention {
                 .matmul(&k_pe_all.t()?)?
                 .reshape((b, h, s, t))?)?;
         self.attention_weights(scores, mask)?.matmul(&v)
+    }
+}
+
+/// [`latent_attention::absorbed`] over `kv_b` and the cache `(b, 1, t, ·)` read in place as
+/// `T`; the queries given as `(b, s, t, q_nope, q_rope, mask)`. `None` where a tensor is not
+/// a contiguous CPU tensor of `T`.
+#[allow(clippy::type_complexity)]
+fn absorbed_in_place<T: latent_attention::Stored + candle_core::WithDType>(
+    sizes: &latent_attention::Sizes,
+    kv_b: &Tensor,
+    latent: &Tensor,
+    k_rope: &Tensor,
+    (batch, queries, positions, q_nope, q_rope, mask): (
+        usize,
+        usize,
+        usize,
+        &[f32],
+        &[f32],
+        Option<&[f32]>,
+    ),
+) -> CResult<Option<Vec<f32>>> {
+    let (w, w_layout) = kv_b.storage_and_layout();
+    let (c, c_layout) = latent.storage_and_layout();
+    let (k, k_layout) = k_rope.storage_and_layout();
+    let (Some(w), Some(c), Some(k)) = (
+        cpu_values::<T>(&w, w_layout),
+        cpu_values::<T>(&c, c_layout),
+        cpu_values::<T>(&k, k_layout),
+    ) else {
+        return Ok(None);
+    };
+    let queries = latent_attention::Queries {
+        batch,
+        queries,
+        positions,
+        q_nope,
+        q_rope,
+        latent: c,
+        k_rope: k,
+        mask,
+    };
+    Ok(latent_attention::absorbed(sizes, w, &queries))
+}
+
+/// A contiguous CPU tensor's values as `T`, read in place; `None` for another device, dtype
+/// or layout.
+fn cpu_values<'a, T: candle_core::WithDType>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Option<&'a [T]> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+            cpu.as_slice::<T>().ok().map(|v| &v[start..end])
+        }
+        _ => None,
     }
 }
 
@@ -1154,6 +1269,49 @@ mod tests {
             );
             assert!(largest > 0.1, "{largest}");
             assert!(difference <= 1e-5 * largest, "{difference} of {largest}");
+        }
+    }
+
+    /// Steps read in place (weights and cache as stored) agree with the absorbed form's
+    /// tensor products in f32, for f32 and BF16 layers, one row and several, with a mask.
+    #[test]
+    fn in_place_steps_equal_the_absorbed_products() {
+        let (b, t) = (2, 9);
+        for dtype in [DType::F32, DType::BF16] {
+            let a = attention_in(dtype);
+            for s in [1, 5] {
+                let q_nope = random(&[b, 3, s, 8], 31);
+                let q_pe = random(&[b, 3, s, 4], 32);
+                // The cache as stored, and exactly widened for the f32 products.
+                let c_all = random(&[b, 1, t, 20], 33).to_dtype(dtype).unwrap();
+                let k_pe_all = random(&[b, 1, t, 4], 34).to_dtype(dtype).unwrap();
+                let wide = |x: &Tensor| x.to_dtype(DType::F32).unwrap().squeeze(1).unwrap();
+                let mask = causal_mask(s, t - s, DType::F32, &Device::Cpu).unwrap();
+                for mask in [None, Some(&mask)] {
+                    let in_place = a
+                        .attend_in_place(&q_nope, &q_pe, &c_all, &k_pe_all, mask)
+                        .unwrap()
+                        .expect("a CPU layer in f32 or BF16");
+                    let products = a
+                        .attend_absorbed(&q_nope, &q_pe, &wide(&c_all), &wide(&k_pe_all), mask)
+                        .unwrap();
+                    assert_eq!(in_place.dims(), &[b, 3, s, 6]);
+                    let largest: f32 = products
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar()
+                        .unwrap();
+                    let difference = max_abs_diff(&in_place, &products).unwrap();
+                    assert!(largest > 0.1, "{largest}");
+                    assert!(
+                        difference <= 1e-5 * largest,
+                        "{dtype:?} s={s} mask={}: {difference} of {largest}",
+                        mask.is_some()
+                    );
+                }
+            }
         }
     }
 
