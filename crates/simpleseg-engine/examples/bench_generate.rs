@@ -38,6 +38,11 @@ fn peak_rss_mib() -> f64 {
 fn main() -> simpleseg_engine::Result<()> {
     // SAFETY: sets a process-wide allocator option before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // On a rayon worker, as `simpleseg segment` and `chat` run a model.
+    rayon::scope(|_| run())
+}
+
+fn run() -> simpleseg_engine::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (dir, image) = match args.as_slice() {
         [d, i, ..] => (d.clone(), i.clone()),
