@@ -1,15 +1,16 @@
-//! Quantized rows widened to BF16 for the BF16 GEMM (a prefill against q8_0 or q4k weights on
-//! AMX tiles): each value computed in f32 exactly as candle's (ggml's) `to_float` computes it,
+//! Quantized rows widened to BF16 for the BF16 GEMM (a prefill against q8_0, q4k or q4_0
+//! weights on AMX tiles): each value computed in f32 exactly as candle's (ggml's) `to_float` computes it,
 //! then rounded to the nearest BF16 (ties to even) as `half::bf16::from_f32` rounds.
 //!
 //! The arithmetic is written once, plainly; on CPUs with AVX-512 it is compiled a second time
 //! with those instructions enabled, where the compiler turns each block's loop into vector
 //! code (the scalar row conversion through f32 cost a prefill seconds).
 
+use crate::q4_0::Q4_0Block;
 use crate::q4k::{scales_and_mins, Q4KBlock};
 use crate::q8_0::Q8_0Block;
 
-/// Values per q8_0 block.
+/// Values per q8_0 (and q4_0) block.
 const QK8_0: usize = 32;
 /// Values per q4k block.
 const QK_K: usize = 256;
@@ -42,6 +43,29 @@ pub fn q4k_to_bf16(blocks: &[Q4KBlock], out: &mut [u16]) {
     }
 }
 
+/// The blocks' values as BF16 bits into `out` (`32` per block). Panics when `out` is shorter.
+pub fn q4_0_to_bf16(blocks: &[Q4_0Block], out: &mut [u16]) {
+    assert!(
+        out.len() >= blocks.len() * QK8_0,
+        "q4_0 row longer than its output"
+    );
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F is present.
+        unsafe { q4_0_avx512(blocks, out) };
+    } else {
+        q4_0_plain(blocks, out);
+    }
+}
+
+/// [`q4_0_to_bf16`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn q4_0_avx512(blocks: &[Q4_0Block], out: &mut [u16]) {
+    q4_0_plain(blocks, out)
+}
+
 /// [`q8_0_to_bf16`] compiled for AVX-512.
 ///
 /// # Safety
@@ -66,6 +90,19 @@ fn q8_0_plain(blocks: &[Q8_0Block], out: &mut [u16]) {
         let d = half::f16::from_bits(block.d).to_f32();
         for (o, &q) in out.iter_mut().zip(&block.qs) {
             *o = bf16_bits(f32::from(q) * d);
+        }
+    }
+}
+
+#[inline(always)]
+fn q4_0_plain(blocks: &[Q4_0Block], out: &mut [u16]) {
+    for (block, out) in blocks.iter().zip(out.chunks_exact_mut(QK8_0)) {
+        let d = half::f16::from_bits(block.d).to_f32();
+        // Byte i holds value i (low nibble) and value 16 + i (high nibble), offset by 8.
+        let (low, high) = out.split_at_mut(QK8_0 / 2);
+        for ((l, h), &q) in low.iter_mut().zip(high.iter_mut()).zip(&block.qs) {
+            *l = bf16_bits(f32::from(i16::from(q & 0xf) - 8) * d);
+            *h = bf16_bits(f32::from(i16::from(q >> 4) - 8) * d);
         }
     }
 }
@@ -115,7 +152,7 @@ fn bf16_bits(v: f32) -> u16 {
 mod tests {
     use super::*;
     use crate::blocks::{bytes_of, view, PlainBlock};
-    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0, GgmlType};
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0, GgmlType};
 
     /// Weights spanning several magnitudes.
     fn weights(n: usize) -> Vec<f32> {
@@ -184,6 +221,19 @@ mod tests {
         ];
         let blocks = quantized::<BlockQ8_0>(64, &scales);
         assert_equals_candle(&blocks, [q8_0_plain, q8_0_to_bf16]);
+    }
+
+    #[test]
+    fn q4_0_equals_candles_dequantization_rounded() {
+        // The scale `d` is a block's first two bytes.
+        let scales = [
+            (3, 0, 0x7c00),
+            (13, 0, 0x7e01),
+            (23, 0, 0x0001),
+            (33, 0, 0xfc00),
+        ];
+        let blocks = quantized::<BlockQ4_0>(64, &scales);
+        assert_equals_candle(&blocks, [q4_0_plain, q4_0_to_bf16]);
     }
 
     #[test]

@@ -21,7 +21,7 @@
 //!   up`, rounding to BF16) that round as the composed ops do.
 //! - [`q4k`], [`q4_0`]: q4k x q8k and q4_0 x q8_0 dot products with AVX-512 VNNI, and
 //!   [`q8_0`]: q8_0 x q8_0 with AVX-512 VNNI or AVX2 (decoding against quantized weights);
-//!   [`blocks`], the typed view of quantized bytes they read; [`dequantize`]: q8_0 and q4k
+//!   [`blocks`], the typed view of quantized bytes they read; [`dequantize`]: q8_0, q4k and q4_0
 //!   rows widened to BF16 for the BF16 GEMM (prefill against quantized weights on AMX).
 //!
 //! Every kernel is tested against a portable or reference computation (candle's ggml dot

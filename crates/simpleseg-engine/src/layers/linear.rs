@@ -457,8 +457,11 @@ impl RowSource for QuantizedMatrix {
     fn row_bf16_bits(&self, r: usize, out: &mut [u16]) {
         #[cfg(target_arch = "x86_64")]
         {
-            use simpleseg_kernels::{dequantize, q4k, q8_0};
+            use simpleseg_kernels::{dequantize, q4_0, q4k, q8_0};
             match self.ggml {
+                GgmlDType::Q4_0 => {
+                    return dequantize::q4_0_to_bf16(self.row_blocks::<q4_0::Q4_0Block>(r), out)
+                }
                 GgmlDType::Q8_0 => {
                     return dequantize::q8_0_to_bf16(self.row_blocks::<q8_0::Q8_0Block>(r), out)
                 }
