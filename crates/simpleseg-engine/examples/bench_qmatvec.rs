@@ -5,7 +5,8 @@
 //!     RAYON_NUM_THREADS=2 cargo run --release -p simpleseg-engine --example bench_qmatvec
 //!
 //! Shapes are Qwen2.5-VL-7B's MLP in q4k and in q8_0 (`3584 -> 18944` gate/up, `18944 -> 3584`
-//! down) and Kimi-VL's expert down projection in q4_0 (`1408 -> 2048`); random weights, enough
+//! down) and a Kimi-VL expert's gate or up projection in q4k (`2048 -> 1408`) and its down
+//! projection in q4_0 (`1408 -> 2048`); random weights, enough
 //! matrices of each shape multiplied in turn (as layers are) that the weights come from
 //! memory, not the cache. Prints one JSON line per shape with the median of 20 runs of each.
 
@@ -56,10 +57,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let big = vec![1u64; 512 << 20 >> 3];
     let bandwidth = (big.len() * 8) as f64 / read_bandwidth(&big) / 1e9;
     drop(big);
-    // Qwen2.5-VL-7B's MLP in q4k and q8_0; Kimi-VL's expert down projection in q4_0 (1408-wide
-    // rows are not whole q4k blocks), as many experts as make ~80 MB.
+    // Qwen2.5-VL-7B's MLP in q4k and q8_0; a Kimi-VL expert's gate/up in q4k and its down
+    // projection in q4_0 (1408-wide rows are not whole q4k blocks), as many experts as make
+    // ~80 MB.
     shape::<BlockQ4K>(&mut rng, 18944, 3584, COPIES, bandwidth)?;
     shape::<BlockQ4K>(&mut rng, 3584, 18944, COPIES, bandwidth)?;
+    shape::<BlockQ4K>(&mut rng, 1408, 2048, 48, bandwidth)?;
     shape::<BlockQ4_0>(&mut rng, 2048, 1408, 48, bandwidth)?;
     shape::<BlockQ8_0>(&mut rng, 18944, 3584, COPIES, bandwidth)?;
     shape::<BlockQ8_0>(&mut rng, 3584, 18944, COPIES, bandwidth)?;
