@@ -166,6 +166,7 @@ fn absorbed_on<W: Stored, C: Stored>(
 /// Weight rows read side by side by the AVX-512 kernels of `kv_b`'s halves: rows a quarter
 /// of the half apart, so that the CPU streams four regions of memory at once (one stream at a
 /// time left a core at ~4 GB/s).
+#[cfg(target_arch = "x86_64")]
 const STREAMS: usize = 4;
 
 /// Each query row through its head's key half: `(heads * s, latent)` from `q_nope`
@@ -269,6 +270,8 @@ fn scores<C: Stored>(
     let (latent, rope) = (q_latent.len() / rows, q_rope.len() / rows);
     let t = c.len() / latent.max(1);
     let mut p = vec![0f32; rows * t];
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = blocked;
     #[cfg(target_arch = "x86_64")]
     if let (Some(c), Some(k_rope), true) = (C::bf16_bits(c), C::bf16_bits(k_rope), blocked) {
         // The queries transposed, 16 rows to a block: `(blocks, latent + rope, 16)`.
@@ -325,6 +328,8 @@ fn weighted_sum<C: Stored>(p: &[f32], c: &[C], rows: usize, blocked: bool) -> Ve
     let t = p.len() / rows.max(1);
     let latent = c.len() / t.max(1);
     let mut o = vec![0f32; rows * latent];
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = blocked;
     #[cfg(target_arch = "x86_64")]
     if let (Some(c), true) = (C::bf16_bits(c), blocked) {
         // The weights by position `(t, rows)`; the sums by strip of 16 latent values `(strips,
@@ -659,10 +664,12 @@ mod tests {
 
     /// Every sequence, head and query row against the f64 definition, with f32 and BF16
     /// weights and caches, with and without a mask (a causal one, a masked position included),
-    /// at sizes that are not whole vectors.
+    /// at sizes that are not whole vectors: a key half of rows that are not a whole number of
+    /// the streams (10), and a latent wider than the score kernel's chunk (300, as Kimi-VL's
+    /// 512 is).
     #[test]
     fn absorbed_attention_equals_the_definition() {
-        let sizes = Sizes {
+        let small = Sizes {
             heads: 3,
             nope: 8,
             rope: 4,
@@ -670,18 +677,39 @@ mod tests {
             latent: 37,
             scale: 12f32.powf(-0.5),
         };
-        // Query rows per sequence (3 heads x s): 3, 15 and 18, through the blocked kernels'
-        // blocks of 16, 8, 4 and single rows.
-        for (b, s, t) in [(1, 1, 1), (1, 1, 9), (2, 1, 9), (2, 5, 9), (1, 6, 11)] {
-            let mut values = Values((b * 100 + s * 10 + t) as u64);
+        let wide = Sizes {
+            heads: 2,
+            nope: 10,
+            rope: 5,
+            v_dim: 7,
+            latent: 300,
+            scale: 15f32.powf(-0.5),
+        };
+        // Query rows per sequence (heads x s): 2 to 18, through the blocked score kernel's
+        // blocks of 16 rows (the last one partial) and the attended latent's blocks of 16 and
+        // single rows.
+        let cases = [(1, 1, 1), (1, 1, 9), (2, 1, 9), (2, 5, 9), (1, 6, 11)];
+        for (sizes, (b, s, t)) in [small, wide]
+            .into_iter()
+            .flat_map(|sizes| cases.map(|case| (sizes, case)))
+        {
+            let Sizes {
+                heads: h,
+                nope,
+                rope,
+                v_dim,
+                latent: l,
+                ..
+            } = sizes;
+            let mut values = Values((b * 100 + s * 10 + t + l) as u64);
             let mut take = |n: usize, factor: f32| -> Vec<f32> {
                 values.take(n).iter().map(|v| v * factor).collect()
             };
-            let kv_b = take(sizes.heads * (8 + 6) * 37, 0.1);
-            let q_nope = take(b * 3 * s * 8, 0.2);
-            let q_rope = take(b * 3 * s * 4, 0.2);
-            let latent = take(b * t * 37, 0.2);
-            let k_rope = take(b * t * 4, 0.2);
+            let kv_b = take(h * (nope + v_dim) * l, 0.1);
+            let q_nope = take(b * h * s * nope, 0.2);
+            let q_rope = take(b * h * s * rope, 0.2);
+            let latent = take(b * t * l, 0.2);
+            let k_rope = take(b * t * rope, 0.2);
             // Causal over the last `s` positions, one more position masked out in the first
             // sequence.
             let mask: Vec<f32> = (0..b * s * t)
@@ -732,7 +760,6 @@ mod tests {
                 ];
                 if crate::cpu::avx512_bw_vl() {
                     let blocked = absorbed_on(&sizes, &kv_b16, &q16, true);
-                    // Each attended latent value sums as the portable loop's with FMA.
                     cases.push(("bf16 blocked", blocked, wide16));
                 } else {
                     eprintln!("the blocked AVX-512 path is not tested: this CPU lacks AVX-512");
@@ -740,25 +767,25 @@ mod tests {
                 for (name, got, [weights, c, k]) in cases {
                     let got = got.expect("sizes match");
                     for seq in 0..b {
-                        for head in 0..3 {
+                        for head in 0..h {
                             for row in 0..s {
+                                let query = (seq * h + head) * s + row;
                                 let want = reference(
                                     &sizes,
                                     &weights,
-                                    &q_nope[((seq * 3 + head) * s + row) * 8..][..8],
-                                    &q_rope[((seq * 3 + head) * s + row) * 4..][..4],
-                                    &c[seq * t * 37..][..t * 37],
-                                    &k[seq * t * 4..][..t * 4],
+                                    &q_nope[query * nope..][..nope],
+                                    &q_rope[query * rope..][..rope],
+                                    &c[seq * t * l..][..t * l],
+                                    &k[seq * t * rope..][..t * rope],
                                     mask.map(|m| &m[(seq * s + row) * t..][..t]),
                                     head,
                                 );
-                                let at = ((seq * 3 + head) * s + row) * 6;
                                 for (v, want) in want.iter().enumerate() {
-                                    let got = f64::from(got[at + v]);
+                                    let got = f64::from(got[query * v_dim + v]);
                                     assert!(
                                         (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                                        "{name} b={b} s={s} t={t} mask={} seq {seq} head \
-                                         {head} row {row} value {v}: {got} vs {want}",
+                                        "{name} {sizes:?} b={b} s={s} t={t} mask={} seq {seq} \
+                                         head {head} row {row} value {v}: {got} vs {want}",
                                         mask.is_some()
                                     );
                                 }

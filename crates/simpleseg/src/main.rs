@@ -143,6 +143,11 @@ fn main() -> ExitCode {
 /// calling thread to sleep until it is done, a wake-up per loop and hundreds per decoded token;
 /// from a worker they split in place (Kimi-VL q4k decoding on 2 Xeon cores: 8-11% faster).
 fn on_worker<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    // The workers get a main thread's stack, since the whole command runs on one of them
+    // (rayon's default is 2 MiB). The pool's size stays RAYON_NUM_THREADS or the CPU count.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(8 << 20)
+        .build_global();
     rayon::scope(|_| work())
 }
 

@@ -150,6 +150,9 @@ struct Attention {
     /// `kv_b_proj`'s weight per head `(heads, nope + v, latent)` in the model's dtype: the
     /// key half's rows, then the value half's (decoding steps read it in place).
     kv_b: Tensor,
+    /// Its halves in f32 for the tensor products ([`Attention::halves_f32`]), made the first
+    /// time a call needs them (a prompt expanded in f32, a device other than the CPU).
+    halves: std::sync::OnceLock<(Tensor, Tensor)>,
     o_proj: Linear,
     heads: usize,
     nope: usize,
@@ -494,6 +497,7 @@ impl Attention {
             kv_a_layernorm: RmsNorm::load(&vb.pp("kv_a_layernorm"), latent, 1e-6)?,
             kv_b_proj: Linear::load(&vb.pp("kv_b_proj"), latent, heads * (nope + v_dim), false)?,
             kv_b: kv_b.contiguous()?,
+            halves: std::sync::OnceLock::new(),
             o_proj: Linear::load(&vb.pp("o_proj"), heads * v_dim, h, c.attention_bias)?,
             heads,
             nope,
@@ -597,15 +601,18 @@ impl Attention {
     }
 
     /// `kv_b_proj`'s halves per head in f32: keys `(heads, nope, latent)` and values
-    /// transposed `(heads, latent, v)`.
+    /// transposed `(heads, latent, v)`, converted once and kept.
     fn halves_f32(&self) -> CResult<(Tensor, Tensor)> {
+        if let Some(halves) = self.halves.get() {
+            return Ok(halves.clone());
+        }
         let kv_b = self.kv_b.to_dtype(DType::F32)?;
         let w_uk = kv_b.narrow(1, 0, self.nope)?.contiguous()?;
         let w_uv_t = kv_b
             .narrow(1, self.nope, self.v_dim)?
             .transpose(1, 2)?
             .contiguous()?;
-        Ok((w_uk, w_uv_t))
+        Ok(self.halves.get_or_init(|| (w_uk, w_uv_t)).clone())
     }
 
     /// [`Self::attend_absorbed`] on the CPU with `kv_b` and the cache read in place
