@@ -382,33 +382,27 @@ unsafe fn scaled_rows_avx512(a: &[f32], w: &[u16], y: &mut [f32]) {
     debug_assert!(w.len() == a.len() * width);
     let step = a.len() / STREAMS;
     let (yp, wp) = (y.as_mut_ptr(), w.as_ptr());
-    for i in 0..step {
-        let rows: [usize; STREAMS] = std::array::from_fn(|k| i + k * step);
-        let scale = rows.map(|r| _mm512_set1_ps(a[r]));
+    // `y += a[r] w[r]` for each of `rows` in order, 16 values of `y` at a time.
+    let add = |rows: &[usize]| {
         for j in (0..width).step_by(16) {
             let m = crate::math::lanes(width - j);
             // SAFETY: the lanes of `m` lie within `y` and within each row.
             unsafe {
                 let mut sum = _mm512_maskz_loadu_ps(m, yp.add(j));
-                for k in 0..STREAMS {
-                    let w = crate::math::load_bf16(m, wp.add(rows[k] * width + j));
-                    sum = _mm512_fmadd_ps(scale[k], w, sum);
+                for &r in rows {
+                    let w = crate::math::load_bf16(m, wp.add(r * width + j));
+                    sum = _mm512_fmadd_ps(_mm512_set1_ps(a[r]), w, sum);
                 }
                 _mm512_mask_storeu_ps(yp.add(j), m, sum);
             }
         }
+    };
+    for i in 0..step {
+        let rows: [usize; STREAMS] = std::array::from_fn(|k| i + k * step);
+        add(&rows);
     }
-    for (r, a) in a.iter().enumerate().skip(step * STREAMS) {
-        let scale = _mm512_set1_ps(*a);
-        for j in (0..width).step_by(16) {
-            let m = crate::math::lanes(width - j);
-            // SAFETY: as above, row r.
-            unsafe {
-                let w = crate::math::load_bf16(m, wp.add(r * width + j));
-                let sum = _mm512_fmadd_ps(scale, w, _mm512_maskz_loadu_ps(m, yp.add(j)));
-                _mm512_mask_storeu_ps(yp.add(j), m, sum);
-            }
-        }
+    for r in step * STREAMS..a.len() {
+        add(&[r]);
     }
 }
 
