@@ -265,11 +265,11 @@ impl Scratch {
     /// values; writes their outputs (rows `out_stride` apart).
     ///
     /// # Safety
-    /// Tile data was granted and the CPU has AVX-512 F, BW and VL; [`Scratch::pack`] ran for
+    /// Tile data was granted and the CPU has AVX-512 F, BW, VL and BF16; [`Scratch::pack`] ran for
     /// this layout and head; `out` is valid for `queries` rows of `d` values.
     #[allow(clippy::too_many_arguments)]
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn block(
         &mut self,
         l: &Layout,
@@ -415,10 +415,13 @@ fn head<'a>(view: &Heads<'a>, l: &Layout, h: usize, t: usize) -> &'a [u16] {
 /// of the row), and returned, the inverse of the exponentials' sum (in f32, before their
 /// rounding), by which the weighted values are multiplied.
 ///
+/// The exponentials are 0, at least `2^-125` or NaN (see [`crate::math`]), so AVX512-BF16's
+/// conversion rounds them as `half` does (it would flush subnormals, which they cannot be).
+///
 /// # Safety
-/// The CPU has AVX-512 F; both rows hold a multiple of 16 values, at least `n`.
+/// The CPU has AVX-512 F and AVX512-BF16; both rows hold a multiple of 16 values, at least `n`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn exponentials(scores: &[f32], n: usize, scale: f32, weights: &mut [u16]) -> f32 {
     use std::arch::x86_64::*;
     debug_assert!(scores.len() == weights.len() && scores.len() >= n);
@@ -444,10 +447,13 @@ unsafe fn exponentials(scores: &[f32], n: usize, scale: f32, weights: &mut [u16]
             let m = lanes(n - i * 16);
             // SAFETY: as above.
             let x = unsafe { _mm512_mul_ps(_mm512_loadu_ps(p.add(i * 16)), scale) };
-            let e = crate::math::exp_avx512(_mm512_sub_ps(x, max));
+            // At most 0, the row's maximum subtracted (a NaN among the scores makes the row's
+            // output NaN whatever its other exponentials are).
+            let e = crate::math::exp_nonpositive_avx512(_mm512_sub_ps(x, max));
             let e = _mm512_maskz_mov_ps(m, e);
             sum = _mm512_add_ps(sum, e);
-            bf16_bits(e)
+            // SAFETY: a vector of 16 BF16 values is 32 bytes, as __m256i.
+            unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(e)) }
         } else {
             _mm256_setzero_si256()
         };

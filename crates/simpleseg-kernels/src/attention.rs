@@ -377,7 +377,10 @@ unsafe fn block(scratch: &mut Scratch, a: BlockArgs) {
             // SAFETY: as above.
             unsafe {
                 let p = row.as_mut_ptr().add(c * 16);
-                let e = crate::math::exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(p), max[c]));
+                // At most 0: the column's maximum is subtracted (a NaN score makes the
+                // column's output NaN whatever its other exponentials are).
+                let e =
+                    crate::math::exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(p), max[c]));
                 _mm512_storeu_ps(p, e);
                 sum[c] = _mm512_add_ps(sum[c], e);
             }

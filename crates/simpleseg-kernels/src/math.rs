@@ -784,12 +784,9 @@ pub(crate) fn exp_avx512(x: __m512) -> __m512 {
         y = _mm512_fmadd_ps(y, r, set1(*p));
     }
     let y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), set1(1.0));
-    // 2^(n - 1): (n - 1 + 127) in the exponent field.
-    let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-        _mm512_cvtps_epi32(n),
-        _mm512_set1_epi32(126),
-    ));
-    let y = _mm512_mul_ps(_mm512_mul_ps(y, _mm512_castsi512_ps(bits)), set1(2.0));
+    // y 2^n in one instruction: exact as [`exp_one`]'s two scalings are (the result is normal
+    // from LOW up), and rounded to infinity past f32::MAX as their second one is.
+    let y = _mm512_scalef_ps(y, n);
     // Below LOW: 0; above HIGH: infinity; NaN: itself.
     let y = _mm512_mask_blend_ps(
         _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set1(LOW)),
@@ -802,6 +799,33 @@ pub(crate) fn exp_avx512(x: __m512) -> __m512 {
         set1(f32::INFINITY),
     );
     _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), y, x)
+}
+
+/// [`exp_avx512`] of lanes that are at most 0, -infinity or NaN (a softmax's shifted scores),
+/// with the same bits (NaN: a NaN), without the work that only larger inputs need.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn exp_nonpositive_avx512(x: __m512) -> __m512 {
+    let set1 = _mm512_set1_ps;
+    // NaN stays NaN through every step (`max` returns its second operand then).
+    let clamped = _mm512_max_ps(set1(LOW), x);
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(clamped, set1(LOG2E)),
+    );
+    let r = _mm512_fnmadd_ps(n, set1(LN2_HI), clamped);
+    let r = _mm512_fnmadd_ps(n, set1(LN2_LO), r);
+    let mut y = set1(P[0]);
+    for p in &P[1..] {
+        y = _mm512_fmadd_ps(y, r, set1(*p));
+    }
+    let y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), set1(1.0));
+    let y = _mm512_scalef_ps(y, n);
+    _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set1(LOW)),
+        y,
+        _mm512_setzero_ps(),
+    )
 }
 
 /// `e^x` lane by lane, as [`exp_one`] computes it.
@@ -1100,6 +1124,49 @@ mod tests {
                 .iter()
                 .zip(&rows)
                 .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+
+    /// The softmax's exponential gives `exp_avx512`'s bits on every input at most 0 (random,
+    /// spread to -200, every f32 between LOW - 0.01 and LOW + 0.01, zeros of both signs,
+    /// -infinity) and a NaN on NaN.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn nonpositive_exp_equals_exp() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: this CPU lacks AVX-512 F");
+            return;
+        }
+        let mut xs: Vec<f32> = inputs()
+            .into_iter()
+            .filter(|x| !(*x > 0.0))
+            .chain(
+                crate::testing::Values(8)
+                    .take(4000)
+                    .iter()
+                    .map(|x| -10.0 * x.abs() * x.abs()),
+            )
+            .collect();
+        let (from, to) = ((LOW + 0.01).to_bits(), (LOW - 0.01).to_bits());
+        xs.extend((from..=to).map(f32::from_bits));
+        xs.extend([f32::NEG_INFINITY, -0.0, 0.0, -f32::MIN_POSITIVE, f32::NAN]);
+        assert!(xs.len() > 10_000);
+        for chunk in xs.chunks(16) {
+            let mut lanes = [f32::NEG_INFINITY; 16];
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            let (mut want, mut got) = ([0f32; 16], [0f32; 16]);
+            // SAFETY: AVX-512 F is present; 16 values each.
+            unsafe {
+                let x = _mm512_loadu_ps(lanes.as_ptr());
+                _mm512_storeu_ps(want.as_mut_ptr(), exp_avx512(x));
+                _mm512_storeu_ps(got.as_mut_ptr(), exp_nonpositive_avx512(x));
+            }
+            for ((x, w), g) in lanes.iter().zip(want).zip(got) {
+                assert!(
+                    w.to_bits() == g.to_bits() || (x.is_nan() && g.is_nan()),
+                    "x = {x:e}: {g:e} instead of {w:e}"
+                );
+            }
         }
     }
 
