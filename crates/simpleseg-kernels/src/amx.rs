@@ -395,7 +395,7 @@ where
         return gemm_few_rows(x, stored, m, n, k, parallel, kernel, output);
     }
     let (mp, steps) = (m.div_ceil(MR) * MR, k.div_ceil(KT));
-    let tiled = tile_rows(x, m, k, mp, steps);
+    let tiled = tile_rows(x, m, k, mp, steps, parallel);
     let xs: &[u16] = tiled.view();
     // A gated product has one output for each two features.
     let mut room = Room::new(output, m, n);
@@ -873,25 +873,39 @@ fn gated_row(
 
 /// The activations in tile order: for each 16 rows and each 32 inputs, one 1 KB tile (rows
 /// of 64 bytes, consecutive), zero beyond `m` rows and `k` inputs. Each row's 32 inputs of a
-/// step are one line, so every line is written once (no zeroing pass first).
-fn tile_rows(x: &[u16], m: usize, k: usize, mp: usize, steps: usize) -> Lines {
+/// step are one line, so every line is written once (no zeroing pass first); rows of 16 in
+/// parallel where `parallel` (the caller waits on this copy).
+fn tile_rows(x: &[u16], m: usize, k: usize, mp: usize, steps: usize, parallel: bool) -> Lines {
+    use rayon::prelude::*;
     let mut lines: Vec<Line> = Vec::with_capacity(mp * steps);
-    let room = lines.spare_capacity_mut();
-    for r in 0..mp {
-        for s in 0..steps {
-            // Row r, inputs 32 s.. land in tile (r / 16, s), row r % 16.
-            let mut line = [0u8; 64];
-            if r < m {
-                let values = &x[r * k + s * KT..r * k + k.min((s + 1) * KT)];
-                for (pair, v) in line.chunks_exact_mut(2).zip(values) {
-                    pair.copy_from_slice(&v.to_le_bytes());
+    // The `steps` tiles of rows 16 b..16 b + 16: lines (s, i) at 16 s + i.
+    let fill = |(b, tiles): (usize, &mut [std::mem::MaybeUninit<Line>])| {
+        for i in 0..16 {
+            let r = b * 16 + i;
+            for s in 0..steps {
+                let mut line = Line([0; 64]);
+                if r < m {
+                    let values = &x[r * k + s * KT..r * k + k.min((s + 1) * KT)];
+                    // SAFETY: the values' bytes (u16 has no padding), little-endian as the
+                    // tile instructions read them (this path is x86-64's).
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), 2 * values.len())
+                    };
+                    line.0[..bytes.len()].copy_from_slice(bytes);
                 }
+                tiles[s * 16 + i].write(line);
             }
-            room[(r / 16 * steps + s) * 16 + r % 16].write(Line(line));
         }
+    };
+    // mp is a whole number of 16-row tiles (of MR rows).
+    let room = &mut lines.spare_capacity_mut()[..mp * steps];
+    if parallel {
+        room.par_chunks_mut(16 * steps).enumerate().for_each(fill);
+    } else {
+        room.chunks_mut(16 * steps).enumerate().for_each(fill);
     }
-    // SAFETY: the loops wrote each of the mp * steps lines (r < mp, s < steps: every tile
-    // (r / 16, s) and row r % 16 once).
+    // SAFETY: each chunk b wrote its 16 * steps lines (every s < steps and i < 16), and the
+    // chunks cover the mp * steps lines.
     unsafe { lines.set_len(mp * steps) };
     Lines(lines)
 }
