@@ -561,9 +561,15 @@ unsafe fn round_to_bf16_avx512(values: &[f32], out: &mut [u16]) -> usize {
 /// squares in f32, in order; `m = sqrt(sum / width + eps)`; each value `x / m` rounded to
 /// BF16, times the weight, rounded to BF16 (to nearest even, as `half::bf16::from_f32`).
 /// Eight rows' sums run side by side (independent additions, each in its row's order).
-/// `None` where the CPU lacks AVX-512 F, BW and VL (callers keep candle's ops), the weight is
-/// empty, or the rows are not whole.
-pub fn rms_norm_bf16(x: &[u16], weight: &[u16], eps: f32, out: &mut [u16]) -> Option<()> {
+/// Every value of `out` is written (it may start uninitialized: a fresh output needs no
+/// zeroing pass). `None` where the CPU lacks AVX-512 F, BW and VL (callers keep candle's ops;
+/// nothing is written), the weight is empty, or the rows are not whole.
+pub fn rms_norm_bf16(
+    x: &[u16],
+    weight: &[u16],
+    eps: f32,
+    out: &mut [std::mem::MaybeUninit<u16>],
+) -> Option<()> {
     let width = weight.len();
     if width == 0
         || !x.len().is_multiple_of(width)
@@ -601,7 +607,12 @@ pub fn rms_norm_bf16(x: &[u16], weight: &[u16], eps: f32, out: &mut [u16]) -> Op
 /// The CPU has AVX-512 F, BW and VL; the three slices have one length.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn scale_row_bf16_avx512(x: &[u16], m: f32, weight: &[u16], out: &mut [u16]) {
+unsafe fn scale_row_bf16_avx512(
+    x: &[u16],
+    m: f32,
+    weight: &[u16],
+    out: &mut [std::mem::MaybeUninit<u16>],
+) {
     let m = _mm512_set1_ps(m);
     for j in (0..x.len()).step_by(16) {
         let mask = lanes(x.len() - j);
@@ -634,14 +645,15 @@ pub fn layer_norm(xs: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
 /// [`layer_norm`] computes it (the same sums in the same lanes, the same operations), rounded
 /// to BF16 as [`round_to_bf16`] rounds: bit for bit the rows widened, normalized and rounded
 /// back, in one pass. `None` where the CPU lacks AVX-512 F, BW and VL (callers widen and call
-/// [`layer_norm`]), the weight is empty, the bias is not the weight's length or the rows are
-/// not whole.
+/// [`layer_norm`]; nothing is written), the weight is empty, the bias is not the weight's
+/// length or the rows are not whole. Every value of `out` is written otherwise (it may start
+/// uninitialized).
 pub fn layer_norm_bf16(
     x: &[u16],
     weight: &[f32],
     bias: &[f32],
     eps: f32,
-    out: &mut [u16],
+    out: &mut [std::mem::MaybeUninit<u16>],
 ) -> Option<()> {
     let width = weight.len();
     if width == 0
@@ -676,7 +688,7 @@ unsafe fn layer_norm_row_bf16_avx512(
     weight: &[f32],
     bias: &[f32],
     eps: f32,
-    out: &mut [u16],
+    out: &mut [std::mem::MaybeUninit<u16>],
 ) {
     let width = x.len();
     // SAFETY (each closure): lanes j..j + 16 of a slice of the row's length, masked to its end.

@@ -63,13 +63,19 @@ impl RmsNorm {
         let per_task = 32 * width;
         let eps = self.eps as f32;
         let out = with_bf16_bits(&x, |rows| {
-            let mut out = vec![0u16; rows.len()];
-            out.par_chunks_mut(per_task)
+            // Not zeroed first: the kernel writes every value.
+            let mut out: Vec<u16> = Vec::with_capacity(rows.len());
+            out.spare_capacity_mut()[..rows.len()]
+                .par_chunks_mut(per_task)
                 .zip(rows.par_chunks(per_task))
                 .try_for_each(|(out, rows)| {
                     simpleseg_kernels::math::rms_norm_bf16(rows, &weight, eps, out)
                 })
-                .map(|()| out)
+                .map(|()| {
+                    // SAFETY: every chunk answered, so each of the rows.len() values was written.
+                    unsafe { out.set_len(rows.len()) };
+                    out
+                })
         });
         match out.flatten() {
             Some(out) => bf16_tensor(out, x.shape(), x.device()).map(Some),
@@ -149,13 +155,19 @@ fn layer_norm_bf16(
     }
     let x = x.contiguous()?;
     let out = with_bf16_bits(&x, |rows| {
-        let mut out = vec![0u16; rows.len()];
-        out.par_chunks_mut(per_task)
+        // Not zeroed first: the kernel writes every value.
+        let mut out: Vec<u16> = Vec::with_capacity(rows.len());
+        out.spare_capacity_mut()[..rows.len()]
+            .par_chunks_mut(per_task)
             .zip(rows.par_chunks(per_task))
             .try_for_each(|(out, rows)| {
                 simpleseg_kernels::math::layer_norm_bf16(rows, weight, bias, eps, out)
             })
-            .map(|()| out)
+            .map(|()| {
+                // SAFETY: every chunk answered, so each of the rows.len() values was written.
+                unsafe { out.set_len(rows.len()) };
+                out
+            })
     });
     match out.flatten() {
         Some(out) => bf16_tensor(out, x.shape(), x.device()).map(Some),
