@@ -779,13 +779,13 @@ fn softmax_on(path: Path, xs: &mut [f32], width: usize) {
     }
 }
 
-/// `e^x` lane by lane, as [`exp_one`] computes it.
+/// `e^x` of lanes already clamped to [LOW, HIGH] (or NaN), as [`exp_one`] computes it there:
+/// the range reduction, the polynomial and the scaling that both exponentials share.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub(crate) fn exp_avx512(x: __m512) -> __m512 {
+fn exp_clamped_avx512(clamped: __m512) -> __m512 {
     let set1 = _mm512_set1_ps;
-    let clamped = _mm512_min_ps(set1(HIGH), _mm512_max_ps(set1(LOW), x));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(clamped, set1(LOG2E)),
     );
@@ -798,7 +798,16 @@ pub(crate) fn exp_avx512(x: __m512) -> __m512 {
     let y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), set1(1.0));
     // y 2^n in one instruction: exact as [`exp_one`]'s two scalings are (the result is normal
     // from LOW up), and rounded to infinity past f32::MAX as their second one is.
-    let y = _mm512_scalef_ps(y, n);
+    _mm512_scalef_ps(y, n)
+}
+
+/// `e^x` lane by lane, as [`exp_one`] computes it.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn exp_avx512(x: __m512) -> __m512 {
+    let set1 = _mm512_set1_ps;
+    let y = exp_clamped_avx512(_mm512_min_ps(set1(HIGH), _mm512_max_ps(set1(LOW), x)));
     // Below LOW: 0; above HIGH: infinity; NaN: itself.
     let y = _mm512_mask_blend_ps(
         _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set1(LOW)),
@@ -821,18 +830,7 @@ pub(crate) fn exp_avx512(x: __m512) -> __m512 {
 pub(crate) fn exp_nonpositive_avx512(x: __m512) -> __m512 {
     let set1 = _mm512_set1_ps;
     // NaN stays NaN through every step (`max` returns its second operand then).
-    let clamped = _mm512_max_ps(set1(LOW), x);
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-        _mm512_mul_ps(clamped, set1(LOG2E)),
-    );
-    let r = _mm512_fnmadd_ps(n, set1(LN2_HI), clamped);
-    let r = _mm512_fnmadd_ps(n, set1(LN2_LO), r);
-    let mut y = set1(P[0]);
-    for p in &P[1..] {
-        y = _mm512_fmadd_ps(y, r, set1(*p));
-    }
-    let y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), set1(1.0));
-    let y = _mm512_scalef_ps(y, n);
+    let y = exp_clamped_avx512(_mm512_max_ps(set1(LOW), x));
     _mm512_mask_blend_ps(
         _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set1(LOW)),
         y,

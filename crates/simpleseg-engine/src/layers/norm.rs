@@ -43,6 +43,25 @@ impl RmsNorm {
     }
 }
 
+/// A BF16 norm kernel run over `rows` in tasks of `per_task` values: its output, or `None`
+/// where a task's kernel answered `None`. The output is not zeroed first: a kernel that
+/// answers writes every value of its chunk (the norm kernels' contract).
+fn normalized_rows(
+    rows: &[u16],
+    per_task: usize,
+    kernel: impl Fn(&[u16], &mut [std::mem::MaybeUninit<u16>]) -> Option<()> + Sync,
+) -> Option<Vec<u16>> {
+    use rayon::prelude::*;
+    let mut out: Vec<u16> = Vec::with_capacity(rows.len());
+    out.spare_capacity_mut()[..rows.len()]
+        .par_chunks_mut(per_task)
+        .zip(rows.par_chunks(per_task))
+        .try_for_each(|(out, rows)| kernel(rows, out))?;
+    // SAFETY: every chunk's kernel answered, so each of the rows.len() values was written.
+    unsafe { out.set_len(rows.len()) };
+    Some(out)
+}
+
 impl RmsNorm {
     /// [`RmsNorm::forward`] of BF16 rows (and a BF16 weight) on the CPU outside training
     /// graphs: rows in parallel through [`simpleseg_kernels::math::rms_norm_bf16`], one pass,
@@ -50,7 +69,6 @@ impl RmsNorm {
     /// `None` where it does not apply.
     fn forward_bf16(&self, x: &Tensor) -> Result<Option<Tensor>> {
         use crate::layers::linear::{bf16_bits, bf16_tensor, with_bf16_bits};
-        use rayon::prelude::*;
 
         let width = self.weight.elem_count();
         let applies = |t: &Tensor| t.dtype() == DType::BF16 && t.device().is_cpu() && !t.track_op();
@@ -63,19 +81,9 @@ impl RmsNorm {
         let per_task = 32 * width;
         let eps = self.eps as f32;
         let out = with_bf16_bits(&x, |rows| {
-            // Not zeroed first: the kernel writes every value.
-            let mut out: Vec<u16> = Vec::with_capacity(rows.len());
-            out.spare_capacity_mut()[..rows.len()]
-                .par_chunks_mut(per_task)
-                .zip(rows.par_chunks(per_task))
-                .try_for_each(|(out, rows)| {
-                    simpleseg_kernels::math::rms_norm_bf16(rows, &weight, eps, out)
-                })
-                .map(|()| {
-                    // SAFETY: every chunk answered, so each of the rows.len() values was written.
-                    unsafe { out.set_len(rows.len()) };
-                    out
-                })
+            normalized_rows(rows, per_task, |rows, out| {
+                simpleseg_kernels::math::rms_norm_bf16(rows, &weight, eps, out)
+            })
         });
         match out.flatten() {
             Some(out) => bf16_tensor(out, x.shape(), x.device()).map(Some),
@@ -148,26 +156,15 @@ fn layer_norm_bf16(
     per_task: usize,
 ) -> Result<Option<Tensor>> {
     use crate::layers::linear::{bf16_tensor, with_bf16_bits};
-    use rayon::prelude::*;
 
     if x.dtype() != DType::BF16 || !x.device().is_cpu() || weight.is_empty() {
         return Ok(None);
     }
     let x = x.contiguous()?;
     let out = with_bf16_bits(&x, |rows| {
-        // Not zeroed first: the kernel writes every value.
-        let mut out: Vec<u16> = Vec::with_capacity(rows.len());
-        out.spare_capacity_mut()[..rows.len()]
-            .par_chunks_mut(per_task)
-            .zip(rows.par_chunks(per_task))
-            .try_for_each(|(out, rows)| {
-                simpleseg_kernels::math::layer_norm_bf16(rows, weight, bias, eps, out)
-            })
-            .map(|()| {
-                // SAFETY: every chunk answered, so each of the rows.len() values was written.
-                unsafe { out.set_len(rows.len()) };
-                out
-            })
+        normalized_rows(rows, per_task, |rows, out| {
+            simpleseg_kernels::math::layer_norm_bf16(rows, weight, bias, eps, out)
+        })
     });
     match out.flatten() {
         Some(out) => bf16_tensor(out, x.shape(), x.device()).map(Some),
